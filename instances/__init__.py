@@ -1,0 +1,1 @@
+"""oTree instances: their desired state, releases, backups and runtimes (filled by the instance issues)."""

@@ -1,0 +1,1 @@
+"""Kiosk lobby pages, seat board and launchers (filled by the lobby issue)."""

@@ -1,0 +1,5 @@
+from django.conf import settings
+
+
+def lab(request):
+    return {"LAB_NAME": settings.LAB_NAME, "LAB_PUBLIC_URL": settings.LAB_PUBLIC_URL}

@@ -1,0 +1,49 @@
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from manager.realtime import topics
+from manager.realtime.services import user_group
+
+
+class LiveConsumer(AsyncJsonWebsocketConsumer):
+    """One socket per browser tab. Joins the user's own group on connect; other groups
+    only through `{"subscribe": topic}` after the topic registry allowed it."""
+
+    async def connect(self):
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated or not user.is_active:
+            await self.close()  # handshake refused (HTTP 403)
+            return
+        self.user = user
+        self.groups_joined: set[str] = set()
+        await self.accept()
+        await self._join(user_group(user.pk))
+        await self.send_json({"type": "hello", "user": user.username})
+
+    async def disconnect(self, code):
+        for group in getattr(self, "groups_joined", set()):
+            await self.channel_layer.group_discard(group, self.channel_name)
+
+    async def receive_json(self, content, **kwargs):
+        if not isinstance(content, dict):
+            await self.send_json({"type": "error", "detail": "messages must be JSON objects"})
+            return
+        if "subscribe" in content:
+            topic = content["subscribe"]
+            group = await database_sync_to_async(topics.resolve)(self.user, topic)
+            if group is None:
+                await self.send_json({"type": "error", "detail": f"cannot subscribe to {topic!r}"})
+                return
+            await self._join(group)
+            await self.send_json({"type": "subscribed", "topic": topic})
+        elif content.get("type") == "ping":
+            await self.send_json({"type": "pong"})
+        else:
+            await self.send_json({"type": "error", "detail": "unknown message"})
+
+    async def _join(self, group):
+        await self.channel_layer.group_add(group, self.channel_name)
+        self.groups_joined.add(group)
+
+    async def push(self, message):
+        await self.send_json(message["event"])

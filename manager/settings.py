@@ -1,0 +1,254 @@
+"""Django settings for oTree Lab Manager.
+
+Every setting a lab may want to change comes from an environment variable (see the
+README's table); everything else is fixed here.
+"""
+
+import dj_database_url
+
+from manager import datadir
+from manager.env import ConfigError, env_bool, env_int, env_list, env_str
+
+BASE_DIR = datadir.BASE_DIR
+DATA_DIR = datadir.data_dir()
+
+# --- where we listen and who reaches us -------------------------------------------
+LAB_HOST = env_str("LAB_HOST", "127.0.0.1")
+LAB_PORT = env_int("LAB_PORT", 8000)
+LAB_PUBLIC_HOST = env_str("LAB_PUBLIC_HOST", LAB_HOST)
+LAB_SSH_PORT = env_int("LAB_SSH_PORT", 2222)
+LAB_RUNTIME = env_str("LAB_RUNTIME", "auto")
+LAB_ROUTING = env_str("LAB_ROUTING", "port")
+LAB_DOMAIN = env_str("LAB_DOMAIN", "")
+LAB_INSTANCE_PORTS = env_str("LAB_INSTANCE_PORTS", "18000-18999")
+if LAB_RUNTIME not in {"auto", "docker", "process", "swarm"}:
+    raise ConfigError(f"LAB_RUNTIME must be auto, docker, process or swarm, got {LAB_RUNTIME!r}")
+if LAB_ROUTING not in {"port", "subdomain"}:
+    raise ConfigError(f"LAB_ROUTING must be port or subdomain, got {LAB_ROUTING!r}")
+if LAB_ROUTING == "subdomain" and not LAB_DOMAIN:
+    raise ConfigError("LAB_ROUTING=subdomain needs LAB_DOMAIN (the base domain of the instances)")
+
+# The address users type: used in e-mails, git remotes and lobby URLs.
+LAB_PUBLIC_URL = env_str("LAB_PUBLIC_URL", f"http://{LAB_PUBLIC_HOST}:{LAB_PORT}").rstrip("/")
+
+SECRET_KEY = env_str("LAB_SECRET_KEY") or datadir.django_secret_key()
+LAB_ENCRYPTION_KEY = datadir.encryption_key()
+DEBUG = env_bool("LAB_DEBUG", False)
+
+ALLOWED_HOSTS = sorted(
+    {LAB_HOST, LAB_PUBLIC_HOST, "127.0.0.1", "localhost", "[::1]", *env_list("LAB_ALLOWED_HOSTS")}
+)
+CSRF_TRUSTED_ORIGINS = sorted(
+    {LAB_PUBLIC_URL, f"http://{LAB_HOST}:{LAB_PORT}", *env_list("LAB_CSRF_TRUSTED_ORIGINS")}
+)
+# Behind a TLS-terminating proxy (deploy/), trust its X-Forwarded-Proto.
+if env_bool("LAB_BEHIND_PROXY", False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    USE_X_FORWARDED_HOST = True
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = LAB_PUBLIC_URL.startswith("https://")
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_AGE = 60 * 60 * 24 * 14
+X_FRAME_OPTIONS = "DENY"
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+
+# --- apps ---------------------------------------------------------------------------
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "django.contrib.humanize",
+    "channels",
+    "allauth",
+    "allauth.account",
+    "allauth.mfa",
+    "ninja",
+    "manager",
+    "manager.accounts",
+    "manager.audit",
+    "manager.jobs",
+    "manager.realtime",
+    "manager.dashboard",
+    "manager.api",
+    "instances",
+    "lobby",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "allauth.account.middleware.AccountMiddleware",
+    "manager.accounts.middleware.ForcePasswordChangeMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "manager.urls"
+ASGI_APPLICATION = "manager.asgi.application"
+WSGI_APPLICATION = "manager.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+                "manager.context_processors.lab",
+            ],
+        },
+    },
+]
+
+# --- database -----------------------------------------------------------------------
+_database_url = env_str("DATABASE_URL")
+if _database_url:
+    try:
+        DATABASES = {"default": dj_database_url.parse(_database_url, conn_max_age=60, conn_health_checks=True)}
+    except ValueError as exc:
+        raise ConfigError(f"DATABASE_URL is not a database URL: {exc}") from None
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": DATA_DIR / "manager.sqlite3",
+            # Web, worker and beat share the file: wait for locks instead of failing,
+            # and let readers run beside the writer.
+            "OPTIONS": {
+                "timeout": 20,
+                "transaction_mode": "IMMEDIATE",
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+            },
+            "TEST": {"NAME": DATA_DIR / "test-manager.sqlite3"},
+        }
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- redis: broker, channel layer, cache --------------------------------------------
+REDIS_URL = env_str("REDIS_URL")
+LAB_EMBEDDED_REDIS = not REDIS_URL
+if LAB_EMBEDDED_REDIS:
+    REDIS_URL = datadir.embedded_redis_url()
+
+
+def _kombu_url(url: str) -> str:
+    # kombu spells a unix socket "redis+socket:///path"; redis-py spells it "unix:///path".
+    return "redis+socket://" + url.removeprefix("unix://") if url.startswith("unix://") else url
+
+
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels_redis.core.RedisChannelLayer",
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": "lab:ch", "capacity": 1500, "expiry": 30},
+    }
+}
+CACHES = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": REDIS_URL,
+        "KEY_PREFIX": "lab:cache",
+    }
+}
+
+CELERY_BROKER_URL = _kombu_url(REDIS_URL)
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_IGNORE_RESULT = True  # results live in the database (manager.jobs.Job)
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_ACKS_LATE = True  # a killed worker's task is delivered again
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_SOFT_TIME_LIMIT = 300  # every task has a limit; tasks may set a smaller one
+CELERY_TASK_TIME_LIMIT = 330
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BEAT_SCHEDULE = {
+    "jobs-sweep": {"task": "manager.jobs.tasks.sweep_jobs", "schedule": 60.0},
+}
+CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
+
+# --- auth ---------------------------------------------------------------------------
+AUTH_USER_MODEL = "accounts.User"
+AUTHENTICATION_BACKENDS = [
+    "django.contrib.auth.backends.ModelBackend",
+    "allauth.account.auth_backends.AuthenticationBackend",
+]
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 10}},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+LOGIN_URL = "account_login"
+LOGIN_REDIRECT_URL = "dashboard"
+LOGOUT_REDIRECT_URL = "account_login"
+PASSWORD_RESET_TIMEOUT = 60 * 60 * 24 * 7  # invitation and reset links: one week
+
+ACCOUNT_ADAPTER = "manager.accounts.adapter.LabAccountAdapter"
+ACCOUNT_LOGIN_METHODS = {"username", "email"}
+ACCOUNT_SIGNUP_FIELDS = ["email*", "username*", "password1*", "password2*"]
+ACCOUNT_EMAIL_VERIFICATION = "none"
+ACCOUNT_UNIQUE_EMAIL = True
+ACCOUNT_LOGOUT_ON_GET = False
+ACCOUNT_LOGOUT_ON_PASSWORD_CHANGE = False
+ACCOUNT_PASSWORD_RESET_BY_CODE_ENABLED = False
+ACCOUNT_PREVENT_ENUMERATION = True
+ACCOUNT_SESSION_REMEMBER = None
+ACCOUNT_EMAIL_SUBJECT_PREFIX = "[oTree Lab] "
+ACCOUNT_RATE_LIMITS = {
+    "login_failed": env_str("LAB_LOGIN_RATE_LIMIT", "10/m/ip,5/5m/key"),
+    "reset_password": "20/m/ip,5/m/key",
+    "reset_password_from_key": "20/m/ip",
+    "change_password": "5/m/user",
+}
+MFA_SUPPORTED_TYPES = ["totp", "recovery_codes"]
+MFA_TOTP_ISSUER = env_str("LAB_NAME", "oTree Lab")
+
+# --- e-mail: console by default, SMTP when LAB_SMTP_HOST is set ----------------------
+LAB_NAME = env_str("LAB_NAME", "oTree Lab")
+DEFAULT_FROM_EMAIL = env_str("LAB_EMAIL_FROM", f"oTree Lab Manager <noreply@{LAB_PUBLIC_HOST}>")
+SERVER_EMAIL = DEFAULT_FROM_EMAIL
+if env_str("LAB_SMTP_HOST"):
+    EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    EMAIL_HOST = env_str("LAB_SMTP_HOST")
+    EMAIL_PORT = env_int("LAB_SMTP_PORT", 587)
+    EMAIL_HOST_USER = env_str("LAB_SMTP_USER")
+    EMAIL_HOST_PASSWORD = env_str("LAB_SMTP_PASSWORD")
+    EMAIL_USE_TLS = env_bool("LAB_SMTP_STARTTLS", EMAIL_PORT == 587)
+    EMAIL_USE_SSL = env_bool("LAB_SMTP_SSL", EMAIL_PORT == 465)
+    EMAIL_TIMEOUT = 20
+else:
+    EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"
+
+# --- static files -------------------------------------------------------------------
+STATIC_URL = "/static/"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STATIC_ROOT = DATA_DIR / "static"
+STATIC_ROOT.mkdir(exist_ok=True)
+WHITENOISE_USE_FINDERS = True  # no collectstatic step needed
+WHITENOISE_AUTOREFRESH = DEBUG
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env_str("LAB_TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env_str("LAB_LOG_LEVEL", "INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}

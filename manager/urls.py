@@ -1,0 +1,27 @@
+from django.urls import include, path
+
+from manager.accounts import views as accounts
+from manager.audit import views as audit
+from manager.dashboard import views as dashboard
+from manager.jobs import views as jobs
+
+urlpatterns = [
+    path("", dashboard.dashboard, name="dashboard"),
+    path("healthz/", dashboard.healthz, name="healthz"),
+    # accounts: allauth (login, logout, password change/reset, two-factor) + ours
+    path("accounts/welcome/<uidb64>/<token>/", accounts.InvitationAcceptView.as_view(), name="invitation_accept"),
+    path("accounts/", include("allauth.urls")),
+    path("settings/", accounts.profile, name="profile"),
+    path("settings/keys/", accounts.ssh_keys, name="ssh_keys"),
+    path("settings/keys/<int:key_id>/delete/", accounts.ssh_key_delete, name="ssh_key_delete"),
+    path("settings/tokens/", accounts.tokens, name="tokens"),
+    path("settings/tokens/<int:token_id>/revoke/", accounts.token_revoke, name="token_revoke"),
+    # lab managers
+    path("users/", accounts.user_list, name="user_list"),
+    path("users/new/", accounts.user_create, name="user_create"),
+    path("users/<int:user_id>/", accounts.user_detail, name="user_detail"),
+    path("users/<int:user_id>/<str:action>/", accounts.user_action, name="user_action"),
+    path("audit/", audit.audit_log, name="audit_log"),
+    path("jobs/recent/", jobs.recent_jobs, name="recent_jobs"),
+    path("api/v1/", include("manager.api.urls")),
+]

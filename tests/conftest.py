@@ -1,0 +1,48 @@
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+from manager import datadir, embedded_redis
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_server():
+    """The real embedded Redis (broker, channel layer, cache) for the whole run."""
+    sock = datadir.redis_socket_path()
+    proc = embedded_redis.start(settings.DATA_DIR, sock, stdout=subprocess.DEVNULL)
+    try:
+        embedded_redis.wait_ready(sock, proc=proc)
+        yield settings.REDIS_URL
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(settings.DATA_DIR, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _clean_cache(redis_server):
+    # Rate-limit counters and cached state must not leak between tests.
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+
+
+def need(tool_ok: bool, what: str):
+    """Skip when a tool is missing on a developer machine; fail in CI, where .ci/run
+    installs everything (a skipped test must never pass for a green run)."""
+    if tool_ok:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required in CI but missing")
+    pytest.skip(f"{what} not available")
+
+
+CHROMIUM = Path(os.environ.get("LAB_TEST_CHROMIUM", "/usr/bin/chromium"))
