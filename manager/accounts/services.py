@@ -232,3 +232,23 @@ def authenticate_token(raw: str) -> User | None:
     if token.last_used_at is None or now - token.last_used_at > LAST_USED_RESOLUTION:
         AccessToken.objects.filter(pk=token.pk).update(last_used_at=now)
     return token.user
+
+
+def ensure_first_superuser() -> tuple[User, str] | None:
+    """When no superuser exists, create `admin` with a one-time password (changed at first
+    login) and return it with the password; otherwise None."""
+    if User.objects.filter(is_superuser=True).exists():
+        return None
+    username = "admin"
+    n = 1
+    while User.objects.filter(username__iexact=username).exists():
+        n += 1
+        username = f"admin{n}"
+    password = generate_password()
+    with transaction.atomic():
+        user = User(username=username, email=f"{username}@localhost", name="Lab manager",
+                    is_superuser=True, is_staff=True, must_change_password=True)
+        user.set_password(password)
+        user.save()
+        record(None, "user.create", user, f"created first lab manager {username} (one-time password)")
+    return user, password
