@@ -6,3 +6,8 @@ class LabAccountAdapter(DefaultAccountAdapter):
 
     def is_open_for_signup(self, request):
         return False
+
+    def get_password_change_redirect_url(self, request):
+        from django.urls import reverse
+
+        return reverse("dashboard")

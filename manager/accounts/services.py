@@ -87,6 +87,8 @@ def create_user(actor, *, username: str, email: str, name: str = "", is_superuse
 def send_invitation(actor, user: User):
     from manager.accounts.tasks import send_invitation as task
 
+    if not user.is_active:
+        raise NotAllowed(f"{user.username} is deactivated; activate the account before sending an invitation.")
     return jobs.start(task, user=actor, kind="accounts.invite", label=f"Invitation to {user.username}",
                       args=[user.pk], link=f"/users/{user.pk}/")
 

@@ -2,10 +2,26 @@ from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse
 from django.shortcuts import render
 
+from manager.accounts.models import User
+from manager.jobs.models import Job
+
 
 @login_required
 def dashboard(request):
-    return render(request, "dashboard/index.html", {})
+    user = request.user
+    context = {
+        "jobs": Job.objects.filter(user=user)[:10],
+        "has_key": user.ssh_keys.exists(),
+        "has_token": user.access_tokens.exists(),
+        "mfa_on": user.authenticator_set.exists(),
+    }
+    if user.is_superuser:
+        context["stats"] = {
+            "accounts": User.objects.filter(is_active=True).count(),
+            "managers": User.objects.filter(is_active=True, is_superuser=True).count(),
+            "invited": User.objects.filter(is_active=True, password__startswith="!").count(),
+        }
+    return render(request, "dashboard/index.html", context)
 
 
 def healthz(request):
