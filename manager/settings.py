@@ -217,6 +217,7 @@ MFA_TOTP_ISSUER = env_str("LAB_NAME", "oTree Lab")
 
 # --- e-mail: console by default, SMTP when LAB_SMTP_HOST is set ----------------------
 LAB_NAME = env_str("LAB_NAME", "oTree Lab")
+LAB_NAME_SET = bool(env_str("LAB_NAME"))
 DEFAULT_FROM_EMAIL = env_str("LAB_EMAIL_FROM", f"oTree Lab Manager <noreply@{LAB_PUBLIC_HOST}>")
 SERVER_EMAIL = DEFAULT_FROM_EMAIL
 if env_str("LAB_SMTP_HOST"):
