@@ -1,0 +1,86 @@
+"""`python manage.py labserver`: the whole manager in one foreground process.
+
+Starts the embedded Redis (unless REDIS_URL is set), the web server, the Celery worker
+and Celery beat; forwards their output; restarts what dies; Ctrl-C stops everything.
+"""
+
+import sys
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+from django.db import DEFAULT_DB_ALIAS, connections
+from django.db.migrations.executor import MigrationExecutor
+
+from manager import datadir
+from manager.supervisor import Supervisor, SupervisorError, default_specs, first_superuser_box, port_in_use
+
+
+class Command(BaseCommand):
+    help = "Run the whole oTree Lab Manager (web, workers, scheduler, embedded Redis) until Ctrl-C."
+
+    requires_system_checks = "__all__"
+
+    def handle(self, *args, **options):
+        self._check_migrated()
+        self._check_free()
+        created = self._first_superuser()
+        connections.close_all()  # the supervisor itself keeps no database connection open
+
+        public_url = settings.LAB_PUBLIC_URL
+
+        def after_ready():
+            if created is not None:
+                user, password = created
+                box = first_superuser_box(public_url, user.username, password)
+                sys.stdout.write("\n" + box + "\n\n")
+                sys.stdout.flush()
+
+        supervisor = Supervisor(
+            default_specs(),
+            out=sys.stdout,
+            cwd=settings.BASE_DIR,
+            ready_message=f"oTree Lab Manager is running on {public_url} — Ctrl-C stops it",
+            after_ready=after_ready,
+        )
+        code = supervisor.run()
+        if code:
+            raise CommandError("labserver stopped because a process could not start (see above)")
+
+    def _check_migrated(self):
+        connection = connections[DEFAULT_DB_ALIAS]
+        executor = MigrationExecutor(connection)
+        if executor.migration_plan(executor.loader.graph.leaf_nodes()):
+            raise CommandError(
+                "The database is not up to date. Run `python manage.py migrate` first (`make run` does it for you)."
+            )
+
+    def _check_free(self):
+        host, port = settings.LAB_HOST, settings.LAB_PORT
+        try:
+            busy = port_in_use(host, port)
+        except SupervisorError as exc:
+            raise CommandError(str(exc)) from None
+        if busy:
+            raise CommandError(
+                f"Port {port} on {host} is already in use: is another labserver (or another program) running? "
+                f"Stop it, or start this one with another port, e.g. LAB_PORT={port + 1} make run"
+            )
+        if settings.LAB_EMBEDDED_REDIS:
+            import redis
+
+            sock = datadir.redis_socket_path()
+            if sock.exists():
+                try:
+                    answers = redis.Redis(unix_socket_path=str(sock), socket_timeout=1).ping()
+                except (redis.RedisError, OSError):
+                    answers = False
+                if answers:
+                    raise CommandError(
+                        f"A Redis already answers on {sock}: another labserver uses LAB_DATA_DIR={settings.DATA_DIR}. "
+                        "Stop it first, or use another LAB_DATA_DIR."
+                    )
+
+    def _first_superuser(self):
+        from manager.accounts.services import ensure_first_superuser
+
+        return ensure_first_superuser()

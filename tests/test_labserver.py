@@ -1,0 +1,122 @@
+"""`manage.py labserver` run as a user runs it: real Redis, daphne, Celery worker and beat."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.labserver_helpers import (
+    BASE_DIR, LabServer, child_env, first_superuser, free_port, migrate, new_data_dir, remove_data_dir,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def lab_dir():
+    data_dir = new_data_dir()
+    yield data_dir
+    remove_data_dir(data_dir)
+
+
+def _wait_until(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"{what} within {timeout} s")
+
+
+def _socket_unused(path) -> bool:
+    if not path.exists():
+        return True
+    with socket.socket(socket.AF_UNIX) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return True
+    return False
+
+
+def test_first_start_prints_password_restarts_dead_worker_and_stops_cleanly(lab_dir):
+    port = free_port()
+    migrate(lab_dir, port)
+    server = LabServer(lab_dir, port)
+    try:
+        username, password = first_superuser(server)
+        assert username == "admin"
+        assert len(password) >= 12
+        assert "change it at first login" in server.output
+        server.wait_ready()
+        assert server.get("/healthz/") == (200, "ok")
+        for name in ("redis", "web", "worker", "beat"):
+            assert f"started {name} (pid" in server.output
+
+        # Every child runs in its own process group (the terminal's Ctrl-C reaches only the supervisor).
+        worker = server.child("celery", "worker")
+        assert worker is not None, server.output
+        assert os.getpgid(worker.pid) == worker.pid != os.getpgid(server.proc.pid)
+
+        # A worker that dies is restarted, and the log says so.
+        mark = server.mark()
+        old_pid = worker.pid
+        worker.kill()
+        server.wait_for(rf"worker \(pid {old_pid}\) was killed by SIGKILL", 15, since=mark)
+        server.wait_for(rf"worker restarted \(pid \d+, was {old_pid}", 30, since=mark)
+        new_worker = _wait_until(
+            lambda: (w := server.child("celery", "worker")) and w.pid != old_pid and w, 30, "no new worker"
+        )
+        assert new_worker.is_running()
+        server.wait_for(r"worker@\S+ ready\.", 60, since=mark)  # and it serves again
+        assert server.get("/healthz/") == (200, "ok")
+
+        # SIGTERM stops everything: no child survives, Redis' socket is gone, exit code 0.
+        server.remember_processes()
+        remembered = server.known_alive()
+        assert len(remembered) >= 4
+        assert server.terminate() == 0
+        _wait_until(lambda: not server.known_alive(), 10, "children of the supervisor still alive")
+        assert _socket_unused(lab_dir / "run" / "redis.sock")
+        assert "lab    | stopped" in server.output
+        with pytest.raises(OSError):
+            server.get("/healthz/", timeout=2)
+    finally:
+        server.kill_everything()
+
+
+def test_second_start_keeps_the_password_and_a_busy_port_is_refused(lab_dir):
+    port = free_port()
+    migrate(lab_dir, port)
+    first = LabServer(lab_dir, port)
+    try:
+        first_superuser(first)
+        first.wait_ready()
+        assert first.terminate() == 0
+    finally:
+        first.kill_everything()
+
+    second = LabServer(lab_dir, port)
+    try:
+        second.wait_ready()
+        assert "Password:" not in second.output
+        assert "First lab manager account" not in second.output
+
+        # A third one on the same port refuses to start, saying why.
+        third = subprocess.run(
+            [sys.executable, "manage.py", "labserver"], cwd=BASE_DIR, env=child_env(lab_dir, port),
+            capture_output=True, text=True, timeout=60,
+        )
+        assert third.returncode != 0
+        assert f"Port {port}" in third.stderr and "already in use" in third.stderr
+        assert second.get("/healthz/") == (200, "ok")  # and the running one is untouched
+        assert second.terminate() == 0
+        assert not second.known_alive()
+    finally:
+        second.kill_everything()
+    assert not psutil.pid_exists(second.proc.pid) or psutil.Process(second.proc.pid).status() == psutil.STATUS_ZOMBIE
