@@ -339,7 +339,7 @@ class Supervisor:
         installed = threading.current_thread() is threading.main_thread()
         old_handlers = {}
         if installed:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
         try:
             try:
@@ -367,7 +367,9 @@ class Supervisor:
     def stop(self) -> None:
         """SIGTERM each stage of children (process groups), wait bounded, then SIGKILL."""
         for order in sorted({c.spec.stop_order for c in self.children}):
-            stage = [c for c in self.children if c.spec.stop_order == order and c.proc is not None]
+            # A child waiting for its restart was reaped already (its group SIGKILLed).
+            stage = [c for c in self.children
+                     if c.spec.stop_order == order and c.proc is not None and c.restart_at is None]
             for child in stage:
                 if child.alive() or self._group_alive(child):
                     self._signal_group(child, signal.SIGTERM)

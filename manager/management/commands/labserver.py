@@ -28,21 +28,27 @@ class Command(BaseCommand):
 
         public_url = settings.LAB_PUBLIC_URL
 
-        def after_ready():
-            if created is not None:
+        shown = []
+
+        def show_first_superuser():
+            if created is not None and not shown:
                 user, password = created
                 box = first_superuser_box(public_url, user.username, password)
                 sys.stdout.write("\n" + box + "\n\n")
                 sys.stdout.flush()
+                shown.append(True)
 
         supervisor = Supervisor(
             default_specs(),
             out=sys.stdout,
             cwd=settings.BASE_DIR,
             ready_message=f"oTree Lab Manager is running on {public_url} — Ctrl-C stops it",
-            after_ready=after_ready,
+            after_ready=show_first_superuser,  # last, so that the children's output does not bury it
         )
-        code = supervisor.run()
+        try:
+            code = supervisor.run()
+        finally:
+            show_first_superuser()  # stopped or failed before all were ready: never lose the password
         if code:
             raise CommandError("labserver stopped because a process could not start (see above)")
 
