@@ -1,4 +1,5 @@
 from django.urls import include, path
+from django.views.generic import RedirectView
 
 from manager.accounts import views as accounts
 from manager.audit import views as audit
@@ -10,6 +11,8 @@ urlpatterns = [
     path("healthz/", dashboard.healthz, name="healthz"),
     # accounts: allauth (login, logout, password change/reset, two-factor) + ours
     path("accounts/welcome/<uidb64>/<token>/", accounts.InvitationAcceptView.as_view(), name="invitation_accept"),
+    # E-mail addresses are managed by lab managers (no unverified self-service changes).
+    path("accounts/email/", RedirectView.as_view(pattern_name="profile"), name="account_email_redirect"),
     path("accounts/", include("allauth.urls")),
     path("settings/", accounts.profile, name="profile"),
     path("settings/keys/", accounts.ssh_keys, name="ssh_keys"),

@@ -1,0 +1,222 @@
+"""The persona harness: every URL pattern of the project, walked as each fixed persona.
+
+Personas: a lab manager (`boss`), experimenter A (`ann`), experimenter B (`bob`) and an
+anonymous visitor. Each route below names the URL to open (built from the fixed world)
+and the status each persona must get. `test_every_url_pattern_is_covered` fails when a
+new URL pattern appears without an entry here, so every later view is covered too.
+
+Web pages: anonymous visitors are sent to the login page (302 to /accounts/login/).
+JSON API (`api:` names): personas authenticate with their bearer token; anonymous
+callers get 401.
+"""
+
+from dataclasses import dataclass, field
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from django.test import Client
+from django.urls import URLResolver, get_resolver
+
+from manager.accounts import services
+from manager.accounts.models import SSHKey, User
+
+PERSONAS = ("anon", "boss", "ann", "bob")
+LOGIN = "/accounts/login/"
+
+
+def new_public_key(comment="test") -> str:
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    raw = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
+    return f"{raw} {comment}"
+
+
+@dataclass
+class World:
+    boss: User
+    ann: User
+    bob: User
+    tokens: dict = field(default_factory=dict)
+    ann_key: SSHKey = None
+    bob_key: SSHKey = None
+    ann_token_id: int = 0
+
+
+@pytest.fixture
+def world(db):
+    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
+    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567", name="Ann A")
+    bob = User.objects.create_user("bob", "bob@lab.test", "pw-bob-1234567", name="Bob B")
+    w = World(boss=boss, ann=ann, bob=bob)
+    for user in (boss, ann, bob):
+        token, raw = services.create_token(user, name="harness")
+        w.tokens[user.username] = raw
+        if user is ann:
+            w.ann_token_id = token.pk
+    w.ann_key = services.add_ssh_key(ann, title="ann laptop", key=new_public_key("ann"))
+    w.bob_key = services.add_ssh_key(bob, title="bob laptop", key=new_public_key("bob"))
+    return w
+
+
+def client_for(world: World, persona: str, api: bool) -> Client:
+    client = Client()
+    if persona == "anon":
+        return client
+    if api:
+        return Client(HTTP_AUTHORIZATION=f"Bearer {world.tokens[persona]}")
+    client.force_login(getattr(world, persona))
+    return client
+
+
+@dataclass
+class Route:
+    name: str  # URL pattern name (namespaced for the API)
+    url: object  # str, or function World -> str
+    expect: dict  # persona -> status
+    method: str = "get"
+    data: object = None  # body for POST/PATCH (a function World -> dict, or a dict)
+
+    def build(self, world):
+        return self.url(world) if callable(self.url) else self.url
+
+
+def all_ok(anon=302):
+    return {"anon": anon, "boss": 200, "ann": 200, "bob": 200}
+
+
+MANAGERS_ONLY = {"anon": 302, "boss": 200, "ann": 403, "bob": 403}
+API_ANY = {"anon": 401, "boss": 200, "ann": 200, "bob": 200}
+API_MANAGERS = {"anon": 401, "boss": 200, "ann": 403, "bob": 403}
+# A redirect for everyone: logged-in users leave the login/sign-up pages for the dashboard.
+ENTRANCE = {"anon": 200, "boss": 302, "ann": 302, "bob": 302}
+
+ROUTES = [
+    Route("dashboard", "/", all_ok()),
+    Route("healthz", "/healthz/", all_ok(200)),
+    Route("recent_jobs", "/jobs/recent/", all_ok()),
+    # invitation links: an unknown or used token shows "this link no longer works" to anyone
+    Route("invitation_accept", "/accounts/welcome/MQ/set-password/", all_ok(200)),
+    # allauth
+    Route("account_login", LOGIN, ENTRANCE),
+    Route("account_logout", "/accounts/logout/", {"anon": 302, "boss": 200, "ann": 200, "bob": 200}),
+    Route("account_inactive", "/accounts/inactive/", all_ok(200)),
+    Route("account_signup", "/accounts/signup/", ENTRANCE),  # anon: the "no public sign-up" page
+    Route("account_reauthenticate", "/accounts/reauthenticate/", all_ok()),
+    Route("account_email_redirect", "/accounts/email/", {"anon": 302, "boss": 302, "ann": 302, "bob": 302}),
+    Route("account_email", "/accounts/email/", {"anon": 302, "boss": 302, "ann": 302, "bob": 302}),
+    Route("account_email_verification_sent", "/accounts/confirm-email/", all_ok(200)),
+    Route("account_confirm_email", "/accounts/confirm-email/nonsense/", all_ok(200)),
+    Route("account_change_password", "/accounts/password/change/", all_ok()),
+    Route("account_set_password", "/accounts/password/set/", {"anon": 302, "boss": 302, "ann": 302, "bob": 302}),
+    Route("account_reset_password", "/accounts/password/reset/", all_ok(200)),
+    Route("account_reset_password_done", "/accounts/password/reset/done/", all_ok(200)),
+    Route("account_reset_password_from_key", "/accounts/password/reset/key/1-nonsense/", all_ok(200)),
+    Route("account_reset_password_from_key_done", "/accounts/password/reset/key/done/", all_ok(200)),
+    Route("account_confirm_login_code", "/accounts/login/code/confirm/", {"anon": 302, "boss": 302, "ann": 302, "bob": 302}),
+    Route("mfa_index", "/accounts/2fa/", all_ok()),
+    Route("mfa_authenticate", "/accounts/2fa/authenticate/", {"anon": 302, "boss": 302, "ann": 302, "bob": 302}),
+    Route("mfa_reauthenticate", "/accounts/2fa/reauthenticate/", {"anon": 302, "boss": 302, "ann": 302, "bob": 302}),
+    # TOTP activation asks for the password again first (reauthentication): a redirect.
+    Route("mfa_activate_totp", "/accounts/2fa/totp/activate/", {"anon": 302, "boss": 302, "ann": 302, "bob": 302}),
+    Route("mfa_deactivate_totp", "/accounts/2fa/totp/deactivate/", {"anon": 302, "boss": 404, "ann": 404, "bob": 404}),
+    Route("mfa_view_recovery_codes", "/accounts/2fa/recovery-codes/", {"anon": 302, "boss": 404, "ann": 404, "bob": 404}),
+    Route("mfa_generate_recovery_codes", "/accounts/2fa/recovery-codes/generate/", {"anon": 302, "boss": 302, "ann": 302, "bob": 302}),
+    Route("mfa_download_recovery_codes", "/accounts/2fa/recovery-codes/download/", {"anon": 302, "boss": 404, "ann": 404, "bob": 404}),
+    # own settings
+    Route("profile", "/settings/", all_ok()),
+    Route("ssh_keys", "/settings/keys/", all_ok()),
+    Route("tokens", "/settings/tokens/", all_ok()),
+    # deleting ann's key: only ann; everyone else gets 404 and the key stays
+    Route("ssh_key_delete", lambda w: f"/settings/keys/{w.ann_key.pk}/delete/",
+          {"anon": 302, "boss": 404, "ann": 302, "bob": 404}, method="post"),
+    Route("token_revoke", lambda w: f"/settings/tokens/{w.ann_token_id}/revoke/",
+          {"anon": 302, "boss": 404, "ann": 302, "bob": 404}, method="post"),
+    # lab managers only
+    Route("user_list", "/users/", MANAGERS_ONLY),
+    Route("user_create", "/users/new/", MANAGERS_ONLY),
+    Route("user_detail", lambda w: f"/users/{w.ann.pk}/", MANAGERS_ONLY),
+    Route("user_action", lambda w: f"/users/{w.ann.pk}/delete/", MANAGERS_ONLY),  # the confirmation page
+    Route("audit_log", "/audit/", MANAGERS_ONLY),
+    # JSON API
+    Route("api:openapi-json", "/api/v1/openapi.json", {"anon": 200, "boss": 200, "ann": 200, "bob": 200}),
+    Route("api:openapi-view", "/api/v1/docs", {"anon": 200, "boss": 200, "ann": 200, "bob": 200}),
+    Route("api:api-root", "/api/v1/", {"anon": 200, "boss": 200, "ann": 200, "bob": 200}),  # index of links
+    Route("api/v1/^(?P<path>.*)$", "/api/v1/no-such-thing", {"anon": 404, "boss": 404, "ann": 404, "bob": 404}),
+    Route("api:list_users", "/api/v1/users", API_MANAGERS),
+    Route("api:create_user", "/api/v1/users", {"anon": 401, "boss": 201, "ann": 403, "bob": 403}, method="post",
+          data={"username": "newbie", "email": "newbie@lab.test", "name": "New Bie", "is_superuser": False}),
+    Route("api:get_user", lambda w: f"/api/v1/users/{w.ann.username}", API_MANAGERS),
+    Route("api:get_me", "/api/v1/me", API_ANY),
+    Route("api:list_my_ssh_keys", "/api/v1/me/ssh-keys", API_ANY),
+    Route("api:add_my_ssh_key", "/api/v1/me/ssh-keys", {"anon": 401, "boss": 201, "ann": 201, "bob": 201},
+          method="post", data=lambda w: {"title": "new", "key": new_public_key()}),
+    Route("api:delete_my_ssh_key", lambda w: f"/api/v1/me/ssh-keys/{w.ann_key.pk}",
+          {"anon": 401, "boss": 404, "ann": 204, "bob": 404}, method="delete"),
+]
+
+
+def _walk(patterns, prefix="", namespace=None):
+    for p in patterns:
+        if isinstance(p, URLResolver):
+            yield from _walk(p.url_patterns, prefix + str(p.pattern), p.namespace or namespace)
+        else:
+            name = p.name or ""
+            yield prefix + str(p.pattern), f"{namespace}:{name}" if namespace else name
+
+
+def test_every_url_pattern_is_covered():
+    covered = {route.name for route in ROUTES}
+    missing = sorted({name or pattern for pattern, name in _walk(get_resolver().url_patterns)} - covered)
+    assert not missing, f"URL patterns without persona expectations (add them to ROUTES): {missing}"
+
+
+@pytest.mark.parametrize("route", ROUTES, ids=lambda r: f"{r.method}:{r.name}")
+@pytest.mark.parametrize("persona", PERSONAS)
+def test_route_as_persona(world, route, persona):
+    api = route.name.startswith(("api:", "api/"))
+    client = client_for(world, persona, api)
+    url = route.build(world)
+    kwargs = {}
+    if route.data is not None:
+        data = route.data(world) if callable(route.data) else route.data
+        kwargs = {"data": data, "content_type": "application/json"} if api else {"data": data}
+    response = getattr(client, route.method)(url, **kwargs)
+    expected = route.expect[persona]
+    assert response.status_code == expected, (
+        f"{persona} {route.method.upper()} {url}: got {response.status_code}, expected {expected}"
+    )
+    if api and response.status_code >= 400:
+        assert "detail" in response.json() and isinstance(response.json()["detail"], str)
+    if not api and persona == "anon" and expected == 302 and route.name not in {
+        "account_email", "account_email_redirect", "account_set_password", "account_logout",
+    }:
+        assert response["Location"].startswith(LOGIN), response["Location"]
+
+
+def test_refused_deletes_leave_the_object(world):
+    """Other personas' attempts (404 above) must not have removed anything."""
+    for persona in ("boss", "bob"):
+        client_for(world, persona, api=False).post(f"/settings/keys/{world.ann_key.pk}/delete/")
+        client_for(world, persona, api=True).delete(f"/api/v1/me/ssh-keys/{world.ann_key.pk}")
+        client_for(world, persona, api=False).post(f"/settings/tokens/{world.ann_token_id}/revoke/")
+    assert SSHKey.objects.filter(pk=world.ann_key.pk).exists()
+    assert world.ann.access_tokens.filter(pk=world.ann_token_id).exists()
+
+
+@pytest.mark.parametrize("action", ["promote", "demote", "deactivate", "activate", "invite", "delete"])
+@pytest.mark.parametrize("persona", ["anon", "ann", "bob"])
+def test_account_actions_refused_to_non_managers(world, persona, action):
+    client = client_for(world, persona, api=False)
+    target = world.bob if persona != "bob" else world.ann
+    response = client.post(f"/users/{target.pk}/{action}/")
+    assert response.status_code == (302 if persona == "anon" else 403)
+    target.refresh_from_db()
+    assert target.is_active and not target.is_superuser
+
+
+def test_actions_need_csrf(world):
+    client = Client(enforce_csrf_checks=True)
+    client.force_login(world.ann)
+    response = client.post(f"/settings/keys/{world.ann_key.pk}/delete/")
+    assert response.status_code == 403
+    assert SSHKey.objects.filter(pk=world.ann_key.pk).exists()
