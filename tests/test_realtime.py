@@ -1,0 +1,137 @@
+"""The realtime socket, tested against the real ASGI application (manager.asgi) and the
+real Redis channel layer (the embedded server started by conftest)."""
+
+import asyncio
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.test import Client
+
+from manager.accounts.models import User
+from manager.asgi import application
+from manager.realtime.services import notify_user
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ORIGIN = (b"origin", b"http://127.0.0.1:8000")
+
+
+def _session_cookie(user) -> bytes:
+    client = Client()
+    client.force_login(user)
+    return f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}".encode()
+
+
+async def connect(user=None, origin=ORIGIN):
+    headers = [origin] if origin else []
+    if user is not None:
+        headers.append((b"cookie", await sync_to_async(_session_cookie)(user)))
+    communicator = WebsocketCommunicator(application, "/ws/live/", headers=headers)
+    connected, _ = await communicator.connect(timeout=5)
+    return communicator, connected
+
+
+@pytest.fixture
+def people(db):
+    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
+    bob = User.objects.create_user("bob", "bob@lab.test", "pw-bob-1234567")
+    return ann, bob
+
+
+async def test_anonymous_socket_is_refused():
+    communicator, connected = await connect(None)
+    assert not connected
+    await communicator.disconnect()
+
+
+async def test_foreign_origin_is_refused(people):
+    ann, _ = people
+    communicator, connected = await connect(ann, origin=(b"origin", b"http://evil.example"))
+    assert not connected
+    await communicator.disconnect()
+
+
+async def test_deactivated_user_is_refused(people):
+    ann, _ = people
+    cookie = await sync_to_async(_session_cookie)(ann)
+    ann.is_active = False
+    await sync_to_async(ann.save)()
+    communicator = WebsocketCommunicator(application, "/ws/live/", headers=[ORIGIN, (b"cookie", cookie)])
+    connected, _ = await communicator.connect(timeout=5)
+    assert not connected
+    await communicator.disconnect()
+
+
+async def test_notification_reaches_every_tab_of_that_user_only(people):
+    ann, bob = people
+    tab1, ok1 = await connect(ann)
+    tab2, ok2 = await connect(ann)
+    other, ok3 = await connect(bob)
+    assert ok1 and ok2 and ok3
+    for tab, name in ((tab1, "ann"), (tab2, "ann"), (other, "bob")):
+        assert await tab.receive_json_from(timeout=5) == {"type": "hello", "user": name}
+
+    # Sent from synchronous code, as a Celery task does, through the Redis channel layer.
+    await sync_to_async(notify_user)(ann.pk, "Invitation e-mail sent to carl", level="success")
+
+    for tab in (tab1, tab2):
+        event = await tab.receive_json_from(timeout=5)
+        assert event["type"] == "notify"
+        assert event["message"] == "Invitation e-mail sent to carl"
+        assert event["level"] == "success"
+    assert await other.receive_nothing(timeout=0.5)
+    for tab in (tab1, tab2, other):
+        await tab.disconnect()
+
+
+async def test_subscriptions_are_checked(people):
+    ann, bob = people
+    tab, ok = await connect(ann)
+    assert ok
+    await tab.receive_json_from(timeout=5)  # hello
+
+    await tab.send_json_to({"subscribe": f"user:{bob.pk}"})
+    reply = await tab.receive_json_from(timeout=5)
+    assert reply["type"] == "error" and "cannot subscribe" in reply["detail"]
+
+    await tab.send_json_to({"subscribe": "no-such-kind:1"})
+    assert (await tab.receive_json_from(timeout=5))["type"] == "error"
+
+    await tab.send_json_to({"subscribe": f"user:{ann.pk}"})
+    assert await tab.receive_json_from(timeout=5) == {"type": "subscribed", "topic": f"user:{ann.pk}"}
+
+    # Bob's notifications never reach Ann's socket.
+    await sync_to_async(notify_user)(bob.pk, "for bob only")
+    assert await tab.receive_nothing(timeout=0.5)
+    await tab.disconnect()
+
+
+async def test_bad_messages_get_an_error_not_a_crash(people):
+    ann, _ = people
+    tab, ok = await connect(ann)
+    assert ok
+    await tab.receive_json_from(timeout=5)
+    await tab.send_to(text_data="[1, 2]")
+    assert (await tab.receive_json_from(timeout=5))["type"] == "error"
+    await tab.send_json_to({"type": "ping"})
+    assert await tab.receive_json_from(timeout=5) == {"type": "pong"}
+    await tab.send_json_to({"what": "ever"})
+    assert (await tab.receive_json_from(timeout=5))["detail"] == "unknown message"
+    await tab.disconnect()
+
+
+async def test_disconnected_tab_leaves_its_group(people):
+    ann, _ = people
+    tab, ok = await connect(ann)
+    assert ok
+    await tab.receive_json_from(timeout=5)
+    await tab.disconnect()
+    # A second tab opened later still receives; the closed one is gone from the group.
+    tab2, ok2 = await connect(ann)
+    assert ok2
+    await tab2.receive_json_from(timeout=5)
+    await sync_to_async(notify_user)(ann.pk, "still here")
+    assert (await tab2.receive_json_from(timeout=5))["message"] == "still here"
+    await asyncio.wait_for(tab2.disconnect(), 5)
