@@ -21,7 +21,7 @@ venv: $(STAMP)
 
 # Requirements are (re)installed only when requirements.txt is newer than the stamp.
 $(STAMP): requirements.txt | $(VPY)
-	$(VPY) -m pip install --disable-pip-version-check --progress-bar off -r requirements.txt
+	$(VPY) -m pip install --quiet --disable-pip-version-check --progress-bar off -r requirements.txt
 	touch $(STAMP)
 
 $(VPY):
