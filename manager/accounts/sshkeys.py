@@ -108,7 +108,7 @@ def parse_public_key(text: str) -> ParsedKey:
         raise ValidationError("Unsupported key type. " + ACCEPTED_HELP, code="type")
     return ParsedKey(
         key_type=key_type,
-        public_key=f"{key_type} {b64}",
+        public_key=f"{key_type} {base64.b64encode(blob).decode()}",  # canonical (e.g. no extra padding)
         bits=bits,
         fingerprint=fingerprint_of(blob),
         comment=comment[:100],
