@@ -24,6 +24,10 @@ class InvitationAcceptView(PasswordResetConfirmView):
     success_url = reverse_lazy("account_login")
     post_reset_login = False
 
+    def get_user(self, uidb64):
+        user = super().get_user(uidb64)
+        return user if user is not None and user.is_active else None  # deactivated: the link is dead
+
     def form_valid(self, form):
         response = super().form_valid(form)
         user = form.user
