@@ -506,3 +506,20 @@ def test_invitation_link_in_mail_uses_the_public_url(manager, settings, eager_ce
     create_account(manager, django_capture_on_commit_callbacks)
     match = LINK.search(mail.outbox[0].body)
     assert urlparse(match.group(0)).netloc == "lab.example.org"
+
+
+def test_invitation_link_of_a_deactivated_account_no_longer_works(manager, eager_celery,
+                                                                  django_capture_on_commit_callbacks):
+    create_account(manager, django_capture_on_commit_callbacks)
+    ann = User.objects.get(username="ann")
+    link = LINK.search(mail.outbox[0].body).group(1)
+    manager.post(f"/users/{ann.pk}/deactivate/")
+
+    client = Client()
+    response = client.get(link, follow=True)
+    assert "This link no longer works" in page_text(response)
+    # Not even by posting to the form address directly.
+    uid = LINK.search(mail.outbox[0].body).group(2)
+    client.post(f"/accounts/welcome/{uid}/set-password/", {"new_password1": PASSWORD, "new_password2": PASSWORD})
+    ann.refresh_from_db()
+    assert not ann.has_usable_password()
