@@ -85,6 +85,23 @@ def test_change_password(ann):
     assert is_logged_in(other)
 
 
+def test_changing_the_password_logs_out_the_other_sessions(ann):
+    phone, laptop = Client(), Client()
+    log_in(phone, "ann", PASSWORD)
+    log_in(laptop, "ann", PASSWORD)
+    laptop.post(CHANGE, {"oldpassword": PASSWORD, "password1": NEW_PASSWORD, "password2": NEW_PASSWORD})
+    assert is_logged_in(laptop)
+    assert not is_logged_in(phone)
+
+
+@pytest.mark.parametrize("login", ["ann", "ANN", "ann@uni.test", "Ann@Uni.Test"])
+def test_log_in_with_username_or_e_mail_in_any_case(ann, login):
+    client = Client()
+    response = log_in(client, login, PASSWORD)
+    assert response.status_code == 302 and response["Location"] == "/"
+    assert is_logged_in(client)
+
+
 @pytest.mark.parametrize("new, message", [
     ("short1A", "This password is too short. It must contain at least 10 characters."),
     ("password123", "This password is too common."),
