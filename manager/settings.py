@@ -214,6 +214,7 @@ ACCOUNT_RATE_LIMITS = {
 }
 MFA_SUPPORTED_TYPES = ["totp", "recovery_codes"]
 MFA_TOTP_ISSUER = env_str("LAB_NAME", "oTree Lab")
+MFA_TOTP_TOLERANCE = 1  # accept the neighbouring 30 s step: phone clocks drift
 
 # --- e-mail: console by default, SMTP when LAB_SMTP_HOST is set ----------------------
 LAB_NAME = env_str("LAB_NAME", "oTree Lab")

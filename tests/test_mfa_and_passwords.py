@@ -1,3 +1,4 @@
+from django.conf import settings
 """Logging in, passwords and two-factor login, through allauth's pages as a user uses them.
 
 Changing and resetting a password, turning on TOTP two-factor login, no public sign-up,
@@ -151,6 +152,8 @@ def test_reset_forgotten_password_by_e_mail(ann):
     message = mail.outbox[0]
     assert message.to == ["ann@uni.test"]
     assert "Password Reset" in message.subject
+    # The e-mail speaks in the lab's name, not the Host header of the request.
+    assert "testserver" not in message.body and settings.LAB_NAME in message.body
     link = re.search(r"https?://[^/\s]+(/accounts/password/reset/key/\S+/)", message.body).group(1)
 
     response = client.get(link, follow=True)

@@ -365,3 +365,19 @@ def test_parse_does_not_keep_the_comment_in_the_stored_key(keys):
     parsed = parse_public_key(keys.pub["ed25519"])
     assert parsed.public_key == " ".join(keys.pub["ed25519"].split()[:2])
     assert "laptop" not in parsed.public_key
+
+
+def test_pasted_private_key_is_not_echoed_back(client, django_user_model):
+    from cryptography.hazmat.primitives import serialization as ser
+    from cryptography.hazmat.primitives.asymmetric import ed25519 as ed
+
+    user = django_user_model.objects.create_user("paste", "paste@lab.test", "pw-paste-123456")
+    client.force_login(user)
+    private = ed.Ed25519PrivateKey.generate().private_bytes(
+        ser.Encoding.PEM, ser.PrivateFormat.OpenSSH, ser.NoEncryption()
+    ).decode()
+    response = client.post("/settings/keys/", {"title": "oops", "key": private})
+    page = response.content.decode()
+    assert "This is a private key" in page
+    body = private.strip().splitlines()[1]
+    assert body not in page

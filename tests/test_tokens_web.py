@@ -53,6 +53,9 @@ def ann_client(ann):
 
 def create(client, name="laptop git push"):
     response = client.post(URL, {"name": name})
+    # Post/redirect/get: reloading the page that shows the token cannot create another one.
+    assert response.status_code == 302 and response["Location"] == URL
+    response = client.get(URL)
     assert response.status_code == 200
     match = re.search(r'id="new-token-value" readonly value="([^"]+)"', response.content.decode())
     assert match, page_text(response)

@@ -1,4 +1,8 @@
+from types import SimpleNamespace
+
 from allauth.account.adapter import DefaultAccountAdapter
+from django.conf import settings
+from django.urls import reverse
 
 
 class LabAccountAdapter(DefaultAccountAdapter):
@@ -8,6 +12,9 @@ class LabAccountAdapter(DefaultAccountAdapter):
         return False
 
     def get_password_change_redirect_url(self, request):
-        from django.urls import reverse
-
         return reverse("dashboard")
+
+    def send_mail(self, template_prefix, email, context):
+        # allauth's e-mails greet "from <site name>": use the lab's name, not the Host header.
+        site = SimpleNamespace(name=settings.LAB_NAME, domain=settings.LAB_PUBLIC_HOST)
+        super().send_mail(template_prefix, email, {**context, "current_site": site})

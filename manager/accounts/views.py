@@ -67,6 +67,9 @@ def ssh_keys(request):
         if key is not None:
             messages.success(request, f"SSH key “{key.title}” added ({key.fingerprint}).")
             return redirect("ssh_keys")
+        if "PRIVATE KEY" in request.POST.get("key", ""):
+            form.data = form.data.copy()
+            form.data["key"] = ""  # never echo a pasted private key back into the page
     return render(request, "accounts/ssh_keys.html", {"form": form, "keys": request.user.ssh_keys.all()})
 
 
@@ -79,18 +82,31 @@ def ssh_key_delete(request, key_id):
     return redirect("ssh_keys")
 
 
+NEW_TOKEN_COOKIE = "lab_new_token"
+
+
 @login_required
 def tokens(request):
     form = TokenForm(request.POST or None)
-    new_token = None
     if request.method == "POST" and form.is_valid():
         created = form.run(services.create_token, request.user, name=form.cleaned_data["name"], request=request)
         if created is not None:
-            token, new_token = created
-            form = TokenForm()
-    return render(request, "accounts/tokens.html", {
+            # Post/redirect/get, so a reload cannot create a second token. The raw token
+            # rides to the browser in a short-lived signed cookie (never stored on the
+            # server) and is shown on the next page view only.
+            response = redirect("tokens")
+            response.set_signed_cookie(NEW_TOKEN_COOKIE, created[1], salt=NEW_TOKEN_COOKIE, max_age=120,
+                                       path=reverse("tokens"), httponly=True, samesite="Strict",
+                                       secure=request.is_secure())
+            return response
+    new_token = None
+    if request.method == "GET":
+        new_token = request.get_signed_cookie(NEW_TOKEN_COOKIE, default=None, salt=NEW_TOKEN_COOKIE, max_age=120)
+    response = render(request, "accounts/tokens.html", {
         "form": form, "tokens": request.user.access_tokens.all(), "new_token": new_token,
     })
+    response.delete_cookie(NEW_TOKEN_COOKIE, path=reverse("tokens"))
+    return response
 
 
 @login_required
