@@ -27,6 +27,12 @@ def redis_server():
 
 
 @pytest.fixture(autouse=True)
+def _fast_password_hashing(settings):
+    # PBKDF2's deliberate slowness is for attackers, not for the test suite.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+@pytest.fixture(autouse=True)
 def _clean_cache(redis_server):
     # Rate-limit counters and cached state must not leak between tests.
     from django.core.cache import cache

@@ -83,7 +83,7 @@ def story(boss, django_capture_on_commit_callbacks):
     old = SSHKey.objects.get(title="old desktop")
     ann_client.post(f"/settings/keys/{old.pk}/delete/")
 
-    response = ann_client.post("/settings/tokens/", {"name": "analysis script"})
+    response = ann_client.post("/settings/tokens/", {"name": "analysis script"}, follow=True)
     raw_token = html.unescape(re.search(r'id="new-token-value" readonly value="([^"]+)"',
                                         response.content.decode()).group(1))
     ann_client.post("/settings/tokens/", {"name": "throwaway"})
