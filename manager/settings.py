@@ -27,6 +27,11 @@ if LAB_ROUTING not in {"port", "subdomain"}:
     raise ConfigError(f"LAB_ROUTING must be port or subdomain, got {LAB_ROUTING!r}")
 if LAB_ROUTING == "subdomain" and not LAB_DOMAIN:
     raise ConfigError("LAB_ROUTING=subdomain needs LAB_DOMAIN (the base domain of the instances)")
+# Container images of an instance's services and app builds: the official images by
+# default; `manage.py build_images` builds local equivalents under these same names.
+LAB_IMAGE_POSTGRES = env_str("LAB_IMAGE_POSTGRES", "postgres:15")
+LAB_IMAGE_REDIS = env_str("LAB_IMAGE_REDIS", "redis:7")
+LAB_IMAGE_PYTHON = env_str("LAB_IMAGE_PYTHON", "python:3.11-slim")
 
 # The address users type: used in e-mails, git remotes and lobby URLs.
 LAB_PUBLIC_URL = env_str("LAB_PUBLIC_URL", f"http://{LAB_PUBLIC_HOST}:{LAB_PORT}").rstrip("/")
