@@ -4,6 +4,9 @@ Every setting a lab may want to change comes from an environment variable (see t
 README's table); everything else is fixed here.
 """
 
+import hashlib
+import re
+
 import dj_database_url
 
 from manager import datadir
@@ -39,6 +42,15 @@ LAB_PUBLIC_URL = env_str("LAB_PUBLIC_URL", f"http://{LAB_PUBLIC_HOST}:{LAB_PORT}
 SECRET_KEY = env_str("LAB_SECRET_KEY") or datadir.django_secret_key()
 LAB_ENCRYPTION_KEY = datadir.encryption_key()
 DEBUG = env_bool("LAB_DEBUG", False)
+
+# Every container, network and volume this manager creates on a Docker engine carries
+# LAB_MANAGER_ID, so two managers (or a test run) sharing an engine never touch each
+# other's; default: derived from LAB_DATA_DIR. Instance networks take /28 subnets out of
+# LAB_DOCKER_SUBNETS (Docker's default address pools run out after about 15 instances).
+LAB_MANAGER_ID = env_str("LAB_MANAGER_ID", "") or hashlib.sha256(str(DATA_DIR).encode()).hexdigest()[:10]
+if not re.fullmatch(r"[a-z0-9]{1,16}", LAB_MANAGER_ID):
+    raise ConfigError(f"LAB_MANAGER_ID must be 1-16 lowercase letters or digits, got {LAB_MANAGER_ID!r}")
+LAB_DOCKER_SUBNETS = env_str("LAB_DOCKER_SUBNETS", "10.213.0.0/16")
 
 ALLOWED_HOSTS = sorted(
     {LAB_HOST, LAB_PUBLIC_HOST, "127.0.0.1", "localhost", "[::1]", *env_list("LAB_ALLOWED_HOSTS")}
