@@ -26,5 +26,6 @@ urlpatterns = [
     path("users/<int:user_id>/<str:action>/", accounts.user_action, name="user_action"),
     path("audit/", audit.audit_log, name="audit_log"),
     path("jobs/recent/", jobs.recent_jobs, name="recent_jobs"),
+    path("instances/", include("instances.urls")),
     path("api/v1/", include("manager.api.urls")),
 ]

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from django.test import Client
 from django.urls import URLResolver, get_resolver
 
+from instances.models import Backup, Instance
 from manager.accounts import services
 from manager.accounts.models import SSHKey, User
 
@@ -40,6 +41,8 @@ class World:
     ann_key: SSHKey = None
     bob_key: SSHKey = None
     ann_token_id: int = 0
+    instance: object = None  # ann's instance
+    backup: object = None
 
 
 @pytest.fixture
@@ -55,6 +58,10 @@ def world(db):
             w.ann_token_id = token.pk
     w.ann_key = services.add_ssh_key(ann, title="ann laptop", key=new_public_key("ann"))
     w.bob_key = services.add_ssh_key(bob, title="bob laptop", key=new_public_key("bob"))
+    w.instance = Instance.objects.create(name="ann-study", owner=ann, public_port=18500)
+    w.backup = Backup.objects.create(instance=w.instance, instance_name="ann-study", kind="manual", status="done",
+                                     filename="ann-study-harness.dump", size=5)
+    w.backup.path.write_bytes(b"PGDMP")
     return w
 
 
@@ -85,6 +92,8 @@ def all_ok(anon=302):
 
 
 MANAGERS_ONLY = {"anon": 302, "boss": 200, "ann": 403, "bob": 403}
+OWNER_VIEW = {"anon": 302, "boss": 200, "ann": 200, "bob": 404}
+API_OWNER = {"anon": 401, "boss": 200, "ann": 200, "bob": 404}
 API_ANY = {"anon": 401, "boss": 200, "ann": 200, "bob": 200}
 API_MANAGERS = {"anon": 401, "boss": 200, "ann": 403, "bob": 403}
 # A redirect for everyone: logged-in users leave the login/sign-up pages for the dashboard.
@@ -137,6 +146,22 @@ ROUTES = [
     Route("user_detail", lambda w: f"/users/{w.ann.pk}/", MANAGERS_ONLY),
     Route("user_action", lambda w: f"/users/{w.ann.pk}/delete/", MANAGERS_ONLY),  # the confirmation page
     Route("audit_log", "/audit/", MANAGERS_ONLY),
+    # instances: ann's instance is visible to ann and lab managers; to bob it does not exist (404)
+    Route("instance_create", "/instances/new/", MANAGERS_ONLY),
+    Route("instance_detail", "/instances/ann-study/", OWNER_VIEW),
+    Route("instance_logs", "/instances/ann-study/logs/", OWNER_VIEW),
+    Route("backup_download", lambda w: f"/instances/ann-study/backups/{w.backup.pk}/download/", OWNER_VIEW),
+    Route("instance_action", "/instances/ann-study/reset-database/", OWNER_VIEW),  # the confirmation page
+    Route("instance_action", "/instances/ann-study/delete/", {"anon": 302, "boss": 200, "ann": 403, "bob": 404}),
+    Route("instance_settings", "/instances/ann-study/settings/", {"anon": 302, "boss": 302, "ann": 302, "bob": 404},
+          method="post", data={"auth_level": "DEMO", "env": "COLOR=blue"}),
+    Route("instance_admin_password", "/instances/ann-study/admin-password/", OWNER_VIEW, method="post",
+          data={"password": ""}),
+    Route("instance_reveal_password", "/instances/ann-study/admin-password/reveal/", OWNER_VIEW, method="post"),
+    Route("instance_limits", "/instances/ann-study/limits/", {"anon": 302, "boss": 302, "ann": 403, "bob": 403},
+          method="post", data={"memory_mb": 256, "cpus": "0.5"}),
+    Route("instance_transfer", "/instances/ann-study/transfer/", {"anon": 302, "boss": 302, "ann": 403, "bob": 403},
+          method="post", data=lambda w: {"owner": w.bob.pk}),
     # JSON API
     Route("api:openapi-json", "/api/v1/openapi.json", {"anon": 200, "boss": 200, "ann": 200, "bob": 200}),
     Route("api:openapi-view", "/api/v1/docs", {"anon": 200, "boss": 200, "ann": 200, "bob": 200}),
@@ -150,6 +175,21 @@ ROUTES = [
     Route("api:list_my_ssh_keys", "/api/v1/me/ssh-keys", API_ANY),
     Route("api:add_my_ssh_key", "/api/v1/me/ssh-keys", {"anon": 401, "boss": 201, "ann": 201, "bob": 201},
           method="post", data=lambda w: {"title": "new", "key": new_public_key()}),
+    Route("api:list_instances", "/api/v1/instances", API_ANY),
+    Route("api:create_instance", "/api/v1/instances", {"anon": 401, "boss": 201, "ann": 403, "bob": 403},
+          method="post", data={"name": "new-one", "owner": "bob"}),
+    Route("api:get_instance", "/api/v1/instances/ann-study", API_OWNER),
+    Route("api:update_instance", "/api/v1/instances/ann-study", API_OWNER, method="patch",
+          data={"auth_level": "DEMO"}),
+    Route("api:restart_instance", "/api/v1/instances/ann-study/restart", {**API_OWNER, "boss": 202, "ann": 202},
+          method="post"),
+    Route("api:reset_database", "/api/v1/instances/ann-study/reset-database", {**API_OWNER, "boss": 202, "ann": 202},
+          method="post"),
+    Route("api:admin_password", "/api/v1/instances/ann-study/admin-password", API_OWNER, method="post",
+          data={}),
+    Route("api:list_backups", "/api/v1/instances/ann-study/backups", API_OWNER),
+    Route("api:delete_instance", "/api/v1/instances/ann-study", {"anon": 401, "boss": 202, "ann": 403, "bob": 404},
+          method="delete"),
     Route("api:delete_my_ssh_key", lambda w: f"/api/v1/me/ssh-keys/{w.ann_key.pk}",
           {"anon": 401, "boss": 404, "ann": 204, "bob": 404}, method="delete"),
 ]

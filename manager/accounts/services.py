@@ -149,6 +149,9 @@ def delete_user(actor, user: User, request=None) -> None:
         raise NotAllowed("You cannot delete your own account; ask another lab manager.")
     if user.is_superuser and user.is_active and not _other_active_superusers(user).exists():
         raise NotAllowed(f"{user.username} is the last active lab manager and cannot be deleted.")
+    owned = list(user.instances.values_list("name", flat=True)[:5]) if hasattr(user, "instances") else []
+    if owned:
+        raise NotAllowed(f"{user.username} owns the instances {', '.join(owned)}: transfer or delete them first.")
     with transaction.atomic():
         record(actor, "user.delete", user, f"deleted account {user.username}", request, email=user.email)
         end_sessions(user)

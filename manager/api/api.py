@@ -48,8 +48,9 @@ errors.install(api)
 
 
 def _add_routers():
-    from manager.api import me, users
+    from manager.api import instances, me, users
 
+    api.add_router("/instances", instances.router)
     api.add_router("/users", users.router)
     api.add_router("/me", me.router)
 

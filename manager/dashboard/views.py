@@ -2,6 +2,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse
 from django.shortcuts import render
 
+from instances.selectors import visible_instances
 from manager.accounts.models import User
 from manager.jobs.models import Job
 
@@ -10,6 +11,7 @@ from manager.jobs.models import Job
 def dashboard(request):
     user = request.user
     context = {
+        "instances": visible_instances(user).order_by("name"),
         "jobs": Job.objects.filter(user=user)[:10],
         "has_key": user.ssh_keys.exists(),
         "has_token": user.access_tokens.exists(),
@@ -21,6 +23,9 @@ def dashboard(request):
             "managers": User.objects.filter(is_active=True, is_superuser=True).count(),
             "invited": User.objects.filter(is_active=True, password__startswith="!").count(),
         }
+        from django.db.models import Count
+
+        context["by_status"] = dict(visible_instances(user).order_by().values_list("status").annotate(n=Count("id")))
     return render(request, "dashboard/index.html", context)
 
 

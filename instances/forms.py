@@ -1,0 +1,46 @@
+from django import forms
+
+from instances.models import Instance
+from manager.accounts.forms import ServiceForm
+from manager.accounts.models import User
+
+
+class InstanceCreateForm(ServiceForm):
+    name = forms.CharField(max_length=40, help_text="2–40 characters: lowercase letters, digits, hyphens. "
+                           "Part of the instance's URL and git remote; cannot be changed later.",
+                           widget=forms.TextInput(attrs={"placeholder": "public-goods", "autocomplete": "off"}))
+    owner = forms.ModelChoiceField(queryset=User.objects.filter(is_active=True).order_by("username"),
+                                   help_text="The experimenter who deploys to and manages this instance.")
+
+
+class SettingsForm(ServiceForm):
+    auth_level = forms.ChoiceField(label="Auth level", choices=Instance.AuthLevel.choices, required=False)
+    production = forms.BooleanField(label="Production mode (OTREE_PRODUCTION=1: no debug pages)", required=False)
+    env = forms.CharField(label="Config vars", required=False, widget=forms.Textarea(attrs={
+        "rows": 5, "class": "font-monospace", "spellcheck": "false", "placeholder": "SENTRY_DSN=https://...\nLAB_ROOM=econ-lab"}),
+        help_text="One NAME=value per line; set as environment variables of the oTree app.")
+
+    def clean_env(self):
+        values = {}
+        for number, line in enumerate(self.cleaned_data["env"].splitlines(), 1):
+            if not line.strip() or line.strip().startswith("#"):
+                continue
+            key, sep, value = line.partition("=")
+            if not sep:
+                raise forms.ValidationError(f"Line {number} has no '=': write NAME=value.")
+            values[key.strip()] = value.strip()
+        return values
+
+
+class AdminPasswordForm(ServiceForm):
+    password = forms.CharField(required=False, max_length=128, widget=forms.PasswordInput(render_value=False),
+                               help_text="Leave empty to generate a strong password.")
+
+
+class LimitsForm(ServiceForm):
+    memory_mb = forms.IntegerField(label="Memory (MiB)", min_value=1)
+    cpus = forms.DecimalField(label="CPUs", max_digits=4, decimal_places=2, min_value=0)
+
+
+class TransferForm(ServiceForm):
+    owner = forms.ModelChoiceField(label="New owner", queryset=User.objects.filter(is_active=True).order_by("username"))

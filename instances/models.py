@@ -1,0 +1,149 @@
+import secrets
+
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from manager.crypto import EncryptedJSONField, EncryptedTextField
+
+
+def generate_secret(nbytes: int = 18) -> str:
+    return secrets.token_urlsafe(nbytes)
+
+
+class Instance(models.Model):
+    """One experimenter's isolated oTree installation. The row is the desired state;
+    the reconciler makes the runtime match it."""
+
+    class Status(models.TextChoices):
+        PROVISIONING = "provisioning", "provisioning"
+        READY_FOR_CODE = "ready_for_code", "ready for code"
+        DEPLOYING = "deploying", "deploying"
+        RUNNING = "running", "running"
+        STOPPED = "stopped", "stopped"
+        FAILED = "failed", "failed"
+        DELETING = "deleting", "deleting"
+
+    class AuthLevel(models.TextChoices):
+        STUDY = "STUDY", "STUDY (admin login required; participants only via links)"
+        DEMO = "DEMO", "DEMO (admin login required; demo page public)"
+        NONE = "", "none (everything public — for local trials only)"
+
+    name = models.CharField(max_length=40, unique=True)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="instances")
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PROVISIONING, db_index=True)
+    status_reason = models.CharField(max_length=500, blank=True)
+    # Desired state: the reconciler converges the runtime to these.
+    desired_running = models.BooleanField(default=True)
+    delete_requested = models.BooleanField(default=False)
+    generation = models.PositiveIntegerField(default=1)  # bumped by every change of desired state
+    restart_generation = models.PositiveIntegerField(default=0)  # bumped by "restart"
+    observed_generation = models.PositiveIntegerField(default=0)  # what the runtime last matched
+    observed_restart_generation = models.PositiveIntegerField(default=0)
+    # oTree settings
+    admin_username = models.CharField(max_length=40, default="admin")
+    admin_password = EncryptedTextField(default=generate_secret)
+    rest_key = EncryptedTextField(default=generate_secret)
+    auth_level = models.CharField(max_length=5, choices=AuthLevel.choices, default=AuthLevel.STUDY, blank=True)
+    production = models.BooleanField(default=True)
+    config_vars = EncryptedJSONField(default=dict, blank=True)
+    # database
+    db_password = EncryptedTextField(default=generate_secret)
+    # resources (lab managers only)
+    memory_mb = models.PositiveIntegerField(default=512)
+    cpus = models.DecimalField(max_digits=4, decimal_places=2, default=1)
+    public_port = models.PositiveIntegerField(null=True, blank=True, unique=True)
+    runtime = models.CharField(max_length=20, blank=True)  # which backend runs it
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name
+
+    @property
+    def status_color(self):
+        return {
+            "provisioning": "secondary", "ready_for_code": "warning", "deploying": "info", "running": "success",
+            "stopped": "dark", "failed": "danger", "deleting": "secondary",
+        }[self.status]
+
+    @property
+    def url(self) -> str:
+        if settings.LAB_ROUTING == "subdomain":
+            return f"https://{self.name}.{settings.LAB_DOMAIN}/"
+        if self.public_port:
+            return f"http://{settings.LAB_PUBLIC_HOST}:{self.public_port}/"
+        return ""
+
+    @property
+    def ssh_url(self) -> str:
+        return f"ssh://git@{settings.LAB_PUBLIC_HOST}:{settings.LAB_SSH_PORT}/{self.name}.git"
+
+    @property
+    def https_url(self) -> str:
+        return f"{settings.LAB_PUBLIC_URL}/git/{self.name}.git"
+
+    @property
+    def db_name(self) -> str:
+        return "otree"
+
+    @property
+    def db_user(self) -> str:
+        return "otree"
+
+    def otree_env(self, db_host: str = "db", redis_host: str = "redis") -> dict[str, str]:
+        """The app's environment (what oTree reads); secrets included — never log it."""
+        env = {str(k): str(v) for k, v in (self.config_vars or {}).items()}
+        env.update({
+            "OTREE_ADMIN_PASSWORD": self.admin_password,
+            "OTREE_REST_KEY": self.rest_key,
+            "OTREE_AUTH_LEVEL": self.auth_level,
+            "OTREE_PRODUCTION": "1" if self.production else "",
+            "DATABASE_URL": f"postgres://{self.db_user}:{self.db_password}@{db_host}:5432/{self.db_name}",
+            "REDIS_URL": f"redis://{redis_host}:6379/0",
+        })
+        if not self.auth_level:
+            env.pop("OTREE_AUTH_LEVEL")
+        return env
+
+
+class Backup(models.Model):
+    """A `pg_dump -Fc` of an instance's database, kept under LAB_DATA_DIR/backups/."""
+
+    class Kind(models.TextChoices):
+        MANUAL = "manual"
+        BEFORE_RESET = "before_reset", "before reset"
+        FINAL = "final", "final (instance deleted)"
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        DONE = "done"
+        FAILED = "failed"
+
+    # The backup outlives its instance (the final backup of a deleted one).
+    instance = models.ForeignKey(Instance, null=True, blank=True, on_delete=models.SET_NULL, related_name="backups")
+    instance_name = models.CharField(max_length=40, db_index=True)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                              related_name="+")
+    kind = models.CharField(max_length=20, choices=Kind.choices, default=Kind.MANUAL)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    filename = models.CharField(max_length=200, blank=True)
+    size = models.BigIntegerField(default=0)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self):
+        return f"{self.instance_name} {self.kind} {self.created_at:%Y-%m-%d %H:%M}"
+
+    @property
+    def path(self):
+        from instances.backups import backup_dir
+
+        return backup_dir() / self.filename

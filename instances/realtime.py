@@ -1,0 +1,18 @@
+"""Realtime topics of instances: `instance:<name>` for its owner and lab managers,
+`instances:all` (every instance's status) for lab managers."""
+
+from instances.selectors import visible_instances
+from manager.realtime import topics
+
+
+def _instance_topic(user, name):
+    instance = visible_instances(user).filter(name=name).first()
+    return f"instance.{instance.pk}" if instance else None
+
+
+def _all_topic(user, key):
+    return "instances.all" if key == "all" and user.is_superuser else None
+
+
+topics.register("instance", _instance_topic)
+topics.register("instances", _all_topic)

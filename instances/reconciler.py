@@ -1,0 +1,163 @@
+"""Converge the runtime to the database, one instance at a time under its lock.
+
+Level-triggered: `reconcile(id)` reads the desired state fresh and makes the world match,
+whatever happened before (a killed worker, a lost message, a container removed by hand).
+It is safe to run at any time, any number of times.
+"""
+
+import logging
+import secrets as pysecrets
+from datetime import datetime, timezone as dt_timezone
+
+from django.db import transaction
+from django.db.models import F
+
+from instances.backups import backup_dir
+from instances.models import Backup, Instance
+from instances.runtime import get_runtime
+from instances.runtime.base import AppSpec, Health, InstanceSpec, RuntimeError_
+from instances.services import push_state
+from manager import locks
+
+log = logging.getLogger(__name__)
+
+
+class ReconcileError(Exception):
+    """Shown to the user (the instance's status reason)."""
+
+
+def instance_spec(instance: Instance, app: AppSpec | None = None) -> InstanceSpec:
+    return InstanceSpec(
+        name=instance.name, db_name=instance.db_name, db_user=instance.db_user, db_password=instance.db_password,
+        memory_mb=instance.memory_mb, cpus=float(instance.cpus), app=app,
+    )
+
+
+def app_spec(instance: Instance) -> AppSpec | None:
+    """The app to run: the live release's image (git-push deploys come with the next issue)."""
+    return None
+
+
+def _set_status(instance: Instance, status: str, reason: str = "", **fields) -> None:
+    Instance.objects.filter(pk=instance.pk).update(status=status, status_reason=reason[:500], **fields)
+    instance.refresh_from_db()
+    push_state(instance)
+
+
+def reconcile(instance_id: int, *, restart: bool = False) -> Instance | None:
+    """Make the runtime match the instance's desired state. Returns the instance (None when
+    it no longer exists). Raises ReconcileError with the reason on failure."""
+    with locks.lock(f"instance:{instance_id}", timeout=900, wait=60):
+        instance = Instance.objects.filter(pk=instance_id).first()
+        if instance is None:
+            return None
+        runtime = get_runtime()
+        if instance.delete_requested:
+            _delete(instance, runtime)
+            return None
+        generation = instance.generation
+        restart_generation = instance.restart_generation
+        try:
+            if not instance.desired_running:
+                runtime.stop(instance.name)
+                _set_status(instance, Instance.Status.STOPPED, "", observed_generation=generation)
+                return instance
+            app = app_spec(instance)
+            state = runtime.ensure(instance_spec(instance, app))
+            if app is not None and (restart or restart_generation > instance.observed_restart_generation):
+                runtime.restart_app(instance.name)
+                state = runtime.state(instance.name)
+        except RuntimeError_ as exc:
+            _set_status(instance, Instance.Status.FAILED, str(exc))
+            raise ReconcileError(str(exc)) from exc
+        if not state.services_ready:
+            reason = f"database {state.db.health.value}, redis {state.redis.health.value}"
+            _set_status(instance, Instance.Status.FAILED, reason)
+            raise ReconcileError(reason)
+        if app is None:
+            status, reason = Instance.Status.READY_FOR_CODE, "database and Redis are up; push your oTree project"
+        elif state.app.health == Health.RUNNING:
+            status, reason = Instance.Status.RUNNING, ""
+        else:
+            status, reason = Instance.Status.FAILED, f"the oTree app is {state.app.health.value} {state.app.detail}"
+        _set_status(instance, status, reason, runtime=runtime.name,
+                    observed_generation=generation, observed_restart_generation=restart_generation)
+        return instance
+
+
+def backup(instance: Instance, kind: str, actor=None) -> Backup:
+    """Dump the instance's database into LAB_DATA_DIR/backups (caller holds the lock)."""
+    runtime = get_runtime()
+    stamp = datetime.now(dt_timezone.utc).strftime("%Y%m%d-%H%M%S")
+    filename = f"{instance.name}-{stamp}-{kind}-{pysecrets.token_hex(3)}.dump"
+    row = Backup.objects.create(instance=instance, instance_name=instance.name, owner=instance.owner, kind=kind,
+                                filename=filename, created_by=actor if actor and actor.is_authenticated else None)
+    try:
+        size = runtime.backup_database(instance.name, instance_spec(instance), backup_dir() / filename)
+    except RuntimeError_ as exc:
+        Backup.objects.filter(pk=row.pk).update(status=Backup.Status.FAILED)
+        raise ReconcileError(f"backup failed: {exc}") from exc
+    Backup.objects.filter(pk=row.pk).update(status=Backup.Status.DONE, size=size)
+    row.refresh_from_db()
+    return row
+
+
+def backup_and_reset(instance_id: int, actor=None) -> Backup:
+    reconcile(instance_id)  # the database must be up to be dumped
+    with locks.lock(f"instance:{instance_id}", timeout=900, wait=60):
+        instance = Instance.objects.get(pk=instance_id)
+        row = backup(instance, Backup.Kind.BEFORE_RESET, actor)  # no backup, no reset
+        try:
+            get_runtime().reset_database(instance.name, instance_spec(instance))
+        except RuntimeError_ as exc:
+            raise ReconcileError(f"reset failed (the backup {row.filename} was kept): {exc}") from exc
+        Instance.objects.filter(pk=instance_id).update(restart_generation=F("restart_generation") + 1)
+    reconcile(instance_id, restart=True)
+    return row
+
+
+def backup_only(instance_id: int, actor=None) -> Backup:
+    reconcile(instance_id)
+    with locks.lock(f"instance:{instance_id}", timeout=900, wait=60):
+        return backup(Instance.objects.get(pk=instance_id), Backup.Kind.MANUAL, actor)
+
+
+def _delete(instance: Instance, runtime) -> None:
+    """Final backup (when there is a database to back up), then remove everything."""
+    if instance.name in runtime.owned_instances():
+        state = runtime.state(instance.name)
+        if state.db.health != Health.RUNNING:
+            state = runtime.ensure(instance_spec(instance))  # bring the database up for its dump
+        already = instance.backups.filter(kind=Backup.Kind.FINAL, status=Backup.Status.DONE).exists()
+        if not already:
+            backup(instance, Backup.Kind.FINAL)
+        runtime.remove(instance.name)
+    name, owner_id, pk = instance.name, instance.owner_id, instance.pk
+    with transaction.atomic():
+        instance.delete()
+    from manager.realtime.services import send_to_group, user_group
+
+    event = {"type": "instance", "name": name, "status": "deleted", "status_label": "deleted",
+             "status_color": "secondary", "reason": ""}
+    send_to_group(f"instance.{pk}", event)
+    send_to_group("instances.all", event)
+    send_to_group(user_group(owner_id), event)
+
+
+def sweep() -> dict:
+    """Reconcile every instance and remove resources of instances that no longer exist."""
+    runtime = get_runtime()
+    if not runtime.available():
+        return {"skipped": "runtime not available"}
+    known = set(Instance.objects.values_list("name", flat=True))
+    orphans = runtime.owned_instances() - known
+    for name in orphans:
+        log.warning("removing orphaned runtime resources of instance %s", name)
+        runtime.remove(name)
+    failed = 0
+    for instance_id in Instance.objects.values_list("pk", flat=True):
+        try:
+            reconcile(instance_id)
+        except (ReconcileError, locks.Busy):
+            failed += 1
+    return {"orphans_removed": sorted(orphans), "failed": failed}

@@ -1,0 +1,24 @@
+"""Who sees which instance: the owner and lab managers. Everyone else gets 404 (an
+instance's existence is not revealed to other experimenters)."""
+
+from django.http import Http404
+
+from instances.models import Instance
+
+
+def visible_instances(user):
+    if not user.is_authenticated or not user.is_active:
+        return Instance.objects.none()
+    qs = Instance.objects.select_related("owner")
+    return qs if user.is_superuser else qs.filter(owner=user)
+
+
+def get_visible_instance(user, name: str) -> Instance:
+    instance = visible_instances(user).filter(name=name).first()
+    if instance is None:
+        raise Http404(f"There is no instance named {name!r} that you may see.")
+    return instance
+
+
+def can_see(user, instance: Instance) -> bool:
+    return user.is_active and (user.is_superuser or instance.owner_id == user.pk)

@@ -1,0 +1,274 @@
+"""Instances: every rule about creating, changing and deleting them.
+
+A change writes the desired state (and bumps `generation`) in one transaction and, after
+commit, enqueues a job that runs the reconciler. Whatever happens to that job, the
+periodic sweep reconciles again, so the runtime always converges to the database.
+"""
+
+import re
+from decimal import Decimal, InvalidOperation
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.db.models import F
+
+from instances.models import Instance, generate_secret
+from manager.accounts.models import User
+from manager.accounts.services import Conflict, NotAllowed
+from manager.audit.services import record
+from manager.jobs import services as jobs
+from manager.realtime.services import send_to_group
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]*[a-z0-9]$")
+RESERVED_NAMES = {"admin", "api", "git", "lobby", "static", "www", "manager", "lab", "ws", "mail"}
+CONFIG_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_CONFIG_PREFIXES = ("OTREE_",)
+RESERVED_CONFIG_KEYS = {"DATABASE_URL", "REDIS_URL", "PORT", "PATH", "HOME", "PYTHONPATH"}
+MAX_CONFIG_VARS = 100
+MEMORY_RANGE = (128, 16384)
+CPU_RANGE = (Decimal("0.1"), Decimal("16"))
+
+
+def instance_group(instance) -> str:
+    return f"instance.{instance.pk}"
+
+
+def push_state(instance: Instance) -> None:
+    """Tell every open page of this instance (and the dashboards) its current status."""
+    event = {
+        "type": "instance", "name": instance.name, "status": instance.status,
+        "status_label": instance.get_status_display(), "status_color": instance.status_color,
+        "reason": instance.status_reason,
+    }
+    send_to_group(instance_group(instance), event)
+    send_to_group("instances.all", event)
+    from manager.realtime.services import user_group
+
+    send_to_group(user_group(instance.owner_id), event)
+
+
+# --- validation ---------------------------------------------------------------------
+
+def validate_name(name: str) -> str:
+    name = (name or "").strip()
+    if not name:
+        raise ValidationError({"name": ["A name is required."]})
+    if len(name) < 2 or len(name) > 40:
+        raise ValidationError({"name": [f"Use 2 to 40 characters (this one has {len(name)})."]})
+    if name != name.lower():
+        raise ValidationError({"name": ["Use lowercase letters only (the name becomes part of URLs)."]})
+    if not NAME_RE.match(name) or "--" in name:
+        raise ValidationError({"name": [
+            "Use lowercase letters, digits and single hyphens; start with a letter and end with a letter "
+            "or digit (e.g. public-goods-2)."]})
+    if name in RESERVED_NAMES:
+        raise ValidationError({"name": [f"{name!r} is reserved; choose another name."]})
+    if Instance.objects.filter(name=name).exists():
+        raise Conflict({"name": [f"An instance named {name!r} already exists."]})
+    return name
+
+
+def clean_config_vars(values) -> dict[str, str]:
+    if not isinstance(values, dict):
+        raise ValidationError({"env": ["Config vars must be an object of NAME: value pairs."]})
+    if len(values) > MAX_CONFIG_VARS:
+        raise ValidationError({"env": [f"At most {MAX_CONFIG_VARS} config vars."]})
+    cleaned = {}
+    for key, value in values.items():
+        key = str(key).strip()
+        if not CONFIG_KEY_RE.match(key) or len(key) > 64:
+            raise ValidationError({"env": [f"{key!r} is not a valid variable name (letters, digits, _; "
+                                           "not starting with a digit; at most 64 characters)."]})
+        if key.upper().startswith(RESERVED_CONFIG_PREFIXES) or key.upper() in RESERVED_CONFIG_KEYS:
+            raise ValidationError({"env": [f"{key} is set by the manager; use the instance's own settings "
+                                           "(admin password, auth level, production) instead."]})
+        if value is None or isinstance(value, (dict, list)):
+            raise ValidationError({"env": [f"The value of {key} must be text."]})
+        value = str(value)
+        if len(value) > 4096 or "\x00" in value:
+            raise ValidationError({"env": [f"The value of {key} is too long (at most 4096 characters)."]})
+        cleaned[key] = value
+    return cleaned
+
+
+def _clean_limits(memory_mb, cpus):
+    errors = {}
+    if memory_mb is not None:
+        try:
+            memory_mb = int(memory_mb)
+        except (TypeError, ValueError):
+            errors["memory_mb"] = ["Memory must be a whole number of MiB."]
+        else:
+            if not MEMORY_RANGE[0] <= memory_mb <= MEMORY_RANGE[1]:
+                errors["memory_mb"] = [f"Memory must be between {MEMORY_RANGE[0]} and {MEMORY_RANGE[1]} MiB."]
+    if cpus is not None:
+        try:
+            cpus = Decimal(str(cpus)).quantize(Decimal("0.01"))
+        except (InvalidOperation, ValueError):
+            errors["cpus"] = ["CPUs must be a number such as 0.5 or 2."]
+        else:
+            if not CPU_RANGE[0] <= cpus <= CPU_RANGE[1]:
+                errors["cpus"] = [f"CPUs must be between {CPU_RANGE[0]} and {CPU_RANGE[1]}."]
+    if errors:
+        raise ValidationError(errors)
+    return memory_mb, cpus
+
+
+def _allocate_port() -> int | None:
+    if settings.LAB_ROUTING != "port":
+        return None
+    low, _, high = settings.LAB_INSTANCE_PORTS.partition("-")
+    used = set(Instance.objects.exclude(public_port=None).values_list("public_port", flat=True))
+    for port in range(int(low), int(high or low) + 1):
+        if port not in used:
+            return port
+    raise NotAllowed(f"No free port left in LAB_INSTANCE_PORTS ({settings.LAB_INSTANCE_PORTS}).")
+
+
+# --- changes --------------------------------------------------------------------------
+
+def _reconcile_job(actor, instance, label, action="reconcile"):
+    from instances.tasks import instance_action
+
+    return jobs.start(instance_action, user=actor, kind=f"instance.{action}", label=label,
+                      args=[instance.pk, action], link=f"/instances/{instance.name}/")
+
+
+def create_instance(actor, *, name: str, owner, request=None) -> Instance:
+    name = validate_name(name)
+    if isinstance(owner, str):
+        owner_obj = User.objects.filter(username__iexact=owner).first()
+        if owner_obj is None:
+            raise ValidationError({"owner": [f"There is no account named {owner!r}."]})
+        owner = owner_obj
+    if owner is None:
+        raise ValidationError({"owner": ["Choose the experimenter who owns the instance."]})
+    if not owner.is_active:
+        raise ValidationError({"owner": [f"{owner.username} is deactivated."]})
+    try:
+        with transaction.atomic():
+            instance = Instance.objects.create(name=name, owner=owner, public_port=_allocate_port())
+            record(actor, "instance.create", instance, f"created instance {name} for {owner.username}", request)
+            _reconcile_job(actor, instance, f"Create instance {name}", "create")
+    except IntegrityError:
+        raise Conflict({"name": [f"An instance named {name!r} already exists."]}) from None
+    return instance
+
+
+def _bump(instance: Instance, **fields) -> None:
+    """Save desired-state fields and bump the generation in one UPDATE."""
+    Instance.objects.filter(pk=instance.pk).update(generation=F("generation") + 1, **fields)
+    instance.refresh_from_db()
+
+
+def update_settings(actor, instance: Instance, *, auth_level=None, production=None, env=None,
+                    memory_mb=None, cpus=None, request=None) -> Instance:
+    """Change oTree settings (owner) and limits (lab managers). The app restarts with the new
+    settings; the database is never touched."""
+    if (memory_mb is not None or cpus is not None) and not actor.is_superuser:
+        raise NotAllowed("Only lab managers may change memory and CPU limits.")
+    changes = {}
+    if auth_level is not None:
+        if auth_level not in Instance.AuthLevel.values:
+            raise ValidationError({"auth_level": ["Auth level must be STUDY, DEMO or empty (none)."]})
+        changes["auth_level"] = auth_level
+    if production is not None:
+        if not isinstance(production, bool):
+            raise ValidationError({"production": ["Production must be true or false."]})
+        changes["production"] = production
+    if env is not None:
+        changes["config_vars"] = clean_config_vars(env)
+    memory_mb, cpus = _clean_limits(memory_mb, cpus)
+    if memory_mb is not None:
+        changes["memory_mb"] = memory_mb
+    if cpus is not None:
+        changes["cpus"] = cpus
+    changes = {k: v for k, v in changes.items() if getattr(instance, k) != v}
+    if not changes:
+        return instance
+    with transaction.atomic():
+        for key, value in changes.items():
+            setattr(instance, key, value)
+        instance.generation += 1
+        instance.save(update_fields=[*changes, "generation", "updated_at"])
+        # Config var values are secrets: the audit log names only the keys that changed.
+        summary = ", ".join(sorted("config vars" if k == "config_vars" else k for k in changes))
+        record(actor, "instance.settings", instance, f"changed {summary} of {instance.name}", request,
+               changed=sorted(changes))
+        _reconcile_job(actor, instance, f"Apply new settings to {instance.name}", "apply")
+    return instance
+
+
+def set_admin_password(actor, instance: Instance, password: str | None = None, request=None) -> str:
+    if password is None or password == "":
+        password = generate_secret(12)
+    elif len(password) < 8 or len(password) > 128:
+        raise ValidationError({"password": ["The oTree admin password must have 8 to 128 characters."]})
+    with transaction.atomic():
+        instance.admin_password = password
+        instance.generation += 1
+        instance.save(update_fields=["admin_password", "generation", "updated_at"])
+        record(actor, "instance.admin_password", instance, f"set the oTree admin password of {instance.name}",
+               request)
+        _reconcile_job(actor, instance, f"Apply new admin password to {instance.name}", "apply")
+    return password
+
+
+def restart(actor, instance: Instance, request=None):
+    with transaction.atomic():
+        Instance.objects.filter(pk=instance.pk).update(restart_generation=F("restart_generation") + 1,
+                                                       desired_running=True)
+        instance.refresh_from_db()
+        record(actor, "instance.restart", instance, f"restarted {instance.name}", request)
+        return _reconcile_job(actor, instance, f"Restart {instance.name}", "restart")
+
+
+def reset_database(actor, instance: Instance, request=None):
+    if instance.delete_requested:
+        raise NotAllowed(f"{instance.name} is being deleted.")
+    with transaction.atomic():
+        record(actor, "instance.reset_database", instance, f"reset the database of {instance.name}", request)
+        return _reconcile_job(actor, instance, f"Back up and reset the database of {instance.name}", "reset")
+
+
+def backup_now(actor, instance: Instance, request=None):
+    with transaction.atomic():
+        record(actor, "instance.backup", instance, f"backed up {instance.name}", request)
+        return _reconcile_job(actor, instance, f"Back up {instance.name}", "backup")
+
+
+def transfer(actor, instance: Instance, new_owner, request=None) -> Instance:
+    if not actor.is_superuser:
+        raise NotAllowed("Only lab managers may transfer instances.")
+    if isinstance(new_owner, str):
+        found = User.objects.filter(username__iexact=new_owner).first()
+        if found is None:
+            raise ValidationError({"owner": [f"There is no account named {new_owner!r}."]})
+        new_owner = found
+    if not new_owner.is_active:
+        raise ValidationError({"owner": [f"{new_owner.username} is deactivated."]})
+    if new_owner.pk == instance.owner_id:
+        return instance
+    with transaction.atomic():
+        old = instance.owner.username
+        instance.owner = new_owner
+        instance.save(update_fields=["owner", "updated_at"])
+        record(actor, "instance.transfer", instance, f"moved {instance.name} from {old} to {new_owner.username}",
+               request, old_owner=old, new_owner=new_owner.username)
+    return instance
+
+
+def delete_instance(actor, instance: Instance, request=None):
+    if not actor.is_superuser:
+        raise NotAllowed("Only lab managers may delete instances.")
+    with transaction.atomic():
+        Instance.objects.filter(pk=instance.pk).update(
+            delete_requested=True, status=Instance.Status.DELETING, status_reason="final backup, then removal",
+            generation=F("generation") + 1)
+        instance.refresh_from_db()
+        record(actor, "instance.delete", instance, f"deleted instance {instance.name} (a final backup is kept)",
+               request)
+        job = _reconcile_job(actor, instance, f"Delete {instance.name}", "delete")
+    push_state(instance)
+    return job

@@ -1,0 +1,35 @@
+from celery import shared_task
+
+from instances import reconciler
+from instances.models import Instance
+from manager import locks
+from manager.accounts.models import User
+from manager.jobs.services import JobFailed, job_task
+
+
+@job_task("instances.instance_action", time_limit=900)
+def instance_action(job, instance_id, action):
+    actor = User.objects.filter(pk=job.user_id).first()
+    name = Instance.objects.filter(pk=instance_id).values_list("name", flat=True).first() or "the instance"
+    try:
+        if action == "reset":
+            row = reconciler.backup_and_reset(instance_id, actor)
+            return f"{name}: database reset; the backup {row.filename} ({row.size} bytes) was kept"
+        if action == "backup":
+            row = reconciler.backup_only(instance_id, actor)
+            return f"{name}: backup {row.filename} written ({row.size} bytes)"
+        instance = reconciler.reconcile(instance_id, restart=(action == "restart"))
+    except reconciler.ReconcileError as exc:
+        raise JobFailed(str(exc)) from exc
+    except locks.Busy:
+        raise JobFailed("another action on this instance is still running; try again in a minute") from None
+    if action == "delete":
+        return f"{name} deleted; its final backup is kept"
+    if instance is None:
+        return f"{name} no longer exists"
+    return f"{name}: {instance.get_status_display()}"
+
+
+@shared_task(name="instances.sweep", soft_time_limit=240, time_limit=270)
+def sweep():
+    return reconciler.sweep()

@@ -1,0 +1,16 @@
+from django.urls import path
+
+from instances import views
+
+urlpatterns = [
+    path("new/", views.instance_create, name="instance_create"),
+    path("<slug:name>/", views.instance_detail, name="instance_detail"),
+    path("<slug:name>/settings/", views.instance_settings, name="instance_settings"),
+    path("<slug:name>/admin-password/", views.instance_admin_password, name="instance_admin_password"),
+    path("<slug:name>/admin-password/reveal/", views.instance_reveal_password, name="instance_reveal_password"),
+    path("<slug:name>/limits/", views.instance_limits, name="instance_limits"),
+    path("<slug:name>/transfer/", views.instance_transfer, name="instance_transfer"),
+    path("<slug:name>/logs/", views.instance_logs, name="instance_logs"),
+    path("<slug:name>/backups/<int:backup_id>/download/", views.backup_download, name="backup_download"),
+    path("<slug:name>/<slug:action>/", views.instance_action, name="instance_action"),
+]

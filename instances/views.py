@@ -1,0 +1,174 @@
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import FileResponse, Http404
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_POST
+
+from instances import services
+from instances.forms import AdminPasswordForm, InstanceCreateForm, LimitsForm, SettingsForm, TransferForm
+from instances.models import Backup
+from instances import runtime as runtimes
+from instances.runtime.base import RuntimeError_
+from instances.selectors import get_visible_instance
+from manager.access import superuser_required
+from manager.accounts.services import NotAllowed
+from manager.audit.services import record
+
+
+@superuser_required
+def instance_create(request):
+    form = InstanceCreateForm(request.POST or None, initial={"owner": request.GET.get("owner")})
+    if request.method == "POST" and form.is_valid():
+        instance = form.run(services.create_instance, request.user, name=form.cleaned_data["name"],
+                            owner=form.cleaned_data["owner"], request=request)
+        if instance is not None:
+            messages.success(request, f"Instance {instance.name} is being set up: database and Redis start now.")
+            return redirect("instance_detail", name=instance.name)
+    return render(request, "instances/create.html", {"form": form})
+
+
+def _detail_context(request, instance, **forms):
+    runtime = None
+    try:
+        runtime = runtimes.get_runtime()
+    except (RuntimeError_, AttributeError):
+        pass
+    context = {
+        "instance": instance,
+        "runtime": runtime,
+        "backups": instance.backups.all()[:20],
+        "settings_form": SettingsForm(initial={
+            "auth_level": instance.auth_level, "production": instance.production,
+            "env": "\n".join(f"{k}={v}" for k, v in sorted(instance.config_vars.items())),
+        }),
+        "password_form": AdminPasswordForm(),
+        "limits_form": LimitsForm(initial={"memory_mb": instance.memory_mb, "cpus": instance.cpus}),
+        "transfer_form": TransferForm(initial={"owner": instance.owner_id}),
+    }
+    context.update(forms)
+    return context
+
+
+@login_required
+def instance_detail(request, name):
+    instance = get_visible_instance(request.user, name)
+    return render(request, "instances/detail.html", _detail_context(request, instance))
+
+
+@login_required
+@require_POST
+def instance_settings(request, name):
+    instance = get_visible_instance(request.user, name)
+    form = SettingsForm(request.POST)
+    if form.is_valid() and form.run(services.update_settings, request.user, instance,
+                                    auth_level=form.cleaned_data["auth_level"],
+                                    production=form.cleaned_data["production"],
+                                    env=form.cleaned_data["env"], request=request) is not None:
+        messages.success(request, "Settings saved; the app restarts with them (the database is untouched).")
+        return redirect("instance_detail", name=name)
+    return render(request, "instances/detail.html", _detail_context(request, instance, settings_form=form), status=422)
+
+
+@login_required
+@require_POST
+def instance_admin_password(request, name):
+    instance = get_visible_instance(request.user, name)
+    form = AdminPasswordForm(request.POST)
+    password = form.is_valid() and form.run(services.set_admin_password, request.user, instance,
+                                            form.cleaned_data["password"] or None, request=request)
+    if not password:
+        return render(request, "instances/detail.html",
+                      _detail_context(request, instance, password_form=form), status=422)
+    # Shown once, in this response only (never stored in a message or session).
+    return render(request, "instances/detail.html", _detail_context(request, instance, new_admin_password=password))
+
+
+@login_required
+@require_POST
+def instance_reveal_password(request, name):
+    instance = get_visible_instance(request.user, name)
+    record(request.user, "instance.reveal_password", instance, f"revealed the oTree admin password of {name}",
+           request)
+    return render(request, "instances/_password.html", {"instance": instance})
+
+
+@superuser_required
+@require_POST
+def instance_limits(request, name):
+    instance = get_visible_instance(request.user, name)
+    form = LimitsForm(request.POST)
+    if form.is_valid() and form.run(services.update_settings, request.user, instance,
+                                    memory_mb=form.cleaned_data["memory_mb"], cpus=form.cleaned_data["cpus"],
+                                    request=request) is not None:
+        messages.success(request, "Limits saved; the app restarts with them.")
+        return redirect("instance_detail", name=name)
+    return render(request, "instances/detail.html", _detail_context(request, instance, limits_form=form), status=422)
+
+
+@superuser_required
+@require_POST
+def instance_transfer(request, name):
+    instance = get_visible_instance(request.user, name)
+    form = TransferForm(request.POST)
+    if form.is_valid() and form.run(services.transfer, request.user, instance, form.cleaned_data["owner"],
+                                    request=request) is not None:
+        messages.success(request, f"{name} now belongs to {instance.owner.username}.")
+        return redirect("instance_detail", name=name)
+    return render(request, "instances/detail.html", _detail_context(request, instance, transfer_form=form),
+                  status=422)
+
+
+ACTIONS = {
+    # action: (service, needs confirmation page, lab managers only, message)
+    "restart": (services.restart, False, False, "Restarting {name}…"),
+    "backup": (services.backup_now, False, False, "Backing up {name}…"),
+    "reset-database": (services.reset_database, True, False,
+                       "Backing up {name}, then emptying its database. You will be notified when it is done."),
+    "delete": (services.delete_instance, True, True, "Deleting {name}; its final backup is kept."),
+}
+
+
+@login_required
+def instance_action(request, name, action):
+    if action not in ACTIONS:
+        raise Http404("No such action")
+    instance = get_visible_instance(request.user, name)
+    service, confirm, managers_only, done = ACTIONS[action]
+    if managers_only and not request.user.is_superuser:
+        raise PermissionDenied("Only lab managers may do this.")
+    if request.method != "POST":
+        if confirm:
+            return render(request, "instances/confirm.html", {"instance": instance, "action": action})
+        return redirect("instance_detail", name=name)
+    try:
+        service(request.user, instance, request=request)
+    except NotAllowed as exc:
+        messages.error(request, str(exc))
+        return redirect("instance_detail", name=name)
+    messages.info(request, done.format(name=name))
+    return redirect("dashboard" if action == "delete" else "instance_detail", **({} if action == "delete" else {"name": name}))
+
+
+@login_required
+def instance_logs(request, name):
+    instance = get_visible_instance(request.user, name)
+    component = request.GET.get("component", "app")
+    if component not in {"app", "db", "redis"}:
+        raise Http404("No such component")
+    try:
+        text = runtimes.get_runtime().logs(instance.name, component, tail=200)
+    except RuntimeError_ as exc:
+        text = f"(logs unavailable: {exc})"
+    return render(request, "instances/_logs.html", {"instance": instance, "component": component, "text": text})
+
+
+@login_required
+def backup_download(request, name, backup_id):
+    instance = get_visible_instance(request.user, name)
+    backup = get_object_or_404(instance.backups, pk=backup_id, status=Backup.Status.DONE)
+    if not backup.path.exists():
+        raise Http404("The backup file is missing from LAB_DATA_DIR/backups.")
+    record(request.user, "instance.backup_download", instance, f"downloaded backup {backup.filename}", request)
+    return FileResponse(backup.path.open("rb"), as_attachment=True, filename=backup.filename,
+                        content_type="application/octet-stream")

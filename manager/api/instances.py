@@ -1,0 +1,166 @@
+"""/api/v1/instances: oTree instances, with the same access rules as the pages
+(owner and lab managers; others get 404, as if the instance did not exist)."""
+
+from decimal import Decimal
+
+from django.http import HttpRequest, HttpResponse
+from ninja import Router, Schema, Status
+from ninja.errors import HttpError
+from pydantic import Field
+
+from instances import services
+from instances.models import Instance
+from instances.selectors import get_visible_instance, visible_instances
+from manager.api.auth import managers_only
+from manager.api.errors import responses
+from manager.api.schemas import InputSchema
+
+router = Router(tags=["instances"])
+
+
+class GitOut(Schema):
+    ssh_url: str
+    https_url: str
+
+
+class OTreeOut(Schema):
+    admin_username: str
+    auth_level: str = Field(description='"STUDY", "DEMO" or "" (none)')
+    production: bool
+
+
+class InstanceOut(Schema):
+    name: str
+    owner: str
+    status: str = Field(description="provisioning, ready_for_code, deploying, running, stopped, failed, deleting")
+    status_reason: str
+    url: str
+    git: GitOut
+    otree: OTreeOut
+    release: dict | None = Field(None, description="{commit, status} of the live release, or null")
+    rooms: list[dict] = Field(default_factory=list, description="[{name, participant_labels, lobby_url}]")
+    env: dict[str, str] = Field(description="config vars")
+    memory_mb: int
+    cpus: float
+    runtime: str
+
+
+class InstanceIn(InputSchema):
+    name: str = Field(max_length=40, description="2-40 characters: lowercase letters, digits, hyphens")
+    owner: str = Field(max_length=150, description="username of the experimenter who owns it")
+
+
+class InstancePatch(InputSchema):
+    auth_level: str | None = Field(None, description='"STUDY", "DEMO" or "" (none)')
+    production: bool | None = None
+    env: dict[str, str] | None = Field(None, description="config vars (replaces all of them)")
+    memory_mb: int | None = Field(None, description="lab managers only")
+    cpus: Decimal | None = Field(None, description="lab managers only")
+
+
+class PasswordIn(InputSchema):
+    password: str | None = Field(None, max_length=128, description="omit to generate a strong one")
+
+
+class PasswordOut(Schema):
+    admin_username: str
+    password: str = Field(description="shown once")
+
+
+class JobOut(Schema):
+    job: str = Field(description="background job id; its end is announced on the realtime socket")
+    detail: str
+
+
+class BackupOut(Schema):
+    id: int
+    kind: str
+    status: str
+    size: int
+    filename: str
+    created_at: str
+
+
+def serialize(instance: Instance) -> dict:
+    return {
+        "name": instance.name, "owner": instance.owner.username, "status": instance.status,
+        "status_reason": instance.status_reason, "url": instance.url,
+        "git": {"ssh_url": instance.ssh_url, "https_url": instance.https_url},
+        "otree": {"admin_username": instance.admin_username, "auth_level": instance.auth_level,
+                  "production": instance.production},
+        "release": None, "rooms": [], "env": instance.config_vars, "memory_mb": instance.memory_mb,
+        "cpus": float(instance.cpus), "runtime": instance.runtime,
+    }
+
+
+@router.get("", summary="Instances you may see", response=responses({200: list[InstanceOut]}))
+def list_instances(request: HttpRequest):
+    """Lab managers see every instance; experimenters their own."""
+    return [serialize(i) for i in visible_instances(request.auth).order_by("name")]
+
+
+@router.post("", summary="Create an instance", response=responses({201: InstanceOut}, 400, 403, 409, 422),
+             auth=managers_only("create instances"))
+def create_instance(request: HttpRequest, payload: InstanceIn, response: HttpResponse):
+    """Create an instance for an experimenter; its database and Redis start in the background
+    (status `provisioning`, then `ready_for_code`). A taken name is 409."""
+    instance = services.create_instance(request.auth, name=payload.name, owner=payload.owner, request=request)
+    response["Location"] = f"/api/v1/instances/{instance.name}"
+    return Status(201, serialize(instance))
+
+
+@router.get("/{name}", summary="One instance", response=responses({200: InstanceOut}, 404))
+def get_instance(request: HttpRequest, name: str):
+    return serialize(get_visible_instance(request.auth, name))
+
+
+@router.patch("/{name}", summary="Change settings", response=responses({200: InstanceOut}, 400, 403, 404, 422))
+def update_instance(request: HttpRequest, name: str, payload: InstancePatch):
+    """Change `auth_level`, `production`, `env` (owner, lab managers) and `memory_mb`, `cpus`
+    (lab managers). The app restarts with the new settings; the database is untouched."""
+    instance = get_visible_instance(request.auth, name)
+    services.update_settings(request.auth, instance, request=request, **payload.dict(exclude_unset=True))
+    return serialize(instance)
+
+
+@router.post("/{name}/restart", summary="Restart", response=responses({202: JobOut}, 404))
+def restart_instance(request: HttpRequest, name: str):
+    instance = get_visible_instance(request.auth, name)
+    job = services.restart(request.auth, instance, request=request)
+    return Status(202, {"job": str(job.id), "detail": f"restarting {name}"})
+
+
+@router.post("/{name}/reset-database", summary="Back up, then reset the database",
+             response=responses({202: JobOut}, 403, 404))
+def reset_database(request: HttpRequest, name: str):
+    """A backup (`pg_dump -Fc`) is written first; if it fails, nothing is reset. The backup
+    is listed by `GET /api/v1/instances/{name}/backups` when the job ends."""
+    instance = get_visible_instance(request.auth, name)
+    job = services.reset_database(request.auth, instance, request=request)
+    return Status(202, {"job": str(job.id), "detail": f"backing up and resetting the database of {name}"})
+
+
+@router.post("/{name}/admin-password", summary="Set or generate the oTree admin password",
+             response=responses({200: PasswordOut}, 404, 422))
+def admin_password(request: HttpRequest, name: str, payload: PasswordIn | None = None):
+    instance = get_visible_instance(request.auth, name)
+    password = services.set_admin_password(request.auth, instance, payload.password if payload else None,
+                                           request=request)
+    return {"admin_username": instance.admin_username, "password": password}
+
+
+@router.get("/{name}/backups", summary="Backups of the database", response=responses({200: list[BackupOut]}, 404))
+def list_backups(request: HttpRequest, name: str):
+    instance = get_visible_instance(request.auth, name)
+    return [{"id": b.id, "kind": b.kind, "status": b.status, "size": b.size, "filename": b.filename,
+             "created_at": b.created_at.isoformat()} for b in instance.backups.all()]
+
+
+@router.delete("/{name}", summary="Delete (a final backup is kept)", response=responses({202: JobOut}, 403, 404))
+def delete_instance(request: HttpRequest, name: str):
+    instance = get_visible_instance(request.auth, name)
+    if not request.auth.is_superuser:
+        raise HttpError(403, "Only lab managers may delete instances.")
+    job = services.delete_instance(request.auth, instance, request=request)
+    return Status(202, {"job": str(job.id), "detail": f"deleting {name}; a final backup is kept"})
+
