@@ -33,9 +33,18 @@ def instance_spec(instance: Instance, app: AppSpec | None = None) -> InstanceSpe
     )
 
 
-def app_spec(instance: Instance) -> AppSpec | None:
-    """The app to run: the live release's image (git-push deploys come with the next issue)."""
+def current_app(instance: Instance) -> dict | None:
+    """What the app runs: {image, command, port, release} of the live release, or None before
+    the first deploy (git-push releases come with the deploy issue)."""
     return None
+
+
+def app_spec(instance: Instance) -> AppSpec | None:
+    app = current_app(instance)
+    if app is None:
+        return None
+    return AppSpec(image=app["image"], command=app.get("command"), port=app.get("port", 8000),
+                   env=instance.otree_env(), release_id=str(app.get("release", "")))
 
 
 def _set_status(instance: Instance, status: str, reason: str = "", **fields) -> None:
@@ -47,7 +56,7 @@ def _set_status(instance: Instance, status: str, reason: str = "", **fields) -> 
 def reconcile(instance_id: int, *, restart: bool = False) -> Instance | None:
     """Make the runtime match the instance's desired state. Returns the instance (None when
     it no longer exists). Raises ReconcileError with the reason on failure."""
-    with locks.lock(f"instance:{instance_id}", timeout=900, wait=60):
+    with locks.lock(f"instance:{instance_id}"):
         instance = Instance.objects.filter(pk=instance_id).first()
         if instance is None:
             return None
@@ -88,6 +97,8 @@ def reconcile(instance_id: int, *, restart: bool = False) -> Instance | None:
 def backup(instance: Instance, kind: str, actor=None) -> Backup:
     """Dump the instance's database into LAB_DATA_DIR/backups (caller holds the lock)."""
     runtime = get_runtime()
+    # We hold the instance's lock: a backup still "pending" belongs to a worker that died.
+    Backup.objects.filter(instance=instance, status=Backup.Status.PENDING).update(status=Backup.Status.FAILED)
     stamp = datetime.now(dt_timezone.utc).strftime("%Y%m%d-%H%M%S")
     filename = f"{instance.name}-{stamp}-{kind}-{pysecrets.token_hex(3)}.dump"
     row = Backup.objects.create(instance=instance, instance_name=instance.name, owner=instance.owner, kind=kind,
@@ -104,7 +115,7 @@ def backup(instance: Instance, kind: str, actor=None) -> Backup:
 
 def backup_and_reset(instance_id: int, actor=None) -> Backup:
     reconcile(instance_id)  # the database must be up to be dumped
-    with locks.lock(f"instance:{instance_id}", timeout=900, wait=60):
+    with locks.lock(f"instance:{instance_id}"):
         instance = Instance.objects.get(pk=instance_id)
         row = backup(instance, Backup.Kind.BEFORE_RESET, actor)  # no backup, no reset
         try:
@@ -118,7 +129,7 @@ def backup_and_reset(instance_id: int, actor=None) -> Backup:
 
 def backup_only(instance_id: int, actor=None) -> Backup:
     reconcile(instance_id)
-    with locks.lock(f"instance:{instance_id}", timeout=900, wait=60):
+    with locks.lock(f"instance:{instance_id}"):
         return backup(Instance.objects.get(pk=instance_id), Backup.Kind.MANUAL, actor)
 
 

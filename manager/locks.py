@@ -1,5 +1,11 @@
-"""Cross-process locks in Redis (one per instance, so its work never runs twice at once)."""
+"""Cross-process locks in Redis (one per instance, so its work never runs twice at once).
 
+A lock lives `ttl` seconds and a watchdog thread renews it while its holder works, so a
+long backup keeps it, while a killed worker's lock expires within `ttl` and the next pass
+can proceed.
+"""
+
+import threading
 from contextlib import contextmanager
 
 import redis
@@ -19,16 +25,33 @@ class Busy(Exception):
     pass
 
 
+def _ttl() -> int:
+    return int(getattr(settings, "LAB_LOCK_TTL", 30))
+
+
 @contextmanager
-def lock(name: str, timeout: int = 600, wait: float = 30):
-    """Hold `name` for at most `timeout` seconds (a killed holder's lock expires);
-    wait at most `wait` seconds for it, else raise Busy."""
-    lk = client().lock(f"lab:lock:{name}", timeout=timeout, blocking_timeout=wait)
+def lock(name: str, wait: float = 60):
+    """Hold `name`; wait at most `wait` seconds for it, else raise Busy."""
+    ttl = _ttl()
+    lk = client().lock(f"lab:lock:{name}", timeout=ttl, blocking_timeout=wait, thread_local=False)
     if not lk.acquire():
         raise Busy(name)
+    stop = threading.Event()
+
+    def renew():
+        while not stop.wait(ttl / 3):
+            try:
+                lk.reacquire()
+            except redis.exceptions.RedisError:
+                return
+
+    watchdog = threading.Thread(target=renew, name=f"lock-{name}", daemon=True)
+    watchdog.start()
     try:
         yield lk
     finally:
+        stop.set()
+        watchdog.join(timeout=5)
         try:
             lk.release()
         except redis.exceptions.LockError:

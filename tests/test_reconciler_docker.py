@@ -1,0 +1,235 @@
+"""The reconciler on a real Docker engine: instances are created, changed, reset, deleted
+and healed as a lab manager and an experimenter would see it (status, backups, data).
+
+Only resources labelled with this test run's manager id (derived from its own
+LAB_DATA_DIR) are created or touched.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from instances import reconciler, services
+from instances.models import Backup, Instance
+from instances.runtime import get_runtime
+from instances.runtime.base import Health
+from instances.tasks import instance_action
+from manager.accounts.models import User
+from manager.jobs.models import Job
+from tests.conftest import need
+
+pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
+
+
+def _engine_and_images() -> bool:
+    try:
+        import docker
+
+        client = docker.from_env(timeout=5)
+        client.ping()
+        for image in (settings.LAB_IMAGE_POSTGRES, settings.LAB_IMAGE_REDIS, settings.LAB_IMAGE_PYTHON):
+            client.images.get(image)
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    need(_engine_and_images(), "a Docker engine with the images (python manage.py build_images)")
+    rt = get_runtime()
+    yield rt
+    for name in rt.owned_instances():  # whatever a failed test left behind
+        rt.remove(name)
+
+
+@pytest.fixture
+def people(db):
+    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
+    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
+    return boss, ann
+
+
+@pytest.fixture
+def fake_app(monkeypatch):
+    """Stand-in for a deployed release until git-push deploys exist: the python image
+    serving HTTP on 8000 and printing its environment's oTree settings."""
+
+    def current_app(instance):
+        return {"image": settings.LAB_IMAGE_PYTHON, "port": 8000, "release": "test",
+                "command": ["python", "-m", "http.server", "8000"]}
+
+    monkeypatch.setattr(reconciler, "current_app", current_app)
+
+
+def run_job(kind):
+    """Run the newest job of this kind in-process, as the worker would."""
+    job = Job.objects.filter(kind=kind).order_by("-created_at").first()
+    instance_id, action = job_args[job.pk]
+    instance_action.apply(args=[str(job.pk), instance_id, action])
+    job.refresh_from_db()
+    return job
+
+
+job_args = {}
+
+
+@pytest.fixture(autouse=True)
+def capture_jobs(monkeypatch):
+    """Record what each job would be enqueued with instead of sending it to a broker."""
+    from manager.jobs import services as jobs
+
+    real_start = jobs.start
+
+    def start(task, *, user, kind, label, args=(), link=""):
+        job = real_start(task, user=user, kind=kind, label=label, args=args, link=link)
+        job_args[job.pk] = tuple(args)
+        return job
+
+    monkeypatch.setattr(jobs, "start", start)
+    monkeypatch.setattr(instance_action, "apply_async", lambda *a, **k: None)
+    yield
+    job_args.clear()
+
+
+def psql(runtime, name, sql):
+    container = runtime.api.inspect_container(runtime.container_name(name, "db"))
+    exec_id = runtime.api.exec_create(container["Id"], ["psql", "-U", "otree", "-d", "otree", "-tAc", sql],
+                                      user="postgres")
+    out = runtime.api.exec_start(exec_id).decode()
+    return runtime.api.exec_inspect(exec_id)["ExitCode"], out.strip()
+
+
+def app_env(runtime, name) -> dict:
+    info = runtime.api.inspect_container(runtime.container_name(name, "app"))
+    return dict(item.split("=", 1) for item in info["Config"]["Env"])
+
+
+def test_create_is_ready_for_code_with_its_own_database(runtime, people):
+    boss, ann = people
+    instance = services.create_instance(boss, name="rc-create", owner=ann)
+    job = run_job("instance.create")
+    assert job.status == "succeeded", job.message
+    instance.refresh_from_db()
+    assert instance.status == "ready_for_code" and instance.runtime == "docker"
+    state = runtime.state("rc-create")
+    assert state.db.health == Health.RUNNING and state.redis.health == Health.RUNNING
+    assert psql(runtime, "rc-create", "SELECT 1") == (0, "1")
+
+
+def test_settings_change_restarts_the_app_and_keeps_the_data(runtime, people, fake_app):
+    boss, ann = people
+    instance = services.create_instance(boss, name="rc-settings", owner=ann)
+    assert run_job("instance.create").status == "succeeded"
+    instance.refresh_from_db()
+    assert instance.status == "running"
+    assert psql(runtime, "rc-settings", "CREATE TABLE sessions (code text); INSERT INTO sessions VALUES ('abc')")[0] == 0
+    before = runtime.api.inspect_container(runtime.container_name("rc-settings", "app"))["Id"]
+
+    password = services.set_admin_password(ann, instance, "a-brand-new-password")
+    services.update_settings(ann, instance, auth_level="DEMO", env={"COLOR": "blue"})
+    assert run_job("instance.apply").status == "succeeded"
+
+    env = app_env(runtime, "rc-settings")
+    assert env["OTREE_ADMIN_PASSWORD"] == password and env["OTREE_AUTH_LEVEL"] == "DEMO"
+    assert env["COLOR"] == "blue" and env["OTREE_PRODUCTION"] == "1"
+    assert runtime.api.inspect_container(runtime.container_name("rc-settings", "app"))["Id"] != before
+    assert psql(runtime, "rc-settings", "SELECT code FROM sessions") == (0, "abc")  # data untouched
+
+
+def test_reset_database_writes_a_backup_first(runtime, people):
+    boss, ann = people
+    instance = services.create_instance(boss, name="rc-reset", owner=ann)
+    assert run_job("instance.create").status == "succeeded"
+    psql(runtime, "rc-reset", "CREATE TABLE players (id int); INSERT INTO players VALUES (7)")
+    services.reset_database(ann, instance)
+    job = run_job("instance.reset")
+    assert job.status == "succeeded", job.message
+    backup = Backup.objects.get(instance=instance, kind="before_reset")
+    assert backup.status == "done" and backup.size > 0
+    assert backup.path.read_bytes()[:5] == b"PGDMP"
+    assert backup.filename in job.message
+    code, out = psql(runtime, "rc-reset", "SELECT count(*) FROM players")
+    assert code != 0 and "does not exist" in out  # the table is gone
+    assert psql(runtime, "rc-reset", "SELECT 1") == (0, "1")  # the database itself is back and usable
+
+
+def test_delete_keeps_a_final_backup_and_leaves_nothing(runtime, people):
+    boss, ann = people
+    instance = services.create_instance(boss, name="rc-delete", owner=ann)
+    assert run_job("instance.create").status == "succeeded"
+    psql(runtime, "rc-delete", "CREATE TABLE keep (v int); INSERT INTO keep VALUES (1)")
+    services.delete_instance(boss, instance)
+    job = run_job("instance.delete")
+    assert job.status == "succeeded", job.message
+    assert not Instance.objects.filter(name="rc-delete").exists()
+    final = Backup.objects.get(instance_name="rc-delete", kind="final")
+    assert final.status == "done" and final.path.read_bytes()[:5] == b"PGDMP"
+    assert "rc-delete" not in runtime.owned_instances()
+
+
+def test_sweep_heals_drift_and_removes_orphans(runtime, people):
+    boss, ann = people
+    services.create_instance(boss, name="rc-heal", owner=ann)
+    assert run_job("instance.create").status == "succeeded"
+    runtime.api.remove_container(runtime.container_name("rc-heal", "redis"), force=True)  # by hand
+    # resources of an instance the database does not know (e.g. a crash after a delete)
+    from instances.runtime.base import InstanceSpec
+
+    runtime.ensure(InstanceSpec(name="rc-orphan", db_name="otree", db_user="otree", db_password="x" * 20,
+                                memory_mb=256, cpus=0.5))
+    result = reconciler.sweep()
+    assert result["orphans_removed"] == ["rc-orphan"]
+    assert "rc-orphan" not in runtime.owned_instances()
+    assert runtime.state("rc-heal").redis.health == Health.RUNNING
+
+
+def _reconcile_in_subprocess(instance_id):
+    db_name = connection.settings_dict["NAME"]
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{db_name}", "LAB_LOCK_TTL": "3"}
+    code = (
+        "import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'manager.settings'); django.setup();"
+        f"from instances.reconciler import reconcile; reconcile({instance_id})"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], cwd=settings.BASE_DIR, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("phase", ["create", "delete"])
+def test_worker_killed_mid_way_is_healed_by_the_next_pass(runtime, people, settings, phase):
+    boss, ann = people
+    settings.LAB_LOCK_TTL = 3
+    name = f"rc-kill-{phase}"
+    instance = services.create_instance(boss, name=name, owner=ann)
+    if phase == "delete":
+        assert run_job("instance.create").status == "succeeded"
+        services.delete_instance(boss, instance)
+    proc = _reconcile_in_subprocess(instance.pk)
+    deadline = time.monotonic() + 60
+    try:  # kill it as soon as it has started changing the world
+        while time.monotonic() < deadline and proc.poll() is None:
+            owned = name in runtime.owned_instances()
+            if (phase == "create" and owned) or (phase == "delete" and Backup.objects.filter(
+                    instance_name=name, kind="final").exists()):
+                break
+            time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    time.sleep(3.5)  # the killed worker's lock expires (LAB_LOCK_TTL)
+    reconciler.reconcile(instance.pk)
+    if phase == "create":
+        instance.refresh_from_db()
+        assert instance.status == "ready_for_code"
+        containers = runtime.api.containers(all=True, filters={"label": [f"org.otree-lab.instance={name}"]})
+        assert sorted(c["Labels"]["org.otree-lab.component"] for c in containers) == ["db", "redis"]
+    else:
+        assert not Instance.objects.filter(pk=instance.pk).exists()
+        assert name not in runtime.owned_instances()
+        assert Backup.objects.filter(instance_name=name, kind="final", status="done").count() == 1
