@@ -1,0 +1,872 @@
+"""The Docker backend: one instance = an app container, its own PostgreSQL and its own
+Redis, on networks of their own.
+
+Per instance `<name>` of manager `<id>` (`settings.LAB_MANAGER_ID`):
+
+| resource | name | what |
+|---|---|---|
+| network | `lab-<id>-<name>-net` | `internal=True` bridge: app, db (alias `db`), redis (alias `redis`); no route out, none to other instances |
+| network | `lab-<id>-<name>-edge` | ordinary bridge with inter-container traffic off: only the app, only for its published port |
+| volume | `lab-<id>-<name>-pgdata` | PostgreSQL's data |
+| containers | `lab-<id>-<name>-db`, `-redis`, `-app` | limits, `no-new-privileges`, all capabilities dropped, never privileged, no host mounts |
+
+Every one of them carries the labels `org.otree-lab.manager=<id>`,
+`org.otree-lab.instance=<name>` and `org.otree-lab.component=db|redis|app|network|volume`;
+the backend finds its resources by these labels and refuses to touch (or reuse) anything
+that carries a name of ours without them. Containers carry a hash of their whole
+configuration (`org.otree-lab.config`): a container whose hash differs from the desired
+one is replaced, so `ensure()` repairs drift and applies new releases, env and limits.
+
+Every step of `ensure()` is idempotent and each Docker call is atomic, so a worker killed
+at any point leaves a state the next `ensure()` finishes: a missing piece is created, a
+stopped one started, a container attached to a stale network recreated, a duplicate
+network (two racing creates) removed.
+
+The subnets of the instance networks come from `settings.LAB_DOCKER_SUBNETS` (/28 each):
+Docker's default address pools hold only ~30 bridge networks, i.e. 15 instances.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import time
+import uuid
+from functools import cached_property
+from pathlib import Path
+from urllib.parse import quote
+
+import docker
+import requests
+from docker.errors import APIError, DockerException, NotFound
+from docker.types import LogConfig, Mount
+
+from .base import AppSpec, ComponentState, Health, InstanceSpec, InstanceState, RuntimeError_
+
+LABEL_MANAGER = "org.otree-lab.manager"
+LABEL_INSTANCE = "org.otree-lab.instance"
+LABEL_COMPONENT = "org.otree-lab.component"
+LABEL_NETWORK = "org.otree-lab.network"  # internal | edge
+LABEL_CONFIG = "org.otree-lab.config"
+LABEL_RELEASE = "org.otree-lab.release"
+LABEL_APP_PORT = "org.otree-lab.app-port"
+
+COMPONENTS = ("db", "redis", "app")
+NETWORK_ROLES = ("internal", "edge")
+NETWORK_SUFFIX = {"internal": "net", "edge": "edge"}
+SUBNET_PREFIX = 28  # 16 addresses: gateway + app + db + redis with room to spare
+
+PGDATA = "/var/lib/postgresql/data"  # the volume's mount point
+POSTGRES_ARGS = {
+    "listen_addresses": "*",
+    "shared_buffers": "16MB",
+    "max_connections": "30",
+    "work_mem": "2MB",
+    "maintenance_work_mem": "16MB",
+    "effective_cache_size": "64MB",
+    "max_wal_size": "64MB",
+    "min_wal_size": "32MB",
+    "wal_buffers": "1MB",
+    "autovacuum_max_workers": "1",
+    "max_worker_processes": "2",
+    "max_parallel_workers": "1",
+    "max_parallel_workers_per_gather": "0",
+    "huge_pages": "off",
+}
+
+INSTANCE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,40}[a-z0-9])?")
+SQL_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+MANAGER_ID = re.compile(r"[a-z0-9]{1,16}")
+
+
+def _setting(name: str, default):
+    from django.conf import settings
+
+    return getattr(settings, name, default)
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, APIError):
+        text = exc.explanation or str(exc)
+    else:
+        text = str(exc)
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    text = " ".join(str(text).split())
+    return text[:300]
+
+
+def _timestamp(text: str) -> str:
+    """Docker's RFC 3339 time with its fraction padded to 9 digits: sortable as text."""
+    head, _, frac = text.rstrip("Z").partition(".")
+    frac, sep, zone = frac.partition("+") if "+" in frac else (frac, "", "")
+    return f"{head}.{frac.ljust(9, '0')}{sep}{zone}"
+
+
+def _last_lines(text: str, n: int = 3) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " / ".join(lines[-n:])[:400]
+
+
+def _user_errors(method):
+    """Whatever Docker raises leaves a public method as a RuntimeError_ with a short text."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except RuntimeError_:
+            raise
+        except APIError as exc:
+            raise RuntimeError_(f"Docker: {_short(exc)}") from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise RuntimeError_(f"Docker engine not reachable at {self.engine_url}: {_short(exc)}") from None
+
+    return wrapper
+
+
+class DockerRuntime:
+    """`base.Runtime` on a Docker engine (Docker SDK, API 1.41+)."""
+
+    name = "docker"
+    isolation = (
+        "Docker containers: the app, its PostgreSQL and its Redis share a private network that "
+        "no other instance reaches; each runs with its own memory, CPU and process limits, "
+        "without privileges or extra capabilities."
+    )
+
+    # Fixed small limits of the supporting services (memory comes from the spec).
+    db_cpus = 1.0
+    redis_cpus = 0.5
+    pids_limits = {"db": 100, "redis": 32, "app": 512}
+    stop_timeout = 20  # seconds a container gets to stop before it is killed
+
+    def __init__(
+        self,
+        *,
+        manager_id: str | None = None,
+        images: dict[str, str] | None = None,
+        subnets: str | None = None,
+        ready_timeout: float | None = None,
+        base_url: str | None = None,
+        timeout: float = 60,
+    ):
+        self.manager_id = manager_id if manager_id is not None else _setting("LAB_MANAGER_ID", "lab")
+        if not MANAGER_ID.fullmatch(self.manager_id):
+            raise RuntimeError_(f"manager id {self.manager_id!r} must be 1-16 lowercase letters or digits")
+        images = images or {}
+        self.images = {
+            "db": images.get("db") or _setting("LAB_IMAGE_POSTGRES", "postgres:15"),
+            "redis": images.get("redis") or _setting("LAB_IMAGE_REDIS", "redis:7"),
+        }
+        self.subnets = subnets or _setting("LAB_DOCKER_SUBNETS", "10.213.0.0/16")
+        try:
+            self._pool = ipaddress.ip_network(self.subnets)
+        except ValueError as exc:
+            raise RuntimeError_(f"LAB_DOCKER_SUBNETS is not a network: {exc}") from None
+        if self._pool.version != 4:
+            raise RuntimeError_(f"LAB_DOCKER_SUBNETS={self.subnets} must be an IPv4 network")
+        if self._pool.prefixlen > SUBNET_PREFIX:
+            raise RuntimeError_(f"LAB_DOCKER_SUBNETS={self.subnets} is smaller than one /{SUBNET_PREFIX}")
+        self.ready_timeout = ready_timeout if ready_timeout is not None else _setting("LAB_READY_TIMEOUT", 30)
+        kwargs = docker.utils.kwargs_from_env()
+        if base_url:
+            kwargs["base_url"] = base_url
+        self._client_kwargs = kwargs
+        self._timeout = timeout
+
+    # --- the engine -------------------------------------------------------------------
+
+    @property
+    def engine_url(self) -> str:
+        return self._client_kwargs.get("base_url") or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+    @cached_property
+    def api(self) -> docker.APIClient:
+        try:
+            return docker.APIClient(version="auto", timeout=self._timeout, **self._client_kwargs)
+        except (DockerException, requests.RequestException, OSError) as exc:
+            raise RuntimeError_(f"Docker engine not reachable at {self.engine_url}: {_short(exc)}") from None
+
+    def available(self) -> bool:
+        try:
+            return bool(self.api.ping())
+        except (RuntimeError_, DockerException, requests.RequestException, OSError):
+            return False
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        """One Docker call, its failure turned into a short message for the user."""
+        try:
+            return fn(*args, **kwargs)
+        except NotFound:
+            raise
+        except APIError as exc:
+            raise RuntimeError_(f"{what}: {_short(exc)}") from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise RuntimeError_(f"Docker engine not reachable at {self.engine_url} ({what}): {_short(exc)}") from None
+
+    # --- names and labels -------------------------------------------------------------
+
+    def _check_name(self, name: str) -> None:
+        if not INSTANCE_NAME.fullmatch(name or ""):
+            raise RuntimeError_(f"instance name {name!r} is not DNS-safe (a-z, 0-9, '-', at most 42 characters)")
+
+    def _prefix(self, name: str) -> str:
+        return f"lab-{self.manager_id}-{name}"
+
+    def container_name(self, name: str, component: str) -> str:
+        return f"{self._prefix(name)}-{component}"
+
+    def network_name(self, name: str, role: str) -> str:
+        return f"{self._prefix(name)}-{NETWORK_SUFFIX[role]}"
+
+    def volume_name(self, name: str) -> str:
+        return f"{self._prefix(name)}-pgdata"
+
+    def _labels(self, name: str, component: str, **extra: str) -> dict[str, str]:
+        return {LABEL_MANAGER: self.manager_id, LABEL_INSTANCE: name, LABEL_COMPONENT: component, **extra}
+
+    def _filters(self, name: str | None = None, **extra: str) -> dict:
+        labels = [f"{LABEL_MANAGER}={self.manager_id}"]
+        if name is not None:
+            labels.append(f"{LABEL_INSTANCE}={name}")
+        labels += [f"{k}={v}" for k, v in extra.items()]
+        return {"label": labels}
+
+    def _ours(self, labels: dict | None, name: str) -> bool:
+        labels = labels or {}
+        return labels.get(LABEL_MANAGER) == self.manager_id and labels.get(LABEL_INSTANCE) == name
+
+    # --- desired configuration ----------------------------------------------------------
+
+    def service_urls(self, spec: InstanceSpec) -> dict[str, str]:
+        """DATABASE_URL and REDIS_URL as the app container sees its services."""
+        user, password = quote(spec.db_user, safe=""), quote(spec.db_password, safe="")
+        return {
+            "DATABASE_URL": f"postgres://{user}:{password}@db:5432/{spec.db_name}",
+            "REDIS_URL": "redis://redis:6379/0",
+        }
+
+    def _desired(self, spec: InstanceSpec, component: str) -> dict:
+        """Everything a container is created from; its hash is the config label."""
+        name = spec.name
+        if component == "db":
+            args: list[str] = ["postgres"]
+            for key, value in POSTGRES_ARGS.items():
+                args += ["-c", f"{key}={value}"]
+            return {
+                "image": self.images["db"],
+                "command": args,
+                "env": {
+                    "POSTGRES_USER": spec.db_user,
+                    "POSTGRES_PASSWORD": spec.db_password,
+                    "POSTGRES_DB": spec.db_name,
+                    "PGDATA": PGDATA,
+                },
+                "user": "postgres",
+                "memory_mb": spec.db_memory_mb,
+                "cpus": self.db_cpus,
+                "pids": self.pids_limits["db"],
+                "volume": self.volume_name(name),
+                "networks": {"internal": ["db"]},
+                "stop_signal": "SIGINT",  # PostgreSQL's fast shutdown
+                "init": False,
+            }
+        if component == "redis":
+            maxmemory = max(8, spec.redis_memory_mb * 3 // 4)
+            return {
+                "image": self.images["redis"],
+                "command": [
+                    "redis-server", "--save", "", "--appendonly", "no", "--protected-mode", "no",
+                    "--maxmemory", f"{maxmemory}mb", "--maxmemory-policy", "noeviction",
+                ],
+                "env": {},
+                "user": "redis",
+                "memory_mb": spec.redis_memory_mb,
+                "cpus": self.redis_cpus,
+                "pids": self.pids_limits["redis"],
+                "networks": {"internal": ["redis"]},
+                "stop_signal": "SIGTERM",
+                "init": False,
+            }
+        app: AppSpec = spec.app
+        env = {**self.service_urls(spec), **app.env}
+        return {
+            "image": app.image,
+            "command": list(app.command) if app.command is not None else None,
+            "env": env,
+            "user": None,  # the image's own
+            "memory_mb": spec.memory_mb,
+            "cpus": spec.cpus,
+            "pids": self.pids_limits["app"],
+            "port": app.port,
+            "release": app.release_id,
+            # The first network is the one the published port goes through.
+            "networks": {"edge": [], "internal": ["app"]},
+            "stop_signal": "SIGTERM",
+            "init": True,  # tini as PID 1: signals reach the app, zombies are reaped
+        }
+
+    @staticmethod
+    def _hash(desired: dict) -> str:
+        blob = json.dumps(desired, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:20]
+
+    # --- ensure -------------------------------------------------------------------------
+
+    @_user_errors
+    def ensure(self, spec: InstanceSpec) -> InstanceState:
+        name = spec.name
+        self._check_name(name)
+        for label, value in (("database name", spec.db_name), ("database user", spec.db_user)):
+            if not SQL_IDENTIFIER.fullmatch(value or ""):
+                raise RuntimeError_(f"{label} {value!r} must be a lowercase SQL identifier")
+        self._check_image(self.images["db"], service=True)
+        self._check_image(self.images["redis"], service=True)
+        if spec.app is not None:
+            self._check_image(spec.app.image, service=False)
+
+        networks = {role: self._ensure_network(name, role) for role in NETWORK_ROLES}
+        self._ensure_volume(name)
+        self._ensure_container(spec, "db", networks)
+        self._ensure_container(spec, "redis", networks)
+        self._wait_services(name, self.ready_timeout)
+        if spec.app is not None:
+            self._ensure_container(spec, "app", networks)
+        else:
+            self._remove_container(self.container_name(name, "app"), name, graceful=True)
+        return self.state(name)
+
+    def _check_image(self, image: str, *, service: bool) -> None:
+        try:
+            self._call(f"inspecting image {image}", self.api.inspect_image, image)
+        except NotFound:
+            if service:
+                raise RuntimeError_(f"image {image} not found: build it with `python manage.py build_images`") from None
+            raise RuntimeError_(f"app image {image} not found on the Docker engine") from None
+
+    # networks
+
+    def _ensure_network(self, name: str, role: str) -> str:
+        """The id of the instance's network `role`, created or repaired."""
+        netname = self.network_name(name, role)
+        internal = role == "internal"
+        found = self._call("listing networks", self.api.networks, names=[netname])
+        found = [n for n in found if n["Name"] == netname]
+        for net in found:
+            if not self._ours(net.get("Labels"), name):
+                raise RuntimeError_(
+                    f"a Docker network named {netname} exists that this manager did not create; remove or rename it"
+                )
+        good = [n for n in found if self._network_ok(n, internal)]
+        good.sort(key=lambda n: (_timestamp(n.get("Created", "")), n["Id"]))
+        keep = good[0] if good else None
+        for net in found:  # duplicates of a race, or a network changed by hand
+            if keep is None or net["Id"] != keep["Id"]:
+                self._remove_network(net["Id"])
+        if keep is not None:
+            return keep["Id"]
+        return self._create_network(name, role, netname, internal)
+
+    @staticmethod
+    def _network_ok(net: dict, internal: bool) -> bool:
+        if bool(net.get("Internal")) != internal or net.get("Driver") != "bridge":
+            return False
+        icc = (net.get("Options") or {}).get("com.docker.network.bridge.enable_icc", "true")
+        return internal or icc == "false"
+
+    def _used_subnets(self) -> list:
+        used = []
+        for net in self._call("listing networks", self.api.networks):
+            for conf in (net.get("IPAM") or {}).get("Config") or []:
+                try:
+                    used.append(ipaddress.ip_network(conf.get("Subnet", ""), strict=False))
+                except ValueError:
+                    pass
+        return used
+
+    def _create_network(self, name: str, role: str, netname: str, internal: bool) -> str:
+        used = [n for n in self._used_subnets() if n.version == self._pool.version]
+        count = 2 ** (SUBNET_PREFIX - self._pool.prefixlen)
+        # Start at a place derived from the name, so parallel creates rarely collide.
+        start = int(hashlib.sha256(netname.encode()).hexdigest(), 16) % count
+        options = {} if internal else {"com.docker.network.bridge.enable_icc": "false"}
+        labels = self._labels(name, "network", **{LABEL_NETWORK: role})
+        attempts = 0
+        for i in range(count):
+            index = (start + i) % count
+            subnet = ipaddress.ip_network(
+                (int(self._pool.network_address) + index * 2 ** (32 - SUBNET_PREFIX), SUBNET_PREFIX)
+            )
+            if any(subnet.overlaps(u) for u in used):
+                continue
+            ipam = docker.types.IPAMConfig(pool_configs=[docker.types.IPAMPool(subnet=str(subnet))])
+            try:
+                net = self.api.create_network(
+                    netname, driver="bridge", internal=internal, options=options, ipam=ipam,
+                    labels=labels, check_duplicate=True,
+                )
+                return net["Id"]
+            except APIError as exc:
+                text = _short(exc).lower()
+                if "overlap" in text and attempts < 30:
+                    attempts += 1
+                    used.append(subnet)
+                    continue
+                if "already exists" in text or exc.status_code == 409:  # a racing ensure made it
+                    return self._ensure_network(name, role)
+                raise RuntimeError_(f"creating network {netname}: {_short(exc)}") from None
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                raise RuntimeError_(f"Docker engine not reachable at {self.engine_url}: {_short(exc)}") from None
+        raise RuntimeError_(f"no free /{SUBNET_PREFIX} subnet left in LAB_DOCKER_SUBNETS={self.subnets}")
+
+    def _remove_network(self, net_id: str) -> None:
+        try:
+            info = self.api.inspect_network(net_id)
+            for cid in (info.get("Containers") or {}):
+                try:
+                    self.api.disconnect_container_from_network(cid, net_id, force=True)
+                except NotFound:
+                    pass
+            self.api.remove_network(net_id)
+        except NotFound:
+            pass
+        except APIError as exc:
+            raise RuntimeError_(f"removing network {net_id[:12]}: {_short(exc)}") from None
+
+    # volume
+
+    def _ensure_volume(self, name: str) -> None:
+        vname = self.volume_name(name)
+        try:
+            vol = self.api.inspect_volume(vname)
+        except NotFound:
+            vol = self._call(
+                f"creating volume {vname}", self.api.create_volume, vname, driver="local",
+                labels=self._labels(name, "volume"),
+            )
+        except APIError as exc:
+            raise RuntimeError_(f"inspecting volume {vname}: {_short(exc)}") from None
+        if not self._ours(vol.get("Labels"), name):
+            raise RuntimeError_(f"a Docker volume named {vname} exists that this manager did not create; remove or rename it")
+
+    # containers
+
+    def _inspect(self, cname: str) -> dict | None:
+        try:
+            return self._call(f"inspecting container {cname}", self.api.inspect_container, cname)
+        except NotFound:
+            return None
+
+    def _ensure_container(self, spec: InstanceSpec, component: str, networks: dict[str, str]) -> dict:
+        name = spec.name
+        cname = self.container_name(name, component)
+        desired = self._desired(spec, component)
+        config_hash = self._hash(desired)
+        info = self._inspect(cname)
+        if info is not None:
+            labels = info["Config"].get("Labels") or {}
+            if not self._ours(labels, name):
+                raise RuntimeError_(
+                    f"a container named {cname} exists that this manager did not create; remove or rename it"
+                )
+            attached = {n["NetworkID"] for n in (info["NetworkSettings"].get("Networks") or {}).values()}
+            wanted = {networks[role] for role in desired["networks"]}
+            status = info["State"]["Status"]
+            if labels.get(LABEL_CONFIG) != config_hash or attached != wanted or status in ("dead", "removing"):
+                self._remove_container(cname, name, graceful=True)
+                info = None
+        if info is None:
+            info = self._create_container(spec, component, desired, config_hash, networks)
+        status = info["State"]["Status"]
+        if status == "paused":
+            self._call(f"unpausing {cname}", self.api.unpause, cname)
+        elif status in ("created", "exited"):
+            self._call(f"starting {cname}", self.api.start, cname)
+        # "running" and "restarting" (the restart policy at work) are left alone.
+        return info
+
+    def _create_container(self, spec, component, desired, config_hash, networks) -> dict:
+        api = self.api
+        name = spec.name
+        cname = self.container_name(name, component)
+        mb = int(desired["memory_mb"])
+        extra = {}
+        ports = None
+        if component == "app":
+            extra = {LABEL_RELEASE: desired["release"], LABEL_APP_PORT: str(desired["port"])}
+            ports = [desired["port"]]
+        labels = self._labels(name, component, **{LABEL_CONFIG: config_hash}, **extra)
+        roles = list(desired["networks"])
+        primary = roles[0]
+        host_config = api.create_host_config(
+            mem_limit=f"{mb}m",
+            memswap_limit=f"{mb}m",  # no swap
+            nano_cpus=int(float(desired["cpus"]) * 1e9) if desired["cpus"] and desired["cpus"] > 0 else None,
+            pids_limit=desired["pids"],
+            restart_policy={"Name": "unless-stopped"},
+            security_opt=["no-new-privileges"],
+            cap_drop=["ALL"],
+            privileged=False,
+            network_mode=networks[primary],
+            port_bindings={desired["port"]: ("127.0.0.1", None)} if ports else None,
+            mounts=[Mount(PGDATA, desired["volume"], type="volume")] if "volume" in desired else None,
+            log_config=LogConfig(type="json-file", config={"max-size": "5m", "max-file": "2"}),
+            init=desired["init"] or None,
+        )
+        networking = api.create_networking_config(
+            {networks[primary]: api.create_endpoint_config(aliases=desired["networks"][primary] or None)}
+        )
+        try:
+            created = api.create_container(
+                desired["image"],
+                command=desired["command"],
+                name=cname,
+                user=desired["user"] or None,
+                environment=desired["env"],
+                labels=labels,
+                ports=ports,
+                host_config=host_config,
+                networking_config=networking,
+                stop_signal=desired["stop_signal"],
+                stop_timeout=self.stop_timeout,
+                detach=True,
+            )
+        except APIError as exc:
+            if exc.status_code == 409:
+                # Another ensure created it first, or a killed one's create is still under
+                # way in the engine (the name is taken a moment before it can be inspected).
+                info = self._wait_created(cname, 30)
+                if info is not None and self._ours(info["Config"].get("Labels"), name):
+                    return info
+            raise RuntimeError_(f"creating container {cname}: {_short(exc)}") from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise RuntimeError_(f"Docker engine not reachable at {self.engine_url}: {_short(exc)}") from None
+        for role in roles[1:]:
+            self._call(
+                f"connecting {cname} to its network", api.connect_container_to_network,
+                created["Id"], networks[role], aliases=desired["networks"][role] or None,
+            )
+        return self._inspect(cname) or {"State": {"Status": "created"}}
+
+    def _wait_created(self, cname: str, timeout: float) -> dict | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self._inspect(cname)
+            if info is not None or time.monotonic() >= deadline:
+                return info
+            time.sleep(0.1)
+
+    def _remove_container(self, cname: str, name: str, *, graceful: bool) -> None:
+        info = self._inspect(cname)
+        if info is None:
+            return
+        if not self._ours(info["Config"].get("Labels"), name):
+            return  # never ours to touch
+        try:
+            if graceful and info["State"].get("Running"):
+                self.api.stop(info["Id"], timeout=self.stop_timeout)
+            self.api.remove_container(info["Id"], force=True)
+        except NotFound:
+            pass
+        except APIError as exc:
+            if "already in progress" not in _short(exc):
+                raise RuntimeError_(f"removing container {cname}: {_short(exc)}") from None
+            self._wait_gone(info["Id"], 30)
+
+    def _wait_gone(self, cid: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.api.inspect_container(cid)
+            except NotFound:
+                return
+            time.sleep(0.2)
+
+    # readiness
+
+    def _exec(self, cname: str, cmd: list[str], *, user: str | None = None,
+              env: dict | None = None) -> tuple[int | None, str]:
+        """Run `cmd` in the container; (exit code, stdout+stderr)."""
+        api = self.api
+        eid = api.exec_create(cname, cmd, user=user or "", environment=env)["Id"]
+        out = api.exec_start(eid)
+        code = None
+        for _ in range(50):
+            code = api.exec_inspect(eid).get("ExitCode")
+            if code is not None:
+                break
+            time.sleep(0.02)
+        return code, (out or b"").decode(errors="replace")
+
+    def _probe(self, cname: str, component: str) -> bool:
+        try:
+            if component == "db":
+                # Over TCP: the entrypoint's temporary init server listens on no TCP port,
+                # so this answers only once the real server runs.
+                code, _ = self._exec(cname, ["pg_isready", "-q", "-h", "127.0.0.1", "-p", "5432", "-t", "2"])
+                return code == 0
+            code, out = self._exec(cname, ["redis-cli", "ping"])
+            return code == 0 and "PONG" in out
+        except (APIError, requests.RequestException):
+            return False
+
+    def _wait_services(self, name: str, timeout: float) -> None:
+        """Until PostgreSQL and Redis answer; fails at the deadline, or at once when one of
+        them crashes (exits, or is restarted by its policy) while we wait."""
+        labels = {"db": "PostgreSQL", "redis": "Redis"}
+        deadline = time.monotonic() + timeout
+        pending = ["db", "redis"]
+        restarts: dict[str, int] = {}
+        rounds = 0
+        while True:
+            for component in list(pending):
+                cname = self.container_name(name, component)
+                if self._probe(cname, component):
+                    pending.remove(component)
+                elif rounds % 5 == 0:  # about twice a second: has it crashed?
+                    info = self._inspect(cname) or {"State": {"Status": "removed"}, "RestartCount": 0}
+                    count = info.get("RestartCount") or 0
+                    restarts.setdefault(component, count)
+                    if info["State"]["Status"] in ("exited", "dead", "removed") or count > restarts[component]:
+                        tail = _last_lines(self.logs(name, component, tail=20))
+                        raise RuntimeError_(f"{labels[component]} of {name} failed to start" + (f": {tail}" if tail else ""))
+            if not pending:
+                return
+            if time.monotonic() >= deadline:
+                what = " and ".join(labels[c] for c in pending)
+                tail = _last_lines(self.logs(name, pending[0], tail=20))
+                raise RuntimeError_(f"{what} of {name} not ready after {timeout:g} s" + (f": {tail}" if tail else ""))
+            rounds += 1
+            time.sleep(0.1)
+
+    # --- state ---------------------------------------------------------------------------
+
+    @_user_errors
+    def state(self, name: str) -> InstanceState:
+        self._check_name(name)
+        components = {}
+        app_url = ""
+        for component in COMPONENTS:
+            cname = self.container_name(name, component)
+            info = self._inspect(cname)
+            if info is None or not self._ours(info["Config"].get("Labels"), name):
+                components[component] = ComponentState(Health.MISSING)
+                continue
+            components[component] = self._component_state(cname, component, info)
+            if component == "app":
+                app_url = self._app_url(info)
+        return InstanceState(db=components["db"], redis=components["redis"], app=components["app"], app_url=app_url)
+
+    def _component_state(self, cname: str, component: str, info: dict) -> ComponentState:
+        st = info["State"]
+        status = st["Status"]
+        notes = []
+        if st.get("OOMKilled"):
+            notes.append("OOMKilled")
+        restarts = info.get("RestartCount") or 0
+        if restarts:
+            notes.append(f"restarted {restarts}x")
+        if status == "running":
+            if component == "app" or self._probe(cname, component):
+                return ComponentState(Health.RUNNING, ", ".join(notes))
+            return ComponentState(Health.STARTING, ", ".join(notes or ["not answering yet"]))
+        if status == "restarting":
+            return ComponentState(Health.STARTING, ", ".join(notes + [f"exit code {st.get('ExitCode')}"]))
+        if status == "created":
+            return ComponentState(Health.EXITED, "created, not started")
+        if status == "paused":
+            return ComponentState(Health.EXITED, "paused")
+        detail = notes + [f"exit code {st.get('ExitCode')}"]
+        if st.get("Error"):
+            detail.append(st["Error"][:200])
+        return ComponentState(Health.EXITED, ", ".join(detail))
+
+    @staticmethod
+    def _app_url(info: dict) -> str:
+        port = (info["Config"].get("Labels") or {}).get(LABEL_APP_PORT, "")
+        bindings = ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(f"{port}/tcp") or []
+        for binding in bindings:
+            if binding.get("HostPort"):
+                return f"http://{binding.get('HostIp') or '127.0.0.1'}:{binding['HostPort']}"
+        return ""
+
+    # --- operations ------------------------------------------------------------------------
+
+    @_user_errors
+    def restart_app(self, name: str) -> None:
+        self._check_name(name)
+        cname = self.container_name(name, "app")
+        info = self._inspect(cname)
+        if info is None or not self._ours(info["Config"].get("Labels"), name):
+            return
+        try:
+            self._call(f"restarting {cname}", self.api.restart, info["Id"], timeout=self.stop_timeout)
+        except NotFound:
+            pass
+
+    @_user_errors
+    def stop(self, name: str) -> None:
+        self._check_name(name)
+        for component in ("app", "redis", "db"):
+            cname = self.container_name(name, component)
+            info = self._inspect(cname)
+            if info is None or not self._ours(info["Config"].get("Labels"), name):
+                continue
+            try:
+                self._call(f"stopping {cname}", self.api.stop, info["Id"], timeout=self.stop_timeout)
+            except NotFound:
+                pass
+
+    def _running_db(self, name: str) -> str:
+        cname = self.container_name(name, "db")
+        info = self._inspect(cname)
+        if info is None or not self._ours(info["Config"].get("Labels"), name):
+            raise RuntimeError_(f"the database of {name} does not exist")
+        if not info["State"].get("Running"):
+            raise RuntimeError_(f"the database of {name} is not running")
+        return cname
+
+    @_user_errors
+    def backup_database(self, name: str, spec: InstanceSpec, dest: Path) -> int:
+        self._check_name(name)
+        cname = self._running_db(name)
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.partial")
+        api = self.api
+        try:
+            eid = self._call(
+                f"starting pg_dump in {cname}", api.exec_create, cname,
+                ["pg_dump", "-Fc", "-U", spec.db_user, "-d", spec.db_name],
+                user="postgres", environment={"PGPASSWORD": spec.db_password},
+            )["Id"]
+            errors = bytearray()
+            with open(tmp, "wb") as fh:
+                for stdout, stderr in api.exec_start(eid, stream=True, demux=True):
+                    if stdout:
+                        fh.write(stdout)
+                    if stderr and len(errors) < 4096:
+                        errors += stderr
+                fh.flush()
+                os.fsync(fh.fileno())
+            code = None
+            for _ in range(100):
+                code = api.exec_inspect(eid).get("ExitCode")
+                if code is not None:
+                    break
+                time.sleep(0.05)
+            if code != 0:
+                raise RuntimeError_(
+                    f"pg_dump of {name} failed (exit code {code}): {_last_lines(errors.decode(errors='replace'))}"
+                )
+            size = tmp.stat().st_size
+            with open(tmp, "rb") as fh:
+                if fh.read(5) != b"PGDMP":
+                    raise RuntimeError_(f"pg_dump of {name} wrote no custom-format archive")
+            os.replace(tmp, dest)
+            return size
+        except (requests.RequestException, APIError) as exc:
+            raise RuntimeError_(f"backup of {name} failed: {_short(exc)}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @_user_errors
+    def reset_database(self, name: str, spec: InstanceSpec) -> None:
+        self._check_name(name)
+        cname = self._running_db(name)
+        db, user = spec.db_name, spec.db_user
+        for value in (db, user):
+            if not SQL_IDENTIFIER.fullmatch(value or ""):
+                raise RuntimeError_(f"{value!r} is not a lowercase SQL identifier")
+        cmd = [
+            "psql", "-v", "ON_ERROR_STOP=1", "-q", "-U", user, "-d", "template1",
+            # WITH (FORCE) terminates the app's connections first (PostgreSQL 13+).
+            "-c", f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)',
+            "-c", f'CREATE DATABASE "{db}" OWNER "{user}"',
+        ]
+        try:
+            code, out = self._exec(cname, cmd, user="postgres", env={"PGPASSWORD": spec.db_password})
+        except (APIError, requests.RequestException) as exc:
+            raise RuntimeError_(f"resetting the database of {name} failed: {_short(exc)}") from None
+        if code != 0:
+            raise RuntimeError_(f"resetting the database of {name} failed: {_last_lines(out)}")
+        self.restart_app(name)
+
+    @_user_errors
+    def remove(self, name: str) -> None:
+        """Everything labelled with the instance, in rounds until nothing is left: a
+        container whose creation is still under way (a killed ensure's) shows in the list
+        a moment before it can be removed."""
+        self._check_name(name)
+        deadline = time.monotonic() + 60
+        while True:
+            left = self._remove_round(name)
+            if not left:
+                return
+            if time.monotonic() >= deadline:
+                raise RuntimeError_(f"could not remove everything of {name}: {left[0]}")
+            time.sleep(0.3)
+
+    def _remove_round(self, name: str) -> list[str]:
+        """One pass over containers, networks and volumes; returns what is still there."""
+        api = self.api
+        filters = self._filters(name)
+        problems = []
+        for c in self._call("listing containers", api.containers, all=True, filters=filters):
+            try:
+                api.remove_container(c["Id"], force=True)
+            except NotFound:
+                pass
+            except APIError as exc:
+                problems.append(f"container {c['Names'][0].lstrip('/')}: {_short(exc)}")
+        for net in self._call("listing networks", api.networks, filters=filters):
+            try:
+                self._remove_network(net["Id"])
+            except RuntimeError_ as exc:
+                problems.append(str(exc))
+        for vol in self._call("listing volumes", api.volumes, filters=filters).get("Volumes") or []:
+            try:
+                api.remove_volume(vol["Name"], force=True)
+            except NotFound:
+                pass
+            except APIError as exc:  # in use: a container of ours still being created or removed
+                problems.append(f"volume {vol['Name']}: {_short(exc)}")
+        remaining = (
+            len(self._call("listing containers", api.containers, all=True, filters=filters))
+            + len(self._call("listing networks", api.networks, filters=filters))
+            + len(self._call("listing volumes", api.volumes, filters=filters).get("Volumes") or [])
+        )
+        if remaining and not problems:
+            problems.append(f"{remaining} resources appeared while removing")
+        return problems if remaining else []
+
+    @_user_errors
+    def logs(self, name: str, component: str = "app", tail: int = 200) -> str:
+        self._check_name(name)
+        if component not in COMPONENTS:
+            raise RuntimeError_(f"unknown component {component!r} (app, db or redis)")
+        cname = self.container_name(name, component)
+        info = self._inspect(cname)
+        if info is None or not self._ours(info["Config"].get("Labels"), name):
+            return ""
+        try:
+            out = self._call(f"reading logs of {cname}", self.api.logs, info["Id"], stdout=True, stderr=True,
+                             tail=max(1, int(tail)))
+        except NotFound:
+            return ""
+        return out.decode("utf-8", errors="replace")
+
+    @_user_errors
+    def owned_instances(self) -> set[str]:
+        api = self.api
+        filters = self._filters()
+        labelled = []
+        labelled += [c.get("Labels") for c in self._call("listing containers", api.containers, all=True, filters=filters)]
+        labelled += [n.get("Labels") for n in self._call("listing networks", api.networks, filters=filters)]
+        labelled += [v.get("Labels") for v in (self._call("listing volumes", api.volumes, filters=filters).get("Volumes") or [])]
+        return {labels[LABEL_INSTANCE] for labels in labelled if labels and labels.get(LABEL_INSTANCE)}
