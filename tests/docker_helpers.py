@@ -1,0 +1,125 @@
+"""Helpers for tests (and benchmarks) that use the real Docker engine.
+
+Everything here looks only at resources labelled with one manager id, the id a test run
+makes up for itself, so it never touches anything else on the engine.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import urllib.error
+import urllib.request
+
+import docker
+from docker.errors import APIError, NotFound
+
+from instances.runtime.docker import LABEL_INSTANCE, LABEL_MANAGER
+
+
+def api(timeout: float = 60) -> docker.APIClient:
+    return docker.APIClient(version="auto", timeout=timeout, **docker.utils.kwargs_from_env())
+
+
+def engine_ok() -> bool:
+    try:
+        return bool(api(timeout=5).ping())
+    except Exception:  # noqa: BLE001 - any failure means "no engine"
+        return False
+
+
+def images_present(*images: str) -> bool:
+    try:
+        client = api(timeout=10)
+        for image in images:
+            client.inspect_image(image)
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def new_manager_id() -> str:
+    return "t" + secrets.token_hex(5)
+
+
+def _filters(manager_id: str, instance: str | None) -> dict:
+    labels = [f"{LABEL_MANAGER}={manager_id}"]
+    if instance is not None:
+        labels.append(f"{LABEL_INSTANCE}={instance}")
+    return {"label": labels}
+
+
+def labelled(manager_id: str, instance: str | None = None, client: docker.APIClient | None = None) -> dict:
+    """The containers, networks and volumes carrying our labels (raw API dicts)."""
+    client = client or api()
+    filters = _filters(manager_id, instance)
+    return {
+        "containers": client.containers(all=True, filters=filters),
+        "networks": client.networks(filters=filters),
+        "volumes": client.volumes(filters=filters).get("Volumes") or [],
+    }
+
+
+def purge(manager_id: str, timeout: float = 60) -> None:
+    """Remove everything labelled with `manager_id` (test clean-up), in rounds: a container
+    still being created is listed a moment before it can be removed."""
+    client = api()
+    deadline = time.monotonic() + timeout
+    while True:
+        found = labelled(manager_id, client=client)
+        if not any(found.values()) or time.monotonic() > deadline:
+            return
+        for c in found["containers"]:
+            try:
+                client.remove_container(c["Id"], force=True)
+            except (NotFound, APIError):
+                pass
+        for n in found["networks"]:
+            try:
+                info = client.inspect_network(n["Id"])
+                for cid in info.get("Containers") or {}:
+                    client.disconnect_container_from_network(cid, n["Id"], force=True)
+                client.remove_network(n["Id"])
+            except (NotFound, APIError):
+                pass
+        for v in found["volumes"]:
+            try:
+                client.remove_volume(v["Name"], force=True)
+            except (NotFound, APIError):
+                pass
+        time.sleep(0.3)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+def http_get(url: str, timeout: float = 2) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+    except (urllib.error.URLError, OSError) as exc:
+        return 0, str(exc).encode()
+
+
+def exec_in(client: docker.APIClient, container: str, cmd: list[str], env: dict | None = None,
+            user: str = "") -> tuple[int, str]:
+    eid = client.exec_create(container, cmd, environment=env, user=user)["Id"]
+    out = client.exec_start(eid).decode(errors="replace")
+    code = None
+    for _ in range(100):
+        code = client.exec_inspect(eid)["ExitCode"]
+        if code is not None:
+            break
+        time.sleep(0.05)
+    return code, out
