@@ -49,6 +49,14 @@ def runtime():
         rt.remove(name)
 
 
+@pytest.fixture(autouse=True)
+def clean_engine(runtime):
+    """Each test starts and ends with none of this run's instances on the engine."""
+    yield
+    for name in runtime.owned_instances():
+        runtime.remove(name)
+
+
 @pytest.fixture
 def people(db):
     boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
