@@ -1,3 +1,5 @@
+import asyncio
+
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
@@ -16,11 +18,14 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
             return
         self.user = user
         self.groups_joined: set[str] = set()
+        self.followers: dict[str, asyncio.Task] = {}
         await self.accept()
         await self._join(user_group(user.pk))
         await self.send_json({"type": "hello", "user": user.username})
 
     async def disconnect(self, code):
+        for task in getattr(self, "followers", {}).values():
+            task.cancel()
         for group in getattr(self, "groups_joined", set()):
             await self.channel_layer.group_discard(group, self.channel_name)
 
@@ -36,10 +41,34 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
                 return
             await self._join(group)
             await self.send_json({"type": "subscribed", "topic": topic})
+        elif "follow_logs" in content:
+            await self._follow_logs(str(content["follow_logs"]), str(content.get("component", "app")))
+        elif "unfollow_logs" in content:
+            task = self.followers.pop(str(content["unfollow_logs"]), None)
+            if task:
+                task.cancel()
         elif content.get("type") == "ping":
             await self.send_json({"type": "pong"})
         else:
             await self.send_json({"type": "error", "detail": "unknown message"})
+
+    async def _follow_logs(self, name, component):
+        """Stream an instance's logs to this socket (permission checked by the follower)."""
+        from instances.logstream import follow
+
+        old = self.followers.pop(name, None)
+        if old:
+            old.cancel()
+        stream = follow(self.user, name, component)
+
+        async def pump():
+            try:
+                async for text in stream:
+                    await self.send_json({"type": "logs", "name": name, "component": component, "text": text})
+            except PermissionError as exc:
+                await self.send_json({"type": "error", "detail": str(exc)})
+
+        self.followers[name] = asyncio.ensure_future(pump())
 
     async def _join(self, group):
         await self.channel_layer.group_add(group, self.channel_name)

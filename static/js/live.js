@@ -7,6 +7,7 @@
   var attempt = 0;
   var socket = null;
   var topics = [];  // re-subscribed after every reconnect
+  var sticky = {};  // messages re-sent after every reconnect (e.g. "follow these logs")
 
   function setStatus(text, cls) {
     if (!status) return;
@@ -55,7 +56,10 @@
     socket.onmessage = function (msg) {
       var event;
       try { event = JSON.parse(msg.data); } catch (e) { return; }
-      if (event.type === "hello") topics.forEach(function (t) { socket.send(JSON.stringify({subscribe: t})); });
+      if (event.type === "hello") {
+        topics.forEach(function (t) { socket.send(JSON.stringify({subscribe: t})); });
+        Object.keys(sticky).forEach(function (k) { socket.send(JSON.stringify(sticky[k])); });
+      }
       if (event.type === "notify") showToast(event);
       document.dispatchEvent(new CustomEvent("lab:" + event.type, {detail: event}));
       if (event.job && window.htmx) htmx.trigger(document.body, "lab:jobs-changed");
@@ -73,6 +77,10 @@
       if (topics.indexOf(topic) >= 0) return;
       topics.push(topic);
       if (socket && socket.readyState === 1) socket.send(JSON.stringify({subscribe: topic}));
+    },
+    sticky: function (key, message) {
+      sticky[key] = message;
+      if (socket && socket.readyState === 1) socket.send(JSON.stringify(message));
     },
     toast: showToast,
   };

@@ -1,0 +1,46 @@
+"""Live-following an instance's container logs over the realtime socket.
+
+`follow()` yields the latest lines of a component whenever they change, checking every
+`interval` seconds, for at most `max_seconds` (the page re-asks after that). The caller
+(the websocket consumer) only forwards what it yields.
+"""
+
+import asyncio
+
+from channels.db import database_sync_to_async
+
+from instances import runtime as runtimes
+from instances.runtime.base import RuntimeError_
+from instances.selectors import visible_instances
+
+COMPONENTS = {"app", "db", "redis"}
+
+
+@database_sync_to_async
+def _visible_name(user, name):
+    instance = visible_instances(user).filter(name=name).first()
+    return instance.name if instance else None
+
+
+def _read(name, component, tail):
+    try:
+        return runtimes.get_runtime().logs(name, component, tail=tail)
+    except RuntimeError_ as exc:
+        return f"(logs unavailable: {exc})"
+
+
+async def follow(user, name, component="app", *, interval=1.0, max_seconds=900, tail=200):
+    """Async generator of log snapshots; raises PermissionError when `user` may not see it."""
+    if component not in COMPONENTS:
+        raise PermissionError(f"unknown component {component!r}")
+    if await _visible_name(user, name) is None:
+        raise PermissionError(f"no instance named {name!r} that you may see")
+    last = None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max_seconds
+    while loop.time() < deadline:
+        text = await asyncio.to_thread(_read, name, component, tail)
+        if text != last:
+            last = text
+            yield text
+        await asyncio.sleep(interval)
