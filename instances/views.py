@@ -172,3 +172,20 @@ def backup_download(request, name, backup_id):
     record(request.user, "instance.backup_download", instance, f"downloaded backup {backup.filename}", request)
     return FileResponse(backup.path.open("rb"), as_attachment=True, filename=backup.filename,
                         content_type="application/octet-stream")
+
+
+@superuser_required
+def backup_list(request):
+    """Every backup of the lab, including the final backups of deleted instances."""
+    backups = Backup.objects.select_related("instance", "owner", "created_by").all()[:500]
+    return render(request, "instances/backups.html", {"backups": backups})
+
+
+@superuser_required
+def backup_download_any(request, backup_id):
+    backup = get_object_or_404(Backup, pk=backup_id, status=Backup.Status.DONE)
+    if not backup.path.exists():
+        raise Http404("The backup file is missing from LAB_DATA_DIR/backups.")
+    record(request.user, "instance.backup_download", backup, f"downloaded backup {backup.filename}", request)
+    return FileResponse(backup.path.open("rb"), as_attachment=True, filename=backup.filename,
+                        content_type="application/octet-stream")

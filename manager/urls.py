@@ -1,6 +1,7 @@
 from django.urls import include, path
 from django.views.generic import RedirectView
 
+from instances import views as instance_views
 from manager.accounts import views as accounts
 from manager.audit import views as audit
 from manager.dashboard import views as dashboard
@@ -27,5 +28,7 @@ urlpatterns = [
     path("audit/", audit.audit_log, name="audit_log"),
     path("jobs/recent/", jobs.recent_jobs, name="recent_jobs"),
     path("instances/", include("instances.urls")),
+    path("backups/", instance_views.backup_list, name="backup_list"),
+    path("backups/<int:backup_id>/download/", instance_views.backup_download_any, name="backup_download_any"),
     path("api/v1/", include("manager.api.urls")),
 ]

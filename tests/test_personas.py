@@ -148,6 +148,8 @@ ROUTES = [
     Route("audit_log", "/audit/", MANAGERS_ONLY),
     # instances: ann's instance is visible to ann and lab managers; to bob it does not exist (404)
     Route("instance_create", "/instances/new/", MANAGERS_ONLY),
+    Route("backup_list", "/backups/", MANAGERS_ONLY),
+    Route("backup_download_any", lambda w: f"/backups/{w.backup.pk}/download/", MANAGERS_ONLY),
     Route("instance_detail", "/instances/ann-study/", OWNER_VIEW),
     Route("instance_logs", "/instances/ann-study/logs/", OWNER_VIEW),
     Route("backup_download", lambda w: f"/instances/ann-study/backups/{w.backup.pk}/download/", OWNER_VIEW),

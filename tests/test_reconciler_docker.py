@@ -180,6 +180,15 @@ def test_delete_keeps_a_final_backup_and_leaves_nothing(runtime, people):
     final = Backup.objects.get(instance_name="rc-delete", kind="final")
     assert final.status == "done" and final.path.read_bytes()[:5] == b"PGDMP"
     assert "rc-delete" not in runtime.owned_instances()
+    # The lab manager still finds and downloads it.
+    from django.test import Client
+
+    manager = Client()
+    manager.force_login(boss)
+    page = manager.get("/backups/").content.decode()
+    assert "rc-delete" in page and "deleted" in page
+    download = manager.get(f"/backups/{final.pk}/download/")
+    assert download.status_code == 200 and b"".join(download.streaming_content)[:5] == b"PGDMP"
 
 
 def test_sweep_heals_drift_and_removes_orphans(runtime, people):
