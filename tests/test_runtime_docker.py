@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -198,6 +200,7 @@ def test_ensure_is_idempotent_and_repairs_drift(rt, mid, api):
         return sorted(n["Id"] for n in dh.labelled(mid, name)["networks"])
 
     first, nets = ids(), network_ids()
+    url = rt.state(name).app_url
     assert rt.ensure(spec).services_ready
     assert ids() == first and network_ids() == nets
 
@@ -226,6 +229,7 @@ def test_ensure_is_idempotent_and_repairs_drift(rt, mid, api):
         after = ids()
         assert after["app"] != before["app"] and after["db"] == before["db"] and after["redis"] == before["redis"]
         assert state.app.health == Health.RUNNING
+        assert state.app_url == url  # a replaced app keeps its address
         wait_http(state.app_url + "/")
     info = api.inspect_container(rt.container_name(name, "app"))
     assert "GREETING=hi" in info["Config"]["Env"] and info["HostConfig"]["Memory"] == 200 * 2**20
@@ -235,19 +239,33 @@ def test_ensure_is_idempotent_and_repairs_drift(rt, mid, api):
     assert state.app.health == Health.MISSING and state.app_url == ""
     assert names(dh.labelled(mid, name)) == expected_names(rt, name, app=False)
 
-    # stop() stops all three and keeps them; ensure() brings them back.
-    rt.ensure(spec)
+    # stop() stops all three and keeps them; ensure() brings them back, app on the same port.
+    url = rt.ensure(spec).app_url  # a new app container: a new address
     rt.stop(name)
     state = rt.state(name)
     assert state.db.health == state.redis.health == state.app.health == Health.EXITED
+    assert state.app_url == url
     kept = ids()
-    assert rt.ensure(spec).services_ready and ids() == kept
+    state = rt.ensure(spec)
+    assert state.services_ready and ids() == kept and state.app_url == url
 
-    # restart_app: same container, restarted.
+    # restart_app: same container, restarted, same address.
     started = api.inspect_container(rt.container_name(name, "app"))["State"]["StartedAt"]
     rt.restart_app(name)
     assert api.inspect_container(rt.container_name(name, "app"))["State"]["StartedAt"] != started
-    wait_http(rt.state(name).app_url + "/")
+    assert rt.state(name).app_url == url
+    wait_http(url + "/")
+
+    # Its port taken while the app was down: a new container on a new port.
+    rt.stop(name)
+    port = int(url.rsplit(":", 1)[1])
+    with socket.socket() as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        state = rt.ensure(spec)
+        assert state.app.health == Health.RUNNING and state.app_url not in ("", url)
+        wait_http(state.app_url + "/")
 
 
 # --- crash safety -----------------------------------------------------------------------
@@ -356,6 +374,31 @@ def test_interrupted_at_each_step_then_ensure_converges(rt, mid, api, monkeypatc
     wait_http(state.app_url + "/")
 
 
+def test_racing_ensures_then_one_more_converges(rt, mid):
+    """The reconciler serialises work on one instance with a lock; should two ensures
+    race anyway (three here), the next one still leaves exactly one of everything."""
+    name = "race"
+    errors = []
+
+    def run():
+        try:
+            DockerRuntime(manager_id=mid, images=rt.images, ready_timeout=60).ensure(make_spec(name))
+        except RuntimeError_ as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    state = rt.ensure(make_spec(name, app=http_app()))
+    assert state.services_ready and state.app.health == Health.RUNNING
+    assert names(dh.labelled(mid, name)) == expected_names(rt, name, app=True)
+    wait_http(state.app_url + "/")
+    rt.remove(name)
+
+
 def test_interrupted_remove_then_remove_again_leaves_nothing(rt, mid, api, monkeypatch):
     name = "rmint"
     rt.ensure(make_spec(name, app=http_app()))
@@ -436,6 +479,7 @@ def test_out_of_memory_app_is_killed_alone(rt, api):
     assert info["State"]["OOMKilled"] or info["State"]["ExitCode"] == 137
     state = rt.state("oom-a")
     assert "OOMKilled" in state.app.detail or "restarted" in state.app.detail
+    assert state.app_url == rt.ensure(make_spec("oom-a", app=hog, memory_mb=64)).app_url  # same port after restarts
     assert state.services_ready  # its own db and redis are separate containers and live on
 
     # The neighbour keeps answering and never restarted; the hog keeps being killed.

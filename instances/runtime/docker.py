@@ -34,6 +34,7 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import time
 import uuid
 from functools import cached_property
@@ -105,6 +106,13 @@ def _timestamp(text: str) -> str:
     head, _, frac = text.rstrip("Z").partition(".")
     frac, sep, zone = frac.partition("+") if "+" in frac else (frac, "", "")
     return f"{head}.{frac.ljust(9, '0')}{sep}{zone}"
+
+
+def _free_port() -> int:
+    """A port nothing listens on at 127.0.0.1 right now (the engine runs on this host)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _last_lines(text: str, n: int = 3) -> str:
@@ -467,6 +475,7 @@ class DockerRuntime:
         cname = self.container_name(name, component)
         desired = self._desired(spec, component)
         config_hash = self._hash(desired)
+        host_port = None
         info = self._inspect(cname)
         if info is not None:
             labels = info["Config"].get("Labels") or {}
@@ -474,23 +483,53 @@ class DockerRuntime:
                 raise RuntimeError_(
                     f"a container named {cname} exists that this manager did not create; remove or rename it"
                 )
+            host_port = self._host_port(info)  # a replaced app keeps its address
             attached = {n["NetworkID"] for n in (info["NetworkSettings"].get("Networks") or {}).values()}
             wanted = {networks[role] for role in desired["networks"]}
             status = info["State"]["Status"]
             if labels.get(LABEL_CONFIG) != config_hash or attached != wanted or status in ("dead", "removing"):
                 self._remove_container(cname, name, graceful=True)
                 info = None
-        if info is None:
-            info = self._create_container(spec, component, desired, config_hash, networks)
-        status = info["State"]["Status"]
-        if status == "paused":
-            self._call(f"unpausing {cname}", self.api.unpause, cname)
-        elif status in ("created", "exited"):
-            self._call(f"starting {cname}", self.api.start, cname)
-        # "running" and "restarting" (the restart policy at work) are left alone.
+        for attempt in range(3):
+            if info is None:
+                if component == "app" and not host_port:
+                    host_port = _free_port()
+                info = self._create_container(spec, component, desired, config_hash, networks, host_port)
+            status = info["State"]["Status"]
+            try:
+                if status == "paused":
+                    self._call(f"unpausing {cname}", self.api.unpause, cname)
+                elif status in ("created", "exited"):
+                    self._call(f"starting {cname}", self.api.start, cname)
+                # "running" and "restarting" (the restart policy at work) are left alone.
+                return info
+            except RuntimeError_ as exc:
+                text = str(exc)
+                if component != "app" or attempt == 2 or not (
+                    "already allocated" in text or "address already in use" in text
+                ):
+                    raise
+                # Someone took the app's port while it was down: a new port, a new container.
+                self._remove_container(cname, name, graceful=False)
+                info, host_port = None, None
         return info
 
-    def _create_container(self, spec, component, desired, config_hash, networks) -> dict:
+    @staticmethod
+    def _host_port(info: dict) -> str:
+        """The app's port on the host: the configured one (fixed at creation, so it stays
+        the same across restarts), else the one the engine picked."""
+        port = (info["Config"].get("Labels") or {}).get(LABEL_APP_PORT, "")
+        if not port:
+            return ""
+        for binding in ((info.get("HostConfig") or {}).get("PortBindings") or {}).get(f"{port}/tcp") or []:
+            if binding.get("HostPort"):
+                return binding["HostPort"]
+        for binding in ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(f"{port}/tcp") or []:
+            if binding.get("HostPort"):
+                return binding["HostPort"]
+        return ""
+
+    def _create_container(self, spec, component, desired, config_hash, networks, host_port=None) -> dict:
         api = self.api
         name = spec.name
         cname = self.container_name(name, component)
@@ -513,7 +552,8 @@ class DockerRuntime:
             cap_drop=["ALL"],
             privileged=False,
             network_mode=networks[primary],
-            port_bindings={desired["port"]: ("127.0.0.1", None)} if ports else None,
+            # A fixed host port: the engine would pick a new one at every restart.
+            port_bindings={desired["port"]: ("127.0.0.1", int(host_port) if host_port else None)} if ports else None,
             mounts=[Mount(PGDATA, desired["volume"], type="volume")] if "volume" in desired else None,
             log_config=LogConfig(type="json-file", config={"max-size": "5m", "max-file": "2"}),
             init=desired["init"] or None,
@@ -686,14 +726,9 @@ class DockerRuntime:
             detail.append(st["Error"][:200])
         return ComponentState(Health.EXITED, ", ".join(detail))
 
-    @staticmethod
-    def _app_url(info: dict) -> str:
-        port = (info["Config"].get("Labels") or {}).get(LABEL_APP_PORT, "")
-        bindings = ((info.get("NetworkSettings") or {}).get("Ports") or {}).get(f"{port}/tcp") or []
-        for binding in bindings:
-            if binding.get("HostPort"):
-                return f"http://{binding.get('HostIp') or '127.0.0.1'}:{binding['HostPort']}"
-        return ""
+    def _app_url(self, info: dict) -> str:
+        port = self._host_port(info)
+        return f"http://127.0.0.1:{port}" if port else ""
 
     # --- operations ------------------------------------------------------------------------
 
@@ -795,7 +830,7 @@ class DockerRuntime:
             raise RuntimeError_(f"resetting the database of {name} failed: {_short(exc)}") from None
         if code != 0:
             raise RuntimeError_(f"resetting the database of {name} failed: {_last_lines(out)}")
-        self.restart_app(name)
+        # The app is not restarted here: the caller does that (the reconciler's restart).
 
     @_user_errors
     def remove(self, name: str) -> None:
