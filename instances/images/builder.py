@@ -249,7 +249,9 @@ def prepare_rootfs(rootfs: Path, opts: BuildOptions, pems: list[str], out: Out) 
     out(f"  applying {opts.suite}-updates" + (f" and {opts.suite}-security" if security else "")
         + " (apt-get upgrade)")
     proc_dir = rootfs / "proc"
-    subprocess.run(["mount", "-t", "proc", "proc", str(proc_dir)], check=True)
+    mounted = subprocess.run(["mount", "-t", "proc", "proc", str(proc_dir)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        raise BuildError(f"cannot mount /proc in the new root file system: {mounted.stderr.strip()}")
     try:
         _run_chroot(rootfs, "apt-get", "update", "-qq")
         upgraded = _run_chroot(rootfs, "apt-get", "upgrade", "-y", "-qq", "-o", "Dpkg::Use-Pty=0")
@@ -296,12 +298,14 @@ def remove_rootfs(path: Path) -> None:
 def import_base(client: docker.DockerClient, rootfs: Path, tag: str, opts: BuildOptions,
                 pems: list[str], workdir: Path) -> None:
     archive = workdir / "rootfs.tar"
-    subprocess.run(
+    packed = subprocess.run(
         ["tar", "--numeric-owner", "--xattrs", "--xattrs-include=security.capability",
          "--exclude=./dev/*", "--exclude=./proc/*", "--exclude=./sys/*",
          "-C", str(rootfs), "-cf", str(archive), "."],
-        check=True,
+        capture_output=True, text=True,
     )
+    if packed.returncode != 0:
+        raise BuildError(f"packing the root file system failed: {packed.stderr.strip()[-2000:]}")
     changes = [f"ENV PATH={PATH}", "ENV LANG=C.UTF-8", 'CMD ["bash"]']
     if pems:
         # pip (its own certifi), requests and OpenSSL clients trust the extra CA too.
@@ -450,6 +454,13 @@ def _first_start(client, image, tag, command, env, probe, labels) -> tuple[float
 
 
 def build_images(opts: BuildOptions, out: Out = print) -> list[Result]:
+    try:
+        return _build_images(opts, out)
+    except DockerException as exc:  # the engine refused something: say what, no traceback
+        raise BuildError(f"Docker: {exc}") from None
+
+
+def _build_images(opts: BuildOptions, out: Out) -> list[Result]:
     total_started = time.monotonic()
     unknown = set(opts.only) - set(IMAGES)
     if unknown:
