@@ -1,4 +1,5 @@
 import secrets
+from urllib.parse import quote
 
 from django.conf import settings
 from django.db import models
@@ -102,7 +103,7 @@ class Instance(models.Model):
             "OTREE_REST_KEY": self.rest_key,
             "OTREE_AUTH_LEVEL": self.auth_level,
             "OTREE_PRODUCTION": "1" if self.production else "",
-            "DATABASE_URL": f"postgres://{self.db_user}:{self.db_password}@{db_host}:5432/{self.db_name}",
+            "DATABASE_URL": f"postgres://{self.db_user}:{quote(self.db_password, safe='')}@{db_host}:5432/{self.db_name}",
             "REDIS_URL": f"redis://{redis_host}:6379/0",
         })
         if not self.auth_level:

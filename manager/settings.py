@@ -190,6 +190,7 @@ CELERY_TASK_SOFT_TIME_LIMIT = 300  # every task has a limit; tasks may set a sma
 CELERY_TASK_TIME_LIMIT = 330
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+LAB_READY_TIMEOUT = env_int("LAB_READY_TIMEOUT", 30)  # seconds an instance's database and Redis get to start
 LAB_LOCK_TTL = env_int("LAB_LOCK_TTL", 30)  # seconds a killed worker's instance lock outlives it
 CELERY_BEAT_SCHEDULE = {
     "jobs-sweep": {"task": "manager.jobs.tasks.sweep_jobs", "schedule": 60.0},

@@ -610,7 +610,7 @@ class DockerRuntime:
         try:
             if graceful and info["State"].get("Running"):
                 self.api.stop(info["Id"], timeout=self.stop_timeout)
-            self.api.remove_container(info["Id"], force=True)
+            self.api.remove_container(info["Id"], force=True, v=True)
         except NotFound:
             pass
         except APIError as exc:
@@ -854,7 +854,7 @@ class DockerRuntime:
         problems = []
         for c in self._call("listing containers", api.containers, all=True, filters=filters):
             try:
-                api.remove_container(c["Id"], force=True)
+                api.remove_container(c["Id"], force=True, v=True)
             except NotFound:
                 pass
             except APIError as exc:
