@@ -105,6 +105,7 @@ def backup(instance: Instance, kind: str, actor=None) -> Backup:
                                 filename=filename, created_by=actor if actor and actor.is_authenticated else None)
     try:
         size = runtime.backup_database(instance.name, instance_spec(instance), backup_dir() / filename)
+        (backup_dir() / filename).chmod(0o600)
     except RuntimeError_ as exc:
         Backup.objects.filter(pk=row.pk).update(status=Backup.Status.FAILED)
         raise ReconcileError(f"backup failed: {exc}") from exc

@@ -23,21 +23,14 @@ from instances.tasks import instance_action
 from manager.accounts.models import User
 from manager.jobs.models import Job
 from tests.conftest import need
+from tests.docker_helpers import engine_ok, images_present
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 
 
 def _engine_and_images() -> bool:
-    try:
-        import docker
-
-        client = docker.from_env(timeout=5)
-        client.ping()
-        for image in (settings.LAB_IMAGE_POSTGRES, settings.LAB_IMAGE_REDIS, settings.LAB_IMAGE_PYTHON):
-            client.images.get(image)
-        return True
-    except Exception:
-        return False
+    return engine_ok() and images_present(settings.LAB_IMAGE_POSTGRES, settings.LAB_IMAGE_REDIS,
+                                          settings.LAB_IMAGE_PYTHON)
 
 
 @pytest.fixture(scope="module")
