@@ -148,3 +148,50 @@ class Backup(models.Model):
         from instances.backups import backup_dir
 
         return backup_dir() / self.filename
+
+
+class Release(models.Model):
+    """One push's deploy: recorded (queued) before anything else happens, so a crash never
+    loses it; the build, start and health check move it forward; the sweep fails releases
+    whose worker died."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        BUILDING = "building"
+        STARTING = "starting"
+        LIVE = "live"
+        FAILED = "failed"
+        SUPERSEDED = "superseded"
+        ROLLED_BACK = "rolled_back", "rolled back"
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="releases")
+    number = models.PositiveIntegerField()  # 1, 2, 3 ... per instance
+    commit = models.CharField(max_length=40)
+    branch = models.CharField(max_length=200, default="main")
+    author = models.CharField(max_length=200, blank=True)
+    message = models.CharField(max_length=500, blank=True)
+    pushed_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                  related_name="+")
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    status_reason = models.CharField(max_length=500, blank=True)
+    log = models.TextField(blank=True)  # build and start output (never secrets)
+    image = models.CharField(max_length=200, blank=True)  # the built image's tag
+    rollback_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    session_configs = models.JSONField(default=list, blank=True)  # [{name, display_name, num_demo_participants}]
+    rooms = models.JSONField(default=list, blank=True)  # [{name, display_name, participant_labels: [...]}]
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-number"]
+        constraints = [models.UniqueConstraint(fields=["instance", "number"], name="release_number_unique")]
+
+    def __str__(self):
+        return f"{self.instance.name} #{self.number} {self.commit[:8]} [{self.status}]"
+
+    @property
+    def duration(self):
+        if self.started_at and self.finished_at:
+            return self.finished_at - self.started_at
+        return None
