@@ -20,6 +20,7 @@ LAB_HOST = env_str("LAB_HOST", "127.0.0.1")
 LAB_PORT = env_int("LAB_PORT", 8000)
 LAB_PUBLIC_HOST = env_str("LAB_PUBLIC_HOST", LAB_HOST)
 LAB_SSH_PORT = env_int("LAB_SSH_PORT", 2222)
+LAB_PUSH_MAX_MB = env_int("LAB_PUSH_MAX_MB", 200)  # a git push larger than this is refused
 LAB_RUNTIME = env_str("LAB_RUNTIME", "auto")
 LAB_ROUTING = env_str("LAB_ROUTING", "port")
 LAB_DOMAIN = env_str("LAB_DOMAIN", "")

@@ -1,0 +1,97 @@
+"""The bare repositories: `LAB_DATA_DIR/git/<name>.git`, one per instance.
+
+`ensure_repo()` creates a repository on first use and (re)writes its configuration and
+hooks every time, so a moved virtualenv or a changed `LAB_PUSH_MAX_MB` takes effect at
+the next push.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from django.conf import settings
+
+DEPLOY_BRANCHES = ("main", "master")
+HOOKS = ("pre-receive", "post-receive")
+# Who pushed: set by the SSH server and the HTTP view for the git subprocess (and thereby
+# its hooks); the hooks trust nothing else.
+PUSHER_ENV = "LAB_PUSHER_ID"
+
+
+def git_root() -> Path:
+    return Path(settings.DATA_DIR) / "git"
+
+
+def repo_path(instance) -> Path:
+    """Where the bare repository of `instance` (an Instance or its name) lives."""
+    name = getattr(instance, "name", instance)
+    return git_root() / f"{name}.git"
+
+
+def push_limit_bytes() -> int:
+    return settings.LAB_PUSH_MAX_MB * 1024 * 1024
+
+
+def _hook_script(hook: str) -> str:
+    manage = Path(settings.BASE_DIR) / "manage.py"
+    return (
+        "#!/bin/sh\n"
+        "# Installed by the oTree Lab Manager (instances/git/repos.py); rewritten at every push.\n"
+        f"exec {shlex.quote(sys.executable)} {shlex.quote(str(manage))} git_hook {hook}\n"
+    )
+
+
+def _git(path: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=path, check=True, capture_output=True, timeout=30)
+
+
+def ensure_repo(instance) -> Path:
+    """Create the bare repository if needed; set its configuration and hooks. Idempotent."""
+    path = repo_path(instance)
+    root = git_root()
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not (path / "HEAD").exists():
+        subprocess.run(["git", "init", "--bare", "--quiet", "--initial-branch=main", str(path)],
+                       check=True, capture_output=True, timeout=30)
+    config = {
+        "receive.denyNonFastForwards": "false",  # a force push deploys what was pushed
+        "receive.denyDeletes": "false",
+        "receive.maxInputSize": str(push_limit_bytes()),
+        "receive.fsckObjects": "true",  # the build checks the code out: no malformed trees
+        "http.receivepack": "true",  # the HTTP view authenticates; http-backend must not refuse
+        "http.uploadpack": "true",
+        "core.logAllRefUpdates": "true",  # a reflog: force-pushed-over commits stay recoverable
+    }
+    for key, value in config.items():
+        _git(path, "config", key, value)
+    hooks = path / "hooks"
+    hooks.mkdir(exist_ok=True)
+    for hook in HOOKS:
+        target = hooks / hook
+        script = _hook_script(hook)
+        if not target.exists() or target.read_text() != script:
+            tmp = hooks / f".{hook}.tmp"
+            tmp.write_text(script)
+            os.chmod(tmp, 0o755)
+            os.replace(tmp, target)
+    return path
+
+
+def git_env(pusher_id: int | None) -> dict[str, str]:
+    """The environment of a git subprocess (and thereby of its hooks): the manager's own,
+    so that the hooks reach the same database, Redis and data dir, plus who pushes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(DJANGO_SETTINGS_MODULE="manager.settings", LAB_DATA_DIR=str(settings.DATA_DIR),
+               PYTHONUNBUFFERED="1")
+    db = settings.DATABASES["default"]
+    default_sqlite = Path(settings.DATA_DIR) / "manager.sqlite3"
+    if "DATABASE_URL" not in env and db["ENGINE"].endswith("sqlite3") and Path(db["NAME"]) != default_sqlite:
+        env["DATABASE_URL"] = f"sqlite:///{db['NAME']}"  # e.g. the test database
+    env.pop(PUSHER_ENV, None)
+    if pusher_id is not None:
+        env[PUSHER_ENV] = str(pusher_id)
+    return env
