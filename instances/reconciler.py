@@ -12,6 +12,7 @@ from datetime import datetime, timezone as dt_timezone
 from django.db import transaction
 from django.db.models import F
 
+from instances import proxy
 from instances.backups import backup_dir
 from instances.models import Backup, Instance
 from instances.runtime import get_runtime
@@ -172,4 +173,5 @@ def sweep() -> dict:
             reconcile(instance_id)
         except (ReconcileError, locks.Busy):
             failed += 1
+    proxy.sync_routes()  # heals any drift between Caddy's routes and the database
     return {"orphans_removed": sorted(orphans), "failed": failed}

@@ -421,8 +421,17 @@ def default_specs() -> list[ChildSpec]:
         ChildSpec("beat", [py, "-m", "celery", "-A", "manager", "beat", "-l", "INFO",
                            "-s", str(settings.CELERY_BEAT_SCHEDULE_FILENAME)],
                   env=env, ready=output_matches(r"beat: Starting"), stop_order=1),
+        caddy_spec(),
     ]
     return specs
+
+
+def caddy_spec() -> ChildSpec:
+    """Caddy in front of the instances (instances.proxy): admin API on a unix socket under
+    LAB_DATA_DIR; once it answers, the routes are loaded from the database."""
+    from instances import proxy
+
+    return ChildSpec("caddy", launch=proxy.launch_caddy, ready=lambda child: proxy.admin_answers(), stop_order=2)
 
 
 def first_superuser_box(url: str, username: str, password: str) -> str:
