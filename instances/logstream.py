@@ -44,3 +44,33 @@ async def follow(user, name, component="app", *, interval=1.0, max_seconds=900, 
             last = text
             yield text
         await asyncio.sleep(interval)
+
+
+@database_sync_to_async
+def _release_snapshot(user, name, number):
+    instance = visible_instances(user).filter(name=name).first()
+    if instance is None:
+        return None
+    release = instance.releases.filter(number=number).first()
+    if release is None:
+        return None
+    return {"log": release.log, "status": release.status, "status_label": release.get_status_display(),
+            "reason": release.status_reason}
+
+
+async def follow_release(user, name, number, *, interval=0.5, max_seconds=1800):
+    """Async generator: a release's log and status whenever they change, until it ends."""
+    last = None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + max_seconds
+    while loop.time() < deadline:
+        snap = await _release_snapshot(user, name, number)
+        if snap is None:
+            raise PermissionError(f"no release #{number} of an instance named {name!r} that you may see")
+        snap["done"] = snap["status"] not in {"queued", "building", "starting"}
+        if snap != last:
+            last = snap
+            yield snap
+        if snap["done"]:
+            return
+        await asyncio.sleep(interval)

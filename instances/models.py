@@ -88,6 +88,14 @@ class Instance(models.Model):
         return f"{settings.LAB_PUBLIC_URL}/git/{self.name}.git"
 
     @property
+    def live_release(self):
+        """The release serving now (prefetch `live_releases` to avoid a query per row)."""
+        cached = getattr(self, "live_releases", None)
+        if cached is not None:
+            return cached[0] if cached else None
+        return self.releases.filter(status="live").first()
+
+    @property
     def db_name(self) -> str:
         return "otree"
 

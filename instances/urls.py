@@ -12,5 +12,7 @@ urlpatterns = [
     path("<slug:name>/transfer/", views.instance_transfer, name="instance_transfer"),
     path("<slug:name>/logs/", views.instance_logs, name="instance_logs"),
     path("<slug:name>/backups/<int:backup_id>/download/", views.backup_download, name="backup_download"),
+    path("<slug:name>/releases/<int:number>/", views.release_detail, name="release_detail"),
+    path("<slug:name>/releases/<int:number>/rollback/", views.release_rollback, name="release_rollback"),
     path("<slug:name>/<slug:action>/", views.instance_action, name="instance_action"),
 ]

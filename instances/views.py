@@ -1,6 +1,6 @@
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
@@ -34,9 +34,13 @@ def _detail_context(request, instance, **forms):
         runtime = runtimes.get_runtime()
     except (RuntimeError_, AttributeError):
         pass
+    releases = list(instance.releases.select_related("pushed_by")[:10])
+    live = next((r for r in instance.releases.filter(status="live")[:1]), None)
     context = {
         "instance": instance,
         "runtime": runtime,
+        "releases": releases,
+        "live": live,
         "backups": instance.backups.all()[:20],
         "settings_form": SettingsForm(initial={
             "auth_level": instance.auth_level, "production": instance.production,
@@ -189,3 +193,29 @@ def backup_download_any(request, backup_id):
     record(request.user, "instance.backup_download", backup, f"downloaded backup {backup.filename}", request)
     return FileResponse(backup.path.open("rb"), as_attachment=True, filename=backup.filename,
                         content_type="application/octet-stream")
+
+
+@login_required
+def release_detail(request, name, number):
+    instance = get_visible_instance(request.user, name)
+    release = get_object_or_404(instance.releases.select_related("pushed_by", "rollback_of"), number=number)
+    return render(request, "instances/release.html", {"instance": instance, "release": release})
+
+
+@login_required
+@require_POST
+def release_rollback(request, name, number):
+    from instances import releases
+
+    instance = get_visible_instance(request.user, name)
+    release = get_object_or_404(instance.releases, number=number)
+    try:
+        new = releases.rollback(request.user, release)
+    except NotAllowed as exc:
+        messages.error(request, str(exc))
+        return redirect("release_detail", name=name, number=number)
+    except ValidationError as exc:
+        messages.error(request, "Cannot roll back: " + " ".join(exc.messages))
+        return redirect("release_detail", name=name, number=number)
+    messages.info(request, f"Rolling back to release #{release.number} ({release.commit[:8]}) as release #{new.number}.")
+    return redirect("release_detail", name=name, number=new.number)

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from django.test import Client
 from django.urls import URLResolver, get_resolver
 
-from instances.models import Backup, Instance
+from instances.models import Backup, Instance, Release
 from manager.accounts import services
 from manager.accounts.models import SSHKey, User
 
@@ -59,6 +59,7 @@ def world(db):
     w.ann_key = services.add_ssh_key(ann, title="ann laptop", key=new_public_key("ann"))
     w.bob_key = services.add_ssh_key(bob, title="bob laptop", key=new_public_key("bob"))
     w.instance = Instance.objects.create(name="ann-study", owner=ann, public_port=18500)
+    Release.objects.create(instance=w.instance, number=1, commit="a" * 40, status="failed", log="build log")
     w.backup = Backup.objects.create(instance=w.instance, instance_name="ann-study", kind="manual", status="done",
                                      filename="ann-study-harness.dump", size=5)
     w.backup.path.write_bytes(b"PGDMP")
@@ -152,6 +153,10 @@ ROUTES = [
     Route("backup_download_any", lambda w: f"/backups/{w.backup.pk}/download/", MANAGERS_ONLY),
     Route("instance_detail", "/instances/ann-study/", OWNER_VIEW),
     Route("instance_logs", "/instances/ann-study/logs/", OWNER_VIEW),
+    Route("release_detail", "/instances/ann-study/releases/1/", OWNER_VIEW),
+    # rolling back to a release that never went live is refused with a message (redirect)
+    Route("release_rollback", "/instances/ann-study/releases/1/rollback/",
+          {"anon": 302, "boss": 302, "ann": 302, "bob": 404}, method="post"),
     Route("backup_download", lambda w: f"/instances/ann-study/backups/{w.backup.pk}/download/", OWNER_VIEW),
     Route("instance_action", "/instances/ann-study/reset-database/", OWNER_VIEW),  # the confirmation page
     Route("instance_action", "/instances/ann-study/delete/", {"anon": 302, "boss": 200, "ann": 403, "bob": 404}),
@@ -164,6 +169,7 @@ ROUTES = [
           method="post", data={"memory_mb": 256, "cpus": "0.5"}),
     Route("instance_transfer", "/instances/ann-study/transfer/", {"anon": 302, "boss": 302, "ann": 403, "bob": 403},
           method="post", data=lambda w: {"owner": w.bob.pk}),
+    Route("git_http", "/git/ann-study.git/info/refs?service=git-upload-pack", {p: 401 for p in PERSONAS}),  # git: token (Basic auth) only, never a session
     # JSON API
     Route("api:openapi-json", "/api/v1/openapi.json", {"anon": 200, "boss": 200, "ann": 200, "bob": 200}),
     Route("api:openapi-view", "/api/v1/docs", {"anon": 200, "boss": 200, "ann": 200, "bob": 200}),
@@ -189,6 +195,8 @@ ROUTES = [
           method="post"),
     Route("api:admin_password", "/api/v1/instances/ann-study/admin-password", API_OWNER, method="post",
           data={}),
+    Route("api:list_releases", "/api/v1/instances/ann-study/releases", API_OWNER),
+    Route("api:get_release", "/api/v1/instances/ann-study/releases/1", API_OWNER),
     Route("api:list_backups", "/api/v1/instances/ann-study/backups", API_OWNER),
     Route("api:delete_instance", "/api/v1/instances/ann-study", {"anon": 401, "boss": 202, "ann": 403, "bob": 404},
           method="delete"),

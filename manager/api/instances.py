@@ -81,14 +81,26 @@ class BackupOut(Schema):
     created_at: str
 
 
+def _rooms(instance: Instance, live) -> list[dict]:
+    if live is None:
+        return []
+    from django.conf import settings
+
+    lobby = f"{settings.LAB_PUBLIC_URL}/lobby/{instance.name}/"
+    return [{"name": r.get("name"), "display_name": r.get("display_name", ""),
+             "participant_labels": r.get("participant_labels") or [], "lobby_url": lobby} for r in live.rooms or []]
+
+
 def serialize(instance: Instance) -> dict:
+    live = instance.live_release
     return {
         "name": instance.name, "owner": instance.owner.username, "status": instance.status,
         "status_reason": instance.status_reason, "url": instance.url,
         "git": {"ssh_url": instance.ssh_url, "https_url": instance.https_url},
         "otree": {"admin_username": instance.admin_username, "auth_level": instance.auth_level,
                   "production": instance.production},
-        "release": None, "rooms": [], "env": instance.config_vars, "memory_mb": instance.memory_mb,
+        "release": {"commit": live.commit, "status": live.status, "number": live.number} if live else None,
+        "rooms": _rooms(instance, live), "env": instance.config_vars, "memory_mb": instance.memory_mb,
         "cpus": float(instance.cpus), "runtime": instance.runtime,
     }
 
@@ -154,6 +166,53 @@ def list_backups(request: HttpRequest, name: str):
     instance = get_visible_instance(request.auth, name)
     return [{"id": b.id, "kind": b.kind, "status": b.status, "size": b.size, "filename": b.filename,
              "created_at": b.created_at.isoformat()} for b in instance.backups.all()]
+
+
+class ReleaseOut(Schema):
+    id: int = Field(description="the release number within the instance")
+    commit: str
+    branch: str
+    author: str
+    message: str
+    pushed_by: str | None
+    status: str = Field(description="queued, building, starting, live, failed, superseded, rolled_back")
+    status_reason: str
+    created_at: str
+    duration_seconds: float | None
+    rollback_of: int | None
+
+
+class ReleaseDetailOut(ReleaseOut):
+    log: str
+    session_configs: list[dict]
+    rooms: list[dict]
+
+
+def _release(r, with_log=False) -> dict:
+    data = {"id": r.number, "commit": r.commit, "branch": r.branch, "author": r.author, "message": r.message,
+            "pushed_by": r.pushed_by.username if r.pushed_by else None, "status": r.status,
+            "status_reason": r.status_reason, "created_at": r.created_at.isoformat(),
+            "duration_seconds": r.duration.total_seconds() if r.duration else None,
+            "rollback_of": r.rollback_of.number if r.rollback_of else None}
+    if with_log:
+        data.update(log=r.log, session_configs=r.session_configs, rooms=r.rooms)
+    return data
+
+
+@router.get("/{name}/releases", summary="Deploy history", response=responses({200: list[ReleaseOut]}, 404))
+def list_releases(request: HttpRequest, name: str):
+    instance = get_visible_instance(request.auth, name)
+    return [_release(r) for r in instance.releases.select_related("pushed_by", "rollback_of")]
+
+
+@router.get("/{name}/releases/{number}", summary="One release with its build log",
+            response=responses({200: ReleaseDetailOut}, 404))
+def get_release(request: HttpRequest, name: str, number: int):
+    instance = get_visible_instance(request.auth, name)
+    release = instance.releases.select_related("pushed_by", "rollback_of").filter(number=number).first()
+    if release is None:
+        raise HttpError(404, f"{name} has no release #{number}.")
+    return _release(release, with_log=True)
 
 
 @router.delete("/{name}", summary="Delete (a final backup is kept)", response=responses({202: JobOut}, 403, 404))

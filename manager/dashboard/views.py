@@ -2,6 +2,9 @@ from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse
 from django.shortcuts import render
 
+from django.db.models import Prefetch
+
+from instances.models import Release
 from instances.selectors import visible_instances
 from manager.accounts.models import User
 from manager.jobs.models import Job
@@ -11,7 +14,8 @@ from manager.jobs.models import Job
 def dashboard(request):
     user = request.user
     context = {
-        "instances": visible_instances(user).order_by("name"),
+        "instances": visible_instances(user).order_by("name").prefetch_related(
+            Prefetch("releases", queryset=Release.objects.filter(status="live"), to_attr="live_releases")),
         "jobs": Job.objects.filter(user=user)[:10],
         "has_key": user.ssh_keys.exists(),
         "has_token": user.access_tokens.exists(),

@@ -43,6 +43,8 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json({"type": "subscribed", "topic": topic})
         elif "follow_logs" in content:
             await self._follow_logs(str(content["follow_logs"]), str(content.get("component", "app")))
+        elif "follow_release" in content:
+            await self._follow_release(str(content["follow_release"]), content.get("number"))
         elif "unfollow_logs" in content:
             task = self.followers.pop(str(content["unfollow_logs"]), None)
             if task:
@@ -69,6 +71,28 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
                 await self.send_json({"type": "error", "detail": str(exc)})
 
         self.followers[name] = asyncio.ensure_future(pump())
+
+    async def _follow_release(self, name, number):
+        """Stream a release's build log and status to this socket until it ends."""
+        from instances.logstream import follow_release
+
+        try:
+            number = int(number)
+        except (TypeError, ValueError):
+            await self.send_json({"type": "error", "detail": "number must be a release number"})
+            return
+        old = self.followers.pop(f"release:{name}", None)
+        if old:
+            old.cancel()
+
+        async def pump():
+            try:
+                async for snap in follow_release(self.user, name, number):
+                    await self.send_json({"type": "release", "name": name, "number": number, **snap})
+            except PermissionError as exc:
+                await self.send_json({"type": "error", "detail": str(exc)})
+
+        self.followers[f"release:{name}"] = asyncio.ensure_future(pump())
 
     async def _join(self, group):
         await self.channel_layer.group_add(group, self.channel_name)
