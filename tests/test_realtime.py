@@ -135,3 +135,35 @@ async def test_disconnected_tab_leaves_its_group(people):
     await sync_to_async(notify_user)(ann.pk, "still here")
     assert (await tab2.receive_json_from(timeout=5))["message"] == "still here"
     await asyncio.wait_for(tab2.disconnect(), 5)
+
+
+async def test_release_log_follows_live_until_the_release_ends(people):
+    from instances.models import Instance, Release
+
+    ann, bob = people
+    instance = await sync_to_async(Instance.objects.create)(name="follow-me", owner=ann, public_port=18700)
+    release = await sync_to_async(Release.objects.create)(instance=instance, number=1, commit="b" * 40,
+                                                          status="building", log="Step 1/5\n")
+    tab, ok = await connect(ann)
+    assert ok
+    await tab.receive_json_from(timeout=5)
+    await tab.send_json_to({"follow_release": "follow-me", "number": 1})
+    first = await tab.receive_json_from(timeout=5)
+    assert first["type"] == "release" and first["log"] == "Step 1/5\n" and not first["done"]
+
+    release.log += "Step 2/5\n"
+    await sync_to_async(release.save)()
+    second = await tab.receive_json_from(timeout=5)
+    assert second["log"].endswith("Step 2/5\n")
+
+    release.status = "live"
+    await sync_to_async(release.save)()
+    last = await tab.receive_json_from(timeout=5)
+    assert last["done"] and last["status_label"] == "live"
+
+    other, ok = await connect(bob)
+    await other.receive_json_from(timeout=5)
+    await other.send_json_to({"follow_release": "follow-me", "number": 1})
+    assert (await other.receive_json_from(timeout=5))["type"] == "error"
+    await tab.disconnect()
+    await other.disconnect()
