@@ -159,7 +159,7 @@ async def test_release_log_follows_live_until_the_release_ends(people):
     release.status = "live"
     await sync_to_async(release.save)()
     last = await tab.receive_json_from(timeout=5)
-    assert last["done"] and last["status_label"] == "live"
+    assert last["done"] and last["status"] == "live"
 
     other, ok = await connect(bob)
     await other.receive_json_from(timeout=5)
