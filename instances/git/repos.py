@@ -36,6 +36,12 @@ def push_limit_bytes() -> int:
     return settings.LAB_PUSH_MAX_MB * 1024 * 1024
 
 
+def too_large_message() -> str:
+    return (f"Push refused: it is larger than this lab's limit of {settings.LAB_PUSH_MAX_MB} MB "
+            "(LAB_PUSH_MAX_MB). Remove large files (data, videos, virtualenvs) from the history, "
+            "or ask the lab manager to raise the limit. Nothing was stored.\n")
+
+
 def _hook_script(hook: str) -> str:
     manage = Path(settings.BASE_DIR) / "manage.py"
     return (
@@ -66,8 +72,11 @@ def ensure_repo(instance) -> Path:
         "http.uploadpack": "true",
         "core.logAllRefUpdates": "true",  # a reflog: force-pushed-over commits stay recoverable
     }
+    current = subprocess.run(["git", "config", "--local", "--list"], cwd=path, capture_output=True, text=True,
+                             timeout=30).stdout.lower().splitlines()
     for key, value in config.items():
-        _git(path, "config", key, value)
+        if f"{key.lower()}={value}" not in current:
+            _git(path, "config", key, value)
     hooks = path / "hooks"
     hooks.mkdir(exist_ok=True)
     for hook in HOOKS:
