@@ -31,4 +31,5 @@ urlpatterns = [
     path("backups/", instance_views.backup_list, name="backup_list"),
     path("backups/<int:backup_id>/download/", instance_views.backup_download_any, name="backup_download_any"),
     path("api/v1/", include("manager.api.urls")),
+    path("git/", include("instances.git.urls")),
 ]
