@@ -421,6 +421,8 @@ def default_specs() -> list[ChildSpec]:
         ChildSpec("beat", [py, "-m", "celery", "-A", "manager", "beat", "-l", "INFO",
                            "-s", str(settings.CELERY_BEAT_SCHEDULE_FILENAME)],
                   env=env, ready=output_matches(r"beat: Starting"), stop_order=1),
+        ChildSpec("sshd", [py, "manage.py", "git_sshd"], env=env,
+                  ready=output_matches(r"git SSH server listening"), stop_order=0),
         caddy_spec(),
     ]
     return specs
