@@ -1,0 +1,345 @@
+"""Git intake with real git clients: HTTPS (daphne serving the manager) and SSH (the
+manager's own SSH server), both as subprocesses on the test database.
+
+The build itself is the release pipeline's business (tested there): here the test plays
+the build worker, writing log text and the outcome into the Release row that the real
+`record_push` created, and checks that the push's own output shows it live.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection
+
+from instances.git.repos import ensure_repo, repo_path
+from instances.models import Instance, Release
+from manager.accounts import services
+from manager.accounts.models import SSHKey, User
+from tests.labserver_helpers import BASE_DIR, free_port
+
+pytestmark = pytest.mark.slow
+
+PUSH_MAX_MB = 1
+INSTANCE_PORT = 18777
+
+
+def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} exited with {proc.returncode}:\n{proc.stdout.read().decode()}")
+        with socket.socket() as sock:
+            sock.settimeout(0.5)
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not listen on {port} within {timeout} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+class Servers:
+    def __init__(self, http_port: int, ssh_port: int):
+        self.http_port = http_port
+        self.ssh_port = ssh_port
+        self.http = f"http://127.0.0.1:{http_port}"
+
+
+@pytest.fixture(scope="module")
+def servers(django_db_setup, django_db_blocker, redis_server):
+    http_port, ssh_port = free_port(), free_port()
+    env = dict(os.environ)
+    env.update(
+        LAB_DATA_DIR=str(settings.DATA_DIR), DATABASE_URL=f"sqlite:///{connection.settings_dict['NAME']}",
+        LAB_HOST="127.0.0.1", LAB_PORT=str(http_port), LAB_SSH_PORT=str(ssh_port),
+        LAB_PUSH_MAX_MB=str(PUSH_MAX_MB), PYTHONUNBUFFERED="1", DJANGO_SETTINGS_MODULE="manager.settings",
+    )
+    for key in ("LAB_PUBLIC_HOST", "LAB_PUBLIC_URL", "REDIS_URL"):
+        env.pop(key, None)
+    procs = []
+    try:
+        web = subprocess.Popen([sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(http_port),
+                                "manager.asgi:application"], cwd=BASE_DIR, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(web)
+        sshd = subprocess.Popen([sys.executable, "manage.py", "git_sshd"], cwd=BASE_DIR, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(sshd)
+        _wait_port(http_port, web, "daphne")
+        _wait_port(ssh_port, sshd, "git_sshd")
+        yield Servers(http_port, ssh_port)
+    finally:
+        for proc in procs:
+            _stop(proc)
+        # The builds record_push enqueued have no worker here: leave no tasks behind.
+        from manager.celery import app
+
+        with django_db_blocker.unblock():
+            app.control.purge()
+
+
+@pytest.fixture
+def lab(transactional_db, servers, tmp_path):
+    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
+    bob = User.objects.create_user("bob", "bob@lab.test", "pw-bob-1234567")
+    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
+    instance = Instance.objects.create(name="ann-study", owner=ann, public_port=INSTANCE_PORT)
+    tokens = {u.username: services.create_token(u, name="git")[1] for u in (ann, bob, boss)}
+    home = tmp_path / "home"
+    home.mkdir()
+    keys = {}
+    for user in (ann, bob):
+        key = tmp_path / f"id_{user.username}"
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", user.username, "-f", str(key)],
+                       check=True, timeout=30)
+        services.add_ssh_key(user, title="laptop", key=key.with_suffix(".pub").read_text())
+        keys[user.username] = key
+    stranger = tmp_path / "id_stranger"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(stranger)], check=True, timeout=30)
+    keys["stranger"] = stranger
+    yield Lab(servers, tmp_path, home, instance, tokens, keys)
+    import shutil
+
+    shutil.rmtree(repo_path(instance), ignore_errors=True)
+
+
+class Lab:
+    def __init__(self, servers, tmp, home, instance, tokens, keys):
+        self.servers, self.tmp, self.home, self.instance = servers, tmp, home, instance
+        self.tokens, self.keys = tokens, keys
+
+    def env(self, key: str | None = None) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+        env.update(HOME=str(self.home), GIT_CONFIG_NOSYSTEM="1", GIT_TERMINAL_PROMPT="0", LC_ALL="C",
+                   GIT_AUTHOR_NAME="Ann A", GIT_AUTHOR_EMAIL="ann@lab.test",
+                   GIT_COMMITTER_NAME="Ann A", GIT_COMMITTER_EMAIL="ann@lab.test")
+        if key:
+            env["GIT_SSH_COMMAND"] = self.ssh_command(key)
+        return env
+
+    def ssh_command(self, key: str) -> str:
+        return (f"ssh -i {self.keys[key]} -o IdentitiesOnly=yes -o StrictHostKeyChecking=no "
+                f"-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes")
+
+    def https_url(self, user: str, token: str | None = None) -> str:
+        return f"http://{user}:{token or self.tokens[user]}@127.0.0.1:{self.servers.http_port}/git/ann-study.git"
+
+    def ssh_url(self, name: str = "ann-study") -> str:
+        return f"ssh://git@127.0.0.1:{self.servers.ssh_port}/{name}.git"
+
+    def project(self, big_mb: float = 0) -> Path:
+        work = self.tmp / "project"
+        if not work.exists():
+            subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True, env=self.env(), timeout=30)
+        (work / "settings.py").write_text(f"SESSION_CONFIGS = []  # {time.time()}\n")
+        if big_mb:
+            (work / "data.bin").write_bytes(os.urandom(int(big_mb * 1024 * 1024)))
+        subprocess.run(["git", "add", "-A"], cwd=work, check=True, env=self.env(), timeout=30)
+        subprocess.run(["git", "commit", "-q", "-m", "Public goods game, first round"], cwd=work, check=True,
+                       env=self.env(), timeout=30)
+        return work
+
+    def head(self) -> str:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=self.tmp / "project", capture_output=True,
+                              text=True, check=True).stdout.strip()
+
+    def push(self, url: str, refspec: str = "main", key: str | None = None, timeout: float = 90):
+        return subprocess.Popen(["git", "push", "--progress", url, refspec], cwd=self.tmp / "project",
+                                env=self.env(key), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+
+    def refs(self) -> str:
+        path = repo_path(self.instance)
+        if not path.exists():
+            return ""
+        return subprocess.run(["git", "for-each-ref"], cwd=path, capture_output=True, text=True).stdout
+
+    def object_count(self) -> int:
+        path = repo_path(self.instance)
+        if not path.exists():
+            return 0
+        out = subprocess.run(["git", "count-objects", "-v"], cwd=path, capture_output=True, text=True).stdout
+        values = dict(line.split(": ") for line in out.splitlines())
+        return int(values["count"]) + int(values["in-pack"])
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # git and its helpers (remote-curl, ssh)
+        out, _ = proc.communicate(timeout=10)
+        raise AssertionError(f"git did not finish within {timeout} s:\n{out}") from None
+    return proc.returncode, out
+
+
+def play_build(lab: Lab, proc: subprocess.Popen, *, outcome: str = "live", reason: str = "",
+               timeout: float = 60) -> Release:
+    """Be the build worker: wait for the queued release, write its log in steps, finish it."""
+    deadline = time.monotonic() + timeout
+    release = None
+    while release is None:
+        release = Release.objects.filter(instance=lab.instance).order_by("-number").first()
+        if release is None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                code, out = finish(proc)
+                raise AssertionError(f"no release was recorded (git exited {code}):\n{out}")
+            time.sleep(0.1)
+    assert release.status == Release.Status.QUEUED
+    Release.objects.filter(pk=release.pk).update(status=Release.Status.BUILDING, log="Step 1/2: installing otree\n")
+    time.sleep(0.8)  # the hook prints while the build goes on
+    Release.objects.filter(pk=release.pk).update(log="Step 1/2: installing otree\nStep 2/2: checking settings.py\n")
+    time.sleep(0.5)
+    Release.objects.filter(pk=release.pk).update(status=outcome, status_reason=reason)
+    return release
+
+
+def test_https_push_by_owner_deploys_and_streams_the_build(lab):
+    lab.project()
+    proc = lab.push(lab.https_url("ann"))
+    release = play_build(lab, proc)
+    code, out = finish(proc)
+    assert code == 0, out
+    assert "remote: Step 1/2: installing otree" in out
+    assert "remote: Step 2/2: checking settings.py" in out
+    assert out.count("Step 1/2") == 1  # each log line once, however often it was polled
+    assert f"remote: Deployed: http://127.0.0.1:{INSTANCE_PORT}/" in out
+    assert out.index("Step 2/2") < out.index("Deployed:")
+    release.refresh_from_db()
+    assert release.commit == lab.head() and release.branch == "main"
+    assert release.pushed_by.username == "ann"
+    assert release.author == "Ann A <ann@lab.test>" and release.message == "Public goods game, first round"
+    assert "refs/heads/main" in lab.refs() and lab.head() in lab.refs()
+
+    # The owner and lab managers fetch over HTTPS too.
+    clone = lab.tmp / "clone"
+    result = subprocess.run(["git", "clone", "-q", lab.https_url("boss"), str(clone)], env=lab.env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (clone / "settings.py").exists()
+
+
+def test_failed_deploy_ends_with_the_reason(lab):
+    lab.project()
+    proc = lab.push(lab.https_url("ann"), "HEAD:master")
+    play_build(lab, proc, outcome="failed", reason="requirements.txt: no package named otreee")
+    code, out = finish(proc)
+    assert "remote: Deploy failed: requirements.txt: no package named otreee" in out
+    assert "Deployed:" not in out
+    assert "refs/heads/master" in lab.refs()  # the code is stored all the same
+
+
+def test_https_wrong_or_missing_token_is_refused(lab):
+    lab.project()
+    code, out = finish(lab.push(lab.https_url("ann", token="olm_not-a-token")))
+    assert code != 0 and "Authentication failed" in out
+    # ann's valid token with bob's name: still refused
+    code, out = finish(lab.push(lab.https_url("bob", token=lab.tokens["ann"])))
+    assert code != 0 and "Authentication failed" in out
+    assert lab.refs() == "" and lab.object_count() == 0
+    import urllib.error
+    import urllib.request
+
+    url = f"{lab.servers.http}/git/ann-study.git/info/refs?service=git-receive-pack"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(url, timeout=10)
+    assert err.value.code == 401 and err.value.headers["WWW-Authenticate"] == 'Basic realm="oTree Lab"'
+
+
+def test_https_push_by_another_experimenter_is_refused_and_stores_nothing(lab):
+    ensure_repo(lab.instance)
+    lab.project()
+    code, out = finish(lab.push(lab.https_url("bob")))
+    assert code != 0
+    assert "remote: You may not push to ann-study: only its owner and lab managers may." in out
+    assert lab.refs() == "" and lab.object_count() == 0
+    assert not Release.objects.exists()
+    # an unknown instance: a plain "no such instance"
+    bad = lab.https_url("bob").replace("ann-study", "no-such")
+    code, out = finish(lab.push(bad))
+    assert code != 0 and "There is no instance named no-such." in out
+
+
+def test_ssh_push_with_the_owners_key_deploys(lab):
+    lab.project()
+    proc = lab.push(lab.ssh_url(), key="ann")
+    play_build(lab, proc)
+    code, out = finish(proc)
+    assert code == 0, out
+    assert "remote: Step 2/2: checking settings.py" in out
+    assert f"remote: Deployed: http://127.0.0.1:{INSTANCE_PORT}/" in out
+    assert SSHKey.objects.get(user__username="ann").last_used_at is not None
+    assert lab.head() in lab.refs()
+    # fetch over SSH (upload-pack), with or without ".git" and leading slash
+    clone = lab.tmp / "clone"
+    result = subprocess.run(["git", "clone", "-q", lab.ssh_url().removesuffix(".git"), str(clone)],
+                            env=lab.env("ann"), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_ssh_push_with_another_users_key_is_refused(lab):
+    ensure_repo(lab.instance)
+    lab.project()
+    code, out = finish(lab.push(lab.ssh_url(), key="bob"))
+    assert code != 0
+    assert "You may not push to ann-study: only its owner and lab managers may." in out
+    assert lab.refs() == "" and lab.object_count() == 0
+    code, out = finish(lab.push(lab.ssh_url(), key="stranger"))  # a key nobody registered
+    assert code != 0 and "Permission denied (publickey)" in out
+    User.objects.filter(username="ann").update(is_active=False)  # a deactivated owner's key no longer works
+    code, out = finish(lab.push(lab.ssh_url(), key="ann"))
+    assert code != 0 and "Permission denied (publickey)" in out
+    assert lab.refs() == "" and not Release.objects.exists()
+
+
+def test_ssh_shell_and_other_commands_are_refused(lab):
+    base = ["ssh", *lab.ssh_command("ann").split()[1:], "-p", str(lab.servers.ssh_port), "git@127.0.0.1"]
+    result = subprocess.run(base, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "no shell access" in result.stderr + result.stdout
+    for command in ("ls -la /", "git-receive-pack '../../etc.git'", "git-upload-pack 'ann-study.git' extra"):
+        result = subprocess.run([*base, command], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                timeout=30)
+        assert result.returncode == 1, command
+        assert "oTree Lab only runs git push and git fetch here" in result.stderr, result.stderr
+    # port forwarding is refused
+    result = subprocess.run([*base, "-N", "-o", "ExitOnForwardFailure=yes", "-R", f"{free_port()}:127.0.0.1:22"],
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+
+
+def test_push_to_another_branch_is_stored_not_deployed(lab):
+    lab.project()
+    code, out = finish(lab.push(lab.ssh_url(), "HEAD:feature", key="ann"))
+    assert code == 0, out
+    assert "remote: Branch feature stored; only main or master deploy." in out
+    assert "refs/heads/feature" in lab.refs()
+    assert not Release.objects.exists()
+
+
+@pytest.mark.parametrize("transport", ["https", "ssh"])
+def test_oversize_push_is_refused_naming_the_limit(lab, transport):
+    lab.project(big_mb=PUSH_MAX_MB * 1.5)
+    url = lab.https_url("ann") if transport == "https" else lab.ssh_url()
+    code, out = finish(lab.push(url, key="ann" if transport == "ssh" else None))
+    assert code != 0
+    assert f"Push refused: it is larger than this lab's limit of {PUSH_MAX_MB} MB (LAB_PUSH_MAX_MB)" in out, out
+    assert lab.refs() == "" and not Release.objects.exists()
