@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import struct
+import sys
 import subprocess
 import tempfile
 import threading
@@ -442,3 +443,42 @@ def test_the_wheel_ships_caddy():
     assert binary is not None
     out = subprocess.run([binary, "version"], capture_output=True, text=True, timeout=20).stdout
     assert out.startswith("v2.")
+
+
+@pytest.mark.slow
+def test_labserver_runs_caddy_and_restores_the_routes_when_caddy_dies():
+    """The real supervisor: Caddy is its child, and every (re)start of Caddy loads the routes."""
+    from tests.labserver_helpers import BASE_DIR, LabServer, child_env, free_port, migrate, new_data_dir, \
+        remove_data_dir
+
+    data_dir = new_data_dir()
+    port = free_port()
+    (iport,), ports = free_ports(1)
+    server = None
+    try:
+        migrate(data_dir, port)
+        script = ("from manager.accounts.models import User; from instances.models import Instance; "
+                  "u = User.objects.create_user('exp', 'exp@example.org', 'x' * 12); "
+                  f"Instance.objects.create(name='demo', owner=u, public_port={iport}, status='ready_for_code')")
+        env = child_env(data_dir, port, LAB_INSTANCE_PORTS=ports)
+        done = subprocess.run([sys.executable, "manage.py", "shell", "-c", script], cwd=BASE_DIR, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        server = LabServer(data_dir, port, LAB_INSTANCE_PORTS=ports)
+        server.wait_ready()
+        assert "started caddy (pid" in server.output
+        expected = "This oTree instance has no app running yet (status: ready for code)"
+        wait_for(lambda: expected in get(iport)[1], 20, "the instance's port does not answer")
+
+        caddy_proc = server.child("caddy", "run")
+        assert caddy_proc is not None, server.output
+        mark = server.mark()
+        caddy_proc.kill()
+        server.wait_for(r"caddy restarted \(pid \d+", 30, since=mark)
+        wait_for(lambda: expected in get(iport)[1], 20, "the route is not back after Caddy's restart")
+        assert server.terminate() == 0
+        assert not (data_dir / "caddy" / "admin.sock").exists()
+    finally:
+        if server is not None:
+            server.kill_everything()
+        remove_data_dir(data_dir)
