@@ -343,3 +343,21 @@ def test_oversize_push_is_refused_naming_the_limit(lab, transport):
     assert code != 0
     assert f"Push refused: it is larger than this lab's limit of {PUSH_MAX_MB} MB (LAB_PUSH_MAX_MB)" in out, out
     assert lab.refs() == "" and not Release.objects.exists()
+
+
+def test_follow_prints_each_line_once_and_the_outcome_once(db):
+    import io
+
+    from instances.git.hooks import follow
+
+    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
+    instance = Instance.objects.create(name="ann-study", owner=ann, public_port=INSTANCE_PORT)
+    release = Release.objects.create(instance=instance, number=1, commit="a" * 40, status="failed",
+                                     status_reason="boom", log="step 1\nstep 2\nDeploy failed: boom")
+    out = io.StringIO()
+    assert follow(release, out, poll=0.01, timeout=5) == 1
+    assert out.getvalue() == "step 1\nstep 2\nDeploy failed: boom\n"
+    Release.objects.filter(pk=release.pk).update(status="building", log="half a li")
+    out = io.StringIO()
+    assert follow(release, out, poll=0.05, timeout=0.3) == 1
+    assert out.getvalue().startswith("[release #1: Building]\nhalf a li\nStill not live after 0 s")

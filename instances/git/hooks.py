@@ -143,6 +143,7 @@ def follow(release: Release, out, *, poll: float = POLL_INTERVAL, timeout: float
     deadline = time.monotonic() + timeout
     shown = 0  # characters of the log printed (or held as an incomplete line)
     pending = ""
+    last = ""  # the last log line printed
     status = None
     while True:
         row = (Release.objects.filter(pk=release.pk)
@@ -156,19 +157,22 @@ def follow(release: Release, out, *, poll: float = POLL_INTERVAL, timeout: float
         *lines, pending = pending.split("\n")
         for line in lines:
             say(line, out)
+            last = line
         if row["status"] != status and row["status"] not in FINAL_OK | FINAL_BAD:
             status = row["status"]
             say(f"[release #{release.number}: {Release.Status(status).label}]", out)
         if row["status"] in FINAL_OK | FINAL_BAD:
             if pending:
                 say(pending, out)
+                last = pending
             if row["status"] in FINAL_OK:
                 instance = Instance.objects.get(pk=release.instance_id)
-                say(f"Deployed: {instance.url or instance.name}", out)
-                return 0
-            reason = row["status_reason"] or Release.Status(row["status"]).label
-            say(f"Deploy failed: {reason}", out)
-            return 1
+                final, code = f"Deployed: {instance.url or instance.name}", 0
+            else:
+                final, code = f"Deploy failed: {row['status_reason'] or Release.Status(row['status']).label}", 1
+            if last.strip() != final:  # the build may have logged the same words last
+                say(final, out)
+            return code
         if time.monotonic() > deadline:
             if pending:
                 say(pending, out)
