@@ -482,3 +482,19 @@ def test_labserver_runs_caddy_and_restores_the_routes_when_caddy_dies():
         if server is not None:
             server.kill_everything()
         remove_data_dir(data_dir)
+
+
+@pytest.mark.django_db
+def test_caddy_sync_command(caddy, backends, runtime, owner, settings):
+    from django.core.management import CommandError, call_command
+
+    (port,), settings.LAB_INSTANCE_PORTS = free_ports(1)
+    make_instance(owner, "lambda", port)
+    runtime.apps["lambda"] = backends[0].url
+    call_command("caddy_sync")
+    assert get(port)[1].startswith("A ")
+    call_command("caddy_sync")  # unchanged: fine too
+
+    settings.LAB_CADDY_DIR = "/nonexistent/caddy"
+    with pytest.raises(CommandError, match="no caddy"):
+        call_command("caddy_sync")
