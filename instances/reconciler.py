@@ -36,8 +36,12 @@ def instance_spec(instance: Instance, app: AppSpec | None = None) -> InstanceSpe
 
 def current_app(instance: Instance) -> dict | None:
     """What the app runs: {image, command, port, release} of the live release, or None before
-    the first deploy (git-push releases come with the deploy issue)."""
-    return None
+    the first deploy."""
+    from instances.models import Release
+    from instances.releases import app_of
+
+    live = Release.objects.filter(instance=instance, status=Release.Status.LIVE).exclude(image="").first()
+    return app_of(live) if live is not None else None
 
 
 def app_spec(instance: Instance) -> AppSpec | None:
@@ -167,6 +171,9 @@ def sweep() -> dict:
     for name in orphans:
         log.warning("removing orphaned runtime resources of instance %s", name)
         runtime.remove(name)
+    from instances import releases
+
+    stuck = releases.sweep()  # releases whose worker died
     failed = 0
     for instance_id in Instance.objects.values_list("pk", flat=True):
         try:
@@ -174,4 +181,4 @@ def sweep() -> dict:
         except (ReconcileError, locks.Busy):
             failed += 1
     proxy.sync_routes()  # heals any drift between Caddy's routes and the database
-    return {"orphans_removed": sorted(orphans), "failed": failed}
+    return {"orphans_removed": sorted(orphans), "failed": failed, "stuck_releases_failed": stuck}

@@ -1,4 +1,5 @@
 from celery import shared_task
+from django.conf import settings
 
 from instances import reconciler
 from instances.models import Instance
@@ -33,3 +34,19 @@ def instance_action(job, instance_id, action):
 @shared_task(name="instances.sweep", soft_time_limit=240, time_limit=270)
 def sweep():
     return reconciler.sweep()
+
+
+@job_task("instances.build_release", time_limit=settings.LAB_BUILD_TIMEOUT)
+def build_release(job, release_id):
+    """Build, start and switch to a release (record_push / rollback enqueue it)."""
+    from instances import releases
+
+    release = releases.deploy(release_id)
+    if release is None:
+        return "the release no longer exists"
+    name = release.instance.name
+    if release.status == "live":
+        return f"{name} #{release.number} is live"
+    if release.status == "superseded":
+        return f"{name} #{release.number} was superseded by a newer push"
+    raise JobFailed(f"{name} #{release.number} failed: {release.status_reason}")

@@ -193,6 +193,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 LAB_READY_TIMEOUT = env_int("LAB_READY_TIMEOUT", 30)  # seconds an instance's database and Redis get to start
 LAB_LOCK_TTL = env_int("LAB_LOCK_TTL", 30)  # seconds a killed worker's instance lock outlives it
+LAB_BUILD_TIMEOUT, LAB_START_TIMEOUT, LAB_KEEP_RELEASES = env_int("LAB_BUILD_TIMEOUT", 900), env_int("LAB_START_TIMEOUT", 120), env_int("LAB_KEEP_RELEASES", 5)  # deploys: build / health-check seconds, release images kept
 CELERY_BEAT_SCHEDULE = {
     "jobs-sweep": {"task": "manager.jobs.tasks.sweep_jobs", "schedule": 60.0},
     "instances-sweep": {"task": "instances.sweep", "schedule": 60.0, "options": {"expires": 55}},

@@ -57,6 +57,8 @@ LABEL_RELEASE = "org.otree-lab.release"
 LABEL_APP_PORT = "org.otree-lab.app-port"
 
 COMPONENTS = ("db", "redis", "app")
+CANDIDATE = "app-next"  # a deploy's new app while it is health-checked
+RETIRED = "app-old"  # the replaced app, until the proxy points to the new one
 NETWORK_ROLES = ("internal", "edge")
 NETWORK_SUFFIX = {"internal": "net", "edge": "edge"}
 SUBNET_PREFIX = 28  # 16 addresses: gateway + app + db + redis with room to spare
@@ -343,11 +345,123 @@ class DockerRuntime:
         self._ensure_container(spec, "db", networks)
         self._ensure_container(spec, "redis", networks)
         self._wait_services(name, self.ready_timeout)
+        # A deploy killed half-way leaves its candidate or the retired app behind (deploys
+        # and ensure hold the same instance lock, so none of them is in use now).
+        for slot in (CANDIDATE, RETIRED):
+            self._remove_container(self.container_name(name, slot), name, graceful=False)
         if spec.app is not None:
             self._ensure_container(spec, "app", networks)
         else:
             self._remove_container(self.container_name(name, "app"), name, graceful=True)
         return self.state(name)
+
+    # --- deploys: a candidate app, health-checked, then promoted -------------------------
+
+    @_user_errors
+    def deploy_app(self, spec: InstanceSpec, *, timeout: float, out=None) -> str:
+        """Start `spec.app` beside the running app (container `-app-next`, on the same
+        networks, published on another 127.0.0.1 port), wait until it answers HTTP (any
+        status below 500) and promote it: the old app becomes `-app-old` (still running,
+        until `retire_app`), the candidate becomes `-app`. On failure the candidate is
+        removed, the old app is untouched, and RuntimeError_ says why (with the app's last
+        lines of output). Returns the new app's URL on the host."""
+        name = spec.name
+        self._check_name(name)
+        if spec.app is None:
+            raise RuntimeError_("no app to deploy")
+        self._check_image(spec.app.image, service=False)
+        networks = {role: self._ensure_network(name, role) for role in NETWORK_ROLES}
+        self._ensure_volume(name)
+        self._ensure_container(spec, "db", networks)
+        self._ensure_container(spec, "redis", networks)
+        self._wait_services(name, self.ready_timeout)
+        candidate = self.container_name(name, CANDIDATE)
+        self._remove_container(candidate, name, graceful=False)
+        self._remove_container(self.container_name(name, RETIRED), name, graceful=False)
+        desired = self._desired(spec, "app")
+        info = self._create_container(spec, "app", desired, self._hash(desired), networks, _free_port(),
+                                      cname=candidate)
+        try:
+            self._call(f"starting {candidate}", self.api.start, info["Id"])
+            url = self._wait_http(candidate, name, timeout, out)
+        except BaseException:
+            self._remove_container(candidate, name, graceful=False)
+            raise
+        current = self.container_name(name, "app")
+        old = self._inspect(current)
+        if old is not None and self._ours(old["Config"].get("Labels"), name):
+            self._call(f"renaming {current}", self.api.rename, old["Id"], self.container_name(name, RETIRED))
+        self._call(f"renaming {candidate}", self.api.rename, info["Id"], current)
+        return url
+
+    def _wait_http(self, cname: str, name: str, timeout: float, out=None) -> str:
+        deadline = time.monotonic() + timeout
+        url = ""
+        last = "no answer yet"
+        while True:
+            info = self._inspect(cname)
+            if info is None:
+                raise RuntimeError_("the new app's container disappeared while starting")
+            st = info["State"]
+            if st["Status"] in ("exited", "dead", "restarting") or (info.get("RestartCount") or 0) > 0:
+                tail = _last_lines(self._container_logs(info["Id"]), 4)
+                why = "was killed: out of memory" if st.get("OOMKilled") else f"exited with code {st.get('ExitCode')}"
+                raise RuntimeError_(f"the app {why} while starting" + (f": {tail}" if tail else ""))
+            url = url or self._app_url(info)
+            if url:
+                try:
+                    resp = requests.get(url + "/", timeout=3, allow_redirects=False)
+                    if resp.status_code < 500:
+                        if out:
+                            out(f"health check: GET / answered {resp.status_code}\n")
+                        return url
+                    last = f"GET / answered {resp.status_code}"
+                except requests.RequestException as exc:
+                    last = type(exc).__name__
+            if time.monotonic() >= deadline:
+                tail = _last_lines(self._container_logs(info["Id"]), 4)
+                raise RuntimeError_(f"the app did not answer HTTP within {timeout:g} s ({last})"
+                                    + (f": {tail}" if tail else ""))
+            time.sleep(0.5)
+
+    def _container_logs(self, cid: str, tail: int = 40) -> str:
+        try:
+            return self.api.logs(cid, stdout=True, stderr=True, tail=tail).decode("utf-8", errors="replace")
+        except (APIError, requests.RequestException):
+            return ""
+
+    @_user_errors
+    def retire_app(self, name: str) -> None:
+        """Stop and remove the app a deploy replaced (after the proxy points to the new one)."""
+        self._check_name(name)
+        self._remove_container(self.container_name(name, RETIRED), name, graceful=True)
+
+    @_user_errors
+    def image_exists(self, image: str) -> bool:
+        try:
+            self._call(f"inspecting image {image}", self.api.inspect_image, image)
+            return True
+        except NotFound:
+            return False
+
+    @_user_errors
+    def prune_images(self, name: str, keep_releases: set[str]) -> list[str]:
+        """Remove the instance's release images (by label) except those of `keep_releases`
+        and those a container still uses. Returns the removed tags/ids."""
+        self._check_name(name)
+        removed = []
+        for image in self._call("listing images", self.api.images, filters=self._filters(name)):
+            release = (image.get("Labels") or {}).get(LABEL_RELEASE, "")
+            if release in keep_releases:
+                continue
+            try:
+                self.api.remove_image(image["Id"], force=False, noprune=False)
+                removed += image.get("RepoTags") or [image["Id"]]
+            except NotFound:
+                pass
+            except APIError:
+                pass  # in use
+        return removed
 
     def _check_image(self, image: str, *, service: bool) -> None:
         try:
@@ -529,10 +643,11 @@ class DockerRuntime:
                 return binding["HostPort"]
         return ""
 
-    def _create_container(self, spec, component, desired, config_hash, networks, host_port=None) -> dict:
+    def _create_container(self, spec, component, desired, config_hash, networks, host_port=None,
+                          cname: str | None = None) -> dict:
         api = self.api
         name = spec.name
-        cname = self.container_name(name, component)
+        cname = cname or self.container_name(name, component)
         mb = int(desired["memory_mb"])
         extra = {}
         ports = None
@@ -842,6 +957,7 @@ class DockerRuntime:
         while True:
             left = self._remove_round(name)
             if not left:
+                self.prune_images(name, set())  # its release images go with it
                 return
             if time.monotonic() >= deadline:
                 raise RuntimeError_(f"could not remove everything of {name}: {left[0]}")

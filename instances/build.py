@@ -1,0 +1,302 @@
+"""From a pushed commit to an app image: export the tree, check that it is an oTree
+project, generate a Dockerfile, build it (output streamed into the release's log) and
+read the project's session configs and rooms out of the built image.
+
+Nothing secret goes into a build: no build args, no environment of the instance. The
+image is labelled with the manager, the instance and the release number, so old ones are
+pruned by label.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from django.conf import settings
+
+from instances.runtime.docker import LABEL_INSTANCE, LABEL_MANAGER, LABEL_RELEASE
+
+RELEASE_IMAGE_PORT = 8000
+COMMAND = ["otree", "prodserver", str(RELEASE_IMAGE_PORT)]  # oTree 5/6: binds 0.0.0.0:<port>
+MAX_TREE_BYTES = 200 * 1024 * 1024
+
+
+class BuildFailed(Exception):
+    """The user's project cannot be built; the message says why (shown to the pusher)."""
+
+
+def repo_path(instance) -> Path:
+    return Path(settings.DATA_DIR) / "git" / f"{instance.name}.git"
+
+
+def git(repo: Path, *args: str, input: bytes | None = None, timeout: float = 60) -> bytes:
+    proc = subprocess.run(["git", "--git-dir", str(repo), *args], input=input, capture_output=True,
+                          timeout=timeout, env={"PATH": "/usr/bin:/bin:/usr/local/bin", "GIT_CONFIG_NOSYSTEM": "1",
+                                                "HOME": "/nonexistent"})
+    if proc.returncode != 0:
+        raise BuildFailed(f"git {args[0]}: {proc.stderr.decode(errors='replace').strip()[:300]}")
+    return proc.stdout
+
+
+def commit_info(repo: Path, commit: str) -> dict:
+    out = git(repo, "log", "-1", "--format=%H%n%an <%ae>%n%s", commit).decode(errors="replace").split("\n")
+    return {"commit": out[0], "author": out[1] if len(out) > 1 else "", "message": out[2] if len(out) > 2 else ""}
+
+
+def export_tree(repo: Path, commit: str, dest: Path) -> None:
+    """`git archive` of the commit into `dest` (no .git, no paths outside `dest`)."""
+    data = git(repo, "archive", "--format=tar", commit, timeout=120)
+    if len(data) > MAX_TREE_BYTES:
+        raise BuildFailed(f"the project is {len(data) // 2**20} MB; at most {MAX_TREE_BYTES // 2**20} MB can be deployed")
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            tar.extractall(dest, filter="data")
+    except (tarfile.TarError, OSError) as exc:  # e.g. a symlink pointing outside the project
+        raise BuildFailed(f"the commit's files cannot be unpacked: {exc}") from None
+
+
+# --- checks ------------------------------------------------------------------------------
+
+REQ_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*(.*)$")
+
+
+def _requirement_names(text: str) -> list[tuple[str, str]]:
+    """(normalized name, the whole line) of each requirement line."""
+    found = []
+    for line in text.splitlines():
+        stripped = line.split("#", 1)[0].strip()
+        if not stripped or stripped.startswith("-"):
+            continue
+        m = REQ_NAME.match(stripped)
+        if m:
+            found.append((re.sub(r"[-_.]+", "-", m.group(1)).lower(), stripped))
+    return found
+
+
+def check_project(ctx: Path) -> list[str]:
+    """Raise BuildFailed with a specific message when `ctx` is not a deployable oTree
+    project; returns notes for the log (e.g. requirements adjusted)."""
+    notes = []
+    if not (ctx / "settings.py").is_file():
+        raise BuildFailed("this is not an oTree project: there is no settings.py at the top of the repository "
+                          "(push the folder that contains settings.py, requirements.txt and your apps)")
+    req = ctx / "requirements.txt"
+    if not req.is_file():
+        raise BuildFailed("this is not an oTree project: there is no requirements.txt at the top of the repository "
+                          "(it needs at least a line such as `otree>=5`)")
+    text = req.read_text(errors="replace")
+    names = _requirement_names(text)
+    if not any(name == "otree" for name, _ in names):
+        raise BuildFailed("this is not an oTree project: requirements.txt does not name otree "
+                          "(add a line such as `otree>=5`)")
+    source = (ctx / "settings.py").read_bytes()
+    try:
+        compile(source, "settings.py", "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        where = f"line {exc.lineno}" if exc.lineno else "somewhere"
+        code = (exc.text or "").strip()
+        raise BuildFailed(f"settings.py has a syntax error on {where}: {exc.msg}" + (f" ({code})" if code else "")) from None
+    except ValueError as exc:  # e.g. NUL bytes
+        raise BuildFailed(f"settings.py cannot be read as Python: {exc}") from None
+    # The app runs on PostgreSQL: psycopg2 from source needs a compiler and libpq headers
+    # that the slim base image lacks; the binary wheel provides the same module.
+    lines, changed = [], False
+    for line in text.splitlines():
+        entries = _requirement_names(line)
+        if entries and entries[0][0] == "psycopg2":
+            spec = REQ_NAME.match(entries[0][1]).group(3)
+            lines.append(f"psycopg2-binary{spec}")
+            changed = True
+        else:
+            lines.append(line)
+    if not any(name in ("psycopg2", "psycopg2-binary") for name, _ in names):
+        lines.append("psycopg2-binary")
+        changed = True
+        notes.append("requirements.txt: added psycopg2-binary (the app runs on PostgreSQL)")
+    elif changed:
+        notes.append("requirements.txt: psycopg2 installed as psycopg2-binary (same module, no compiler needed)")
+    if changed:
+        req.write_text("\n".join(lines) + "\n")
+    return notes
+
+
+def dockerfile() -> str:
+    # requirements first: a push that changes only code reuses the installed layer.
+    return "\n".join([
+        f"FROM {settings.LAB_IMAGE_PYTHON}",
+        "ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_DISABLE_PIP_VERSION_CHECK=1 "
+        "PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore PIP_PROGRESS_BAR=off",
+        "WORKDIR /app",
+        "COPY requirements.txt /app/requirements.txt",
+        "RUN pip install -r /app/requirements.txt",
+        # oTree opens db.sqlite3 in its working directory at import (even on PostgreSQL),
+        # so the project directory belongs to the app's (unprivileged) user.
+        "COPY --chown=10001:10001 . /app",
+        "RUN chown 10001:10001 /app",
+        "USER 10001:10001",
+        f"EXPOSE {RELEASE_IMAGE_PORT}",
+        f'CMD {json.dumps(COMMAND)}',
+        "",
+    ])
+
+
+DOCKERIGNORE = "\n".join([".git", "**/__pycache__", "*.pyc", "db.sqlite3", "venv", ".venv", "__temp*",
+                          "Dockerfile.otree-lab", ""])
+
+
+def image_tag(manager_id: str, instance_name: str, number: int) -> str:
+    return f"otree-lab-{manager_id}-{instance_name}:r{number}"
+
+
+PIP_NOT_FOUND = re.compile(r"No matching distribution found for ([^\s]+)")
+PIP_NO_VERSION = re.compile(r"Could not find a version that satisfies the requirement ([^\s]+) \(from versions: ([^)]*)\)")
+
+
+def explain_pip(log_text: str) -> str | None:
+    """A clear reason for the usual pip failures, else None."""
+    m = PIP_NO_VERSION.search(log_text)
+    if m:
+        req, versions = m.group(1), m.group(2).strip()
+        name = REQ_NAME.match(req).group(1) if REQ_NAME.match(req) else req
+        if versions in ("", "none"):
+            return f"package {name} not found on PyPI (requirements.txt: {req})"
+        return f"no version of {name} matches {req} (available: {versions[-120:]})"
+    m = PIP_NOT_FOUND.search(log_text)
+    if m:
+        return f"package {m.group(1)} not found on PyPI"
+    if "ResolutionImpossible" in log_text or "conflicting dependencies" in log_text:
+        return "the packages in requirements.txt have conflicting dependencies (see the log)"
+    return None
+
+
+def _tail(text: str, n: int = 4) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return " / ".join(lines[-n:])[:400]
+
+
+def build_image(runtime, ctx: Path, *, tag: str, labels: dict, out, timeout: float) -> str:
+    """`docker build` of `ctx` (legacy builder) with our Dockerfile; every line of output
+    goes to `out(text)`. Returns the image id; raises BuildFailed with the reason."""
+    (ctx / "Dockerfile.otree-lab").write_text(dockerfile())
+    (ctx / ".dockerignore").write_text(DOCKERIGNORE)
+    api = runtime.api
+    seen = []
+    image_id = None
+    deadline = time.monotonic() + timeout
+    try:
+        stream = api.build(path=str(ctx), dockerfile="Dockerfile.otree-lab", tag=tag, labels=labels, rm=True,
+                           forcerm=True, pull=False, decode=True, timeout=timeout)
+        for chunk in stream:
+            if "stream" in chunk:
+                text = chunk["stream"]
+                seen.append(text)
+                out(text)
+                m = re.match(r"Successfully built ([0-9a-f]+)", text.strip())
+                if m:
+                    image_id = m.group(1)
+            elif "error" in chunk:
+                text = chunk.get("error") or ""
+                seen.append(text + "\n")
+                out(text + "\n")
+                full = "".join(seen)
+                raise BuildFailed(explain_pip(full) or f"the image build failed: {_tail(full)}")
+            elif "status" in chunk:  # a base image layer download
+                out(f"{chunk['status']} {chunk.get('progress', '')}\n".replace(" \n", "\n"))
+            if time.monotonic() > deadline:
+                raise BuildFailed(f"the build took longer than {timeout:g} s")
+    except BuildFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - engine errors become the reason
+        text = getattr(exc, "explanation", None) or str(exc)
+        if isinstance(text, bytes):
+            text = text.decode(errors="replace")
+        if "Read timed out" in str(text):
+            raise BuildFailed(f"the build took longer than {timeout:g} s") from None
+        raise BuildFailed(f"the image build failed: {' '.join(str(text).split())[:300]}") from None
+    if not image_id:
+        raise BuildFailed(f"the image build did not finish: {_tail(''.join(seen))}")
+    return image_id
+
+
+# --- introspection -------------------------------------------------------------------------
+
+INTROSPECT = r'''
+import json, os, sys
+sys.path.insert(0, "/app"); os.chdir("/app")
+try:
+    import settings
+except BaseException as exc:
+    import traceback
+    print("@@ERROR@@" + "".join(traceback.format_exception_only(type(exc), exc)).strip()[-400:])
+    raise SystemExit(0)
+def text(v, n=200):
+    return "" if v is None else str(v)[:n]
+configs = []
+for c in list(getattr(settings, "SESSION_CONFIGS", None) or [])[:200]:
+    if isinstance(c, dict):
+        configs.append({"name": text(c.get("name")), "display_name": text(c.get("display_name") or c.get("name")),
+                        "num_demo_participants": c.get("num_demo_participants") if isinstance(c.get("num_demo_participants"), int) else None,
+                        "app_sequence": [text(a, 80) for a in (c.get("app_sequence") or [])][:50]})
+rooms = []
+for r in list(getattr(settings, "ROOMS", None) or [])[:100]:
+    if not isinstance(r, dict):
+        continue
+    labels, problem = [], ""
+    path = r.get("participant_label_file")
+    if path:
+        try:
+            full = os.path.realpath(os.path.join("/app", str(path)))
+            if not full.startswith("/app/"):
+                raise ValueError("outside the project")
+            with open(full, encoding="utf-8-sig") as fh:
+                labels = [ln.strip() for ln in fh if ln.strip()][:5000]
+        except Exception as exc:
+            problem = f"participant_label_file {path}: {exc}"[:200]
+    rooms.append({"name": text(r.get("name")), "display_name": text(r.get("display_name") or r.get("name")),
+                  "participant_labels": [text(l, 100) for l in labels], "problem": problem})
+print("@@JSON@@" + json.dumps({"session_configs": configs, "rooms": rooms}))
+'''
+
+
+def introspect(runtime, image: str, *, timeout: float = 60) -> dict:
+    """Import the project's settings.py inside the image (no network, no secrets) and
+    return {session_configs, rooms}; BuildFailed when settings.py cannot be imported."""
+    api = runtime.api
+    labels = {LABEL_MANAGER: runtime.manager_id, "org.otree-lab.component": "introspect"}
+    host_config = api.create_host_config(mem_limit="256m", memswap_limit="256m", pids_limit=64,
+                                         cap_drop=["ALL"], security_opt=["no-new-privileges"], network_mode="none")
+    container = api.create_container(image, command=["python", "-c", INTROSPECT], labels=labels,
+                                     host_config=host_config, network_disabled=True,
+                                     environment={"OTREE_PRODUCTION": "1"})
+    try:
+        api.start(container["Id"])
+        try:
+            api.wait(container["Id"], timeout=timeout)
+        except Exception:  # noqa: BLE001 - requests' read timeout
+            raise BuildFailed(f"reading settings.py inside the image took longer than {timeout:g} s") from None
+        out = api.logs(container["Id"], stdout=True, stderr=True).decode(errors="replace")
+    finally:
+        try:
+            api.remove_container(container["Id"], force=True, v=True)
+        except Exception:  # noqa: BLE001
+            pass
+    for line in out.splitlines():
+        if line.startswith("@@ERROR@@"):
+            raise BuildFailed(f"settings.py cannot be imported: {line[len('@@ERROR@@'):]}")
+        if line.startswith("@@JSON@@"):
+            return json.loads(line[len("@@JSON@@"):])
+    raise BuildFailed(f"reading settings.py inside the image failed: {_tail(out)}")
+
+
+def release_labels(runtime, instance_name: str, number: int) -> dict:
+    return {LABEL_MANAGER: runtime.manager_id, LABEL_INSTANCE: instance_name, LABEL_RELEASE: str(number)}
+
+
+def new_context() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="lab-build-")

@@ -1,0 +1,318 @@
+"""Releases: a push (or a rollback) recorded first, then built, started beside the running
+app, health-checked and switched to — or failed with the reason while the previous
+release keeps serving.
+
+- `record_push()` (called by git intake) writes the queued Release in a transaction,
+  supersedes older queued ones and enqueues `instances.build_release` after commit.
+- `deploy(release_id)` (the worker) builds under the per-instance build lock (builds of one
+  instance never overlap; different instances build in parallel), switches under the
+  instance lock (never at the same time as a reconcile).
+- `rollback()` redeploys a previous live release's image as a new release.
+- `sweep()` fails releases whose worker died.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Max, Value
+from django.db.models.functions import Concat
+from django.utils import timezone
+
+from instances import build
+from instances.models import Instance, Release
+from instances.runtime import get_runtime
+from instances.runtime.base import AppSpec, RuntimeError_
+from manager import locks
+from manager.accounts.services import Conflict, NotAllowed
+from manager.jobs import services as jobs
+
+log = logging.getLogger(__name__)
+
+ACTIVE = (Release.Status.QUEUED, Release.Status.BUILDING, Release.Status.STARTING)
+WAS_LIVE = (Release.Status.LIVE, Release.Status.SUPERSEDED, Release.Status.ROLLED_BACK)
+
+
+def build_timeout() -> int:
+    return int(getattr(settings, "LAB_BUILD_TIMEOUT", 900))
+
+
+def start_timeout() -> int:
+    return int(getattr(settings, "LAB_START_TIMEOUT", 120))
+
+
+def keep_releases() -> int:
+    return max(1, int(getattr(settings, "LAB_KEEP_RELEASES", 5)))
+
+
+# --- recording ---------------------------------------------------------------------------
+
+def _enqueue(release: Release, user, label: str):
+    from instances.tasks import build_release
+
+    return jobs.start(build_release, user=user, kind="instance.deploy", label=label, args=[release.pk],
+                      link=f"/instances/{release.instance.name}/")
+
+
+def _next_number(instance: Instance) -> int:
+    Instance.objects.select_for_update().filter(pk=instance.pk).first()  # serializes numbering (PostgreSQL)
+    return (Release.objects.filter(instance=instance).aggregate(n=Max("number"))["n"] or 0) + 1
+
+
+def record_push(instance: Instance, *, commit: str, branch: str = "main", pushed_by=None, author: str = "",
+                message: str = "") -> Release:
+    """Record a push to `branch` of `instance` (the commit is in its bare repository) as a
+    queued release and enqueue its build. Older queued releases are superseded. Author and
+    message default to the commit's own (read from the repository)."""
+    if not author or not message:
+        try:
+            info = build.commit_info(build.repo_path(instance), commit)
+            author, message = author or info["author"], message or info["message"]
+        except (build.BuildFailed, OSError, subprocess.SubprocessError):
+            pass  # the build reports a missing repository or commit
+    with transaction.atomic():
+        number = _next_number(instance)
+        Release.objects.filter(instance=instance, status=Release.Status.QUEUED).update(
+            status=Release.Status.SUPERSEDED, status_reason=f"superseded by the newer push #{number}",
+            finished_at=timezone.now())
+        release = Release.objects.create(
+            instance=instance, number=number, commit=commit, branch=branch, author=(author or "")[:200],
+            message=(message or "").strip().splitlines()[0][:500] if (message or "").strip() else "",
+            pushed_by=pushed_by if pushed_by is not None and getattr(pushed_by, "is_authenticated", False) else None,
+        )
+        _enqueue(release, release.pushed_by, f"Deploy {instance.name} #{number} ({commit[:8]})")
+    return release
+
+
+def rollback(actor, release: Release) -> Release:
+    """Redeploy `release`'s image (a previous release that was live, image still kept) as
+    a new release with `rollback_of` set."""
+    instance = release.instance
+    if actor is not None and not (actor.is_superuser or instance.owner_id == actor.pk):
+        raise NotAllowed("Only the owner or a lab manager may roll back this instance.")
+    if release.status == Release.Status.LIVE:
+        raise Conflict({"release": [f"#{release.number} is already live."]})
+    if release.status not in WAS_LIVE or not release.image:
+        raise Conflict({"release": [f"#{release.number} never went live; only a release that was live can be "
+                                    "rolled back to."]})
+    if not get_runtime().image_exists(release.image):
+        raise Conflict({"release": [f"the image of #{release.number} is no longer kept (only the last "
+                                    f"{keep_releases()} releases are)."]})
+    if Release.objects.filter(instance=instance, status__in=ACTIVE).exists():
+        raise Conflict({"release": ["a deploy is running; roll back when it has finished."]})
+    with transaction.atomic():
+        number = _next_number(instance)
+        new = Release.objects.create(
+            instance=instance, number=number, commit=release.commit, branch=release.branch, author=release.author,
+            message=f"rollback to #{release.number}: {release.message}"[:500], rollback_of=release,
+            pushed_by=actor if actor is not None and actor.is_authenticated else None, image=release.image,
+            session_configs=release.session_configs, rooms=release.rooms,
+        )
+        from manager.audit.services import record
+
+        record(actor, "instance.rollback", instance, f"rolled {instance.name} back to #{release.number}")
+        _enqueue(new, new.pushed_by, f"Roll {instance.name} back to #{release.number}")
+    return new
+
+
+# --- the build log --------------------------------------------------------------------------
+
+class LogWriter:
+    """Appends to Release.log in chunks, at most every `interval` seconds (and at close),
+    so the pusher sees the build live without a write per line."""
+
+    def __init__(self, release_id: int, interval: float = 0.3, limit: int = 2_000_000):
+        self.release_id = release_id
+        self.interval = interval
+        self.limit = limit
+        self.buffer: list[str] = []
+        self.written = 0
+        self.last = time.monotonic()
+        self.lock = threading.Lock()
+
+    def __call__(self, text: str) -> None:
+        with self.lock:
+            self.buffer.append(text)
+        if time.monotonic() - self.last >= self.interval:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            chunk, self.buffer = "".join(self.buffer), []
+            self.last = time.monotonic()
+        if not chunk or self.written >= self.limit:
+            return
+        chunk = chunk[: self.limit - self.written]
+        self.written += len(chunk)
+        Release.objects.filter(pk=self.release_id).update(log=Concat(F("log"), Value(chunk)))
+
+
+# --- the worker ----------------------------------------------------------------------------
+
+def _set_instance(instance: Instance, status: str, reason: str = "") -> None:
+    from instances.services import push_state
+
+    Instance.objects.filter(pk=instance.pk).update(status=status, status_reason=reason[:500])
+    instance.refresh_from_db()
+    push_state(instance)
+
+
+def _fail(release: Release, reason: str, out: LogWriter | None = None) -> None:
+    if out is not None:
+        out(f"\nDeploy failed: {reason}\n")
+        out.flush()
+    Release.objects.filter(pk=release.pk, status__in=ACTIVE).update(
+        status=Release.Status.FAILED, status_reason=reason[:500], finished_at=timezone.now())
+    release.refresh_from_db()
+
+
+def app_of(release: Release) -> dict:
+    return {"image": release.image, "command": list(build.COMMAND), "port": build.RELEASE_IMAGE_PORT,
+            "release": release.pk}
+
+
+def deploy(release_id: int) -> Release:
+    """Build (unless it is a rollback), start, health-check and switch to the release."""
+    release = Release.objects.select_related("instance").filter(pk=release_id).first()
+    if release is None or release.status != Release.Status.QUEUED:
+        return release
+    instance = release.instance
+    try:
+        with locks.lock(f"build:{instance.pk}", wait=build_timeout()):
+            # Claimed only now: while it waited, a newer push may have superseded it.
+            claimed = Release.objects.filter(pk=release.pk, status=Release.Status.QUEUED).update(
+                status=Release.Status.BUILDING, started_at=timezone.now())
+            release.refresh_from_db()
+            if not claimed:
+                return release
+            out = LogWriter(release.pk)
+            try:
+                _deploy(release, instance, out)
+            except (build.BuildFailed, RuntimeError_, locks.Busy) as exc:
+                reason = str(exc) if not isinstance(exc, locks.Busy) else "the instance stayed busy; push again"
+                _fail(release, reason, out)
+                _after_failure(instance, release)
+            except BaseException as exc:  # time limit, worker shutdown: never leave it building
+                _fail(release, f"stopped: {type(exc).__name__}", out)
+                _after_failure(instance, release)
+                raise
+    except locks.Busy:
+        _fail(release, f"another deploy of {instance.name} ran for longer than {build_timeout()} s")
+    return release
+
+
+def _deploy(release: Release, instance: Instance, out: LogWriter) -> None:
+    from instances import proxy, reconciler
+
+    runtime = get_runtime()
+    _set_instance(instance, Instance.Status.DEPLOYING, f"deploying #{release.number} ({release.commit[:8]})")
+    if release.rollback_of_id:
+        out(f"Rollback to #{release.rollback_of.number}: reusing its image {release.image}\n")
+        if not runtime.image_exists(release.image):
+            raise build.BuildFailed(f"the image {release.image} is no longer kept")
+    else:
+        repo = build.repo_path(instance)
+        out(f"Building {instance.name} #{release.number} from {release.commit[:12]} ({release.branch})\n")
+        with build.new_context() as tmp:
+            ctx = Path(tmp)
+            if not repo.exists():
+                raise build.BuildFailed(f"the repository of {instance.name} does not exist")
+            build.export_tree(repo, release.commit, ctx)
+            for note in build.check_project(ctx):
+                out(note + "\n")
+            tag = build.image_tag(runtime.manager_id, instance.name, release.number)
+            build.build_image(runtime, ctx, tag=tag, labels=build.release_labels(runtime, instance.name,
+                                                                                  release.number),
+                              out=out, timeout=build_timeout())
+        Release.objects.filter(pk=release.pk).update(image=tag)
+        release.refresh_from_db()
+        out("Reading session configs and rooms from settings.py\n")
+        found = build.introspect(runtime, tag)
+        Release.objects.filter(pk=release.pk).update(session_configs=found["session_configs"], rooms=found["rooms"])
+        for room in found["rooms"]:
+            if room.get("problem"):
+                out(f"warning: room {room['name']}: {room['problem']}\n")
+        out(f"Session configs: {', '.join(c['name'] for c in found['session_configs']) or '(none)'}; "
+            f"rooms: {', '.join(r['name'] for r in found['rooms']) or '(none)'}\n")
+    Release.objects.filter(pk=release.pk).update(status=Release.Status.STARTING)
+    out(f"Starting the app (health check for up to {start_timeout()} s)\n")
+    out.flush()
+    release.refresh_from_db()
+    app = app_of(release)
+    with locks.lock(f"instance:{instance.pk}", wait=120):
+        instance.refresh_from_db()
+        spec = reconciler.instance_spec(instance, AppSpec(
+            image=app["image"], command=app["command"], port=app["port"], env=instance.otree_env(),
+            release_id=str(app["release"])))
+        url = runtime.deploy_app(spec, timeout=start_timeout(), out=out)
+        now = timezone.now()
+        with transaction.atomic():
+            previous = Release.objects.filter(instance=instance, status=Release.Status.LIVE).exclude(pk=release.pk)
+            previous.update(status=Release.Status.ROLLED_BACK if release.rollback_of_id else Release.Status.SUPERSEDED,
+                            status_reason=f"replaced by #{release.number}")
+            Release.objects.filter(pk=release.pk).update(status=Release.Status.LIVE, finished_at=now,
+                                                         status_reason="")
+            Instance.objects.filter(pk=instance.pk).update(runtime=runtime.name)
+        try:
+            proxy.sync_routes()
+        except Exception:  # noqa: BLE001 - the proxy heals at its next sync; the app is live
+            log.exception("sync_routes after deploying %s #%s", instance.name, release.number)
+        runtime.retire_app(instance.name)
+    out(f"Live: #{release.number} answers at {instance.url or url}\n")
+    out.flush()
+    release.refresh_from_db()
+    _set_instance(instance, Instance.Status.RUNNING, "")
+    _prune(instance, runtime)
+
+
+def _after_failure(instance: Instance, release: Release) -> None:
+    """The previous release keeps serving: the instance's status is what runs."""
+    from instances import reconciler
+
+    try:
+        reconciler.reconcile(instance.pk)
+    except Exception:  # noqa: BLE001 - the sweep reconciles again
+        log.warning("reconcile after the failed release %s", release, exc_info=True)
+    instance.refresh_from_db()
+    if instance.status != Instance.Status.DELETING:
+        reason = f"release #{release.number} failed: {release.status_reason}"
+        live = Release.objects.filter(instance=instance, status=Release.Status.LIVE).first()
+        if live is not None:
+            reason += f" (#{live.number} keeps serving)"
+        _set_instance(instance, instance.status, reason)
+
+
+def _prune(instance: Instance, runtime) -> None:
+    keep = [str(n) for n in Release.objects.filter(instance=instance, status__in=WAS_LIVE, rollback_of=None)
+            .exclude(image="").order_by("-number").values_list("number", flat=True)[: keep_releases()]]
+    # Rollbacks reuse an older release's image: that one stays while its rollback is live.
+    live = Release.objects.filter(instance=instance, status=Release.Status.LIVE).select_related("rollback_of").first()
+    if live is not None:
+        keep.append(str(live.rollback_of.number if live.rollback_of_id else live.number))
+    try:
+        runtime.prune_images(instance.name, set(keep))
+    except RuntimeError_:
+        log.warning("pruning images of %s", instance.name, exc_info=True)
+
+
+# --- the sweep -----------------------------------------------------------------------------
+
+def sweep(now=None) -> int:
+    """Fail releases stuck in queued/building/starting longer than the build timeout plus
+    the start timeout (their worker died)."""
+    now = now or timezone.now()
+    limit = timedelta(seconds=build_timeout() + start_timeout() + 60)
+    failed = 0
+    for release in Release.objects.filter(status__in=ACTIVE).select_related("instance"):
+        since = release.started_at or release.created_at
+        if since + limit < now:
+            _fail(release, "the deploy stopped without finishing (its worker died); push again")
+            failed += 1
+    return failed

@@ -1,0 +1,244 @@
+"""Releases on a real Docker engine with a real oTree 6 project installed from PyPI inside
+the build: a push goes live; broken pushes fail with a specific reason while the live
+release keeps answering; rollback; queued pushes are superseded; stuck releases swept.
+
+Builds are slow (pip inside the image), so the deploy story is one test. Everything
+created is labelled with this run's manager id and removed at the end.
+"""
+
+import time
+from datetime import timedelta
+
+import pytest
+from django.conf import settings
+from django.test import override_settings
+from django.utils import timezone
+
+from instances import build, reconciler, releases
+from instances.models import Instance, Release
+from instances.runtime import get_runtime
+from instances.runtime.base import Health
+from instances.tasks import build_release
+from manager.accounts.models import User
+from manager.jobs.models import Job
+from tests import otree_projects
+from tests.conftest import need
+from tests.docker_helpers import engine_ok, http_get, images_present
+
+pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    need(engine_ok() and images_present(settings.LAB_IMAGE_POSTGRES, settings.LAB_IMAGE_REDIS,
+                                        settings.LAB_IMAGE_PYTHON),
+         "a Docker engine with the images (python manage.py build_images)")
+    rt = get_runtime()
+    yield rt
+    for name in rt.owned_instances():
+        rt.remove(name)
+
+
+@pytest.fixture(autouse=True)
+def clean_engine(runtime):
+    yield
+    for name in runtime.owned_instances():
+        runtime.remove(name)  # containers, networks, volume and the instance's release images
+    for image in runtime.api.images(filters={"label": [f"org.otree-lab.manager={runtime.manager_id}"]}):
+        runtime.api.remove_image(image["Id"], force=True)
+
+
+queued = {}
+
+
+@pytest.fixture(autouse=True)
+def capture_jobs(monkeypatch):
+    """Record each build job instead of sending it to a broker; `run_build` runs it."""
+    from manager.jobs import services as jobs
+
+    real_start = jobs.start
+
+    def start(task, *, user, kind, label, args=(), link=""):
+        job = real_start(task, user=user, kind=kind, label=label, args=args, link=link)
+        queued[job.pk] = (task, tuple(args))
+        return job
+
+    monkeypatch.setattr(jobs, "start", start)
+    yield
+    queued.clear()
+
+
+def run_jobs(kind):
+    """Run the queued jobs of `kind` in-process (oldest first), as the worker would."""
+    done = []
+    for job in Job.objects.filter(kind=kind, status="queued").order_by("created_at"):
+        task, args = queued.pop(job.pk)
+        task.apply(args=[str(job.pk), *args])
+        job.refresh_from_db()
+        done.append(job)
+    return done
+
+
+@pytest.fixture
+def lab(runtime, tmp_path):
+    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
+    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
+    return boss, ann
+
+
+def new_instance(owner, name, tmp_path):
+    instance = Instance.objects.create(name=name, owner=owner, public_port=None)
+    bare = otree_projects.init_bare(settings.DATA_DIR / "git" / f"{name}.git")
+    return instance, otree_projects.Checkout(tmp_path / f"{name}-work", bare)
+
+
+def push(instance, checkout, files, message, user):
+    commit = checkout.push(files, message)
+    return releases.record_push(instance, commit=commit, branch="main", pushed_by=user)
+
+
+def deploy(instance, checkout, files, message, user):
+    release = push(instance, checkout, files, message, user)
+    started = time.monotonic()
+    [job] = run_jobs("instance.deploy")
+    release.refresh_from_db()
+    return release, job, time.monotonic() - started
+
+
+def answers(runtime, name) -> tuple[int, bytes]:
+    url = runtime.state(name).app_url
+    assert url, "the app has no URL"
+    return http_get(url + "/", timeout=5)
+
+
+def test_deploy_broken_pushes_and_rollback(runtime, lab, tmp_path, capsys):
+    boss, ann = lab
+    instance, checkout = new_instance(ann, "rel-story", tmp_path)
+    timings = {}
+
+    # 1. The first push goes live: oTree answers on its 127.0.0.1 port.
+    first, job, timings["first build"] = deploy(instance, checkout, otree_projects.valid_project("v1"),
+                                                "first version", ann)
+    assert first.status == "live", (first.status_reason, first.log[-3000:])
+    assert job.status == "succeeded" and "is live" in job.message
+    assert first.author == "Ann Experimenter <ann@lab.test>" and first.message == "first version"
+    assert first.pushed_by == ann and first.duration is not None
+    assert "Successfully built" in first.log and "Live: #1" in first.log
+    code, _ = answers(runtime, "rel-story")
+    assert code in (200, 302)  # oTree 6 shows its login page at /
+    assert first.session_configs[0]["name"] == "hello_game"
+    assert first.session_configs[0]["display_name"] == "Hello game"
+    rooms = {r["name"]: r for r in first.rooms}
+    assert rooms["lab"]["participant_labels"] == otree_projects.LABELS and rooms["online"]["participant_labels"] == []
+    instance.refresh_from_db()
+    assert instance.status == "running"
+    # The reconciler keeps the live release: a pass changes nothing.
+    app_id = runtime.api.inspect_container(runtime.container_name("rel-story", "app"))["Id"]
+    assert reconciler.current_app(instance)["image"] == first.image
+    reconciler.reconcile(instance.pk)
+    assert runtime.api.inspect_container(runtime.container_name("rel-story", "app"))["Id"] == app_id
+    # The image is labelled; nothing secret went into the build or the log.
+    labels = runtime.api.inspect_image(first.image)["Config"]["Labels"]
+    assert labels["org.otree-lab.instance"] == "rel-story" and labels["org.otree-lab.release"] == "1"
+    env = "\n".join(runtime.api.inspect_image(first.image)["Config"]["Env"])
+    for secret in (instance.admin_password, instance.rest_key, instance.db_password):
+        assert secret not in first.log and secret not in env
+
+    # 2. A code-only change reuses the pip layer and replaces the app.
+    second, job, timings["code-only redeploy"] = deploy(instance, checkout, otree_projects.valid_project("v2"),
+                                                        "second version", ann)
+    assert second.status == "live", (second.status_reason, second.log[-3000:])
+    assert "Using cache" in second.log
+    first.refresh_from_db()
+    assert first.status == "superseded"
+    assert answers(runtime, "rel-story")[0] in (200, 302)
+    assert runtime.api.inspect_container(runtime.container_name("rel-story", "app"))["Config"]["Image"] == second.image
+    names = {c["Names"][0] for c in runtime.api.containers(all=True, filters={"label": [
+        f"org.otree-lab.manager={runtime.manager_id}", "org.otree-lab.instance=rel-story"]})}
+    assert names == {f"/{runtime.container_name('rel-story', c)}" for c in ("app", "db", "redis")}
+
+    # 3. Broken pushes fail with their specific reason; #2 keeps answering throughout.
+    expected = {
+        "no_settings": "there is no settings.py",
+        "no_otree": "requirements.txt does not name otree",
+        "syntax": "settings.py has a syntax error on line",
+        "missing_package": "package otree-lab-no-such-package-zz9 not found on PyPI",
+        "crash": "this app crashes on start",
+    }
+    for kind, reason in expected.items():
+        bad, job, timings[f"failed: {kind}"] = deploy(instance, checkout, otree_projects.broken(kind), kind, ann)
+        assert bad.status == "failed", (kind, bad.status, bad.log[-2000:])
+        assert reason in bad.status_reason, (kind, bad.status_reason)
+        assert reason in bad.log and job.status == "failed" and reason in job.message
+        assert answers(runtime, "rel-story")[0] in (200, 302), kind
+        assert reconciler.current_app(instance)["image"] == second.image
+        instance.refresh_from_db()
+        assert instance.status == "running" and f"#{bad.number} failed" in instance.status_reason
+        assert runtime.state("rel-story").app.health == Health.RUNNING
+    assert "syntax error on line 21" in Release.objects.get(instance=instance, message="syntax").status_reason
+    assert "exited" in Release.objects.get(instance=instance, message="crash").status_reason
+
+    # 4. Rollback to #1: a new release with #1's image, #2 is rolled back.
+    back = releases.rollback(ann, first)
+    assert back.rollback_of == first and back.status == "queued"
+    [job] = run_jobs("instance.deploy")
+    back.refresh_from_db()
+    assert back.status == "live", back.status_reason
+    second.refresh_from_db()
+    assert second.status == "rolled_back"
+    assert reconciler.current_app(instance)["image"] == first.image
+    assert answers(runtime, "rel-story")[0] in (200, 302)
+    with pytest.raises(Exception):
+        releases.rollback(ann, Release.objects.get(instance=instance, message="crash"))  # never live
+
+    # 5. Images of failed releases were pruned; the live ones are kept.
+    kept = {i["Labels"]["org.otree-lab.release"]
+            for i in runtime.api.images(filters={"label": [
+                f"org.otree-lab.manager={runtime.manager_id}", "org.otree-lab.instance=rel-story"]})}
+    assert kept == {"1", "2"}
+    with capsys.disabled():
+        print("\n  release timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+
+
+def test_a_newer_push_supersedes_queued_ones_and_builds_never_overlap(runtime, lab, tmp_path):
+    boss, ann = lab
+    instance, checkout = new_instance(ann, "rel-queue", tmp_path)
+    one = push(instance, checkout, otree_projects.broken("no_settings"), "one", ann)
+    two = push(instance, checkout, otree_projects.broken("no_otree"), "two", ann)
+    three = push(instance, checkout, otree_projects.broken("syntax"), "three", ann)
+    assert [r.number for r in (one, two, three)] == [1, 2, 3]
+    one.refresh_from_db(), two.refresh_from_db()
+    assert one.status == two.status == "superseded" and "#2" in one.status_reason and "#3" in two.status_reason
+    jobs = run_jobs("instance.deploy")
+    assert [j.status for j in jobs] == ["succeeded", "succeeded", "failed"]
+    assert "superseded" in jobs[0].message
+    three.refresh_from_db()
+    assert three.status == "failed" and "syntax error" in three.status_reason
+    # While another worker holds the instance's build lock, a release waits, then gives up.
+    from manager import locks
+
+    four = push(instance, checkout, otree_projects.broken("no_otree"), "four", ann)
+    with override_settings(LAB_BUILD_TIMEOUT=1), locks.lock(f"build:{instance.pk}"):
+        releases.deploy(four.pk)
+    four.refresh_from_db()
+    assert four.status == "failed" and "another deploy" in four.status_reason
+
+
+def test_sweep_fails_releases_whose_worker_died(lab, tmp_path):
+    boss, ann = lab
+    instance = Instance.objects.create(name="rel-sweep", owner=ann)
+    old = timezone.now() - timedelta(seconds=releases.build_timeout() + releases.start_timeout() + 120)
+    stuck = Release.objects.create(instance=instance, number=1, commit="a" * 40, status="building", started_at=old)
+    fresh = Release.objects.create(instance=instance, number=2, commit="b" * 40, status="queued")
+    assert releases.sweep() == 1
+    stuck.refresh_from_db(), fresh.refresh_from_db()
+    assert stuck.status == "failed" and "worker died" in stuck.status_reason
+    assert fresh.status == "queued"
+
+
+def test_pip_failure_is_explained():
+    log = ("ERROR: Could not find a version that satisfies the requirement nopkg-x==1.0 (from versions: none)\n"
+           "ERROR: No matching distribution found for nopkg-x==1.0\n")
+    assert build.explain_pip(log) == "package nopkg-x not found on PyPI (requirements.txt: nopkg-x==1.0)"
+    assert "no version of otree matches" in build.explain_pip(
+        "Could not find a version that satisfies the requirement otree==99 (from versions: 5.0, 6.0.15)")
