@@ -262,11 +262,24 @@ def no_app_message(instance) -> str:
 _MAY_HAVE_APP = {"running", "deploying", "failed"}
 
 
-def _upstreams(instances) -> dict[str, str]:
-    """name -> dial address ("127.0.0.1:PORT") of every instance whose app runs."""
+def _upstreams(instances, only: str | None = None) -> dict[str, str]:
+    """name -> dial address ("127.0.0.1:PORT") of every instance whose app runs. With
+    `only`, the runtime is asked about that instance alone; the others keep what their
+    upstream file says (the last sync's answer)."""
+    found = {}
+    if only is not None:
+        for instance in instances:
+            if instance.name != only:
+                try:
+                    dial = upstream_file(instance.name).read_text().strip()
+                except OSError:
+                    continue
+                if dial:
+                    found[instance.name] = dial
+        instances = [i for i in instances if i.name == only]
     candidates = [i for i in instances if i.status in _MAY_HAVE_APP and not i.delete_requested]
     if not candidates:
-        return {}
+        return found
     from instances.runtime import RuntimeError_, get_runtime
     from instances.runtime.base import Health
 
@@ -274,8 +287,7 @@ def _upstreams(instances) -> dict[str, str]:
         runtime = get_runtime()
     except RuntimeError_ as exc:
         log.warning("no runtime to ask for app ports (%s); instances answer 503", exc)
-        return {}
-    found = {}
+        return found
     for instance in candidates:
         try:
             state = runtime.state(instance.name)
@@ -287,12 +299,13 @@ def _upstreams(instances) -> dict[str, str]:
     return found
 
 
-def build_config() -> tuple[dict, dict[Path, str]]:
-    """Caddy's whole config, and the upstream and status files it reads, from the database."""
+def build_config(only: str | None = None) -> tuple[dict, dict[Path, str]]:
+    """Caddy's whole config, and the upstream and status files it reads, from the database
+    (and the runtime: about every instance that may run an app, or about `only`)."""
     from instances.models import Instance
 
     instances = list(Instance.objects.all().order_by("name"))
-    upstreams = _upstreams(instances)
+    upstreams = _upstreams(instances, only)
     files: dict[Path, str] = {}
     for instance in instances:
         if instance.name in upstreams:
@@ -399,9 +412,13 @@ def _sync_lock():
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def sync_routes() -> dict:
+def sync_routes(instance: str | None = None) -> dict:
     """Make Caddy serve exactly the routes the database describes. Never raises: without
     a Caddy (tests, a manager without the proxy) it logs and returns.
+
+    `instance` (a name): only this instance's app may have changed (a release switch), so
+    only it is looked up in the runtime: cheap however many instances run. Without it
+    (start, sweep) every instance is looked up.
 
     Returns a summary: {"loaded": bool, "servers": n, "skipped": [ports], "reason": ...}.
     """
@@ -410,7 +427,7 @@ def sync_routes() -> dict:
         return {"loaded": False, "reason": "no caddy"}
     try:
         with _sync_lock():
-            return _sync()
+            return _sync(instance)
     except CaddyUnavailable as exc:
         log.warning("%s; routes not synced", exc)
         return {"loaded": False, "reason": str(exc)}
@@ -419,8 +436,8 @@ def sync_routes() -> dict:
         return {"loaded": False, "reason": f"{type(exc).__name__}: {exc}"}
 
 
-def _sync() -> dict:
-    config, files = build_config()
+def _sync(only: str | None = None) -> dict:
+    config, files = build_config(only)
     servers = config.get("apps", {}).get("http", {}).get("servers", {})
     running = admin_request("GET", "/config/")
     # Files first: a route that appears with this load finds its file already there.

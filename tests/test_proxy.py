@@ -498,3 +498,23 @@ def test_caddy_sync_command(caddy, backends, runtime, owner, settings):
     settings.LAB_CADDY_DIR = "/nonexistent/caddy"
     with pytest.raises(CommandError, match="no caddy"):
         call_command("caddy_sync")
+
+
+@pytest.mark.django_db
+def test_a_sync_for_one_instance_asks_the_runtime_about_that_one_only(caddy, backends, runtime, owner, settings,
+                                                                      monkeypatch):
+    (p1, p2), settings.LAB_INSTANCE_PORTS = free_ports(2)
+    make_instance(owner, "mu", p1)
+    make_instance(owner, "nu", p2)
+    runtime.apps.update(mu=backends[0].url, nu=backends[0].url)
+    assert proxy.sync_routes()["loaded"]
+
+    asked = []
+    real_state = runtime.state
+    monkeypatch.setattr(runtime, "state", lambda name: asked.append(name) or real_state(name))
+    runtime.apps.update(mu=backends[1].url, nu=backends[1].url)
+    assert proxy.sync_routes("mu")["files_changed"] == 1
+    assert asked == ["mu"]
+    assert get(p1)[1].startswith("B ") and get(p2)[1].startswith("A ")  # nu: as the last full sync saw it
+    proxy.sync_routes()  # the sweep: everything
+    assert get(p2)[1].startswith("B ")
