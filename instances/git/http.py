@@ -150,6 +150,10 @@ async def git_http(request, name: str, path: str):
         if not chunk:
             break
         raw += chunk
+    if not raw:  # http-backend failed before answering (its error is in the manager's log)
+        await feeder
+        await proc.wait()
+        return text(500, "The git server failed; the lab manager finds the reason in the manager's log.")
     sep = b"\r\n\r\n" if b"\r\n\r\n" in raw else b"\n\n"
     head, _, rest = raw.partition(sep)
     for line in head.decode("latin-1").splitlines():
