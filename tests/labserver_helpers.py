@@ -40,7 +40,8 @@ def child_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     for key in ("REDIS_URL", "DATABASE_URL", "LAB_PUBLIC_URL", "LAB_PUBLIC_HOST", "LAB_SMTP_HOST"):
         env.pop(key, None)
-    env.update(LAB_DATA_DIR=str(data_dir), LAB_HOST="127.0.0.1", LAB_PORT=str(port), PYTHONUNBUFFERED="1")
+    env.update(LAB_DATA_DIR=str(data_dir), LAB_HOST="127.0.0.1", LAB_PORT=str(port), PYTHONUNBUFFERED="1",
+               LAB_SSH_PORT=str(free_port()))  # several labservers (tests, engineers) on one machine
     env.update(extra)
     return env
 
