@@ -36,6 +36,7 @@ from manager.jobs import services as jobs
 
 log = logging.getLogger(__name__)
 
+HANDOVER_WAIT = 15  # seconds a build waits for its instance's lock before leaving the handover to its holder
 ACTIVE = (Release.Status.QUEUED, Release.Status.BUILDING, Release.Status.STARTING)
 WAS_LIVE = (Release.Status.LIVE, Release.Status.SUPERSEDED, Release.Status.ROLLED_BACK)
 
@@ -166,7 +167,7 @@ def _set_instance(instance: Instance, status: str, reason: str = "") -> None:
 
 def _fail(release: Release, reason: str, out: LogWriter | None = None) -> None:
     if out is not None:
-        out(f"\nDeploy failed: {reason}\n")
+        out(f"\nRelease #{release.number} failed: {reason}\n")
         out.flush()
     Release.objects.filter(pk=release.pk, status__in=ACTIVE).update(
         status=Release.Status.FAILED, status_reason=reason[:500], finished_at=timezone.now())
@@ -179,13 +180,18 @@ def app_of(release: Release) -> dict:
 
 
 def deploy(release_id: int) -> Release:
-    """Build (unless it is a rollback), start, health-check and switch to the release."""
+    """Build (unless it is a rollback), start, health-check and switch to the release.
+
+    Builds of one instance never overlap (its build lock). A release whose build lock is
+    taken stays queued and this worker is free at once (another instance's build can use
+    it): the running deploy, when done, enqueues the newest queued release of its
+    instance; the sweep re-enqueues a queued release whose lock holder died."""
     release = Release.objects.select_related("instance").filter(pk=release_id).first()
     if release is None or release.status != Release.Status.QUEUED:
         return release
     instance = release.instance
     try:
-        with locks.lock(f"build:{instance.pk}", wait=build_timeout()):
+        with locks.lock(f"build:{instance.pk}", wait=HANDOVER_WAIT):
             # Claimed only now: while it waited, a newer push may have superseded it.
             claimed = Release.objects.filter(pk=release.pk, status=Release.Status.QUEUED).update(
                 status=Release.Status.BUILDING, started_at=timezone.now())
@@ -203,8 +209,14 @@ def deploy(release_id: int) -> Release:
                 _fail(release, f"stopped: {type(exc).__name__}", out)
                 _after_failure(instance, release)
                 raise
+            # Still under the lock: a push recorded before this point is seen here; one
+            # recorded later finds the lock free (or waits HANDOVER_WAIT for it).
+            waiting = Release.objects.filter(instance=instance, status=Release.Status.QUEUED).order_by("-number").first()
     except locks.Busy:
-        _fail(release, f"another deploy of {instance.name} ran for longer than {build_timeout()} s")
+        return release  # still queued: the running deploy hands it on
+    if waiting is not None:
+        _enqueue(waiting, waiting.pushed_by, f"Deploy {instance.name} #{waiting.number} ({waiting.commit[:8]})")
+    release.refresh_from_db()
     return release
 
 
@@ -306,7 +318,9 @@ def _prune(instance: Instance, runtime) -> None:
 
 def sweep(now=None) -> int:
     """Fail releases stuck in queued/building/starting longer than the build timeout plus
-    the start timeout (their worker died)."""
+    the start timeout (their worker died); re-enqueue a queued release that waited a few
+    minutes while nobody holds its instance's build lock (the holder died before handing
+    it on). Returns how many were failed."""
     now = now or timezone.now()
     limit = timedelta(seconds=build_timeout() + start_timeout() + 60)
     failed = 0
@@ -315,4 +329,9 @@ def sweep(now=None) -> int:
         if since + limit < now:
             _fail(release, "the deploy stopped without finishing (its worker died); push again")
             failed += 1
+        elif (release.status == Release.Status.QUEUED and release.created_at + timedelta(minutes=3) < now
+              and not locks.client().exists(f"lab:lock:build:{release.instance_id}")):
+            with transaction.atomic():
+                _enqueue(release, release.pushed_by,
+                         f"Deploy {release.instance.name} #{release.number} ({release.commit[:8]})")
     return failed

@@ -49,4 +49,6 @@ def build_release(job, release_id):
         return f"{name} #{release.number} is live"
     if release.status == "superseded":
         return f"{name} #{release.number} was superseded by a newer push"
+    if release.status == "queued":
+        return f"{name} #{release.number} is queued behind the running deploy"
     raise JobFailed(f"{name} #{release.number} failed: {release.status_reason}")

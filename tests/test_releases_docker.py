@@ -214,14 +214,26 @@ def test_a_newer_push_supersedes_queued_ones_and_builds_never_overlap(runtime, l
     assert "superseded" in jobs[0].message
     three.refresh_from_db()
     assert three.status == "failed" and "syntax error" in three.status_reason
-    # While another worker holds the instance's build lock, a release waits, then gives up.
+    # While another worker holds the instance's build lock, a release stays queued and its
+    # worker is free at once (the holder hands it on when done; if the holder died, the sweep).
     from manager import locks
 
     four = push(instance, checkout, otree_projects.broken("no_otree"), "four", ann)
-    with override_settings(LAB_BUILD_TIMEOUT=1), locks.lock(f"build:{instance.pk}"):
-        releases.deploy(four.pk)
+    saved, releases.HANDOVER_WAIT = releases.HANDOVER_WAIT, 0.5
+    try:
+        with locks.lock(f"build:{instance.pk}"):
+            started = time.monotonic()
+            [job] = run_jobs("instance.deploy")
+            assert time.monotonic() - started < 5
+    finally:
+        releases.HANDOVER_WAIT = saved
     four.refresh_from_db()
-    assert four.status == "failed" and "another deploy" in four.status_reason
+    assert four.status == "queued" and job.status == "succeeded" and "queued behind" in job.message
+    Release.objects.filter(pk=four.pk).update(created_at=timezone.now() - timedelta(minutes=4))
+    assert releases.sweep() == 0  # the lock is free again: re-enqueued, not failed
+    [job] = run_jobs("instance.deploy")
+    four.refresh_from_db()
+    assert four.status == "failed" and "does not name otree" in four.status_reason
 
 
 def test_sweep_fails_releases_whose_worker_died(lab, tmp_path):
