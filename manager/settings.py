@@ -193,7 +193,16 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 LAB_READY_TIMEOUT = env_int("LAB_READY_TIMEOUT", 30)  # seconds an instance's database and Redis get to start
 LAB_LOCK_TTL = env_int("LAB_LOCK_TTL", 30)  # seconds a killed worker's instance lock outlives it
-LAB_BUILD_TIMEOUT, LAB_START_TIMEOUT, LAB_KEEP_RELEASES = env_int("LAB_BUILD_TIMEOUT", 900), env_int("LAB_START_TIMEOUT", 120), env_int("LAB_KEEP_RELEASES", 5)  # deploys: build / health-check seconds, release images kept
+# Deploys: seconds a build may take, seconds a new app gets to answer its health check,
+# and how many release images per instance are kept for rollbacks.
+LAB_BUILD_TIMEOUT = env_int("LAB_BUILD_TIMEOUT", 900)
+LAB_START_TIMEOUT = env_int("LAB_START_TIMEOUT", 120)
+LAB_KEEP_RELEASES = env_int("LAB_KEEP_RELEASES", 5)
+# The reverse proxy (Caddy): port mode binds each instance's port on LAB_PROXY_BIND (when
+# set; else LAB_PUBLIC_HOST if it is a local address, else all interfaces); subdomain mode
+# listens on LAB_PROXY_LISTEN.
+LAB_PROXY_BIND = env_str("LAB_PROXY_BIND", "")
+LAB_PROXY_LISTEN = env_str("LAB_PROXY_LISTEN", ":80")
 CELERY_BEAT_SCHEDULE = {
     "jobs-sweep": {"task": "manager.jobs.tasks.sweep_jobs", "schedule": 60.0},
     "instances-sweep": {"task": "instances.sweep", "schedule": 60.0, "options": {"expires": 55}},
