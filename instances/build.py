@@ -264,11 +264,12 @@ print("@@JSON@@" + json.dumps({"session_configs": configs, "rooms": rooms}))
 '''
 
 
-def introspect(runtime, image: str, *, timeout: float = 60) -> dict:
+def introspect(runtime, image: str, *, instance_name: str, timeout: float = 60) -> dict:
     """Import the project's settings.py inside the image (no network, no secrets) and
     return {session_configs, rooms}; BuildFailed when settings.py cannot be imported."""
     api = runtime.api
-    labels = {LABEL_MANAGER: runtime.manager_id, "org.otree-lab.component": "introspect"}
+    # Labelled with the instance: one left by a killed worker goes with the instance's resources.
+    labels = {LABEL_MANAGER: runtime.manager_id, LABEL_INSTANCE: instance_name, "org.otree-lab.component": "introspect"}
     host_config = api.create_host_config(mem_limit="256m", memswap_limit="256m", pids_limit=64,
                                          cap_drop=["ALL"], security_opt=["no-new-privileges"], network_mode="none")
     container = api.create_container(image, command=["python", "-c", INTROSPECT], labels=labels,

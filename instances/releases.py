@@ -246,7 +246,7 @@ def _deploy(release: Release, instance: Instance, out: LogWriter) -> None:
         Release.objects.filter(pk=release.pk).update(image=tag)
         release.refresh_from_db()
         out("Reading session configs and rooms from settings.py\n")
-        found = build.introspect(runtime, tag)
+        found = build.introspect(runtime, tag, instance_name=instance.name)
         Release.objects.filter(pk=release.pk).update(session_configs=found["session_configs"], rooms=found["rooms"])
         for room in found["rooms"]:
             if room.get("problem"):
