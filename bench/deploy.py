@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""git push → new release serving, and the memory of an idle instance running oTree.
+
+Starts a real `manage.py labserver` in a temporary LAB_DATA_DIR (embedded Redis, worker,
+git SSH server, Caddy), creates one instance through the JSON API, and pushes a small
+oTree 6 project over HTTPS with the git client:
+
+1. the first push (pip installs oTree: not a goal, shown for reference);
+2. `--runs` code-only pushes: time from `git push` to the push output's `Deployed:` line
+   (goal: at most 5 s);
+3. `--runs` pushes that change requirements.txt (a new small package each time): the
+   same time, next to the pip install time the build log reports (goal: pip + 5 s);
+4. the memory of the idle instance (app + PostgreSQL + Redis, cgroup usage minus page
+   cache) after `--idle` seconds (goal: at most 120 MiB).
+
+Needs a Docker engine and the images (`python manage.py build_images`). Everything it
+created (containers, networks, volumes, images, the data dir) is removed at the end.
+
+    .venv/bin/python bench/deploy.py [--runs 5] [--idle 20]
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.labserver_helpers import (  # noqa: E402
+    BASE_DIR, LabServer, child_env, free_port, migrate, new_data_dir, remove_data_dir,
+)
+from tests.otree_projects import valid_project  # noqa: E402
+
+SMALL_PACKAGES = ["six", "idna", "certifi", "attrs", "packaging", "pyparsing", "wcwidth", "toml", "tomli", "decorator"]
+
+
+def git(workdir, *args, timeout=900):
+    env = {"GIT_AUTHOR_NAME": "Bench", "GIT_AUTHOR_EMAIL": "bench@lab.test", "GIT_COMMITTER_NAME": "Bench",
+           "GIT_COMMITTER_EMAIL": "bench@lab.test", "GIT_TERMINAL_PROMPT": "0", "HOME": str(workdir),
+           "PATH": "/usr/bin:/bin"}
+    return subprocess.run(["git", *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def push(workdir, files, message, remote):
+    for rel, content in files.items():
+        (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (workdir / rel).write_text(content)
+    git(workdir, "add", "-A")
+    git(workdir, "commit", "-q", "-m", message)
+    start = time.perf_counter()
+    result = git(workdir, "push", remote, "HEAD:main")
+    elapsed = time.perf_counter() - start
+    out = result.stdout + result.stderr
+    if "Deployed:" not in out:
+        raise SystemExit(f"push did not deploy:\n{out[-3000:]}")
+    return elapsed, out
+
+
+def pip_install_seconds(requirements: str, image: str = "python:3.11-slim") -> float:
+    """How long `pip install -r requirements.txt` alone takes in a fresh container of the
+    build's base image (what a requirements push must at least spend)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "requirements.txt").write_text(requirements)
+        subprocess.run(["docker", "create", "--name", "bench-pip", image, "pip", "install", "-q", "--no-cache-dir",
+                        "-r", "/tmp/requirements.txt"], check=True, capture_output=True)
+        try:
+            subprocess.run(["docker", "cp", f"{tmp}/requirements.txt", "bench-pip:/tmp/requirements.txt"],
+                           check=True, capture_output=True)
+            start = time.perf_counter()
+            subprocess.run(["docker", "start", "-a", "bench-pip"], check=True, capture_output=True, timeout=900)
+            return time.perf_counter() - start
+        finally:
+            subprocess.run(["docker", "rm", "-f", "bench-pip"], capture_output=True)
+
+
+def api(url, token, method="GET", body=None):
+    request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body else None,
+                                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read() or b"null")
+
+
+def idle_memory_mib(manager_id: str, instance: str) -> dict:
+    import docker
+
+    client = docker.APIClient(version="auto")
+    result = {}
+    for c in client.containers(filters={"label": [f"org.otree-lab.manager={manager_id}",
+                                                  f"org.otree-lab.instance={instance}"]}):
+        stats = client.stats(c["Id"], stream=False)
+        mem = stats["memory_stats"]
+        cache = mem.get("stats", {}).get("total_inactive_file", mem.get("stats", {}).get("cache", 0))
+        result[c["Labels"]["org.otree-lab.component"]] = (mem["usage"] - cache) / 2**20
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--idle", type=float, default=20)
+    args = parser.parse_args()
+
+    data_dir, port, public_port = new_data_dir(), free_port(), free_port()
+    extra = {"LAB_INSTANCE_PORTS": f"{public_port}-{public_port}"}
+    env = child_env(data_dir, port, **extra)
+    import hashlib
+
+    manager_id = hashlib.sha256(str(data_dir).encode()).hexdigest()[:10]
+    migrate(data_dir, port)
+    server = LabServer(data_dir, port, **extra)
+    work = Path(tempfile.mkdtemp(prefix="bench-push-"))
+    rows = []
+    try:
+        server.wait_ready(timeout=180)
+        token = subprocess.run([sys.executable, "manage.py", "create_token", "admin", "--name", "bench"],
+                               cwd=BASE_DIR, env=env, capture_output=True, text=True, check=True).stdout.strip()
+        api(f"{server.url}/api/v1/instances", token, "POST", {"name": "bench", "owner": "admin"})
+        for _ in range(120):
+            if api(f"{server.url}/api/v1/instances/bench", token)["status"] == "ready_for_code":
+                break
+            time.sleep(0.5)
+        git(work, "init", "-q", "-b", "main")
+        remote = f"http://admin:{token}@127.0.0.1:{port}/git/bench.git"
+        first, _ = push(work, valid_project("v0"), "first", remote)
+        rows.append(("first push (pip installs oTree)", [first], None))
+
+        code_only = []
+        for i in range(args.runs):
+            elapsed, _ = push(work, {"hello/MyPage.html": f"{{{{ block content }}}}<p>v{i + 1}</p>"
+                                                           "{{ next_button }}{{ endblock }}"}, f"code {i}", remote)
+            code_only.append(elapsed)
+        rows.append(("code-only push -> serving", code_only, 5.0))
+
+        reqs, pips = [], []
+        base_requirements = valid_project()["requirements.txt"]
+        for i in range(args.runs):
+            package = SMALL_PACKAGES[i % len(SMALL_PACKAGES)]
+            elapsed, _ = push(work, {"requirements.txt": base_requirements + f"{package}\n"}, f"req {i}", remote)
+            reqs.append(elapsed)
+            pips.append(pip_install_seconds(base_requirements + f"{package}\n"))
+        rows.append(("requirements.txt push -> serving", reqs, None))
+        rows.append(("  pip install -r alone (same reqs)", pips, None))
+
+        time.sleep(args.idle)
+        memory = idle_memory_mib(manager_id, "bench")
+    finally:
+        server.terminate()
+        server.kill_everything()
+        subprocess.run([sys.executable, "-c", (
+            "import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'manager.settings'); "
+            "django.setup(); from instances.runtime import get_runtime; rt = get_runtime(); "
+            "[rt.remove(n) for n in rt.owned_instances()]")], cwd=BASE_DIR, env=env, timeout=180)
+        remove_data_dir(data_dir)
+        subprocess.run(["rm", "-rf", str(work)])
+
+    print(f"\ngit push over HTTPS -> new release serving (s); {args.runs} runs each, real oTree 6 project\n")
+    print(f"| {'push':36} | {'median':>7} | {'min':>6} | {'max':>6} | goal |")
+    print(f"|{'-' * 38}|{'-' * 9}|{'-' * 8}|{'-' * 8}|------|")
+    for label, values, goal in rows:
+        print(f"| {label:36} | {statistics.median(values):7.2f} | {min(values):6.2f} | {max(values):6.2f} | "
+              f"{'≤ %g s' % goal if goal else '':4} |")
+    if pips:
+        overhead = [r - p for r, p in zip(reqs, pips)]
+        print(f"\nrequirements push minus pip install alone: median {statistics.median(overhead):.2f} s "
+              "(goal: at most 5 s)")
+    total = sum(memory.values())
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(memory.items()))
+    print(f"\nidle instance with a running oTree 6 app after {args.idle:g} s: {total:.1f} MiB ({parts}); goal ≤ 120 MiB")
+
+
+if __name__ == "__main__":
+    main()
