@@ -10,6 +10,7 @@ pruned by label.
 from __future__ import annotations
 
 import io
+import os
 import json
 import re
 import subprocess
@@ -56,9 +57,30 @@ def export_tree(repo: Path, commit: str, dest: Path) -> None:
         raise BuildFailed(f"the project is {len(data) // 2**20} MB; at most {MAX_TREE_BYTES // 2**20} MB can be deployed")
     try:
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            tar.extractall(dest, filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4
+                tar.extractall(dest, filter="data")
+            else:  # Debian 12's Python 3.11.2: the same checks by hand
+                tar.extractall(dest, members=list(_safe_members(tar, dest)))
     except (tarfile.TarError, OSError) as exc:  # e.g. a symlink pointing outside the project
         raise BuildFailed(f"the commit's files cannot be unpacked: {exc}") from None
+
+
+def _safe_members(tar: tarfile.TarFile, dest: Path):
+    """What tarfile's "data" filter allows: regular files, directories and links that stay
+    inside `dest`; no devices; no set-uid bits."""
+    root = dest.resolve()
+    for member in tar.getmembers():
+        target = (root / member.name).resolve()
+        if not target.is_relative_to(root):
+            raise BuildFailed(f"the commit's files cannot be unpacked: {member.name} points outside the project")
+        if member.issym() or member.islnk():
+            base = target.parent if member.issym() else root
+            if os.path.isabs(member.linkname) or not (base / member.linkname).resolve().is_relative_to(root):
+                raise BuildFailed(f"the commit's files cannot be unpacked: {member.name} links outside the project")
+        elif not (member.isfile() or member.isdir()):
+            continue  # devices, fifos: never part of a project
+        member.mode &= 0o755
+        yield member
 
 
 # --- checks ------------------------------------------------------------------------------
