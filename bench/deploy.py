@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.labserver_helpers import (  # noqa: E402
-    BASE_DIR, LabServer, child_env, free_port, migrate, new_data_dir, remove_data_dir,
+    BASE_DIR, LabServer, child_env, free_port, migrate, new_data_dir, remove_data_dir, remove_instances,
 )
 from tests.otree_projects import valid_project  # noqa: E402
 
@@ -152,10 +152,7 @@ def main():
     finally:
         server.terminate()
         server.kill_everything()
-        subprocess.run([sys.executable, "-c", (
-            "import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'manager.settings'); "
-            "django.setup(); from instances.runtime import get_runtime; rt = get_runtime(); "
-            "[rt.remove(n) for n in rt.owned_instances()]")], cwd=BASE_DIR, env=env, timeout=180)
+        remove_instances(data_dir, port, **extra)
         remove_data_dir(data_dir)
         subprocess.run(["rm", "-rf", str(work)])
 

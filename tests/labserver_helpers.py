@@ -197,3 +197,16 @@ def first_superuser(server: LabServer, timeout: float = 120) -> tuple[str, str]:
 
 def remove_data_dir(data_dir: Path) -> None:
     shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def remove_instances(data_dir: Path, port: int, timeout: float = 180, **extra_env: str) -> None:
+    """Remove every Docker resource (containers, networks, volumes, release images) of
+    the instances of the labserver that ran in `data_dir` (its own manager id only)."""
+    code = (
+        "import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'manager.settings'); django.setup()\n"
+        "from instances.runtime import get_runtime\n"
+        "rt = get_runtime()\n"
+        "[rt.remove(n) for n in rt.owned_instances()] if rt.available() else None\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=BASE_DIR, env=child_env(data_dir, port, **extra_env),
+                   timeout=timeout, capture_output=True)

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import need
 from tests.docker_helpers import engine_ok, images_present
 from tests.labserver_helpers import (BASE_DIR, LabServer, child_env, free_port, migrate, new_data_dir,
-                                     remove_data_dir)
+                                     remove_data_dir, remove_instances)
 from tests.otree_projects import Checkout, broken, valid_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
@@ -125,11 +125,6 @@ def test_push_build_serve_and_a_broken_push_keeps_the_old_release(tmp_path):
     finally:
         server.terminate()
         server.kill_everything()
-        # Remove this run's containers, networks, volumes and images (its own manager id).
-        subprocess.run([sys.executable, "-c", (
-            "import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'manager.settings'); "
-            "django.setup(); from instances.runtime import get_runtime; rt = get_runtime(); "
-            "[rt.remove(n) for n in rt.owned_instances()]")], cwd=BASE_DIR, env=child_env(data_dir, port, **extra),
-            timeout=120)
+        remove_instances(data_dir, port, **extra)  # this run's containers, networks, volumes, images
         purge_images(data_dir)
         remove_data_dir(data_dir)
