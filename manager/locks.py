@@ -25,14 +25,10 @@ class Busy(Exception):
     pass
 
 
-def _ttl() -> int:
-    return int(getattr(settings, "LAB_LOCK_TTL", 30))
-
-
 @contextmanager
 def lock(name: str, wait: float = 60):
     """Hold `name`; wait at most `wait` seconds for it, else raise Busy."""
-    ttl = _ttl()
+    ttl = settings.LAB_LOCK_TTL
     lk = client().lock(f"lab:lock:{name}", timeout=ttl, blocking_timeout=wait, thread_local=False)
     if not lk.acquire():
         raise Busy(name)

@@ -102,16 +102,18 @@ def output_matches(pattern: str) -> Callable[[Child], bool]:
     return check
 
 
+def redis_pings(socket_path: Path) -> bool:
+    """Whether a Redis answers on the unix socket (within a second)."""
+    import redis
+
+    try:
+        return bool(redis.Redis(unix_socket_path=str(socket_path), socket_timeout=1).ping())
+    except (redis.RedisError, OSError):
+        return False
+
+
 def redis_answers(socket_path: Path) -> Callable[[Child], bool]:
-    def check(child: Child) -> bool:
-        import redis
-
-        try:
-            return bool(redis.Redis(unix_socket_path=str(socket_path), socket_timeout=1).ping())
-        except (redis.RedisError, OSError):
-            return False
-
-    return check
+    return lambda child: redis_pings(socket_path)
 
 
 # --- child process set-up -----------------------------------------------------------------

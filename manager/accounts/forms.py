@@ -1,8 +1,6 @@
 from django import forms
 from django.core.exceptions import ValidationError
 
-from manager.accounts import services
-
 
 class ServiceForm(forms.Form):
     """A form whose save() calls a service; the service's ValidationErrors (field-keyed)

@@ -2,7 +2,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.views import PasswordResetConfirmView
 from django.core.paginator import Paginator
-from django.db.models import Count, Q
+from django.db.models import Q
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse, reverse_lazy
@@ -13,6 +13,7 @@ from manager.accounts import services
 from manager.accounts.forms import ProfileForm, SSHKeyForm, TokenForm, UserCreateForm, UserForm
 from manager.accounts.models import User
 from manager.audit.models import AuditEvent
+from manager.audit.services import record
 
 # --- invitation ---------------------------------------------------------------------
 
@@ -34,8 +35,6 @@ class InvitationAcceptView(PasswordResetConfirmView):
         if user.must_change_password:
             user.must_change_password = False
             user.save(update_fields=["must_change_password"])
-        from manager.audit.services import record
-
         record(user, "auth.password_set", user, f"{user.username} chose a password from the invitation", self.request)
         messages.success(self.request, f"Your password is set, {user.display_name}. Log in with the username {user.username}.")
         return response
@@ -124,7 +123,7 @@ def token_revoke(request, token_id):
 @superuser_required
 def user_list(request):
     q = request.GET.get("q", "").strip()
-    users = User.objects.annotate(key_count=Count("ssh_keys", distinct=True))
+    users = User.objects.all()
     if q:
         users = users.filter(Q(username__icontains=q) | Q(name__icontains=q) | Q(email__icontains=q))
     show = request.GET.get("show", "all")

@@ -26,6 +26,7 @@ MISSING = (
 WRONG_SCHEME = "The Authorization header must have the form 'Authorization: Bearer <token>'."
 EMPTY = "The Authorization header has no token after 'Bearer'."
 INVALID = "The access token is invalid or has been revoked, or its account is deactivated."
+CHALLENGE = 'Bearer realm="oTree Lab Manager API"'  # the WWW-Authenticate header of every 401
 
 
 class TokenAuthenticationError(AuthenticationError):
@@ -37,7 +38,7 @@ class TokenAuthenticationError(AuthenticationError):
 
     @property
     def www_authenticate(self) -> str:
-        value = 'Bearer realm="oTree Lab Manager API"'
+        value = CHALLENGE
         if self.error:
             value += f', error="{self.error}"'
         return value

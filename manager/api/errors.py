@@ -17,6 +17,7 @@ from ninja.errors import HttpError
 from ninja.errors import ValidationError as NinjaValidationError
 
 from manager.accounts.services import Conflict, NotAllowed
+from manager.api.auth import CHALLENGE
 
 log = logging.getLogger("manager.api")
 
@@ -110,7 +111,7 @@ def install(api: NinjaAPI) -> None:
             return error_response(400, _body_error(request, exc))
         headers = {}
         if exc.status_code == 401:
-            headers["WWW_Authenticate"] = getattr(exc, "www_authenticate", 'Bearer realm="oTree Lab Manager API"')
+            headers["WWW_Authenticate"] = getattr(exc, "www_authenticate", CHALLENGE)
         return error_response(exc.status_code, _sentence(str(exc)), **headers)
 
     @handles(NinjaValidationError)

@@ -3,13 +3,15 @@
 
 from decimal import Decimal
 
+from django.conf import settings
+from django.db.models import Prefetch
 from django.http import HttpRequest, HttpResponse
 from ninja import Router, Schema, Status
 from ninja.errors import HttpError
 from pydantic import Field
 
 from instances import services
-from instances.models import Instance
+from instances.models import Instance, Release
 from instances.selectors import get_visible_instance, visible_instances
 from manager.api.auth import managers_only
 from manager.api.errors import responses
@@ -84,8 +86,6 @@ class BackupOut(Schema):
 def _rooms(instance: Instance, live) -> list[dict]:
     if live is None:
         return []
-    from django.conf import settings
-
     lobby = f"{settings.LAB_PUBLIC_URL}/lobby/{instance.name}/"
     return [{"name": r.get("name"), "display_name": r.get("display_name", ""),
              "participant_labels": r.get("participant_labels") or [], "lobby_url": lobby} for r in live.rooms or []]
@@ -108,7 +108,9 @@ def serialize(instance: Instance) -> dict:
 @router.get("", summary="Instances you may see", response=responses({200: list[InstanceOut]}))
 def list_instances(request: HttpRequest):
     """Lab managers see every instance; experimenters their own."""
-    return [serialize(i) for i in visible_instances(request.auth).order_by("name")]
+    instances = visible_instances(request.auth).order_by("name").prefetch_related(
+        Prefetch("releases", queryset=Release.objects.filter(status="live"), to_attr="live_releases"))
+    return [serialize(i) for i in instances]  # live_release: prefetched, not a query per row
 
 
 @router.post("", summary="Create an instance", response=responses({201: InstanceOut}, 400, 403, 409, 422),

@@ -1,8 +1,7 @@
 from django.contrib.auth.decorators import login_required
+from django.db.models import Count, Prefetch, Q
 from django.http import HttpResponse
 from django.shortcuts import render
-
-from django.db.models import Prefetch
 
 from instances.models import Release
 from instances.selectors import visible_instances
@@ -22,13 +21,11 @@ def dashboard(request):
         "mfa_on": user.authenticator_set.exists(),
     }
     if user.is_superuser:
-        context["stats"] = {
-            "accounts": User.objects.filter(is_active=True).count(),
-            "managers": User.objects.filter(is_active=True, is_superuser=True).count(),
-            "invited": User.objects.filter(is_active=True, password__startswith="!").count(),
-        }
-        from django.db.models import Count
-
+        context["stats"] = User.objects.filter(is_active=True).aggregate(
+            accounts=Count("id"),
+            managers=Count("id", filter=Q(is_superuser=True)),
+            invited=Count("id", filter=Q(password__startswith="!")),
+        )
         context["by_status"] = dict(visible_instances(user).order_by().values_list("status").annotate(n=Count("id")))
     return render(request, "dashboard/index.html", context)
 

@@ -58,19 +58,8 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
         """Stream an instance's logs to this socket (permission checked by the follower)."""
         from instances.logstream import follow
 
-        old = self.followers.pop(name, None)
-        if old:
-            old.cancel()
-        stream = follow(self.user, name, component)
-
-        async def pump():
-            try:
-                async for text in stream:
-                    await self.send_json({"type": "logs", "name": name, "component": component, "text": text})
-            except PermissionError as exc:
-                await self.send_json({"type": "error", "detail": str(exc)})
-
-        self.followers[name] = asyncio.ensure_future(pump())
+        self._start_follower(name, follow(self.user, name, component),
+                             lambda text: {"type": "logs", "name": name, "component": component, "text": text})
 
     async def _follow_release(self, name, number):
         """Stream a release's build log and status to this socket until it ends."""
@@ -81,18 +70,24 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
         except (TypeError, ValueError):
             await self.send_json({"type": "error", "detail": "number must be a release number"})
             return
-        old = self.followers.pop(f"release:{name}", None)
+        self._start_follower(f"release:{name}", follow_release(self.user, name, number),
+                             lambda snap: {"type": "release", "name": name, "number": number, **snap})
+
+    def _start_follower(self, key, stream, message):
+        """Send `message(item)` for each item of the async generator `stream`, replacing
+        the follower already under `key`; a PermissionError ends it with an error message."""
+        old = self.followers.pop(key, None)
         if old:
             old.cancel()
 
         async def pump():
             try:
-                async for snap in follow_release(self.user, name, number):
-                    await self.send_json({"type": "release", "name": name, "number": number, **snap})
+                async for item in stream:
+                    await self.send_json(message(item))
             except PermissionError as exc:
                 await self.send_json({"type": "error", "detail": str(exc)})
 
-        self.followers[f"release:{name}"] = asyncio.ensure_future(pump())
+        self.followers[key] = asyncio.ensure_future(pump())
 
     async def _join(self, group):
         await self.channel_layer.group_add(group, self.channel_name)

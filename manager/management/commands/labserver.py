@@ -12,7 +12,9 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.migrations.executor import MigrationExecutor
 
 from manager import datadir
-from manager.supervisor import Supervisor, SupervisorError, default_specs, first_superuser_box, port_in_use
+from manager.supervisor import (
+    Supervisor, SupervisorError, default_specs, first_superuser_box, port_in_use, redis_pings,
+)
 
 
 class Command(BaseCommand):
@@ -72,19 +74,12 @@ class Command(BaseCommand):
                 f"Stop it, or start this one with another port, e.g. LAB_PORT={port + 1} make run"
             )
         if settings.LAB_EMBEDDED_REDIS:
-            import redis
-
             sock = datadir.redis_socket_path()
-            if sock.exists():
-                try:
-                    answers = redis.Redis(unix_socket_path=str(sock), socket_timeout=1).ping()
-                except (redis.RedisError, OSError):
-                    answers = False
-                if answers:
-                    raise CommandError(
-                        f"A Redis already answers on {sock}: another labserver uses LAB_DATA_DIR={settings.DATA_DIR}. "
-                        "Stop it first, or use another LAB_DATA_DIR."
-                    )
+            if sock.exists() and redis_pings(sock):
+                raise CommandError(
+                    f"A Redis already answers on {sock}: another labserver uses LAB_DATA_DIR={settings.DATA_DIR}. "
+                    "Stop it first, or use another LAB_DATA_DIR."
+                )
 
     def _first_superuser(self):
         from manager.accounts.services import ensure_first_superuser
