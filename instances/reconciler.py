@@ -17,7 +17,7 @@ from instances.backups import backup_dir
 from instances.models import Backup, Instance
 from instances.runtime import get_runtime
 from instances.runtime.base import AppSpec, Health, InstanceSpec, RuntimeError_
-from instances.services import push_state
+from instances.services import push_event, push_state
 from manager import locks
 
 log = logging.getLogger(__name__)
@@ -58,14 +58,14 @@ def _set_status(instance: Instance, status: str, reason: str = "", **fields) -> 
     push_state(instance)
 
 
-def reconcile(instance_id: int, *, restart: bool = False) -> Instance | None:
+def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Instance | None:
     """Make the runtime match the instance's desired state. Returns the instance (None when
     it no longer exists). Raises ReconcileError with the reason on failure."""
     with locks.lock(f"instance:{instance_id}"):
         instance = Instance.objects.filter(pk=instance_id).first()
         if instance is None:
             return None
-        runtime = get_runtime()
+        runtime = runtime or get_runtime()
         if instance.delete_requested:
             _delete(instance, runtime)
             return None
@@ -99,18 +99,19 @@ def reconcile(instance_id: int, *, restart: bool = False) -> Instance | None:
         return instance
 
 
-def backup(instance: Instance, kind: str, actor=None) -> Backup:
+def backup(instance: Instance, kind: str, actor=None, runtime=None) -> Backup:
     """Dump the instance's database into LAB_DATA_DIR/backups (caller holds the lock)."""
-    runtime = get_runtime()
+    runtime = runtime or get_runtime()
     # We hold the instance's lock: a backup still "pending" belongs to a worker that died.
     Backup.objects.filter(instance=instance, status=Backup.Status.PENDING).update(status=Backup.Status.FAILED)
     stamp = datetime.now(dt_timezone.utc).strftime("%Y%m%d-%H%M%S")
     filename = f"{instance.name}-{stamp}-{kind}-{pysecrets.token_hex(3)}.dump"
     row = Backup.objects.create(instance=instance, instance_name=instance.name, owner=instance.owner, kind=kind,
                                 filename=filename, created_by=actor if actor and actor.is_authenticated else None)
+    path = backup_dir() / filename
     try:
-        size = runtime.backup_database(instance.name, instance_spec(instance), backup_dir() / filename)
-        (backup_dir() / filename).chmod(0o600)
+        size = runtime.backup_database(instance.name, instance_spec(instance), path)
+        path.chmod(0o600)
     except RuntimeError_ as exc:
         Backup.objects.filter(pk=row.pk).update(status=Backup.Status.FAILED)
         raise ReconcileError(f"backup failed: {exc}") from exc
@@ -120,45 +121,41 @@ def backup(instance: Instance, kind: str, actor=None) -> Backup:
 
 
 def backup_and_reset(instance_id: int, actor=None) -> Backup:
-    reconcile(instance_id)  # the database must be up to be dumped
+    runtime = get_runtime()
+    reconcile(instance_id, runtime=runtime)  # the database must be up to be dumped
     with locks.lock(f"instance:{instance_id}"):
         instance = Instance.objects.get(pk=instance_id)
-        row = backup(instance, Backup.Kind.BEFORE_RESET, actor)  # no backup, no reset
+        row = backup(instance, Backup.Kind.BEFORE_RESET, actor, runtime)  # no backup, no reset
         try:
-            get_runtime().reset_database(instance.name, instance_spec(instance))
+            runtime.reset_database(instance.name, instance_spec(instance))
         except RuntimeError_ as exc:
             raise ReconcileError(f"reset failed (the backup {row.filename} was kept): {exc}") from exc
         Instance.objects.filter(pk=instance_id).update(restart_generation=F("restart_generation") + 1)
-    reconcile(instance_id, restart=True)
+    reconcile(instance_id, restart=True, runtime=runtime)
     return row
 
 
 def backup_only(instance_id: int, actor=None) -> Backup:
-    reconcile(instance_id)
+    runtime = get_runtime()
+    reconcile(instance_id, runtime=runtime)
     with locks.lock(f"instance:{instance_id}"):
-        return backup(Instance.objects.get(pk=instance_id), Backup.Kind.MANUAL, actor)
+        return backup(Instance.objects.get(pk=instance_id), Backup.Kind.MANUAL, actor, runtime)
 
 
 def _delete(instance: Instance, runtime) -> None:
     """Final backup (when there is a database to back up), then remove everything."""
     if instance.name in runtime.owned_instances():
-        state = runtime.state(instance.name)
-        if state.db.health != Health.RUNNING:
-            state = runtime.ensure(instance_spec(instance))  # bring the database up for its dump
+        if runtime.state(instance.name).db.health != Health.RUNNING:
+            runtime.ensure(instance_spec(instance))  # bring the database up for its dump
         already = instance.backups.filter(kind=Backup.Kind.FINAL, status=Backup.Status.DONE).exists()
         if not already:
-            backup(instance, Backup.Kind.FINAL)
+            backup(instance, Backup.Kind.FINAL, runtime=runtime)
         runtime.remove(instance.name)
     name, owner_id, pk = instance.name, instance.owner_id, instance.pk
     with transaction.atomic():
         instance.delete()
-    from manager.realtime.services import send_to_group, user_group
-
-    event = {"type": "instance", "name": name, "status": "deleted", "status_label": "deleted",
-             "status_color": "secondary", "reason": ""}
-    send_to_group(f"instance.{pk}", event)
-    send_to_group("instances.all", event)
-    send_to_group(user_group(owner_id), event)
+    push_event(pk, owner_id, {"type": "instance", "name": name, "status": "deleted", "status_label": "deleted",
+                              "status_color": "secondary", "reason": ""})
 
 
 def sweep() -> dict:
@@ -177,7 +174,7 @@ def sweep() -> dict:
     failed = 0
     for instance_id in Instance.objects.values_list("pk", flat=True):
         try:
-            reconcile(instance_id)
+            reconcile(instance_id, runtime=runtime)
         except (ReconcileError, locks.Busy):
             failed += 1
     proxy.sync_routes()  # heals any drift between Caddy's routes and the database

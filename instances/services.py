@@ -18,7 +18,7 @@ from manager.accounts.models import User
 from manager.accounts.services import Conflict, NotAllowed
 from manager.audit.services import record
 from manager.jobs import services as jobs
-from manager.realtime.services import send_to_group
+from manager.realtime.services import send_to_group, user_group
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]*[a-z0-9]$")
 RESERVED_NAMES = {"admin", "api", "git", "lobby", "static", "www", "manager", "lab", "ws", "mail"}
@@ -30,22 +30,20 @@ MEMORY_RANGE = (128, 16384)
 CPU_RANGE = (Decimal("0.1"), Decimal("16"))
 
 
-def instance_group(instance) -> str:
-    return f"instance.{instance.pk}"
-
-
 def push_state(instance: Instance) -> None:
     """Tell every open page of this instance (and the dashboards) its current status."""
-    event = {
+    push_event(instance.pk, instance.owner_id, {
         "type": "instance", "name": instance.name, "status": instance.status,
         "status_label": instance.get_status_display(), "status_color": instance.status_color,
         "reason": instance.status_reason,
-    }
-    send_to_group(instance_group(instance), event)
-    send_to_group("instances.all", event)
-    from manager.realtime.services import user_group
+    })
 
-    send_to_group(user_group(instance.owner_id), event)
+
+def push_event(instance_pk: int, owner_id: int, event: dict) -> None:
+    """Send `event` to the instance's pages, the lab managers' dashboard and its owner's."""
+    send_to_group(f"instance.{instance_pk}", event)
+    send_to_group("instances.all", event)
+    send_to_group(user_group(owner_id), event)
 
 
 # --- validation ---------------------------------------------------------------------
@@ -135,13 +133,19 @@ def _reconcile_job(actor, instance, label, action="reconcile"):
                       args=[instance.pk, action], link=f"/instances/{instance.name}/")
 
 
+def _user(user_or_username):
+    """A user, or the account of that username (the API passes names)."""
+    if not isinstance(user_or_username, str):
+        return user_or_username
+    found = User.objects.filter(username__iexact=user_or_username).first()
+    if found is None:
+        raise ValidationError({"owner": [f"There is no account named {user_or_username!r}."]})
+    return found
+
+
 def create_instance(actor, *, name: str, owner, request=None) -> Instance:
     name = validate_name(name)
-    if isinstance(owner, str):
-        owner_obj = User.objects.filter(username__iexact=owner).first()
-        if owner_obj is None:
-            raise ValidationError({"owner": [f"There is no account named {owner!r}."]})
-        owner = owner_obj
+    owner = _user(owner)
     if owner is None:
         raise ValidationError({"owner": ["Choose the experimenter who owns the instance."]})
     if not owner.is_active:
@@ -154,12 +158,6 @@ def create_instance(actor, *, name: str, owner, request=None) -> Instance:
     except IntegrityError:
         raise Conflict({"name": [f"An instance named {name!r} already exists."]}) from None
     return instance
-
-
-def _bump(instance: Instance, **fields) -> None:
-    """Save desired-state fields and bump the generation in one UPDATE."""
-    Instance.objects.filter(pk=instance.pk).update(generation=F("generation") + 1, **fields)
-    instance.refresh_from_db()
 
 
 def update_settings(actor, instance: Instance, *, auth_level=None, production=None, env=None,
@@ -241,11 +239,7 @@ def backup_now(actor, instance: Instance, request=None):
 def transfer(actor, instance: Instance, new_owner, request=None) -> Instance:
     if not actor.is_superuser:
         raise NotAllowed("Only lab managers may transfer instances.")
-    if isinstance(new_owner, str):
-        found = User.objects.filter(username__iexact=new_owner).first()
-        if found is None:
-            raise ValidationError({"owner": [f"There is no account named {new_owner!r}."]})
-        new_owner = found
+    new_owner = _user(new_owner)
     if not new_owner.is_active:
         raise ValidationError({"owner": [f"{new_owner.username} is deactivated."]})
     if new_owner.pk == instance.owner_id:

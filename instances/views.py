@@ -28,14 +28,14 @@ def instance_create(request):
     return render(request, "instances/create.html", {"form": form})
 
 
-def _detail_context(request, instance, **forms):
+def _detail_context(instance, **forms):
     runtime = None
     try:
         runtime = runtimes.get_runtime()
     except (RuntimeError_, AttributeError):
         pass
     releases = list(instance.releases.select_related("pushed_by")[:10])
-    live = next((r for r in instance.releases.filter(status="live")[:1]), None)
+    live = instance.live_release
     context = {
         "instance": instance,
         "runtime": runtime,
@@ -57,21 +57,29 @@ def _detail_context(request, instance, **forms):
 @login_required
 def instance_detail(request, name):
     instance = get_visible_instance(request.user, name)
-    return render(request, "instances/detail.html", _detail_context(request, instance))
+    return render(request, "instances/detail.html", _detail_context(instance))
+
+
+def _form_post(request, instance, form, form_key, service, values, done):
+    """A form of the detail page, posted: `service(request.user, instance, **values(cleaned
+    data))`; on success the message `done` (formatted with the changed instance) and back to
+    the page, else the page again with the form (as `form_key`) and its errors."""
+    if form.is_valid() and form.run(service, request.user, instance, **values(form.cleaned_data),
+                                    request=request) is not None:
+        messages.success(request, done.format(instance=instance))
+        return redirect("instance_detail", name=instance.name)
+    return render(request, "instances/detail.html", _detail_context(instance, **{form_key: form}), status=422)
 
 
 @login_required
 @require_POST
 def instance_settings(request, name):
     instance = get_visible_instance(request.user, name)
-    form = SettingsForm(request.POST)
-    if form.is_valid() and form.run(services.update_settings, request.user, instance,
-                                    auth_level=form.cleaned_data["auth_level"],
-                                    production=form.cleaned_data["production"],
-                                    env=form.cleaned_data["env"], request=request) is not None:
-        messages.success(request, "Settings saved; the app restarts with them (the database is untouched).")
-        return redirect("instance_detail", name=name)
-    return render(request, "instances/detail.html", _detail_context(request, instance, settings_form=form), status=422)
+    return _form_post(
+        request, instance, SettingsForm(request.POST), "settings_form", services.update_settings,
+        lambda data: {"auth_level": data["auth_level"], "production": data["production"], "env": data["env"]},
+        "Settings saved; the app restarts with them (the database is untouched).",
+    )
 
 
 @login_required
@@ -83,9 +91,9 @@ def instance_admin_password(request, name):
                                             form.cleaned_data["password"] or None, request=request)
     if not password:
         return render(request, "instances/detail.html",
-                      _detail_context(request, instance, password_form=form), status=422)
+                      _detail_context(instance, password_form=form), status=422)
     # Shown once, in this response only (never stored in a message or session).
-    return render(request, "instances/detail.html", _detail_context(request, instance, new_admin_password=password))
+    return render(request, "instances/detail.html", _detail_context(instance, new_admin_password=password))
 
 
 @login_required
@@ -101,26 +109,22 @@ def instance_reveal_password(request, name):
 @require_POST
 def instance_limits(request, name):
     instance = get_visible_instance(request.user, name)
-    form = LimitsForm(request.POST)
-    if form.is_valid() and form.run(services.update_settings, request.user, instance,
-                                    memory_mb=form.cleaned_data["memory_mb"], cpus=form.cleaned_data["cpus"],
-                                    request=request) is not None:
-        messages.success(request, "Limits saved; the app restarts with them.")
-        return redirect("instance_detail", name=name)
-    return render(request, "instances/detail.html", _detail_context(request, instance, limits_form=form), status=422)
+    return _form_post(
+        request, instance, LimitsForm(request.POST), "limits_form", services.update_settings,
+        lambda data: {"memory_mb": data["memory_mb"], "cpus": data["cpus"]},
+        "Limits saved; the app restarts with them.",
+    )
 
 
 @superuser_required
 @require_POST
 def instance_transfer(request, name):
     instance = get_visible_instance(request.user, name)
-    form = TransferForm(request.POST)
-    if form.is_valid() and form.run(services.transfer, request.user, instance, form.cleaned_data["owner"],
-                                    request=request) is not None:
-        messages.success(request, f"{name} now belongs to {instance.owner.username}.")
-        return redirect("instance_detail", name=name)
-    return render(request, "instances/detail.html", _detail_context(request, instance, transfer_form=form),
-                  status=422)
+    return _form_post(
+        request, instance, TransferForm(request.POST), "transfer_form", services.transfer,
+        lambda data: {"new_owner": data["owner"]},
+        "{instance.name} now belongs to {instance.owner.username}.",
+    )
 
 
 ACTIONS = {

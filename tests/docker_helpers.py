@@ -70,24 +70,26 @@ def purge(manager_id: str, timeout: float = 60) -> None:
         if not any(found.values()) or time.monotonic() > deadline:
             return
         for c in found["containers"]:
-            try:
-                client.remove_container(c["Id"], force=True)
-            except (NotFound, APIError):
-                pass
+            _quietly(client.remove_container, c["Id"], force=True)
         for n in found["networks"]:
-            try:
-                info = client.inspect_network(n["Id"])
-                for cid in info.get("Containers") or {}:
-                    client.disconnect_container_from_network(cid, n["Id"], force=True)
-                client.remove_network(n["Id"])
-            except (NotFound, APIError):
-                pass
+            _quietly(_remove_network, client, n["Id"])
         for v in found["volumes"]:
-            try:
-                client.remove_volume(v["Name"], force=True)
-            except (NotFound, APIError):
-                pass
+            _quietly(client.remove_volume, v["Name"], force=True)
         time.sleep(0.3)
+
+
+def _quietly(fn, *args, **kwargs) -> None:
+    """`fn(...)`, where gone or busy is fine: the next round of `purge` tries again."""
+    try:
+        fn(*args, **kwargs)
+    except (NotFound, APIError):
+        pass
+
+
+def _remove_network(client: docker.APIClient, net_id: str) -> None:
+    for cid in client.inspect_network(net_id).get("Containers") or {}:
+        client.disconnect_container_from_network(cid, net_id, force=True)
+    client.remove_network(net_id)
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):

@@ -112,6 +112,13 @@ def app_env(runtime, name) -> dict:
     return dict(item.split("=", 1) for item in info["Config"]["Env"])
 
 
+def created(boss, owner, name):
+    """A new instance whose create job has run (and succeeded)."""
+    instance = services.create_instance(boss, name=name, owner=owner)
+    assert run_job("instance.create").status == "succeeded"
+    return instance
+
+
 def test_create_is_ready_for_code_with_its_own_database(runtime, people):
     boss, ann = people
     instance = services.create_instance(boss, name="rc-create", owner=ann)
@@ -126,8 +133,7 @@ def test_create_is_ready_for_code_with_its_own_database(runtime, people):
 
 def test_settings_change_restarts_the_app_and_keeps_the_data(runtime, people, fake_app):
     boss, ann = people
-    instance = services.create_instance(boss, name="rc-settings", owner=ann)
-    assert run_job("instance.create").status == "succeeded"
+    instance = created(boss, ann, "rc-settings")
     instance.refresh_from_db()
     assert instance.status == "running"
     assert psql(runtime, "rc-settings", "CREATE TABLE sessions (code text); INSERT INTO sessions VALUES ('abc')")[0] == 0
@@ -146,8 +152,7 @@ def test_settings_change_restarts_the_app_and_keeps_the_data(runtime, people, fa
 
 def test_reset_database_writes_a_backup_first(runtime, people):
     boss, ann = people
-    instance = services.create_instance(boss, name="rc-reset", owner=ann)
-    assert run_job("instance.create").status == "succeeded"
+    instance = created(boss, ann, "rc-reset")
     psql(runtime, "rc-reset", "CREATE TABLE players (id int); INSERT INTO players VALUES (7)")
     services.reset_database(ann, instance)
     job = run_job("instance.reset")
@@ -163,8 +168,7 @@ def test_reset_database_writes_a_backup_first(runtime, people):
 
 def test_delete_keeps_a_final_backup_and_leaves_nothing(runtime, people):
     boss, ann = people
-    instance = services.create_instance(boss, name="rc-delete", owner=ann)
-    assert run_job("instance.create").status == "succeeded"
+    instance = created(boss, ann, "rc-delete")
     psql(runtime, "rc-delete", "CREATE TABLE keep (v int); INSERT INTO keep VALUES (1)")
     services.delete_instance(boss, instance)
     job = run_job("instance.delete")
@@ -186,8 +190,7 @@ def test_delete_keeps_a_final_backup_and_leaves_nothing(runtime, people):
 
 def test_sweep_heals_drift_and_removes_orphans(runtime, people):
     boss, ann = people
-    services.create_instance(boss, name="rc-heal", owner=ann)
-    assert run_job("instance.create").status == "succeeded"
+    created(boss, ann, "rc-heal")
     runtime.api.remove_container(runtime.container_name("rc-heal", "redis"), force=True)  # by hand
     # resources of an instance the database does not know (e.g. a crash after a delete)
     from instances.runtime.base import InstanceSpec

@@ -134,7 +134,7 @@ def _user_errors(method):
         except APIError as exc:
             raise RuntimeError_(f"Docker: {_short(exc)}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise RuntimeError_(f"Docker engine not reachable at {self.engine_url}: {_short(exc)}") from None
+            raise self._unreachable(exc) from None
 
     return wrapper
 
@@ -200,7 +200,11 @@ class DockerRuntime:
         try:
             return docker.APIClient(version="auto", timeout=self._timeout, **self._client_kwargs)
         except (DockerException, requests.RequestException, OSError) as exc:
-            raise RuntimeError_(f"Docker engine not reachable at {self.engine_url}: {_short(exc)}") from None
+            raise self._unreachable(exc) from None
+
+    def _unreachable(self, exc: BaseException, what: str = "") -> RuntimeError_:
+        where = f" ({what})" if what else ""
+        return RuntimeError_(f"Docker engine not reachable at {self.engine_url}{where}: {_short(exc)}")
 
     def available(self) -> bool:
         try:
@@ -217,7 +221,7 @@ class DockerRuntime:
         except APIError as exc:
             raise RuntimeError_(f"{what}: {_short(exc)}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise RuntimeError_(f"Docker engine not reachable at {self.engine_url} ({what}): {_short(exc)}") from None
+            raise self._unreachable(exc, what) from None
 
     # --- names and labels -------------------------------------------------------------
 
@@ -340,11 +344,7 @@ class DockerRuntime:
         if spec.app is not None:
             self._check_image(spec.app.image, service=False)
 
-        networks = {role: self._ensure_network(name, role) for role in NETWORK_ROLES}
-        self._ensure_volume(name)
-        self._ensure_container(spec, "db", networks)
-        self._ensure_container(spec, "redis", networks)
-        self._wait_services(name, self.ready_timeout)
+        networks = self._ensure_services(spec)
         # A deploy killed half-way leaves its candidate or the retired app behind (deploys
         # and ensure hold the same instance lock, so none of them is in use now).
         for slot in (CANDIDATE, RETIRED):
@@ -354,6 +354,16 @@ class DockerRuntime:
         else:
             self._remove_container(self.container_name(name, "app"), name, graceful=True)
         return self.state(name)
+
+    def _ensure_services(self, spec: InstanceSpec) -> dict[str, str]:
+        """Networks, volume, PostgreSQL and Redis created or repaired, and answering; returns
+        the network ids by role."""
+        networks = {role: self._ensure_network(spec.name, role) for role in NETWORK_ROLES}
+        self._ensure_volume(spec.name)
+        self._ensure_container(spec, "db", networks)
+        self._ensure_container(spec, "redis", networks)
+        self._wait_services(spec.name, self.ready_timeout)
+        return networks
 
     # --- deploys: a candidate app, health-checked, then promoted -------------------------
 
@@ -370,11 +380,7 @@ class DockerRuntime:
         if spec.app is None:
             raise RuntimeError_("no app to deploy")
         self._check_image(spec.app.image, service=False)
-        networks = {role: self._ensure_network(name, role) for role in NETWORK_ROLES}
-        self._ensure_volume(name)
-        self._ensure_container(spec, "db", networks)
-        self._ensure_container(spec, "redis", networks)
-        self._wait_services(name, self.ready_timeout)
+        networks = self._ensure_services(spec)
         candidate = self.container_name(name, CANDIDATE)
         self._remove_container(candidate, name, graceful=False)
         self._remove_container(self.container_name(name, RETIRED), name, graceful=False)
@@ -388,8 +394,8 @@ class DockerRuntime:
             self._remove_container(candidate, name, graceful=False)
             raise
         current = self.container_name(name, "app")
-        old = self._inspect(current)
-        if old is not None and self._ours(old["Config"].get("Labels"), name):
+        old = self._inspect_ours(current, name)
+        if old is not None:
             self._call(f"renaming {current}", self.api.rename, old["Id"], self.container_name(name, RETIRED))
         self._call(f"renaming {candidate}", self.api.rename, info["Id"], current)
         return url
@@ -464,12 +470,11 @@ class DockerRuntime:
         return removed
 
     def _check_image(self, image: str, *, service: bool) -> None:
-        try:
-            self._call(f"inspecting image {image}", self.api.inspect_image, image)
-        except NotFound:
-            if service:
-                raise RuntimeError_(f"image {image} not found: build it with `python manage.py build_images`") from None
-            raise RuntimeError_(f"app image {image} not found on the Docker engine") from None
+        if self.image_exists(image):
+            return
+        if service:
+            raise RuntimeError_(f"image {image} not found: build it with `python manage.py build_images`")
+        raise RuntimeError_(f"app image {image} not found on the Docker engine")
 
     # networks
 
@@ -543,7 +548,7 @@ class DockerRuntime:
                     return self._ensure_network(name, role)
                 raise RuntimeError_(f"creating network {netname}: {_short(exc)}") from None
             except (requests.ConnectionError, requests.Timeout) as exc:
-                raise RuntimeError_(f"Docker engine not reachable at {self.engine_url}: {_short(exc)}") from None
+                raise self._unreachable(exc) from None
         raise RuntimeError_(f"no free /{SUBNET_PREFIX} subnet left in LAB_DOCKER_SUBNETS={self.subnets}")
 
     def _remove_network(self, net_id: str) -> None:
@@ -583,6 +588,13 @@ class DockerRuntime:
             return self._call(f"inspecting container {cname}", self.api.inspect_container, cname)
         except NotFound:
             return None
+
+    def _inspect_ours(self, cname: str, name: str) -> dict | None:
+        """The container `cname` when it exists and carries instance `name`'s labels."""
+        info = self._inspect(cname)
+        if info is None or not self._ours(info["Config"].get("Labels"), name):
+            return None
+        return info
 
     def _ensure_container(self, spec: InstanceSpec, component: str, networks: dict[str, str]) -> dict:
         name = spec.name
@@ -700,7 +712,7 @@ class DockerRuntime:
                     return info
             raise RuntimeError_(f"creating container {cname}: {_short(exc)}") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise RuntimeError_(f"Docker engine not reachable at {self.engine_url}: {_short(exc)}") from None
+            raise self._unreachable(exc) from None
         for role in roles[1:]:
             self._call(
                 f"connecting {cname} to its network", api.connect_container_to_network,
@@ -717,11 +729,9 @@ class DockerRuntime:
             time.sleep(0.1)
 
     def _remove_container(self, cname: str, name: str, *, graceful: bool) -> None:
-        info = self._inspect(cname)
+        info = self._inspect_ours(cname, name)  # what is not ours is never touched
         if info is None:
             return
-        if not self._ours(info["Config"].get("Labels"), name):
-            return  # never ours to touch
         try:
             if graceful and info["State"].get("Running"):
                 self.api.stop(info["Id"], timeout=self.stop_timeout)
@@ -750,13 +760,17 @@ class DockerRuntime:
         api = self.api
         eid = api.exec_create(cname, cmd, user=user or "", environment=env)["Id"]
         out = api.exec_start(eid)
+        return self._exit_code(eid, tries=50, pause=0.02), (out or b"").decode(errors="replace")
+
+    def _exit_code(self, eid: str, *, tries: int, pause: float) -> int | None:
+        """The exit code of a finished exec (the engine sets it a moment after the output ends)."""
         code = None
-        for _ in range(50):
-            code = api.exec_inspect(eid).get("ExitCode")
+        for _ in range(tries):
+            code = self.api.exec_inspect(eid).get("ExitCode")
             if code is not None:
                 break
-            time.sleep(0.02)
-        return code, (out or b"").decode(errors="replace")
+            time.sleep(pause)
+        return code
 
     def _probe(self, cname: str, component: str) -> bool:
         try:
@@ -808,8 +822,8 @@ class DockerRuntime:
         app_url = ""
         for component in COMPONENTS:
             cname = self.container_name(name, component)
-            info = self._inspect(cname)
-            if info is None or not self._ours(info["Config"].get("Labels"), name):
+            info = self._inspect_ours(cname, name)
+            if info is None:
                 components[component] = ComponentState(Health.MISSING)
                 continue
             components[component] = self._component_state(cname, component, info)
@@ -851,8 +865,8 @@ class DockerRuntime:
     def restart_app(self, name: str) -> None:
         self._check_name(name)
         cname = self.container_name(name, "app")
-        info = self._inspect(cname)
-        if info is None or not self._ours(info["Config"].get("Labels"), name):
+        info = self._inspect_ours(cname, name)
+        if info is None:
             return
         try:
             self._call(f"restarting {cname}", self.api.restart, info["Id"], timeout=self.stop_timeout)
@@ -864,8 +878,8 @@ class DockerRuntime:
         self._check_name(name)
         for component in ("app", "redis", "db"):
             cname = self.container_name(name, component)
-            info = self._inspect(cname)
-            if info is None or not self._ours(info["Config"].get("Labels"), name):
+            info = self._inspect_ours(cname, name)
+            if info is None:
                 continue
             try:
                 self._call(f"stopping {cname}", self.api.stop, info["Id"], timeout=self.stop_timeout)
@@ -874,8 +888,8 @@ class DockerRuntime:
 
     def _running_db(self, name: str) -> str:
         cname = self.container_name(name, "db")
-        info = self._inspect(cname)
-        if info is None or not self._ours(info["Config"].get("Labels"), name):
+        info = self._inspect_ours(cname, name)
+        if info is None:
             raise RuntimeError_(f"the database of {name} does not exist")
         if not info["State"].get("Running"):
             raise RuntimeError_(f"the database of {name} is not running")
@@ -904,12 +918,7 @@ class DockerRuntime:
                         errors += stderr
                 fh.flush()
                 os.fsync(fh.fileno())
-            code = None
-            for _ in range(100):
-                code = api.exec_inspect(eid).get("ExitCode")
-                if code is not None:
-                    break
-                time.sleep(0.05)
+            code = self._exit_code(eid, tries=100, pause=0.05)
             if code != 0:
                 raise RuntimeError_(
                     f"pg_dump of {name} failed (exit code {code}): {_last_lines(errors.decode(errors='replace'))}"
@@ -963,6 +972,16 @@ class DockerRuntime:
                 raise RuntimeError_(f"could not remove everything of {name}: {left[0]}")
             time.sleep(0.3)
 
+    def _labelled(self, name: str | None = None) -> tuple[list, list, list]:
+        """The containers, networks and volumes carrying our labels (of one instance, or all)."""
+        api = self.api
+        filters = self._filters(name)
+        return (
+            self._call("listing containers", api.containers, all=True, filters=filters),
+            self._call("listing networks", api.networks, filters=filters),
+            self._call("listing volumes", api.volumes, filters=filters).get("Volumes") or [],
+        )
+
     def _remove_round(self, name: str) -> list[str]:
         """One pass over containers, networks and volumes; returns what is still there."""
         api = self.api
@@ -987,11 +1006,7 @@ class DockerRuntime:
                 pass
             except APIError as exc:  # in use: a container of ours still being created or removed
                 problems.append(f"volume {vol['Name']}: {_short(exc)}")
-        remaining = (
-            len(self._call("listing containers", api.containers, all=True, filters=filters))
-            + len(self._call("listing networks", api.networks, filters=filters))
-            + len(self._call("listing volumes", api.volumes, filters=filters).get("Volumes") or [])
-        )
+        remaining = sum(len(found) for found in self._labelled(name))
         if remaining and not problems:
             problems.append(f"{remaining} resources appeared while removing")
         return problems if remaining else []
@@ -1002,8 +1017,8 @@ class DockerRuntime:
         if component not in COMPONENTS:
             raise RuntimeError_(f"unknown component {component!r} (app, db or redis)")
         cname = self.container_name(name, component)
-        info = self._inspect(cname)
-        if info is None or not self._ours(info["Config"].get("Labels"), name):
+        info = self._inspect_ours(cname, name)
+        if info is None:
             return ""
         try:
             out = self._call(f"reading logs of {cname}", self.api.logs, info["Id"], stdout=True, stderr=True,
@@ -1014,10 +1029,5 @@ class DockerRuntime:
 
     @_user_errors
     def owned_instances(self) -> set[str]:
-        api = self.api
-        filters = self._filters()
-        labelled = []
-        labelled += [c.get("Labels") for c in self._call("listing containers", api.containers, all=True, filters=filters)]
-        labelled += [n.get("Labels") for n in self._call("listing networks", api.networks, filters=filters)]
-        labelled += [v.get("Labels") for v in (self._call("listing volumes", api.volumes, filters=filters).get("Volumes") or [])]
+        labelled = [item.get("Labels") for found in self._labelled() for item in found]
         return {labels[LABEL_INSTANCE] for labels in labelled if labels and labels.get(LABEL_INSTANCE)}
