@@ -246,9 +246,7 @@ class Supervisor:
         try:
             os.killpg(child.proc.pid, sig)
             return True
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # pragma: no cover
+        except (ProcessLookupError, PermissionError):
             return False
 
     def _group_alive(self, child: Child) -> bool:

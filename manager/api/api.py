@@ -7,7 +7,7 @@ Each area has its own router module; add new ones (instances, …) below.
 
 from ninja import NinjaAPI, Swagger
 
-from manager.api import errors
+from manager.api import errors, instances, me, users
 from manager.api.auth import BearerToken
 
 DESCRIPTION = """\
@@ -45,14 +45,6 @@ api = LabAPI(
     docs=Swagger(settings={"persistAuthorization": False}),
 )
 errors.install(api)
-
-
-def _add_routers():
-    from manager.api import instances, me, users
-
-    api.add_router("/instances", instances.router)
-    api.add_router("/users", users.router)
-    api.add_router("/me", me.router)
-
-
-_add_routers()
+api.add_router("/instances", instances.router)
+api.add_router("/users", users.router)
+api.add_router("/me", me.router)

@@ -18,6 +18,7 @@ from ninja.errors import ValidationError as NinjaValidationError
 
 from manager.accounts.services import Conflict, NotAllowed
 from manager.api.auth import CHALLENGE
+from manager.api.schemas import Error
 
 log = logging.getLogger("manager.api")
 
@@ -155,8 +156,6 @@ def install(api: NinjaAPI) -> None:
 def responses(ok: dict, *errors: int) -> dict:
     """The `response=` of an operation: its success schema(s) plus the documented errors
     (401 always)."""
-    from manager.api.schemas import Error
-
     return {**ok, **{code: Error for code in sorted({401, *errors})}}
 
 
