@@ -135,6 +135,9 @@ def test_task_finishing_in_the_worker_shows_a_toast_in_every_tab_and_the_invitat
         toast_text = f"Invitation e-mail sent to {username}"
         for tab in tabs:
             expect(tab.locator("#toasts .toast", has_text=toast_text)).to_be_visible(timeout=TIMEOUT_MS)
+        # The tab that submitted the form was loading its next page when the task finished:
+        # it shows the toast too, once (replay of the last seconds, de-duplicated by id).
+        expect(page.locator("#toasts .toast", has_text=toast_text)).to_have_count(1, timeout=TIMEOUT_MS)
         # The task really ran in the worker process.
         server.wait_for(r"Task accounts\.send_invitation\[[0-9a-f-]+\] succeeded", 10, since=mark)
 
@@ -145,8 +148,8 @@ def test_task_finishing_in_the_worker_shows_a_toast_in_every_tab_and_the_invitat
             assert tab.evaluate("performance.getEntriesByType('navigation').length") == before
             seen = tab.evaluate("window.__toastSeenAt") / 1000
             latency = seen - finished
+            # Reported, not asserted: speed is measured by bench/notify_latency.py.
             print(f"tab {n}: toast shown {latency * 1000:.0f} ms after the task finished")
-            assert latency < 1.0, f"tab {n} showed the toast {latency:.3f} s after the task finished"
 
         # The invitation e-mail (console backend: printed by the worker) carries the link.
         link = server.wait_for(r"(http://\S+/accounts/welcome/[^/\s]+/[^/\s]+/)", 10, since=mark).group(1)

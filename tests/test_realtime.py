@@ -167,3 +167,20 @@ async def test_release_log_follows_live_until_the_release_ends(people):
     assert (await other.receive_json_from(timeout=5))["type"] == "error"
     await tab.disconnect()
     await other.disconnect()
+
+
+async def test_a_tab_that_was_between_pages_gets_what_it_missed(people):
+    """The tab that submitted a form is loading its next page when a quick task finishes:
+    it still gets the toast once its socket is up (replay of the last seconds)."""
+    ann, bob = people
+    await sync_to_async(notify_user)(ann.pk, "Invitation e-mail sent to carl", level="success")
+    tab, ok = await connect(ann)
+    assert ok
+    assert (await tab.receive_json_from(timeout=5))["type"] == "hello"
+    missed = await tab.receive_json_from(timeout=5)
+    assert missed["type"] == "notify" and missed["message"] == "Invitation e-mail sent to carl" and missed["id"]
+    other, ok = await connect(bob)
+    assert (await other.receive_json_from(timeout=5))["type"] == "hello"
+    assert await other.receive_nothing(timeout=0.5)  # never someone else's
+    await tab.disconnect()
+    await other.disconnect()

@@ -1,10 +1,11 @@
 import asyncio
 
+from asgiref.sync import sync_to_async
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from manager.realtime import topics
-from manager.realtime.services import user_group
+from manager.realtime.services import recent_notifications, user_group
 
 
 class LiveConsumer(AsyncJsonWebsocketConsumer):
@@ -22,6 +23,11 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
         await self.accept()
         await self._join(user_group(user.pk))
         await self.send_json({"type": "hello", "user": user.username})
+        # Replay what this user was told moments ago: a tab that was loading a page then
+        # (e.g. the redirect after the form that started a task) shows it now; tabs skip
+        # ids they have shown already.
+        for event in await sync_to_async(recent_notifications)(user.pk):
+            await self.send_json(event)
 
     async def disconnect(self, code):
         for task in getattr(self, "followers", {}).values():

@@ -49,6 +49,17 @@
     toast.show();
   }
 
+  // Ids of notifications this tab has shown (kept across its page loads, not across tabs).
+  function alreadyShown(id) {
+    if (!id) return false;
+    var shown = [];
+    try { shown = JSON.parse(sessionStorage.getItem("lab:shown") || "[]"); } catch (e) { shown = []; }
+    if (shown.indexOf(id) >= 0) return true;
+    shown.push(id);
+    try { sessionStorage.setItem("lab:shown", JSON.stringify(shown.slice(-50))); } catch (e) { /* private mode */ }
+    return false;
+  }
+
   function connect() {
     var scheme = location.protocol === "https:" ? "wss://" : "ws://";
     socket = new WebSocket(scheme + location.host + "/ws/live/");
@@ -60,7 +71,7 @@
         topics.forEach(function (t) { socket.send(JSON.stringify({subscribe: t})); });
         Object.keys(sticky).forEach(function (k) { socket.send(JSON.stringify(sticky[k])); });
       }
-      if (event.type === "notify") showToast(event);
+      if (event.type === "notify" && !alreadyShown(event.id)) showToast(event);
       document.dispatchEvent(new CustomEvent("lab:" + event.type, {detail: event}));
       if (event.job && window.htmx) htmx.trigger(document.body, "lab:jobs-changed");
     };
