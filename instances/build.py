@@ -21,7 +21,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from instances.runtime.docker import LABEL_INSTANCE, LABEL_MANAGER, LABEL_RELEASE
+from instances.runtime.docker import LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGER, LABEL_RELEASE
 
 RELEASE_IMAGE_PORT = 8000
 COMMAND = ["otree", "prodserver", str(RELEASE_IMAGE_PORT)]  # oTree 5/6: binds 0.0.0.0:<port>
@@ -30,10 +30,6 @@ MAX_TREE_BYTES = 200 * 1024 * 1024
 
 class BuildFailed(Exception):
     """The user's project cannot be built; the message says why (shown to the pusher)."""
-
-
-def repo_path(instance) -> Path:
-    return Path(settings.DATA_DIR) / "git" / f"{instance.name}.git"
 
 
 def git(repo: Path, *args: str, input: bytes | None = None, timeout: float = 60) -> bytes:
@@ -291,7 +287,7 @@ def introspect(runtime, image: str, *, instance_name: str, timeout: float = 60) 
     return {session_configs, rooms}; BuildFailed when settings.py cannot be imported."""
     api = runtime.api
     # Labelled with the instance: one left by a killed worker goes with the instance's resources.
-    labels = {LABEL_MANAGER: runtime.manager_id, LABEL_INSTANCE: instance_name, "org.otree-lab.component": "introspect"}
+    labels = {LABEL_MANAGER: runtime.manager_id, LABEL_INSTANCE: instance_name, LABEL_COMPONENT: "introspect"}
     host_config = api.create_host_config(mem_limit="256m", memswap_limit="256m", pids_limit=64,
                                          cap_drop=["ALL"], security_opt=["no-new-privileges"], network_mode="none")
     container = api.create_container(image, command=["python", "-c", INTROSPECT], labels=labels,

@@ -27,6 +27,7 @@ from django.db.models.functions import Concat
 from django.utils import timezone
 
 from instances import build
+from instances.git.repos import repo_path
 from instances.models import Instance, Release
 from instances.runtime import get_runtime
 from instances.runtime.base import AppSpec, RuntimeError_
@@ -74,7 +75,7 @@ def record_push(instance: Instance, *, commit: str, branch: str = "main", pushed
     message default to the commit's own (read from the repository)."""
     if not author or not message:
         try:
-            info = build.commit_info(build.repo_path(instance), commit)
+            info = build.commit_info(repo_path(instance), commit)
             author, message = author or info["author"], message or info["message"]
         except (build.BuildFailed, OSError, subprocess.SubprocessError):
             pass  # the build reports a missing repository or commit
@@ -167,7 +168,8 @@ def _set_instance(instance: Instance, status: str, reason: str = "") -> None:
 
 def _fail(release: Release, reason: str, out: LogWriter | None = None) -> None:
     if out is not None:
-        out(f"\nRelease #{release.number} failed: {reason}\n")
+        # The words git_hook's follow() ends with: a pusher reads the reason once.
+        out(f"\nDeploy failed: {reason}\n")
         out.flush()
     Release.objects.filter(pk=release.pk, status__in=ACTIVE).update(
         status=Release.Status.FAILED, status_reason=reason[:500], finished_at=timezone.now())
@@ -230,7 +232,7 @@ def _deploy(release: Release, instance: Instance, out: LogWriter) -> None:
         if not runtime.image_exists(release.image):
             raise build.BuildFailed(f"the image {release.image} is no longer kept")
     else:
-        repo = build.repo_path(instance)
+        repo = repo_path(instance)
         out(f"Building {instance.name} #{release.number} from {release.commit[:12]} ({release.branch})\n")
         with build.new_context() as tmp:
             ctx = Path(tmp)
@@ -273,7 +275,7 @@ def _deploy(release: Release, instance: Instance, out: LogWriter) -> None:
                                                          status_reason="")
             Instance.objects.filter(pk=instance.pk).update(runtime=runtime.name)
         try:
-            proxy.sync_routes()
+            proxy.sync_routes(instance.name)  # only this instance's app changed
         except Exception:  # noqa: BLE001 - the proxy heals at its next sync; the app is live
             log.exception("sync_routes after deploying %s #%s", instance.name, release.number)
         runtime.retire_app(instance.name)

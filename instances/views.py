@@ -175,9 +175,14 @@ def instance_logs(request, name):
 def backup_download(request, name, backup_id):
     instance = get_visible_instance(request.user, name)
     backup = get_object_or_404(instance.backups, pk=backup_id, status=Backup.Status.DONE)
+    return _send_backup(request, backup, instance)
+
+
+def _send_backup(request, backup, audited):
+    """The backup's file as a download, recorded in the audit log against `audited`."""
     if not backup.path.exists():
         raise Http404("The backup file is missing from LAB_DATA_DIR/backups.")
-    record(request.user, "instance.backup_download", instance, f"downloaded backup {backup.filename}", request)
+    record(request.user, "instance.backup_download", audited, f"downloaded backup {backup.filename}", request)
     return FileResponse(backup.path.open("rb"), as_attachment=True, filename=backup.filename,
                         content_type="application/octet-stream")
 
@@ -192,11 +197,7 @@ def backup_list(request):
 @superuser_required
 def backup_download_any(request, backup_id):
     backup = get_object_or_404(Backup, pk=backup_id, status=Backup.Status.DONE)
-    if not backup.path.exists():
-        raise Http404("The backup file is missing from LAB_DATA_DIR/backups.")
-    record(request.user, "instance.backup_download", backup, f"downloaded backup {backup.filename}", request)
-    return FileResponse(backup.path.open("rb"), as_attachment=True, filename=backup.filename,
-                        content_type="application/octet-stream")
+    return _send_backup(request, backup, backup)
 
 
 @login_required

@@ -15,6 +15,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from instances import build, reconciler, releases
+from instances.git.repos import repo_path
 from instances.models import Instance, Release
 from instances.runtime import get_runtime
 from instances.runtime.base import Health
@@ -88,7 +89,7 @@ def lab(runtime, tmp_path):
 
 def new_instance(owner, name, tmp_path):
     instance = Instance.objects.create(name=name, owner=owner, public_port=None)
-    bare = otree_projects.init_bare(settings.DATA_DIR / "git" / f"{name}.git")
+    bare = otree_projects.init_bare(repo_path(name))
     return instance, otree_projects.Checkout(tmp_path / f"{name}-work", bare)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,9 +23,8 @@ from pathlib import Path
 from django.conf import settings
 from django.db.models.functions import Substr
 
-from instances.git.repos import DEPLOY_BRANCHES, PUSHER_ENV
+from instances.git.repos import DEPLOY_BRANCHES, PUSHER_ENV, refusal
 from instances.models import Instance, Release
-from instances.selectors import can_see
 from manager.accounts.models import User
 
 logger = logging.getLogger(__name__)
@@ -61,10 +59,9 @@ def pusher() -> User | None:
 def check_push(instance: Instance | None, user: User | None) -> None:
     if instance is None:
         raise Refused("This repository belongs to no instance.")
-    if user is None or not can_see(user, instance):
-        raise Refused(f"You may not push to {instance.name}: only its owner and lab managers may.")
-    if instance.delete_requested:
-        raise Refused(f"{instance.name} is being deleted; nothing was stored.")
+    refused = refusal(user, instance, push=True)
+    if refused:
+        raise Refused(refused)
 
 
 def parse_updates(lines) -> list[tuple[str, str, str]]:
@@ -74,14 +71,6 @@ def parse_updates(lines) -> list[tuple[str, str, str]]:
         if len(parts) == 3:
             updates.append((parts[0], parts[1], parts[2]))
     return updates
-
-
-def commit_info(commit: str) -> tuple[str, str]:
-    """Author ("Name <mail>") and subject of a commit in the current repository."""
-    result = subprocess.run(["git", "log", "-1", "--format=%an <%ae>%n%s", commit],
-                            capture_output=True, text=True, timeout=30)
-    lines = (result.stdout.splitlines() + ["", ""])[:2] if result.returncode == 0 else ["", ""]
-    return lines[0], lines[1]
 
 
 def pre_receive(git_dir: Path, stdin, out) -> int:
@@ -124,9 +113,8 @@ def post_receive(git_dir: Path, stdin, out, *, poll: float = POLL_INTERVAL, time
         say("Deploy failed: the build pipeline (instances.releases) is not installed on this manager; "
             "the code is stored.", out)
         return 1
-    author, message = commit_info(commit)
-    try:
-        release = record_push(instance, commit=commit, branch=branch, pushed_by=user, author=author, message=message)
+    try:  # record_push reads the commit's author and subject from the repository
+        release = record_push(instance, commit=commit, branch=branch, pushed_by=user)
     except Exception as exc:  # the pusher sees a short reason; details go to the manager's log
         logger.exception("recording the push of %s to %s failed", commit, instance.name)
         _log_to_file(git_dir, f"record_push({instance.name}, {commit}) failed: {exc!r}")

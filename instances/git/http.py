@@ -17,9 +17,8 @@ from asgiref.sync import sync_to_async
 from django.http import HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from instances.git.repos import ensure_repo, git_env, git_root, push_limit_bytes, too_large_message
+from instances.git.repos import ensure_repo, git_env, git_root, push_limit_bytes, refusal, too_large_message
 from instances.models import Instance
-from instances.selectors import can_see
 from manager.accounts.services import authenticate_token
 
 logger = logging.getLogger(__name__)
@@ -62,11 +61,9 @@ def _authorize(request, name: str, service: str):
     instance = Instance.objects.select_related("owner").filter(name=name).first()
     if instance is None:
         return text(404, f"There is no instance named {name}.")
-    if not can_see(user, instance):
-        verb = "push to" if service == "git-receive-pack" else "fetch from"
-        return text(403, f"You may not {verb} {name}: only its owner and lab managers may.")
-    if service == "git-receive-pack" and instance.delete_requested:
-        return text(403, f"{name} is being deleted; nothing was stored.")
+    refused = refusal(user, instance, push=service == "git-receive-pack")
+    if refused:
+        return text(403, refused)
     ensure_repo(instance)
     return user, instance
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from django.conf import settings
 
+from instances.selectors import can_see
+
 DEPLOY_BRANCHES = ("main", "master")
 HOOKS = ("pre-receive", "post-receive")
 # Who pushed: set by the SSH server and the HTTP view for the git subprocess (and thereby
@@ -30,6 +32,17 @@ def repo_path(instance) -> Path:
     """Where the bare repository of `instance` (an Instance or its name) lives."""
     name = getattr(instance, "name", instance)
     return git_root() / f"{name}.git"
+
+
+def refusal(user, instance, *, push: bool) -> str | None:
+    """Why `user` (None: unknown) may not push to (`push`) or fetch from `instance`; None
+    if they may. The SSH server, the HTTP view and the pre-receive hook all ask this."""
+    if user is None or not can_see(user, instance):
+        verb = "push to" if push else "fetch from"
+        return f"You may not {verb} {instance.name}: only its owner and lab managers may."
+    if push and instance.delete_requested:
+        return f"{instance.name} is being deleted; nothing was stored."
+    return None
 
 
 def push_limit_bytes() -> int:

@@ -21,9 +21,8 @@ from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
-from instances.git.repos import ensure_repo, git_env, push_limit_bytes, repo_path, too_large_message
+from instances.git.repos import ensure_repo, git_env, push_limit_bytes, refusal, repo_path, too_large_message
 from instances.models import Instance
-from instances.selectors import can_see
 from manager.accounts.models import SSHKey
 
 logger = logging.getLogger(__name__)
@@ -119,11 +118,9 @@ def _authorize(user, service: str, name: str) -> Instance:
     if instance is None:
         raise PermissionError(f"There is no instance named {name}.")
     user.refresh_from_db()
-    if not can_see(user, instance):
-        verb = "push to" if service == "git-receive-pack" else "fetch from"
-        raise PermissionError(f"You may not {verb} {name}: only its owner and lab managers may.")
-    if service == "git-receive-pack" and instance.delete_requested:
-        raise PermissionError(f"{name} is being deleted; nothing was stored.")
+    refused = refusal(user, instance, push=service == "git-receive-pack")
+    if refused:
+        raise PermissionError(refused)
     ensure_repo(instance)
     return instance
 
