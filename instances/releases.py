@@ -168,7 +168,8 @@ def _set_instance(instance: Instance, status: str, reason: str = "") -> None:
 
 def _fail(release: Release, reason: str, out: LogWriter | None = None) -> None:
     if out is not None:
-        out(f"\nRelease #{release.number} failed: {reason}\n")
+        # The words git_hook's follow() ends with: a pusher reads the reason once.
+        out(f"\nDeploy failed: {reason}\n")
         out.flush()
     Release.objects.filter(pk=release.pk, status__in=ACTIVE).update(
         status=Release.Status.FAILED, status_reason=reason[:500], finished_at=timezone.now())
@@ -274,7 +275,7 @@ def _deploy(release: Release, instance: Instance, out: LogWriter) -> None:
                                                          status_reason="")
             Instance.objects.filter(pk=instance.pk).update(runtime=runtime.name)
         try:
-            proxy.sync_routes()
+            proxy.sync_routes(instance.name)  # only this instance's app changed
         except Exception:  # noqa: BLE001 - the proxy heals at its next sync; the app is live
             log.exception("sync_routes after deploying %s #%s", instance.name, release.number)
         runtime.retire_app(instance.name)
