@@ -35,28 +35,17 @@ sys.path.insert(0, str(ROOT))
 from tests.labserver_helpers import (  # noqa: E402
     BASE_DIR, LabServer, child_env, free_port, migrate, new_data_dir, remove_data_dir, remove_instances,
 )
-from tests.otree_projects import valid_project  # noqa: E402
+from tests.otree_projects import Checkout, valid_project  # noqa: E402
 
 SMALL_PACKAGES = ["six", "idna", "certifi", "attrs", "packaging", "pyparsing", "wcwidth", "toml", "tomli", "decorator"]
 
 
-def git(workdir, *args, timeout=900):
-    env = {"GIT_AUTHOR_NAME": "Bench", "GIT_AUTHOR_EMAIL": "bench@lab.test", "GIT_COMMITTER_NAME": "Bench",
-           "GIT_COMMITTER_EMAIL": "bench@lab.test", "GIT_TERMINAL_PROMPT": "0", "HOME": str(workdir),
-           "PATH": "/usr/bin:/bin"}
-    return subprocess.run(["git", *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def push(workdir, files, message, remote):
-    for rel, content in files.items():
-        (workdir / rel).parent.mkdir(parents=True, exist_ok=True)
-        (workdir / rel).write_text(content)
-    git(workdir, "add", "-A")
-    git(workdir, "commit", "-q", "-m", message)
+def push(checkout, files, message, remote):
+    """Commit `files` (the whole tree) and push it; returns (seconds the push took, its output)."""
+    checkout.commit(files, message)
     start = time.perf_counter()
-    result = git(workdir, "push", remote, "HEAD:main")
+    _code, out = checkout.push_to(remote, timeout=900)
     elapsed = time.perf_counter() - start
-    out = result.stdout + result.stderr
     if "Deployed:" not in out:
         raise SystemExit(f"push did not deploy:\n{out[-3000:]}")
     return elapsed, out
@@ -125,15 +114,17 @@ def main():
             if api(f"{server.url}/api/v1/instances/bench", token)["status"] == "ready_for_code":
                 break
             time.sleep(0.5)
-        git(work, "init", "-q", "-b", "main")
+        checkout = Checkout(work)
         remote = f"http://admin:{token}@127.0.0.1:{port}/git/bench.git"
-        first, _ = push(work, valid_project("v0"), "first", remote)
+        project = valid_project("v0")
+        first, _ = push(checkout, project, "first", remote)
         rows.append(("first push (pip installs oTree)", [first], None))
 
         code_only = []
         for i in range(args.runs):
-            elapsed, _ = push(work, {"hello/MyPage.html": f"{{{{ block content }}}}<p>v{i + 1}</p>"
-                                                           "{{ next_button }}{{ endblock }}"}, f"code {i}", remote)
+            project["hello/MyPage.html"] = (f"{{{{ block content }}}}<p>v{i + 1}</p>"
+                                            "{{ next_button }}{{ endblock }}")
+            elapsed, _ = push(checkout, project, f"code {i}", remote)
             code_only.append(elapsed)
         rows.append(("code-only push -> serving", code_only, 5.0))
 
@@ -141,7 +132,8 @@ def main():
         base_requirements = valid_project()["requirements.txt"]
         for i in range(args.runs):
             package = SMALL_PACKAGES[i % len(SMALL_PACKAGES)]
-            elapsed, _ = push(work, {"requirements.txt": base_requirements + f"{package}\n"}, f"req {i}", remote)
+            project["requirements.txt"] = base_requirements + f"{package}\n"
+            elapsed, _ = push(checkout, project, f"req {i}", remote)
             reqs.append(elapsed)
             pips.append(pip_install_seconds(base_requirements + f"{package}\n"))
         rows.append(("requirements.txt push -> serving", reqs, None))

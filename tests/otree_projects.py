@@ -121,16 +121,17 @@ def init_bare(path: Path) -> Path:
 
 
 class Checkout:
-    """A working copy that pushes to `bare`; each `push(files, message)` replaces the whole
-    tree, commits and pushes to main, returning the commit id."""
+    """A working copy; each `commit(files, message)` replaces the whole tree and commits it,
+    `push(files, message)` also pushes to main of `bare`, returning the commit id."""
 
-    def __init__(self, workdir: Path, bare: Path):
+    def __init__(self, workdir: Path, bare: Path | None = None):
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
         _git(self.dir, "init", "--quiet", "-b", "main")
-        _git(self.dir, "remote", "add", "origin", str(bare))
+        if bare is not None:
+            _git(self.dir, "remote", "add", "origin", str(bare))
 
-    def push(self, files: dict[str, str], message: str) -> str:
+    def commit(self, files: dict[str, str], message: str) -> str:
         for path in self.dir.rglob("*"):
             if path.is_file() and ".git" not in path.relative_to(self.dir).parts:
                 path.unlink()
@@ -140,5 +141,17 @@ class Checkout:
             target.write_text(content)
         _git(self.dir, "add", "-A")
         _git(self.dir, "commit", "--quiet", "--allow-empty", "-m", message)
-        _git(self.dir, "push", "--quiet", "origin", "HEAD:main")
         return _git(self.dir, "rev-parse", "HEAD")
+
+    def push(self, files: dict[str, str], message: str) -> str:
+        commit = self.commit(files, message)
+        _git(self.dir, "push", "--quiet", "origin", "HEAD:main")
+        return commit
+
+    def push_to(self, remote: str, timeout: float = 600) -> tuple[int, str]:
+        """Push HEAD to main of `remote` (a URL) as an experimenter's git client does, with
+        no credential prompt or helper; returns (exit code, everything git printed)."""
+        result = subprocess.run(["git", "push", remote, "HEAD:main"], cwd=self.dir, capture_output=True, text=True,
+                                timeout=timeout, env={"GIT_TERMINAL_PROMPT": "0", "HOME": str(self.dir),
+                                                      "PATH": "/usr/bin:/bin"})
+        return result.returncode, result.stdout + result.stderr

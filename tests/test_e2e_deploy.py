@@ -63,20 +63,8 @@ def http_status(url, timeout=10):
 
 def git_push(checkout, files, message, remote, timeout=600):
     """Commit `files` and push to `remote`; return (exit code, everything git printed)."""
-    for path in checkout.dir.rglob("*"):
-        if path.is_file() and ".git" not in path.relative_to(checkout.dir).parts:
-            path.unlink()
-    for rel, content in files.items():
-        (checkout.dir / rel).parent.mkdir(parents=True, exist_ok=True)
-        (checkout.dir / rel).write_text(content)
-    env = {"GIT_AUTHOR_NAME": "Ann", "GIT_AUTHOR_EMAIL": "ann@lab.test", "GIT_COMMITTER_NAME": "Ann",
-           "GIT_COMMITTER_EMAIL": "ann@lab.test", "GIT_TERMINAL_PROMPT": "0", "HOME": str(checkout.dir)}
-    run = lambda *a: subprocess.run(["git", *a], cwd=checkout.dir, env={**env, "PATH": "/usr/bin:/bin"},  # noqa: E731
-                                    capture_output=True, text=True, timeout=timeout)
-    run("add", "-A")
-    run("commit", "-q", "-m", message)
-    result = run("push", remote, "HEAD:main")
-    return result.returncode, result.stdout + result.stderr
+    checkout.commit(files, message)
+    return checkout.push_to(remote, timeout)
 
 
 def test_push_build_serve_and_a_broken_push_keeps_the_old_release(tmp_path):
@@ -102,7 +90,7 @@ def test_push_build_serve_and_a_broken_push_keeps_the_old_release(tmp_path):
         assert body["status"] == "ready_for_code", body
 
         remote = f"http://admin:{token}@127.0.0.1:{port}/git/e2e-study.git"
-        checkout = Checkout(tmp_path / "work", tmp_path / "unused.git")
+        checkout = Checkout(tmp_path / "work")
         code, out = git_push(checkout, valid_project("v1"), "first version", remote)
         assert code == 0, out
         assert f"Deployed: http://127.0.0.1:{public_port}/" in out

@@ -40,16 +40,6 @@ def _engine():
         return None
 
 
-def _has_image(client, tag: str) -> bool:
-    from docker.errors import ImageNotFound
-
-    try:
-        client.images.get(tag)
-        return True
-    except ImageNotFound:
-        return False
-
-
 @pytest.fixture(scope="module")
 def engine():
     client = _engine()
@@ -73,7 +63,7 @@ class Docker:
         self.networks = []
 
     def image(self, tag: str) -> str:
-        need(_has_image(self.client, tag), f"the image {tag} (python manage.py build_images)")
+        need(builder.image_exists(self.client, tag), f"the image {tag} (python manage.py build_images)")
         return tag
 
     def network(self):
@@ -321,7 +311,7 @@ def test_python_pip_reaches_pypi(dock):
 @pytest.mark.docker
 def test_build_images_skips_existing_images(engine):
     for tag in (PG, REDIS, PY):
-        need(_has_image(engine, tag), f"the image {tag} (python manage.py build_images)")
+        need(builder.image_exists(engine, tag), f"the image {tag} (python manage.py build_images)")
     stdout = io.StringIO()
     call_command("build_images", stdout=stdout)
     out = stdout.getvalue()
