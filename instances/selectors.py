@@ -3,7 +3,9 @@ instance's existence is not revealed to other experimenters)."""
 
 from django.http import Http404
 
-from instances.models import Instance
+from django.db.models import Prefetch
+
+from instances.models import Instance, Release
 
 
 def visible_instances(user):
@@ -22,3 +24,9 @@ def get_visible_instance(user, name: str) -> Instance:
 
 def can_see(user, instance: Instance) -> bool:
     return user.is_active and (user.is_superuser or instance.owner_id == user.pk)
+
+
+def with_live_release(instances):
+    """Fetch each instance's live release along (for `Instance.live_release`) in one query."""
+    return instances.prefetch_related(
+        Prefetch("releases", queryset=Release.objects.filter(status=Release.Status.LIVE), to_attr="live_releases"))

@@ -29,11 +29,8 @@ def instance_create(request):
 
 
 def _detail_context(instance, **forms):
-    runtime = None
-    try:
-        runtime = runtimes.get_runtime()
-    except (RuntimeError_, AttributeError):
-        pass
+    # The backend that runs it, as recorded by the reconciler: no engine call per page view.
+    runtime = runtimes.backend_class(instance.runtime)
     releases = list(instance.releases.select_related("pushed_by")[:10])
     live = instance.live_release
     context = {

@@ -11,7 +11,6 @@ from datetime import timedelta
 
 import pytest
 from django.conf import settings
-from django.test import override_settings
 from django.utils import timezone
 
 from instances import build, reconciler, releases
@@ -19,7 +18,6 @@ from instances.git.repos import repo_path
 from instances.models import Instance, Release
 from instances.runtime import get_runtime
 from instances.runtime.base import Health
-from instances.tasks import build_release
 from manager.accounts.models import User
 from manager.jobs.models import Job
 from tests import otree_projects

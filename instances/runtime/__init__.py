@@ -27,4 +27,14 @@ def get_runtime() -> Runtime:
     raise RuntimeError_(f"LAB_RUNTIME={kind} is not available yet; use docker (or auto with a Docker engine)")
 
 
-__all__ = ["Runtime", "RuntimeError_", "get_runtime"]
+def backend_class(name: str):
+    """The backend class named `name` (its `name` and `isolation` describe it), without
+    contacting any engine; None for an unknown or empty name."""
+    if name == "docker":
+        from .docker import DockerRuntime
+
+        return DockerRuntime
+    return None
+
+
+__all__ = ["Runtime", "RuntimeError_", "backend_class", "get_runtime"]

@@ -4,15 +4,14 @@
 from decimal import Decimal
 
 from django.conf import settings
-from django.db.models import Prefetch
 from django.http import HttpRequest, HttpResponse
 from ninja import Router, Schema, Status
 from ninja.errors import HttpError
 from pydantic import Field
 
 from instances import services
-from instances.models import Instance, Release
-from instances.selectors import get_visible_instance, visible_instances
+from instances.models import Instance
+from instances.selectors import get_visible_instance, visible_instances, with_live_release
 from manager.api.auth import managers_only
 from manager.api.errors import responses
 from manager.api.schemas import InputSchema
@@ -108,8 +107,7 @@ def serialize(instance: Instance) -> dict:
 @router.get("", summary="Instances you may see", response=responses({200: list[InstanceOut]}))
 def list_instances(request: HttpRequest):
     """Lab managers see every instance; experimenters their own."""
-    instances = visible_instances(request.auth).order_by("name").prefetch_related(
-        Prefetch("releases", queryset=Release.objects.filter(status="live"), to_attr="live_releases"))
+    instances = with_live_release(visible_instances(request.auth).order_by("name"))
     return [serialize(i) for i in instances]  # live_release: prefetched, not a query per row
 
 

@@ -1,10 +1,9 @@
 from django.contrib.auth.decorators import login_required
-from django.db.models import Count, Prefetch, Q
+from django.db.models import Count, Q
 from django.http import HttpResponse
 from django.shortcuts import render
 
-from instances.models import Release
-from instances.selectors import visible_instances
+from instances.selectors import visible_instances, with_live_release
 from manager.accounts.models import User
 from manager.jobs.models import Job
 
@@ -13,8 +12,7 @@ from manager.jobs.models import Job
 def dashboard(request):
     user = request.user
     context = {
-        "instances": visible_instances(user).order_by("name").prefetch_related(
-            Prefetch("releases", queryset=Release.objects.filter(status="live"), to_attr="live_releases")),
+        "instances": with_live_release(visible_instances(user).order_by("name")),
         "jobs": Job.objects.filter(user=user)[:10],
         "has_key": user.ssh_keys.exists(),
         "has_token": user.access_tokens.exists(),
