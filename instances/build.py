@@ -278,13 +278,16 @@ for r in list(getattr(settings, "ROOMS", None) or [])[:100]:
             problem = f"participant_label_file {path}: {exc}"[:200]
     rooms.append({"name": text(r.get("name")), "display_name": text(r.get("display_name") or r.get("name")),
                   "participant_labels": [text(l, 100) for l in labels], "problem": problem})
-print("@@JSON@@" + json.dumps({"session_configs": configs, "rooms": rooms}))
+language = getattr(settings, "LANGUAGE_CODE", "") or ""
+print("@@JSON@@" + json.dumps({"session_configs": configs, "rooms": rooms,
+                               "language_code": language[:20] if isinstance(language, str) else ""}))
 '''
 
 
 def introspect(runtime, image: str, *, instance_name: str, timeout: float = 60) -> dict:
     """Import the project's settings.py inside the image (no network, no secrets) and
-    return {session_configs, rooms}; BuildFailed when settings.py cannot be imported."""
+    return {session_configs, rooms, language_code}; BuildFailed when settings.py cannot be
+    imported."""
     api = runtime.api
     # Labelled with the instance: one left by a killed worker goes with the instance's resources.
     labels = {LABEL_MANAGER: runtime.manager_id, LABEL_INSTANCE: instance_name, LABEL_COMPONENT: "introspect"}

@@ -187,6 +187,7 @@ class Release(models.Model):
     rollback_of = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
     session_configs = models.JSONField(default=list, blank=True)  # [{name, display_name, num_demo_participants}]
     rooms = models.JSONField(default=list, blank=True)  # [{name, display_name, participant_labels: [...]}]
+    language_code = models.CharField(max_length=20, blank=True)  # settings.LANGUAGE_CODE of the project
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -115,7 +115,7 @@ def rollback(actor, release: Release) -> Release:
             instance=instance, number=number, commit=release.commit, branch=release.branch, author=release.author,
             message=f"rollback to #{release.number}: {release.message}"[:500], rollback_of=release,
             pushed_by=actor if actor is not None and actor.is_authenticated else None, image=release.image,
-            session_configs=release.session_configs, rooms=release.rooms,
+            session_configs=release.session_configs, rooms=release.rooms, language_code=release.language_code,
         )
         from manager.audit.services import record
 
@@ -249,7 +249,8 @@ def _deploy(release: Release, instance: Instance, out: LogWriter) -> None:
         release.refresh_from_db()
         out("Reading session configs and rooms from settings.py\n")
         found = build.introspect(runtime, tag, instance_name=instance.name)
-        Release.objects.filter(pk=release.pk).update(session_configs=found["session_configs"], rooms=found["rooms"])
+        Release.objects.filter(pk=release.pk).update(session_configs=found["session_configs"], rooms=found["rooms"],
+                                                     language_code=found.get("language_code", ""))
         for room in found["rooms"]:
             if room.get("problem"):
                 out(f"warning: room {room['name']}: {room['problem']}\n")

@@ -129,6 +129,7 @@ def test_deploy_broken_pushes_and_rollback(runtime, lab, tmp_path, capsys):
     assert first.session_configs[0]["display_name"] == "Hello game"
     rooms = {r["name"]: r for r in first.rooms}
     assert rooms["lab"]["participant_labels"] == otree_projects.LABELS and rooms["online"]["participant_labels"] == []
+    assert first.language_code == "en"  # settings.LANGUAGE_CODE: the lobby speaks it
     instance.refresh_from_db()
     assert instance.status == "running"
     # The reconciler keeps the live release: a pass changes nothing.
