@@ -1,1 +1,2 @@
-"""Kiosk lobby pages, seat board and launchers (filled by the lobby issue)."""
+"""Kiosk lobby: public seat pages for lab computers, the experimenter's live seat board
+with the gate, and kiosk launchers."""

@@ -27,9 +27,12 @@ urlpatterns = [
     path("users/<int:user_id>/<str:action>/", accounts.user_action, name="user_action"),
     path("audit/", audit.audit_log, name="audit_log"),
     path("jobs/recent/", jobs.recent_jobs, name="recent_jobs"),
+    # the lobby board (owner, lab managers): before instances.urls, whose <name>/<action>/ would take it
+    path("instances/<slug:name>/lobby/", include("lobby.board_urls")),
     path("instances/", include("instances.urls")),
     path("backups/", instance_views.backup_list, name="backup_list"),
     path("backups/<int:backup_id>/download/", instance_views.backup_download_any, name="backup_download_any"),
     path("api/v1/", include("manager.api.urls")),
     path("git/", include("instances.git.urls")),
+    path("lobby/", include("lobby.urls")),  # public kiosk pages (lab computers have no login)
 ]
