@@ -60,6 +60,8 @@ def world(db):
     w.bob_key = services.add_ssh_key(bob, title="bob laptop", key=new_public_key("bob"))
     w.instance = Instance.objects.create(name="ann-study", owner=ann, public_port=18500)
     Release.objects.create(instance=w.instance, number=1, commit="a" * 40, status="failed", log="build log")
+    Release.objects.create(instance=w.instance, number=2, commit="b" * 40, status="live", language_code="en",
+                           rooms=[{"name": "lab", "display_name": "Lab", "participant_labels": ["seat01", "seat02"]}])
     w.backup = Backup.objects.create(instance=w.instance, instance_name="ann-study", kind="manual", status="done",
                                      filename="ann-study-harness.dump", size=5)
     w.backup.path.write_bytes(b"PGDMP")
@@ -169,6 +171,20 @@ ROUTES = [
           method="post", data={"memory_mb": 256, "cpus": "0.5"}),
     Route("instance_transfer", "/instances/ann-study/transfer/", {"anon": 302, "boss": 302, "ann": 403, "bob": 403},
           method="post", data=lambda w: {"owner": w.bob.pk}),
+    # lobby: kiosk pages are public (lab computers have no login); "I am ready" goes to the oTree room
+    Route("lobby_index", "/lobby/ann-study/", all_ok(200)),
+    Route("lobby_room", "/lobby/ann-study/lab/", all_ok(200)),
+    Route("lobby_seat", "/lobby/ann-study/lab/seat01/", all_ok(200)),
+    Route("lobby_seat", "/lobby/ann-study/lab/seat02/", {p: 302 for p in PERSONAS}, method="post"),
+    # the board: owner and lab managers
+    Route("lobby_board_room", "/instances/ann-study/lobby/rooms/lab/", OWNER_VIEW),
+    Route("lobby_gate", "/instances/ann-study/lobby/rooms/lab/gate/", {"anon": 302, "boss": 302, "ann": 302, "bob": 404},
+          method="post", data={"gate": "hold"}),
+    Route("lobby_reset", "/instances/ann-study/lobby/rooms/lab/reset/",
+          {"anon": 302, "boss": 302, "ann": 302, "bob": 404}, method="post"),
+    Route("lobby_welcome", "/instances/ann-study/lobby/welcome/", {"anon": 302, "boss": 302, "ann": 302, "bob": 404},
+          method="post", data={"welcome_text": "Welcome to the lab"}),
+    Route("lobby_launchers", "/instances/ann-study/lobby/launchers.zip", OWNER_VIEW),
     Route("git_http", "/git/ann-study.git/info/refs?service=git-upload-pack", {p: 401 for p in PERSONAS}),  # git: token (Basic auth) only, never a session
     # JSON API
     Route("api:openapi-json", "/api/v1/openapi.json", {"anon": 200, "boss": 200, "ann": 200, "bob": 200}),
@@ -239,6 +255,7 @@ def test_route_as_persona(world, route, persona):
         assert "detail" in response.json() and isinstance(response.json()["detail"], str)
     if not api and persona == "anon" and expected == 302 and route.name not in {
         "account_email", "account_email_redirect", "account_set_password", "account_logout",
+        "lobby_seat",  # public: "I am ready" sends the kiosk to the oTree room
     }:
         assert response["Location"].startswith(LOGIN), response["Location"]
 
