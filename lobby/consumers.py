@@ -41,6 +41,8 @@ class KioskConsumer(AsyncJsonWebsocketConsumer):
         await self.channel_layer.group_add(self.group, self.channel_name)
         snapshot = await database_sync_to_async(services.kiosk_connected)(self.room_id, label, self.channel_name)
         self.gate = snapshot["gate"]
+        if snapshot["seat"] == services.State.ENTERED:
+            snapshot["url"] = self.url  # a page that was waiting when the gate opened goes in now
         await self.send_json(snapshot)
 
     async def disconnect(self, code):
