@@ -21,7 +21,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from instances.runtime.docker import LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGER, LABEL_RELEASE
+from instances.runtime.docker import LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGER
 
 RELEASE_IMAGE_PORT = 8000
 COMMAND = ["otree", "prodserver", str(RELEASE_IMAGE_PORT)]  # oTree 5/6: binds 0.0.0.0:<port>
@@ -144,22 +144,28 @@ def check_project(ctx: Path) -> list[str]:
     return notes
 
 
-def dockerfile() -> str:
-    # requirements first: a push that changes only code reuses the installed layer.
+APP_USER = "10001:10001"  # the app runs unprivileged (the runtime sets it on every container of the image)
+
+
+def dockerfile(labels: dict[str, str]) -> str:
+    """Every instruction whose result is the same for each build of an instance comes
+    first (cached); a code-only push rebuilds only the last COPY, a requirements push the
+    last three. The image has no USER: the runtime runs its containers as APP_USER (a
+    USER line after the pip step would cost an uncached step per build)."""
+    label_line = " ".join(f"{key}={json.dumps(value)}" for key, value in sorted(labels.items()))
     return "\n".join([
         f"FROM {settings.LAB_IMAGE_PYTHON}",
         "ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_DISABLE_PIP_VERSION_CHECK=1 "
         "PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore PIP_PROGRESS_BAR=off",
+        f"LABEL {label_line}",
         "WORKDIR /app",
+        f"EXPOSE {RELEASE_IMAGE_PORT}",
+        f"CMD {json.dumps(COMMAND)}",
         "COPY requirements.txt /app/requirements.txt",
-        "RUN pip install -r /app/requirements.txt",
         # oTree opens db.sqlite3 in its working directory at import (even on PostgreSQL),
         # so the project directory belongs to the app's (unprivileged) user.
-        "COPY --chown=10001:10001 . /app",
-        "RUN chown 10001:10001 /app",
-        "USER 10001:10001",
-        f"EXPOSE {RELEASE_IMAGE_PORT}",
-        f'CMD {json.dumps(COMMAND)}',
+        f"RUN pip install -r /app/requirements.txt && chown {APP_USER} /app",
+        f"COPY --chown={APP_USER} . /app",
         "",
     ])
 
@@ -201,14 +207,14 @@ def _tail(text: str, n: int = 4) -> str:
 def build_image(runtime, ctx: Path, *, tag: str, labels: dict, out, timeout: float) -> str:
     """`docker build` of `ctx` (legacy builder) with our Dockerfile; every line of output
     goes to `out(text)`. Returns the image id; raises BuildFailed with the reason."""
-    (ctx / "Dockerfile.otree-lab").write_text(dockerfile())
+    (ctx / "Dockerfile.otree-lab").write_text(dockerfile(labels))
     (ctx / ".dockerignore").write_text(DOCKERIGNORE)
     api = runtime.api
     seen = []
     image_id = None
     deadline = time.monotonic() + timeout
     try:
-        stream = api.build(path=str(ctx), dockerfile="Dockerfile.otree-lab", tag=tag, labels=labels, rm=True,
+        stream = api.build(path=str(ctx), dockerfile="Dockerfile.otree-lab", tag=tag, rm=True,
                            forcerm=True, pull=False, decode=True, timeout=timeout)
         for chunk in stream:
             if "stream" in chunk:
@@ -293,7 +299,7 @@ def introspect(runtime, image: str, *, instance_name: str, timeout: float = 60) 
     labels = {LABEL_MANAGER: runtime.manager_id, LABEL_INSTANCE: instance_name, LABEL_COMPONENT: "introspect"}
     host_config = api.create_host_config(mem_limit="256m", memswap_limit="256m", pids_limit=64,
                                          cap_drop=["ALL"], security_opt=["no-new-privileges"], network_mode="none")
-    container = api.create_container(image, command=["python", "-c", INTROSPECT], labels=labels,
+    container = api.create_container(image, command=["python", "-c", INTROSPECT], labels=labels, user=APP_USER,
                                      host_config=host_config, network_disabled=True,
                                      environment={"OTREE_PRODUCTION": "1"})
     try:
@@ -316,8 +322,10 @@ def introspect(runtime, image: str, *, instance_name: str, timeout: float = 60) 
     raise BuildFailed(f"reading settings.py inside the image failed: {_tail(out)}")
 
 
-def release_labels(runtime, instance_name: str, number: int) -> dict:
-    return {LABEL_MANAGER: runtime.manager_id, LABEL_INSTANCE: instance_name, LABEL_RELEASE: str(number)}
+def release_labels(runtime, instance_name: str) -> dict:
+    """The labels of every release image of an instance (the tag `:r<number>` names the
+    release; a label per release would cost an uncached build step)."""
+    return {LABEL_MANAGER: runtime.manager_id, LABEL_INSTANCE: instance_name, LABEL_COMPONENT: "release"}
 
 
 def new_context() -> tempfile.TemporaryDirectory:

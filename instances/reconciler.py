@@ -44,12 +44,13 @@ def current_app(instance: Instance) -> dict | None:
     return app_of(live) if live is not None else None
 
 
-def app_spec(instance: Instance) -> AppSpec | None:
-    app = current_app(instance)
+def app_spec(instance: Instance, app: dict | None = None) -> AppSpec | None:
+    """The AppSpec of `app` (a `releases.app_of()` dict; default: the live release's)."""
+    app = app or current_app(instance)
     if app is None:
         return None
     return AppSpec(image=app["image"], command=app.get("command"), port=app.get("port", 8000),
-                   env=instance.otree_env(), release_id=str(app.get("release", "")))
+                   env=instance.otree_env(), release_id=str(app.get("release", "")), user=app.get("user"))
 
 
 def _set_status(instance: Instance, status: str, reason: str = "", **fields) -> None:

@@ -17,6 +17,7 @@ import logging
 import subprocess
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from instances import build
 from instances.git.repos import repo_path
 from instances.models import Instance, Release
 from instances.runtime import get_runtime
-from instances.runtime.base import AppSpec, RuntimeError_
+from instances.runtime.base import RuntimeError_
 from manager import locks
 from manager.accounts.services import Conflict, NotAllowed
 from manager.jobs import services as jobs
@@ -178,7 +179,7 @@ def _fail(release: Release, reason: str, out: LogWriter | None = None) -> None:
 
 def app_of(release: Release) -> dict:
     return {"image": release.image, "command": list(build.COMMAND), "port": build.RELEASE_IMAGE_PORT,
-            "release": release.pk}
+            "release": release.pk, "user": build.APP_USER}
 
 
 def deploy(release_id: int) -> Release:
@@ -223,67 +224,87 @@ def deploy(release_id: int) -> Release:
 
 
 def _deploy(release: Release, instance: Instance, out: LogWriter) -> None:
-    from instances import proxy, reconciler
-
     runtime = get_runtime()
     _set_instance(instance, Instance.Status.DEPLOYING, f"deploying #{release.number} ({release.commit[:8]})")
     if release.rollback_of_id:
         out(f"Rollback to #{release.rollback_of.number}: reusing its image {release.image}\n")
         if not runtime.image_exists(release.image):
             raise build.BuildFailed(f"the image {release.image} is no longer kept")
-    else:
-        repo = repo_path(instance)
-        out(f"Building {instance.name} #{release.number} from {release.commit[:12]} ({release.branch})\n")
-        with build.new_context() as tmp:
-            ctx = Path(tmp)
-            if not repo.exists():
-                raise build.BuildFailed(f"the repository of {instance.name} does not exist")
-            build.export_tree(repo, release.commit, ctx)
-            for note in build.check_project(ctx):
-                out(note + "\n")
-            tag = build.image_tag(runtime.manager_id, instance.name, release.number)
-            build.build_image(runtime, ctx, tag=tag, labels=build.release_labels(runtime, instance.name,
-                                                                                  release.number),
-                              out=out, timeout=build_timeout())
-        Release.objects.filter(pk=release.pk).update(image=tag)
-        release.refresh_from_db()
-        out("Reading session configs and rooms from settings.py\n")
-        found = build.introspect(runtime, tag, instance_name=instance.name)
-        Release.objects.filter(pk=release.pk).update(session_configs=found["session_configs"], rooms=found["rooms"],
-                                                     language_code=found.get("language_code", ""))
-        for room in found["rooms"]:
-            if room.get("problem"):
-                out(f"warning: room {room['name']}: {room['problem']}\n")
-        out(f"Session configs: {', '.join(c['name'] for c in found['session_configs']) or '(none)'}; "
-            f"rooms: {', '.join(r['name'] for r in found['rooms']) or '(none)'}\n")
+        _start_and_switch(release, instance, runtime, out, introspection=None)
+        return
+    repo = repo_path(instance)
+    out(f"Building {instance.name} #{release.number} from {release.commit[:12]} ({release.branch})\n")
+    with build.new_context() as tmp:
+        ctx = Path(tmp)
+        if not repo.exists():
+            raise build.BuildFailed(f"the repository of {instance.name} does not exist")
+        build.export_tree(repo, release.commit, ctx)
+        for note in build.check_project(ctx):
+            out(note + "\n")
+        tag = build.image_tag(runtime.manager_id, instance.name, release.number)
+        build.build_image(runtime, ctx, tag=tag, labels=build.release_labels(runtime, instance.name),
+                          out=out, timeout=build_timeout())
+    Release.objects.filter(pk=release.pk).update(image=tag)
+    release.refresh_from_db()
+    out("Reading session configs and rooms from settings.py\n")
+    # Read beside the app's start (its own engine client): neither waits for the other.
+    with ThreadPoolExecutor(1, thread_name_prefix="introspect") as pool:
+        found = pool.submit(build.introspect, get_runtime(), tag, instance_name=instance.name)
+        _start_and_switch(release, instance, runtime, out, introspection=found)
+
+
+def _record_introspection(release: Release, found: dict, out: LogWriter) -> None:
+    Release.objects.filter(pk=release.pk).update(session_configs=found["session_configs"], rooms=found["rooms"],
+                                                 language_code=found.get("language_code", ""))
+    for room in found["rooms"]:
+        if room.get("problem"):
+            out(f"warning: room {room['name']}: {room['problem']}\n")
+    out(f"Session configs: {', '.join(c['name'] for c in found['session_configs']) or '(none)'}; "
+        f"rooms: {', '.join(r['name'] for r in found['rooms']) or '(none)'}\n")
+
+
+def _start_and_switch(release: Release, instance: Instance, runtime, out: LogWriter, *,
+                      introspection: Future | None) -> None:
+    """Start the release's app beside the live one, health-check it, and switch to it once
+    the introspection (a future, None for a rollback) has been recorded; an introspection
+    failure fails the release even when the app answered."""
+    from instances import proxy, reconciler
+
     Release.objects.filter(pk=release.pk).update(status=Release.Status.STARTING)
     out(f"Starting the app (health check for up to {start_timeout()} s)\n")
     out.flush()
     release.refresh_from_db()
-    app = app_of(release)
+
+    def introspected():
+        if introspection is not None:
+            _record_introspection(release, introspection.result(), out)
+
     with locks.lock(f"instance:{instance.pk}", wait=120):
         instance.refresh_from_db()
-        spec = reconciler.instance_spec(instance, AppSpec(
-            image=app["image"], command=app["command"], port=app["port"], env=instance.otree_env(),
-            release_id=str(app["release"])))
-        url = runtime.deploy_app(spec, timeout=start_timeout(), out=out)
-        now = timezone.now()
+        spec = reconciler.instance_spec(instance, reconciler.app_spec(instance, app_of(release)))
+        try:
+            url = runtime.deploy_app(spec, timeout=start_timeout(), out=out, before_switch=introspected)
+        except RuntimeError_:
+            # A project whose settings cannot be imported also crashes on start: its reason is the clearer one.
+            if introspection is not None and isinstance(introspection.exception(), build.BuildFailed):
+                raise introspection.exception() from None
+            raise
         with transaction.atomic():
             previous = Release.objects.filter(instance=instance, status=Release.Status.LIVE).exclude(pk=release.pk)
             previous.update(status=Release.Status.ROLLED_BACK if release.rollback_of_id else Release.Status.SUPERSEDED,
                             status_reason=f"replaced by #{release.number}")
-            Release.objects.filter(pk=release.pk).update(status=Release.Status.LIVE, finished_at=now,
+            Release.objects.filter(pk=release.pk).update(status=Release.Status.LIVE, finished_at=timezone.now(),
                                                          status_reason="")
             Instance.objects.filter(pk=instance.pk).update(runtime=runtime.name)
         try:
             proxy.sync_routes(instance.name)  # only this instance's app changed
         except Exception:  # noqa: BLE001 - the proxy heals at its next sync; the app is live
             log.exception("sync_routes after deploying %s #%s", instance.name, release.number)
-        runtime.retire_app(instance.name)
-    out(f"Live: #{release.number} answers at {instance.url or url}\n")
-    out.flush()
+        out(f"Live: #{release.number} answers at {instance.url or url}\n")
+        out.flush()
+        _set_instance(instance, Instance.Status.RUNNING, "")
+        runtime.retire_app(instance.name)  # the old app stops once the new one serves
     release.refresh_from_db()
-    _set_instance(instance, Instance.Status.RUNNING, "")
     _prune(instance, runtime)
 
 

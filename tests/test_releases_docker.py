@@ -139,7 +139,10 @@ def test_deploy_broken_pushes_and_rollback(runtime, lab, tmp_path, capsys):
     assert runtime.api.inspect_container(runtime.container_name("rel-story", "app"))["Id"] == app_id
     # The image is labelled; nothing secret went into the build or the log.
     labels = runtime.api.inspect_image(first.image)["Config"]["Labels"]
-    assert labels["org.otree-lab.instance"] == "rel-story" and labels["org.otree-lab.release"] == "1"
+    assert labels["org.otree-lab.instance"] == "rel-story" and first.image.endswith(":r1")
+    # The app runs unprivileged: the runtime sets the user on the container.
+    app_info = runtime.api.inspect_container(runtime.container_name("rel-story", "app"))
+    assert app_info["Config"]["User"] == "10001:10001"
     env = "\n".join(runtime.api.inspect_image(first.image)["Config"]["Env"])
     for secret in (instance.admin_password, instance.rest_key, instance.db_password):
         assert secret not in first.log and secret not in env
@@ -192,9 +195,10 @@ def test_deploy_broken_pushes_and_rollback(runtime, lab, tmp_path, capsys):
         releases.rollback(ann, Release.objects.get(instance=instance, message="crash"))  # never live
 
     # 5. Images of failed releases were pruned; the live ones are kept.
-    kept = {i["Labels"]["org.otree-lab.release"]
+    kept = {tag.rsplit(":r", 1)[1]
             for i in runtime.api.images(filters={"label": [
-                f"org.otree-lab.manager={runtime.manager_id}", "org.otree-lab.instance=rel-story"]})}
+                f"org.otree-lab.manager={runtime.manager_id}", "org.otree-lab.instance=rel-story"]})
+            for tag in i["RepoTags"] or []}
     assert kept == {"1", "2"}
     with capsys.disabled():
         print("\n  release timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
@@ -254,3 +258,28 @@ def test_pip_failure_is_explained():
     assert build.explain_pip(log) == "package nopkg-x not found on PyPI (requirements.txt: nopkg-x==1.0)"
     assert "no version of otree matches" in build.explain_pip(
         "Could not find a version that satisfies the requirement otree==99 (from versions: 5.0, 6.0.15)")
+
+
+def test_builds_of_different_instances_run_in_parallel(lab, tmp_path):
+    """Two experimenters push at the same time: neither build waits for the other (two
+    workers, here two threads running the real task)."""
+    import threading
+
+    boss, ann = lab
+    bob = User.objects.create_user("bob", "bob@lab.test", "pw-bob-1234567")
+    pushed = []
+    for owner, name in ((ann, "rel-par-a"), (bob, "rel-par-b")):
+        instance, checkout = new_instance(owner, name, tmp_path)
+        pushed.append(push(instance, checkout, otree_projects.broken("missing_package"), "slow pip", owner))
+    jobs = {job.pk: queued.pop(job.pk) for job in Job.objects.filter(kind="instance.deploy", status="queued")}
+    threads = [threading.Thread(target=task.apply, args=([str(pk), *args],)) for pk, (task, args) in jobs.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    a, b = (Release.objects.get(pk=r.pk) for r in pushed)
+    assert a.status == b.status == "failed"
+    assert all("otree-lab-no-such-package-zz9 not found on PyPI" in r.status_reason for r in (a, b))
+    # Each build started before the other one ended.
+    assert a.started_at < b.finished_at and b.started_at < a.finished_at, (a.started_at, a.finished_at,
+                                                                          b.started_at, b.finished_at)

@@ -28,6 +28,7 @@ class AppSpec:
     port: int = 8000  # the port the app listens on inside its container
     env: dict[str, str] = field(default_factory=dict)  # OTREE_*, DATABASE_URL, REDIS_URL, config vars
     release_id: str = ""  # label, so a new release's container differs from the old one's
+    user: str | None = None  # "uid:gid" the app runs as; None: the image's own
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,21 @@ class Runtime(Protocol):
 
     def remove(self, name: str) -> None:
         """Remove every resource of the instance, data included. Idempotent."""
+
+    def deploy_app(self, spec: InstanceSpec, *, timeout: float, out=None, before_switch=None) -> str:
+        """Start `spec.app` beside the running app, wait until it answers HTTP, call
+        `before_switch()` (an exception there aborts), then make it the instance's app; the
+        old one keeps running until `retire_app`. On failure the old app is untouched and
+        RuntimeError_ says why. Returns the new app's URL on the host."""
+
+    def retire_app(self, name: str) -> None:
+        """Stop the app that the last `deploy_app` replaced."""
+
+    def image_exists(self, image: str) -> bool:
+        """Whether a release's build (image) is still kept."""
+
+    def prune_images(self, name: str, keep_releases: set[str]) -> list[str]:
+        """Remove the instance's release builds except those of `keep_releases`."""
 
     def logs(self, name: str, component: str = "app", tail: int = 200) -> str:
         """Recent output of a component ("app", "db", "redis")."""

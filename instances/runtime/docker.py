@@ -54,6 +54,7 @@ LABEL_COMPONENT = "org.otree-lab.component"
 LABEL_NETWORK = "org.otree-lab.network"  # internal | edge
 LABEL_CONFIG = "org.otree-lab.config"
 LABEL_RELEASE = "org.otree-lab.release"
+RELEASE_TAG = re.compile(r":r(\d+)$")  # release images are tagged <repository>:r<number>
 LABEL_APP_PORT = "org.otree-lab.app-port"
 
 COMPONENTS = ("db", "redis", "app")
@@ -313,7 +314,7 @@ class DockerRuntime:
             "image": app.image,
             "command": list(app.command) if app.command is not None else None,
             "env": env,
-            "user": None,  # the image's own
+            "user": app.user,  # None: the image's own
             "memory_mb": spec.memory_mb,
             "cpus": spec.cpus,
             "pids": self.pids_limits["app"],
@@ -368,13 +369,14 @@ class DockerRuntime:
     # --- deploys: a candidate app, health-checked, then promoted -------------------------
 
     @_user_errors
-    def deploy_app(self, spec: InstanceSpec, *, timeout: float, out=None) -> str:
+    def deploy_app(self, spec: InstanceSpec, *, timeout: float, out=None, before_switch=None) -> str:
         """Start `spec.app` beside the running app (container `-app-next`, on the same
         networks, published on another 127.0.0.1 port), wait until it answers HTTP (any
-        status below 500) and promote it: the old app becomes `-app-old` (still running,
-        until `retire_app`), the candidate becomes `-app`. On failure the candidate is
-        removed, the old app is untouched, and RuntimeError_ says why (with the app's last
-        lines of output). Returns the new app's URL on the host."""
+        status below 500), call `before_switch()` (its exception aborts the deploy) and
+        promote it: the old app becomes `-app-old` (still running, until `retire_app`), the
+        candidate becomes `-app`. On failure the candidate is removed, the old app is
+        untouched, and RuntimeError_ says why (with the app's last lines of output).
+        Returns the new app's URL on the host."""
         name = spec.name
         self._check_name(name)
         if spec.app is None:
@@ -390,6 +392,8 @@ class DockerRuntime:
         try:
             self._call(f"starting {candidate}", self.api.start, info["Id"])
             url = self._wait_http(candidate, name, timeout, out)
+            if before_switch is not None:
+                before_switch()
         except BaseException:
             self._remove_container(candidate, name, graceful=False)
             raise
@@ -428,7 +432,7 @@ class DockerRuntime:
                 tail = _last_lines(self._container_logs(info["Id"]), 4)
                 raise RuntimeError_(f"the app did not answer HTTP within {timeout:g} s ({last})"
                                     + (f": {tail}" if tail else ""))
-            time.sleep(0.5)
+            time.sleep(0.2)
 
     def _container_logs(self, cid: str, tail: int = 40) -> str:
         try:
@@ -452,21 +456,25 @@ class DockerRuntime:
 
     @_user_errors
     def prune_images(self, name: str, keep_releases: set[str]) -> list[str]:
-        """Remove the instance's release images (by label) except those of `keep_releases`
-        and those a container still uses. Returns the removed tags/ids."""
+        """Remove the instance's release images (labelled with the instance, tagged
+        `:r<number>`) except those of `keep_releases` and those a container still uses.
+        An image that carries several release tags (an unchanged tree pushed again) loses
+        only the tags not kept. Returns the removed tags/ids."""
         self._check_name(name)
         removed = []
         for image in self._call("listing images", self.api.images, filters=self._filters(name)):
-            release = (image.get("Labels") or {}).get(LABEL_RELEASE, "")
-            if release in keep_releases:
-                continue
-            try:
-                self.api.remove_image(image["Id"], force=False, noprune=False)
-                removed += image.get("RepoTags") or [image["Id"]]
-            except NotFound:
-                pass
-            except APIError:
-                pass  # in use
+            tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]
+            doomed = [t for t in tags if (m := RELEASE_TAG.search(t)) and m.group(1) not in keep_releases]
+            if not tags:
+                doomed = [image["Id"]]  # left untagged by a rebuild of the same tag
+            for ref in doomed:
+                try:
+                    self.api.remove_image(ref, force=False, noprune=False)
+                    removed.append(ref)
+                except NotFound:
+                    pass
+                except APIError:
+                    pass  # in use
         return removed
 
     def _check_image(self, image: str, *, service: bool) -> None:
