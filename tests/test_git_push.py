@@ -361,3 +361,63 @@ def test_follow_prints_each_line_once_and_the_outcome_once(db):
     out = io.StringIO()
     assert follow(release, out, poll=0.05, timeout=0.3) == 1
     assert out.getvalue().startswith("[release #1: Building]\nhalf a li\nStill not live after 0 s")
+
+
+def _hook_client(lab, hook: str, stdin: str, *, pusher: str, socket_path: str, manage: str) -> tuple[int, str]:
+    """Run the hook program as git runs it in the instance's repository."""
+    from instances.git.repos import hook_socket_path
+
+    repo = ensure_repo(lab.instance)
+    env = {**os.environ, "GIT_DIR": ".", "LAB_PUSHER_ID": pusher, "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}"}
+    script = Path(BASE_DIR) / "instances" / "git" / "hook_client.py"
+    result = subprocess.run([sys.executable, "-I", "-S", str(script), hook, socket_path or str(hook_socket_path()),
+                             manage], input=stdin, cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_hooks_run_in_the_git_service(lab):
+    """With the git service running, the hook program needs no Django of its own: a
+    manage.py that does not exist is never started, and the answer is the same."""
+    bob = User.objects.get(username="bob")
+    ann = User.objects.get(username="ann")
+    code, out = _hook_client(lab, "pre-receive", "", pusher=str(bob.pk), socket_path="", manage="/nonexistent/manage.py")
+    assert code == 1 and "You may not push to ann-study: only its owner and lab managers may." in out, out
+    code, out = _hook_client(lab, "pre-receive", "", pusher=str(ann.pk), socket_path="", manage="/nonexistent/manage.py")
+    assert code == 0 and out == "", out
+    # A branch that does not deploy: the post-receive answers through the service too.
+    zero = "0" * 40
+    code, out = _hook_client(lab, "post-receive", f"{zero} {'b' * 40} refs/heads/feature\n", pusher=str(ann.pk),
+                             socket_path="", manage="/nonexistent/manage.py")
+    assert code == 0 and "Branch feature stored; only main or master deploy." in out, out
+
+
+def test_hooks_run_in_process_without_the_git_service(lab, tmp_path):
+    """No git service listening (e.g. it is restarting): the hook runs `manage.py git_hook`
+    itself, with the same answers."""
+    bob = User.objects.get(username="bob")
+    missing = str(tmp_path / "no-service.sock")
+    code, out = _hook_client(lab, "pre-receive", "", pusher=str(bob.pk), socket_path=missing,
+                             manage=str(Path(BASE_DIR) / "manage.py"))
+    assert code == 1 and "You may not push to ann-study: only its owner and lab managers may." in out, out
+
+
+def test_a_pusher_who_leaves_does_not_stop_the_deploy_or_the_service(lab):
+    """Ctrl-C during the build: the release goes on; the service answers the next push."""
+    lab.project()
+    proc = lab.push(lab.https_url("ann"))
+    deadline = time.monotonic() + 60
+    while not Release.objects.filter(instance=lab.instance).exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "no release recorded"
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # the pusher's terminal
+    proc.communicate(timeout=30)
+    release = Release.objects.get(instance=lab.instance)
+    assert release.status == Release.Status.QUEUED  # recorded; the build worker will take it
+    release.delete()  # (no worker here: play_build below plays it for the next push)
+    lab.project()
+    proc = lab.push(lab.https_url("ann"))
+    second = play_build(lab, proc)
+    code, out = finish(proc)
+    assert code == 0 and f"as release #{second.number}" in out and "Deployed:" in out, out
+    ann = User.objects.get(username="ann")  # still the service answering (no fallback possible here)
+    assert _hook_client(lab, "pre-receive", "", pusher=str(ann.pk), socket_path="", manage="/nonexistent")[0] == 0

@@ -29,7 +29,7 @@ from manager.accounts.models import User
 
 logger = logging.getLogger(__name__)
 ZERO = "0" * 40
-POLL_INTERVAL = 0.3
+POLL_INTERVAL = 0.1
 FINAL_OK = {Release.Status.LIVE}
 FINAL_BAD = {Release.Status.FAILED, Release.Status.SUPERSEDED, Release.Status.ROLLED_BACK}
 
@@ -49,8 +49,10 @@ def instance_of_repo(git_dir: Path) -> Instance | None:
     return Instance.objects.select_related("owner").filter(name=name).first()
 
 
-def pusher() -> User | None:
-    raw = os.environ.get(PUSHER_ENV, "")
+def pusher(raw: str | None = None) -> User | None:
+    """The active user whose id the SSH server or HTTP view gave git (default: from the
+    environment, as a hook process gets it)."""
+    raw = os.environ.get(PUSHER_ENV, "") if raw is None else raw
     if not raw.isdigit():
         return None
     return User.objects.filter(pk=int(raw), is_active=True).first()
@@ -73,18 +75,19 @@ def parse_updates(lines) -> list[tuple[str, str, str]]:
     return updates
 
 
-def pre_receive(git_dir: Path, stdin, out) -> int:
+def pre_receive(git_dir: Path, stdin, out, *, pusher_id: str | None = None) -> int:
     try:
-        check_push(instance_of_repo(git_dir), pusher())
+        check_push(instance_of_repo(git_dir), pusher(pusher_id))
     except Refused as exc:
         say(f"error: {exc}", out)
         return 1
     return 0
 
 
-def post_receive(git_dir: Path, stdin, out, *, poll: float = POLL_INTERVAL, timeout: float | None = None) -> int:
+def post_receive(git_dir: Path, stdin, out, *, pusher_id: str | None = None, poll: float = POLL_INTERVAL,
+                 timeout: float | None = None) -> int:
     instance = instance_of_repo(git_dir)
-    user = pusher()
+    user = pusher(pusher_id)
     try:
         check_push(instance, user)  # checked before the refs moved; a deleted account deploys nothing
     except Refused as exc:
@@ -180,11 +183,14 @@ def _log_to_file(git_dir: Path, text: str) -> None:
         pass
 
 
-def run(hook: str, git_dir: Path | None = None) -> int:
+HOOKS = {"pre-receive": pre_receive, "post-receive": post_receive}
+
+
+def run(hook: str, git_dir: Path | None = None, *, stdin=None, out=None, pusher_id: str | None = None) -> int:
+    """Run `hook` for the repository `git_dir`; by default as git runs a hook process
+    (GIT_DIR, stdin, stdout and the pusher from the environment)."""
     git_dir = git_dir or Path(os.environ.get("GIT_DIR", ".")).resolve()
-    if hook == "pre-receive":
-        return pre_receive(git_dir, sys.stdin, sys.stdout)
-    if hook == "post-receive":
-        return post_receive(git_dir, sys.stdin, sys.stdout)
-    say(f"unknown hook {hook}", sys.stderr)
-    return 2
+    if hook not in HOOKS:
+        say(f"unknown hook {hook}", sys.stderr)
+        return 2
+    return HOOKS[hook](git_dir, stdin if stdin is not None else sys.stdin, out or sys.stdout, pusher_id=pusher_id)

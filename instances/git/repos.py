@@ -28,6 +28,11 @@ def git_root() -> Path:
     return Path(settings.DATA_DIR) / "git"
 
 
+def hook_socket_path() -> Path:
+    """Where the git service (hookservice) listens for the repositories' hooks."""
+    return Path(settings.DATA_DIR) / "run" / "git-hooks.sock"
+
+
 def repo_path(instance) -> Path:
     """Where the bare repository of `instance` (an Instance or its name) lives."""
     name = getattr(instance, "name", instance)
@@ -56,11 +61,15 @@ def too_large_message() -> str:
 
 
 def _hook_script(hook: str) -> str:
-    manage = Path(settings.BASE_DIR) / "manage.py"
+    """The hook hands its work to the running git service (hook_client.py, no Django to
+    start), or runs `manage.py git_hook` itself when the service is not running."""
+    base = Path(settings.BASE_DIR)
+    args = [sys.executable, "-I", "-S", str(base / "instances" / "git" / "hook_client.py"), hook, str(hook_socket_path()),
+            str(base / "manage.py")]
     return (
         "#!/bin/sh\n"
         "# Installed by the oTree Lab Manager (instances/git/repos.py); rewritten at every push.\n"
-        f"exec {shlex.quote(sys.executable)} {shlex.quote(str(manage))} git_hook {hook}\n"
+        f"exec {shlex.join(args)}\n"
     )
 
 

@@ -1,4 +1,5 @@
-"""`manage.py git_sshd`: the git-over-SSH server (started by labserver as a child)."""
+"""`manage.py git_sshd`: the git service (started by labserver as its `sshd` child): the
+git-over-SSH server and the hook service that runs every push's hooks (SSH and HTTPS)."""
 
 import asyncio
 import errno
@@ -16,6 +17,8 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=settings.LAB_SSH_PORT)
 
     def handle(self, *args, host, port, **options):
+        from instances.git import hookservice
+        from instances.git.repos import hook_socket_path
         from instances.git.sshserver import host_key_path, start_server
 
         async def main():
@@ -26,10 +29,12 @@ class Command(BaseCommand):
                     raise CommandError(f"Port {port} on {host} is already in use: set LAB_SSH_PORT to a free port "
                                        "for git over SSH.") from None
                 raise CommandError(f"Cannot listen on {host}:{port} for git over SSH: {exc}") from None
-            self.stdout.write(f"git SSH server listening on {host}:{port} (host key {host_key_path()})")
+            hooks = await hookservice.start()
+            self.stdout.write(f"git SSH server listening on {host}:{port} (host key {host_key_path()}); "
+                              f"git hooks on {hook_socket_path()}")
             self.stdout.flush()
-            async with server:
-                await server.wait_closed()
+            async with server, hooks:
+                await asyncio.gather(server.wait_closed(), hooks.serve_forever())
 
         try:
             asyncio.run(main())
