@@ -94,6 +94,7 @@ INSTALLED_APPS = [
     "manager.api",
     "instances",
     "lobby",
+    "bots",
 ]
 
 MIDDLEWARE = [
@@ -206,6 +207,7 @@ LAB_PROXY_LISTEN = env_str("LAB_PROXY_LISTEN", ":80")
 CELERY_BEAT_SCHEDULE = {
     "jobs-sweep": {"task": "manager.jobs.tasks.sweep_jobs", "schedule": 60.0},
     "instances-sweep": {"task": "instances.sweep", "schedule": 60.0, "options": {"expires": 55}},
+    "bots-sweep": {"task": "bots.sweep", "schedule": 60.0, "options": {"expires": 55}},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 
@@ -283,5 +285,6 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("LAB_LOG_LEVEL", "INFO")},
-    "loggers": {"django.db.backends": {"level": "WARNING"}},
+    # httpx2 (bot runs, the openai SDK) logs every request at INFO
+    "loggers": {"django.db.backends": {"level": "WARNING"}, "httpx2": {"level": "WARNING"}},
 }

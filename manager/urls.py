@@ -1,6 +1,7 @@
 from django.urls import include, path
 from django.views.generic import RedirectView
 
+from bots import urls as bot_urls
 from instances import views as instance_views
 from manager.accounts import views as accounts
 from manager.audit import views as audit
@@ -29,6 +30,8 @@ urlpatterns = [
     path("jobs/recent/", jobs.recent_jobs, name="recent_jobs"),
     # the lobby board (owner, lab managers): before instances.urls, whose <name>/<action>/ would take it
     path("instances/<slug:name>/lobby/", include("lobby.board_urls")),
+    path("instances/<slug:name>/bot-runs/", include("bots.urls")),  # before the instances' catch-all
+    path("bot-providers/", include(bot_urls.provider_urlpatterns)),
     path("instances/", include("instances.urls")),
     path("backups/", instance_views.backup_list, name="backup_list"),
     path("backups/<int:backup_id>/download/", instance_views.backup_download_any, name="backup_download_any"),

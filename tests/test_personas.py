@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from django.test import Client
 from django.urls import URLResolver, get_resolver
 
+from bots.models import BotRun, Provider
 from instances.models import Backup, Instance, Release
 from manager.accounts import services
 from manager.accounts.models import SSHKey, User
@@ -43,6 +44,7 @@ class World:
     ann_token_id: int = 0
     instance: object = None  # ann's instance
     backup: object = None
+    provider: object = None
 
 
 @pytest.fixture
@@ -61,7 +63,13 @@ def world(db):
     w.instance = Instance.objects.create(name="ann-study", owner=ann, public_port=18500)
     Release.objects.create(instance=w.instance, number=1, commit="a" * 40, status="failed", log="build log")
     Release.objects.create(instance=w.instance, number=2, commit="b" * 40, status="live", language_code="en",
-                           rooms=[{"name": "lab", "display_name": "Lab", "participant_labels": ["seat01", "seat02"]}])
+                           rooms=[{"name": "lab", "display_name": "Lab", "participant_labels": ["seat01", "seat02"]}],
+                           session_configs=[{"name": "guess", "display_name": "Guess", "num_demo_participants": 3}])
+    # bot runs: a lab-configured provider and a finished run on ann's instance
+    w.provider = Provider.objects.create(name="Local", base_url="http://127.0.0.1:9/v1", api_key="sk-harness",
+                                         offered_models=[{"name": "tiny", "input_per_million": 1}])
+    BotRun.objects.create(instance=w.instance, number=1, session_config="guess", num_participants=3, num_bots=3,
+                          model="random", status="finished", session_code="abcd1234")
     w.backup = Backup.objects.create(instance=w.instance, instance_name="ann-study", kind="manual", status="done",
                                      filename="ann-study-harness.dump", size=5)
     w.backup.path.write_bytes(b"PGDMP")
@@ -185,6 +193,19 @@ ROUTES = [
     Route("lobby_welcome", "/instances/ann-study/lobby/welcome/", {"anon": 302, "boss": 302, "ann": 302, "bob": 404},
           method="post", data={"welcome_text": "Welcome to the lab"}),
     Route("lobby_launchers", "/instances/ann-study/lobby/launchers.zip", OWNER_VIEW),
+    # bot runs: the instance's owner and lab managers; model providers: lab managers
+    Route("bot_runs", "/instances/ann-study/bot-runs/", OWNER_VIEW),
+    Route("bot_runs", "/instances/ann-study/bot-runs/", {"anon": 302, "boss": 422, "ann": 422, "bob": 404},
+          method="post", data={"session_config": "nope"}),  # the form again, with the errors
+    Route("bot_run", "/instances/ann-study/bot-runs/1/", OWNER_VIEW),
+    Route("bot_run_stop", "/instances/ann-study/bot-runs/1/stop/", {"anon": 302, "boss": 302, "ann": 302, "bob": 404},
+          method="post"),
+    Route("bot_run_download", "/instances/ann-study/bot-runs/1/responses.csv", OWNER_VIEW),
+    Route("bot_run_download", "/instances/ann-study/bot-runs/1/summary.json", OWNER_VIEW),
+    Route("bot_providers", "/bot-providers/", MANAGERS_ONLY),
+    Route("bot_provider", lambda w: f"/bot-providers/{w.provider.pk}/", MANAGERS_ONLY),
+    Route("bot_provider_delete", lambda w: f"/bot-providers/{w.provider.pk}/delete/",
+          {"anon": 302, "boss": 302, "ann": 403, "bob": 403}, method="post"),
     Route("git_http", "/git/ann-study.git/info/refs?service=git-upload-pack", {p: 401 for p in PERSONAS}),  # git: token (Basic auth) only, never a session
     # JSON API
     Route("api:openapi-json", "/api/v1/openapi.json", {"anon": 200, "boss": 200, "ann": 200, "bob": 200}),
@@ -214,6 +235,16 @@ ROUTES = [
     Route("api:list_releases", "/api/v1/instances/ann-study/releases", API_OWNER),
     Route("api:get_release", "/api/v1/instances/ann-study/releases/1", API_OWNER),
     Route("api:list_backups", "/api/v1/instances/ann-study/backups", API_OWNER),
+    Route("api:list_bot_runs", "/api/v1/instances/ann-study/bot-runs", API_OWNER),
+    Route("api:start_bot_run", "/api/v1/instances/ann-study/bot-runs", {**API_OWNER, "boss": 201, "ann": 201},
+          method="post", data={"session_config": "guess", "num_participants": 3, "num_bots": 2, "model": "random"}),
+    Route("api:get_bot_run", "/api/v1/instances/ann-study/bot-runs/1", API_OWNER),
+    Route("api:stop_bot_run", "/api/v1/instances/ann-study/bot-runs/1/stop", {**API_OWNER, "boss": 202, "ann": 202},
+          method="post"),
+    Route("api:bot_run_responses", "/api/v1/instances/ann-study/bot-runs/1/responses.csv", API_OWNER),
+    Route("api:bot_run_conversations", "/api/v1/instances/ann-study/bot-runs/1/conversations.json", API_OWNER),
+    Route("api:bot_run_summary", "/api/v1/instances/ann-study/bot-runs/1/summary.json", API_OWNER),
+    Route("api:list_bot_providers", "/api/v1/bot-providers", API_ANY),
     Route("api:delete_instance", "/api/v1/instances/ann-study", {"anon": 401, "boss": 202, "ann": 403, "bob": 404},
           method="delete"),
     Route("api:delete_my_ssh_key", lambda w: f"/api/v1/me/ssh-keys/{w.ann_key.pk}",

@@ -7,7 +7,7 @@ Each area has its own router module; add new ones (instances, …) below.
 
 from ninja import NinjaAPI, Swagger
 
-from manager.api import errors, instances, me, users
+from manager.api import bot_runs, errors, instances, me, users
 from manager.api.auth import BearerToken
 
 DESCRIPTION = """\
@@ -46,5 +46,7 @@ api = LabAPI(
 )
 errors.install(api)
 api.add_router("/instances", instances.router)
+api.add_router("/instances", bot_runs.router)
+api.add_router("/bot-providers", bot_runs.providers_router)
 api.add_router("/users", users.router)
 api.add_router("/me", me.router)

@@ -1,0 +1,9 @@
+from django.apps import AppConfig
+
+
+class BotsConfig(AppConfig):
+    name = "bots"
+    verbose_name = "LLM bot runs"
+
+    def ready(self):
+        from bots import realtime  # noqa: F401  (registers the botrun realtime topic)

@@ -1,0 +1,64 @@
+from django import forms
+
+from bots import services
+from bots.models import BotRun, Provider
+from manager.accounts.forms import ServiceForm
+
+
+class ProviderForm(ServiceForm):
+    name = forms.CharField(max_length=60, widget=forms.TextInput(attrs={"placeholder": "OpenAI"}))
+    base_url = forms.URLField(label="Base URL", max_length=300, assume_scheme="https",
+                              widget=forms.URLInput(attrs={"placeholder": "https://api.openai.com/v1"}),
+                              help_text="The OpenAI-compatible endpoint: <code>https://api.openai.com/v1</code>, "
+                              "<code>https://openrouter.ai/api/v1</code>, "
+                              "<code>https://generativelanguage.googleapis.com/v1beta/openai</code>, "
+                              "<code>https://api.mistral.ai/v1</code>, or a local vLLM / Ollama / llama.cpp "
+                              "server such as <code>http://127.0.0.1:11434/v1</code>.")
+    api_key = forms.CharField(label="API key", required=False, max_length=500,
+                              widget=forms.PasswordInput(render_value=False, attrs={"autocomplete": "off"}),
+                              help_text="Stored encrypted; never shown again. Leave empty to keep the stored key "
+                              "(or for a local server without keys).")
+    models = forms.CharField(widget=forms.Textarea(attrs={"rows": 4, "class": "font-monospace", "spellcheck": "false",
+                                                          "placeholder": "gpt-4o-mini 0.15 0.60\ngpt-4o 2.50 10"}),
+                             help_text="One model per line: its name, then optionally its price in USD per million "
+                             "input and output tokens (for the estimated cost).")
+    response_format = forms.ChoiceField(label="Structured output", choices=Provider.ResponseFormat.choices,
+                                        help_text="How the answer format is requested; choose the prompt-only way for "
+                                        "servers that reject <code>response_format</code>.")
+    timeout_seconds = forms.IntegerField(label="Request timeout (s)", min_value=1, max_value=600, initial=60)
+    requests_per_minute = forms.IntegerField(label="Lab-wide limit (requests per minute)", min_value=0, initial=0,
+                                             help_text="Shared by every run and worker; 0 = only each run's own limit.")
+    enabled = forms.BooleanField(required=False, initial=True)
+
+
+class BotRunForm(ServiceForm):
+    session_config = forms.ChoiceField(label="Session config")
+    num_participants = forms.IntegerField(label="Participants", min_value=1, max_value=500)
+    num_bots = forms.IntegerField(label="Of them bots", min_value=1, max_value=200,
+                                  help_text="The first participants are bots; the others are human seats whose "
+                                  "links the run page shows.")
+    model = forms.ChoiceField(help_text="Models of the providers the lab configured, or the offline random policy.")
+    temperature = forms.FloatField(min_value=0, max_value=2, initial=1.0)
+    memory = forms.ChoiceField(choices=BotRun.Memory.choices, initial=BotRun.Memory.SUMMARY,
+                               help_text="What a bot remembers of earlier pages.")
+    instructions = forms.CharField(label="Extra instructions for the bots", required=False,
+                                   max_length=services.MAX_INSTRUCTIONS,
+                                   widget=forms.Textarea(attrs={"rows": 3, "placeholder":
+                                                                "You are a risk-averse student who …"}))
+    rate_limit = forms.IntegerField(label="Rate limit (model requests per minute)", min_value=1, max_value=6000,
+                                    initial=60)
+    concurrency = forms.IntegerField(label="Concurrency (model requests at once)", min_value=1, max_value=200,
+                                     initial=10)
+    time_limit_minutes = forms.IntegerField(label="Stop after (minutes)", min_value=1, max_value=24 * 60, initial=60)
+
+    def __init__(self, *args, instance=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        live = instance.live_release if instance is not None else None
+        configs = live.session_configs if live else []
+        self.fields["session_config"].choices = [(c["name"], f"{c['name']} — {c.get('display_name', '')}")
+                                                 for c in configs]
+        self.fields["model"].choices = services.model_options()
+        if configs and not self.is_bound:
+            first = configs[0]
+            self.initial.setdefault("num_participants", first.get("num_demo_participants") or 1)
+            self.initial.setdefault("num_bots", first.get("num_demo_participants") or 1)

@@ -1,0 +1,172 @@
+"""/api/v1/instances/{name}/bot-runs: LLM bot runs, with the same access rules as the
+pages (the instance's owner and lab managers; others get 404). /api/v1/bot-providers:
+the models a run may use (names only, never keys)."""
+
+from django.http import HttpRequest, HttpResponse
+from ninja import Router, Schema, Status
+from pydantic import Field
+
+from bots import services
+from bots.engine import bot_snapshot
+from bots.models import RANDOM_POLICY, BotRun, Provider
+from bots.views import download
+from instances.selectors import get_visible_instance
+from manager.api.errors import responses
+from manager.api.schemas import InputSchema
+
+router = Router(tags=["bot runs"])
+providers_router = Router(tags=["bot runs"])
+
+
+class BotRunIn(InputSchema):
+    session_config: str = Field(max_length=100, description="a session config of the live release")
+    num_participants: int = Field(description="participants of the oTree session (1-500)")
+    num_bots: int = Field(description="how many of them are bots (the first ones); the rest are human seats")
+    model: str = Field(max_length=100, description='a model of `provider`, or "random" (the offline random policy)')
+    provider: str | None = Field(None, max_length=60, description="provider name (see GET /api/v1/bot-providers); "
+                                 'omit with model "random"')
+    temperature: float = 1.0
+    instructions: str = Field("", max_length=services.MAX_INSTRUCTIONS, description="extra instructions for the bots")
+    memory: str = Field("summary", description='"summary" (running notes) or "history" (the whole conversation)')
+    rate_limit: int = Field(60, description="model requests per minute for the whole run (1-6000)")
+    concurrency: int = Field(10, description="model requests in flight at once (1-200)")
+    time_limit_minutes: int = Field(60, description="the run stops after this many minutes (1-1440)")
+
+
+class BotOut(Schema):
+    index: int
+    participant: str
+    status: str = Field(description="waiting, playing, wait_page, thinking, finished, gave_up, stopped")
+    status_label: str
+    reason: str
+    app: str
+    page: str
+    round: int
+    answers: int
+    retries: int
+    tokens: int
+    cost: float
+
+
+class BotRunOut(Schema):
+    id: int = Field(description="the run's number within the instance")
+    status: str = Field(description="queued, starting, running, stopping, finished, stopped, failed")
+    status_reason: str
+    session_config: str
+    session_code: str
+    num_participants: int
+    num_bots: int
+    provider: str | None
+    model: str
+    temperature: float
+    memory: str
+    instructions: str
+    rate_limit: int
+    concurrency: int
+    time_limit_minutes: int
+    created_by: str | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    monitor_url: str = Field(description="oTree's session monitor (needs the oTree admin login)")
+    human_links: list[str] = Field(description="start links of the participants that are not bots")
+    tokens: int
+    estimated_cost: float = Field(description="USD, from the provider's prices")
+    bots: list[BotOut]
+    downloads: dict[str, str]
+
+
+class ProviderOut(Schema):
+    name: str
+    base_url: str
+    models: list[str]
+    enabled: bool
+
+
+def serialize(run: BotRun) -> dict:
+    bots = list(run.bots.all())
+    for b in bots:
+        b.run = run
+    public = run.instance.url
+    base = f"/api/v1/instances/{run.instance.name}/bot-runs/{run.number}"
+    return {
+        "id": run.number, "status": run.status, "status_reason": run.status_reason,
+        "session_config": run.session_config, "session_code": run.session_code,
+        "num_participants": run.num_participants, "num_bots": run.num_bots,
+        "provider": run.provider_name or None, "model": run.model, "temperature": run.temperature,
+        "memory": run.memory, "instructions": run.instructions, "rate_limit": run.rate_limit,
+        "concurrency": run.concurrency, "time_limit_minutes": run.time_limit_minutes,
+        "created_by": run.created_by.username if run.created_by else None, "created_at": run.created_at.isoformat(),
+        "started_at": run.started_at.isoformat() if run.started_at else None,
+        "finished_at": run.finished_at.isoformat() if run.finished_at else None,
+        "monitor_url": f"{public}SessionMonitor/{run.session_code}" if public and run.session_code else "",
+        "human_links": [f"{public}InitializeParticipant/{s['code']}" for s in run.human_seats] if public else [],
+        "tokens": sum(b.prompt_tokens + b.completion_tokens for b in bots),
+        "estimated_cost": round(sum(b.cost for b in bots), 6),
+        "bots": [bot_snapshot(b) for b in bots],
+        "downloads": {kind: f"{base}/{kind}" for kind in ("responses.csv", "conversations.json", "summary.json")},
+    }
+
+
+@router.get("/{name}/bot-runs", summary="Bot runs of an instance", response=responses({200: list[BotRunOut]}, 404))
+def list_bot_runs(request: HttpRequest, name: str):
+    instance = get_visible_instance(request.auth, name)
+    return [serialize(r) for r in instance.bot_runs.select_related("instance", "created_by")]
+
+
+@router.post("/{name}/bot-runs", summary="Start a bot run", response=responses({201: BotRunOut}, 400, 403, 404, 422))
+def start_bot_run(request: HttpRequest, name: str, payload: BotRunIn, response: HttpResponse):
+    """Create the oTree session through the instance's REST API and let the bots play it
+    (in the background: poll `GET .../bot-runs/{id}` or watch the run page)."""
+    instance = get_visible_instance(request.auth, name)
+    data = payload.dict()
+    model, provider_name = data.pop("model"), data.pop("provider")
+    if model == RANDOM_POLICY and not provider_name:
+        provider, model = None, RANDOM_POLICY
+    else:
+        from django.core.exceptions import ValidationError
+
+        if not provider_name:
+            raise ValidationError({"provider": [f'name the provider of the model (or use model "{RANDOM_POLICY}")']})
+        provider, model = services.resolve_model(model, provider_name=provider_name)
+    run = services.create_run(request.auth, instance, provider=provider, model=model, request=request, **data)
+    response["Location"] = f"/api/v1/instances/{name}/bot-runs/{run.number}"
+    return Status(201, serialize(run))
+
+
+@router.get("/{name}/bot-runs/{number}", summary="One bot run with its bots", response=responses({200: BotRunOut}, 404))
+def get_bot_run(request: HttpRequest, name: str, number: int):
+    return serialize(services.get_run(request.auth, name, number))
+
+
+@router.post("/{name}/bot-runs/{number}/stop", summary="Stop all bots of a run", response=responses({202: BotRunOut}, 404))
+def stop_bot_run(request: HttpRequest, name: str, number: int):
+    run = services.get_run(request.auth, name, number)
+    services.stop_run(request.auth, run, request=request)
+    return Status(202, serialize(run))
+
+
+@router.get("/{name}/bot-runs/{number}/responses.csv", summary="Answers as CSV (one row per answered field)",
+            response=responses({200: str}, 404))
+def bot_run_responses(request: HttpRequest, name: str, number: int):
+    """Columns: session, participant, bot, app, round, page, field, answer, reason."""
+    return download(services.get_run(request.auth, name, number), "responses.csv")
+
+
+@router.get("/{name}/bot-runs/{number}/conversations.json", summary="Every model call of every bot",
+            response=responses({200: dict}, 404))
+def bot_run_conversations(request: HttpRequest, name: str, number: int):
+    return download(services.get_run(request.auth, name, number), "conversations.json")
+
+
+@router.get("/{name}/bot-runs/{number}/summary.json", summary="Model, parameters, timings, tokens, errors",
+            response=responses({200: dict}, 404))
+def bot_run_summary(request: HttpRequest, name: str, number: int):
+    return download(services.get_run(request.auth, name, number), "summary.json")
+
+
+@providers_router.get("", summary="Model providers and their models", response=responses({200: list[ProviderOut]}))
+def list_bot_providers(request: HttpRequest):
+    """What `model` and `provider` of a new bot run may name (never an API key)."""
+    return [{"name": p.name, "base_url": p.base_url, "models": p.model_names, "enabled": p.enabled}
+            for p in Provider.objects.all()]

@@ -1,0 +1,194 @@
+"""The oTree 6 project the bot-run tests and the benchmark deploy: a guessing game with
+wait pages (groups of 3, 3 rounds), the same game with the whole session as one group (for
+50 bots), and a survey with every kind of form field the page reader knows (text,
+integer, float, select, radio, checkbox, button choices) and server-side validation."""
+
+from tests.otree_projects import OTREE_REQUIREMENT
+
+SETTINGS = '''\
+from os import environ
+
+SESSION_CONFIGS = [
+    dict(name="guess", display_name="Guess 2/3 of the average", app_sequence=["guess"],
+         num_demo_participants=3),
+    dict(name="guess_survey", display_name="Guessing game, then a survey", app_sequence=["guess", "survey"],
+         num_demo_participants=3),
+    dict(name="crowd", display_name="Guess 2/3 of the average, whole session", app_sequence=["crowd"],
+         num_demo_participants=5),
+]
+SESSION_CONFIG_DEFAULTS = dict(real_world_currency_per_point=1.00, participation_fee=0.00, doc="")
+PARTICIPANT_FIELDS = []
+SESSION_FIELDS = []
+LANGUAGE_CODE = "en"
+REAL_WORLD_CURRENCY_CODE = "USD"
+USE_POINTS = True
+ROOMS = []
+ADMIN_USERNAME = "admin"
+ADMIN_PASSWORD = environ.get("OTREE_ADMIN_PASSWORD")
+DEMO_PAGE_INTRO_HTML = ""
+SECRET_KEY = "not-a-secret-test-key"
+'''
+
+GAME = '''\
+from otree.api import *
+
+doc = "Guess two thirds of the average guess."
+
+
+class C(BaseConstants):
+    NAME_IN_URL = "NAME_IN_URL_VALUE"
+    PLAYERS_PER_GROUP = PLAYERS_VALUE
+    NUM_ROUNDS = 3
+
+
+class Subsession(BaseSubsession):
+    pass
+
+
+class Group(BaseGroup):
+    target = models.FloatField()
+
+
+class Player(BasePlayer):
+    guess = models.IntegerField(min=0, max=100, label="Your guess (a whole number from 0 to 100)")
+
+
+def set_target(group: Group):
+    guesses = [p.guess for p in group.get_players()]
+    group.target = round(2 / 3 * sum(guesses) / len(guesses), 2)
+    best = min(abs(g - group.target) for g in guesses)
+    for p in group.get_players():
+        p.payoff = 100 if abs(p.guess - group.target) == best else 0
+
+
+class Guess(Page):
+    form_model = "player"
+    form_fields = ["guess"]
+
+    @staticmethod
+    def error_message(player, values):
+        if values["guess"] == 50:
+            return "50 is not allowed in this game: choose another number."
+
+
+class ResultsWaitPage(WaitPage):
+    after_all_players_arrive = set_target
+
+
+class Results(Page):
+    pass
+
+
+page_sequence = [Guess, ResultsWaitPage, Results]
+'''
+
+GUESS_HTML = '''\
+{{ block title }}Round {{ player.round_number }} of {{ C.NUM_ROUNDS }}{{ endblock }}
+{{ block content }}
+<p>Everyone in your group guesses a number from 0 to 100. The guess closest to two thirds
+of the average guess wins 100 points.</p>
+{{ formfields }}
+{{ next_button }}
+{{ endblock }}
+'''
+
+RESULTS_HTML = '''\
+{{ block title }}Results of round {{ player.round_number }}{{ endblock }}
+{{ block content }}
+<p>You guessed {{ player.guess }}. Two thirds of the average was {{ group.target }}.
+You earn {{ player.payoff }}.</p>
+{{ next_button }}
+{{ endblock }}
+'''
+
+SURVEY = '''\
+from otree.api import *
+
+
+class C(BaseConstants):
+    NAME_IN_URL = "survey"
+    PLAYERS_PER_GROUP = None
+    NUM_ROUNDS = 1
+
+
+class Subsession(BaseSubsession):
+    pass
+
+
+class Group(BaseGroup):
+    pass
+
+
+class Player(BasePlayer):
+    nickname = models.StringField(label="A nickname")
+    age = models.IntegerField(min=16, max=99, label="Your age")
+    height = models.FloatField(min=1.0, max=2.5, label="Your height in metres")
+    colour = models.StringField(choices=["red", "green", "blue"], label="Favourite colour")
+    fairness = models.IntegerField(choices=[[1, "Unfair"], [2, "Neutral"], [3, "Fair"]],
+                                   widget=widgets.RadioSelect, label="Was the game fair?")
+    newsletter = models.BooleanField(widget=widgets.CheckboxInput, blank=True, label="Send me the results")
+    again = models.BooleanField(label="Would you play again?")
+
+
+class Survey(Page):
+    form_model = "player"
+    form_fields = ["nickname", "age", "height", "colour", "fairness", "newsletter"]
+
+
+class Again(Page):
+    form_model = "player"
+    form_fields = ["again"]
+
+
+page_sequence = [Survey, Again]
+'''
+
+SURVEY_HTML = '''\
+{{ block title }}A short survey{{ endblock }}
+{{ block content }}
+{{ formfields }}
+{{ next_button }}
+{{ endblock }}
+'''
+
+AGAIN_HTML = '''\
+{{ block title }}One last question{{ endblock }}
+{{ block content }}
+<p>Would you play again?</p>
+<button name="again" value="True" class="btn btn-primary">Yes</button>
+<button name="again" value="False" class="btn btn-secondary">No</button>
+{{ formfield_errors 'again' }}
+{{ endblock }}
+'''
+
+
+def game(name_in_url: str, players: str) -> str:
+    return GAME.replace("NAME_IN_URL_VALUE", name_in_url).replace("PLAYERS_VALUE", players)
+
+
+def bots_project() -> dict[str, str]:
+    """path -> content of the project."""
+    files = {
+        "settings.py": SETTINGS,
+        "requirements.txt": f"{OTREE_REQUIREMENT}\npsycopg2-binary\n",
+        "_static/global/empty.css": "",
+        "guess/__init__.py": game("guess", "3"),
+        "crowd/__init__.py": game("crowd", "None"),
+        "survey/__init__.py": SURVEY,
+        "survey/Survey.html": SURVEY_HTML,
+        "survey/Again.html": AGAIN_HTML,
+    }
+    for app in ("guess", "crowd"):
+        files[f"{app}/Guess.html"] = GUESS_HTML
+        files[f"{app}/Results.html"] = RESULTS_HTML
+    return files
+
+
+SESSION_CONFIGS = [
+    {"name": "guess", "display_name": "Guess 2/3 of the average", "num_demo_participants": 3,
+     "app_sequence": ["guess"]},
+    {"name": "guess_survey", "display_name": "Guessing game, then a survey", "num_demo_participants": 3,
+     "app_sequence": ["guess", "survey"]},
+    {"name": "crowd", "display_name": "Guess 2/3 of the average, whole session", "num_demo_participants": 5,
+     "app_sequence": ["crowd"]},
+]
