@@ -65,13 +65,13 @@ class Provider(models.Model):
 
 class BotRun(models.Model):
     class Status(models.TextChoices):
-        QUEUED = "queued"
-        STARTING = "starting"  # creating the oTree session
-        RUNNING = "running"
-        STOPPING = "stopping"
-        FINISHED = "finished"
-        STOPPED = "stopped"
-        FAILED = "failed"
+        QUEUED = "queued", "queued"
+        STARTING = "starting", "starting"  # creating the oTree session
+        RUNNING = "running", "running"
+        STOPPING = "stopping", "stopping"
+        FINISHED = "finished", "finished"
+        STOPPED = "stopped", "stopped"
+        FAILED = "failed", "failed"
 
     ACTIVE = (Status.QUEUED, Status.STARTING, Status.RUNNING, Status.STOPPING)
 
@@ -147,12 +147,12 @@ class BotRun(models.Model):
 class Bot(models.Model):
     class Status(models.TextChoices):
         WAITING = "waiting", "not started"
-        PLAYING = "playing"
+        PLAYING = "playing", "playing"
         WAIT_PAGE = "wait_page", "on a wait page"
         THINKING = "thinking", "asking the model"
-        FINISHED = "finished"
+        FINISHED = "finished", "finished"
         GAVE_UP = "gave_up", "gave up"
-        STOPPED = "stopped"
+        STOPPED = "stopped", "stopped"
 
     DONE = (Status.FINISHED, Status.GAVE_UP, Status.STOPPED)
 
@@ -189,9 +189,9 @@ class Bot(models.Model):
 
 class ModelCall(models.Model):
     class Kind(models.TextChoices):
-        ANSWER = "answer"
-        CORRECTION = "correction"  # after unusable output
-        RESUBMIT = "resubmit"  # after oTree rejected the answers
+        ANSWER = "answer", "answer"
+        CORRECTION = "correction", "correction"  # after unusable output
+        RESUBMIT = "resubmit", "resubmit"  # after oTree rejected the answers
 
     run = models.ForeignKey(BotRun, on_delete=models.CASCADE, related_name="calls")
     bot = models.ForeignKey(Bot, on_delete=models.CASCADE, related_name="calls")
@@ -213,9 +213,9 @@ class ModelCall(models.Model):
 
 class Answer(models.Model):
     class Status(models.TextChoices):
-        PENDING = "pending"  # recorded, being submitted
-        ACCEPTED = "accepted"
-        REJECTED = "rejected"  # oTree's validation refused the submission
+        PENDING = "pending", "pending"  # recorded, being submitted
+        ACCEPTED = "accepted", "accepted"
+        REJECTED = "rejected", "rejected"  # oTree's validation refused the submission
 
     run = models.ForeignKey(BotRun, on_delete=models.CASCADE, related_name="answers")
     bot = models.ForeignKey(Bot, on_delete=models.CASCADE, related_name="answer_rows")

@@ -224,6 +224,7 @@ def stop_run(actor, run: BotRun, request=None) -> BotRun:
     record(actor, "bots.run_stop", run.instance, f"stopped bot run #{run.number} on {run.instance.name}", request)
     if not _held(run):
         _finish_unheld(run)
+        run.refresh_from_db()
     return run
 
 
@@ -265,7 +266,7 @@ def sweep(now=None) -> dict:
             continue
         beat = run.heartbeat_at or run.created_at
         stale = beat < now - timedelta(seconds=STALE_SECONDS)
-        if run.status == BotRun.Status.QUEUED and run.created_at > now - QUEUED_PATIENCE:
+        if run.status == BotRun.Status.QUEUED and beat > now - QUEUED_PATIENCE:
             continue
         if run.status != BotRun.Status.QUEUED and not stale:
             continue

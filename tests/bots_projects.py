@@ -15,6 +15,7 @@ SESSION_CONFIGS = [
          num_demo_participants=3),
     dict(name="crowd", display_name="Guess 2/3 of the average, whole session", app_sequence=["crowd"],
          num_demo_participants=5),
+    dict(name="survey", display_name="The survey alone", app_sequence=["survey"], num_demo_participants=1),
 ]
 SESSION_CONFIG_DEFAULTS = dict(real_world_currency_per_point=1.00, participation_fee=0.00, doc="")
 PARTICIPANT_FIELDS = []
@@ -191,4 +192,5 @@ SESSION_CONFIGS = [
      "app_sequence": ["guess", "survey"]},
     {"name": "crowd", "display_name": "Guess 2/3 of the average, whole session", "num_demo_participants": 5,
      "app_sequence": ["crowd"]},
+    {"name": "survey", "display_name": "The survey alone", "num_demo_participants": 1, "app_sequence": ["survey"]},
 ]
