@@ -169,7 +169,12 @@ def _kombu_url(url: str) -> str:
 CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL], "prefix": "lab:ch", "capacity": 1500, "expiry": 30},
+        # channels_redis waits for messages with a 5 s BZPOPMIN; redis-py 8's default socket
+        # timeout is also 5 s, so an idle socket's consumer died with "Timeout reading" every
+        # 5 s (the browser reconnected, missing what was sent meanwhile). A longer socket
+        # timeout than the blocking pop keeps idle sockets alive.
+        "CONFIG": {"hosts": [{"address": REDIS_URL, "socket_timeout": 15, "socket_connect_timeout": 5}],
+                   "prefix": "lab:ch", "capacity": 1500, "expiry": 30},
     }
 }
 CACHES = {

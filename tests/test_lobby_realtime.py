@@ -191,3 +191,18 @@ def test_a_seat_whose_manager_died_goes_offline_when_its_presence_expires(lab):
     services._redis().zadd(key, {"specific.dead-channel": time.time() - services.PRESENCE_TTL - 1})
     assert services.board_room(room).seats[1].state == "offline"
     assert Seat.objects.get(label="seat02").state == "offline"
+
+
+async def test_an_idle_kiosk_socket_stays_connected(lab):
+    """Kiosks sit idle for minutes: the channel layer's blocking read (5 s) must not time
+    out the consumer (it did with redis-py 8's default 5 s socket timeout)."""
+    import asyncio
+
+    boss, ann, bob = lab
+    page, ok = await kiosk("seat01")
+    assert ok
+    await page.receive_json_from(timeout=5)
+    await asyncio.sleep(7)
+    await sync_to_async(services.set_gate)(ann, await ref(), False)
+    assert await page.receive_json_from(timeout=5) == {"type": "gate", "gate": "held"}
+    await page.disconnect()
