@@ -4,7 +4,17 @@
 (function () {
   "use strict";
   var name = document.currentScript.dataset.instance;
-  if (!window.lab || !window.htmx) return;
+  // live.js and htmx are loaded at the end of the page, after this card.
+  document.addEventListener("DOMContentLoaded", function () {
+    if (!window.lab || !window.htmx) return;
+    follow();
+  });
+
+  function follow() {
+    document.addEventListener("lab:lobby", function (e) { if (e.detail.instance === name) refresh(e.detail.room); });
+    document.addEventListener("lab:subscribed", function (e) { if (e.detail.topic === "lobby:" + name) refresh(); });
+    lab.subscribe("lobby:" + name);
+  }
 
   function refresh(room) {
     document.querySelectorAll(".lobby-room").forEach(function (el) {
@@ -12,7 +22,4 @@
     });
   }
 
-  document.addEventListener("lab:lobby", function (e) { if (e.detail.instance === name) refresh(e.detail.room); });
-  document.addEventListener("lab:subscribed", function (e) { if (e.detail.topic === "lobby:" + name) refresh(); });
-  lab.subscribe("lobby:" + name);
 })();
