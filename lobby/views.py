@@ -93,19 +93,22 @@ def _board_ref(request, name, room) -> services.RoomRef:
         raise Http404(str(exc)) from None
 
 
+def _render_room(request, ref):
+    """The content of one room's board (its wrapper on the instance page stays)."""
+    return render(request, "lobby/_room_board_inner.html", {"instance": ref.instance, "room": services.board_room(ref)})
+
+
 def _room_response(request, ref):
     """htmx: the room's board, fresh; a plain form post: back to the instance page."""
     if request.headers.get("HX-Request"):
-        return render(request, "lobby/_room_board.html",
-                      {"instance": ref.instance, "room": services.board_room(ref)})
+        return _render_room(request, ref)
     return redirect(reverse("instance_detail", args=[ref.instance.name]) + "#lobby")
 
 
 @login_required
 @require_GET
 def board_room(request, name, room):
-    ref = _board_ref(request, name, room)
-    return render(request, "lobby/_room_board.html", {"instance": ref.instance, "room": services.board_room(ref)})
+    return _render_room(request, _board_ref(request, name, room))
 
 
 @login_required
