@@ -464,17 +464,16 @@ def set_run(run: BotRun, **fields) -> None:
     BotRun.objects.filter(pk=run.pk).update(**fields)
 
 
-def begin(run: BotRun) -> bool:
-    """Claim the run for this worker; False when there is nothing to do."""
-    run.refresh_from_db()
-    if run.status not in BotRun.ACTIVE:
-        return False
+def begin(run_id: int) -> BotRun | None:
+    """Claim the run for this worker; None when there is nothing to do."""
+    run = BotRun.objects.filter(pk=run_id, status__in=BotRun.ACTIVE).first()
+    if run is None:
+        return None
     fields = {"deliveries": F("deliveries") + 1, "heartbeat_at": timezone.now()}
     if run.status == BotRun.Status.QUEUED:
         fields["status"] = BotRun.Status.STARTING
     BotRun.objects.filter(pk=run.pk).update(**fields)
-    run.refresh_from_db()
-    return True
+    return load_run(run_id)
 
 
 def save_session(run: BotRun, code: str, participants: list[dict]) -> None:
@@ -539,8 +538,8 @@ async def execute(run_id: int, *, budget: float | None = None) -> None:
 
 
 async def _execute(run_id: int, budget: float | None) -> None:
-    run = await db(load_run)(run_id)
-    if run is None or not await db(begin)(run):
+    run = await db(begin)(run_id)
+    if run is None:
         return
     if run.stop_requested:
         await db(finish)(run, stop_text(run))
