@@ -37,9 +37,11 @@ from django.utils import timezone
 
 from bots import policy
 from bots.llm import Attempt, LLMClient, ModelError
+from bots.live import run_event
 from bots.models import Answer, Bot, BotRun, ModelCall
 from bots.page import Page, parse
 from bots.ratelimit import RateLimiter, provider_key, run_key
+from bots.services import finish, set_run, stop_text
 
 log = logging.getLogger(__name__)
 
@@ -200,28 +202,6 @@ class RunContext:
             await layer.group_send(f"botrun.{self.run.pk}", {"type": "push", "event": event})
         except Exception:  # noqa: BLE001 - the state is in the database; the page catches up on reload
             log.warning("live update of bot run %s failed", self.run.pk, exc_info=True)
-
-
-def bot_snapshot(bot: Bot) -> dict:
-    return {
-        "index": bot.index, "participant": bot.participant_code, "status": bot.status,
-        "status_label": bot.get_status_display(), "reason": bot.reason, "app": bot.app, "page": bot.page,
-        "round": bot.round_number, "answers": bot.answers, "retries": bot.retries,
-        "tokens": bot.prompt_tokens + bot.completion_tokens, "cost": round(bot.cost, 6),
-    }
-
-
-def run_event(run: BotRun, changed: list[Bot], all_bots: list[Bot]) -> dict:
-    """The `botrun` event the run page understands (also rendered into the page itself)."""
-    tokens = sum(b.prompt_tokens + b.completion_tokens for b in all_bots)
-    return {
-        "type": "botrun", "run": run.pk, "status": run.status, "status_label": run.get_status_display(),
-        "status_color": run.status_color, "reason": run.status_reason,
-        "totals": {"bots": len(all_bots), "done": sum(b.status in Bot.DONE for b in all_bots),
-                   "answers": sum(b.answers for b in all_bots), "retries": sum(b.retries for b in all_bots),
-                   "tokens": tokens, "cost": round(sum(b.cost for b in all_bots), 6)},
-        "bots": [bot_snapshot(b) for b in changed],
-    }
 
 
 # --- one bot --------------------------------------------------------------------------------------
@@ -458,12 +438,6 @@ def app_access(run: BotRun) -> tuple[str, str]:
     return url, run.instance.rest_key
 
 
-def set_run(run: BotRun, **fields) -> None:
-    for key, value in fields.items():
-        setattr(run, key, value)
-    BotRun.objects.filter(pk=run.pk).update(**fields)
-
-
 def begin(run_id: int) -> BotRun | None:
     """Claim the run for this worker; None when there is nothing to do."""
     run = BotRun.objects.filter(pk=run_id, status__in=BotRun.ACTIVE).first()
@@ -495,22 +469,6 @@ def fix_rounds(run: BotRun, rounds: dict[int, tuple[str, int]]) -> None:
     for index, (_app, number) in rounds.items():
         Answer.objects.filter(run=run, page_index=index).exclude(round_number=number).update(round_number=number)
         Bot.objects.filter(run=run, page_index=index).exclude(round_number=number).update(round_number=number)
-
-
-def finish(run: BotRun, stopped_reason: str) -> None:
-    bots = list(run.bots.all())
-    now = timezone.now()
-    if stopped_reason:
-        Bot.objects.filter(run=run).exclude(status__in=Bot.DONE).update(status=Bot.Status.STOPPED,
-                                                                       reason=stopped_reason[:500])
-        set_run(run, status=BotRun.Status.STOPPED, status_reason=stopped_reason[:500], finished_at=now)
-        return
-    gave_up = [b for b in bots if b.status == Bot.Status.GAVE_UP]
-    finished = sum(b.status == Bot.Status.FINISHED for b in bots)
-    reason = f"{finished} of {len(bots)} bots finished"
-    if gave_up:
-        reason += f"; {len(gave_up)} gave up (bot {gave_up[0].index}: {gave_up[0].reason})"
-    set_run(run, status=BotRun.Status.FINISHED, status_reason=reason[:500], finished_at=now)
 
 
 # --- the run ----------------------------------------------------------------------------------------
@@ -576,12 +534,6 @@ async def _execute(run_id: int, budget: float | None) -> None:
             if closing is not None:
                 await closing.close()
     await push_final(run)
-
-
-def stop_text(run: BotRun) -> str:
-    if run.stop_requested:
-        return "stopped on request"
-    return f"the time limit of {run.time_limit_minutes} min was reached"
 
 
 async def push_final(run: BotRun) -> None:

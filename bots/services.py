@@ -12,7 +12,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
 
-from bots.models import RANDOM_POLICY, BotRun, Provider
+from bots.models import RANDOM_POLICY, Bot, BotRun, Provider
 from instances.models import Instance
 from manager import locks
 from manager.accounts.services import NotAllowed
@@ -228,13 +228,41 @@ def stop_run(actor, run: BotRun, request=None) -> BotRun:
     return run
 
 
+# --- ending a run (its worker, or the web process when no worker holds it) ------------------
+
+def set_run(run: BotRun, **fields) -> None:
+    for key, value in fields.items():
+        setattr(run, key, value)
+    BotRun.objects.filter(pk=run.pk).update(**fields)
+
+
+def stop_text(run: BotRun) -> str:
+    if run.stop_requested:
+        return "stopped on request"
+    return f"the time limit of {run.time_limit_minutes} min was reached"
+
+
+def finish(run: BotRun, stopped_reason: str) -> None:
+    bots = list(run.bots.all())
+    now = timezone.now()
+    if stopped_reason:
+        Bot.objects.filter(run=run).exclude(status__in=Bot.DONE).update(status=Bot.Status.STOPPED,
+                                                                       reason=stopped_reason[:500])
+        set_run(run, status=BotRun.Status.STOPPED, status_reason=stopped_reason[:500], finished_at=now)
+        return
+    gave_up = [b for b in bots if b.status == Bot.Status.GAVE_UP]
+    finished = sum(b.status == Bot.Status.FINISHED for b in bots)
+    reason = f"{finished} of {len(bots)} bots finished"
+    if gave_up:
+        reason += f"; {len(gave_up)} gave up (bot {gave_up[0].index}: {gave_up[0].reason})"
+    set_run(run, status=BotRun.Status.FINISHED, status_reason=reason[:500], finished_at=now)
+
+
 def _held(run: BotRun) -> bool:
     return bool(locks.client().exists(f"lab:lock:botrun:{run.pk}"))
 
 
 def _finish_unheld(run: BotRun) -> None:
-    from bots.engine import finish, stop_text
-
     with transaction.atomic():
         run = BotRun.objects.select_for_update().get(pk=run.pk)
         if run.is_active:
@@ -244,7 +272,7 @@ def _finish_unheld(run: BotRun) -> None:
 
 def push_run(run: BotRun) -> None:
     """Send the run's whole state to its open pages (from synchronous code)."""
-    from bots.engine import run_event
+    from bots.live import run_event
     from manager.realtime.services import send_to_group
 
     run.refresh_from_db()

@@ -9,7 +9,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.conf import settings
 from django.utils import timezone
 
-from bots import engine, services
+from bots import services
 from bots.models import BotRun
 from manager import locks
 
@@ -23,6 +23,8 @@ def run_bots(run_id):
     """Drive bot run `run_id` (ids only: the API key is read from the database in the
     worker). Only one worker drives a run (its lock); a second delivery waits for a dead
     holder's lock to expire, then resumes the run, or leaves it to the holder."""
+    from bots import engine  # the model client (openai) is loaded only by workers that run bots
+
     soft_limit = (run_bots.request.timelimit or (None, None))[0] or 3600
     budget = max(30, soft_limit - TIME_MARGIN)
     try:

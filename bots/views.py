@@ -7,7 +7,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from bots import exports, services
-from bots.engine import run_event
+from bots.live import run_event
 from bots.forms import BotRunForm, ProviderForm
 from bots.models import RANDOM_POLICY, Provider
 from instances.selectors import get_visible_instance

@@ -209,6 +209,12 @@ LAB_KEEP_RELEASES = env_int("LAB_KEEP_RELEASES", 5)
 # listens on LAB_PROXY_LISTEN.
 LAB_PROXY_BIND = env_str("LAB_PROXY_BIND", "")
 LAB_PROXY_LISTEN = env_str("LAB_PROXY_LISTEN", ":80")
+# Bot runs (bots/) hold a worker process for as long as they play: they have their own
+# queue and worker (a labserver child), so deploys and backups never wait behind them.
+LAB_BOT_RUNS = env_int("LAB_BOT_RUNS", 2)  # bot runs played at the same time; more wait in the queue
+if LAB_BOT_RUNS < 1:
+    raise ConfigError(f"LAB_BOT_RUNS must be at least 1, got {LAB_BOT_RUNS}")
+CELERY_TASK_ROUTES = {"bots.run": {"queue": "bots"}}
 CELERY_BEAT_SCHEDULE = {
     "jobs-sweep": {"task": "manager.jobs.tasks.sweep_jobs", "schedule": 60.0},
     "instances-sweep": {"task": "instances.sweep", "schedule": 60.0, "options": {"expires": 55}},

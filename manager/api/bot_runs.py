@@ -7,7 +7,7 @@ from ninja import Router, Schema, Status
 from pydantic import Field
 
 from bots import services
-from bots.engine import bot_snapshot
+from bots.live import bot_snapshot
 from bots.models import RANDOM_POLICY, BotRun, Provider
 from bots.views import download
 from instances.selectors import get_visible_instance
