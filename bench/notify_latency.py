@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -188,6 +189,35 @@ def setup_django(data_dir: Path, port: int) -> None:
     django.setup()
 
 
+@contextlib.contextmanager
+def bench_labserver(verbose: bool, **env: str):
+    """A labserver in a temporary data dir on a free port, with Django set up against its
+    database in this process; always stopped and removed (on an error its output's tail
+    is shown first)."""
+    data_dir, port = new_data_dir(), free_port()
+    server = None
+    try:
+        print(f"starting labserver in {data_dir} on port {port} ...", flush=True)
+        migrate(data_dir, port)
+        server = LabServer(data_dir, port, echo=verbose, **env)
+        server.wait_ready(timeout=120)
+        setup_django(data_dir, port)
+        yield server
+    except Exception:
+        if server is not None and not verbose:
+            print("--- labserver output (tail) ---\n" + "\n".join(server.lines[-60:]), file=sys.stderr)
+        raise
+    finally:
+        if server is not None:
+            server.kill_everything()
+        remove_data_dir(data_dir)
+
+
+def machine() -> str:
+    return (f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}")
+
+
 def bench_user():
     from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY
     from django.contrib.sessions.backends.db import SessionStore
@@ -230,16 +260,10 @@ def main() -> int:
     args = parser.parse_args()
     started = time.monotonic()
 
-    data_dir, port = new_data_dir(), free_port()
-    server = None
     results = []
     cold = None
-    try:
-        print(f"starting labserver in {data_dir} on port {port} ...", flush=True)
-        migrate(data_dir, port)
-        server = LabServer(data_dir, port, echo=args.verbose)
-        server.wait_ready(timeout=120)
-        setup_django(data_dir, port)
+    with bench_labserver(args.verbose) as server:
+        port = server.port
         user, session_key = bench_user()
         seq = 0
         for n in args.clients:
@@ -266,18 +290,9 @@ def main() -> int:
                 print(f"  {n:>4} clients: {len(runs)} runs, median first {first * 1000:.1f} ms", flush=True)
             if time.monotonic() - started > args.budget:
                 break
-    except Exception:
-        if server is not None and not args.verbose:
-            print("--- labserver output (tail) ---\n" + "\n".join(server.lines[-60:]), file=sys.stderr)
-        raise
-    finally:
-        if server is not None:
-            server.kill_everything()
-        remove_data_dir(data_dir)
 
     print()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"{platform.system()} {platform.release()}")
+    print(machine())
     print("latency from the task finishing (Job.finished_at, in the worker) to the notify message at the clients")
     print("medians over the runs, milliseconds")
     print()
