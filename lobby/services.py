@@ -119,10 +119,13 @@ def find_seat(instance_name: str, room_name: str, label: str) -> RoomRef:
 # --- URLs ---------------------------------------------------------------------------------------
 
 def room_url(instance: Instance, room: str, label: str) -> str:
-    """oTree's room URL for this seat: <instance url>room/<room>/?participant_label=<label>."""
+    """oTree's room URL for this seat: <instance url>room/<room>/?participant_label=<label>
+    &welcome_page_ok=1. The lobby is the room's welcome page: without that flag oTree 6
+    shows its own one ("Start") and counts the participant present only after a second
+    click; older oTree versions ignore it."""
     if not instance.url:
         raise LobbyNotFound(f"Instance “{instance.name}” has no public address yet.")
-    return f"{instance.url}room/{quote(room, safe='')}/?participant_label={quote(label, safe='')}"
+    return f"{instance.url}room/{quote(room, safe='')}/?participant_label={quote(label, safe='')}&welcome_page_ok=1"
 
 
 def lobby_path(instance_name: str, room: str | None = None, label: str | None = None) -> str:

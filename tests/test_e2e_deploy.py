@@ -4,6 +4,7 @@ oTree 6 project pushed with the git client over HTTPS, built in Docker and serve
 instance's public port through Caddy; a broken push fails with its reason while the
 previous release keeps serving."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -67,27 +68,49 @@ def git_push(checkout, files, message, remote, timeout=600):
     return checkout.push_to(remote, timeout)
 
 
-def test_push_build_serve_and_a_broken_push_keeps_the_old_release(tmp_path):
-    need(engine_ok() and images_present("postgres:15", "redis:7", "python:3.11-slim"),
-         "a Docker engine with the images (python manage.py build_images)")
+@contextlib.contextmanager
+def docker_labserver():
+    """A labserver whose instances get one public port: yields (server, its extra
+    environment, that port); afterwards removes everything the run made on Docker."""
     data_dir, port, public_port = new_data_dir(), free_port(), free_port()
     extra = {"LAB_INSTANCE_PORTS": f"{public_port}-{public_port}", "LAB_SSH_PORT": str(free_port())}
     migrate(data_dir, port)
     server = LabServer(data_dir, port, **extra)
     try:
         server.wait_ready(timeout=180)
-        token = subprocess.run([sys.executable, "manage.py", "create_token", "admin", "--name", "e2e"], cwd=BASE_DIR,
-                               env=child_env(data_dir, port, **extra), capture_output=True, text=True,
-                               timeout=60, check=True).stdout.strip()
-        status, body = api(server, token, "POST", "/api/v1/instances", {"name": "e2e-study", "owner": "admin"})
-        assert status == 201, body
+        yield server, extra, public_port
+    finally:
+        server.terminate()
+        server.kill_everything()
+        remove_instances(data_dir, port, **extra)  # this run's containers, networks, volumes, images
+        purge_images(data_dir)
+        remove_data_dir(data_dir)
+
+
+def instance_ready_for_code(server, extra, name):
+    """A token of the first lab manager (`admin`) and a new instance of theirs made through
+    the API, once it is ready for code: (token, the instance as the API shows it)."""
+    token = subprocess.run([sys.executable, "manage.py", "create_token", "admin", "--name", "e2e"], cwd=BASE_DIR,
+                           env=child_env(server.data_dir, server.port, **extra), capture_output=True, text=True,
+                           timeout=60, check=True).stdout.strip()
+    status, body = api(server, token, "POST", "/api/v1/instances", {"name": name, "owner": "admin"})
+    assert status == 201, body
+    for _ in range(120):  # ready for code within seconds (bounded)
+        status, body = api(server, token, "GET", f"/api/v1/instances/{name}")
+        if body["status"] in {"ready_for_code", "failed"}:
+            break
+        time.sleep(0.5)
+    assert body["status"] == "ready_for_code", body
+    return token, body
+
+
+def test_push_build_serve_and_a_broken_push_keeps_the_old_release(tmp_path):
+    need(engine_ok() and images_present("postgres:15", "redis:7", "python:3.11-slim"),
+         "a Docker engine with the images (python manage.py build_images)")
+    with docker_labserver() as (server, extra, public_port):
+        port = server.port
+        token, body = instance_ready_for_code(server, extra, "e2e-study")
         assert body["url"] == f"http://127.0.0.1:{public_port}/"
-        for _ in range(120):  # ready for code within seconds (bounded)
-            status, body = api(server, token, "GET", "/api/v1/instances/e2e-study")
-            if body["status"] in {"ready_for_code", "failed"}:
-                break
-            time.sleep(0.5)
-        assert body["status"] == "ready_for_code", body
 
         remote = f"http://admin:{token}@127.0.0.1:{port}/git/e2e-study.git"
         checkout = Checkout(tmp_path / "work")
@@ -110,9 +133,3 @@ def test_push_build_serve_and_a_broken_push_keeps_the_old_release(tmp_path):
         assert status is not None and status < 500, page  # the first release keeps serving
         status, releases = api(server, token, "GET", "/api/v1/instances/e2e-study/releases")
         assert [r["status"] for r in releases][:2] == ["failed", "live"]
-    finally:
-        server.terminate()
-        server.kill_everything()
-        remove_instances(data_dir, port, **extra)  # this run's containers, networks, volumes, images
-        purge_images(data_dir)
-        remove_data_dir(data_dir)

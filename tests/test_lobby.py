@@ -109,13 +109,15 @@ def test_unknown_instance_room_or_label_is_a_clear_404(instance, people):
 def test_ready_with_the_gate_open_goes_to_the_room_with_the_label_url_encoded(instance):
     response = Client().post(seat_url(HOSTILE))
     assert response.status_code == 302
-    assert response["Location"] == "http://127.0.0.1:18500/room/lab/?participant_label=a%22%26calc%26"
+    assert response["Location"] == ("http://127.0.0.1:18500/room/lab/?participant_label=a%22%26calc%26"
+                                    "&welcome_page_ok=1")
     assert state_of(HOSTILE) == "entered"
     # The page's script asks for JSON; a label with a slash and non-ASCII works the same.
     response = Client().post(seat_url("x/y"), HTTP_ACCEPT="application/json")
-    assert response.json() == {"state": "entered", "url": "http://127.0.0.1:18500/room/lab/?participant_label=x%2Fy"}
+    assert response.json() == {
+        "state": "entered", "url": "http://127.0.0.1:18500/room/lab/?participant_label=x%2Fy&welcome_page_ok=1"}
     response = Client().post(seat_url("Zoë 7"), HTTP_ACCEPT="application/json")
-    assert response.json()["url"].endswith("participant_label=Zo%C3%AB%207")
+    assert response.json()["url"].endswith("participant_label=Zo%C3%AB%207&welcome_page_ok=1")
 
 
 def test_ready_with_the_gate_held_waits_then_opening_lets_every_ready_seat_in(instance, people):

@@ -120,9 +120,9 @@ async def test_opening_the_gate_sends_exactly_the_ready_kiosks_to_the_room(lab):
         assert await sync_to_async(services.mark_ready)(room, label) == ("ready", None)
     await sync_to_async(services.set_gate)(boss, room, True)
     assert await pages["seat01"].receive_json_from(timeout=5) == {
-        "type": "go", "url": "http://127.0.0.1:18500/room/lab/?participant_label=seat01"}
+        "type": "go", "url": "http://127.0.0.1:18500/room/lab/?participant_label=seat01&welcome_page_ok=1"}
     assert await pages[HOSTILE].receive_json_from(timeout=5) == {
-        "type": "go", "url": "http://127.0.0.1:18500/room/lab/?participant_label=a%22%26calc%26"}
+        "type": "go", "url": "http://127.0.0.1:18500/room/lab/?participant_label=a%22%26calc%26&welcome_page_ok=1"}
     assert await pages["seat02"].receive_json_from(timeout=5) == {"type": "gate", "gate": "open"}
     assert [await state_of(x) for x in ("seat01", "seat02", HOSTILE)] == ["entered", "waiting", "entered"]
     for page in pages.values():
@@ -177,7 +177,7 @@ async def test_a_reconnecting_kiosk_is_told_the_current_state(lab):
     page, ok = await kiosk("seat03")
     assert await page.receive_json_from(timeout=5) == {
         "type": "state", "seat": "entered", "gate": "open",
-        "url": "http://127.0.0.1:18500/room/lab/?participant_label=seat03"}
+        "url": "http://127.0.0.1:18500/room/lab/?participant_label=seat03&welcome_page_ok=1"}
     await page.disconnect()
 
 
