@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import CHROMIUM, need
 from tests.labserver_helpers import BASE_DIR, LabServer, child_env, free_port, migrate, new_data_dir, remove_data_dir
-from tests.test_e2e_notifications import CHROMIUM_ARGS, TIMEOUT_MS
+from tests.test_e2e_notifications import TIMEOUT_MS, headless_chromium
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -99,14 +99,8 @@ Release.objects.create(instance=instance, number=1, commit="a" * 40, status="liv
 
 @pytest.fixture(scope="module")
 def browser(lab):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
+    with headless_chromium() as browser:
+        yield browser
 
 
 def seat_path(label, room="lab"):

@@ -17,7 +17,7 @@ from tests.docker_helpers import engine_ok, images_present
 from tests.labserver_helpers import BASE_DIR, child_env
 from tests.otree_projects import Checkout, valid_project
 from tests.test_e2e_deploy import api, docker_labserver, git_push, instance_ready_for_code
-from tests.test_e2e_notifications import CHROMIUM_ARGS, TIMEOUT_MS
+from tests.test_e2e_notifications import TIMEOUT_MS, headless_chromium
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.browser]
 
@@ -33,7 +33,7 @@ def test_a_kiosk_enters_a_real_otree_room_and_its_session(tmp_path):
     need(CHROMIUM.exists(), f"chromium ({CHROMIUM})")
     need(engine_ok() and images_present("postgres:15", "redis:7", "python:3.11-slim"),
          "a Docker engine with the images (python manage.py build_images)")
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     with docker_labserver() as (server, extra, public_port):
         port = server.port
@@ -44,31 +44,27 @@ def test_a_kiosk_enters_a_real_otree_room_and_its_session(tmp_path):
         status, body = api(server, token, "GET", "/api/v1/instances/lobby-otree")
         assert [r["lobby_url"] for r in body["rooms"] if r["name"] == "lab"] == [f"{server.url}/lobby/lobby-otree/"]
 
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page()
-                page.set_default_timeout(TIMEOUT_MS)
-                page.goto(f"{server.url}/lobby/lobby-otree/lab/seat02/")
-                expect(page.locator("#ready-button")).to_have_text("I am ready")
-                page.click("#ready-button")
-                # The lobby sends it to <url>room/lab/?participant_label=seat02&welcome_page_ok=1; oTree 6
-                # redirects that to its own spelling, without the slash, and (welcome_page_ok: the lobby
-                # was the welcome page) shows its waiting page at once, not its own "Start" page.
-                page.wait_for_url(f"http://127.0.0.1:{public_port}/room/lab?participant_label=seat02&welcome_page_ok=1")
-                expect(page.locator("body")).not_to_contain_text("Participant label:")
-                expect(page.locator("body")).to_contain_text("wait", ignore_case=True)
+        with headless_chromium() as browser:
+            page = browser.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(f"{server.url}/lobby/lobby-otree/lab/seat02/")
+            expect(page.locator("#ready-button")).to_have_text("I am ready")
+            page.click("#ready-button")
+            # The lobby sends it to <url>room/lab/?participant_label=seat02&welcome_page_ok=1; oTree 6
+            # redirects that to its own spelling, without the slash, and (welcome_page_ok: the lobby
+            # was the welcome page) shows its waiting page at once, not its own "Start" page.
+            page.wait_for_url(f"http://127.0.0.1:{public_port}/room/lab?participant_label=seat02&welcome_page_ok=1")
+            expect(page.locator("body")).not_to_contain_text("Participant label:")
+            expect(page.locator("body")).to_contain_text("wait", ignore_case=True)
 
-                # The experimenter starts a session in the room; oTree takes the waiting kiosk in.
-                request = urllib.request.Request(
-                    f"http://127.0.0.1:{public_port}/api/sessions", method="POST",
-                    data=json.dumps({"session_config_name": "hello_game", "num_participants": 2,
-                                     "room_name": "lab"}).encode(),
-                    headers={"otree-rest-key": rest_key(server, extra, "lobby-otree"),
-                             "Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    assert response.status in (200, 201)
-                expect(page.locator("body")).to_contain_text("version v1", timeout=60_000)
-                assert f"127.0.0.1:{public_port}/p/" in page.url  # a participant page of the session
-            finally:
-                browser.close()
+            # The experimenter starts a session in the room; oTree takes the waiting kiosk in.
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{public_port}/api/sessions", method="POST",
+                data=json.dumps({"session_config_name": "hello_game", "num_participants": 2,
+                                 "room_name": "lab"}).encode(),
+                headers={"otree-rest-key": rest_key(server, extra, "lobby-otree"),
+                         "Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                assert response.status in (200, 201)
+            expect(page.locator("body")).to_contain_text("version v1", timeout=60_000)
+            assert f"127.0.0.1:{public_port}/p/" in page.url  # a participant page of the session

@@ -5,6 +5,7 @@ finishes, and every open dashboard tab of the user who started it shows a toast 
 a second, without reloading: worker -> Channels layer (Redis) -> daphne -> websocket.
 """
 
+import contextlib
 import re
 import sqlite3
 from datetime import datetime, timezone
@@ -51,8 +52,9 @@ def lab():
         remove_data_dir(data_dir)
 
 
-@pytest.fixture(scope="module")
-def browser(lab):
+@contextlib.contextmanager
+def headless_chromium():
+    """Debian's Chromium (CHROMIUM), headless, driven by Playwright: no browser download."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:
@@ -61,6 +63,12 @@ def browser(lab):
             yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def browser(lab):
+    with headless_chromium() as browser:
+        yield browser
 
 
 def _log_in(page, base, username, password):
