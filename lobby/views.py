@@ -79,7 +79,8 @@ def lobby_seat(request, instance, room, label):
     snapshot = services.kiosk_snapshot(ref.row, label)
     context = {"instance": ref.instance, "room": ref, "label": label, "state": snapshot["seat"],
                "welcome": services.welcome_text(ref.instance, ref.language),
-               "ws_path": f"/ws/lobby/{ref.instance.name}/{ref.name}/", "action": request.path}
+               "ws_path": services.lobby_path(ref.instance.name, ref.name).replace("/lobby/", "/ws/lobby/", 1),
+               "action": request.path}
     return _kiosk_page(request, "lobby/seat.html", context, ref.language)
 
 
