@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 MAX_CORRECTIONS = 3  # corrective prompts per page after unusable model output
 MAX_REJECTIONS = 3  # re-answers per page after oTree's validation refused the answers
 MAX_STEPS = 5000  # page loads per bot
-WAIT_POLL = (0.05, 1.0)  # a wait page is checked again after 0.05 s, growing to 1 s
+WAIT_POLL = (0.05, 1.0)  # without its socket, a wait page is checked again after 0.05 s, growing to 1 s
+WAIT_SOCKET = 30.0  # seconds on a wait page's socket before the page is loaded again
 HTTP_ATTEMPTS = 5  # per request to oTree (connection errors, 502/503/504)
 HTTP_TIMEOUT = 30.0
 PUSH_INTERVAL = 0.3  # seconds between live updates of the run page
@@ -172,7 +173,7 @@ class RunContext:
         self.players: dict[int, BotPlayer] = {}
         self.live = Live(dirty=set())
         self.rng = random.Random()
-        self.public_url = ""
+        self.sockets_broken = 0  # wait-page sockets that failed: after 3, bots poll
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, but wake up at once when the run is stopped."""
@@ -291,8 +292,9 @@ class BotPlayer:
                                 page=page.name, page_index=page.index, answers=self.bot.answers + accepted,
                                 round_number=infer_round(self.bot.state, page.app, page.name, page.index))
             if page.is_wait:
-                await self.ctx.sleep(poll)
-                poll = min(WAIT_POLL[1], poll * 1.5)
+                if not await self.wait_for_ready(page):
+                    await self.ctx.sleep(poll)
+                    poll = min(WAIT_POLL[1], poll * 1.5)
                 page = await self._get(page.url)
             elif not page.fields:
                 self.remember(page)
@@ -300,6 +302,29 @@ class BotPlayer:
             else:
                 page = await self.answer(page)
         raise GiveUp(f"stopped after {MAX_STEPS} pages without reaching the end")
+
+    async def wait_for_ready(self, page: Page) -> bool:
+        """Wait on oTree's own wait-page socket until it says "ready" (at most WAIT_SOCKET
+        seconds, then the page is loaded again) or the run stops: no polling while
+        others (humans, say) take their time. False when the page has no socket or it
+        cannot be opened (the caller polls instead)."""
+        if not page.socket_path or self.ctx.sockets_broken >= 3:
+            return False
+        try:
+            async with self.ctx.otree.http.websocket(page.socket_path) as ws:
+                receive = asyncio.ensure_future(ws.receive_json())
+                stop = asyncio.ensure_future(self.ctx.stop.wait())
+                try:
+                    await asyncio.wait({receive, stop}, timeout=WAIT_SOCKET, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in (receive, stop):
+                        task.cancel()
+                    await asyncio.gather(receive, stop, return_exceptions=True)
+            return True
+        except Exception:  # noqa: BLE001 - any socket failure: poll instead
+            self.ctx.sockets_broken += 1
+            log.info("wait-page socket of run %s failed; polling", self.run.pk, exc_info=True)
+            return False
 
     def remember(self, page: Page) -> None:
         """Pages without fields (instructions, results) go into the next prompt."""

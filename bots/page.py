@@ -16,6 +16,7 @@ from html.parser import HTMLParser
 
 PAGE_PATH = re.compile(r"^/p/(?P<code>[^/]+)/(?P<app>[^/]+)/(?P<page>[^/]+)/(?P<index>\d+)/?$")
 END_PATH = re.compile(r"^/OutOfRangeNotification/")
+WAIT_SOCKET = re.compile(r"""makeReconnectingWebSocket\(\s*["']([^"']+)["']""")
 WAIT_HEADER = "otree-wait-page"
 ERRORS_HEADER = "otree-redisplay-with-errors"
 MAX_TEXT = 6000  # characters of page text kept for the prompt
@@ -75,6 +76,7 @@ class Page:
     hidden: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)  # page-level messages (error_message, "Please fix…")
     has_form: bool = False
+    socket_path: str = ""  # a wait page's websocket: oTree says {"status": "ready"} there when the wait is over
 
     @property
     def field_errors(self) -> dict[str, list[str]]:
@@ -332,4 +334,6 @@ def parse(html: str, *, url: str, path: str, status_code: int = 200, headers=Non
     page.fields = list(reader.fields.values())
     if page.is_wait:
         page.fields = []
+        found = WAIT_SOCKET.search(html)
+        page.socket_path = found.group(1) if found else ""
     return page

@@ -127,7 +127,7 @@ class FakeLLM:
         with self.lock:
             serial = len(self.requests)
             self.requests.append({"path": path, "headers": {k.lower(): v for k, v in headers.items()}, "body": body,
-                                  "time": time.monotonic()})
+                                  "time": time.monotonic(), "wall": time.time()})
             fault = self.faults.popleft() if self.faults else None
             hold = serial == self.hold_at
         if path.rstrip("/") != "/v1/chat/completions":
@@ -181,3 +181,29 @@ class FakeLLM:
     # --- what it saw
     def completions(self) -> list[dict]:
         return [r for r in self.requests if r["path"].rstrip("/") == "/v1/chat/completions"]
+
+
+def main() -> None:
+    """`python -m tests.fake_llm`: serve until stdin closes (the benchmark runs it apart
+    from the process it measures). Prints its base URL; `POST /stats` returns the arrival
+    times (time.time()) of the chat requests and resets them."""
+    import sys
+
+    with FakeLLM() as fake:
+        original = fake.respond
+
+        def respond(path, headers, body):
+            if path.rstrip("/") == "/stats":
+                with fake.lock:
+                    times = [r["wall"] for r in fake.requests]
+                    fake.requests.clear()
+                return 200, {"times": times}, {}
+            return original(path, headers, body)
+
+        fake.respond = respond
+        print(fake.url, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()

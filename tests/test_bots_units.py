@@ -70,9 +70,11 @@ def test_the_page_reader_finds_every_kind_of_field_and_the_errors():
 
 
 def test_wait_pages_and_the_end_are_recognised():
-    wait = parse("<h4 class='otree-wait-page__title card-header' id='_otree-title'>Please wait</h4>",
+    wait = parse("<h4 class='otree-wait-page__title card-header' id='_otree-title'>Please wait</h4><script>"
+                 'socket = makeReconnectingWebSocket("/wait_page?session_pk=1&page_index=2&group_id=7");</script>',
                  url="u", path="/p/c/game/ResultsWaitPage/2", headers={"otree-wait-page": "1"})
     assert wait.is_wait and wait.title == "Please wait" and wait.fields == []
+    assert wait.socket_path == "/wait_page?session_pk=1&page_index=2&group_id=7"  # where oTree says "ready"
     end = parse("<p>No more pages left</p>", url="u", path="/OutOfRangeNotification/c")
     assert end.is_end and not end.name
 
