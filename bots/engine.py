@@ -37,7 +37,7 @@ from django.utils import timezone
 
 from bots import policy
 from bots.llm import Attempt, LLMClient, ModelError
-from bots.live import run_event
+from bots.live import bots_of, run_event
 from bots.models import Answer, Bot, BotRun, ModelCall
 from bots.page import Page, parse
 from bots.ratelimit import RateLimiter, provider_key, run_key
@@ -485,10 +485,6 @@ def save_session(run: BotRun, code: str, participants: list[dict]) -> None:
         set_run(run, session_code=code, human_seats=humans)
 
 
-def open_bots(run: BotRun) -> list[Bot]:
-    return list(run.bots.all())
-
-
 def fix_rounds(run: BotRun, rounds: dict[int, tuple[str, int]]) -> None:
     """Exact round numbers (from oTree's page times) for the recorded answers and bots."""
     for index, (_app, number) in rounds.items():
@@ -563,9 +559,7 @@ async def _execute(run_id: int, budget: float | None) -> None:
 
 async def push_final(run: BotRun) -> None:
     await db(run.refresh_from_db)()
-    bots = await db(open_bots)(run)
-    for b in bots:
-        b.run = run
+    bots = await db(bots_of)(run)
     layer = get_channel_layer()
     if layer is not None:
         try:
@@ -576,7 +570,7 @@ async def push_final(run: BotRun) -> None:
 
 async def play_all(ctx: RunContext, budget: float | None) -> None:
     run = ctx.run
-    for bot in await db(open_bots)(run):
+    for bot in await db(bots_of)(run):
         ctx.players[bot.pk] = BotPlayer(ctx, bot)
     tasks = {asyncio.ensure_future(p.play()): p for p in ctx.players.values() if p.bot.status not in Bot.DONE}
     deadline = time.monotonic() + budget if budget else None

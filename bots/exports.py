@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 
+from bots.live import bots_of
 from bots.models import Answer, BotRun
 
 CSV_COLUMNS = ["session", "participant", "bot", "app", "round", "page", "field", "answer", "reason"]
@@ -39,9 +40,7 @@ def conversations(run: BotRun) -> dict:
 
 
 def summary(run: BotRun) -> dict:
-    bots = list(run.bots.all())
-    for b in bots:
-        b.run = run
+    bots = bots_of(run)
     calls = run.calls.all()
     errors = [{"bot": b.index, "status": b.status, "reason": b.reason} for b in bots if b.reason]
     failed_calls = calls.exclude(error="")

@@ -4,6 +4,14 @@ worker and, for whole-page refreshes, in the web process (no model client needed
 from bots.models import Bot, BotRun
 
 
+def bots_of(run: BotRun) -> list[Bot]:
+    """The run's bots, each pointing at `run` (their cost reads its prices: no query per bot)."""
+    bots = list(run.bots.all())
+    for bot in bots:
+        bot.run = run
+    return bots
+
+
 def bot_snapshot(bot: Bot) -> dict:
     return {
         "index": bot.index, "participant": bot.participant_code, "status": bot.status,

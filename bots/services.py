@@ -272,13 +272,11 @@ def _finish_unheld(run: BotRun) -> None:
 
 def push_run(run: BotRun) -> None:
     """Send the run's whole state to its open pages (from synchronous code)."""
-    from bots.live import run_event
+    from bots.live import bots_of, run_event
     from manager.realtime.services import send_to_group
 
     run.refresh_from_db()
-    bots = list(run.bots.all())
-    for b in bots:
-        b.run = run
+    bots = bots_of(run)
     send_to_group(f"botrun.{run.pk}", run_event(run, bots, bots))
 
 

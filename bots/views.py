@@ -7,7 +7,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from bots import exports, services
-from bots.live import run_event
+from bots.live import bots_of, run_event
 from bots.forms import BotRunForm, ProviderForm
 from bots.models import RANDOM_POLICY, Provider
 from instances.selectors import get_visible_instance
@@ -42,9 +42,7 @@ def run_list(request, name):
 @login_required
 def run_detail(request, name, number):
     run = services.get_run(request.user, name, number)
-    bots = list(run.bots.all())
-    for b in bots:
-        b.run = run
+    bots = bots_of(run)
     public = run.instance.url
     humans = [{**seat, "url": f"{public}InitializeParticipant/{seat['code']}" if public else ""}
               for seat in run.human_seats]

@@ -7,7 +7,7 @@ from ninja import Router, Schema, Status
 from pydantic import Field
 
 from bots import services
-from bots.live import bot_snapshot
+from bots.live import bot_snapshot, bots_of
 from bots.models import RANDOM_POLICY, BotRun, Provider
 from bots.views import download
 from instances.selectors import get_visible_instance
@@ -84,9 +84,7 @@ class ProviderOut(Schema):
 
 
 def serialize(run: BotRun) -> dict:
-    bots = list(run.bots.all())
-    for b in bots:
-        b.run = run
+    bots = bots_of(run)
     public = run.instance.url
     base = f"/api/v1/instances/{run.instance.name}/bot-runs/{run.number}"
     return {
