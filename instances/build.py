@@ -170,6 +170,8 @@ def dockerfile(labels: dict[str, str]) -> str:
     ])
 
 
+IGNORED = (".git", "__pycache__", "*.pyc", "db.sqlite3", "venv", ".venv", "__temp*", "Dockerfile.otree-lab",
+           ".dockerignore")  # never part of a release
 DOCKERIGNORE = "\n".join([".git", "**/__pycache__", "*.pyc", "db.sqlite3", "venv", ".venv", "__temp*",
                           "Dockerfile.otree-lab", ""])
 
@@ -252,7 +254,8 @@ def build_image(runtime, ctx: Path, *, tag: str, labels: dict, out, timeout: flo
 
 INTROSPECT = r'''
 import json, os, sys
-sys.path.insert(0, "/app"); os.chdir("/app")
+ROOT = os.path.realpath(sys.argv[1]) if len(sys.argv) > 1 else "/app"  # the project (a docker image: /app)
+sys.path.insert(0, ROOT); os.chdir(ROOT)
 try:
     import settings
 except BaseException as exc:
@@ -275,8 +278,8 @@ for r in list(getattr(settings, "ROOMS", None) or [])[:100]:
     path = r.get("participant_label_file")
     if path:
         try:
-            full = os.path.realpath(os.path.join("/app", str(path)))
-            if not full.startswith("/app/"):
+            full = os.path.realpath(os.path.join(ROOT, str(path)))
+            if not full.startswith(ROOT + os.sep):
                 raise ValueError("outside the project")
             with open(full, encoding="utf-8-sig") as fh:
                 labels = [ln.strip() for ln in fh if ln.strip()][:5000]
@@ -293,7 +296,7 @@ print("@@JSON@@" + json.dumps({"session_configs": configs, "rooms": rooms,
 def introspect(runtime, image: str, *, instance_name: str, timeout: float = 60) -> dict:
     """Import the project's settings.py inside the image (no network, no secrets) and
     return {session_configs, rooms, language_code}; BuildFailed when settings.py cannot be
-    imported."""
+    imported. (The Docker runtime's; `runtime.introspect()` calls it.)"""
     api = runtime.api
     # Labelled with the instance: one left by a killed worker goes with the instance's resources.
     labels = {LABEL_MANAGER: runtime.manager_id, LABEL_INSTANCE: instance_name, LABEL_COMPONENT: "introspect"}
@@ -314,12 +317,17 @@ def introspect(runtime, image: str, *, instance_name: str, timeout: float = 60) 
             api.remove_container(container["Id"], force=True, v=True)
         except Exception:  # noqa: BLE001
             pass
+    return parse_introspection(out)
+
+
+def parse_introspection(out: str) -> dict:
+    """What INTROSPECT printed: the project's facts, or BuildFailed with the reason."""
     for line in out.splitlines():
         if line.startswith("@@ERROR@@"):
             raise BuildFailed(f"settings.py cannot be imported: {line[len('@@ERROR@@'):]}")
         if line.startswith("@@JSON@@"):
             return json.loads(line[len("@@JSON@@"):])
-    raise BuildFailed(f"reading settings.py inside the image failed: {_tail(out)}")
+    raise BuildFailed(f"reading settings.py failed: {_tail(out)}")
 
 
 def release_labels(runtime, instance_name: str) -> dict:

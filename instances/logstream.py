@@ -17,14 +17,13 @@ COMPONENTS = {"app", "db", "redis"}
 
 
 @database_sync_to_async
-def _visible_name(user, name):
-    instance = visible_instances(user).filter(name=name).first()
-    return instance.name if instance else None
+def _visible(user, name):
+    return visible_instances(user).filter(name=name).first()
 
 
-def _read(name, component, tail):
+def _read(instance, component, tail):
     try:
-        return runtimes.get_runtime().logs(name, component, tail=tail)
+        return runtimes.get_runtime(instance).logs(instance.name, component, tail=tail)
     except RuntimeError_ as exc:
         return f"(logs unavailable: {exc})"
 
@@ -33,13 +32,14 @@ async def follow(user, name, component="app", *, interval=1.0, max_seconds=900, 
     """Async generator of log snapshots; raises PermissionError when `user` may not see it."""
     if component not in COMPONENTS:
         raise PermissionError(f"unknown component {component!r}")
-    if await _visible_name(user, name) is None:
+    instance = await _visible(user, name)
+    if instance is None:
         raise PermissionError(f"no instance named {name!r} that you may see")
     last = None
     loop = asyncio.get_running_loop()
     deadline = loop.time() + max_seconds
     while loop.time() < deadline:
-        text = await asyncio.to_thread(_read, name, component, tail)
+        text = await asyncio.to_thread(_read, instance, component, tail)
         if text != last:
             last = text
             yield text

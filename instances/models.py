@@ -1,5 +1,4 @@
 import secrets
-from urllib.parse import quote
 
 from django.conf import settings
 from django.db import models
@@ -103,16 +102,15 @@ class Instance(models.Model):
     def db_user(self) -> str:
         return "otree"
 
-    def otree_env(self, db_host: str = "db", redis_host: str = "redis") -> dict[str, str]:
-        """The app's environment (what oTree reads); secrets included — never log it."""
+    def otree_env(self) -> dict[str, str]:
+        """The app's environment (what oTree reads) but for DATABASE_URL and REDIS_URL,
+        which the runtime adds (it knows where they are); secrets included — never log it."""
         env = {str(k): str(v) for k, v in (self.config_vars or {}).items()}
         env.update({
             "OTREE_ADMIN_PASSWORD": self.admin_password,
             "OTREE_REST_KEY": self.rest_key,
             "OTREE_AUTH_LEVEL": self.auth_level,
             "OTREE_PRODUCTION": "1" if self.production else "",
-            "DATABASE_URL": f"postgres://{self.db_user}:{quote(self.db_password, safe='')}@{db_host}:5432/{self.db_name}",
-            "REDIS_URL": f"redis://{redis_host}:6379/0",
         })
         if not self.auth_level:
             env.pop("OTREE_AUTH_LEVEL")

@@ -283,15 +283,13 @@ def _upstreams(instances, only: str | None = None) -> dict[str, str]:
     from instances.runtime import RuntimeError_, get_runtime
     from instances.runtime.base import Health
 
-    try:
-        runtime = get_runtime()
-    except RuntimeError_ as exc:
-        log.warning("no runtime to ask for app ports (%s); instances answer 503", exc)
-        return found
     for instance in candidates:
         try:
-            state = runtime.state(instance.name)
-        except Exception as exc:  # one broken instance must not take every route down
+            state = get_runtime(instance).state(instance.name)
+        except RuntimeError_ as exc:
+            log.warning("no runtime to ask for the app port of %s (%s); it answers 503", instance.name, exc)
+            continue
+        except Exception as exc:  # noqa: BLE001 - one broken instance must not take every route down
             log.warning("state of %s unknown (%s); it answers 503", instance.name, exc)
             continue
         if state.app_url and state.app.health in (Health.RUNNING, Health.STARTING):

@@ -15,7 +15,7 @@ from django.db.models import F
 from instances import proxy
 from instances.backups import backup_dir
 from instances.models import Backup, Instance
-from instances.runtime import get_runtime
+from instances.runtime import available_runtimes, get_runtime
 from instances.runtime.base import AppSpec, Health, InstanceSpec, RuntimeError_
 from instances.services import push_event, push_state
 from manager import locks
@@ -66,7 +66,7 @@ def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Insta
         instance = Instance.objects.filter(pk=instance_id).first()
         if instance is None:
             return None
-        runtime = runtime or get_runtime()
+        runtime = runtime or get_runtime(instance)
         if instance.delete_requested:
             _delete(instance, runtime)
             return None
@@ -102,11 +102,11 @@ def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Insta
 
 def backup(instance: Instance, kind: str, actor=None, runtime=None) -> Backup:
     """Dump the instance's database into LAB_DATA_DIR/backups (caller holds the lock)."""
-    runtime = runtime or get_runtime()
+    runtime = runtime or get_runtime(instance)
     # We hold the instance's lock: a backup still "pending" belongs to a worker that died.
     Backup.objects.filter(instance=instance, status=Backup.Status.PENDING).update(status=Backup.Status.FAILED)
     stamp = datetime.now(dt_timezone.utc).strftime("%Y%m%d-%H%M%S")
-    filename = f"{instance.name}-{stamp}-{kind}-{pysecrets.token_hex(3)}.dump"
+    filename = f"{instance.name}-{stamp}-{kind}-{pysecrets.token_hex(3)}{runtime.backup_suffix(instance.name)}"
     row = Backup.objects.create(instance=instance, instance_name=instance.name, owner=instance.owner, kind=kind,
                                 filename=filename, created_by=actor if actor and actor.is_authenticated else None)
     path = backup_dir() / filename
@@ -122,7 +122,7 @@ def backup(instance: Instance, kind: str, actor=None, runtime=None) -> Backup:
 
 
 def backup_and_reset(instance_id: int, actor=None) -> Backup:
-    runtime = get_runtime()
+    runtime = get_runtime(Instance.objects.get(pk=instance_id))
     reconcile(instance_id, runtime=runtime)  # the database must be up to be dumped
     with locks.lock(f"instance:{instance_id}"):
         instance = Instance.objects.get(pk=instance_id)
@@ -137,7 +137,7 @@ def backup_and_reset(instance_id: int, actor=None) -> Backup:
 
 
 def backup_only(instance_id: int, actor=None) -> Backup:
-    runtime = get_runtime()
+    runtime = get_runtime(Instance.objects.get(pk=instance_id))
     reconcile(instance_id, runtime=runtime)
     with locks.lock(f"instance:{instance_id}"):
         return backup(Instance.objects.get(pk=instance_id), Backup.Kind.MANUAL, actor, runtime)
@@ -160,23 +160,26 @@ def _delete(instance: Instance, runtime) -> None:
 
 
 def sweep() -> dict:
-    """Reconcile every instance and remove resources of instances that no longer exist."""
-    runtime = get_runtime()
-    if not runtime.available():
-        return {"skipped": "runtime not available"}
+    """Reconcile every instance and remove resources of instances that no longer exist
+    (asking every backend available here)."""
+    runtimes = available_runtimes()
+    if not runtimes:
+        return {"skipped": "no runtime available"}
     known = set(Instance.objects.values_list("name", flat=True))
-    orphans = runtime.owned_instances() - known
-    for name in orphans:
-        log.warning("removing orphaned runtime resources of instance %s", name)
-        runtime.remove(name)
+    orphans = set()
+    for runtime in runtimes:
+        for name in runtime.owned_instances() - known:
+            log.warning("removing orphaned %s resources of instance %s", runtime.name, name)
+            runtime.remove(name)
+            orphans.add(name)
     from instances import releases
 
     stuck = releases.sweep()  # releases whose worker died
     failed = 0
     for instance_id in Instance.objects.values_list("pk", flat=True):
         try:
-            reconcile(instance_id, runtime=runtime)
-        except (ReconcileError, locks.Busy):
+            reconcile(instance_id)
+        except (ReconcileError, locks.Busy, RuntimeError_):
             failed += 1
     proxy.sync_routes()  # heals any drift between Caddy's routes and the database
     return {"orphans_removed": sorted(orphans), "failed": failed, "stuck_releases_failed": stuck}

@@ -105,7 +105,7 @@ def rollback(actor, release: Release) -> Release:
     if release.status not in WAS_LIVE or not release.image:
         raise Conflict({"release": [f"#{release.number} never went live; only a release that was live can be "
                                     "rolled back to."]})
-    if not get_runtime().image_exists(release.image):
+    if not get_runtime(instance).image_exists(release.image):
         raise Conflict({"release": [f"the image of #{release.number} is no longer kept (only the last "
                                     f"{keep_releases()} releases are)."]})
     if Release.objects.filter(instance=instance, status__in=ACTIVE).exists():
@@ -224,7 +224,7 @@ def deploy(release_id: int) -> Release:
 
 
 def _deploy(release: Release, instance: Instance, out: LogWriter) -> None:
-    runtime = get_runtime()
+    runtime = get_runtime(instance)
     _set_instance(instance, Instance.Status.DEPLOYING, f"deploying #{release.number} ({release.commit[:8]})")
     if release.rollback_of_id:
         out(f"Rollback to #{release.rollback_of.number}: reusing its image {release.image}\n")
@@ -241,15 +241,13 @@ def _deploy(release: Release, instance: Instance, out: LogWriter) -> None:
         build.export_tree(repo, release.commit, ctx)
         for note in build.check_project(ctx):
             out(note + "\n")
-        tag = build.image_tag(runtime.manager_id, instance.name, release.number)
-        build.build_image(runtime, ctx, tag=tag, labels=build.release_labels(runtime, instance.name),
-                          out=out, timeout=build_timeout())
+        tag = runtime.build_release(instance.name, release.number, ctx, out=out, timeout=build_timeout())
     Release.objects.filter(pk=release.pk).update(image=tag)
     release.refresh_from_db()
     out("Reading session configs and rooms from settings.py\n")
-    # Read beside the app's start (its own engine client): neither waits for the other.
+    # Read beside the app's start (its own runtime object): neither waits for the other.
     with ThreadPoolExecutor(1, thread_name_prefix="introspect") as pool:
-        found = pool.submit(build.introspect, get_runtime(), tag, instance_name=instance.name)
+        found = pool.submit(get_runtime(instance).introspect, instance.name, tag)
         _start_and_switch(release, instance, runtime, out, introspection=found)
 
 
@@ -289,6 +287,10 @@ def _start_and_switch(release: Release, instance: Instance, runtime, out: LogWri
             if introspection is not None and isinstance(introspection.exception(), build.BuildFailed):
                 raise introspection.exception() from None
             raise
+        try:  # the proxy first: once the release is live (the pusher reads "Deployed"), it is served
+            proxy.sync_routes(instance.name)  # only this instance's app changed
+        except Exception:  # noqa: BLE001 - the proxy heals at its next sync; the app is live
+            log.exception("sync_routes after deploying %s #%s", instance.name, release.number)
         with transaction.atomic():
             previous = Release.objects.filter(instance=instance, status=Release.Status.LIVE).exclude(pk=release.pk)
             previous.update(status=Release.Status.ROLLED_BACK if release.rollback_of_id else Release.Status.SUPERSEDED,
@@ -296,10 +298,6 @@ def _start_and_switch(release: Release, instance: Instance, runtime, out: LogWri
             Release.objects.filter(pk=release.pk).update(status=Release.Status.LIVE, finished_at=timezone.now(),
                                                          status_reason="")
             Instance.objects.filter(pk=instance.pk).update(runtime=runtime.name)
-        try:
-            proxy.sync_routes(instance.name)  # only this instance's app changed
-        except Exception:  # noqa: BLE001 - the proxy heals at its next sync; the app is live
-            log.exception("sync_routes after deploying %s #%s", instance.name, release.number)
         out(f"Live: #{release.number} answers at {instance.url or url}\n")
         out.flush()
         _set_instance(instance, Instance.Status.RUNNING, "")
@@ -341,20 +339,23 @@ def _prune(instance: Instance, runtime) -> None:
 # --- the sweep -----------------------------------------------------------------------------
 
 def sweep(now=None) -> int:
-    """Fail releases stuck in queued/building/starting longer than the build timeout plus
-    the start timeout (their worker died); re-enqueue a queued release that waited a few
-    minutes while nobody holds its instance's build lock (the holder died before handing
-    it on). Returns how many were failed."""
+    """Fail releases whose worker died: building or starting while nobody holds their
+    instance's build lock (it outlives a killed holder by LAB_LOCK_TTL), or active longer
+    than the build timeout plus the start timeout; re-enqueue a queued release that waited
+    a few minutes while nobody holds the lock (the holder died before handing it on).
+    Returns how many were failed."""
     now = now or timezone.now()
     limit = timedelta(seconds=build_timeout() + start_timeout() + 60)
+    grace = timedelta(seconds=max(30, int(getattr(settings, "LAB_LOCK_TTL", 30))))
     failed = 0
     for release in Release.objects.filter(status__in=ACTIVE).select_related("instance"):
         since = release.started_at or release.created_at
-        if since + limit < now:
+        held = locks.client().exists(f"lab:lock:build:{release.instance_id}")
+        if since + limit < now or (release.status != Release.Status.QUEUED and since + grace < now and not held):
             _fail(release, "the deploy stopped without finishing (its worker died); push again")
             failed += 1
         elif (release.status == Release.Status.QUEUED and release.created_at + timedelta(minutes=3) < now
-              and not locks.client().exists(f"lab:lock:build:{release.instance_id}")):
+              and not held):
             with transaction.atomic():
                 _enqueue(release, release.pushed_by,
                          f"Deploy {release.instance.name} #{release.number} ({release.commit[:8]})")

@@ -143,6 +143,17 @@ def _user(user_or_username):
     return found
 
 
+def _backend_for_new_instance() -> str:
+    """The backend a new instance is recorded with ("" when none is usable: the reconciler
+    then says why)."""
+    from instances.runtime import RuntimeError_, default_backend
+
+    try:
+        return default_backend()
+    except RuntimeError_:
+        return ""
+
+
 def create_instance(actor, *, name: str, owner, request=None) -> Instance:
     name = validate_name(name)
     owner = _user(owner)
@@ -152,7 +163,8 @@ def create_instance(actor, *, name: str, owner, request=None) -> Instance:
         raise ValidationError({"owner": [f"{owner.username} is deactivated."]})
     try:
         with transaction.atomic():
-            instance = Instance.objects.create(name=name, owner=owner, public_port=_allocate_port())
+            instance = Instance.objects.create(name=name, owner=owner, public_port=_allocate_port(),
+                                               runtime=_backend_for_new_instance())
             record(actor, "instance.create", instance, f"created instance {name} for {owner.username}", request)
             _reconcile_job(actor, instance, f"Create instance {name}", "create")
     except IntegrityError:

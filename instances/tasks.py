@@ -24,6 +24,10 @@ def instance_action(job, instance_id, action):
         raise JobFailed(str(exc)) from exc
     except locks.Busy:
         raise JobFailed("another action on this instance is still running; try again in a minute") from None
+    if action in ("create", "delete"):
+        from instances import proxy
+
+        proxy.sync_routes()  # its public port answers (503 until a release is live) / is closed
     if action == "delete":
         return f"{name} deleted; its final backup is kept"
     if instance is None:

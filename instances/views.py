@@ -30,12 +30,14 @@ def instance_create(request):
 
 def _detail_context(instance, **forms):
     # The backend that runs it, as recorded by the reconciler: no engine call per page view.
-    runtime = runtimes.backend_class(instance.runtime)
+    backend = runtimes.backend_class(instance.runtime)
+    runtime = backend() if backend else None  # describes itself; no engine is contacted
     releases = list(instance.releases.select_related("pushed_by")[:10])
     live = instance.live_release
     context = {
         "instance": instance,
         "runtime": runtime,
+        "database": runtime.database_label(instance.name) if runtime else "",
         "releases": releases,
         "live": live,
         "backups": instance.backups.all()[:20],
@@ -162,7 +164,7 @@ def instance_logs(request, name):
     if component not in {"app", "db", "redis"}:
         raise Http404("No such component")
     try:
-        text = runtimes.get_runtime().logs(instance.name, component, tail=200)
+        text = runtimes.get_runtime(instance).logs(instance.name, component, tail=200)
     except RuntimeError_ as exc:
         text = f"(logs unavailable: {exc})"
     return render(request, "instances/_logs.html", {"instance": instance, "component": component, "text": text})

@@ -204,9 +204,8 @@ def remove_instances(data_dir: Path, port: int, timeout: float = 180, **extra_en
     the instances of the labserver that ran in `data_dir` (its own manager id only)."""
     code = (
         "import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'manager.settings'); django.setup()\n"
-        "from instances.runtime import get_runtime\n"
-        "rt = get_runtime()\n"
-        "[rt.remove(n) for n in rt.owned_instances()] if rt.available() else None\n"
+        "from instances.runtime import available_runtimes\n"
+        "[rt.remove(n) for rt in available_runtimes() for n in rt.owned_instances()]\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=BASE_DIR, env=child_env(data_dir, port, **extra_env),
                    timeout=timeout, capture_output=True)

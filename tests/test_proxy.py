@@ -152,7 +152,7 @@ class FakeRuntime:
 @pytest.fixture
 def runtime(monkeypatch):
     fake = FakeRuntime()
-    monkeypatch.setattr("instances.runtime.get_runtime", lambda: fake)
+    monkeypatch.setattr("instances.runtime.get_runtime", lambda instance=None: fake)
     return fake
 
 

@@ -476,7 +476,8 @@ def test_out_of_memory_app_is_killed_alone(rt, api):
         assert dh.http_get(neighbour.app_url + "/")[0] == 200
         time.sleep(0.3)
     info = api.inspect_container(hog_name)
-    assert info["State"]["OOMKilled"] or info["State"]["ExitCode"] == 137
+    # Killed (137) and restarted by its policy: by now it may be running again (flags reset).
+    assert info["State"]["OOMKilled"] or info["State"]["ExitCode"] == 137 or info["RestartCount"] > 0
     state = rt.state("oom-a")
     assert "OOMKilled" in state.app.detail or "restarted" in state.app.detail
     assert state.app_url == rt.ensure(make_spec("oom-a", app=hog, memory_mb=64)).app_url  # same port after restarts
@@ -583,16 +584,22 @@ def test_unreachable_engine(tmp_path):
         dead.ensure(make_spec("x"))
 
 
-def test_get_runtime_follows_lab_runtime(settings, monkeypatch, tmp_path):
+def test_get_runtime_follows_lab_runtime_and_the_instances_own(settings, monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
     settings.LAB_RUNTIME = "docker"
     assert get_runtime().name == "docker"
     settings.LAB_RUNTIME = "process"
-    with pytest.raises(RuntimeError_, match="LAB_RUNTIME=process is not available yet"):
+    assert get_runtime().name == "process"
+    settings.LAB_RUNTIME = "swarm"
+    with pytest.raises(RuntimeError_, match="LAB_RUNTIME=swarm is not available yet"):
         get_runtime()
     settings.LAB_RUNTIME = "auto"
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no.sock")
-    with pytest.raises(RuntimeError_, match="no Docker engine answers"):
-        get_runtime()
+    assert get_runtime().name == "process"  # no engine answers: the process runtime
+    # An instance keeps the backend it was created with, whatever the default is now.
+    assert get_runtime(SimpleNamespace(runtime="docker")).name == "docker"
     if dh.engine_ok():
         monkeypatch.delenv("DOCKER_HOST")
         assert get_runtime().name == "docker"
+        assert get_runtime(SimpleNamespace(runtime="process")).name == "process"

@@ -1,4 +1,10 @@
-"""Instance runtimes: `get_runtime()` returns the backend chosen by `settings.LAB_RUNTIME`."""
+"""Instance runtimes: `get_runtime(instance)` returns the backend that runs an instance.
+
+Each instance records its backend (`Instance.runtime`) when it is created, so a Docker
+engine that is briefly unreachable never moves an instance to another backend; a new
+instance gets the configured default (`LAB_RUNTIME`; `auto` = docker when an engine
+answers, else process).
+"""
 
 from __future__ import annotations
 
@@ -6,25 +12,7 @@ from django.conf import settings
 
 from .base import Runtime, RuntimeError_
 
-
-def get_runtime() -> Runtime:
-    """The backend for this manager: `docker`, or `auto` = docker when an engine answers.
-
-    A new object per call (cheap: the engine is contacted on first use), so no client
-    connection is shared across the worker's forks.
-    """
-    kind = settings.LAB_RUNTIME
-    if kind in ("docker", "auto"):
-        from .docker import DockerRuntime
-
-        runtime = DockerRuntime()
-        if kind == "docker" or runtime.available():
-            return runtime
-        raise RuntimeError_(
-            f"LAB_RUNTIME=auto: no Docker engine answers at {runtime.engine_url}, and the process "
-            "runtime (the fallback) is not available yet; start Docker or set LAB_RUNTIME=docker"
-        )
-    raise RuntimeError_(f"LAB_RUNTIME={kind} is not available yet; use docker (or auto with a Docker engine)")
+BACKENDS = ("docker", "process")
 
 
 def backend_class(name: str):
@@ -34,7 +22,47 @@ def backend_class(name: str):
         from .docker import DockerRuntime
 
         return DockerRuntime
+    if name == "process":
+        from .process import ProcessRuntime
+
+        return ProcessRuntime
     return None
 
 
-__all__ = ["Runtime", "RuntimeError_", "backend_class", "get_runtime"]
+def default_backend() -> str:
+    """The backend a new instance gets."""
+    kind = settings.LAB_RUNTIME
+    if kind == "auto":
+        from .docker import DockerRuntime
+
+        return "docker" if DockerRuntime().available() else "process"
+    if kind in BACKENDS:
+        return kind
+    raise RuntimeError_(f"LAB_RUNTIME={kind} is not available yet; use docker, process or auto")
+
+
+def get_runtime(instance=None) -> Runtime:
+    """The backend of `instance` (an Instance; its recorded backend), or the default one.
+
+    A new object per call (cheap: an engine is contacted on first use), so no client
+    connection is shared across the worker's forks.
+    """
+    name = getattr(instance, "runtime", "") or default_backend()
+    cls = backend_class(name)
+    if cls is None:
+        raise RuntimeError_(f"unknown runtime {name!r}")
+    return cls()
+
+
+def available_runtimes() -> list[Runtime]:
+    """Every backend usable on this machine (the orphan sweep asks each)."""
+    found = []
+    for name in BACKENDS:
+        runtime = backend_class(name)()
+        if runtime.available():
+            found.append(runtime)
+    return found
+
+
+__all__ = ["BACKENDS", "Runtime", "RuntimeError_", "available_runtimes", "backend_class", "default_backend",
+           "get_runtime"]

@@ -9,14 +9,88 @@ anything unmarked, and can list what they own so the sweep can remove orphans.
 
 from __future__ import annotations
 
+import re
+import socket
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
+import requests
+
+INSTANCE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,40}[a-z0-9])?")
+SQL_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+CANDIDATE = "app-next"  # a deploy's new app while it is health-checked
+RETIRED = "app-old"  # the replaced app, until the proxy points to the new one
+COMPONENTS = ("db", "redis", "app")
+# PostgreSQL tuned for one small oTree app (both backends).
+POSTGRES_TUNING = {
+    "shared_buffers": "16MB",
+    "max_connections": "30",
+    "work_mem": "2MB",
+    "maintenance_work_mem": "16MB",
+    "effective_cache_size": "64MB",
+    "max_wal_size": "64MB",
+    "min_wal_size": "32MB",
+    "wal_buffers": "1MB",
+    "autovacuum_max_workers": "1",
+    "max_worker_processes": "2",
+    "max_parallel_workers": "1",
+    "max_parallel_workers_per_gather": "0",
+    "huge_pages": "off",
+}
+
 
 class RuntimeError_(Exception):
     """A backend failed; the message is shown to the user as the status reason."""
+
+
+def setting(name: str, default):
+    from django.conf import settings
+
+    return getattr(settings, name, default)
+
+
+def free_port() -> int:
+    """A port nothing listens on at 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def last_lines(text: str, n: int = 3) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " / ".join(lines[-n:])[:400]
+
+
+def check_name(name: str) -> None:
+    if not INSTANCE_NAME.fullmatch(name or ""):
+        raise RuntimeError_(f"instance name {name!r} is not DNS-safe (a-z, 0-9, '-', at most 42 characters)")
+
+
+def wait_http(step, timeout: float, *, out=None, last_words=lambda: "", interval: float = 0.2) -> str:
+    """Until a new app answers HTTP (any status below 500); returns its URL. `step()`
+    returns the URL ("" while not known yet) and raises RuntimeError_ when the app
+    crashed; `last_words()` gives its last output for the timeout message."""
+    deadline = time.monotonic() + timeout
+    last = "no answer yet"
+    while True:
+        url = step()
+        if url:
+            try:
+                resp = requests.get(url + "/", timeout=3, allow_redirects=False)
+                if resp.status_code < 500:
+                    if out:
+                        out(f"health check: GET / answered {resp.status_code}\n")
+                    return url
+                last = f"GET / answered {resp.status_code}"
+            except requests.RequestException as exc:
+                last = type(exc).__name__
+        if time.monotonic() >= deadline:
+            tail = last_words()
+            raise RuntimeError_(f"the app did not answer HTTP within {timeout:g} s ({last})" + (f": {tail}" if tail else ""))
+        time.sleep(interval)
 
 
 @dataclass(frozen=True)
@@ -75,6 +149,20 @@ class InstanceState:
 class Runtime(Protocol):
     name: str  # "docker", "process", ...
     isolation: str  # one sentence for the instance page
+    limits_cpu: bool  # whether the CPU limit is enforced
+
+    def database_label(self, name: str) -> str:
+        """What database the instance has, for its page."""
+
+    def backup_suffix(self, name: str) -> str:
+        """File name ending of the instance's backups (".dump": pg_dump's custom format)."""
+
+    def build_release(self, name: str, number: int, ctx: Path, *, out, timeout: float) -> str:
+        """Build release `number` from the checked project in `ctx` (output to `out(text)`);
+        returns its reference (Release.image). Raises build.BuildFailed with the reason."""
+
+    def introspect(self, name: str, image: str, *, timeout: float = 60) -> dict:
+        """{session_configs, rooms, language_code} of a built release."""
 
     def available(self) -> bool:
         """True when the backend can be used on this machine (e.g. the engine answers)."""

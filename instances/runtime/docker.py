@@ -34,7 +34,6 @@ import ipaddress
 import json
 import os
 import re
-import socket
 import time
 import uuid
 from functools import cached_property
@@ -46,7 +45,10 @@ import requests
 from docker.errors import APIError, DockerException, NotFound
 from docker.types import LogConfig, Mount
 
-from .base import AppSpec, ComponentState, Health, InstanceSpec, InstanceState, RuntimeError_
+from .base import (
+    CANDIDATE, COMPONENTS, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppSpec, ComponentState, Health,
+    InstanceSpec, InstanceState, RuntimeError_, check_name, free_port, last_lines, setting, wait_http,
+)
 
 LABEL_MANAGER = "org.otree-lab.manager"
 LABEL_INSTANCE = "org.otree-lab.instance"
@@ -57,40 +59,14 @@ LABEL_RELEASE = "org.otree-lab.release"
 RELEASE_TAG = re.compile(r":r(\d+)$")  # release images are tagged <repository>:r<number>
 LABEL_APP_PORT = "org.otree-lab.app-port"
 
-COMPONENTS = ("db", "redis", "app")
-CANDIDATE = "app-next"  # a deploy's new app while it is health-checked
-RETIRED = "app-old"  # the replaced app, until the proxy points to the new one
 NETWORK_ROLES = ("internal", "edge")
 NETWORK_SUFFIX = {"internal": "net", "edge": "edge"}
 SUBNET_PREFIX = 28  # 16 addresses: gateway + app + db + redis with room to spare
 
 PGDATA = "/var/lib/postgresql/data"  # the volume's mount point
-POSTGRES_ARGS = {
-    "listen_addresses": "*",
-    "shared_buffers": "16MB",
-    "max_connections": "30",
-    "work_mem": "2MB",
-    "maintenance_work_mem": "16MB",
-    "effective_cache_size": "64MB",
-    "max_wal_size": "64MB",
-    "min_wal_size": "32MB",
-    "wal_buffers": "1MB",
-    "autovacuum_max_workers": "1",
-    "max_worker_processes": "2",
-    "max_parallel_workers": "1",
-    "max_parallel_workers_per_gather": "0",
-    "huge_pages": "off",
-}
+POSTGRES_ARGS = {"listen_addresses": "*", **POSTGRES_TUNING}
 
-INSTANCE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,40}[a-z0-9])?")
-SQL_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 MANAGER_ID = re.compile(r"[a-z0-9]{1,16}")
-
-
-def _setting(name: str, default):
-    from django.conf import settings
-
-    return getattr(settings, name, default)
 
 
 def _short(exc: BaseException) -> str:
@@ -109,18 +85,6 @@ def _timestamp(text: str) -> str:
     head, _, frac = text.rstrip("Z").partition(".")
     frac, sep, zone = frac.partition("+") if "+" in frac else (frac, "", "")
     return f"{head}.{frac.ljust(9, '0')}{sep}{zone}"
-
-
-def _free_port() -> int:
-    """A port nothing listens on at 127.0.0.1 right now (the engine runs on this host)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _last_lines(text: str, n: int = 3) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return " / ".join(lines[-n:])[:400]
 
 
 def _user_errors(method):
@@ -166,15 +130,15 @@ class DockerRuntime:
         base_url: str | None = None,
         timeout: float = 60,
     ):
-        self.manager_id = manager_id if manager_id is not None else _setting("LAB_MANAGER_ID", "lab")
+        self.manager_id = manager_id if manager_id is not None else setting("LAB_MANAGER_ID", "lab")
         if not MANAGER_ID.fullmatch(self.manager_id):
             raise RuntimeError_(f"manager id {self.manager_id!r} must be 1-16 lowercase letters or digits")
         images = images or {}
         self.images = {
-            "db": images.get("db") or _setting("LAB_IMAGE_POSTGRES", "postgres:15"),
-            "redis": images.get("redis") or _setting("LAB_IMAGE_REDIS", "redis:7"),
+            "db": images.get("db") or setting("LAB_IMAGE_POSTGRES", "postgres:15"),
+            "redis": images.get("redis") or setting("LAB_IMAGE_REDIS", "redis:7"),
         }
-        self.subnets = subnets or _setting("LAB_DOCKER_SUBNETS", "10.213.0.0/16")
+        self.subnets = subnets or setting("LAB_DOCKER_SUBNETS", "10.213.0.0/16")
         try:
             self._pool = ipaddress.ip_network(self.subnets)
         except ValueError as exc:
@@ -183,7 +147,7 @@ class DockerRuntime:
             raise RuntimeError_(f"LAB_DOCKER_SUBNETS={self.subnets} must be an IPv4 network")
         if self._pool.prefixlen > SUBNET_PREFIX:
             raise RuntimeError_(f"LAB_DOCKER_SUBNETS={self.subnets} is smaller than one /{SUBNET_PREFIX}")
-        self.ready_timeout = ready_timeout if ready_timeout is not None else _setting("LAB_READY_TIMEOUT", 30)
+        self.ready_timeout = ready_timeout if ready_timeout is not None else setting("LAB_READY_TIMEOUT", 30)
         kwargs = docker.utils.kwargs_from_env()
         if base_url:
             kwargs["base_url"] = base_url
@@ -225,10 +189,6 @@ class DockerRuntime:
             raise self._unreachable(exc, what) from None
 
     # --- names and labels -------------------------------------------------------------
-
-    def _check_name(self, name: str) -> None:
-        if not INSTANCE_NAME.fullmatch(name or ""):
-            raise RuntimeError_(f"instance name {name!r} is not DNS-safe (a-z, 0-9, '-', at most 42 characters)")
 
     def _prefix(self, name: str) -> str:
         return f"lab-{self.manager_id}-{name}"
@@ -309,7 +269,7 @@ class DockerRuntime:
                 "init": False,
             }
         app: AppSpec = spec.app
-        env = {**self.service_urls(spec), **app.env}
+        env = {**app.env, **self.service_urls(spec)}  # the runtime knows where its services are
         return {
             "image": app.image,
             "command": list(app.command) if app.command is not None else None,
@@ -336,7 +296,7 @@ class DockerRuntime:
     @_user_errors
     def ensure(self, spec: InstanceSpec) -> InstanceState:
         name = spec.name
-        self._check_name(name)
+        check_name(name)
         for label, value in (("database name", spec.db_name), ("database user", spec.db_user)):
             if not SQL_IDENTIFIER.fullmatch(value or ""):
                 raise RuntimeError_(f"{label} {value!r} must be a lowercase SQL identifier")
@@ -378,7 +338,7 @@ class DockerRuntime:
         untouched, and RuntimeError_ says why (with the app's last lines of output).
         Returns the new app's URL on the host."""
         name = spec.name
-        self._check_name(name)
+        check_name(name)
         if spec.app is None:
             raise RuntimeError_("no app to deploy")
         self._check_image(spec.app.image, service=False)
@@ -387,7 +347,7 @@ class DockerRuntime:
         self._remove_container(candidate, name, graceful=False)
         self._remove_container(self.container_name(name, RETIRED), name, graceful=False)
         desired = self._desired(spec, "app")
-        info = self._create_container(spec, "app", desired, self._hash(desired), networks, _free_port(),
+        info = self._create_container(spec, "app", desired, self._hash(desired), networks, free_port(),
                                       cname=candidate)
         try:
             self._call(f"starting {candidate}", self.api.start, info["Id"])
@@ -405,34 +365,22 @@ class DockerRuntime:
         return url
 
     def _wait_http(self, cname: str, name: str, timeout: float, out=None) -> str:
-        deadline = time.monotonic() + timeout
-        url = ""
-        last = "no answer yet"
-        while True:
+        seen = {}
+
+        def step():
             info = self._inspect(cname)
             if info is None:
                 raise RuntimeError_("the new app's container disappeared while starting")
+            seen["id"] = info["Id"]
             st = info["State"]
             if st["Status"] in ("exited", "dead", "restarting") or (info.get("RestartCount") or 0) > 0:
-                tail = _last_lines(self._container_logs(info["Id"]), 4)
+                tail = last_lines(self._container_logs(info["Id"]), 4)
                 why = "was killed: out of memory" if st.get("OOMKilled") else f"exited with code {st.get('ExitCode')}"
                 raise RuntimeError_(f"the app {why} while starting" + (f": {tail}" if tail else ""))
-            url = url or self._app_url(info)
-            if url:
-                try:
-                    resp = requests.get(url + "/", timeout=3, allow_redirects=False)
-                    if resp.status_code < 500:
-                        if out:
-                            out(f"health check: GET / answered {resp.status_code}\n")
-                        return url
-                    last = f"GET / answered {resp.status_code}"
-                except requests.RequestException as exc:
-                    last = type(exc).__name__
-            if time.monotonic() >= deadline:
-                tail = _last_lines(self._container_logs(info["Id"]), 4)
-                raise RuntimeError_(f"the app did not answer HTTP within {timeout:g} s ({last})"
-                                    + (f": {tail}" if tail else ""))
-            time.sleep(0.2)
+            return self._app_url(info)
+
+        return wait_http(step, timeout, out=out,
+                         last_words=lambda: last_lines(self._container_logs(seen["id"]), 4) if seen else "")
 
     def _container_logs(self, cid: str, tail: int = 40) -> str:
         try:
@@ -440,10 +388,34 @@ class DockerRuntime:
         except (APIError, requests.RequestException):
             return ""
 
+    def build_release(self, name: str, number: int, ctx: Path, *, out, timeout: float) -> str:
+        """Build the release's image from the project in `ctx` (build output to `out`);
+        returns its tag. BuildFailed with the reason when it cannot be built."""
+        from instances import build
+
+        check_name(name)
+        tag = build.image_tag(self.manager_id, name, number)
+        build.build_image(self, ctx, tag=tag, labels=build.release_labels(self, name), out=out, timeout=timeout)
+        return tag
+
+    def introspect(self, name: str, image: str, *, timeout: float = 60) -> dict:
+        """The project's session configs, rooms and language, read inside its image."""
+        from instances import build
+
+        return build.introspect(self, image, instance_name=name, timeout=timeout)
+
+    def backup_suffix(self, name: str) -> str:
+        return ".dump"  # pg_dump's custom format
+
+    limits_cpu = True
+
+    def database_label(self, name: str) -> str:
+        return "PostgreSQL (its own container)"
+
     @_user_errors
     def retire_app(self, name: str) -> None:
         """Stop and remove the app a deploy replaced (after the proxy points to the new one)."""
-        self._check_name(name)
+        check_name(name)
         self._remove_container(self.container_name(name, RETIRED), name, graceful=True)
 
     @_user_errors
@@ -460,7 +432,7 @@ class DockerRuntime:
         `:r<number>`) except those of `keep_releases` and those a container still uses.
         An image that carries several release tags (an unchanged tree pushed again) loses
         only the tags not kept. Returns the removed tags/ids."""
-        self._check_name(name)
+        check_name(name)
         removed = []
         for image in self._call("listing images", self.api.images, filters=self._filters(name)):
             tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]
@@ -627,7 +599,7 @@ class DockerRuntime:
         for attempt in range(3):
             if info is None:
                 if component == "app" and not host_port:
-                    host_port = _free_port()
+                    host_port = free_port()
                 info = self._create_container(spec, component, desired, config_hash, networks, host_port)
             status = info["State"]["Status"]
             try:
@@ -810,13 +782,13 @@ class DockerRuntime:
                     count = info.get("RestartCount") or 0
                     restarts.setdefault(component, count)
                     if info["State"]["Status"] in ("exited", "dead", "removed") or count > restarts[component]:
-                        tail = _last_lines(self.logs(name, component, tail=20))
+                        tail = last_lines(self.logs(name, component, tail=20))
                         raise RuntimeError_(f"{labels[component]} of {name} failed to start" + (f": {tail}" if tail else ""))
             if not pending:
                 return
             if time.monotonic() >= deadline:
                 what = " and ".join(labels[c] for c in pending)
-                tail = _last_lines(self.logs(name, pending[0], tail=20))
+                tail = last_lines(self.logs(name, pending[0], tail=20))
                 raise RuntimeError_(f"{what} of {name} not ready after {timeout:g} s" + (f": {tail}" if tail else ""))
             rounds += 1
             time.sleep(0.1)
@@ -825,7 +797,7 @@ class DockerRuntime:
 
     @_user_errors
     def state(self, name: str) -> InstanceState:
-        self._check_name(name)
+        check_name(name)
         components = {}
         app_url = ""
         for component in COMPONENTS:
@@ -871,7 +843,7 @@ class DockerRuntime:
 
     @_user_errors
     def restart_app(self, name: str) -> None:
-        self._check_name(name)
+        check_name(name)
         cname = self.container_name(name, "app")
         info = self._inspect_ours(cname, name)
         if info is None:
@@ -883,7 +855,7 @@ class DockerRuntime:
 
     @_user_errors
     def stop(self, name: str) -> None:
-        self._check_name(name)
+        check_name(name)
         for component in ("app", "redis", "db"):
             cname = self.container_name(name, component)
             info = self._inspect_ours(cname, name)
@@ -905,7 +877,7 @@ class DockerRuntime:
 
     @_user_errors
     def backup_database(self, name: str, spec: InstanceSpec, dest: Path) -> int:
-        self._check_name(name)
+        check_name(name)
         cname = self._running_db(name)
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -929,7 +901,7 @@ class DockerRuntime:
             code = self._exit_code(eid, tries=100, pause=0.05)
             if code != 0:
                 raise RuntimeError_(
-                    f"pg_dump of {name} failed (exit code {code}): {_last_lines(errors.decode(errors='replace'))}"
+                    f"pg_dump of {name} failed (exit code {code}): {last_lines(errors.decode(errors='replace'))}"
                 )
             size = tmp.stat().st_size
             with open(tmp, "rb") as fh:
@@ -944,7 +916,7 @@ class DockerRuntime:
 
     @_user_errors
     def reset_database(self, name: str, spec: InstanceSpec) -> None:
-        self._check_name(name)
+        check_name(name)
         cname = self._running_db(name)
         db, user = spec.db_name, spec.db_user
         for value in (db, user):
@@ -961,7 +933,7 @@ class DockerRuntime:
         except (APIError, requests.RequestException) as exc:
             raise RuntimeError_(f"resetting the database of {name} failed: {_short(exc)}") from None
         if code != 0:
-            raise RuntimeError_(f"resetting the database of {name} failed: {_last_lines(out)}")
+            raise RuntimeError_(f"resetting the database of {name} failed: {last_lines(out)}")
         # The app is not restarted here: the caller does that (the reconciler's restart).
 
     @_user_errors
@@ -969,7 +941,7 @@ class DockerRuntime:
         """Everything labelled with the instance, in rounds until nothing is left: a
         container whose creation is still under way (a killed ensure's) shows in the list
         a moment before it can be removed."""
-        self._check_name(name)
+        check_name(name)
         deadline = time.monotonic() + 60
         while True:
             left = self._remove_round(name)
@@ -1021,7 +993,7 @@ class DockerRuntime:
 
     @_user_errors
     def logs(self, name: str, component: str = "app", tail: int = 200) -> str:
-        self._check_name(name)
+        check_name(name)
         if component not in COMPONENTS:
             raise RuntimeError_(f"unknown component {component!r} (app, db or redis)")
         cname = self.container_name(name, component)

@@ -1,8 +1,10 @@
-"""The reconciler on a real Docker engine: instances are created, changed, reset, deleted
-and healed as a lab manager and an experimenter would see it (status, backups, data).
+"""The reconciler on every runtime (a real Docker engine; plain processes with a real
+PostgreSQL): instances are created, changed, reset, deleted and healed as a lab manager
+and an experimenter would see it (status, backups, data). The same tests for both
+backends, so a behaviour cannot drift between them.
 
-Only resources labelled with this test run's manager id (derived from its own
-LAB_DATA_DIR) are created or touched.
+Only resources of this test run's manager id (derived from its own LAB_DATA_DIR) are
+created or touched.
 """
 
 import os
@@ -17,34 +19,30 @@ from django.db import connection
 
 from instances import reconciler, services
 from instances.models import Backup, Instance
-from instances.runtime import get_runtime
 from instances.runtime.base import Health
 from instances.tasks import instance_action
 from manager.accounts.models import User
 from manager.jobs.models import Job
-from tests.conftest import need
-from tests.docker_helpers import engine_ok, images_present
+from tests import backends
+from tests.backends import app_env, app_identity, sql
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 
 
-def _engine_and_images() -> bool:
-    return engine_ok() and images_present(settings.LAB_IMAGE_POSTGRES, settings.LAB_IMAGE_REDIS,
-                                          settings.LAB_IMAGE_PYTHON)
-
-
-@pytest.fixture(scope="module")
-def runtime():
-    need(_engine_and_images(), "a Docker engine with the images (python manage.py build_images)")
-    rt = get_runtime()
+@pytest.fixture(scope="module", params=backends.BACKENDS)
+def runtime(request):
+    backends.require(request.param)
+    rt = backends.make(request.param)
     yield rt
     for name in rt.owned_instances():  # whatever a failed test left behind
         rt.remove(name)
 
 
 @pytest.fixture(autouse=True)
-def clean_engine(runtime):
-    """Each test starts and ends with none of this run's instances on the engine."""
+def clean_engine(runtime, settings):
+    """New instances get this backend; each test starts and ends with none of this run's
+    instances."""
+    settings.LAB_RUNTIME = runtime.name
     yield
     for name in runtime.owned_instances():
         runtime.remove(name)
@@ -58,15 +56,10 @@ def people(db):
 
 
 @pytest.fixture
-def fake_app(monkeypatch):
-    """Stand-in for a deployed release until git-push deploys exist: the python image
-    serving HTTP on 8000 and printing its environment's oTree settings."""
-
-    def current_app(instance):
-        return {"image": settings.LAB_IMAGE_PYTHON, "port": 8000, "release": "test",
-                "command": ["python", "-m", "http.server", "8000"]}
-
-    monkeypatch.setattr(reconciler, "current_app", current_app)
+def fake_app(monkeypatch, runtime):
+    """Stand-in for a deployed release (the releases' own tests deploy real oTree): a tiny
+    HTTP server."""
+    monkeypatch.setattr(reconciler, "current_app", lambda instance: backends.fake_app(runtime, instance.name))
 
 
 def run_job(kind):
@@ -99,19 +92,6 @@ def capture_jobs(monkeypatch):
     job_args.clear()
 
 
-def psql(runtime, name, sql):
-    container = runtime.api.inspect_container(runtime.container_name(name, "db"))
-    exec_id = runtime.api.exec_create(container["Id"], ["psql", "-U", "otree", "-d", "otree", "-tAc", sql],
-                                      user="postgres")
-    out = runtime.api.exec_start(exec_id).decode()
-    return runtime.api.exec_inspect(exec_id)["ExitCode"], out.strip()
-
-
-def app_env(runtime, name) -> dict:
-    info = runtime.api.inspect_container(runtime.container_name(name, "app"))
-    return dict(item.split("=", 1) for item in info["Config"]["Env"])
-
-
 def created(boss, owner, name):
     """A new instance whose create job has run (and succeeded)."""
     instance = services.create_instance(boss, name=name, owner=owner)
@@ -125,10 +105,10 @@ def test_create_is_ready_for_code_with_its_own_database(runtime, people):
     job = run_job("instance.create")
     assert job.status == "succeeded", job.message
     instance.refresh_from_db()
-    assert instance.status == "ready_for_code" and instance.runtime == "docker"
+    assert instance.status == "ready_for_code" and instance.runtime == runtime.name
     state = runtime.state("rc-create")
     assert state.db.health == Health.RUNNING and state.redis.health == Health.RUNNING
-    assert psql(runtime, "rc-create", "SELECT 1") == (0, "1")
+    assert sql(runtime, "rc-create", "SELECT 1") == (0, "1")
 
 
 def test_settings_change_restarts_the_app_and_keeps_the_data(runtime, people, fake_app):
@@ -136,8 +116,8 @@ def test_settings_change_restarts_the_app_and_keeps_the_data(runtime, people, fa
     instance = created(boss, ann, "rc-settings")
     instance.refresh_from_db()
     assert instance.status == "running"
-    assert psql(runtime, "rc-settings", "CREATE TABLE sessions (code text); INSERT INTO sessions VALUES ('abc')")[0] == 0
-    before = runtime.api.inspect_container(runtime.container_name("rc-settings", "app"))["Id"]
+    assert sql(runtime, "rc-settings", "CREATE TABLE sessions (code text); INSERT INTO sessions VALUES ('abc')")[0] == 0
+    before = app_identity(runtime, "rc-settings")
 
     password = services.set_admin_password(ann, instance, "a-brand-new-password")
     services.update_settings(ann, instance, auth_level="DEMO", env={"COLOR": "blue"})
@@ -146,14 +126,14 @@ def test_settings_change_restarts_the_app_and_keeps_the_data(runtime, people, fa
     env = app_env(runtime, "rc-settings")
     assert env["OTREE_ADMIN_PASSWORD"] == password and env["OTREE_AUTH_LEVEL"] == "DEMO"
     assert env["COLOR"] == "blue" and env["OTREE_PRODUCTION"] == "1"
-    assert runtime.api.inspect_container(runtime.container_name("rc-settings", "app"))["Id"] != before
-    assert psql(runtime, "rc-settings", "SELECT code FROM sessions") == (0, "abc")  # data untouched
+    assert app_identity(runtime, "rc-settings") != before
+    assert sql(runtime, "rc-settings", "SELECT code FROM sessions") == (0, "abc")  # data untouched
 
 
 def test_reset_database_writes_a_backup_first(runtime, people):
     boss, ann = people
     instance = created(boss, ann, "rc-reset")
-    psql(runtime, "rc-reset", "CREATE TABLE players (id int); INSERT INTO players VALUES (7)")
+    sql(runtime, "rc-reset", "CREATE TABLE players (id int); INSERT INTO players VALUES (7)")
     services.reset_database(ann, instance)
     job = run_job("instance.reset")
     assert job.status == "succeeded", job.message
@@ -161,15 +141,15 @@ def test_reset_database_writes_a_backup_first(runtime, people):
     assert backup.status == "done" and backup.size > 0
     assert backup.path.read_bytes()[:5] == b"PGDMP"
     assert backup.filename in job.message
-    code, out = psql(runtime, "rc-reset", "SELECT count(*) FROM players")
+    code, out = sql(runtime, "rc-reset", "SELECT count(*) FROM players")
     assert code != 0 and "does not exist" in out  # the table is gone
-    assert psql(runtime, "rc-reset", "SELECT 1") == (0, "1")  # the database itself is back and usable
+    assert sql(runtime, "rc-reset", "SELECT 1") == (0, "1")  # the database itself is back and usable
 
 
 def test_delete_keeps_a_final_backup_and_leaves_nothing(runtime, people):
     boss, ann = people
     instance = created(boss, ann, "rc-delete")
-    psql(runtime, "rc-delete", "CREATE TABLE keep (v int); INSERT INTO keep VALUES (1)")
+    sql(runtime, "rc-delete", "CREATE TABLE keep (v int); INSERT INTO keep VALUES (1)")
     services.delete_instance(boss, instance)
     job = run_job("instance.delete")
     assert job.status == "succeeded", job.message
@@ -191,7 +171,7 @@ def test_delete_keeps_a_final_backup_and_leaves_nothing(runtime, people):
 def test_sweep_heals_drift_and_removes_orphans(runtime, people):
     boss, ann = people
     created(boss, ann, "rc-heal")
-    runtime.api.remove_container(runtime.container_name("rc-heal", "redis"), force=True)  # by hand
+    backends.break_service(runtime, "rc-heal", "redis")  # by hand, or a crash
     # resources of an instance the database does not know (e.g. a crash after a delete)
     from instances.runtime.base import InstanceSpec
 
@@ -240,8 +220,12 @@ def test_worker_killed_mid_way_is_healed_by_the_next_pass(runtime, people, setti
     if phase == "create":
         instance.refresh_from_db()
         assert instance.status == "ready_for_code"
-        containers = runtime.api.containers(all=True, filters={"label": [f"org.otree-lab.instance={name}"]})
-        assert sorted(c["Labels"]["org.otree-lab.component"] for c in containers) == ["db", "redis"]
+        if runtime.name == "docker":
+            containers = runtime.api.containers(all=True, filters={"label": [f"org.otree-lab.instance={name}"]})
+            assert sorted(c["Labels"]["org.otree-lab.component"] for c in containers) == ["db", "redis"]
+        else:  # one supervisor, its database and Redis; nothing else of the instance runs
+            assert sorted(runtime._state(name)["processes"]) == ["db", "redis"]
+            assert len(runtime.processes(name)) == 3 and backends.stray_processes(runtime, name) == []
     else:
         assert not Instance.objects.filter(pk=instance.pk).exists()
         assert name not in runtime.owned_instances()

@@ -1,11 +1,14 @@
-"""Releases on a real Docker engine with a real oTree 6 project installed from PyPI inside
-the build: a push goes live; broken pushes fail with a specific reason while the live
-release keeps answering; rollback; queued pushes are superseded; stuck releases swept.
+"""Releases on every runtime (a real Docker engine; plain processes with their own virtual
+environments) with a real oTree 6 project installed from PyPI by the build: a push goes
+live; broken pushes fail with a specific reason while the live release keeps answering;
+rollback; queued pushes are superseded; builds of two instances run in parallel; stuck
+releases swept. The same tests for both backends.
 
-Builds are slow (pip inside the image), so the deploy story is one test. Everything
-created is labelled with this run's manager id and removed at the end.
+Builds are slow (pip), so the deploy story is one test. Everything created belongs to this
+run's manager id and is removed at the end.
 """
 
+import shutil
 import time
 from datetime import timedelta
 
@@ -16,35 +19,51 @@ from django.utils import timezone
 from instances import build, reconciler, releases
 from instances.git.repos import repo_path
 from instances.models import Instance, Release
-from instances.runtime import get_runtime
 from instances.runtime.base import Health
 from manager.accounts.models import User
 from manager.jobs.models import Job
-from tests import otree_projects
-from tests.conftest import need
-from tests.docker_helpers import engine_ok, http_get, images_present
+from tests import backends, otree_projects
+from tests.docker_helpers import http_get
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
+REUSED = {"docker": "Using cache", "process": "reusing the environment"}  # a code-only push installs nothing
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    need(engine_ok() and images_present(settings.LAB_IMAGE_POSTGRES, settings.LAB_IMAGE_REDIS,
-                                        settings.LAB_IMAGE_PYTHON),
-         "a Docker engine with the images (python manage.py build_images)")
-    rt = get_runtime()
+@pytest.fixture(scope="module", params=backends.BACKENDS)
+def runtime(request):
+    backends.require(request.param)
+    rt = backends.make(request.param)
     yield rt
     for name in rt.owned_instances():
         rt.remove(name)
 
 
 @pytest.fixture(autouse=True)
-def clean_engine(runtime):
+def clean_engine(runtime, settings):
+    settings.LAB_RUNTIME = runtime.name
     yield
     for name in runtime.owned_instances():
-        runtime.remove(name)  # containers, networks, volume and the instance's release images
-    for image in runtime.api.images(filters={"label": [f"org.otree-lab.manager={runtime.manager_id}"]}):
-        runtime.api.remove_image(image["Id"], force=True)
+        runtime.remove(name)  # containers or processes, data, and the instance's release images/folders
+    if runtime.name == "docker":
+        for image in runtime.api.images(filters={"label": [f"org.otree-lab.manager={runtime.manager_id}"]}):
+            runtime.api.remove_image(image["Id"], force=True)
+
+
+def running_release(runtime, name) -> str:
+    """The release (image or release folder) the instance's app runs now."""
+    if runtime.name == "docker":
+        return runtime.api.inspect_container(runtime.container_name(name, "app"))["Config"]["Image"]
+    return runtime._spec(name)["processes"]["app"]["image"]
+
+
+def kept_releases(runtime, name) -> set[str]:
+    """Numbers of the release builds still kept."""
+    if runtime.name == "docker":
+        return {tag.rsplit(":r", 1)[1]
+                for i in runtime.api.images(filters={"label": [
+                    f"org.otree-lab.manager={runtime.manager_id}", f"org.otree-lab.instance={name}"]})
+                for tag in i["RepoTags"] or []}
+    return {folder.name[1:] for folder in (runtime.dir(name) / "releases").glob("r*")}
 
 
 queued = {}
@@ -86,7 +105,8 @@ def lab(runtime, tmp_path):
 
 
 def new_instance(owner, name, tmp_path):
-    instance = Instance.objects.create(name=name, owner=owner, public_port=None)
+    instance = Instance.objects.create(name=name, owner=owner, public_port=None, runtime=settings.LAB_RUNTIME)
+    shutil.rmtree(repo_path(name), ignore_errors=True)  # an instance of the same name on the other backend
     bare = otree_projects.init_bare(repo_path(name))
     return instance, otree_projects.Checkout(tmp_path / f"{name}-work", bare)
 
@@ -133,32 +153,44 @@ def test_deploy_broken_pushes_and_rollback(runtime, lab, tmp_path, capsys):
     instance.refresh_from_db()
     assert instance.status == "running"
     # The reconciler keeps the live release: a pass changes nothing.
-    app_id = runtime.api.inspect_container(runtime.container_name("rel-story", "app"))["Id"]
+    app_id = backends.app_identity(runtime, "rel-story")
     assert reconciler.current_app(instance)["image"] == first.image
     reconciler.reconcile(instance.pk)
-    assert runtime.api.inspect_container(runtime.container_name("rel-story", "app"))["Id"] == app_id
-    # The image is labelled; nothing secret went into the build or the log.
-    labels = runtime.api.inspect_image(first.image)["Config"]["Labels"]
-    assert labels["org.otree-lab.instance"] == "rel-story" and first.image.endswith(":r1")
-    # The app runs unprivileged: the runtime sets the user on the container.
-    app_info = runtime.api.inspect_container(runtime.container_name("rel-story", "app"))
-    assert app_info["Config"]["User"] == "10001:10001"
-    env = "\n".join(runtime.api.inspect_image(first.image)["Config"]["Env"])
+    assert backends.app_identity(runtime, "rel-story") == app_id
     for secret in (instance.admin_password, instance.rest_key, instance.db_password):
-        assert secret not in first.log and secret not in env
+        assert secret not in first.log  # nothing secret went into the build or its log
+    if runtime.name == "docker":
+        # The image is labelled and holds no secret; the app runs unprivileged.
+        labels = runtime.api.inspect_image(first.image)["Config"]["Labels"]
+        assert labels["org.otree-lab.instance"] == "rel-story" and first.image.endswith(":r1")
+        assert runtime.api.inspect_container(runtime.container_name("rel-story", "app"))["Config"]["User"] == "10001:10001"
+        env = "\n".join(runtime.api.inspect_image(first.image)["Config"]["Env"])
+        assert not any(secret in env for secret in (instance.admin_password, instance.rest_key, instance.db_password))
+    else:
+        # The release folder; the app runs as the instance's own user (the manager is root here).
+        assert first.image == "rel-story/r1" and (runtime.dir("rel-story") / "releases" / "r1" / "settings.py").exists()
+        import psutil
+
+        app_pid = runtime._state("rel-story")["processes"]["app"]["pid"]
+        expected = runtime.user_name("rel-story") if runtime.own_users else psutil.Process().username()
+        assert psutil.Process(app_pid).username() == expected
 
     # 2. A code-only change reuses the pip layer and replaces the app.
     second, job, timings["code-only redeploy"] = deploy(instance, checkout, otree_projects.valid_project("v2"),
                                                         "second version", ann)
     assert second.status == "live", (second.status_reason, second.log[-3000:])
-    assert "Using cache" in second.log
+    assert REUSED[runtime.name] in second.log
     first.refresh_from_db()
     assert first.status == "superseded"
     assert answers(runtime, "rel-story")[0] in (200, 302)
-    assert runtime.api.inspect_container(runtime.container_name("rel-story", "app"))["Config"]["Image"] == second.image
-    names = {c["Names"][0] for c in runtime.api.containers(all=True, filters={"label": [
-        f"org.otree-lab.manager={runtime.manager_id}", "org.otree-lab.instance=rel-story"]})}
-    assert names == {f"/{runtime.container_name('rel-story', c)}" for c in ("app", "db", "redis")}
+    assert running_release(runtime, "rel-story") == second.image
+    if runtime.name == "docker":  # the old app and the candidate are gone
+        names = {c["Names"][0] for c in runtime.api.containers(all=True, filters={"label": [
+            f"org.otree-lab.manager={runtime.manager_id}", "org.otree-lab.instance=rel-story"]})}
+        assert names == {f"/{runtime.container_name('rel-story', c)}" for c in ("app", "db", "redis")}
+    else:
+        assert sorted(runtime._state("rel-story")["processes"]) == ["app", "db", "redis"]
+        assert backends.stray_processes(runtime, "rel-story") == []
 
     # 3. Broken pushes fail with their specific reason; #2 keeps answering throughout.
     expected = {
@@ -195,11 +227,7 @@ def test_deploy_broken_pushes_and_rollback(runtime, lab, tmp_path, capsys):
         releases.rollback(ann, Release.objects.get(instance=instance, message="crash"))  # never live
 
     # 5. Images of failed releases were pruned; the live ones are kept.
-    kept = {tag.rsplit(":r", 1)[1]
-            for i in runtime.api.images(filters={"label": [
-                f"org.otree-lab.manager={runtime.manager_id}", "org.otree-lab.instance=rel-story"]})
-            for tag in i["RepoTags"] or []}
-    assert kept == {"1", "2"}
+    assert kept_releases(runtime, "rel-story") == {"1", "2"}
     with capsys.disabled():
         print("\n  release timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
 
@@ -252,6 +280,28 @@ def test_sweep_fails_releases_whose_worker_died(lab, tmp_path):
     assert fresh.status == "queued"
 
 
+def test_sweep_fails_a_release_as_soon_as_its_build_lock_is_gone(lab):
+    """A killed worker's build lock expires after LAB_LOCK_TTL: its release is failed at the
+    next sweep, not only after the whole build timeout; a live holder's release is kept."""
+    from manager import locks
+
+    boss, ann = lab
+    mine = Instance.objects.create(name="rel-lost", owner=ann)
+    busy = Instance.objects.create(name="rel-busy", owner=ann)
+    a_minute_ago = timezone.now() - timedelta(seconds=60)
+    lost = Release.objects.create(instance=mine, number=1, commit="a" * 40, status="starting", started_at=a_minute_ago)
+    just_now = Release.objects.create(instance=mine, number=2, commit="b" * 40, status="building",
+                                      started_at=timezone.now())
+    working = Release.objects.create(instance=busy, number=1, commit="c" * 40, status="building",
+                                     started_at=a_minute_ago)
+    with locks.lock(f"build:{busy.pk}"):
+        assert releases.sweep() == 1
+    for release in (lost, just_now, working):
+        release.refresh_from_db()
+    assert lost.status == "failed" and "worker died" in lost.status_reason
+    assert just_now.status == "building" and working.status == "building"
+
+
 def test_pip_failure_is_explained():
     log = ("ERROR: Could not find a version that satisfies the requirement nopkg-x==1.0 (from versions: none)\n"
            "ERROR: No matching distribution found for nopkg-x==1.0\n")
@@ -268,9 +318,11 @@ def test_builds_of_different_instances_run_in_parallel(lab, tmp_path):
     boss, ann = lab
     bob = User.objects.create_user("bob", "bob@lab.test", "pw-bob-1234567")
     pushed = []
-    for owner, name in ((ann, "rel-par-a"), (bob, "rel-par-b")):
+    for owner, name, extra in ((ann, "rel-par-a", ""), (bob, "rel-par-b", "six\n")):
         instance, checkout = new_instance(owner, name, tmp_path)
-        pushed.append(push(instance, checkout, otree_projects.broken("missing_package"), "slow pip", owner))
+        files = otree_projects.broken("missing_package")
+        files["requirements.txt"] += extra  # their own requirements: nothing shared to wait for
+        pushed.append(push(instance, checkout, files, "slow pip", owner))
     jobs = {job.pk: queued.pop(job.pk) for job in Job.objects.filter(kind="instance.deploy", status="queued")}
     threads = [threading.Thread(target=task.apply, args=([str(pk), *args],)) for pk, (task, args) in jobs.items()]
     for thread in threads:

@@ -1,0 +1,134 @@
+"""Backend-neutral helpers, so one behavioural test runs on every runtime (docker and
+process) and a behaviour cannot drift between them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+from django.conf import settings
+
+from instances.runtime import backend_class
+from tests.conftest import need
+from tests.docker_helpers import engine_ok, images_present
+
+BACKENDS = ["docker", "process"]
+
+
+def require(name: str) -> None:
+    """Skip (fail under CI) when backend `name` cannot run here."""
+    if name == "docker":
+        need(engine_ok() and images_present(settings.LAB_IMAGE_POSTGRES, settings.LAB_IMAGE_REDIS,
+                                            settings.LAB_IMAGE_PYTHON),
+             "a Docker engine with the images (python manage.py build_images)")
+    else:
+        runtime = backend_class("process")()
+        need(runtime.available() and runtime.pg_bin is not None,
+             "PostgreSQL's server programs (apt install postgresql) for the process runtime")
+
+
+def make(name: str, **kwargs):
+    return backend_class(name)(**kwargs)
+
+
+def sql(runtime, instance_name: str, statement: str) -> tuple[int, str]:
+    """Run SQL in the instance's own database as the app's user: (0, output) or
+    (non-zero, the error)."""
+    from instances.models import Instance
+
+    if runtime.name == "docker":
+        container = runtime.api.inspect_container(runtime.container_name(instance_name, "db"))
+        exec_id = runtime.api.exec_create(container["Id"], ["psql", "-U", "otree", "-d", "otree", "-tAc", statement],
+                                          user="postgres")
+        out = runtime.api.exec_start(exec_id).decode()
+        return runtime.api.exec_inspect(exec_id)["ExitCode"], out.strip()
+    import psycopg
+
+    instance = Instance.objects.get(name=instance_name)
+    try:
+        with psycopg.connect(host=str(runtime.dir(instance_name) / "run"), user=instance.db_user,
+                             password=instance.db_password, dbname=instance.db_name, autocommit=True) as conn:
+            cur = conn.execute(statement)
+            rows = cur.fetchall() if cur.description else []
+        return 0, "\n".join("|".join(str(v) for v in row) for row in rows)
+    except psycopg.Error as exc:
+        return 1, str(exc)
+
+
+def app_env(runtime, name: str) -> dict:
+    """The environment the instance's app runs with."""
+    if runtime.name == "docker":
+        info = runtime.api.inspect_container(runtime.container_name(name, "app"))
+        return dict(item.split("=", 1) for item in info["Config"]["Env"])
+    return dict(runtime._spec(name)["processes"]["app"]["env"])
+
+
+def app_identity(runtime, name: str) -> str:
+    """Changes whenever the app is restarted or replaced."""
+    if runtime.name == "docker":
+        return runtime.api.inspect_container(runtime.container_name(name, "app"))["Id"]
+    info = runtime._state(name)["processes"]["app"]
+    return f"{info['pid']}:{info['start_ticks']}"
+
+
+def break_service(runtime, name: str, component: str) -> None:
+    """What an admin or a crash might do by hand: the component is gone."""
+    if runtime.name == "docker":
+        runtime.api.remove_container(runtime.container_name(name, component), force=True)
+        return
+    supervisor = runtime._state(name)["supervisor"]
+    os.kill(supervisor, signal.SIGKILL)  # and its children die with it
+
+
+def fake_app(runtime, name: str) -> dict:
+    """A tiny HTTP app standing in for a release (`reconciler.current_app`'s answer)."""
+    if runtime.name == "docker":
+        return {"image": settings.LAB_IMAGE_PYTHON, "port": 8000, "release": "test",
+                "command": ["python", "-m", "http.server", "8000"]}
+    release = runtime.dir(name) / "releases" / "r1"
+    if not release.exists():
+        venv = runtime.venvs_root / "testhttp"
+        if not (venv / ".complete").exists():
+            runtime.venvs_root.mkdir(parents=True, exist_ok=True)
+            subprocess.run([runtime.python, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+            os.chmod(runtime.venvs_root, 0o755)
+            (venv / ".complete").write_text("test\n")
+        release.mkdir(parents=True)
+        (release / ".lab-venv").write_text("testhttp\n")
+        runtime._chown(release, runtime._ids(name), recursive=True)
+    return {"image": f"{name}/r1", "port": 8000, "release": "test", "command": ["python", "-m", "http.server", "8000"]}
+
+
+def stray_processes(runtime, name: str) -> list[str]:
+    """Processes of the instance (process runtime) that its supervisor does not account
+    for: every process whose command line or working directory lies in the instance's
+    folder, minus the supervisor and its descendants."""
+    import psutil
+
+    root = str(runtime.dir(name))
+    state = runtime._state(name)
+    accounted = set()
+    supervisor = state.get("supervisor")
+    if supervisor and runtime.supervisor_alive(name):
+        try:
+            top = psutil.Process(supervisor)
+            accounted = {top.pid} | {child.pid for child in top.children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
+    strays = []
+    for proc in psutil.process_iter(["pid", "cmdline", "cwd", "status"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if root not in cmd and not (proc.info["cwd"] or "").startswith(root):
+                continue
+            if proc.pid in accounted or proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            strays.append(f"{proc.pid} {cmd[:120]}")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return strays
+
+
+__all__ = ["BACKENDS", "app_env", "app_identity", "break_service", "fake_app", "make", "require", "sql",
+           "stray_processes"]
