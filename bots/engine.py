@@ -455,7 +455,7 @@ def app_access(run: BotRun) -> tuple[str, str]:
     from instances.runtime import RuntimeError_, get_runtime
 
     try:
-        url = get_runtime().state(run.instance.name).app_url
+        url = get_runtime(run.instance).state(run.instance.name).app_url
     except RuntimeError_ as exc:
         raise RunFailed(f"the instance's runtime does not answer: {exc}") from None
     if not url:
