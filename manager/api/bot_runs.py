@@ -2,6 +2,7 @@
 pages (the instance's owner and lab managers; others get 404). /api/v1/bot-providers:
 the models a run may use (names only, never keys)."""
 
+from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse
 from ninja import Router, Schema, Status
 from pydantic import Field
@@ -122,8 +123,6 @@ def start_bot_run(request: HttpRequest, name: str, payload: BotRunIn, response: 
     if model == RANDOM_POLICY and not provider_name:
         provider, model = None, RANDOM_POLICY
     else:
-        from django.core.exceptions import ValidationError
-
         if not provider_name:
             raise ValidationError({"provider": [f'name the provider of the model (or use model "{RANDOM_POLICY}")']})
         provider, model = services.resolve_model(model, provider_name=provider_name)
