@@ -370,3 +370,18 @@ async def test_run_updates_reach_the_owner_and_lab_managers_only():
     for tab, _ in tabs.values():
         await tab.disconnect()
 
+
+
+def test_bot_runs_have_their_own_queue_and_labserver_worker(settings):
+    """A run holds its worker process while it plays: it goes to the `bots` queue, which
+    only the labserver's `bots` child (LAB_BOT_RUNS processes) consumes."""
+    from manager.celery import app
+    from manager.supervisor import default_specs
+
+    settings.LAB_BOT_RUNS = 3
+    assert app.amqp.router.route({}, "bots.run")["queue"].name == "bots"
+    assert app.amqp.router.route({}, "instances.build_release")["queue"].name == "celery"
+    specs = {spec.name: spec for spec in default_specs()}
+    bots = specs["bots"].argv
+    assert bots[bots.index("-Q") + 1] == "bots" and bots[bots.index("--concurrency") + 1] == "3"
+    assert "-Q" not in specs["worker"].argv  # the main worker keeps the default queue: deploys, backups
