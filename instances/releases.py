@@ -346,7 +346,7 @@ def sweep(now=None) -> int:
     Returns how many were failed."""
     now = now or timezone.now()
     limit = timedelta(seconds=build_timeout() + start_timeout() + 60)
-    grace = timedelta(seconds=max(30, int(getattr(settings, "LAB_LOCK_TTL", 30))))
+    grace = timedelta(seconds=int(getattr(settings, "LAB_LOCK_TTL", 30)))  # the lock is taken before the claim
     failed = 0
     for release in Release.objects.filter(status__in=ACTIVE).select_related("instance"):
         since = release.started_at or release.created_at

@@ -28,7 +28,9 @@ def _read_or_create(path: Path, make) -> str:
     O_EXCL makes the creation race-free when several processes start together
     (web, worker and beat all import settings at the same moment).
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.parent.stat().st_mode & 0o077:  # (older data dirs made it 755)
+        os.chmod(path.parent, 0o700)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:

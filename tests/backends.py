@@ -81,6 +81,15 @@ def break_service(runtime, name: str, component: str) -> None:
     os.kill(supervisor, signal.SIGKILL)  # and its children die with it
 
 
+def kill_app(runtime, name: str) -> None:
+    """The instance's oTree process dies (SIGKILL), as in a crash."""
+    if runtime.name == "docker":
+        pid = runtime.api.inspect_container(runtime.container_name(name, "app"))["State"]["Pid"]
+    else:
+        pid = runtime._state(name)["processes"]["app"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+
+
 def fake_app(runtime, name: str) -> dict:
     """A tiny HTTP app standing in for a release (`reconciler.current_app`'s answer)."""
     if runtime.name == "docker":
@@ -130,5 +139,5 @@ def stray_processes(runtime, name: str) -> list[str]:
     return strays
 
 
-__all__ = ["BACKENDS", "app_env", "app_identity", "break_service", "fake_app", "make", "require", "sql",
+__all__ = ["BACKENDS", "app_env", "app_identity", "break_service", "fake_app", "kill_app", "make", "require", "sql",
            "stray_processes"]

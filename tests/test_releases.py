@@ -268,6 +268,68 @@ def test_a_newer_push_supersedes_queued_ones_and_builds_never_overlap(runtime, l
     assert four.status == "failed" and "does not name otree" in four.status_reason
 
 
+def _deploy_in_subprocess(release_id):
+    """`releases.deploy` in a process of its own, as a worker runs it (killable)."""
+    import os
+    import subprocess
+    import sys
+
+    from django.db import connection
+
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}", "LAB_LOCK_TTL": "3",
+           "LAB_RUNTIME": settings.LAB_RUNTIME}
+    code = ("import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'manager.settings'); django.setup();"
+            f"from instances.releases import deploy; deploy({release_id})")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=settings.BASE_DIR, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_worker_and_app_killed_mid_deploy_come_back_with_the_live_release(runtime, lab, tmp_path, settings):
+    """The worker dies while the new release is being health-checked, and the live app
+    crashes at the same moment: the next passes fail the release, the live release serves
+    again, and nothing of the half-done deploy is left running."""
+    import signal
+
+    boss, ann = lab
+    settings.LAB_LOCK_TTL = 3
+    instance, checkout = new_instance(ann, "rel-kill", tmp_path)
+    first, job, _ = deploy(instance, checkout, otree_projects.valid_project("v1"), "first", ann)
+    assert first.status == "live", first.status_reason
+    second = push(instance, checkout, otree_projects.valid_project("v2"), "second", ann)
+    worker = _deploy_in_subprocess(second.pk)
+    deadline = time.monotonic() + 300
+    try:
+        while Release.objects.get(pk=second.pk).status != "starting":
+            assert time.monotonic() < deadline and worker.poll() is None, Release.objects.get(pk=second.pk).log[-2000:]
+            time.sleep(0.05)
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=10)
+    backends.kill_app(runtime, "rel-kill")
+    time.sleep(3.5)  # the killed worker's locks expire (LAB_LOCK_TTL)
+    assert releases.sweep() == 1
+    second.refresh_from_db()
+    assert second.status == "failed" and "worker died" in second.status_reason
+    reconciler.reconcile(instance.pk)
+    instance.refresh_from_db()
+    assert instance.status == "running", instance.status_reason
+    assert running_release(runtime, "rel-kill") == first.image
+    deadline = time.monotonic() + 60
+    while True:  # the restarted app answers with the live release's page
+        code, body = answers(runtime, "rel-kill")
+        if code in (200, 302):
+            break
+        assert time.monotonic() < deadline, (code, body[:300])
+        time.sleep(0.3)
+    if runtime.name == "docker":
+        names = {c["Names"][0] for c in runtime.api.containers(all=True, filters={"label": [
+            f"org.otree-lab.manager={runtime.manager_id}", "org.otree-lab.instance=rel-kill"]})}
+        assert names == {f"/{runtime.container_name('rel-kill', c)}" for c in ("app", "db", "redis")}
+    else:
+        assert sorted(runtime._state("rel-kill")["processes"]) == ["app", "db", "redis"]
+        assert backends.stray_processes(runtime, "rel-kill") == []
+
+
 def test_sweep_fails_releases_whose_worker_died(lab, tmp_path):
     boss, ann = lab
     instance = Instance.objects.create(name="rel-sweep", owner=ann)

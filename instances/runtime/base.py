@@ -164,6 +164,10 @@ class Runtime(Protocol):
     def introspect(self, name: str, image: str, *, timeout: float = 60) -> dict:
         """{session_configs, rooms, language_code} of a built release."""
 
+    def remove_build_leftovers(self, name: str) -> None:
+        """Remove what a build whose worker died left behind (only called while no build of
+        the instance runs)."""
+
     def available(self) -> bool:
         """True when the backend can be used on this machine (e.g. the engine answers)."""
 

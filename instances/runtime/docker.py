@@ -407,6 +407,17 @@ class DockerRuntime:
     def backup_suffix(self, name: str) -> str:
         return ".dump"  # pg_dump's custom format
 
+    @_user_errors
+    def remove_build_leftovers(self, name: str) -> None:
+        """What a build killed with its worker left: its introspection container."""
+        check_name(name)
+        for c in self._call("listing containers", self.api.containers, all=True,
+                            filters=self._filters(name, **{LABEL_COMPONENT: "introspect"})):
+            try:
+                self.api.remove_container(c["Id"], force=True, v=True)
+            except NotFound:
+                pass
+
     limits_cpu = True
 
     def database_label(self, name: str) -> str:

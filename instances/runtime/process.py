@@ -218,14 +218,21 @@ class ProcessRuntime:
         return env
 
     def _prepare_root(self) -> None:
-        """The data dir is traversable (not listable) by the instances' users; the
-        instances' and environments' folders too."""
+        """With per-instance users: the data dir is traversable (not listable) by them, for
+        their own folders and the environments; everything else in it is closed to them
+        (the manager's database, secrets, repositories, backups, logs)."""
         self.instances_root.mkdir(parents=True, exist_ok=True)
         self.venvs_root.mkdir(parents=True, exist_ok=True)
-        if self.own_users:
-            for path in (self.data_root, self.instances_root):
-                os.chmod(path, os.stat(path).st_mode & 0o7777 | 0o711)
-            os.chmod(self.venvs_root, 0o755)
+        if not self.own_users:
+            return
+        for path in (self.data_root, self.instances_root):
+            os.chmod(path, os.stat(path).st_mode & 0o7770 | 0o711)
+        os.chmod(self.venvs_root, 0o755)
+        for entry in self.data_root.iterdir():
+            if entry.name not in (self.instances_root.name, self.venvs_root.name) and not entry.is_symlink():
+                mode = entry.stat().st_mode & 0o7777
+                if mode & 0o007:
+                    os.chmod(entry, mode & ~0o007)
 
     def _create(self, name: str) -> dict:
         """The instance's folder, user and metadata (once)."""
@@ -382,8 +389,11 @@ class ProcessRuntime:
     def _app_process(self, name: str, spec: InstanceSpec, app: AppSpec, port: int, generation: int = 0) -> dict:
         release = self._release_dir(app.image)
         venv = self._venv_of(release)
-        argv = [str(venv / "bin" / a) if i == 0 else a for i, a in enumerate(app.command or ["otree", "prodserver"])]
-        argv = [a if a != str(app.port) else f"127.0.0.1:{port}" for a in argv]
+        command = list(app.command or ["otree", "prodserver", str(app.port)])
+        # The port argument: oTree's prodserver takes ADDR:PORT (loopback only: the proxy
+        # publishes it); any other command gets the bare port.
+        bind = f"127.0.0.1:{port}" if command[:2] == ["otree", "prodserver"] else str(port)
+        argv = [str(venv / "bin" / command[0])] + [bind if a == str(app.port) else a for a in command[1:]]
         env = {**self._base_env(name), "PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin", "PORT": str(port),
                **app.env, **self.service_urls(name, spec)}
         return {"argv": argv, "env": env, "cwd": str(release), "stop_signal": "SIGTERM", "memory_mb": spec.memory_mb,
@@ -658,7 +668,8 @@ class ProcessRuntime:
             if venv.exists():
                 shutil.rmtree(venv)  # a build killed half-way
             ids = self._ids(name)
-            venv.mkdir(mode=0o755)
+            venv.mkdir()
+            os.chmod(venv, 0o755)
             self._chown(venv, ids)
             req = venv / ".requirements.txt"
             shutil.copy(requirements, req)
@@ -687,7 +698,7 @@ class ProcessRuntime:
         kwargs = {"user": ids[0], "group": ids[1], "extra_groups": []} if ids else {}
         proc = subprocess.Popen(argv, env=env or self._base_env(name), cwd=self.dir(name) / "home",
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True, **kwargs)
+                                start_new_session=True, umask=0o022, **kwargs)  # environments: readable by all
         seen = []
         timer = _Deadline(proc, deadline)
         try:
@@ -817,6 +828,10 @@ class ProcessRuntime:
             return size
         finally:
             tmp.unlink(missing_ok=True)
+
+    def remove_build_leftovers(self, name: str) -> None:
+        """Nothing: a killed build's programs ran as the worker's children and ended with it;
+        a half-made environment is made again by the next build."""
 
     def backup_suffix(self, name: str) -> str:
         return ".dump" if self.database_kind(name) == "postgresql" else ".sqlite3"
