@@ -13,10 +13,12 @@ oTree 6 project over HTTPS with the git client:
 4. the memory of the idle instance (app + PostgreSQL + Redis, cgroup usage minus page
    cache) after `--idle` seconds (goal: at most 120 MiB).
 
-Needs a Docker engine and the images (`python manage.py build_images`). Everything it
-created (containers, networks, volumes, images, the data dir) is removed at the end.
+`--runtime docker` (default) needs a Docker engine and the images (`python manage.py
+build_images`); `--runtime process` needs PostgreSQL's server programs. Everything it
+created (containers or processes, images or environments, the data dir) is removed at
+the end.
 
-    .venv/bin/python bench/deploy.py [--runs 5] [--idle 20]
+    .venv/bin/python bench/deploy.py [--runs 5] [--idle 20] [--runtime process]
 """
 
 import argparse
@@ -51,9 +53,19 @@ def push(checkout, files, message, remote):
     return elapsed, out
 
 
-def pip_install_seconds(requirements: str, image: str = "python:3.11-slim") -> float:
+def pip_install_seconds(requirements: str, image: str = "python:3.11-slim", runtime: str = "docker") -> float:
     """How long `pip install -r requirements.txt` alone takes in a fresh container of the
-    build's base image (what a requirements push must at least spend)."""
+    build's base image, or a fresh virtual environment (process runtime): what a
+    requirements push must at least spend."""
+    if runtime == "process":
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "requirements.txt").write_text(requirements)
+            python = getattr(sys, "_base_executable", sys.executable)
+            start = time.perf_counter()
+            subprocess.run([python, "-m", "venv", f"{tmp}/venv"], check=True, capture_output=True, timeout=300)
+            subprocess.run([f"{tmp}/venv/bin/pip", "install", "-q", "-r", f"{tmp}/requirements.txt"], check=True,
+                           capture_output=True, timeout=900)
+            return time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "requirements.txt").write_text(requirements)
         subprocess.run(["docker", "create", "--name", "bench-pip", image, "pip", "install", "-q", "--no-cache-dir",
@@ -75,6 +87,25 @@ def api(url, token, method="GET", body=None):
         return json.loads(response.read() or b"null")
 
 
+def idle_memory_process(data_dir: Path, instance: str) -> dict:
+    """PSS of the instance's processes (process runtime), by role."""
+    import json
+
+    import psutil
+
+    state = json.loads((data_dir / "instances" / instance / "state.json").read_text())
+    result = {}
+    for role, info in state["processes"].items():
+        try:
+            top = psutil.Process(info["pid"])
+            result[role] = sum(p.memory_full_info().pss for p in [top, *top.children(recursive=True)]) / 2**20
+        except psutil.NoSuchProcess:
+            pass
+    supervisor = psutil.Process(state["supervisor"])
+    result["supervisor"] = supervisor.memory_full_info().pss / 2**20
+    return result
+
+
 def idle_memory_mib(manager_id: str, instance: str) -> dict:
     import docker
 
@@ -93,10 +124,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--idle", type=float, default=20)
+    parser.add_argument("--runtime", choices=["docker", "process"], default="docker")
     args = parser.parse_args()
 
     data_dir, port, public_port = new_data_dir(), free_port(), free_port()
-    extra = {"LAB_INSTANCE_PORTS": f"{public_port}-{public_port}"}
+    extra = {"LAB_INSTANCE_PORTS": f"{public_port}-{public_port}", "LAB_RUNTIME": args.runtime}
     env = child_env(data_dir, port, **extra)
     import hashlib
 
@@ -135,12 +167,13 @@ def main():
             project["requirements.txt"] = base_requirements + f"{package}\n"
             elapsed, _ = push(checkout, project, f"req {i}", remote)
             reqs.append(elapsed)
-            pips.append(pip_install_seconds(base_requirements + f"{package}\n"))
+            pips.append(pip_install_seconds(base_requirements + f"{package}\n", runtime=args.runtime))
         rows.append(("requirements.txt push -> serving", reqs, None))
         rows.append(("  pip install -r alone (same reqs)", pips, None))
 
         time.sleep(args.idle)
-        memory = idle_memory_mib(manager_id, "bench")
+        memory = (idle_memory_mib(manager_id, "bench") if args.runtime == "docker"
+                  else idle_memory_process(data_dir, "bench"))
     finally:
         server.terminate()
         server.kill_everything()
@@ -148,7 +181,8 @@ def main():
         remove_data_dir(data_dir)
         subprocess.run(["rm", "-rf", str(work)])
 
-    print(f"\ngit push over HTTPS -> new release serving (s); {args.runs} runs each, real oTree 6 project\n")
+    print(f"\ngit push over HTTPS -> new release serving (s); {args.runs} runs each, real oTree 6 project, "
+          f"{args.runtime} runtime\n")
     print(f"| {'push':36} | {'median':>7} | {'min':>6} | {'max':>6} | goal |")
     print(f"|{'-' * 38}|{'-' * 9}|{'-' * 8}|{'-' * 8}|------|")
     for label, values, goal in rows:

@@ -198,6 +198,10 @@ CELERY_TASK_TIME_LIMIT = 330
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 LAB_READY_TIMEOUT = env_int("LAB_READY_TIMEOUT", 30)  # seconds an instance's database and Redis get to start
+# The process runtime: where PostgreSQL's server programs are ("" = PATH, then
+# /usr/lib/postgresql/<newest>/bin) and the Python its virtual environments are made with.
+LAB_PG_BIN = env_str("LAB_PG_BIN", "")
+LAB_PROCESS_PYTHON = env_str("LAB_PROCESS_PYTHON", "")
 LAB_LOCK_TTL = env_int("LAB_LOCK_TTL", 30)  # seconds a killed worker's instance lock outlives it
 # Deploys: seconds a build may take, seconds a new app gets to answer its health check,
 # and how many release images per instance are kept for rollbacks.

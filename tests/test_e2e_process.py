@@ -1,0 +1,105 @@
+"""A manager on a machine without Docker: a real `labserver` with `LAB_RUNTIME=auto` and no
+engine answering picks the process runtime, and the whole workflow works the same: an
+instance made through the API, real oTree 6 pushed over HTTPS and served through Caddy,
+restart, admin password, reset with a backup, the lobby, an offline bot run; after the
+manager is killed outright and started again, the instance is re-adopted (one supervisor,
+served again through the proxy)."""
+
+import time
+
+import psutil
+import pytest
+
+from tests import backends
+from tests.labserver_helpers import (LabServer, free_port, migrate, new_data_dir, remove_data_dir,
+                                     remove_instances)
+from tests.otree_projects import Checkout, valid_project
+from tests.test_e2e_deploy import api, git_push, http_status, instance_ready_for_code
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for(fetch, done, what, timeout=120):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if done(value):
+            return value
+        assert time.monotonic() < deadline, f"{what}: {value}"
+        time.sleep(0.5)
+
+
+def supervisors(data_dir, name):
+    folder = str(data_dir / "instances" / name)
+    return [p for p in psutil.process_iter(["cmdline"])
+            if "procsup.py" in " ".join(p.info["cmdline"] or []) and folder in " ".join(p.info["cmdline"] or [])]
+
+
+def test_without_docker_the_whole_workflow_runs_on_processes(tmp_path):
+    backends.require("process")
+    data_dir, port, public_port = new_data_dir(), free_port(), free_port()
+    extra = {"LAB_INSTANCE_PORTS": f"{public_port}-{public_port}", "LAB_SSH_PORT": str(free_port()),
+             "LAB_RUNTIME": "auto", "DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"}
+    migrate(data_dir, port)
+    server = LabServer(data_dir, port, **extra)
+    try:
+        server.wait_ready(timeout=180)
+        token, body = instance_ready_for_code(server, extra, "nodock")
+        assert body["runtime"] == "process"
+        checkout = Checkout(tmp_path / "work")
+        remote = f"http://admin:{token}@127.0.0.1:{port}/git/nodock.git"
+        code, out = git_push(checkout, valid_project("v1"), "first", remote)
+        assert code == 0 and f"Deployed: http://127.0.0.1:{public_port}/" in out, out
+        assert "pip install -r requirements.txt" in out or "reusing the environment" in out
+        status, page = http_status(f"http://127.0.0.1:{public_port}/")
+        assert status is not None and status < 500, page  # oTree through Caddy
+        code, out = git_push(checkout, valid_project("v2"), "second", remote)
+        assert code == 0 and "reusing the environment" in out and "Deployed:" in out, out  # installs nothing
+
+        # The instance page names the runtime and what it isolates.
+        _status, detail = api(server, token, "GET", "/api/v1/instances/nodock")
+        assert detail["status"] == "running" and detail["release"]["status"] == "live"
+        assert {r["name"] for r in detail["rooms"]} == {"lab", "online"}
+
+        # Restart, admin password, reset (a backup first).
+        assert api(server, token, "POST", "/api/v1/instances/nodock/restart")[0] == 202
+        status, answer = api(server, token, "POST", "/api/v1/instances/nodock/admin-password",
+                             {"password": "a-new-admin-password"})
+        assert status == 200 and answer["password"] == "a-new-admin-password"
+        assert api(server, token, "POST", "/api/v1/instances/nodock/reset-database")[0] == 202
+        backups = wait_for(lambda: api(server, token, "GET", "/api/v1/instances/nodock/backups")[1],
+                           lambda b: any(x["status"] == "done" for x in b), "a backup before the reset")
+        assert backups[0]["filename"].endswith(".dump")  # pg_dump of its own PostgreSQL
+        wait_for(lambda: http_status(f"http://127.0.0.1:{public_port}/")[0],
+                 lambda s: s is not None and s < 500, "oTree answers after the reset")
+
+        # The lobby of its room, and an offline bot run in its session.
+        status, page = http_status(f"http://127.0.0.1:{port}/lobby/nodock/")
+        assert status == 200 and "seat01" in page
+        status, run = api(server, token, "POST", "/api/v1/instances/nodock/bot-runs",
+                          {"session_config": "hello_game", "num_participants": 2, "num_bots": 2, "model": "random"})
+        assert status in (200, 201, 202), run
+        run = wait_for(lambda: api(server, token, "GET", f"/api/v1/instances/nodock/bot-runs/{run['id']}")[1],
+                       lambda r: r["status"] in ("finished", "failed", "stopped"), "the bot run ends", 180)
+        assert run["status"] == "finished", run
+
+        # The manager dies outright (its instances do not) and starts again: re-adopted.
+        first = supervisors(data_dir, "nodock")
+        assert len(first) == 1
+        server.remember_processes()
+        for proc in server.known_alive():
+            proc.kill()
+        server.proc.kill()
+        server.proc.wait(timeout=10)
+        assert supervisors(data_dir, "nodock")[0].pid == first[0].pid  # the instance lives on
+        server = LabServer(data_dir, port, **extra)
+        server.wait_ready(timeout=180)
+        wait_for(lambda: http_status(f"http://127.0.0.1:{public_port}/")[0],
+                 lambda s: s is not None and s < 500, "served through the restarted proxy")
+        assert [p.pid for p in supervisors(data_dir, "nodock")] == [first[0].pid]
+    finally:
+        server.terminate()
+        server.kill_everything()
+        remove_instances(data_dir, port, **extra)
+        remove_data_dir(data_dir)
+    assert supervisors(data_dir, "nodock") == []
