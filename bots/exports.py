@@ -10,7 +10,7 @@ import io
 from bots.live import bots_of
 from bots.models import Answer, BotRun
 
-CSV_COLUMNS = ["session", "participant", "bot", "app", "round", "page", "field", "answer", "reason"]
+CSV_COLUMNS = ["session", "participant", "app", "round", "page", "field", "answer", "reason"]
 
 
 def responses_csv(run: BotRun) -> str:
@@ -20,8 +20,8 @@ def responses_csv(run: BotRun) -> str:
     rows = (Answer.objects.filter(run=run, status=Answer.Status.ACCEPTED).select_related("bot")
             .order_by("bot__index", "page_index", "id"))
     for a in rows:
-        writer.writerow([run.session_code, a.bot.participant_code, a.bot.index, a.app, a.round_number, a.page,
-                         a.field, a.value, a.reason])
+        writer.writerow([run.session_code, a.bot.participant_code, a.app, a.round_number, a.page, a.field, a.value,
+                         a.reason])
     return buffer.getvalue()
 
 

@@ -146,7 +146,7 @@ def stop_bot_run(request: HttpRequest, name: str, number: int):
 @router.get("/{name}/bot-runs/{number}/responses.csv", summary="Answers as CSV (one row per answered field)",
             response=responses({200: str}, 404))
 def bot_run_responses(request: HttpRequest, name: str, number: int):
-    """Columns: session, participant, bot, app, round, page, field, answer, reason."""
+    """Columns: session, participant, app, round, page, field, answer, reason."""
     return download(services.get_run(request.auth, name, number), "responses.csv")
 
 
