@@ -3,6 +3,7 @@ wait pages (groups of 3, 3 rounds), the same game with the whole session as one 
 50 bots), and a survey with every kind of form field the page reader knows (text,
 integer, float, select, radio, checkbox, button choices) and server-side validation."""
 
+from tests import otree_projects
 from tests.otree_projects import OTREE_REQUIREMENT
 
 SETTINGS = '''\
@@ -102,24 +103,8 @@ You earn {{ player.payoff }}.</p>
 {{ endblock }}
 '''
 
-SURVEY = '''\
-from otree.api import *
-
-
-class C(BaseConstants):
-    NAME_IN_URL = "survey"
-    PLAYERS_PER_GROUP = None
-    NUM_ROUNDS = 1
-
-
-class Subsession(BaseSubsession):
-    pass
-
-
-class Group(BaseGroup):
-    pass
-
-
+# oTree's app skeleton (constants, subsession, group) from the deploy tests' app, then the survey.
+SURVEY = otree_projects.APP.split("class Player(BasePlayer):")[0].replace('"hello"', '"survey"') + '''\
 class Player(BasePlayer):
     nickname = models.StringField(label="A nickname")
     age = models.IntegerField(min=16, max=99, label="Your age")
