@@ -1,5 +1,6 @@
-"""What an instance page shows live, over the real ASGI app, Redis channel layer and
-Docker engine: status changes of a running action, and following container logs."""
+"""What an instance page shows live, over the real ASGI app and Redis channel layer, on
+every runtime (Docker; plain processes): status changes of a running action, and
+following an instance's logs."""
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -8,13 +9,11 @@ from django.conf import settings
 from django.test import Client
 
 from instances import services
-from instances.runtime import get_runtime
 from instances.tasks import instance_action
 from manager.accounts.models import User
 from manager.asgi import application
 from manager.jobs.models import Job
-from tests.test_reconciler_docker import _engine_and_images
-from tests.conftest import need
+from tests import backends
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 ORIGIN = (b"origin", b"http://127.0.0.1:8000")
@@ -43,15 +42,16 @@ async def next_of_type(tab, kind, timeout=30):
     raise AssertionError(f"no {kind} event")
 
 
-@pytest.fixture
-def world(db, monkeypatch):
-    need(_engine_and_images(), "a Docker engine with the images (python manage.py build_images)")
+@pytest.fixture(params=backends.BACKENDS)
+def world(db, monkeypatch, settings, request):
+    backends.require(request.param)
+    settings.LAB_RUNTIME = request.param
     monkeypatch.setattr(instance_action, "apply_async", lambda *a, **k: None)
     boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
     ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
     bob = User.objects.create_user("bob", "bob@lab.test", "pw-bob-1234567")
     yield boss, ann, bob
-    runtime = get_runtime()
+    runtime = backends.make(request.param)
     for name in runtime.owned_instances():
         runtime.remove(name)
 

@@ -1,6 +1,6 @@
 """Instances as a lab manager and an experimenter see them: pages, rules and the JSON API.
 (The runtime itself — real Docker — is tested in test_runtime_docker.py and
-test_reconciler_docker.py.)"""
+test_reconciler.py.)"""
 
 import pytest
 from django.core.exceptions import ValidationError

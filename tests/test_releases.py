@@ -56,6 +56,18 @@ def running_release(runtime, name) -> str:
     return runtime._spec(name)["processes"]["app"]["image"]
 
 
+def assert_only_the_live_app(runtime, name) -> None:
+    """The instance runs its app, database and Redis, and nothing else of it runs (no
+    candidate, no retired app, no stray process)."""
+    if runtime.name == "docker":
+        names = {c["Names"][0] for c in runtime.api.containers(all=True, filters={"label": [
+            f"org.otree-lab.manager={runtime.manager_id}", f"org.otree-lab.instance={name}"]})}
+        assert names == {f"/{runtime.container_name(name, c)}" for c in ("app", "db", "redis")}
+    else:
+        assert sorted(runtime._state(name)["processes"]) == ["app", "db", "redis"]
+        assert backends.stray_processes(runtime, name) == []
+
+
 def kept_releases(runtime, name) -> set[str]:
     """Numbers of the release builds still kept."""
     if runtime.name == "docker":
@@ -184,13 +196,7 @@ def test_deploy_broken_pushes_and_rollback(runtime, lab, tmp_path, capsys):
     assert first.status == "superseded"
     assert answers(runtime, "rel-story")[0] in (200, 302)
     assert running_release(runtime, "rel-story") == second.image
-    if runtime.name == "docker":  # the old app and the candidate are gone
-        names = {c["Names"][0] for c in runtime.api.containers(all=True, filters={"label": [
-            f"org.otree-lab.manager={runtime.manager_id}", "org.otree-lab.instance=rel-story"]})}
-        assert names == {f"/{runtime.container_name('rel-story', c)}" for c in ("app", "db", "redis")}
-    else:
-        assert sorted(runtime._state("rel-story")["processes"]) == ["app", "db", "redis"]
-        assert backends.stray_processes(runtime, "rel-story") == []
+    assert_only_the_live_app(runtime, "rel-story")  # the old app and the candidate are gone
 
     # 3. Broken pushes fail with their specific reason; #2 keeps answering throughout.
     expected = {
@@ -321,13 +327,7 @@ def test_worker_and_app_killed_mid_deploy_come_back_with_the_live_release(runtim
             break
         assert time.monotonic() < deadline, (code, body[:300])
         time.sleep(0.3)
-    if runtime.name == "docker":
-        names = {c["Names"][0] for c in runtime.api.containers(all=True, filters={"label": [
-            f"org.otree-lab.manager={runtime.manager_id}", "org.otree-lab.instance=rel-kill"]})}
-        assert names == {f"/{runtime.container_name('rel-kill', c)}" for c in ("app", "db", "redis")}
-    else:
-        assert sorted(runtime._state("rel-kill")["processes"]) == ["app", "db", "redis"]
-        assert backends.stray_processes(runtime, "rel-kill") == []
+    assert_only_the_live_app(runtime, "rel-kill")
 
 
 def test_sweep_fails_releases_whose_worker_died(lab, tmp_path):

@@ -9,6 +9,7 @@ anything unmarked, and can list what they own so the sweep can remove orphans.
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 import time
@@ -44,6 +45,29 @@ POSTGRES_TUNING = {
 
 class RuntimeError_(Exception):
     """A backend failed; the message is shown to the user as the status reason."""
+
+
+def user_errors(translate):
+    """Decorator for a backend's public methods: what fails inside leaves as RuntimeError_
+    with a short text. `translate(runtime, method_name, exc)` returns that error for the
+    exceptions the backend knows, None for others (raised as they are)."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def wrapper(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except RuntimeError_:
+                raise
+            except Exception as exc:
+                error = translate(self, method.__name__, exc)
+                if error is None:
+                    raise
+                raise error from None
+
+        return wrapper
+
+    return decorate
 
 
 def setting(name: str, default):

@@ -28,7 +28,6 @@ Docker's default address pools hold only ~30 bridge networks, i.e. 15 instances.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import ipaddress
 import json
@@ -47,7 +46,7 @@ from docker.types import LogConfig, Mount
 
 from .base import (
     CANDIDATE, COMPONENTS, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppSpec, ComponentState, Health,
-    InstanceSpec, InstanceState, RuntimeError_, check_name, free_port, last_lines, setting, wait_http,
+    InstanceSpec, InstanceState, RuntimeError_, check_name, free_port, last_lines, setting, user_errors, wait_http,
 )
 
 LABEL_MANAGER = "org.otree-lab.manager"
@@ -87,21 +86,15 @@ def _timestamp(text: str) -> str:
     return f"{head}.{frac.ljust(9, '0')}{sep}{zone}"
 
 
-def _user_errors(method):
-    """Whatever Docker raises leaves a public method as a RuntimeError_ with a short text."""
+def _docker_error(runtime, method: str, exc: Exception) -> RuntimeError_ | None:
+    if isinstance(exc, APIError):
+        return RuntimeError_(f"Docker: {_short(exc)}")
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+        return runtime._unreachable(exc)
+    return None
 
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except RuntimeError_:
-            raise
-        except APIError as exc:
-            raise RuntimeError_(f"Docker: {_short(exc)}") from None
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise self._unreachable(exc) from None
 
-    return wrapper
+_user_errors = user_errors(_docker_error)  # whatever Docker raises leaves a public method as a RuntimeError_
 
 
 class DockerRuntime:

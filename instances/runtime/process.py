@@ -31,7 +31,6 @@ only, and the proxy (Caddy) publishes them.
 from __future__ import annotations
 
 import fcntl
-import functools
 import glob
 import hashlib
 import json
@@ -50,7 +49,7 @@ from urllib.parse import quote
 
 from .base import (
     CANDIDATE, COMPONENTS, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppSpec, ComponentState, Health, InstanceSpec,
-    InstanceState, RuntimeError_, check_name, free_port, last_lines, setting, wait_http,
+    InstanceState, RuntimeError_, check_name, free_port, last_lines, setting, user_errors, wait_http,
 )
 
 SUPERVISOR = Path(__file__).with_name("procsup.py")
@@ -88,19 +87,13 @@ def redis_server_binary() -> str:
     return server_binary()
 
 
-def _user_errors(method):
-    """OS errors leave a public method as a RuntimeError_ with a short text."""
+def _os_error(runtime, method: str, exc: Exception) -> RuntimeError_ | None:
+    if isinstance(exc, (OSError, subprocess.SubprocessError)):
+        return RuntimeError_(f"{method.replace('_', ' ').strip()}: {exc}")
+    return None
 
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        try:
-            return method(self, *args, **kwargs)
-        except RuntimeError_:
-            raise
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise RuntimeError_(f"{method.__name__.replace('_', ' ')}: {exc}") from None
 
-    return wrapper
+_user_errors = user_errors(_os_error)  # OS errors leave a public method as a RuntimeError_ with a short text
 
 
 class ProcessRuntime:
@@ -297,12 +290,7 @@ class ProcessRuntime:
         if not path.exists():
             return False
         with open(path, "a") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                return True
-            fcntl.flock(fh, fcntl.LOCK_UN)
-            return False
+            return _locked(fh)
 
     def _supervisor_pid(self, name: str) -> int | None:
         pid = self._state(name).get("supervisor")
@@ -934,6 +922,7 @@ class _Deadline:
 
 
 def _locked(fh) -> bool:
+    """Whether another process holds the lock of the open file `fh`."""
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
