@@ -152,6 +152,19 @@ def test_pages(boss, ann):
     assert "ultimatum" in dashboard
 
 
+@pytest.mark.parametrize("runtime, says", [
+    ("docker", ["Docker containers", "PostgreSQL (its own container)"]),
+    ("process", ["Plain processes on this machine", "no network isolation", "(not enforced by this runtime)"]),
+])
+def test_the_page_names_the_runtime_and_its_isolation(boss, ann, settings, runtime, says):
+    settings.LAB_RUNTIME = runtime
+    login(boss).post("/instances/new/", {"name": "trust", "owner": ann.pk})
+    assert Instance.objects.get(name="trust").runtime == runtime
+    page = login(ann).get("/instances/trust/").content.decode()
+    for text in says:
+        assert text in page, text
+
+
 def test_bad_name_on_the_page_shows_the_reason(boss, ann):
     response = login(boss).post("/instances/new/", {"name": "Bad Name", "owner": ann.pk})
     assert response.status_code == 200

@@ -103,13 +103,17 @@ class Child:
                 limit = int(memory) * 2**20
                 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-        log = open(self.log_path, "ab", buffering=0)
+        try:
+            os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
+            log = open(self.log_path, "ab", buffering=0)
+        except OSError:
+            log = open(os.devnull, "ab", buffering=0)
         try:
             self.proc = subprocess.Popen(
                 self.spec["argv"], cwd=self.spec.get("cwd") or None, env=self.spec.get("env") or {},
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=prepare, close_fds=True,
             )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError, ValueError) as exc:  # e.g. a program that is gone
             log.write(f"[supervisor] cannot start {self.spec['argv'][0]}: {exc}\n".encode())
             self.proc = None
             self.last_exit = 127
@@ -213,7 +217,8 @@ class Supervisor:
         if spec.get("serial") != self.serial:
             self.serial = spec.get("serial")
             self.dirty = True
-        wanted = {role: (spec_key(p), p) for role, p in (spec.get("processes") or {}).items()}
+        wanted = {role: (spec_key(p), p) for role, p in (spec.get("processes") or {}).items()
+                  if isinstance(p, dict) and isinstance(p.get("argv"), list) and p["argv"]}
         keys = {key for key, _ in wanted.values()}
         # Stop what no role names any more, before starting anything new (ports, data dirs).
         for key in [k for k in self.children if k not in keys]:
