@@ -1,16 +1,27 @@
 """Realtime topic of a bot run: `botrun:<id>` for the owner of its instance and lab
 managers. The run's worker pushes `botrun` events to the group (bots.engine)."""
 
+from bots.live import bots_of, run_event
 from bots.models import BotRun
 from instances.selectors import visible_instances
 from manager.realtime import topics
 
 
+def _visible_run(user, key):
+    return BotRun.objects.filter(pk=int(key), instance__in=visible_instances(user)).first() if key.isdigit() else None
+
+
 def _run_topic(user, key):
-    if not key.isdigit():
-        return None
-    run = BotRun.objects.filter(pk=int(key), instance__in=visible_instances(user)).first()
+    run = _visible_run(user, key)
     return f"botrun.{run.pk}" if run else None
 
 
-topics.register("botrun", _run_topic)
+def _run_snapshot(user, key):
+    run = _visible_run(user, key)
+    if run is None:
+        return None
+    bots = bots_of(run)
+    return run_event(run, bots, bots)
+
+
+topics.register("botrun", _run_topic, _run_snapshot)

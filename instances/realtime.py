@@ -10,9 +10,16 @@ def _instance_topic(user, name):
     return f"instance.{instance.pk}" if instance else None
 
 
+def _instance_snapshot(user, name):
+    from instances.services import state_event
+
+    instance = visible_instances(user).filter(name=name).first()
+    return state_event(instance) if instance else None
+
+
 def _all_topic(user, key):
     return "instances.all" if key == "all" and user.is_superuser else None
 
 
-topics.register("instance", _instance_topic)
+topics.register("instance", _instance_topic, _instance_snapshot)
 topics.register("instances", _all_topic)

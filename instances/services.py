@@ -30,13 +30,16 @@ MEMORY_RANGE = (128, 16384)
 CPU_RANGE = (Decimal("0.1"), Decimal("16"))
 
 
+def state_event(instance: Instance) -> dict:
+    """The `instance` event: its current status, as its pages and the dashboards show it."""
+    return {"type": "instance", "name": instance.name, "status": instance.status,
+            "status_label": instance.get_status_display(), "status_color": instance.status_color,
+            "reason": instance.status_reason}
+
+
 def push_state(instance: Instance) -> None:
     """Tell every open page of this instance (and the dashboards) its current status."""
-    push_event(instance.pk, instance.owner_id, {
-        "type": "instance", "name": instance.name, "status": instance.status,
-        "status_label": instance.get_status_display(), "status_color": instance.status_color,
-        "reason": instance.status_reason,
-    })
+    push_event(instance.pk, instance.owner_id, state_event(instance))
 
 
 def push_event(instance_pk: int, owner_id: int, event: dict) -> None:

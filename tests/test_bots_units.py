@@ -356,6 +356,9 @@ async def test_run_updates_reach_the_owner_and_lab_managers_only():
         tabs[name] = (tab, await tab.receive_json_from(timeout=5))
     assert tabs["ann"][1]["type"] == tabs["boss"][1]["type"] == "subscribed"
     assert tabs["bob"][1]["type"] == "error"
+    for name in ("ann", "boss"):  # the run as it is now, right after subscribing (nothing missed since the page loaded)
+        current = await tabs[name][0].receive_json_from(timeout=5)
+        assert current["type"] == "botrun" and current["totals"]["answers"] == 3 and current["bots"][0]["page"] == "Guess"
     await tabs["ann"][0].send_json_to({"subscribe": "botrun:nonsense"})
     assert (await tabs["ann"][0].receive_json_from(timeout=5))["type"] == "error"
     await sync_to_async(services.push_run)(run)

@@ -64,6 +64,8 @@ async def test_status_changes_and_logs_reach_the_owner_only(world):
     owner_tab = await socket_for(ann)
     await owner_tab.send_json_to({"subscribe": "instance:live-one"})
     assert (await owner_tab.receive_json_from(timeout=5))["type"] == "subscribed"
+    current = await owner_tab.receive_json_from(timeout=5)  # the state now: nothing missed since the page loaded
+    assert current["type"] == "instance" and current["status"] == "provisioning"
     other_tab = await socket_for(bob)
     await other_tab.send_json_to({"subscribe": "instance:live-one"})
     assert (await other_tab.receive_json_from(timeout=5))["type"] == "error"

@@ -47,6 +47,10 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
                 return
             await self._join(group)
             await self.send_json({"type": "subscribed", "topic": topic})
+            # Joined first: whatever changes from now on arrives as well.
+            current = await database_sync_to_async(topics.snapshot)(self.user, topic)
+            if current is not None:
+                await self.send_json(current)
         elif "follow_logs" in content:
             await self._follow_logs(str(content["follow_logs"]), str(content.get("component", "app")))
         elif "follow_release" in content:

@@ -3,6 +3,10 @@
 A topic is "<kind>:<key>"; each kind registers a function (user, key) -> group name or
 None (not allowed / unknown). The consumer asks here before joining any group, so
 permission checks live beside the data they protect, not in the consumer.
+
+A kind may also register a snapshot (user, key) -> the event that describes the topic's
+current state: the consumer sends it right after joining, so a page misses nothing that
+happened between its rendering and its subscription.
 """
 
 from collections.abc import Callable
@@ -10,10 +14,22 @@ from collections.abc import Callable
 from manager.realtime.services import user_group
 
 _registry: dict[str, Callable] = {}
+_snapshots: dict[str, Callable] = {}
 
 
-def register(kind: str, resolver: Callable) -> None:
+def register(kind: str, resolver: Callable, snapshot: Callable | None = None) -> None:
     _registry[kind] = resolver
+    if snapshot is not None:
+        _snapshots[kind] = snapshot
+
+
+def snapshot(user, topic: str) -> dict | None:
+    """The current state of a topic `user` may subscribe to (None: none to send)."""
+    kind, _, key = str(topic).partition(":")
+    make = _snapshots.get(kind)
+    if make is None or resolve(user, topic) is None:
+        return None
+    return make(user, key)
 
 
 def resolve(user, topic: str) -> str | None:
