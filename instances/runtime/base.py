@@ -93,6 +93,33 @@ def check_name(name: str) -> None:
         raise RuntimeError_(f"instance name {name!r} is not DNS-safe (a-z, 0-9, '-', at most 42 characters)")
 
 
+SERVICE_LABELS = {"db": "PostgreSQL", "redis": "Redis"}
+
+
+def wait_services(name: str, components, *, answers, crashed, last_words, timeout: float,
+                  interval: float = 0.1) -> None:
+    """Until each of `components` ("db", "redis") answers (`answers(component)`); fails at
+    once when one has crashed (`crashed(component)`), else at the deadline, with the
+    component's last output (`last_words(component)`)."""
+    pending = list(components)
+    deadline = time.monotonic() + timeout
+    while True:
+        for component in list(pending):
+            if answers(component):
+                pending.remove(component)
+            elif crashed(component):
+                tail = last_words(component)
+                raise RuntimeError_(f"{SERVICE_LABELS[component]} of {name} failed to start"
+                                    + (f": {tail}" if tail else ""))
+        if not pending:
+            return
+        if time.monotonic() >= deadline:
+            what = " and ".join(SERVICE_LABELS[c] for c in pending)
+            tail = last_words(pending[0])
+            raise RuntimeError_(f"{what} of {name} not ready after {timeout:g} s" + (f": {tail}" if tail else ""))
+        time.sleep(interval)
+
+
 def wait_http(step, timeout: float, *, out=None, last_words=lambda: "", interval: float = 0.2) -> str:
     """Until a new app answers HTTP (any status below 500); returns its URL. `step()`
     returns the URL ("" while not known yet) and raises RuntimeError_ when the app

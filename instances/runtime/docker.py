@@ -47,6 +47,7 @@ from docker.types import LogConfig, Mount
 from .base import (
     CANDIDATE, COMPONENTS, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppSpec, ComponentState, Health,
     InstanceSpec, InstanceState, RuntimeError_, check_name, free_port, last_lines, setting, user_errors, wait_http,
+    wait_services,
 )
 
 LABEL_MANAGER = "org.otree-lab.manager"
@@ -771,31 +772,21 @@ class DockerRuntime:
     def _wait_services(self, name: str, timeout: float) -> None:
         """Until PostgreSQL and Redis answer; fails at the deadline, or at once when one of
         them crashes (exits, or is restarted by its policy) while we wait."""
-        labels = {"db": "PostgreSQL", "redis": "Redis"}
-        deadline = time.monotonic() + timeout
-        pending = ["db", "redis"]
         restarts: dict[str, int] = {}
-        rounds = 0
-        while True:
-            for component in list(pending):
-                cname = self.container_name(name, component)
-                if self._probe(cname, component):
-                    pending.remove(component)
-                elif rounds % 5 == 0:  # about twice a second: has it crashed?
-                    info = self._inspect(cname) or {"State": {"Status": "removed"}, "RestartCount": 0}
-                    count = info.get("RestartCount") or 0
-                    restarts.setdefault(component, count)
-                    if info["State"]["Status"] in ("exited", "dead", "removed") or count > restarts[component]:
-                        tail = last_lines(self.logs(name, component, tail=20))
-                        raise RuntimeError_(f"{labels[component]} of {name} failed to start" + (f": {tail}" if tail else ""))
-            if not pending:
-                return
-            if time.monotonic() >= deadline:
-                what = " and ".join(labels[c] for c in pending)
-                tail = last_lines(self.logs(name, pending[0], tail=20))
-                raise RuntimeError_(f"{what} of {name} not ready after {timeout:g} s" + (f": {tail}" if tail else ""))
-            rounds += 1
-            time.sleep(0.1)
+        looks: dict[str, int] = {}
+
+        def crashed(component):
+            looks[component] = looks.get(component, 0) + 1
+            if looks[component] % 5 != 1:  # inspected about twice a second
+                return False
+            info = self._inspect(self.container_name(name, component)) or {"State": {"Status": "removed"},
+                                                                           "RestartCount": 0}
+            count = info.get("RestartCount") or 0
+            restarts.setdefault(component, count)
+            return info["State"]["Status"] in ("exited", "dead", "removed") or count > restarts[component]
+
+        wait_services(name, ["db", "redis"], answers=lambda c: self._probe(self.container_name(name, c), c),
+                      crashed=crashed, last_words=lambda c: last_lines(self.logs(name, c, tail=20)), timeout=timeout)
 
     # --- state ---------------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ from urllib.parse import quote
 from .base import (
     CANDIDATE, COMPONENTS, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppSpec, ComponentState, Health, InstanceSpec,
     InstanceState, RuntimeError_, check_name, free_port, last_lines, setting, user_errors, wait_http,
+    wait_services,
 )
 
 SUPERVISOR = Path(__file__).with_name("procsup.py")
@@ -195,12 +196,15 @@ class ProcessRuntime:
                 for item in dirs + files:
                     os.chown(os.path.join(root, item), *ids, follow_symlinks=False)
 
-    def _run_as(self, name: str | None, argv: list[str], *, env: dict | None = None, timeout: float = 60,
-                cwd: Path | None = None, input: bytes | None = None) -> subprocess.CompletedProcess:
+    def _as_user(self, name: str | None) -> dict:
+        """subprocess arguments that run a program as the instance's user (none: as ours)."""
         ids = self._ids(name) if name else None
-        kwargs = {"user": ids[0], "group": ids[1], "extra_groups": []} if ids else {}
-        return subprocess.run(argv, env=env if env is not None else self._base_env(name), cwd=cwd, input=input,
-                              capture_output=True, timeout=timeout, **kwargs)
+        return {"user": ids[0], "group": ids[1], "extra_groups": []} if ids else {}
+
+    def _run_as(self, name: str | None, argv: list[str], *, env: dict | None = None, timeout: float = 60,
+                cwd: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, env=env if env is not None else self._base_env(name), cwd=cwd,
+                              capture_output=True, timeout=timeout, **self._as_user(name))
 
     def _base_env(self, name: str | None) -> dict[str, str]:
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
@@ -238,7 +242,8 @@ class ProcessRuntime:
         user = self._create_user(name) if self.own_users else ""
         meta = {"name": name, "manager": self.manager_id, "user": user,
                 "db": "postgresql" if self.pg_bin else "sqlite", "created": time.time()}
-        ids = (pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid) if user else None
+        entry = pwd.getpwnam(user) if user else None
+        ids = (entry.pw_uid, entry.pw_gid) if entry else None
         for sub in ("run", "data", "releases", "home", "logs"):
             (root / sub).mkdir(mode=0o700, exist_ok=True)
             self._chown(root / sub, ids)
@@ -258,7 +263,10 @@ class ProcessRuntime:
 
     def _write_spec(self, name: str, spec: dict, *, timeout: float = STOP_TIMEOUT + 40) -> None:
         """Write the desired processes; a running supervisor is told and has applied it
-        (started and stopped what changed) when this returns."""
+        (started and stopped what changed) when this returns. The same processes again:
+        nothing to write, nobody to wake (the sweep's pass over a healthy instance)."""
+        if spec["processes"] == self._spec(name).get("processes") and self.supervisor_alive(name):
+            return
         spec = {**spec, "serial": uuid.uuid4().hex}
         path = self.dir(name) / "spec.json"
         tmp = path.with_suffix(".tmp")
@@ -305,21 +313,20 @@ class ProcessRuntime:
                 pass
 
     def _start_supervisor(self, name: str, timeout: float = 10) -> None:
+        """Start the instance's supervisor unless one runs (it reads spec.json as it starts)."""
         if self.supervisor_alive(name):
-            self._signal_supervisor(name, signal.SIGHUP)
             return
         root = self.dir(name)
         ids = self._ids(name)
         for path in (root / "supervisor.lock", root / "state.json", root / "logs" / "supervisor.log"):
             path.touch()
             self._chown(path, ids)
-        kwargs = {"user": ids[0], "group": ids[1], "extra_groups": []} if ids else {}
         token = uuid.uuid4().hex
         with open(root / "logs" / "supervisor.log", "ab") as log:
             # It detaches itself (forks, new session): it outlives the worker and the manager.
             subprocess.run([sys.executable, "-I", "-S", str(SUPERVISOR), str(root), token], cwd=root,
                            env=self._base_env(name), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                           close_fds=True, timeout=30, **kwargs)
+                           close_fds=True, timeout=30, **self._as_user(name))
         deadline = time.monotonic() + timeout
         while self._state(name).get("token") != token or not self.supervisor_alive(name):
             if time.monotonic() > deadline:
@@ -459,7 +466,8 @@ class ProcessRuntime:
         return psycopg.connect(host=str(self.dir(name) / "run"), user=spec.db_user, password=spec.db_password,
                                dbname=dbname, connect_timeout=max(1, int(timeout)), autocommit=True)
 
-    def _db_answers(self, name: str, spec: InstanceSpec) -> bool:
+    def _db_ready(self, name: str, spec: InstanceSpec) -> bool:
+        """PostgreSQL answers, and has the app's database (made the first time)."""
         import psycopg
 
         try:
@@ -482,26 +490,13 @@ class ProcessRuntime:
             return False
 
     def _wait_services(self, name: str, spec: InstanceSpec, timeout: float) -> None:
-        labels = {"db": "PostgreSQL", "redis": "Redis"}
-        pending = ["redis"] + (["db"] if self.database_kind(name) == "postgresql" else [])
-        deadline = time.monotonic() + timeout
-        while pending:
-            for component in list(pending):
-                ok = self._db_answers(name, spec) if component == "db" else self._redis_answers(name)
-                if ok:
-                    pending.remove(component)
-                    continue
-                info = self._state(name).get("processes", {}).get(component) or {}
-                if info.get("restarts"):
-                    tail = last_lines(self.logs(name, component, tail=20))
-                    raise RuntimeError_(f"{labels[component]} of {name} failed to start" + (f": {tail}" if tail else ""))
-            if not pending:
-                return
-            if time.monotonic() >= deadline:
-                what = " and ".join(labels[c] for c in pending)
-                tail = last_lines(self.logs(name, pending[0], tail=20))
-                raise RuntimeError_(f"{what} of {name} not ready after {timeout:g} s" + (f": {tail}" if tail else ""))
-            time.sleep(0.05)
+        def crashed(component):  # the supervisor restarted it: it died
+            return bool((self._state(name).get("processes", {}).get(component) or {}).get("restarts"))
+
+        wait_services(name, ["redis"] + (["db"] if self.database_kind(name) == "postgresql" else []),
+                      answers=lambda c: self._db_ready(name, spec) if c == "db" else self._redis_answers(name),
+                      crashed=crashed, last_words=lambda c: last_lines(self.logs(name, c, tail=20)),
+                      timeout=timeout, interval=0.05)
 
     # --- deploys ---------------------------------------------------------------------------
 
@@ -682,11 +677,10 @@ class ProcessRuntime:
         success, else its output (BuildFailed at the deadline)."""
         from instances import build
 
-        ids = self._ids(name)
-        kwargs = {"user": ids[0], "group": ids[1], "extra_groups": []} if ids else {}
         proc = subprocess.Popen(argv, env=env or self._base_env(name), cwd=self.dir(name) / "home",
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True, umask=0o022, **kwargs)  # environments: readable by all
+                                start_new_session=True, umask=0o022,  # environments: readable by all
+                                **self._as_user(name))
         seen = []
         timer = _Deadline(proc, deadline)
         try:
@@ -787,7 +781,7 @@ class ProcessRuntime:
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.partial")
         try:
             if self.database_kind(name) == "postgresql":
-                if not self._db_answers(name, spec):
+                if not self._db_ready(name, spec):
                     raise RuntimeError_(f"the database of {name} is not running")
                 env = {**self._base_env(None), "PGPASSWORD": spec.db_password}
                 with open(tmp, "wb") as fh:

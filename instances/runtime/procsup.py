@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import resource
+import select
 import signal
 import subprocess
 import sys
@@ -261,6 +262,10 @@ class Supervisor:
         self.write_state()
 
     def run(self) -> int:
+        # A signal wakes the loop at once (the manager waits for a new spec to be applied).
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self.on_signal)
         kill_leftovers(read_json(self.state_path, {}))
@@ -272,7 +277,8 @@ class Supervisor:
             self.tick()
             if self.dirty:
                 self.write_state()
-            time.sleep(POLL)
+            if select.select([wake_r], [], [], POLL)[0]:
+                os.read(wake_r, 512)
         self.stop_all()
         return 0
 
