@@ -33,6 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from tests.labserver_helpers import (  # noqa: E402
     BASE_DIR, LabServer, child_env, free_port, migrate, new_data_dir, remove_data_dir, remove_instances,
@@ -88,21 +89,15 @@ def api(url, token, method="GET", body=None):
 
 
 def idle_memory_process(data_dir: Path, instance: str) -> dict:
-    """PSS of the instance's processes (process runtime), by role."""
+    """PSS of the instance's processes (process runtime), by role, in MiB."""
     import json
 
     import psutil
+    from process_runtime import MIB, pss_mib
 
     state = json.loads((data_dir / "instances" / instance / "state.json").read_text())
-    result = {}
-    for role, info in state["processes"].items():
-        try:
-            top = psutil.Process(info["pid"])
-            result[role] = sum(p.memory_full_info().pss for p in [top, *top.children(recursive=True)]) / 2**20
-        except psutil.NoSuchProcess:
-            pass
-    supervisor = psutil.Process(state["supervisor"])
-    result["supervisor"] = supervisor.memory_full_info().pss / 2**20
+    result = {role: pss_mib([info["pid"]]) for role, info in state["processes"].items()}
+    result["supervisor"] = psutil.Process(state["supervisor"]).memory_full_info().pss / MIB  # itself alone
     return result
 
 

@@ -34,7 +34,9 @@ from urllib.parse import quote
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
 
-from notify_latency import Clients, bench_labserver, bench_user, machine, ws_connect, ws_messages  # noqa: E402
+from notify_latency import (  # noqa: E402
+    Clients, bench_labserver, bench_user, machine, print_latency_table, ws_connect, ws_messages,
+)
 
 from tests.labserver_helpers import free_port  # noqa: E402
 
@@ -192,18 +194,7 @@ def main() -> int:
     print("from the experimenter's POST that opens the gate to the `go` message at the kiosks")
     print("medians over the runs, milliseconds")
     print()
-    header = (f"| {'kiosks':>6} | {'runs':>4} | {'first kiosk':>11} | {'median kiosk':>12} | {'last kiosk':>10} "
-              f"| {'max last':>8} | {'POST answered':>13} |")
-    print(header)
-    print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
-    for n, runs in results:
-        first = statistics.median(r[0][0] for r in runs) * 1000
-        mid = statistics.median(statistics.median(r[0]) for r in runs) * 1000
-        last = statistics.median(r[0][-1] for r in runs) * 1000
-        worst = max(r[0][-1] for r in runs) * 1000
-        post = statistics.median(r[1] for r in runs) * 1000
-        print(f"| {n:>6} | {len(runs):>4} | {first:>11.1f} | {mid:>12.1f} | {last:>10.1f} | {worst:>8.1f} "
-              f"| {post:>13.1f} |")
+    print_latency_table("kiosk", results, arrivals=lambda run: run[0], extra=("POST answered", lambda run: run[1]))
     return 0
 
 

@@ -213,6 +213,25 @@ def bench_labserver(verbose: bool, **env: str):
         remove_data_dir(data_dir)
 
 
+def print_latency_table(receiver: str, results, *, arrivals, extra=None) -> None:
+    """The benchmarks' table: per receiver count, the medians over the runs of the first,
+    the median and the last receiver, and the worst last one (ms). `results` holds
+    (count, runs); `arrivals(run)` is a run's sorted arrival times (s); `extra` an optional
+    (title, run -> seconds) column."""
+    titles = [f"{receiver}s", "runs", f"first {receiver}", f"median {receiver}", f"last {receiver}", "max last"]
+    titles += [extra[0]] if extra else []
+    print("| " + " | ".join(f"{t:>{len(t)}}" for t in titles) + " |")
+    print("|" + "|".join("-" * (len(t) + 2) for t in titles) + "|")
+    for n, runs in results:
+        times = [arrivals(r) for r in runs]
+        values = [statistics.median(t[0] for t in times), statistics.median(statistics.median(t) for t in times),
+                  statistics.median(t[-1] for t in times), max(t[-1] for t in times)]
+        values += [statistics.median(extra[1](r) for r in runs)] if extra else []
+        cells = [f"{n:>{len(titles[0])}}", f"{len(runs):>4}"]
+        cells += [f"{v * 1000:>{len(t)}.1f}" for v, t in zip(values, titles[2:])]
+        print("| " + " | ".join(cells) + " |")
+
+
 def machine() -> str:
     return (f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
             f"{platform.system()} {platform.release()}")
@@ -296,15 +315,7 @@ def main() -> int:
     print("latency from the task finishing (Job.finished_at, in the worker) to the notify message at the clients")
     print("medians over the runs, milliseconds")
     print()
-    header = f"| {'clients':>7} | {'runs':>4} | {'first client':>12} | {'median client':>13} | {'last client':>11} | {'max last':>8} |"
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    for n, runs in results:
-        first = statistics.median(r[0] for r in runs) * 1000
-        mid = statistics.median(statistics.median(r) for r in runs) * 1000
-        last = statistics.median(r[-1] for r in runs) * 1000
-        worst = max(r[-1] for r in runs) * 1000
-        print(f"| {n:>7} | {len(runs):>4} | {first:>12.1f} | {mid:>13.1f} | {last:>11.1f} | {worst:>8.1f} |")
+    print_latency_table("client", results, arrivals=lambda run: run)
     if cold:
         print()
         print(f"cold start (the worker's very first notification, not in the table): "

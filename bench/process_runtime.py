@@ -29,10 +29,12 @@ from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(BASE_DIR))
-MIB = 2**20
+sys.path.insert(0, str(BASE_DIR / "bench"))
+from instance_create import MIB, percentile  # noqa: E402
 
 
 def pss_mib(pids: list[int]) -> float:
+    """PSS of the processes `pids` and all their descendants, in MiB."""
     import psutil
 
     total = 0
@@ -91,13 +93,13 @@ def main() -> int:
             runtime.remove(name)
         shutil.rmtree(data_dir, ignore_errors=True)
 
-    creates = sorted(r["create"] for r in rows)
+    creates = [r["create"] for r in rows]
     print(f"\n{len(rows)} instances, {platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, "
           f"PostgreSQL programs in {runtime.pg_bin}, per-instance users: {runtime.own_users}\n")
     print("| measure | median | p95 / max |")
     print("|---|---|---|")
-    p95 = creates[min(len(creates) - 1, int(round(0.95 * (len(creates) - 1))))]
-    print(f"| create → ready for code | {statistics.median(creates):.2f} s | {p95:.2f} / {max(creates):.2f} s |")
+    print(f"| create → ready for code | {statistics.median(creates):.2f} s | {percentile(creates, 95):.2f} / "
+          f"{max(creates):.2f} s |")
     memory = [r["memory"] for r in rows]
     print(f"| idle instance (supervisor + PostgreSQL + Redis, PSS) | {statistics.median(memory):.1f} MiB | "
           f"max {max(memory):.1f} MiB |")

@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from bots.models import RANDOM_POLICY, Bot, BotRun, Provider
 from instances.models import Instance
+from instances.selectors import can_see
 from manager import locks
 from manager.accounts.services import NotAllowed
 from manager.audit.services import record
@@ -141,7 +142,7 @@ def resolve_model(choice: str, provider_name: str | None = None) -> tuple[Provid
 # --- runs -----------------------------------------------------------------------------------
 
 def _check(actor, instance: Instance) -> None:
-    if not (actor.is_active and (actor.is_superuser or instance.owner_id == actor.pk)):
+    if not can_see(actor, instance):
         raise NotAllowed("Only the owner or a lab manager may run bots on this instance.")
 
 
@@ -259,7 +260,7 @@ def finish(run: BotRun, stopped_reason: str) -> None:
 
 
 def _held(run: BotRun) -> bool:
-    return bool(locks.client().exists(f"lab:lock:botrun:{run.pk}"))
+    return locks.held(f"botrun:{run.pk}")
 
 
 def _finish_unheld(run: BotRun) -> None:

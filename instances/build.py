@@ -170,10 +170,10 @@ def dockerfile(labels: dict[str, str]) -> str:
     ])
 
 
+# Never part of a release, at any depth (the process runtime's copy; the image's .dockerignore).
 IGNORED = (".git", "__pycache__", "*.pyc", "db.sqlite3", "venv", ".venv", "__temp*", "Dockerfile.otree-lab",
-           ".dockerignore")  # never part of a release
-DOCKERIGNORE = "\n".join([".git", "**/__pycache__", "*.pyc", "db.sqlite3", "venv", ".venv", "__temp*",
-                          "Dockerfile.otree-lab", ""])
+           ".dockerignore")
+DOCKERIGNORE = "".join(f"**/{pattern}\n" for pattern in IGNORED)
 
 
 def image_tag(manager_id: str, instance_name: str, number: int) -> str:

@@ -79,7 +79,7 @@ def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Insta
                 return instance
             app = app_spec(instance)
             state = runtime.ensure(instance_spec(instance, app))
-            if not locks.client().exists(f"lab:lock:build:{instance.pk}"):  # no build runs: a dead one's leftovers go
+            if not locks.held(f"build:{instance.pk}"):  # no build runs: a dead one's leftovers go
                 runtime.remove_build_leftovers(instance.name)
             if app is not None and (restart or restart_generation > instance.observed_restart_generation):
                 runtime.restart_app(instance.name)

@@ -350,7 +350,7 @@ def sweep(now=None) -> int:
     failed = 0
     for release in Release.objects.filter(status__in=ACTIVE).select_related("instance"):
         since = release.started_at or release.created_at
-        held = locks.client().exists(f"lab:lock:build:{release.instance_id}")
+        held = locks.held(f"build:{release.instance_id}")
         if since + limit < now or (release.status != Release.Status.QUEUED and since + grace < now and not held):
             _fail(release, "the deploy stopped without finishing (its worker died); push again")
             failed += 1

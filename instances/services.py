@@ -164,10 +164,10 @@ def create_instance(actor, *, name: str, owner, request=None) -> Instance:
         raise ValidationError({"owner": ["Choose the experimenter who owns the instance."]})
     if not owner.is_active:
         raise ValidationError({"owner": [f"{owner.username} is deactivated."]})
+    backend = _backend_for_new_instance()  # (may ask the Docker engine: not inside the transaction)
     try:
         with transaction.atomic():
-            instance = Instance.objects.create(name=name, owner=owner, public_port=_allocate_port(),
-                                               runtime=_backend_for_new_instance())
+            instance = Instance.objects.create(name=name, owner=owner, public_port=_allocate_port(), runtime=backend)
             record(actor, "instance.create", instance, f"created instance {name} for {owner.username}", request)
             _reconcile_job(actor, instance, f"Create instance {name}", "create")
     except IntegrityError:

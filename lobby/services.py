@@ -23,6 +23,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from instances.models import Instance
+from instances.selectors import can_see
 from lobby import texts as catalogue
 from lobby.models import WELCOME_MAX, LobbyRoom, LobbySettings, Seat
 from manager.accounts.services import NotAllowed
@@ -254,7 +255,7 @@ def mark_ready(ref: RoomRef, label: str) -> tuple[str, str | None]:
 # --- what the experimenter does ---------------------------------------------------------------------
 
 def can_manage(user, instance: Instance) -> bool:
-    return bool(user.is_authenticated and user.is_active and (user.is_superuser or instance.owner_id == user.pk))
+    return bool(user.is_authenticated and can_see(user, instance))
 
 
 def _check(user, instance: Instance) -> None:

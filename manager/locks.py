@@ -25,6 +25,11 @@ class Busy(Exception):
     pass
 
 
+def held(name: str) -> bool:
+    """Whether anyone holds `name` now (a killed holder's lock counts until it expires)."""
+    return bool(client().exists(f"lab:lock:{name}"))
+
+
 @contextmanager
 def lock(name: str, wait: float = 60):
     """Hold `name`; wait at most `wait` seconds for it, else raise Busy."""

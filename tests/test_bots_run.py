@@ -262,7 +262,7 @@ def test_stop_stops_every_bot(lab):
     assert run.status == "stopped" and run.status_reason == "stopped on request"
     assert [(b.status, b.reason) for b in run.bots.all()] == [("stopped", "stopped on request")] * 2
     assert not Answer.objects.filter(run=run, status="pending").exists()
-    assert not locks.client().exists(f"lab:lock:botrun:{run.pk}")
+    assert not locks.held(f"botrun:{run.pk}")
 
 
 def test_pending_answers_of_a_crashed_worker_are_sent_again_not_asked_again(lab, fake):
@@ -310,7 +310,7 @@ def test_a_worker_killed_mid_run_is_resumed_and_nothing_is_answered_twice(lab, f
     answered_before = Answer.objects.filter(run=run, status__in=["accepted", "pending"]).count()
     assert answered_before >= 3
     # The lock of the dead worker expires (LAB_LOCK_TTL); the sweep sees the stale heartbeat.
-    wait_for(lambda: not locks.client().exists(f"lab:lock:botrun:{run.pk}"), 30, "the dead worker's lock to expire")
+    wait_for(lambda: not locks.held(f"botrun:{run.pk}"), 30, "the dead worker's lock to expire")
     monkeypatch.setattr(services, "STALE_SECONDS", 0)
     assert services.sweep()["resumed"] == [run.pk] and lab["enqueued"][-1] == [run.pk]
     run = run_task(run)

@@ -8,7 +8,7 @@ from ninja import Router, Schema, Status
 from pydantic import Field
 
 from bots import services
-from bots.live import bot_snapshot, bots_of
+from bots.live import bots_of, run_event
 from bots.models import RANDOM_POLICY, BotRun, Provider
 from bots.views import download
 from instances.selectors import get_visible_instance
@@ -86,6 +86,7 @@ class ProviderOut(Schema):
 
 def serialize(run: BotRun) -> dict:
     bots = bots_of(run)
+    live = run_event(run, bots, bots)  # bots and totals as the run page shows them
     public = run.instance.url
     base = f"/api/v1/instances/{run.instance.name}/bot-runs/{run.number}"
     return {
@@ -100,9 +101,7 @@ def serialize(run: BotRun) -> dict:
         "finished_at": run.finished_at.isoformat() if run.finished_at else None,
         "monitor_url": f"{public}SessionMonitor/{run.session_code}" if public and run.session_code else "",
         "human_links": [f"{public}InitializeParticipant/{s['code']}" for s in run.human_seats] if public else [],
-        "tokens": sum(b.prompt_tokens + b.completion_tokens for b in bots),
-        "estimated_cost": round(sum(b.cost for b in bots), 6),
-        "bots": [bot_snapshot(b) for b in bots],
+        "tokens": live["totals"]["tokens"], "estimated_cost": live["totals"]["cost"], "bots": live["bots"],
         "downloads": {kind: f"{base}/{kind}" for kind in ("responses.csv", "conversations.json", "summary.json")},
     }
 
