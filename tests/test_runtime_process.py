@@ -201,3 +201,35 @@ def test_bad_input_gets_clear_errors(rt):
         rt._release_dir("otree-lab-x:r1")
     assert rt.image_exists("p-none/r9") is False
     assert rt.logs("p-none", "app") == ""
+
+
+def test_a_python_in_a_private_folder_is_not_given_to_the_instances(tmp_path, monkeypatch):
+    """As root, the instances' users run the supervisor and build environments with a
+    Python they can reach: a manager on pyenv under /root gets the system's, and a
+    configured one they cannot reach is refused with what to do (found trying `make run`
+    from a clone whose python3 was pyenv's)."""
+    from instances.runtime import process
+
+    need(os.geteuid() == 0, "root (per-instance users)")
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    python = private / "python3"
+    python.write_text("#!/bin/sh\nexec /usr/bin/python3 \"$@\"\n")
+    python.chmod(0o755)
+    monkeypatch.setattr(process.sys, "_base_executable", str(python), raising=False)
+    assert process.default_python(own_users=True) == "/usr/bin/python3"
+    assert process.default_python(own_users=False) == str(python)  # one user for all: any Python will do
+    runtime = ProcessRuntime(manager_id="tproc", python=str(python))
+    with pytest.raises(RuntimeError_, match="cannot run the Python .*set LAB_PROCESS_PYTHON"):
+        runtime.ensure(spec("p-private"))
+    assert "p-private" not in runtime.owned_instances()
+
+
+def test_instances_run_the_managers_programs_from_copies_they_can_reach(rt):
+    started(rt, "p-tools", app=False)
+    need(rt.own_users, "root (per-instance users)")
+    argv = {role: p["argv"] for role, p in rt._spec("p-tools")["processes"].items()}
+    tools = str(rt.instances_root / ".tools")
+    assert argv["redis"][0] == f"{tools}/redis-server"
+    supervisor = psutil.Process(rt._state("p-tools")["supervisor"])
+    assert f"{tools}/procsup.py" in supervisor.cmdline() and supervisor.username() == rt.user_name("p-tools")

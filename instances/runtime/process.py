@@ -39,6 +39,7 @@ import pwd
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,30 @@ def find_pg_bin(configured: str = "") -> Path | None:
     return None
 
 
+def reachable_by_all(path: str | Path) -> bool:
+    """Whether any user can run (or read, for a script) `path`: it and every folder above
+    it (symbolic links resolved) are open to others."""
+    real = Path(os.path.realpath(path))
+    try:
+        if not os.stat(real).st_mode & stat.S_IROTH:
+            return False
+        return all(os.stat(folder).st_mode & stat.S_IXOTH for folder in real.parents)
+    except OSError:
+        return False
+
+
+def default_python(own_users: bool) -> str:
+    """The Python of the instances' environments and supervisors: the one the manager runs
+    on, unless it lies where the instances' users cannot reach it (e.g. under /root, as
+    pyenv installs it): then the system's."""
+    candidates = [getattr(sys, "_base_executable", sys.executable), "/usr/bin/python3", "/usr/local/bin/python3"]
+    if own_users:
+        for candidate in candidates:
+            if os.access(candidate, os.X_OK) and reachable_by_all(candidate):
+                return candidate
+    return candidates[0]
+
+
 def redis_server_binary() -> str:
     from manager.embedded_redis import server_binary
 
@@ -113,8 +138,8 @@ class ProcessRuntime:
         self.manager_id = manager_id if manager_id is not None else setting("LAB_MANAGER_ID", "lab")
         self.pg_bin = find_pg_bin(pg_bin if pg_bin is not None else setting("LAB_PG_BIN", ""))
         self.ready_timeout = ready_timeout if ready_timeout is not None else setting("LAB_READY_TIMEOUT", 30)
-        self.python = python or setting("LAB_PROCESS_PYTHON", "") or getattr(sys, "_base_executable", sys.executable)
         self.own_users = (os.geteuid() == 0) if users is None else users
+        self.python = python or setting("LAB_PROCESS_PYTHON", "") or default_python(self.own_users)
 
     @property
     def isolation(self) -> str:
@@ -222,6 +247,12 @@ class ProcessRuntime:
         self.venvs_root.mkdir(parents=True, exist_ok=True)
         if not self.own_users:
             return
+        if not all(os.stat(folder).st_mode & stat.S_IXOTH for folder in self.data_root.resolve().parents):
+            raise RuntimeError_(f"the instances' users cannot reach LAB_DATA_DIR ({self.data_root}): a folder above it "
+                                "is closed to others; open it (chmod o+x) or move LAB_DATA_DIR (e.g. /var/lib/otree-lab)")
+        if not reachable_by_all(self.python):
+            raise RuntimeError_(f"the instances' users cannot run the Python {self.python} (it lies in a private "
+                                "folder); set LAB_PROCESS_PYTHON to a system Python such as /usr/bin/python3")
         for path in (self.data_root, self.instances_root):
             os.chmod(path, os.stat(path).st_mode & 0o7770 | 0o711)
         os.chmod(self.venvs_root, 0o755)
@@ -230,6 +261,29 @@ class ProcessRuntime:
                 mode = entry.stat().st_mode & 0o7777
                 if mode & 0o007:
                     os.chmod(entry, mode & ~0o007)
+
+    def _tool(self, source: str | Path) -> str:
+        """A program of the manager's that instances run (the supervisor, redis-server): as
+        it is, or, with per-instance users, a copy in `instances/.tools/` that they can
+        reach wherever the manager is installed (refreshed when the original changes)."""
+        source = Path(source)
+        if not self.own_users:
+            return str(source)
+        tools = self.instances_root / ".tools"
+        tools.mkdir(mode=0o755, parents=True, exist_ok=True)
+        target = tools / source.name
+        info = source.stat()
+        try:
+            current = target.stat()
+            if (current.st_size, int(current.st_mtime)) == (info.st_size, int(info.st_mtime)):
+                return str(target)
+        except FileNotFoundError:
+            pass
+        tmp = tools / f".{source.name}.{uuid.uuid4().hex[:6]}"
+        shutil.copy2(source, tmp)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)
+        return str(target)
 
     def _create(self, name: str) -> dict:
         """The instance's folder, user and metadata (once)."""
@@ -324,7 +378,7 @@ class ProcessRuntime:
         token = uuid.uuid4().hex
         with open(root / "logs" / "supervisor.log", "ab") as log:
             # It detaches itself (forks, new session): it outlives the worker and the manager.
-            subprocess.run([sys.executable, "-I", "-S", str(SUPERVISOR), str(root), token], cwd=root,
+            subprocess.run([self.python, "-I", "-S", self._tool(SUPERVISOR), str(root), token], cwd=root,
                            env=self._base_env(name), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                            close_fds=True, timeout=30, **self._as_user(name))
         deadline = time.monotonic() + timeout
@@ -366,7 +420,7 @@ class ProcessRuntime:
 
     def _redis_process(self, name: str, spec: InstanceSpec) -> dict:
         maxmemory = max(8, spec.redis_memory_mb * 3 // 4)
-        args = [redis_server_binary(), "--port", "0", "--unixsocket", str(self.dir(name) / "run" / "redis.sock"),
+        args = [self._tool(redis_server_binary()), "--port", "0", "--unixsocket", str(self.dir(name) / "run" / "redis.sock"),
                 "--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--dir", str(self.dir(name) / "run"),
                 "--maxmemory", f"{maxmemory}mb", "--maxmemory-policy", "noeviction"]
         return {"argv": args, "env": self._base_env(name), "cwd": str(self.dir(name)), "stop_signal": "SIGTERM",
