@@ -9,12 +9,11 @@ from datetime import timedelta
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
-from django.db.models import Max
 from django.utils import timezone
 
 from bots.models import RANDOM_POLICY, Bot, BotRun, Provider
 from instances.models import Instance
-from instances.selectors import can_see
+from instances.selectors import can_see, next_number
 from manager import locks
 from manager.accounts.services import NotAllowed
 from manager.audit.services import record
@@ -180,7 +179,7 @@ def create_run(actor, instance: Instance, *, session_config: str, num_participan
     for _attempt in range(5):
         try:
             with transaction.atomic():
-                number = (BotRun.objects.filter(instance=instance).aggregate(n=Max("number"))["n"] or 0) + 1
+                number = next_number(instance, BotRun)
                 run = BotRun.objects.create(
                     instance=instance, number=number, created_by=actor, session_config=session_config,
                     num_participants=num_participants, num_bots=num_bots, provider=provider,

@@ -23,13 +23,14 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Max, Value
+from django.db.models import F, Value
 from django.db.models.functions import Concat
 from django.utils import timezone
 
 from instances import build
 from instances.git.repos import repo_path
 from instances.models import Instance, Release
+from instances.selectors import next_number
 from instances.runtime import get_runtime
 from instances.runtime.base import RuntimeError_
 from manager import locks
@@ -65,8 +66,7 @@ def _enqueue(release: Release, user, label: str):
 
 
 def _next_number(instance: Instance) -> int:
-    Instance.objects.select_for_update().filter(pk=instance.pk).first()  # serializes numbering (PostgreSQL)
-    return (Release.objects.filter(instance=instance).aggregate(n=Max("number"))["n"] or 0) + 1
+    return next_number(instance, Release)
 
 
 def record_push(instance: Instance, *, commit: str, branch: str = "main", pushed_by=None, author: str = "",

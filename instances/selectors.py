@@ -3,7 +3,7 @@ instance's existence is not revealed to other experimenters)."""
 
 from django.http import Http404
 
-from django.db.models import Prefetch
+from django.db.models import Max, Prefetch
 
 from instances.models import Instance, Release
 
@@ -30,3 +30,11 @@ def with_live_release(instances):
     """Fetch each instance's live release along (for `Instance.live_release`) in one query."""
     return instances.prefetch_related(
         Prefetch("releases", queryset=Release.objects.filter(status=Release.Status.LIVE), to_attr="live_releases"))
+
+
+def next_number(instance: Instance, model) -> int:
+    """The next per-instance number of `model` (releases, bot runs: 1, 2, 3 ...); call it
+    in the transaction that creates the row. The instance's row is locked meanwhile, so two
+    creations never take the same number (PostgreSQL; SQLite serializes writes anyway)."""
+    Instance.objects.select_for_update().filter(pk=instance.pk).first()
+    return (model.objects.filter(instance=instance).aggregate(n=Max("number"))["n"] or 0) + 1
