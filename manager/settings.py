@@ -5,7 +5,10 @@ README's table); everything else is fixed here.
 """
 
 import hashlib
+import ipaddress
+import os
 import re
+from urllib.parse import urlsplit
 
 import dj_database_url
 
@@ -52,6 +55,68 @@ LAB_MANAGER_ID = env_str("LAB_MANAGER_ID", "") or hashlib.sha256(str(DATA_DIR).e
 if not re.fullmatch(r"[a-z0-9]{1,16}", LAB_MANAGER_ID):
     raise ConfigError(f"LAB_MANAGER_ID must be 1-16 lowercase letters or digits, got {LAB_MANAGER_ID!r}")
 LAB_DOCKER_SUBNETS = env_str("LAB_DOCKER_SUBNETS", "10.213.0.0/16")
+# Builds (pip and the requirements' setup.py) run in containers on networks of their own
+# (a /28 each) from this pool: egress for pip even when LAB_EGRESS=deny, nothing else.
+LAB_DOCKER_BUILD_SUBNETS = env_str("LAB_DOCKER_BUILD_SUBNETS", "10.214.0.0/20")
+for _name, _value in (("LAB_DOCKER_SUBNETS", LAB_DOCKER_SUBNETS), ("LAB_DOCKER_BUILD_SUBNETS", LAB_DOCKER_BUILD_SUBNETS)):
+    try:
+        _net = ipaddress.ip_network(_value)
+    except ValueError as _exc:
+        raise ConfigError(f"{_name} is not an IPv4 network: {_exc}") from None
+    if _net.version != 4 or _net.prefixlen > 28:
+        raise ConfigError(f"{_name}={_value} must be an IPv4 network of at least one /28")
+if ipaddress.ip_network(LAB_DOCKER_SUBNETS).overlaps(ipaddress.ip_network(LAB_DOCKER_BUILD_SUBNETS)):
+    raise ConfigError(f"LAB_DOCKER_BUILD_SUBNETS={LAB_DOCKER_BUILD_SUBNETS} overlaps LAB_DOCKER_SUBNETS={LAB_DOCKER_SUBNETS}")
+
+# --- tenant isolation (README "Security") --------------------------------------------
+# Instances run code that experimenters pushed. In `port` routing they are served on a
+# host name other than the manager's, so the manager's cookies never reach them (cookies
+# ignore ports): LAB_INSTANCE_HOST, by default the other name of the loopback address.
+_LOOPBACK_TWIN = {"127.0.0.1": "localhost", "localhost": "127.0.0.1", "[::1]": "localhost", "::1": "localhost"}
+LAB_INSTANCE_HOST = env_str("LAB_INSTANCE_HOST", _LOOPBACK_TWIN.get(LAB_PUBLIC_HOST, "") if LAB_ROUTING == "port" else "")
+if LAB_ROUTING == "port":
+    if not LAB_INSTANCE_HOST:
+        raise ConfigError(
+            f"LAB_INSTANCE_HOST is required with LAB_PUBLIC_HOST={LAB_PUBLIC_HOST} and port routing: set it to another "
+            "name of this server (a second DNS name, or its IP address when users type the name), so the manager's "
+            "cookies never reach the instances (cookies ignore ports)")
+    _manager_hosts = {LAB_PUBLIC_HOST.strip("[]").lower(),
+                      (urlsplit(env_str("LAB_PUBLIC_URL", "")).hostname or LAB_PUBLIC_HOST).strip("[]").lower()}
+    if LAB_INSTANCE_HOST.strip("[]").lower() in _manager_hosts:
+        raise ConfigError(
+            f"LAB_INSTANCE_HOST={LAB_INSTANCE_HOST} is the manager's own host name: the instances would receive the "
+            "manager's cookies (cookies ignore ports); use another name of this server")
+# The process runtime: `users` = a system user per instance (needs root); `none` = no
+# isolation (a single-user laptop). Without root, process instances need `none`.
+LAB_PROCESS_ISOLATION = env_str("LAB_PROCESS_ISOLATION", "users")
+if LAB_PROCESS_ISOLATION not in {"users", "none"}:
+    raise ConfigError(f"LAB_PROCESS_ISOLATION must be users or none, got {LAB_PROCESS_ISOLATION!r}")
+LAB_IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+# Whether instances reach networks outside this machine (never this machine itself,
+# other instances, or link-local/metadata addresses). Builds always may (pip).
+LAB_EGRESS = env_str("LAB_EGRESS", "open")
+if LAB_EGRESS not in {"open", "deny"}:
+    raise ConfigError(f"LAB_EGRESS must be open or deny, got {LAB_EGRESS!r}")
+
+
+def _uid_range(name: str, default: str) -> tuple[int, int]:
+    raw = env_str(name, default)
+    low, sep, high = raw.partition("-")
+    try:
+        low, high = int(low), int(high)
+    except ValueError:
+        raise ConfigError(f"{name} must be a range of user ids such as {default}, got {raw!r}") from None
+    if not sep or not 1000 <= low or high - low < 127 or high >= 2**31 - 1:
+        raise ConfigError(f"{name}={raw} must be at least 128 user ids between 1000 and 2147483646")
+    return low, high
+
+
+# The process runtime's user ids (a range, so one firewall rule covers every instance):
+# the instances' users take ids from the start; the last 64 are the build users that
+# make the shared virtual environments (never an instance's own user).
+LAB_PROCESS_UIDS = _uid_range("LAB_PROCESS_UIDS", "1900000000-1900099999")
+LAB_PROCESS_BUILDER_UIDS = (LAB_PROCESS_UIDS[1] - 63, LAB_PROCESS_UIDS[1])
+LAB_PROCESS_APP_UIDS = (LAB_PROCESS_UIDS[0], LAB_PROCESS_UIDS[1] - 64)
 
 ALLOWED_HOSTS = sorted(
     {LAB_HOST, LAB_PUBLIC_HOST, "127.0.0.1", "localhost", "[::1]", *env_list("LAB_ALLOWED_HOSTS")}
