@@ -38,6 +38,7 @@ def _detail_context(instance, **forms):
         "instance": instance,
         "runtime": runtime,
         "database": runtime.database_label(instance.name) if runtime else "",
+        "protections": runtime.protections(instance.name) if runtime and hasattr(runtime, "protections") else [],
         "releases": releases,
         "live": live,
         "backups": instance.backups.all()[:20],

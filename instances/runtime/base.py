@@ -172,6 +172,17 @@ class InstanceSpec:
     redis_memory_mb: int = 64
 
 
+@dataclass(frozen=True)
+class Protection:
+    """One line of "what isolation holds" for the instance page: a protection of the
+    runtime on this machine, whether it is enforced now, and how (or why not and what the
+    lab can do)."""
+
+    what: str  # e.g. "Files", "Host and other instances", "Outside network", "Memory", "CPU", "Processes", "Builds"
+    holds: bool  # enforced on this machine right now
+    detail: str  # one sentence: how it is enforced, or why not and what to do
+
+
 class Health(str, Enum):
     MISSING = "missing"
     STARTING = "starting"
@@ -204,6 +215,10 @@ class Runtime(Protocol):
 
     def database_label(self, name: str) -> str:
         """What database the instance has, for its page."""
+
+    def protections(self, name: str) -> list[Protection]:
+        """What isolation holds for instance `name` on this machine now (the page lists
+        them with what does not hold and why). Never contacts anything slow."""
 
     def backup_suffix(self, name: str) -> str:
         """File name ending of the instance's backups (".dump": pg_dump's custom format)."""
