@@ -241,7 +241,8 @@ def _deploy(release: Release, instance: Instance, out: LogWriter) -> None:
         build.export_tree(repo, release.commit, ctx)
         for note in build.check_project(ctx):
             out(note + "\n")
-        tag = runtime.build_release(instance.name, release.number, ctx, out=out, timeout=build_timeout())
+        tag = runtime.build_release(instance.name, release.number, ctx, out=out, timeout=build_timeout(),
+                                    memory_mb=instance.memory_mb, cpus=float(instance.cpus))
     Release.objects.filter(pk=release.pk).update(image=tag)
     release.refresh_from_db()
     out("Reading session configs and rooms from settings.py\n")

@@ -223,9 +223,13 @@ class Runtime(Protocol):
     def backup_suffix(self, name: str) -> str:
         """File name ending of the instance's backups (".dump": pg_dump's custom format)."""
 
-    def build_release(self, name: str, number: int, ctx: Path, *, out, timeout: float) -> str:
+    def build_release(self, name: str, number: int, ctx: Path, *, out, timeout: float, memory_mb: int = 1024,
+                      cpus: float = 1.0) -> str:
         """Build release `number` from the checked project in `ctx` (output to `out(text)`);
-        returns its reference (Release.image). Raises build.BuildFailed with the reason."""
+        returns its reference (Release.image). Raises build.BuildFailed with the reason.
+        The build runs the project's requirements (their setup.py) as untrusted code: with
+        the instance's memory and CPU limits (`memory_mb`, `cpus`), as an unprivileged
+        identity that is not the instance's own app."""
 
     def introspect(self, name: str, image: str, *, timeout: float = 60) -> dict:
         """{session_configs, rooms, language_code} of a built release."""

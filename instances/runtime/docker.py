@@ -382,7 +382,8 @@ class DockerRuntime:
         except (APIError, requests.RequestException):
             return ""
 
-    def build_release(self, name: str, number: int, ctx: Path, *, out, timeout: float) -> str:
+    def build_release(self, name: str, number: int, ctx: Path, *, out, timeout: float, memory_mb: int = 1024,
+                      cpus: float = 1.0) -> str:
         """Build the release's image from the project in `ctx` (build output to `out`);
         returns its tag. BuildFailed with the reason when it cannot be built."""
         from instances import build

@@ -661,7 +661,8 @@ class ProcessRuntime:
         return hashlib.sha256((version + "\n" + "\n".join(lines)).encode()).hexdigest()[:16]
 
     @_user_errors
-    def build_release(self, name: str, number: int, ctx: Path, *, out, timeout: float) -> str:
+    def build_release(self, name: str, number: int, ctx: Path, *, out, timeout: float, memory_mb: int = 1024,
+                      cpus: float = 1.0) -> str:
         """The release's folder (the tree) and its environment (made unless an identical
         one exists). Returns the release's reference `<name>/r<number>`."""
         from instances import build
