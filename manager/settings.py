@@ -24,6 +24,12 @@ LAB_PORT = env_int("LAB_PORT", 8000)
 LAB_PUBLIC_HOST = env_str("LAB_PUBLIC_HOST", LAB_HOST)
 LAB_SSH_PORT = env_int("LAB_SSH_PORT", 2222)
 LAB_PUSH_MAX_MB = env_int("LAB_PUSH_MAX_MB", 200)  # a git push larger than this is refused
+# pre-receive refuses a pushed file (blob) larger than this, and a main/master tree whose files add up
+# to more than LAB_DEPLOY_MAX_MB (what a build unpacks; a pack of zeros compresses ~1000:1)
+LAB_PUSH_MAX_BLOB_MB = env_int("LAB_PUSH_MAX_BLOB_MB", 50)
+LAB_DEPLOY_MAX_MB = env_int("LAB_DEPLOY_MAX_MB", 200)
+if min(LAB_PUSH_MAX_MB, LAB_PUSH_MAX_BLOB_MB, LAB_DEPLOY_MAX_MB) < 1:
+    raise ConfigError("LAB_PUSH_MAX_MB, LAB_PUSH_MAX_BLOB_MB and LAB_DEPLOY_MAX_MB must be at least 1")
 LAB_RUNTIME = env_str("LAB_RUNTIME", "auto")
 LAB_ROUTING = env_str("LAB_ROUTING", "port")
 LAB_DOMAIN = env_str("LAB_DOMAIN", "")
