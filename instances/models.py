@@ -118,12 +118,15 @@ class Instance(models.Model):
 
 
 class Backup(models.Model):
-    """A `pg_dump -Fc` of an instance's database, kept under LAB_DATA_DIR/backups/."""
+    """A `pg_dump -Fc` of an instance's database (or, kind `repository`, a `git bundle` of
+    the git history of a deleted instance: instances.git.archive), kept under
+    LAB_DATA_DIR/backups/."""
 
     class Kind(models.TextChoices):
         MANUAL = "manual"
         BEFORE_RESET = "before_reset", "before reset"
         FINAL = "final", "final (instance deleted)"
+        REPOSITORY = "repository", "git history (instance deleted)"
 
     class Status(models.TextChoices):
         PENDING = "pending"

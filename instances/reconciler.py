@@ -146,7 +146,9 @@ def backup_only(instance_id: int, actor=None) -> Backup:
 
 
 def _delete(instance: Instance, runtime) -> None:
-    """Final backup (when there is a database to back up), then remove everything."""
+    """Final backup (when there is a database to back up), then remove everything; the
+    git repository goes too, its history archived beside the final backup (a later
+    instance of the same name must never serve it)."""
     if instance.name in runtime.owned_instances():
         if runtime.state(instance.name).db.health != Health.RUNNING:
             runtime.ensure(instance_spec(instance))  # bring the database up for its dump
@@ -154,11 +156,23 @@ def _delete(instance: Instance, runtime) -> None:
         if not already:
             backup(instance, Backup.Kind.FINAL, runtime=runtime)
         runtime.remove(instance.name)
+    _archive_repository(instance)
     name, owner_id, pk = instance.name, instance.owner_id, instance.pk
     with transaction.atomic():
         instance.delete()
     push_event(pk, owner_id, {"type": "instance", "name": name, "status": "deleted", "status_label": "deleted",
                               "status_color": "secondary", "reason": ""})
+
+
+def _archive_repository(instance: Instance) -> None:
+    """The instance's git history into a bundle among its backups; its repository goes."""
+    from instances.git import archive
+
+    try:
+        archive.archive(instance.name, instance=instance, owner=instance.owner)
+    except (archive.ArchiveFailed, locks.Busy, OSError) as exc:
+        raise ReconcileError(f"archiving the git repository failed (the instance stays until it succeeds): {exc}") \
+            from exc
 
 
 def sweep() -> dict:
@@ -167,6 +181,9 @@ def sweep() -> dict:
     runtimes = available_runtimes()
     if not runtimes:
         return {"skipped": "no runtime available"}
+    from instances.git import archive
+
+    repositories = archive.sweep_orphans(set(Instance.objects.values_list("name", flat=True)))
     known = set(Instance.objects.values_list("name", flat=True))
     orphans = set()
     for runtime in runtimes:
@@ -184,4 +201,5 @@ def sweep() -> dict:
         except (ReconcileError, locks.Busy, RuntimeError_):
             failed += 1
     proxy.sync_routes()  # heals any drift between Caddy's routes and the database
-    return {"orphans_removed": sorted(orphans), "failed": failed, "stuck_releases_failed": stuck}
+    return {"orphans_removed": sorted(orphans), "repositories_archived": repositories, "failed": failed,
+            "stuck_releases_failed": stuck}

@@ -5,6 +5,7 @@ commit, enqueues a job that runs the reconciler. Whatever happens to that job, t
 periodic sweep reconciles again, so the runtime always converges to the database.
 """
 
+import logging
 import re
 from decimal import Decimal, InvalidOperation
 
@@ -157,6 +158,18 @@ def _backend_for_new_instance() -> str:
         return ""
 
 
+def _archive_old_repository(name: str) -> None:
+    """A repository left for `name` by an instance deleted before (by an earlier version of
+    the manager) is archived among the backups, never served to the new instance. Should
+    this fail, the repositories' own check (repos.ensure_repo) archives it at first use."""
+    from instances.git import archive
+
+    try:
+        archive.archive_orphan(name)
+    except Exception:  # noqa: BLE001 - see above: the new instance never gets the old history
+        logging.getLogger(__name__).warning("archiving the old repository of %s failed", name, exc_info=True)
+
+
 def create_instance(actor, *, name: str, owner, request=None) -> Instance:
     name = validate_name(name)
     owner = _user(owner)
@@ -165,6 +178,7 @@ def create_instance(actor, *, name: str, owner, request=None) -> Instance:
     if not owner.is_active:
         raise ValidationError({"owner": [f"{owner.username} is deactivated."]})
     backend = _backend_for_new_instance()  # (may ask the Docker engine: not inside the transaction)
+    _archive_old_repository(name)
     try:
         with transaction.atomic():
             instance = Instance.objects.create(name=name, owner=owner, public_port=_allocate_port(), runtime=backend)

@@ -8,6 +8,7 @@ the build worker, writing log text and the outcome into the Release row that the
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -28,6 +29,8 @@ from tests.labserver_helpers import BASE_DIR, free_port
 pytestmark = pytest.mark.slow
 
 PUSH_MAX_MB = 1
+BLOB_MAX_MB = 2  # LAB_PUSH_MAX_BLOB_MB of the servers
+DEPLOY_MAX_MB = 5  # LAB_DEPLOY_MAX_MB of the servers
 INSTANCE_PORT = 18777
 
 
@@ -70,7 +73,8 @@ def servers(django_db_setup, django_db_blocker, redis_server):
     env.update(
         LAB_DATA_DIR=str(settings.DATA_DIR), DATABASE_URL=f"sqlite:///{connection.settings_dict['NAME']}",
         LAB_HOST="127.0.0.1", LAB_PORT=str(http_port), LAB_SSH_PORT=str(ssh_port),
-        LAB_PUSH_MAX_MB=str(PUSH_MAX_MB), PYTHONUNBUFFERED="1", DJANGO_SETTINGS_MODULE="manager.settings",
+        LAB_PUSH_MAX_MB=str(PUSH_MAX_MB), LAB_PUSH_MAX_BLOB_MB=str(BLOB_MAX_MB), LAB_DEPLOY_MAX_MB=str(DEPLOY_MAX_MB),
+        PYTHONUNBUFFERED="1", DJANGO_SETTINGS_MODULE="manager.settings",
     )
     for key in ("LAB_PUBLIC_HOST", "LAB_PUBLIC_URL", "REDIS_URL"):
         env.pop(key, None)
@@ -221,7 +225,7 @@ def test_https_push_by_owner_deploys_and_streams_the_build(lab):
     assert "remote: Step 1/2: installing otree" in out
     assert "remote: Step 2/2: checking settings.py" in out
     assert out.count("Step 1/2") == 1  # each log line once, however often it was polled
-    assert f"remote: Deployed: http://127.0.0.1:{INSTANCE_PORT}/" in out
+    assert f"remote: Deployed: {lab.instance.url}" in out and str(INSTANCE_PORT) in lab.instance.url
     assert out.index("Step 2/2") < out.index("Deployed:")
     release.refresh_from_db()
     assert release.commit == lab.head() and release.branch == "main"
@@ -285,7 +289,7 @@ def test_ssh_push_with_the_owners_key_deploys(lab):
     code, out = finish(proc)
     assert code == 0, out
     assert "remote: Step 2/2: checking settings.py" in out
-    assert f"remote: Deployed: http://127.0.0.1:{INSTANCE_PORT}/" in out
+    assert f"remote: Deployed: {lab.instance.url}" in out
     assert SSHKey.objects.get(user__username="ann").last_used_at is not None
     assert lab.head() in lab.refs()
     # fetch over SSH (upload-pack), with or without ".git" and leading slash
@@ -363,30 +367,38 @@ def test_follow_prints_each_line_once_and_the_outcome_once(db):
     assert out.getvalue().startswith("[release #1: Building]\nhalf a li\nStill not live after 0 s")
 
 
-def _hook_client(lab, hook: str, stdin: str, *, pusher: str, socket_path: str, manage: str) -> tuple[int, str]:
+def _hook_client(lab, hook: str, stdin: str, *, token: str, socket_path: str, manage: str,
+                 extra_env: dict | None = None) -> tuple[int, str]:
     """Run the hook program as git runs it in the instance's repository."""
     from instances.git.repos import hook_socket_path
 
     repo = ensure_repo(lab.instance)
-    env = {**os.environ, "GIT_DIR": ".", "LAB_PUSHER_ID": pusher, "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}"}
+    env = {**os.environ, "GIT_DIR": ".", "LAB_PUSH_TOKEN": token,
+           "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}", **(extra_env or {})}
     script = Path(BASE_DIR) / "instances" / "git" / "hook_client.py"
     result = subprocess.run([sys.executable, "-I", "-S", str(script), hook, socket_path or str(hook_socket_path()),
                              manage], input=stdin, cwd=repo, env=env, capture_output=True, text=True, timeout=60)
     return result.returncode, result.stdout + result.stderr
 
 
+def _token(username: str, instance) -> str:
+    from instances.git.repos import register_push
+
+    return register_push(User.objects.get(username=username), instance)
+
+
 def test_hooks_run_in_the_git_service(lab):
     """With the git service running, the hook program needs no Django of its own: a
     manage.py that does not exist is never started, and the answer is the same."""
-    bob = User.objects.get(username="bob")
-    ann = User.objects.get(username="ann")
-    code, out = _hook_client(lab, "pre-receive", "", pusher=str(bob.pk), socket_path="", manage="/nonexistent/manage.py")
+    code, out = _hook_client(lab, "pre-receive", "", token=_token("bob", lab.instance), socket_path="",
+                             manage="/nonexistent/manage.py")
     assert code == 1 and "You may not push to ann-study: only its owner and lab managers may." in out, out
-    code, out = _hook_client(lab, "pre-receive", "", pusher=str(ann.pk), socket_path="", manage="/nonexistent/manage.py")
+    ann = _token("ann", lab.instance)
+    code, out = _hook_client(lab, "pre-receive", "", token=ann, socket_path="", manage="/nonexistent/manage.py")
     assert code == 0 and out == "", out
     # A branch that does not deploy: the post-receive answers through the service too.
     zero = "0" * 40
-    code, out = _hook_client(lab, "post-receive", f"{zero} {'b' * 40} refs/heads/feature\n", pusher=str(ann.pk),
+    code, out = _hook_client(lab, "post-receive", f"{zero} {'b' * 40} refs/heads/feature\n", token=ann,
                              socket_path="", manage="/nonexistent/manage.py")
     assert code == 0 and "Branch feature stored; only main or master deploy." in out, out
 
@@ -394,11 +406,13 @@ def test_hooks_run_in_the_git_service(lab):
 def test_hooks_run_in_process_without_the_git_service(lab, tmp_path):
     """No git service listening (e.g. it is restarting): the hook runs `manage.py git_hook`
     itself, with the same answers."""
-    bob = User.objects.get(username="bob")
     missing = str(tmp_path / "no-service.sock")
-    code, out = _hook_client(lab, "pre-receive", "", pusher=str(bob.pk), socket_path=missing,
+    code, out = _hook_client(lab, "pre-receive", "", token=_token("bob", lab.instance), socket_path=missing,
                              manage=str(Path(BASE_DIR) / "manage.py"))
     assert code == 1 and "You may not push to ann-study: only its owner and lab managers may." in out, out
+    code, out = _hook_client(lab, "pre-receive", "", token=_token("ann", lab.instance), socket_path=missing,
+                             manage=str(Path(BASE_DIR) / "manage.py"))
+    assert code == 0 and out == "", out
 
 
 def test_a_pusher_who_leaves_does_not_stop_the_deploy_or_the_service(lab):
@@ -419,5 +433,317 @@ def test_a_pusher_who_leaves_does_not_stop_the_deploy_or_the_service(lab):
     second = play_build(lab, proc)
     code, out = finish(proc)
     assert code == 0 and f"as release #{second.number}" in out and "Deployed:" in out, out
-    ann = User.objects.get(username="ann")  # still the service answering (no fallback possible here)
-    assert _hook_client(lab, "pre-receive", "", pusher=str(ann.pk), socket_path="", manage="/nonexistent")[0] == 0
+    # still the service answering (no fallback possible here)
+    assert _hook_client(lab, "pre-receive", "", token=_token("ann", lab.instance), socket_path="",
+                        manage="/nonexistent")[0] == 0
+
+
+# --- who pushes: the one-time push token -------------------------------------------------------
+
+def test_hooks_trust_only_a_live_token_for_their_own_repository(lab, tmp_path):
+    """Whoever reaches the hook socket (or runs the hook program) names no account: a user
+    id is ignored; a token works once per hook, for its own repository, until revoked."""
+    from instances.git.repos import revoke_push
+
+    ann = User.objects.get(username="ann")
+    other = Instance.objects.create(name="other-study", owner=ann, public_port=INSTANCE_PORT + 1)
+    refused = "You may not push to ann-study: only its owner and lab managers may."
+    for socket_path, manage in (("", "/nonexistent/manage.py"),
+                                (str(tmp_path / "none.sock"), str(Path(BASE_DIR) / "manage.py"))):
+        # the previous version's trusted variable: means nothing now
+        code, out = _hook_client(lab, "pre-receive", "", token="", socket_path=socket_path, manage=manage,
+                                 extra_env={"LAB_PUSHER_ID": str(ann.pk)})
+        assert code == 1 and refused in out, out
+        # ann's token for another instance's repository
+        code, out = _hook_client(lab, "pre-receive", "", token=_token("ann", other), socket_path=socket_path,
+                                 manage=manage)
+        assert code == 1 and refused in out, out
+        # once per hook
+        token = _token("ann", lab.instance)
+        assert _hook_client(lab, "pre-receive", "", token=token, socket_path=socket_path, manage=manage)[0] == 0
+        code, out = _hook_client(lab, "pre-receive", "", token=token, socket_path=socket_path, manage=manage)
+        assert code == 1 and refused in out, out
+        # revoked (its git process ended)
+        token = _token("ann", lab.instance)
+        revoke_push(token)
+        code, out = _hook_client(lab, "pre-receive", "", token=token, socket_path=socket_path, manage=manage)
+        assert code == 1 and refused in out, out
+    other.delete()
+
+
+def test_the_hook_socket_answers_only_the_managers_own_user(lab, tmp_path):
+    """SO_PEERCRED: even if the socket's permissions were opened by mistake, a process of
+    another user (here: nobody) is refused before its request is read."""
+    import asyncio
+    import threading
+
+    from instances.git import hookservice
+    from tests.conftest import need
+
+    import shutil
+    import tempfile
+
+    need(os.geteuid() == 0, "root (to connect as another user)")
+    folder = Path(tempfile.mkdtemp(prefix="lab-hook-sock-"))  # (pytest's tmp_path is closed to others)
+    folder.chmod(0o755)
+    path = folder / "hooks.sock"
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def serve():
+        asyncio.set_event_loop(loop)
+
+        async def main():
+            server = await hookservice.start(path)
+            folder.chmod(0o755)  # hookservice.start closes its folder; open it and the socket again, by mistake
+            path.chmod(0o666)
+            started.set()
+            async with server:
+                await server.serve_forever()
+
+        try:
+            loop.run_until_complete(main())
+        except asyncio.CancelledError:
+            pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        repo = ensure_repo(lab.instance)
+        request = (json.dumps({"hook": "pre-receive", "git_dir": str(repo), "token": _token("ann", lab.instance),
+                               "stdin": ""}) + "\n")
+        client = ("import socket,sys\n"
+                  "s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(sys.argv[2].encode())\n"
+                  "print(s.makefile().read())\n")
+        as_nobody = subprocess.run([sys.executable, "-c", client, str(path), request], capture_output=True, text=True,
+                                   timeout=30, user=65534, group=65534)
+        assert "serves the manager's own git processes only" in as_nobody.stdout, as_nobody
+        assert '{"exit": 1}' in as_nobody.stdout
+        as_manager = subprocess.run([sys.executable, "-c", client, str(path), request], capture_output=True,
+                                    text=True, timeout=30)
+        assert '{"exit": 0}' in as_manager.stdout, as_manager
+    finally:
+        for task in asyncio.all_tasks(loop):
+            loop.call_soon_threadsafe(task.cancel)
+        thread.join(10)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- sizes ----------------------------------------------------------------------------------------
+
+def _zeros(path: Path, mb: float, header: str = "") -> None:
+    """A file of zeros: megabytes on disk, a few kilobytes in a pack."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(header.encode())
+        fh.truncate(int(mb * 1024 * 1024))
+
+
+@pytest.mark.parametrize("transport", ["https", "ssh"])
+def test_a_file_over_the_blob_cap_is_refused_naming_it(lab, transport):
+    work = lab.project()
+    _zeros(work / "data" / "zeros.bin", 64)  # 64 MB of zeros: ~64 kB packed, far under LAB_PUSH_MAX_MB
+    subprocess.run(["git", "add", "-A"], cwd=work, check=True, env=lab.env(), timeout=30)
+    subprocess.run(["git", "commit", "-q", "-m", "data"], cwd=work, check=True, env=lab.env(), timeout=30)
+    url = lab.https_url("ann") if transport == "https" else lab.ssh_url()
+    code, out = finish(lab.push(url, "HEAD:feature", key="ann" if transport == "ssh" else None))
+    assert code != 0
+    assert (f"Push refused: a file may be at most {BLOB_MAX_MB} MB (LAB_PUSH_MAX_BLOB_MB); "
+            "this push brings data/zeros.bin (64 MB)") in out, out
+    assert "Nothing was stored." in out
+    assert lab.refs() == "" and lab.object_count() == 0 and not Release.objects.exists()
+
+
+def test_a_main_tree_over_the_deploy_limit_is_refused_other_branches_are_stored(lab):
+    work = lab.project()
+    for n in range(3):  # 3 x 1.9 MB: each file under the blob cap, together over LAB_DEPLOY_MAX_MB (5)
+        _zeros(work / f"media/clip{n}.raw", 1.9, header=f"clip {n}")
+    subprocess.run(["git", "add", "-A"], cwd=work, check=True, env=lab.env(), timeout=30)
+    subprocess.run(["git", "commit", "-q", "-m", "media"], cwd=work, check=True, env=lab.env(), timeout=30)
+    code, out = finish(lab.push(lab.ssh_url(), "HEAD:main", key="ann"))
+    assert code != 0
+    assert (f"Push refused: the files of main add up to more than {DEPLOY_MAX_MB} MB, the most this lab deploys "
+            "(LAB_DEPLOY_MAX_MB)") in out, out
+    assert lab.refs() == "" and not Release.objects.exists()
+    # Another branch deploys nothing: it is stored.
+    code, out = finish(lab.push(lab.https_url("ann"), "HEAD:feature"))
+    assert code == 0 and "Branch feature stored" in out, out
+    # ... and its objects already stored do not make it deployable.
+    code, out = finish(lab.push(lab.https_url("ann"), "HEAD:master"))
+    assert code != 0 and "the files of master add up to more than" in out, out
+    assert "refs/heads/master" not in lab.refs() and not Release.objects.exists()
+
+
+def _raw_http(port: int, head: bytes, body_chunks=(), timeout: float = 30) -> tuple[bytes, int]:
+    """Send a request (the body in chunks, until the server stops taking it); return the
+    answer and how many body bytes went out."""
+    import socket
+
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head)
+        try:
+            for chunk in body_chunks:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = b""
+        try:
+            while len(answer) < 65536:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return answer, sent
+
+
+def test_https_bodies_are_capped_while_they_arrive(lab):
+    """The web server stops taking a body at its cap (LAB_PUSH_MAX_MB and a quarter for git
+    pushes, 16 MB for anything else), before any login, instead of reading it whole."""
+    import urllib.request
+
+    port = lab.servers.http_port
+    push = b"POST /git/ann-study.git/git-receive-pack HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+    # A declared length over the cap: refused before the body is sent.
+    answer, _ = _raw_http(port, push + b"Content-Length: 10000000000\r\nExpect: 100-continue\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"A git push may be at most 1 MB (LAB_PUSH_MAX_MB); nothing was stored." in answer
+    assert b"100 Continue" not in answer
+    # A chunked body: cut off once past the cap (2.25 MB here), not read to its end (64 MB).
+    chunk = b"%x\r\n%s\r\n" % (65536, b"\0" * 65536)
+    answer, sent = _raw_http(port, push + b"Transfer-Encoding: chunked\r\n\r\n", (chunk for _ in range(1024)))
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert sent < 32 * 1024 * 1024
+    # Any other page: 16 MB.
+    answer, _ = _raw_http(port, b"POST /accounts/login/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 20000000\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    with urllib.request.urlopen(f"{lab.servers.http}/healthz/", timeout=10) as response:
+        assert response.status == 200  # the server took no harm
+    # A real git client far over the limit: refused, nothing stored.
+    lab.project(big_mb=PUSH_MAX_MB * 3)
+    code, out = finish(lab.push(lab.https_url("ann")))
+    assert code != 0 and "413" in out, out
+    assert lab.refs() == "" and not Release.objects.exists()
+
+
+# --- a repository never outlives its instance ---------------------------------------------------
+
+def _clone(lab, url: str, dest: Path, key: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "clone", url, str(dest)], env=lab.env(key), capture_output=True, text=True,
+                          timeout=60)
+
+
+def _log(path: Path, *args: str) -> list[str]:
+    return subprocess.run(["git", "log", "--format=%H", *args], cwd=path, capture_output=True, text=True,
+                          check=True, timeout=30).stdout.split()
+
+
+def test_deleting_an_instance_archives_its_history_and_a_new_namesake_starts_empty(lab):
+    from instances import reconciler
+    from instances.models import Backup
+
+    work = lab.project()
+    first = lab.head()
+    code, out = finish(lab.push(lab.ssh_url(), "HEAD:feature", key="ann"))
+    assert code == 0, out
+    lab.project()  # a second commit, force-pushed over by a third: only the reflog still knows it
+    replaced = lab.head()
+    assert finish(lab.push(lab.ssh_url(), "HEAD:feature", key="ann"))[0] == 0
+    subprocess.run(["git", "reset", "-q", "--hard", first], cwd=work, check=True, env=lab.env(), timeout=30)
+    lab.project()
+    kept = lab.head()
+    assert finish(lab.push(lab.ssh_url(), "+HEAD:feature", key="ann"))[0] == 0
+    old_pk = lab.instance.pk
+
+    Instance.objects.filter(pk=old_pk).update(delete_requested=True)
+    assert reconciler.reconcile(old_pk) is None
+    assert not Instance.objects.filter(pk=old_pk).exists()
+    assert not repo_path("ann-study").exists()
+    archived = Backup.objects.get(instance_name="ann-study", kind=Backup.Kind.REPOSITORY)
+    assert archived.status == Backup.Status.DONE and archived.owner.username == "ann" and archived.instance is None
+    assert archived.filename.endswith(".bundle") and archived.size == archived.path.stat().st_size
+    # Lab managers see and download it on the Backups page.
+    from django.test import Client
+
+    web = Client()
+    web.force_login(User.objects.get(username="boss"))
+    page = web.get("/backups/").content.decode()
+    assert "git history (instance deleted)" in page and "git bundle" in page
+    download = web.get(f"/backups/{archived.pk}/download/")
+    assert download.status_code == 200
+    assert b"".join(download.streaming_content).startswith(b"# v2 git bundle")
+
+    # The name again, for bob: his clone is empty; ann's old history is nowhere to be fetched.
+    bob = User.objects.get(username="bob")
+    lab.instance = Instance.objects.create(name="ann-study", owner=bob, public_port=INSTANCE_PORT)
+    result = _clone(lab, lab.https_url("bob"), lab.tmp / "bob-clone")
+    assert result.returncode == 0 and "You appear to have cloned an empty repository" in result.stderr, result
+    result = _clone(lab, lab.ssh_url(), lab.tmp / "bob-clone-ssh", key="bob")
+    assert result.returncode == 0 and "You appear to have cloned an empty repository" in result.stderr, result
+    assert lab.refs() == ""
+
+    # The bundle restores it all, the force-pushed-over commit included.
+    restored = lab.tmp / "restored"
+    result = subprocess.run(["git", "clone", "-q", "--mirror", str(archived.path), str(restored)], env=lab.env(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert _log(restored, "refs/heads/feature") == [kept, first]
+    assert replaced in _log(restored, "--all")
+
+
+def test_a_repository_left_by_an_earlier_version_is_never_served_to_a_new_namesake(lab):
+    """Before this version, a deleted instance's repository stayed. Whether the name is
+    created again, or a push or clone finds it first, or the sweep does: it is archived."""
+    from instances import services
+    from instances.git import archive
+    from instances.models import Backup
+    from tests import otree_projects
+
+    def leave_repository(name: str) -> str:
+        bare = otree_projects.init_bare(repo_path(name))
+        return otree_projects.Checkout(lab.tmp / f"{name}-old-work", bare).push({"settings.py": "OLD = 1\n"}, "old")
+
+    boss = User.objects.get(username="boss")
+    # 1. created again through the service
+    old = leave_repository("reused-one")
+    instance = services.create_instance(boss, name="reused-one", owner="bob")
+    assert not repo_path("reused-one").exists()
+    row = Backup.objects.get(instance_name="reused-one", kind=Backup.Kind.REPOSITORY)
+    assert row.owner is None and row.instance is None
+    assert subprocess.run(["git", "bundle", "list-heads", str(row.path)], capture_output=True, text=True,
+                          check=True, timeout=30).stdout.startswith(old)
+    instance.delete()
+
+    # 2. an instance row made while the old repository was there (the earlier version did that):
+    # the repository is older than the instance, so the first clone archives it
+    old = leave_repository("reused-two")
+    time.sleep(2.5)
+    lab.instance = Instance.objects.create(name="reused-two", owner=User.objects.get(username="bob"))
+    url = lab.https_url("bob").replace("ann-study", "reused-two")
+    result = _clone(lab, url, lab.tmp / "two")
+    assert "You appear to have cloned an empty repository" in result.stderr, result
+    assert Backup.objects.filter(instance_name="reused-two", kind=Backup.Kind.REPOSITORY).count() == 1
+    # and the new repository is its own from now on (stamped): a second clone finds it as it is
+    assert _clone(lab, url, lab.tmp / "two-again").returncode == 0
+    assert Backup.objects.filter(instance_name="reused-two", kind=Backup.Kind.REPOSITORY).count() == 1
+    # a repository stamped for another instance of the name is archived too
+    work = otree_projects.Checkout(lab.tmp / "two-work")
+    work.commit({"settings.py": "B = 1\n"}, "b")  # stored behind the hooks' back (a fetch runs none)
+    subprocess.run(["git", "--git-dir", str(repo_path("reused-two")), "fetch", "-q", str(work.dir), "main:main"],
+                   check=True, timeout=30)
+    subprocess.run(["git", "config", "lab.instance", "999999"], cwd=repo_path("reused-two"), check=True)
+    result = _clone(lab, url, lab.tmp / "two-third")
+    assert "You appear to have cloned an empty repository" in result.stderr, result
+    assert Backup.objects.filter(instance_name="reused-two", kind=Backup.Kind.REPOSITORY).count() == 2
+    lab.instance.delete()
+
+    # 3. no instance of that name at all: the sweep archives it (and leaves the live ones alone)
+    ensure_repo(Instance.objects.get(name="ann-study"))
+    leave_repository("gone-for-good")
+    assert "gone-for-good" in archive.sweep_orphans(set(Instance.objects.values_list("name", flat=True)))
+    assert not repo_path("gone-for-good").exists() and repo_path("ann-study").exists()
+    assert Backup.objects.filter(instance_name="gone-for-good", kind=Backup.Kind.REPOSITORY).exists()

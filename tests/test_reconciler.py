@@ -150,6 +150,7 @@ def test_delete_keeps_a_final_backup_and_leaves_nothing(runtime, people):
     boss, ann = people
     instance = created(boss, ann, "rc-delete")
     sql(runtime, "rc-delete", "CREATE TABLE keep (v int); INSERT INTO keep VALUES (1)")
+    commit = pushed_history(instance)
     services.delete_instance(boss, instance)
     job = run_job("instance.delete")
     assert job.status == "succeeded", job.message
@@ -157,6 +158,15 @@ def test_delete_keeps_a_final_backup_and_leaves_nothing(runtime, people):
     final = Backup.objects.get(instance_name="rc-delete", kind="final")
     assert final.status == "done" and final.path.read_bytes()[:5] == b"PGDMP"
     assert "rc-delete" not in runtime.owned_instances()
+    # The git history went beside it; the repository is gone.
+    history = Backup.objects.get(instance_name="rc-delete", kind="repository")
+    assert history.status == "done" and history.owner == ann
+    heads = subprocess.run(["git", "bundle", "list-heads", str(history.path)], capture_output=True, text=True,
+                           check=True, timeout=30).stdout
+    assert f"{commit} refs/heads/main" in heads
+    from instances.git.repos import repo_path
+
+    assert not repo_path("rc-delete").exists()
     # The lab manager still finds and downloads it.
     from django.test import Client
 
@@ -166,6 +176,18 @@ def test_delete_keeps_a_final_backup_and_leaves_nothing(runtime, people):
     assert "rc-delete" in page and "deleted" in page
     download = manager.get(f"/backups/{final.pk}/download/")
     assert download.status_code == 200 and b"".join(download.streaming_content)[:5] == b"PGDMP"
+
+
+def pushed_history(instance) -> str:
+    """A commit on main of the instance's repository (as a push would leave it)."""
+    from instances.git.repos import ensure_repo
+    from tests.otree_projects import Checkout
+
+    repo = ensure_repo(instance)
+    work = Checkout(settings.DATA_DIR / f"{instance.name}-work")
+    commit = work.commit({"settings.py": "SESSION_CONFIGS = []\n"}, "first")
+    subprocess.run(["git", "--git-dir", str(repo), "fetch", "-q", str(work.dir), "main:main"], check=True, timeout=30)
+    return commit
 
 
 def test_sweep_heals_drift_and_removes_orphans(runtime, people):

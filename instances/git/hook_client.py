@@ -8,8 +8,10 @@ process, `manage.py git_hook`, which is slower to start but does the same.
 
 Standard library only: it runs as `python -I -S hook_client.py HOOK SOCKET MANAGE_PY`.
 
-Protocol: one JSON line {hook, git_dir, pusher, stdin} to the service; the service answers
-with JSON lines {"out": text} ... and finally {"exit": code}.
+Protocol: one JSON line {hook, git_dir, token, quarantine, stdin} to the service (`token`:
+the push's one-time token, LAB_PUSH_TOKEN, which the service trades for the pusher;
+`quarantine`: where git keeps the pushed objects until pre-receive accepts them); the
+service answers with JSON lines {"out": text} ... and finally {"exit": code}.
 """
 
 import json
@@ -25,7 +27,8 @@ def request(hook: str, stdin: bytes) -> bytes:
     return json.dumps({
         "hook": hook,
         "git_dir": os.path.abspath(os.environ.get("GIT_DIR", ".")),
-        "pusher": os.environ.get("LAB_PUSHER_ID", ""),
+        "token": os.environ.get("LAB_PUSH_TOKEN", ""),
+        "quarantine": os.environ.get("GIT_QUARANTINE_PATH", ""),
         "stdin": stdin.decode("utf-8", errors="replace"),
     }).encode() + b"\n"
 

@@ -1,9 +1,14 @@
-"""What the repositories' hooks do (run as `manage.py git_hook <hook>` by git itself,
-inside the manager's process tree, with the pusher's id in LAB_PUSHER_ID).
+"""What the repositories' hooks do (in the git service, `hookservice`, or as
+`manage.py git_hook <hook>` run by git itself), for the push whose one-time token the SSH
+server or the HTTP view gave git (`repos.claim_push`: the token, never a user id, names
+the pusher).
 
 pre-receive   refuses the push unless the pusher may push to the instance (the SSH server
-              and the HTTP view check first; this is the last word, and a refused push
-              leaves nothing behind: git drops the quarantined objects).
+              and the HTTP view check first; this is the last word), or when it brings a
+              file (blob) larger than LAB_PUSH_MAX_BLOB_MB, or a main/master tree whose
+              files add up to more than LAB_DEPLOY_MAX_MB (or hold more than
+              MAX_TREE_FILES files). A refused push leaves nothing behind: git drops the
+              quarantined objects.
 post-receive  records a push to `main`/`master` as a release (instances.releases) and
               streams its build to the pusher until it is live or failed; other branches
               are only stored.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +29,8 @@ from pathlib import Path
 from django.conf import settings
 from django.db.models.functions import Substr
 
-from instances.git.repos import DEPLOY_BRANCHES, PUSHER_ENV, refusal
+from instances.git.repos import (DEPLOY_BRANCHES, PUSH_TOKEN_ENV, blob_limit_bytes, claim_push, deploy_limit_bytes,
+                                 refusal)
 from instances.models import Instance, Release
 from manager.accounts.models import User
 
@@ -32,6 +39,9 @@ ZERO = "0" * 40
 POLL_INTERVAL = 0.1
 FINAL_OK = {Release.Status.LIVE}
 FINAL_BAD = {Release.Status.FAILED, Release.Status.SUPERSEDED, Release.Status.ROLLED_BACK}
+MAX_TREE_FILES = 100_000  # files in a deployed tree (an oTree project has hundreds)
+SIZE_CHECK_TIMEOUT = 300  # seconds for the size checks of one push
+MiB = 1024 * 1024
 
 
 class Refused(Exception):
@@ -45,17 +55,22 @@ def say(text: str = "", out=None) -> None:
 
 
 def instance_of_repo(git_dir: Path) -> Instance | None:
-    name = git_dir.resolve().name.removesuffix(".git")
-    return Instance.objects.select_related("owner").filter(name=name).first()
+    return Instance.objects.select_related("owner").filter(name=repository_name(git_dir)).first()
 
 
-def pusher(raw: str | None = None) -> User | None:
-    """The active user whose id the SSH server or HTTP view gave git (default: from the
-    environment, as a hook process gets it)."""
-    raw = os.environ.get(PUSHER_ENV, "") if raw is None else raw
-    if not raw.isdigit():
+def pusher(token: str | None, hook: str, git_dir: Path) -> User | None:
+    """The active user who pushes with `token` (default: from the environment, as a hook
+    process gets it) to the repository `git_dir`; None for a token that is unknown,
+    expired, used before by this hook, or meant for another repository."""
+    token = os.environ.get(PUSH_TOKEN_ENV, "") if token is None else token
+    user_id = claim_push(token, hook, repository_name(git_dir))
+    if user_id is None:
         return None
-    return User.objects.filter(pk=int(raw), is_active=True).first()
+    return User.objects.filter(pk=user_id, is_active=True).first()
+
+
+def repository_name(git_dir: Path) -> str:
+    return git_dir.resolve().name.removesuffix(".git")
 
 
 def check_push(instance: Instance | None, user: User | None) -> None:
@@ -75,19 +90,137 @@ def parse_updates(lines) -> list[tuple[str, str, str]]:
     return updates
 
 
-def pre_receive(git_dir: Path, stdin, out, *, pusher_id: str | None = None) -> int:
+def pre_receive(git_dir: Path, stdin, out, *, token: str | None = None, quarantine: str | None = None) -> int:
     try:
-        check_push(instance_of_repo(git_dir), pusher(pusher_id))
+        check_push(instance_of_repo(git_dir), pusher(token, "pre-receive", git_dir))
+        check_sizes(git_dir, parse_updates(stdin), quarantine_env(git_dir, quarantine))
     except Refused as exc:
         say(f"error: {exc}", out)
         return 1
     return 0
 
 
-def post_receive(git_dir: Path, stdin, out, *, pusher_id: str | None = None, poll: float = POLL_INTERVAL,
-                 timeout: float | None = None) -> int:
+# --- sizes ---------------------------------------------------------------------------------------
+
+def quarantine_env(git_dir: Path, quarantine: str | None = None) -> dict[str, str]:
+    """The environment in which git sees the objects of the push being received: git keeps
+    them in a quarantine folder (objects/tmp_objdir-incoming-*) until pre-receive accepts.
+    `quarantine` comes from the hook's GIT_QUARANTINE_PATH (default: this process's)."""
+    git_dir = git_dir.resolve()
+    raw = os.environ.get("GIT_QUARANTINE_PATH", "") if quarantine is None else quarantine
+    env = {"PATH": "/usr/bin:/bin:/usr/local/bin", "GIT_CONFIG_NOSYSTEM": "1", "HOME": "/nonexistent",
+           "GIT_DIR": str(git_dir)}
+    if not raw:
+        return env
+    path = Path(raw).resolve()
+    if path.parent != git_dir / "objects" or not path.name.startswith("tmp_objdir-incoming-") or not path.is_dir():
+        raise Refused("the push's objects are not where git keeps them; nothing was stored")
+    env.update(GIT_OBJECT_DIRECTORY=str(path), GIT_ALTERNATE_OBJECT_DIRECTORIES=str(git_dir / "objects"),
+               GIT_QUARANTINE_PATH=str(path))
+    return env
+
+
+def _lines(args: list[str], env: dict, deadline: float, *, stdin=None, sep: bytes = b"\n"):
+    """Stream the output records of `git args` (never all of it in memory)."""
+    proc = subprocess.Popen(["git", *args], env=env, stdin=stdin, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    try:
+        buffer = b""
+        while True:
+            if time.monotonic() > deadline:
+                raise Refused("checking the push's sizes took too long; nothing was stored")
+            chunk = proc.stdout.read1(65536)
+            if not chunk:
+                break
+            buffer += chunk
+            *records, buffer = buffer.split(sep)
+            yield from records
+        if buffer:
+            yield buffer
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _mb(size: int) -> str:
+    return f"{size / MiB:.1f} MB" if size < 10 * MiB else f"{size // MiB} MB"
+
+
+def check_sizes(git_dir: Path, updates: list[tuple[str, str, str]], env: dict[str, str]) -> None:
+    """Refuse a push that brings a blob over LAB_PUSH_MAX_BLOB_MB, or deploys a tree whose
+    files add up to more than LAB_DEPLOY_MAX_MB: what a build would unpack, where a pack
+    of zeros inflates ~1000:1."""
+    deadline = time.monotonic() + SIZE_CHECK_TIMEOUT
+    if env.get("GIT_QUARANTINE_PATH"):
+        _check_new_blobs(updates, env, deadline)
+    for _old, new, ref in updates:
+        if new != ZERO and ref.removeprefix("refs/heads/") in DEPLOY_BRANCHES and ref.startswith("refs/heads/"):
+            _check_tree(new, ref.removeprefix("refs/heads/"), env, deadline)
+
+
+def _check_new_blobs(updates, env, deadline) -> None:
+    """Every object the push brought (the quarantine alone, without the repository's)."""
+    limit = blob_limit_bytes()
+    own = {k: v for k, v in env.items() if k != "GIT_ALTERNATE_OBJECT_DIRECTORIES"}
+    big: dict[str, int] = {}
+    for record in _lines(["cat-file", "--batch-all-objects", "--unordered",
+                          "--batch-check=%(objecttype) %(objectsize) %(objectname)"], own, deadline):
+        kind, _, rest = record.decode(errors="replace").partition(" ")
+        size, _, sha = rest.partition(" ")
+        if kind == "blob" and size.isdigit() and int(size) > limit:
+            big[sha] = int(size)
+    if not big:
+        return
+    names = _paths_of(big, updates, env, deadline)
+    files = ", ".join(f"{names.get(sha, sha[:12])} ({_mb(size)})" for sha, size in
+                      sorted(big.items(), key=lambda item: -item[1])[:5])
+    more = f" and {len(big) - 5} more" if len(big) > 5 else ""
+    raise Refused(f"Push refused: a file may be at most {settings.LAB_PUSH_MAX_BLOB_MB} MB (LAB_PUSH_MAX_BLOB_MB); "
+                  f"this push brings {files}{more}. Remove such files from your history (data, videos, "
+                  "archives do not belong into the repository), or ask the lab manager to raise the limit. "
+                  "Nothing was stored.")
+
+
+def _paths_of(shas: dict[str, int], updates, env, deadline) -> dict[str, str]:
+    """A path of each of `shas` in the pushed commits (for the message)."""
+    tips = [new for _old, new, _ref in updates if new != ZERO]
+    found: dict[str, str] = {}
+    if not tips:
+        return found
+    try:
+        for record in _lines(["rev-list", "--objects", *tips, "--not", "--all"], env, deadline):
+            sha, _, path = record.decode(errors="replace").partition(" ")
+            if sha in shas and path and sha not in found:
+                found[sha] = path
+                if len(found) == len(shas):
+                    break
+    except Refused:
+        pass  # only the message's file names are missing
+    return found
+
+
+def _check_tree(commit: str, branch: str, env, deadline) -> None:
+    limit = deploy_limit_bytes()
+    total = files = 0
+    for record in _lines(["ls-tree", "-r", "-l", "-z", "--full-tree", commit], env, deadline, sep=b"\0"):
+        meta, _, _path = record.partition(b"\t")
+        parts = meta.split()
+        if len(parts) == 4 and parts[1] == b"blob" and parts[3].isdigit():
+            total += int(parts[3])
+            files += 1
+        if total > limit:
+            raise Refused(f"Push refused: the files of {branch} add up to more than {settings.LAB_DEPLOY_MAX_MB} MB, "
+                          f"the most this lab deploys (LAB_DEPLOY_MAX_MB). Keep data and media out of the "
+                          "repository, or ask the lab manager to raise the limit. Nothing was stored.")
+        if files > MAX_TREE_FILES:
+            raise Refused(f"Push refused: {branch} holds more than {MAX_TREE_FILES} files, more than an oTree "
+                          "project needs (a virtualenv or node_modules committed by mistake?). Nothing was stored.")
+
+
+def post_receive(git_dir: Path, stdin, out, *, token: str | None = None, quarantine: str | None = None,
+                 poll: float = POLL_INTERVAL, timeout: float | None = None) -> int:
     instance = instance_of_repo(git_dir)
-    user = pusher(pusher_id)
+    user = pusher(token, "post-receive", git_dir)
     try:
         check_push(instance, user)  # checked before the refs moved; a deleted account deploys nothing
     except Refused as exc:
@@ -186,11 +319,13 @@ def _log_to_file(git_dir: Path, text: str) -> None:
 HOOKS = {"pre-receive": pre_receive, "post-receive": post_receive}
 
 
-def run(hook: str, git_dir: Path | None = None, *, stdin=None, out=None, pusher_id: str | None = None) -> int:
+def run(hook: str, git_dir: Path | None = None, *, stdin=None, out=None, token: str | None = None,
+        quarantine: str | None = None) -> int:
     """Run `hook` for the repository `git_dir`; by default as git runs a hook process
-    (GIT_DIR, stdin, stdout and the pusher from the environment)."""
+    (GIT_DIR, stdin, stdout, the push token and the quarantine from the environment)."""
     git_dir = git_dir or Path(os.environ.get("GIT_DIR", ".")).resolve()
     if hook not in HOOKS:
         say(f"unknown hook {hook}", sys.stderr)
         return 2
-    return HOOKS[hook](git_dir, stdin if stdin is not None else sys.stdin, out or sys.stdout, pusher_id=pusher_id)
+    return HOOKS[hook](git_dir, stdin if stdin is not None else sys.stdin, out or sys.stdout, token=token,
+                       quarantine=quarantine)

@@ -3,6 +3,10 @@ git service's process (`manage.py git_sshd`), where Django is already loaded, so
 does not wait for two Django start-ups. `hook_client.py` (the hook program git runs)
 connects to its unix socket, `LAB_DATA_DIR/run/git-hooks.sock` (owner only).
 
+Who may ask: only a process of the manager's own user (the kernel's SO_PEERCRED of the
+connection, checked before anything is read), and the request names the pusher only by
+the push's one-time token (repos.claim_push): connecting to the socket claims no account.
+
 Each hook runs in a thread of its own (`hooks.run`, the same code the fallback
 `manage.py git_hook` runs); what it prints goes back to the client line by line.
 """
@@ -14,6 +18,8 @@ import io
 import json
 import logging
 import os
+import socket
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -63,7 +69,8 @@ def run_hook(request: dict, out: SocketOut) -> int:
             hooks.say(f"error: not a hook of an instance repository ({hook}, {git_dir.name})", out)
             return 2
         stdin = io.StringIO(str(request.get("stdin", "")))
-        return hooks.run(hook, git_dir, stdin=stdin, out=out, pusher_id=str(request.get("pusher", "")))
+        return hooks.run(hook, git_dir, stdin=stdin, out=out, token=str(request.get("token", "")),
+                         quarantine=str(request.get("quarantine", "")))
     except BrokenPipeError:
         return 1
     except Exception:  # the pusher sees a short line; the details go to the log
@@ -75,6 +82,17 @@ def run_hook(request: dict, out: SocketOut) -> int:
         return 1
     finally:
         connections.close_all()
+
+
+def peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    """The user id of the process at the other end of a unix socket (from the kernel)."""
+    sock = writer.get_extra_info("socket")
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except (OSError, AttributeError):
+        return None
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid
 
 
 async def start(path: Path | None = None) -> asyncio.AbstractServer:
@@ -91,6 +109,16 @@ async def start(path: Path | None = None) -> asyncio.AbstractServer:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         code = 1
         try:
+            uid = peer_uid(writer)
+            if uid != os.geteuid():
+                logger.warning("git hook request from uid %s refused (only the manager's own user, %s, may ask)",
+                               uid, os.geteuid())
+                await send(writer, {"out": "error: this socket serves the manager's own git processes only\n"})
+                await send(writer, {"exit": 1})
+                # Take (and drop) the request, so that closing does not reset the connection
+                # before the client has read the answer.
+                await asyncio.wait_for(reader.readline(), timeout=5)
+                return
             line = await asyncio.wait_for(reader.readline(), timeout=30)
             request = json.loads(line)
             loop = asyncio.get_running_loop()

@@ -3,7 +3,9 @@
 Basic auth with the username and a personal access token as the password (no sessions,
 hence no CSRF). Clone/fetch and push are for the instance's owner and lab managers; the
 request body is streamed into http-backend and its answer streamed back, so the build
-output of the post-receive hook reaches the pusher live.
+output of the post-receive hook reaches the pusher live. (The web server holds a request's
+body before this view runs; instances.git.webcap bounds it while it arrives.) A push's
+hooks learn who pushes from a one-time push token registered for its git process.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from asgiref.sync import sync_to_async
 from django.http import HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from instances.git.repos import ensure_repo, git_env, git_root, push_limit_bytes, refusal, too_large_message
+from instances.git.repos import (ensure_repo, git_env, git_root, push_limit_bytes, refusal, register_push, revoke_push,
+                                 too_large_message)
 from instances.models import Instance
 from manager.accounts.services import authenticate_token
 
@@ -77,8 +80,8 @@ def _service_of(request, path: str) -> str | None:
     return None
 
 
-def _cgi_env(request, name: str, path: str, user) -> dict[str, str]:
-    env = git_env(user.pk)
+def _cgi_env(request, name: str, path: str, user, token: str | None) -> dict[str, str]:
+    env = git_env(token)
     env.update({
         "GIT_PROJECT_ROOT": str(git_root()),
         "GIT_HTTP_EXPORT_ALL": "1",
@@ -111,9 +114,22 @@ async def git_http(request, name: str, path: str):
     result = await sync_to_async(_authorize)(request, name, service)
     if isinstance(result, HttpResponse):
         return result
-    user, _instance = result
+    user, instance = result
+    token = None
+    if service == "git-receive-pack" and request.method == "POST":  # a push: its hooks run
+        token = await sync_to_async(register_push, thread_sensitive=False)(user, instance)
+    try:
+        return await _serve(request, name, path, service, user, token)
+    except BaseException:
+        await sync_to_async(revoke_push, thread_sensitive=False)(token)
+        raise
+
+
+async def _serve(request, name: str, path: str, service: str, user, token: str | None):
+    """http-backend for an authorized request; the answer streams (and `token` is revoked
+    once it has ended)."""
     proc = await asyncio.create_subprocess_exec(
-        "git", "http-backend", env=_cgi_env(request, name, path, user),
+        "git", "http-backend", env=_cgi_env(request, name, path, user, token),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
     )
     received = 0
@@ -150,6 +166,7 @@ async def git_http(request, name: str, path: str):
     if not raw:  # http-backend failed before answering (its error is in the manager's log)
         await feeder
         await proc.wait()
+        await sync_to_async(revoke_push, thread_sensitive=False)(token)
         return text(500, "The git server failed; the lab manager finds the reason in the manager's log.")
     sep = b"\r\n\r\n" if b"\r\n\r\n" in raw else b"\n\n"
     head, _, rest = raw.partition(sep)
@@ -188,6 +205,7 @@ async def git_http(request, name: str, path: str):
                 proc.kill()
                 await proc.wait()
             feeder.cancel()
+            await sync_to_async(revoke_push, thread_sensitive=False)(token)
 
     response = StreamingHttpResponse(body(), status=status, content_type=headers.pop("Content-Type", None))
     for key, value in headers.items():

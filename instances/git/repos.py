@@ -2,26 +2,40 @@
 
 `ensure_repo()` creates a repository on first use and (re)writes its configuration and
 hooks every time, so a moved virtualenv or a changed `LAB_PUSH_MAX_MB` takes effect at
-the next push.
+the next push. It also makes sure the repository belongs to THIS instance: each one is
+stamped with the id of the instance it was made for (git config `lab.instance`), and one
+made for another instance of the same name (deleted before) is archived first
+(instances.git.archive), never served.
+
+Who pushes: the SSH server and the HTTP view register a one-time push token (random, in
+the cache, `PUSH_TOKEN_TTL`) for the git process they start, and hand git only the token
+(`LAB_PUSH_TOKEN`). The hooks trade it for the pusher, once per hook, for this repository
+only; a user id in the environment or in a hook request means nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from django.conf import settings
+from django.core.cache import cache
 
 from instances.selectors import can_see
 
 DEPLOY_BRANCHES = ("main", "master")
 HOOKS = ("pre-receive", "post-receive")
-# Who pushed: set by the SSH server and the HTTP view for the git subprocess (and thereby
-# its hooks); the hooks trust nothing else.
-PUSHER_ENV = "LAB_PUSHER_ID"
+# The push token of a git subprocess (and thereby of its hooks): set by the SSH server and
+# the HTTP view; the hooks trade it for the pusher (claim_push).
+PUSH_TOKEN_ENV = "LAB_PUSH_TOKEN"
+PUSH_TOKEN_TTL = 3600  # seconds; revoked as soon as the git process ends
+STAMP = "lab.instance"  # git config: the id of the instance the repository was made for
 
 
 def git_root() -> Path:
@@ -54,6 +68,15 @@ def push_limit_bytes() -> int:
     return settings.LAB_PUSH_MAX_MB * 1024 * 1024
 
 
+def blob_limit_bytes() -> int:
+    return settings.LAB_PUSH_MAX_BLOB_MB * 1024 * 1024
+
+
+def deploy_limit_bytes() -> int:
+    """The most a deployed tree's files may add up to (pre-receive and the build's export)."""
+    return settings.LAB_DEPLOY_MAX_MB * 1024 * 1024
+
+
 def too_large_message() -> str:
     return (f"Push refused: it is larger than this lab's limit of {settings.LAB_PUSH_MAX_MB} MB "
             "(LAB_PUSH_MAX_MB). Remove large files (data, videos, virtualenvs) from the history, "
@@ -78,10 +101,15 @@ def _git(path: Path, *args: str) -> None:
 
 
 def ensure_repo(instance) -> Path:
-    """Create the bare repository if needed; set its configuration and hooks. Idempotent."""
+    """Create the bare repository of `instance` (an Instance) if needed, after archiving one
+    that was made for another instance of the same name; set its configuration and hooks.
+    Idempotent."""
+    from instances.git.archive import retire_leftover
+
     path = repo_path(instance)
     root = git_root()
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    retire_leftover(instance)
     if not (path / "HEAD").exists():
         subprocess.run(["git", "init", "--bare", "--quiet", "--initial-branch=main", str(path)],
                        check=True, capture_output=True, timeout=30)
@@ -90,9 +118,13 @@ def ensure_repo(instance) -> Path:
         "receive.denyDeletes": "false",
         "receive.maxInputSize": str(push_limit_bytes()),
         "receive.fsckObjects": "true",  # the build checks the code out: no malformed trees
+        # Blobs above this are hashed as they stream, never inflated whole into git's memory
+        # (pre-receive refuses them anyway: LAB_PUSH_MAX_BLOB_MB).
+        "core.bigFileThreshold": str(min(blob_limit_bytes(), 512 * 1024 * 1024)),
         "http.receivepack": "true",  # the HTTP view authenticates; http-backend must not refuse
         "http.uploadpack": "true",
         "core.logAllRefUpdates": "true",  # a reflog: force-pushed-over commits stay recoverable
+        STAMP: str(instance.pk),
     }
     current = subprocess.run(["git", "config", "--local", "--list"], cwd=path, capture_output=True, text=True,
                              timeout=30).stdout.lower().splitlines()
@@ -112,9 +144,29 @@ def ensure_repo(instance) -> Path:
     return path
 
 
-def git_env(pusher_id: int | None) -> dict[str, str]:
+def stamp_of(path: Path) -> str:
+    """The `lab.instance` stamp of the repository at `path` ("" when it has none)."""
+    result = subprocess.run(["git", "config", "--local", "--get", STAMP], cwd=path, capture_output=True, text=True,
+                            timeout=30)
+    return result.stdout.strip()
+
+
+def made_for_another(path: Path, instance) -> bool:
+    """Whether the existing repository at `path` was made for another instance than
+    `instance`: its stamp names another, or (unstamped: made by an earlier version of the
+    manager) it is older than the instance — a repository is only ever created for an
+    instance that exists, so one that predates it was left by a deleted namesake."""
+    stamp = stamp_of(path)
+    if stamp:
+        return stamp != str(instance.pk)
+    times = [p.stat().st_mtime for p in (path / "description", path / "HEAD", path / "config", path / "objects")
+             if p.exists()]
+    return bool(times) and min(times) < instance.created_at.timestamp() - 2
+
+
+def git_env(push_token: str | None = None) -> dict[str, str]:
     """The environment of a git subprocess (and thereby of its hooks): the manager's own,
-    so that the hooks reach the same database, Redis and data dir, plus who pushes."""
+    so that the hooks reach the same database, Redis and data dir, plus the push's token."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
     env.update(DJANGO_SETTINGS_MODULE="manager.settings", LAB_DATA_DIR=str(settings.DATA_DIR),
                PYTHONUNBUFFERED="1")
@@ -122,7 +174,44 @@ def git_env(pusher_id: int | None) -> dict[str, str]:
     default_sqlite = Path(settings.DATA_DIR) / "manager.sqlite3"
     if "DATABASE_URL" not in env and db["ENGINE"].endswith("sqlite3") and Path(db["NAME"]) != default_sqlite:
         env["DATABASE_URL"] = f"sqlite:///{db['NAME']}"  # e.g. the test database
-    env.pop(PUSHER_ENV, None)
-    if pusher_id is not None:
-        env[PUSHER_ENV] = str(pusher_id)
+    env.pop(PUSH_TOKEN_ENV, None)
+    env.pop("LAB_PUSHER_ID", None)  # the previous version's (trusted) pusher id: meaningless now
+    if push_token is not None:
+        env[PUSH_TOKEN_ENV] = push_token
     return env
+
+
+# --- push tokens ---------------------------------------------------------------------------
+
+def _token_key(token: str) -> str:
+    return "git-push:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+def register_push(user, instance) -> str:
+    """A new one-time token naming `user` as the pusher to `instance`, for one git process."""
+    token = secrets.token_urlsafe(32)
+    cache.set(_token_key(token), {"user": user.pk, "instance": instance.name, "at": time.time()}, PUSH_TOKEN_TTL)
+    return token
+
+
+def revoke_push(token: str | None) -> None:
+    """The git process ended: its token is worth nothing from now on."""
+    if token:
+        key = _token_key(token)
+        cache.delete_many([key, *(f"{key}:{hook}" for hook in HOOKS)])
+
+
+def claim_push(token: str, hook: str, repository: str) -> int | None:
+    """The id of the user who pushes with `token`, for `hook` of the repository of the
+    instance named `repository`; None when the token is unknown, expired, revoked, meant
+    for another repository, or already used by this hook (each hook runs once per push)."""
+    if not token or len(token) > 128 or hook not in HOOKS:
+        return None
+    key = _token_key(token)
+    entry = cache.get(key)
+    if not isinstance(entry, dict) or entry.get("instance") != repository:
+        return None
+    if not cache.add(f"{key}:{hook}", 1, PUSH_TOKEN_TTL):
+        return None
+    user = entry.get("user")
+    return user if isinstance(user, int) else None

@@ -4,6 +4,11 @@ Public-key authentication against the users' SSH keys (by fingerprint; active us
 the user name is `git`. The only commands are `git-receive-pack '<name>.git'` and
 `git-upload-pack '<name>.git'` for an instance the key's owner may see. No passwords, no
 shell, no forwarding, no SFTP: everything else gets a message on stderr and exit status 1.
+
+A push streams from the client into `git receive-pack` (SSH flow control: nothing is held
+here) and is cut off once it passes LAB_PUSH_MAX_MB (git's own receive.maxInputSize
+usually stops it first; this is the bound that does not depend on git). Its hooks learn
+who pushes from a one-time push token registered for this git process (repos.register_push).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
-from instances.git.repos import ensure_repo, git_env, push_limit_bytes, refusal, repo_path, too_large_message
+from instances.git.repos import (ensure_repo, git_env, push_limit_bytes, refusal, register_push, repo_path,
+                                 revoke_push, too_large_message)
 from instances.models import Instance
 from manager.accounts.models import SSHKey
 
@@ -30,6 +36,7 @@ SSH_USER = "git"
 COMMANDS = {"git-receive-pack", "git-upload-pack"}
 PATH_RE = re.compile(r"^/?(?P<name>[a-z][a-z0-9-]*[a-z0-9])(\.git)?/?$")
 CHUNK = 64 * 1024
+INPUT_SLACK = 1024 * 1024  # protocol lines around the pack
 
 
 def host_key_path() -> Path:
@@ -131,13 +138,19 @@ def usage(user) -> str:
             f"Push your code with git instead: git push ssh://git@{host}:{port}/<instance>.git main\n")
 
 
-async def _pump(reader, write, count=None) -> None:
+class TooLarge(Exception):
+    """The client sent more than a push may be."""
+
+
+async def _pump(reader, write, count=None, limit: int | None = None) -> None:
     while True:
         data = await reader.read(CHUNK)
         if not data:
             break
         if count is not None:
             count[0] += len(data)
+            if limit is not None and count[0] > limit:
+                raise TooLarge()
         await write(data)
 
 
@@ -170,7 +183,17 @@ async def handle(process: asyncssh.SSHServerProcess) -> None:
 
 
 async def run_git(process, service: str, instance: Instance, user) -> None:
-    env = git_env(user.pk)
+    push = service == "git-receive-pack"
+    token = await sync_to_async(register_push, thread_sensitive=False)(user, instance) if push else None
+    try:
+        await _run_git(process, service, instance, token)
+    finally:
+        if token:
+            await sync_to_async(revoke_push, thread_sensitive=False)(token)
+
+
+async def _run_git(process, service: str, instance: Instance, token: str | None) -> None:
+    env = git_env(token)
     protocol = (process.env or {}).get("GIT_PROTOCOL", "")
     if re.fullmatch(r"version=[0-9]", protocol or ""):
         env["GIT_PROTOCOL"] = protocol
@@ -179,6 +202,8 @@ async def run_git(process, service: str, instance: Instance, user) -> None:
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     received = [0]
+    limit = push_limit_bytes() + INPUT_SLACK if token else None
+    cut = asyncio.Event()
 
     async def to_git(data):
         proc.stdin.write(data)
@@ -194,7 +219,10 @@ async def run_git(process, service: str, instance: Instance, user) -> None:
 
     async def feed():
         try:
-            await _pump(process.stdin, to_git, received)
+            await _pump(process.stdin, to_git, received, limit)
+        except TooLarge:  # git gets no more: it stops, and nothing is stored
+            cut.set()
+            proc.kill()
         except (BrokenPipeError, ConnectionResetError):
             pass
         finally:
@@ -207,8 +235,9 @@ async def run_git(process, service: str, instance: Instance, user) -> None:
     try:
         await asyncio.gather(_pump(proc.stdout, to_client_out), _pump(proc.stderr, to_client_err))
         code = await proc.wait()
-        if service == "git-receive-pack" and received[0] > push_limit_bytes():
+        if token and (cut.is_set() or received[0] > push_limit_bytes()):
             process.stderr.write(too_large_message().encode())
+            code = code or 1
         process.exit(code)
     finally:
         feeder.cancel()
