@@ -16,6 +16,7 @@ import re
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +26,6 @@ from instances.runtime.docker import LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANA
 
 RELEASE_IMAGE_PORT = 8000
 COMMAND = ["otree", "prodserver", str(RELEASE_IMAGE_PORT)]  # oTree 5/6: binds 0.0.0.0:<port>
-MAX_TREE_BYTES = 200 * 1024 * 1024
 
 
 class BuildFailed(Exception):
@@ -46,37 +46,76 @@ def commit_info(repo: Path, commit: str) -> dict:
     return {"commit": out[0], "author": out[1] if len(out) > 1 else "", "message": out[2] if len(out) > 2 else ""}
 
 
-def export_tree(repo: Path, commit: str, dest: Path) -> None:
-    """`git archive` of the commit into `dest` (no .git, no paths outside `dest`)."""
-    data = git(repo, "archive", "--format=tar", commit, timeout=120)
-    if len(data) > MAX_TREE_BYTES:
-        raise BuildFailed(f"the project is {len(data) // 2**20} MB; at most {MAX_TREE_BYTES // 2**20} MB can be deployed")
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4
-                tar.extractall(dest, filter="data")
-            else:  # Debian 12's Python 3.11.2: the same checks by hand
-                tar.extractall(dest, members=list(_safe_members(tar, dest)))
-    except (tarfile.TarError, OSError) as exc:  # e.g. a symlink pointing outside the project
-        raise BuildFailed(f"the commit's files cannot be unpacked: {exc}") from None
+def export_tree(repo: Path, commit: str, dest: Path, *, limit: int | None = None, timeout: float = 300) -> None:
+    """`git archive` of the commit streamed into `dest` (no .git, no paths outside `dest`):
+    at most `limit` bytes of files (LAB_DEPLOY_MAX_MB) and MAX_TREE_FILES files, counted
+    while it streams, so the archive is never held in memory (pre-receive refuses such
+    pushes first; this is the bound that holds for anything already stored)."""
+    from instances.git.hooks import MAX_TREE_FILES
+    from instances.git.repos import deploy_limit_bytes
 
-
-def _safe_members(tar: tarfile.TarFile, dest: Path):
-    """What tarfile's "data" filter allows: regular files, directories and links that stay
-    inside `dest`; no devices; no set-uid bits."""
+    limit = deploy_limit_bytes() if limit is None else limit
+    proc = subprocess.Popen(["git", "--git-dir", str(repo), "archive", "--format=tar", commit],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_GIT_ENV)
+    killed = threading.Event()
+    timer = threading.Timer(timeout, lambda: (killed.set(), proc.kill()))
+    timer.start()
     root = dest.resolve()
-    for member in tar.getmembers():
-        target = (root / member.name).resolve()
-        if not target.is_relative_to(root):
-            raise BuildFailed(f"the commit's files cannot be unpacked: {member.name} points outside the project")
-        if member.issym() or member.islnk():
-            base = target.parent if member.issym() else root
-            if os.path.isabs(member.linkname) or not (base / member.linkname).resolve().is_relative_to(root):
-                raise BuildFailed(f"the commit's files cannot be unpacked: {member.name} links outside the project")
-        elif not (member.isfile() or member.isdir()):
-            continue  # devices, fifos: never part of a project
-        member.mode &= 0o755
-        yield member
+    total = files = 0
+    complete, problem = False, None
+    try:
+        with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+            for member in tar:
+                member = _safe_member(member, root)
+                if member is None:
+                    continue
+                total += member.size if member.isfile() else 0
+                files += 1
+                if total > limit:
+                    raise BuildFailed(f"the project's files add up to more than {limit // 2**20} MB, the most "
+                                      "this lab deploys (LAB_DEPLOY_MAX_MB)")
+                if files > MAX_TREE_FILES:
+                    raise BuildFailed(f"the project has more than {MAX_TREE_FILES} files")
+                tar.extract(member, dest, **_extract_filter())
+        complete = True
+    except (tarfile.TarError, OSError) as exc:  # e.g. a symlink pointing outside the project
+        problem = exc
+    finally:
+        timer.cancel()
+        if not complete and proc.poll() is None:
+            proc.kill()  # stopped early: git need not write the rest
+        _, err = proc.communicate(timeout=60)  # (what is left in the pipe: at most its buffer)
+    if killed.is_set():
+        raise BuildFailed(f"exporting the commit took longer than {timeout:g} s")
+    if proc.returncode != 0:
+        raise BuildFailed(f"git archive: {err.decode(errors='replace').strip()[:300] or 'failed'}")
+    if problem is not None:
+        raise BuildFailed(f"the commit's files cannot be unpacked: {problem}")
+
+
+_GIT_ENV = {"PATH": "/usr/bin:/bin:/usr/local/bin", "GIT_CONFIG_NOSYSTEM": "1", "HOME": "/nonexistent"}
+
+
+def _extract_filter() -> dict:
+    """Python >= 3.11.4 has tarfile's "data" filter; _safe_member makes the same checks for
+    older ones (Debian 12's 3.11.2)."""
+    return {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
+
+def _safe_member(member: tarfile.TarInfo, root: Path) -> tarfile.TarInfo | None:
+    """What tarfile's "data" filter allows: regular files, directories and links that stay
+    inside `root`; no devices (skipped: never part of a project); no set-uid bits."""
+    target = (root / member.name).resolve()
+    if not target.is_relative_to(root):
+        raise BuildFailed(f"the commit's files cannot be unpacked: {member.name} points outside the project")
+    if member.issym() or member.islnk():
+        base = target.parent if member.issym() else root
+        if os.path.isabs(member.linkname) or not (base / member.linkname).resolve().is_relative_to(root):
+            raise BuildFailed(f"the commit's files cannot be unpacked: {member.name} links outside the project")
+    elif not (member.isfile() or member.isdir()):
+        return None
+    member.mode &= 0o755
+    return member
 
 
 # --- checks ------------------------------------------------------------------------------
@@ -265,13 +304,13 @@ except BaseException as exc:
 def text(v, n=200):
     return "" if v is None else str(v)[:n]
 configs = []
-for c in list(getattr(settings, "SESSION_CONFIGS", None) or [])[:200]:
+for c in list(getattr(settings, "SESSION_CONFIGS", None) or [])[:201]:
     if isinstance(c, dict):
-        configs.append({"name": text(c.get("name")), "display_name": text(c.get("display_name") or c.get("name")),
+        configs.append({"name": text(c.get("name"), 101), "display_name": text(c.get("display_name") or c.get("name")),
                         "num_demo_participants": c.get("num_demo_participants") if isinstance(c.get("num_demo_participants"), int) else None,
                         "app_sequence": [text(a, 80) for a in (c.get("app_sequence") or [])][:50]})
-rooms = []
-for r in list(getattr(settings, "ROOMS", None) or [])[:100]:
+rooms, budget = [], 5001  # the manager takes at most 1000 labels per room, 5000 in all (instances/facts.py)
+for r in list(getattr(settings, "ROOMS", None) or [])[:101]:
     if not isinstance(r, dict):
         continue
     labels, problem = [], ""
@@ -281,12 +320,22 @@ for r in list(getattr(settings, "ROOMS", None) or [])[:100]:
             full = os.path.realpath(os.path.join(ROOT, str(path)))
             if not full.startswith(ROOT + os.sep):
                 raise ValueError("outside the project")
-            with open(full, encoding="utf-8-sig") as fh:
-                labels = [ln.strip() for ln in fh if ln.strip()][:5000]
+            with open(full, encoding="utf-8-sig", errors="replace") as fh:
+                while len(labels) < min(1001, max(budget, 0)):  # never the whole file in memory
+                    line = fh.readline(4096)
+                    if not line:
+                        break
+                    if not line.endswith("\n") and len(line) == 4096:  # an endless line: too long for a label
+                        while line and not line.endswith("\n"):
+                            line = fh.readline(4096)
+                        labels.append("?" * 101)
+                    elif line.strip():
+                        labels.append(line.strip())
         except Exception as exc:
             problem = f"participant_label_file {path}: {exc}"[:200]
-    rooms.append({"name": text(r.get("name")), "display_name": text(r.get("display_name") or r.get("name")),
-                  "participant_labels": [text(l, 100) for l in labels], "problem": problem})
+    budget -= min(len(labels), 1000)
+    rooms.append({"name": text(r.get("name"), 101), "display_name": text(r.get("display_name") or r.get("name")),
+                  "participant_labels": [text(l, 101) for l in labels], "problem": problem})
 language = getattr(settings, "LANGUAGE_CODE", "") or ""
 print("@@JSON@@" + json.dumps({"session_configs": configs, "rooms": rooms,
                                "language_code": language[:20] if isinstance(language, str) else ""}))
@@ -320,14 +369,20 @@ def introspect(runtime, image: str, *, instance_name: str, timeout: float = 60) 
     return parse_introspection(out)
 
 
-def parse_introspection(out: str) -> dict:
-    """What INTROSPECT printed: the project's facts, or BuildFailed with the reason."""
-    for line in out.splitlines():
-        if line.startswith("@@ERROR@@"):
-            raise BuildFailed(f"settings.py cannot be imported: {line[len('@@ERROR@@'):]}")
-        if line.startswith("@@JSON@@"):
-            return json.loads(line[len("@@JSON@@"):])
-    raise BuildFailed(f"reading settings.py failed: {_tail(out)}")
+def parse_introspection(out) -> dict:
+    """What INTROSPECT printed (text, bytes, or a stream of chunks, of which a bounded
+    amount is read): the project's checked facts {session_configs, rooms, language_code,
+    warnings} (instances.facts: settings.py runs first and may print anything), or
+    BuildFailed with the reason."""
+    from instances import facts
+
+    try:
+        found = facts.project_facts(out)
+    except facts.BadOutput as exc:
+        raise BuildFailed(f"reading settings.py failed: {exc}") from None
+    if "error" in found:
+        raise BuildFailed(f"settings.py cannot be imported: {found['error']}")
+    return found
 
 
 def release_labels(runtime, instance_name: str) -> dict:

@@ -255,6 +255,8 @@ def _deploy(release: Release, instance: Instance, out: LogWriter) -> None:
 def _record_introspection(release: Release, found: dict, out: LogWriter) -> None:
     Release.objects.filter(pk=release.pk).update(session_configs=found["session_configs"], rooms=found["rooms"],
                                                  language_code=found.get("language_code", ""))
+    for warning in found.get("warnings", []):  # what settings.py claimed that the manager did not take
+        out(f"warning: {warning}\n")
     for room in found["rooms"]:
         if room.get("problem"):
             out(f"warning: room {room['name']}: {room['problem']}\n")

@@ -21,17 +21,22 @@ never reaches a launcher as it is:
      (`desktop_string`: a newline can never start a new key).
 3. File names in the zip are the label reduced to `[A-Za-z0-9._-]` plus a short hash
    when anything was changed (no path separators, no `..`, no clashes).
+
+The zip is written into a spooled temporary file (memory up to SPOOL_BYTES, then disk)
+and streamed from there: its size follows the labels of a release, which settings.py
+claims (bounded by instances.facts, at most 5000 seats, nine launchers each).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import re
 import shlex
+import tempfile
 import zipfile
 from dataclasses import dataclass
 
+SPOOL_BYTES = 4 * 1024 * 1024
 SAFE_URL = re.compile(r"^https?://[A-Za-z0-9.:\[\]_~%/-]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -216,30 +221,36 @@ Leave kiosk mode with Alt+F4 (Windows, Linux) or Cmd+Q (macOS).
 {rooms}"""
 
 
-def launchers_zip(instance_name: str, rooms: list[tuple[str, list[str], str]]) -> bytes:
-    """The zip: `rooms` is [(room name, seat labels, room lobby URL)]; per seat one launcher
+def launchers_zip(instance_name: str, rooms: list[tuple[str, list[str], str]]):
+    """The zip, as a file object at its start (a spooled temporary file: close it when
+    sent): `rooms` is [(room name, seat labels, room lobby URL)]; per seat one launcher
     per kind and browser, plus one per room opening its seat picker when it has no labels."""
     from lobby.services import lobby_url
 
-    buffer = io.BytesIO()
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES, prefix="lab-launchers-")
     top = safe_name(f"{instance_name}-kiosk-launchers")
     listing = []
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for room, labels, room_url in rooms:
-            room_dir = safe_name(room)
-            targets = [(label, lobby_url(instance_name, room, label)) for label in labels]
-            if not labels:
-                targets = [("pick-a-seat", room_url)]
-            listing.append(f"\nroom {room_dir}: " + ", ".join(safe_name(label) for label, _ in targets))
-            for label, url in targets:
-                for kind, ext, make, mode in KINDS:
-                    for browser in BROWSERS:
-                        info = zipfile.ZipInfo(f"{top}/{room_dir}/{kind}/{browser.key}/{safe_name(label)}{ext}",
-                                               date_time=(2024, 1, 1, 0, 0, 0))
-                        info.external_attr = (0o100000 | mode) << 16  # regular file, exec bit kept by unzip
-                        info.compress_type = zipfile.ZIP_DEFLATED
-                        archive.writestr(info, make(browser, label, url))
-        text = README.format(instance=instance_name, underline="=" * (31 + len(instance_name)),
-                             rooms="".join(listing))
-        archive.writestr(f"{top}/README.txt", text.replace("\n", "\r\n"))
-    return buffer.getvalue()
+    try:
+        with zipfile.ZipFile(spool, "w", zipfile.ZIP_DEFLATED) as archive:
+            for room, labels, room_url in rooms:
+                room_dir = safe_name(room)
+                targets = [(label, lobby_url(instance_name, room, label)) for label in labels]
+                if not labels:
+                    targets = [("pick-a-seat", room_url)]
+                listing.append(f"\nroom {room_dir}: " + ", ".join(safe_name(label) for label, _ in targets))
+                for label, url in targets:
+                    for kind, ext, make, mode in KINDS:
+                        for browser in BROWSERS:
+                            info = zipfile.ZipInfo(f"{top}/{room_dir}/{kind}/{browser.key}/{safe_name(label)}{ext}",
+                                                   date_time=(2024, 1, 1, 0, 0, 0))
+                            info.external_attr = (0o100000 | mode) << 16  # regular file, exec bit kept by unzip
+                            info.compress_type = zipfile.ZIP_DEFLATED
+                            archive.writestr(info, make(browser, label, url))
+            text = README.format(instance=instance_name, underline="=" * (31 + len(instance_name)),
+                                 rooms="".join(listing))
+            archive.writestr(f"{top}/README.txt", text.replace("\n", "\r\n"))
+    except BaseException:
+        spool.close()
+        raise
+    spool.seek(0)
+    return spool

@@ -22,6 +22,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from instances import facts
 from instances.models import Instance
 from instances.selectors import can_see
 from lobby import texts as catalogue
@@ -65,12 +66,14 @@ class RoomRef:
 # --- finding rooms and seats ---------------------------------------------------------------
 
 def live_rooms(instance: Instance) -> tuple[list[dict], str]:
-    """The rooms of the live release ([{name, display_name, participant_labels}]) and its language."""
+    """The rooms of the live release ([{name, display_name, participant_labels}]) and its
+    language. A release recorded before its rooms were checked (instances.facts) may hold
+    a name that is no URL segment, or labels by the thousand: those rooms and labels are
+    left out here too, so no page breaks on them."""
     live = instance.live_release
     if live is None:
         return [], ""
-    rooms = [r for r in (live.rooms or []) if isinstance(r, dict) and r.get("name")]
-    return rooms, live.language_code or ""
+    return facts.usable_rooms(live.rooms), live.language_code or ""
 
 
 def find_instance(name: str) -> tuple[Instance, list[dict], str]:

@@ -5,7 +5,7 @@ the launchers download. Views are thin; lobby.services holds the rules."""
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
-from django.http import Http404, HttpResponse, JsonResponse
+from django.http import FileResponse, Http404, HttpResponse, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.utils.cache import add_never_cache_headers
@@ -160,6 +160,6 @@ def launchers_zip(request, name):
         body = launchers.launchers_zip(instance.name, data)
     except launchers.UnsafeArgument as exc:
         return HttpResponse(f"Cannot make launchers: {exc}", status=409, content_type="text/plain; charset=utf-8")
-    response = HttpResponse(body, content_type="application/zip")
-    response["Content-Disposition"] = f'attachment; filename="{instance.name}-kiosk-launchers.zip"'
-    return response
+    # Streamed from its spooled file (closed when sent).
+    return FileResponse(body, as_attachment=True, filename=f"{instance.name}-kiosk-launchers.zip",
+                        content_type="application/zip")

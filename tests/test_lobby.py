@@ -109,13 +109,14 @@ def test_unknown_instance_room_or_label_is_a_clear_404(instance, people):
 def test_ready_with_the_gate_open_goes_to_the_room_with_the_label_url_encoded(instance):
     response = Client().post(seat_url(HOSTILE))
     assert response.status_code == 302
-    assert response["Location"] == ("http://127.0.0.1:18500/room/lab/?participant_label=a%22%26calc%26"
+    assert response["Location"] == (f"{instance.url}room/lab/?participant_label=a%22%26calc%26"
                                     "&welcome_page_ok=1")
+    assert ":18500/" in instance.url
     assert state_of(HOSTILE) == "entered"
     # The page's script asks for JSON; a label with a slash and non-ASCII works the same.
     response = Client().post(seat_url("x/y"), HTTP_ACCEPT="application/json")
     assert response.json() == {
-        "state": "entered", "url": "http://127.0.0.1:18500/room/lab/?participant_label=x%2Fy&welcome_page_ok=1"}
+        "state": "entered", "url": f"{instance.url}room/lab/?participant_label=x%2Fy&welcome_page_ok=1"}
     response = Client().post(seat_url("Zoë 7"), HTTP_ACCEPT="application/json")
     assert response.json()["url"].endswith("participant_label=Zo%C3%AB%207&welcome_page_ok=1")
 
@@ -249,7 +250,7 @@ def test_launchers_zip_has_one_launcher_per_seat_system_and_browser(instance, pe
     response = logged_in(people[0]).get("/instances/ann-study/lobby/launchers.zip")
     assert response.status_code == 200 and response["Content-Type"] == "application/zip"
     assert 'filename="ann-study-kiosk-launchers.zip"' in response["Content-Disposition"]
-    archive = zipfile.ZipFile(io.BytesIO(response.content))
+    archive = zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content)))
     names = archive.namelist()
     lab = [n for n in names if n.startswith("ann-study-kiosk-launchers/lab/")]
     assert len(lab) == len(LABELS) * 3 * 3
@@ -266,3 +267,32 @@ def test_launchers_zip_has_one_launcher_per_seat_system_and_browser(instance, pe
     picker = archive.read("ann-study-kiosk-launchers/open/linux/chromium/pick-a-seat.desktop").decode()
     assert '"http://127.0.0.1:8000/lobby/ann-study/open/"' in picker
     assert "README.txt" in names[-1]
+
+
+def test_rooms_a_release_recorded_before_the_checks_cannot_break_pages(people):
+    """A live release recorded by an earlier version may hold a room named "a/b" (which
+    gave a 500 on the instance page) and labels by the thousand: such rooms are left out,
+    labels are capped, and every page and the launchers still work."""
+    from instances import facts
+
+    ann = people[1]
+    instance = lobby_instance(ann)
+    many = [f"s{n}" for n in range(facts.MAX_ROOM_LABELS + 500)]
+    Release.objects.filter(instance=instance).update(rooms=[
+        {"name": "a/b", "participant_labels": ["x"]}, {"name": "..", "participant_labels": []},
+        {"name": "lab", "display_name": "Lab room", "participant_labels": many + ["bad\x00label"]},
+        {"name": "lab", "participant_labels": []}, "junk"])
+    page = logged_in(ann).get("/instances/ann-study/")
+    assert page.status_code == 200
+    assert "/lobby/ann-study/a" not in page.content.decode()
+    board = logged_in(ann).get("/instances/ann-study/lobby/rooms/lab/")
+    assert board.status_code == 200
+    index = Client().get("/lobby/ann-study/")
+    assert index.status_code == 200 and "a/b" not in index.content.decode()
+    assert Client().get("/lobby/ann-study/a%2Fb/").status_code == 404
+    assert Client().get(seat_url(f"s{facts.MAX_ROOM_LABELS - 1}")).status_code == 200
+    assert Client().get(seat_url(f"s{facts.MAX_ROOM_LABELS}")).status_code == 404  # past the cap: no seat
+    response = logged_in(ann).get("/instances/ann-study/lobby/launchers.zip")
+    assert response.status_code == 200
+    names = zipfile.ZipFile(io.BytesIO(b"".join(response.streaming_content))).namelist()
+    assert len([n for n in names if "/lab/" in n]) == facts.MAX_ROOM_LABELS * 9

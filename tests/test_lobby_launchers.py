@@ -236,7 +236,7 @@ def test_unzipped_launchers_keep_their_exec_bit():
     import io
     import zipfile
 
-    archive = zipfile.ZipFile(io.BytesIO(launchers.launchers_zip("study", [("lab", ['a"&calc&'], URL_BASE)])))
+    archive = zipfile.ZipFile(launchers.launchers_zip("study", [("lab", ['a"&calc&'], URL_BASE)]))
     for info in archive.infolist():
         mode = info.external_attr >> 16
         if info.filename.endswith((".command", ".desktop")):
