@@ -15,6 +15,13 @@ redelivered message — it reads the run from the database and goes on from ther
 All bots of a run share one HTTP client for oTree, one model client, the run's
 concurrency limit (an asyncio semaphore) and its rate limit (in Redis, shared by all
 workers). The database is written through one thread (Django's ORM is synchronous).
+
+The instance's app is the tenant's code, and this runs in the manager: every request goes
+to the instance's own origin (scheme, host and port of its app URL) and nowhere else.
+Redirects are followed here, one by one, and one that leaves the origin — like any URL
+outside it that a page names (a wait page's socket) — stops that bot with the reason
+("the instance redirected to http://127.0.0.1:8000/…, outside the instance; the bot
+stopped"), before anything is fetched from there. Answers are read up to MAX_BODY bytes.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import io
+import json
 import logging
 import math
 import random
@@ -56,6 +64,9 @@ PUSH_INTERVAL = 0.3  # seconds between live updates of the run page
 HEARTBEAT_INTERVAL = 2.0
 STOP_GRACE = 3.0  # seconds bots get to reach a safe point after "stop"
 PAGE_TIMES_LIMIT = 50 * 2**20  # bytes of oTree's page-times export read for exact round numbers
+MAX_BODY = 5 * 2**20  # bytes of one answer of the instance (a page, a REST answer)
+MAX_REDIRECTS = 10
+REDIRECTS = (301, 302, 303, 307, 308)
 
 db = sync_to_async  # thread_sensitive: every ORM call runs in the one database thread
 
@@ -70,34 +81,106 @@ class RunFailed(Exception):
 
 # --- oTree over HTTP --------------------------------------------------------------------------
 
+@dataclass
+class Reply:
+    """One answer of the instance: read whole, but at most MAX_BODY bytes."""
+
+    status_code: int
+    headers: httpx2.Headers
+    url: httpx2.URL
+    content: bytes
+    encoding: str = "utf-8"
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(self.encoding or "utf-8", errors="replace")
+
+    def json(self):
+        return json.loads(self.content)
+
+
+def origin(url: httpx2.URL) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the scheme's default port filled in; ws is http."""
+    scheme = {"ws": "http", "wss": "https"}.get(url.scheme, url.scheme)
+    return scheme, (url.host or "").lower(), url.port or {"http": 80, "https": 443}.get(scheme)
+
+
+def shown(url) -> str:
+    text = str(url)
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
 class OTree:
-    """The instance's oTree app: its REST API (with the REST key) and participant pages."""
+    """The instance's oTree app: its REST API (with the REST key) and participant pages,
+    at its own origin only."""
 
     def __init__(self, base_url: str, rest_key: str, http: httpx2.AsyncClient | None = None):
         self.base_url = base_url.rstrip("/")
+        self.base = httpx2.URL(self.base_url + "/")
+        self.origin = origin(self.base)
         self.rest_key = rest_key
         self.http = http or httpx2.AsyncClient(
-            base_url=self.base_url, follow_redirects=True, timeout=HTTP_TIMEOUT,
+            base_url=self.base_url, follow_redirects=False, timeout=HTTP_TIMEOUT,
             limits=httpx2.Limits(max_connections=64, max_keepalive_connections=64))
 
     async def close(self):
         await self.http.aclose()
 
-    async def request(self, method: str, url: str, **kwargs) -> httpx2.Response:
-        """`method url`, retried on connection errors and 502/503/504 (the app restarting)."""
+    def inside(self, url, *, via: str = "names") -> httpx2.URL:
+        """`url` (absolute, or relative to the app) if it is at the instance's origin; else
+        GiveUp: the bot goes nowhere else."""
+        target = self.base.join(str(url))
+        if origin(target) != self.origin or target.scheme not in ("http", "https", "ws", "wss"):
+            verb = "redirected to" if via == "redirect" else "names"
+            raise GiveUp(f"the instance {verb} {shown(target)}, outside the instance; the bot stopped")
+        return target
+
+    async def request(self, method: str, url: str, **kwargs) -> Reply:
+        """`method url`, following redirects within the instance's origin only (a redirect
+        elsewhere: GiveUp before anything is fetched there)."""
+        target = self.inside(url)
+        for _hop in range(MAX_REDIRECTS + 1):
+            response = await self._send(method, target, **kwargs)
+            location = response.headers.get("location")
+            if response.status_code not in REDIRECTS or location is None:
+                return response
+            target = self.inside(target.join(location), via="redirect")
+            if response.status_code in (301, 302, 303) and method != "HEAD":
+                method = "GET"  # as browsers do: the form is not sent again
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("data", "json", "content", "files")}
+        raise GiveUp(f"the instance redirected more than {MAX_REDIRECTS} times in a row")
+
+    async def _send(self, method: str, url: httpx2.URL, **kwargs) -> Reply:
+        """One request, retried on connection errors and 502/503/504 (the app restarting)."""
         for attempt in range(1, HTTP_ATTEMPTS + 1):
             try:
-                response = await self.http.request(method, url, **kwargs)
+                response = await self._read(method, url, **kwargs)
                 if response.status_code not in (502, 503, 504) or attempt == HTTP_ATTEMPTS:
                     return response
             except httpx2.TransportError as exc:
                 if attempt == HTTP_ATTEMPTS:
                     raise GiveUp(f"the oTree app does not answer ({type(exc).__name__} on {method} "
-                                 f"{httpx2.URL(url).path})") from None
+                                 f"{url.path})") from None
             await asyncio.sleep(min(8.0, 0.25 * 2 ** attempt) * random.uniform(0.5, 1.0))
         raise AssertionError("unreachable")
 
-    async def rest(self, method: str, path: str, body: dict | None = None) -> httpx2.Response:
+    async def _read(self, method: str, url: httpx2.URL, **kwargs) -> Reply:
+        async with self.http.stream(method, url, **kwargs) as response:
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_BODY:
+                    raise GiveUp(f"the instance answered {url.path} with more than {MAX_BODY // 2**20} MB")
+            return Reply(response.status_code, response.headers, response.url, bytes(body),
+                         response.encoding or "utf-8")
+
+    def websocket_url(self, path: str) -> httpx2.URL:
+        """A wait page's socket (as the client opens it: http/https), if it is at the
+        instance's origin; else GiveUp."""
+        target = self.inside(path)
+        return target.copy_with(scheme={"ws": "http", "wss": "https"}.get(target.scheme, target.scheme))
+
+    async def rest(self, method: str, path: str, body: dict | None = None) -> Reply:
         try:
             response = await self.request(method, path, json=body, headers={"otree-rest-key": self.rest_key})
         except GiveUp as exc:
@@ -265,7 +348,7 @@ class BotPlayer:
             self.submitting = False
 
     @staticmethod
-    def _page(response: httpx2.Response) -> Page:
+    def _page(response: Reply) -> Page:
         return parse(response.text, url=str(response.url), path=response.url.path, status_code=response.status_code,
                      headers=response.headers)
 
@@ -310,8 +393,9 @@ class BotPlayer:
         cannot be opened (the caller polls instead)."""
         if not page.socket_path or self.ctx.sockets_broken >= 3:
             return False
+        url = self.ctx.otree.websocket_url(page.socket_path)  # a socket elsewhere: GiveUp
         try:
-            async with self.ctx.otree.http.websocket(page.socket_path) as ws:
+            async with self.ctx.otree.http.websocket(str(url)) as ws:
                 receive = asyncio.ensure_future(ws.receive_json())
                 stop = asyncio.ensure_future(self.ctx.stop.wait())
                 try:

@@ -29,12 +29,12 @@ class DeployedOTree:
     app_url: str  # the app's loopback URL
 
 
-def deploy(owner, name: str = "bots-game") -> DeployedOTree:
-    """Deploy the bots project as instance `name` of `owner`; raise with the build log's end
-    when it does not go live."""
+def deploy(owner, name: str = "bots-game", config_vars: dict[str, str] | None = None) -> DeployedOTree:
+    """Deploy the bots project as instance `name` of `owner` (with these config vars, e.g.
+    ESCAPE_TO); raise with the build log's end when it does not go live."""
     from instances import releases
 
-    instance = Instance.objects.create(name=name, owner=owner)
+    instance = Instance.objects.create(name=name, owner=owner, config_vars=config_vars or {})
     bare = otree_projects.init_bare(repo_path(name))
     checkout = otree_projects.Checkout(Path(tempfile.mkdtemp(prefix="bots-work-")), bare)
     commit = checkout.push(bots_projects.bots_project(), "the bots test project")

@@ -1,7 +1,11 @@
 """The oTree 6 project the bot-run tests and the benchmark deploy: a guessing game with
 wait pages (groups of 3, 3 rounds), the same game with the whole session as one group (for
 50 bots), and a survey with every kind of form field the page reader knows (text,
-integer, float, select, radio, checkbox, button choices) and server-side validation."""
+integer, float, select, radio, checkbox, button choices) and server-side validation.
+
+And a hostile bit, as tenant code may have it: settings.py wraps oTree's ASGI app (before
+uvicorn loads it) so that, when the config var ESCAPE_TO is set, the first participant to
+open a page of the app "escape" is redirected to ESCAPE_TO — outside the instance."""
 
 from tests import otree_projects
 from tests.otree_projects import OTREE_REQUIREMENT
@@ -17,6 +21,8 @@ SESSION_CONFIGS = [
     dict(name="crowd", display_name="Guess 2/3 of the average, whole session", app_sequence=["crowd"],
          num_demo_participants=5),
     dict(name="survey", display_name="The survey alone", app_sequence=["survey"], num_demo_participants=1),
+    dict(name="escape", display_name="A page that redirects out, then the survey", app_sequence=["escape", "survey"],
+         num_demo_participants=3),
 ]
 SESSION_CONFIG_DEFAULTS = dict(real_world_currency_per_point=1.00, participation_fee=0.00, doc="")
 PARTICIPANT_FIELDS = []
@@ -29,6 +35,32 @@ ADMIN_USERNAME = "admin"
 ADMIN_PASSWORD = environ.get("OTREE_ADMIN_PASSWORD")
 DEMO_PAGE_INTRO_HTML = ""
 SECRET_KEY = "not-a-secret-test-key"
+
+# Tenant code can wrap oTree's app: uvicorn imports "otree.asgi:app" after this file ran.
+ESCAPE_TO = environ.get("ESCAPE_TO", "")
+if ESCAPE_TO:
+    import uvicorn.config
+
+    _import_app = uvicorn.config.import_from_string
+    _escaped = []
+
+    def _escaping(app):
+        async def wrapper(scope, receive, send):
+            parts = scope.get("path", "").split("/") if scope["type"] == "http" else []
+            if len(parts) > 3 and parts[1] == "p" and parts[3] == "escape" and parts[2] in (_escaped or [parts[2]]):
+                _escaped[:] = [parts[2]]
+                await send({"type": "http.response.start", "status": 302,
+                            "headers": [(b"location", (ESCAPE_TO + "secret-page").encode())]})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            await app(scope, receive, send)
+        return wrapper
+
+    def _import(name):
+        found = _import_app(name)
+        return _escaping(found) if name == "otree.asgi:app" else found
+
+    uvicorn.config.import_from_string = _import
 '''
 
 GAME = '''\
@@ -137,6 +169,26 @@ SURVEY_HTML = '''\
 {{ endblock }}
 '''
 
+ESCAPE = otree_projects.APP.split("class Player(BasePlayer):")[0].replace('"hello"', '"escape"') + '''\
+class Player(BasePlayer):
+    pass
+
+
+class Leave(Page):
+    pass
+
+
+page_sequence = [Leave]
+'''
+
+LEAVE_HTML = '''\
+{{ block title }}Before the survey{{ endblock }}
+{{ block content }}
+<p>Thank you. A short survey follows.</p>
+{{ next_button }}
+{{ endblock }}
+'''
+
 AGAIN_HTML = '''\
 {{ block title }}One last question{{ endblock }}
 {{ block content }}
@@ -163,6 +215,8 @@ def bots_project() -> dict[str, str]:
         "survey/__init__.py": SURVEY,
         "survey/Survey.html": SURVEY_HTML,
         "survey/Again.html": AGAIN_HTML,
+        "escape/__init__.py": ESCAPE,
+        "escape/Leave.html": LEAVE_HTML,
     }
     for app in ("guess", "crowd"):
         files[f"{app}/Guess.html"] = GUESS_HTML
@@ -178,4 +232,6 @@ SESSION_CONFIGS = [
     {"name": "crowd", "display_name": "Guess 2/3 of the average, whole session", "num_demo_participants": 5,
      "app_sequence": ["crowd"]},
     {"name": "survey", "display_name": "The survey alone", "num_demo_participants": 1, "app_sequence": ["survey"]},
+    {"name": "escape", "display_name": "A page that redirects out, then the survey", "num_demo_participants": 3,
+     "app_sequence": ["escape", "survey"]},
 ]

@@ -42,15 +42,59 @@ NAME = "bots-game"
 KEY = "sk-fake-provider-key-4242"
 
 
+class ManagerStandIn:
+    """A page on the lab machine's loopback, where the manager (or any local service)
+    would answer: it records every request and answers with a secret."""
+
+    def __init__(self):
+        import http.server
+        import secrets
+
+        self.secret = f"MANAGER-SECRET-{secrets.token_hex(8)}"
+        self.requests: list[str] = []
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                stand_in.requests.append(self.path)
+                body = f"<html><body><p>{stand_in.secret}</p></body></html>".encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_POST = do_GET  # noqa: N815
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @pytest.fixture(scope="module")
-def deployed(redis_server, django_db_setup, django_db_blocker):
+def manager_port():
+    stand_in = ManagerStandIn()
+    yield stand_in
+    stand_in.close()
+
+
+@pytest.fixture(scope="module")
+def deployed(redis_server, django_db_setup, django_db_blocker, manager_port):
     need(engine_ok() and images_present(settings.LAB_IMAGE_POSTGRES, settings.LAB_IMAGE_REDIS,
                                         settings.LAB_IMAGE_PYTHON),
          "a Docker engine with the images (python manage.py build_images)")
     with django_db_blocker.unblock():
         owner = User.objects.create_user("deployer", "deployer@lab.test", "pw-deploy-123456")
-        try:
-            yield_value = bots_otree.deploy(owner, NAME)
+        try:  # its app redirects one participant of the "escape" config to the stand-in's page
+            yield_value = bots_otree.deploy(owner, NAME, config_vars={"ESCAPE_TO": manager_port.url})
         finally:
             Instance.objects.filter(name=NAME).delete()
             owner.delete()
@@ -211,6 +255,24 @@ def test_a_bot_that_gives_up_is_marked_and_the_others_finish(lab, fake):
     assert not Answer.objects.filter(bot=gave_up[0]).exists()
 
 
+def test_a_redirect_out_of_the_instance_stops_that_bot_with_the_reason(lab, fake, manager_port):
+    """The instance's code (settings.py wraps oTree's app) redirects one participant's page
+    to the lab machine's loopback: that bot stops with the reason, before anything is
+    fetched there; the other bots finish; nothing of that answer is in any export."""
+    run = run_task(start(lab, config="escape", participants=3, bots=3))
+    bots = list(run.bots.all())
+    stopped = [b for b in bots if b.status == "gave_up"]
+    assert len(stopped) == 1, [(b.status, b.reason) for b in bots]
+    assert stopped[0].reason == (f"the instance redirected to {manager_port.url}secret-page, outside the "
+                                 "instance; the bot stopped")
+    assert sorted(b.status for b in bots) == ["finished", "finished", "gave_up"]
+    assert run.status == "finished" and "2 of 3 bots finished; 1 gave up" in run.status_reason
+    assert manager_port.requests == []  # never asked
+    for kind in ("responses.csv", "conversations.json", "summary.json"):
+        assert manager_port.secret not in download(lab, run, kind)
+    assert all(manager_port.secret not in json.dumps(r["body"]) for r in fake.completions())
+
+
 def test_human_seats_play_beside_the_bots(lab):
     run = start(lab, config="guess", participants=3, bots=2, model="random")
     worker = in_background(run)
@@ -220,8 +282,9 @@ def test_human_seats_play_beside_the_bots(lab):
     page = client.get(f"/instances/{NAME}/bot-runs/{run.number}/").content.decode()
     run.refresh_from_db()
     [seat] = run.human_seats
-    link = f"{lab['app_url']}/InitializeParticipant/{seat['code']}"
-    assert seat["id_in_session"] == 3 and link in page  # the link the experimenter hands out
+    assert seat["id_in_session"] == 3  # the link the experimenter hands out: at the instance's address
+    assert f"{lab['instance'].url}InitializeParticipant/{seat['code']}" in page
+    link = f"{lab['app_url']}/InitializeParticipant/{seat['code']}"  # (the same app, reached directly)
     # The human plays: a guess per round, then the results page.
     human = httpx2.Client(follow_redirects=True, timeout=30)
     response = human.get(link)
