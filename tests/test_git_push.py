@@ -626,7 +626,7 @@ def test_https_bodies_are_capped_while_they_arrive(lab):
     # A real git client far over the limit: refused, nothing stored.
     lab.project(big_mb=PUSH_MAX_MB * 3)
     code, out = finish(lab.push(lab.https_url("ann")))
-    assert code != 0 and "413" in out, out
+    assert code != 0 and "HTTP 413" in out, out  # (git shows "error: RPC failed; HTTP 413")
     assert lab.refs() == "" and not Release.objects.exists()
 
 
