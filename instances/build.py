@@ -9,6 +9,7 @@ pruned by label.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import json
@@ -183,27 +184,77 @@ def check_project(ctx: Path) -> list[str]:
     return notes
 
 
-APP_USER = "10001:10001"  # the app runs unprivileged (the runtime sets it on every container of the image)
+APP_USER = "10001:10001"  # the app and its build run unprivileged (the runtime sets it on every container)
+
+# --- Docker: the dependencies image (pip in a locked-down container, see runtime.docker) ------
+
+# Ours, not the tenant's: run in the build container as APP_USER, in /app (requirements.txt
+# is the only file there, as it was in the former pip step of the Dockerfile).
+DEPS_SCRIPT = """set -e
+export HOME=/tmp PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off PIP_NO_INPUT=1
+python -m venv /opt/venv
+exec /opt/venv/bin/pip install -r /app/requirements.txt
+"""
+DEPS_ENV: dict[str, str] = {}  # nothing of the instance's, nothing secret
+PIP_KILLED = re.compile(r"exit code: -9\b")  # a setup.py or compiler killed (by the memory limit)
 
 
-def dockerfile(labels: dict[str, str]) -> str:
-    """Every instruction whose result is the same for each build of an instance comes
-    first (cached); a code-only push rebuilds only the last COPY, a requirements push the
-    last three. The image has no USER: the runtime runs its containers as APP_USER (a
-    USER line after the pip step would cost an uncached step per build)."""
+def deps_key(base_image_id: str, requirements: bytes) -> str:
+    """The cache key of a dependencies image: the base image, our recipe and the exact
+    requirements.txt (identical requirements share one image, across instances)."""
+    digest = hashlib.sha256()
+    for part in (DEPS_SCRIPT.encode(), base_image_id.encode(), requirements):
+        digest.update(len(part).to_bytes(8, "big") + part)
+    return digest.hexdigest()
+
+
+def deps_tag(manager_id: str, key: str) -> str:
+    # "--": no instance's release repository can be named so (names never start with "-").
+    return f"otree-lab-{manager_id}--deps:{key[:24]}"
+
+
+def deps_archive(requirements: bytes) -> bytes:
+    """What the build container gets before it starts: /opt/venv and /app for APP_USER,
+    /app/requirements.txt (read-only for it)."""
+    uid = int(APP_USER.split(":")[0])
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for path, owner, data in (("opt/venv", uid, None), ("app", uid, None), ("app/requirements.txt", 0, requirements)):
+            info = tarfile.TarInfo(path)
+            info.uid = info.gid = owner
+            info.mtime = int(time.time())
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                info.mode, info.size = 0o644, len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def deps_changes(runtime, key: str) -> list[str]:
+    """The committed image's labels (no instance: it may serve several) and command."""
+    from instances.runtime.docker import LABEL_DEPS
+
+    labels = {LABEL_MANAGER: runtime.manager_id, LABEL_INSTANCE: "", LABEL_COMPONENT: "deps", LABEL_DEPS: key}
+    return [f"LABEL {' '.join(f'{k}={json.dumps(v)}' for k, v in labels.items())}", 'CMD ["python3"]']
+
+
+def dockerfile(labels: dict[str, str], base: str) -> str:
+    """The release image: the dependencies image plus the project's files. No RUN step:
+    nothing of the tenant's runs in the builder. Everything before the COPY is the same
+    for each build of an instance on the same dependencies (cached), so a code-only push
+    costs one COPY. No USER: the runtime runs its containers as APP_USER."""
     label_line = " ".join(f"{key}={json.dumps(value)}" for key, value in sorted(labels.items()))
     return "\n".join([
-        f"FROM {settings.LAB_IMAGE_PYTHON}",
-        "ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_DISABLE_PIP_VERSION_CHECK=1 "
-        "PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore PIP_PROGRESS_BAR=off",
+        f"FROM {base}",
+        "ENV PATH=/opt/venv/bin:$PATH VIRTUAL_ENV=/opt/venv PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1",
         f"LABEL {label_line}",
         "WORKDIR /app",
         f"EXPOSE {RELEASE_IMAGE_PORT}",
         f"CMD {json.dumps(COMMAND)}",
-        "COPY requirements.txt /app/requirements.txt",
         # oTree opens db.sqlite3 in its working directory at import (even on PostgreSQL),
-        # so the project directory belongs to the app's (unprivileged) user.
-        f"RUN pip install -r /app/requirements.txt && chown {APP_USER} /app",
+        # so the project directory belongs to the app's user (/app itself already does).
         f"COPY --chown={APP_USER} . /app",
         "",
     ])
@@ -245,10 +296,11 @@ def _tail(text: str, n: int = 4) -> str:
     return " / ".join(lines[-n:])[:400]
 
 
-def build_image(runtime, ctx: Path, *, tag: str, labels: dict, out, timeout: float) -> str:
-    """`docker build` of `ctx` (legacy builder) with our Dockerfile; every line of output
-    goes to `out(text)`. Returns the image id; raises BuildFailed with the reason."""
-    (ctx / "Dockerfile.otree-lab").write_text(dockerfile(labels))
+def build_image(runtime, ctx: Path, *, tag: str, base: str, labels: dict, out, timeout: float) -> str:
+    """`docker build` of `ctx` (legacy builder) with our Dockerfile on `base` (the
+    dependencies image); every line of output goes to `out(text)`. Returns the image id;
+    raises BuildFailed with the reason."""
+    (ctx / "Dockerfile.otree-lab").write_text(dockerfile(labels, base))
     (ctx / ".dockerignore").write_text(DOCKERIGNORE)
     api = runtime.api
     seen = []
@@ -350,7 +402,8 @@ def introspect(runtime, image: str, *, instance_name: str, timeout: float = 60) 
     # Labelled with the instance: one left by a killed worker goes with the instance's resources.
     labels = {LABEL_MANAGER: runtime.manager_id, LABEL_INSTANCE: instance_name, LABEL_COMPONENT: "introspect"}
     host_config = api.create_host_config(mem_limit="256m", memswap_limit="256m", pids_limit=64,
-                                         cap_drop=["ALL"], security_opt=["no-new-privileges"], network_mode="none")
+                                         cap_drop=["ALL"], security_opt=["no-new-privileges"], network_mode="none",
+                                         read_only=True, tmpfs={"/tmp": "size=16m,mode=1777"})
     container = api.create_container(image, command=["python", "-c", INTROSPECT], labels=labels, user=APP_USER,
                                      host_config=host_config, network_disabled=True,
                                      environment={"OTREE_PRODUCTION": "1"})

@@ -118,7 +118,7 @@ def _net(text: str) -> str:
     return str(ipaddress.ip_network(text, strict=False))
 
 
-def _rule(*, src: str = "", dst: str = "", out_if: str = "", proto: str = "", owner: tuple[int, int] | None = None,
+def _rule(*, src: str = "", dst: str = "", in_if: str = "", out_if: str = "", proto: str = "", owner: tuple[int, int] | None = None,
           dport: int | None = None, state: str = "", local: bool = False, bridged: bool = False, target: str) -> str:
     """One rule, spelled exactly as iptables-save prints it (so "in place" is a plain
     comparison): addresses, interfaces and protocol first, then the matches."""
@@ -127,6 +127,8 @@ def _rule(*, src: str = "", dst: str = "", out_if: str = "", proto: str = "", ow
         parts += ["-s", _net(src)]
     if dst:
         parts += ["-d", _net(dst)]
+    if in_if:
+        parts += ["-i", in_if]
     if out_if:
         parts += ["-o", out_if]
     if proto:
@@ -186,7 +188,9 @@ def desired_chains(policy: Policy, version: int, resolvers: list[str]) -> dict[s
     if version == 4:
         pools = [*policy.app_pools, *policy.build_pools]
         dns_from = [*policy.build_pools, *(policy.app_pools if policy.egress == "open" else ())]
-        inbound = [_rule(src=p, state="RELATED,ESTABLISHED", target="RETURN") for p in pools]
+        # The host's own traffic to a gateway address has that source too: not ours to judge.
+        inbound = [_rule(in_if="lo", target="RETURN")]
+        inbound += [_rule(src=p, state="RELATED,ESTABLISHED", target="RETURN") for p in pools]
         for pool in dns_from:
             for resolver in resolvers:
                 if not ipaddress.ip_address(resolver).is_loopback:  # a container's 127.x is its own
@@ -201,18 +205,27 @@ def desired_chains(policy: Policy, version: int, resolvers: list[str]) -> dict[s
             forward += [_rule(src=p, target=reject) for p in policy.app_pools]
         chains[policy.chain("FWD")] = forward
     outbound = []
+
+    def refuse(**kw) -> list[str]:
+        # IPv6: TCP gets a reset (an ICMPv6 error to a local or link-local source arrives
+        # late or never: the connect would hang); everything else the ICMP error.
+        tcp = [_rule(proto="tcp", **kw, target="REJECT --reject-with tcp-reset")] if version == 6 else []
+        return tcp + [_rule(**kw, target=reject)]
+
     for uids, builder in ((policy.app_uids, False), (policy.builder_uids, True)):
         outbound.append(_rule(owner=uids, state="RELATED,ESTABLISHED", target="RETURN"))
         if builder or policy.egress == "open":
             outbound += [_rule(dst=r, proto=p, owner=uids, dport=53, target="RETURN") for r in resolvers
                          for p in ("udp", "tcp")]
-        outbound.append(_rule(owner=uids, local=True, target=reject))
-        outbound += [_rule(dst=d, owner=uids, target=reject) for d in LINK_LOCAL[version]]
-        outbound += [_rule(out_if=i, owner=uids, target=reject) for i in DOCKER_BRIDGES]
+        outbound += refuse(owner=uids, local=True)
+        for d in LINK_LOCAL[version]:
+            outbound += refuse(dst=d, owner=uids)
+        for i in DOCKER_BRIDGES:
+            outbound += refuse(out_if=i, owner=uids)
         if version == 4:
             outbound += [_rule(dst=p, owner=uids, target=reject) for p in (*policy.app_pools, *policy.build_pools)]
         if not builder and policy.egress == "deny":
-            outbound.append(_rule(owner=uids, target=reject))
+            outbound += refuse(owner=uids)
     chains[policy.chain("OUT")] = outbound
     return chains
 

@@ -14,7 +14,7 @@ import urllib.request
 import docker
 from docker.errors import APIError, NotFound
 
-from instances.runtime.docker import LABEL_INSTANCE, LABEL_MANAGER
+from instances.runtime.docker import LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGER
 
 
 def api(timeout: float = 60) -> docker.APIClient:
@@ -62,12 +62,20 @@ def labelled(manager_id: str, instance: str | None = None, client: docker.APICli
 
 def purge(manager_id: str, timeout: float = 60) -> None:
     """Remove everything labelled with `manager_id` (test clean-up), in rounds: a container
-    still being created is listed a moment before it can be removed."""
+    still being created is listed a moment before it can be removed. Its images (releases,
+    dependencies) and its firewall chains go too."""
+    from instances import netguard
+
     client = api()
     deadline = time.monotonic() + timeout
+    try:
+        netguard.remove(manager_id)
+    except netguard.NetguardError:
+        pass  # no iptables here: nothing was applied
     while True:
         found = labelled(manager_id, client=client)
         if not any(found.values()) or time.monotonic() > deadline:
+            _remove_images(client, manager_id)
             return
         for c in found["containers"]:
             _quietly(client.remove_container, c["Id"], force=True)
@@ -76,6 +84,14 @@ def purge(manager_id: str, timeout: float = 60) -> None:
         for v in found["volumes"]:
             _quietly(client.remove_volume, v["Name"], force=True)
         time.sleep(0.3)
+
+
+def _remove_images(client: docker.APIClient, manager_id: str) -> None:
+    """Release images first (they are built on the dependencies images)."""
+    images = client.images(filters=_filters(manager_id, None))
+    images.sort(key=lambda image: (image.get("Labels") or {}).get(LABEL_COMPONENT) != "release")
+    for image in images:
+        _quietly(client.remove_image, image["Id"], force=True)
 
 
 def _quietly(fn, *args, **kwargs) -> None:

@@ -7,7 +7,8 @@
   it would to another machine; a recording HTTP server inside answers and logs every
   request, so a test sees whether anything arrived.
 - `host_listener(bind)`: a recording TCP/HTTP server on THIS machine (e.g. on 0.0.0.0:<port>,
-  what a lab's other services do), to prove instances cannot reach the host itself.
+  what a lab's other services do, or on "::" / "::1"), to prove instances cannot reach the
+  host itself.
 
 Every object is removed when its context ends (namespace, veth, route, server). Bounded
 waits only. Needs root and iproute2 (`ip netns`).
@@ -207,6 +208,7 @@ def host_listener(bind: str = "0.0.0.0", port: int = 0):
     class Server(http.server.ThreadingHTTPServer):
         allow_reuse_address = True
         daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in bind else socket.AF_INET
 
         def verify_request(self, request, client_address):
             connections.append({"peer": client_address[0], "time": time.time()})
@@ -224,7 +226,25 @@ def host_listener(bind: str = "0.0.0.0", port: int = 0):
         thread.join(timeout=10)
 
 
-def host_addresses() -> list[str]:
-    """Every IPv4 address of this machine (loopback, eth0, Docker bridges …)."""
-    out = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True, text=True, timeout=10).stdout
-    return [line.split()[3].split("/")[0] for line in out.splitlines() if " inet " in f" {line} "]
+TRANSIENT = ("veth", "otlh", "br-")  # containers', test hosts' and Docker networks' (they come and go)
+
+
+def host_addresses(version: int = 4, *, lasting: bool = False) -> list[str]:
+    """Every usable address of this machine of one IP version (loopback, eth0, Docker
+    bridges …; IPv6 link-local ones with their interface, e.g. fe80::1%eth0). `lasting`:
+    only those of interfaces that stay while a test runs (not other runs' containers,
+    test hosts and networks)."""
+    out = subprocess.run(["ip", f"-{version}", "-o", "addr", "show"], capture_output=True, text=True,
+                         timeout=10).stdout
+    found = []
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) < 4 or fields[2] != ("inet" if version == 4 else "inet6"):
+            continue
+        if "tentative" in fields or "dadfailed" in fields:  # not usable (yet): a veth just made
+            continue
+        if lasting and fields[1].split("@")[0].startswith(TRANSIENT):
+            continue
+        addr = fields[3].split("/")[0]
+        found.append(f"{addr}%{fields[1]}" if addr.startswith("fe80:") else addr)
+    return found

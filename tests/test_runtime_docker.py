@@ -114,6 +114,24 @@ def probe(api, container: str, host: str, port: int) -> str:
     return out.strip()
 
 
+REDIS_TALK = textwrap.dedent("""
+    import socket, sys
+    s = socket.create_connection(("redis", 6379), timeout=5)
+    answers = []
+    for command in sys.argv[1:]:
+        s.sendall(command.encode() + b"\\r\\n")
+        answers.append(s.makefile("rb").readline().decode().strip())
+    print(" ".join(answers))
+""")
+
+
+def redis_says(api, container: str, *commands: str) -> str:
+    """The first line of Redis's answer to each inline command, sent from `container`."""
+    code, out = dh.exec_in(api, container, ["python", "-c", REDIS_TALK, *commands])
+    assert code == 0, out
+    return out.strip()
+
+
 def psql(api, rt, name: str, sql: str, *, host: str | None = None, password: str | None = None) -> tuple[int, str]:
     cmd = ["psql", "-v", "ON_ERROR_STOP=1", "-qAt", "-U", "otree", "-d", "otree", "-c", sql]
     if host:
@@ -182,9 +200,14 @@ def test_ensure_creates_isolated_limited_labelled_resources(rt, mid, api):
     app = rt.container_name(name, "app")
     env = dict(e.split("=", 1) for e in api.inspect_container(app)["Config"]["Env"])
     assert env["DATABASE_URL"].startswith("postgres://otree:") and env["DATABASE_URL"].endswith("@db:5432/otree")
-    assert env["REDIS_URL"] == "redis://redis:6379/0"
+    password = rt.redis_password(make_spec(name))
+    assert env["REDIS_URL"] == f"redis://:{password}@redis:6379/0" and len(password) >= 32
     assert probe(api, app, "db", 5432) == "OPEN"
     assert probe(api, app, "redis", 6379) == "OPEN"
+    # Redis answers only with the password its REDIS_URL carries.
+    assert redis_says(api, app, "PING") == "-NOAUTH Authentication required."
+    assert redis_says(api, app, "AUTH wrong-password", "PING").startswith("-WRONGPASS")
+    assert redis_says(api, app, f"AUTH {password}", "PING") == "+OK +PONG"
     assert "database system is ready" in rt.logs(name, "db")
 
 

@@ -7,8 +7,10 @@ Per instance `<name>` of manager `<id>` (`settings.LAB_MANAGER_ID`):
 |---|---|---|
 | network | `lab-<id>-<name>-net` | `internal=True` bridge: app, db (alias `db`), redis (alias `redis`); no route out, none to other instances |
 | network | `lab-<id>-<name>-edge` | ordinary bridge with inter-container traffic off: only the app, only for its published port |
+| network | `lab-<id>-<name>-build` | only while its requirements are installed: ordinary bridge, inter-container traffic off, a /28 of `LAB_DOCKER_BUILD_SUBNETS` |
 | volume | `lab-<id>-<name>-pgdata` | PostgreSQL's data |
 | containers | `lab-<id>-<name>-db`, `-redis`, `-app` | limits, `no-new-privileges`, all capabilities dropped, never privileged, no host mounts |
+| container | `lab-<id>-<name>-build` | only while its requirements are installed: pip as uid 10001, the instance's limits (see "Builds") |
 
 Every one of them carries the labels `org.otree-lab.manager=<id>`,
 `org.otree-lab.instance=<name>` and `org.otree-lab.component=db|redis|app|network|volume`;
@@ -24,13 +26,32 @@ network (two racing creates) removed.
 
 The subnets of the instance networks come from `settings.LAB_DOCKER_SUBNETS` (/28 each):
 Docker's default address pools hold only ~30 bridge networks, i.e. 15 instances.
+
+Redis asks for a password (derived from the instance's database password; REDIS_URL
+carries it). What a container may reach beyond its own networks (nothing of this
+machine, no link-local/metadata address, the outside as LAB_EGRESS says) is the
+firewall's job (instances.netguard): `ensure()`, `deploy_app()` and builds apply it
+first (a cheap check when in place), and `protections()` reports its real status.
+
+Builds: nothing of the tenant's runs inside `docker build`. The requirements (whose
+source packages run their setup.py) are installed by pip in a container this backend
+creates with full control: uid 10001, no capabilities, no-new-privileges, the instance's
+memory and CPU limits and a pids limit, /tmp on tmpfs, on the instance's build network,
+with a time limit; pip installs into /opt/venv (made for uid 10001 before the start). The
+container is committed into a dependencies image, cached by base image and requirements
+(identical requirements share one, across instances: images are immutable, and each
+build of them runs the same packages' code anyway). The release image is then a
+`docker build` whose Dockerfile only copies the project onto it (no RUN step), so a
+code-only push costs one COPY.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import ipaddress
 import json
+import logging
 import os
 import re
 import time
@@ -58,15 +79,18 @@ LABEL_CONFIG = "org.otree-lab.config"
 LABEL_RELEASE = "org.otree-lab.release"
 RELEASE_TAG = re.compile(r":r(\d+)$")  # release images are tagged <repository>:r<number>
 LABEL_APP_PORT = "org.otree-lab.app-port"
+LABEL_DEPS = "org.otree-lab.deps"  # the dependencies image (its key) a release image was built on
 
-NETWORK_ROLES = ("internal", "edge")
-NETWORK_SUFFIX = {"internal": "net", "edge": "edge"}
+NETWORK_ROLES = ("internal", "edge")  # every instance's; "build" only while a build installs its requirements
+NETWORK_SUFFIX = {"internal": "net", "edge": "edge", "build": "build"}
 SUBNET_PREFIX = 28  # 16 addresses: gateway + app + db + redis with room to spare
 
 PGDATA = "/var/lib/postgresql/data"  # the volume's mount point
 POSTGRES_ARGS = {"listen_addresses": "*", **POSTGRES_TUNING}
 
 MANAGER_ID = re.compile(r"[a-z0-9]{1,16}")
+
+log = logging.getLogger(__name__)
 
 
 def _short(exc: BaseException) -> str:
@@ -120,6 +144,7 @@ class DockerRuntime:
         manager_id: str | None = None,
         images: dict[str, str] | None = None,
         subnets: str | None = None,
+        build_subnets: str | None = None,
         ready_timeout: float | None = None,
         base_url: str | None = None,
         timeout: float = 60,
@@ -133,20 +158,57 @@ class DockerRuntime:
             "redis": images.get("redis") or setting("LAB_IMAGE_REDIS", "redis:7"),
         }
         self.subnets = subnets or setting("LAB_DOCKER_SUBNETS", "10.213.0.0/16")
-        try:
-            self._pool = ipaddress.ip_network(self.subnets)
-        except ValueError as exc:
-            raise RuntimeError_(f"LAB_DOCKER_SUBNETS is not a network: {exc}") from None
-        if self._pool.version != 4:
-            raise RuntimeError_(f"LAB_DOCKER_SUBNETS={self.subnets} must be an IPv4 network")
-        if self._pool.prefixlen > SUBNET_PREFIX:
-            raise RuntimeError_(f"LAB_DOCKER_SUBNETS={self.subnets} is smaller than one /{SUBNET_PREFIX}")
+        self.build_subnets = build_subnets or setting("LAB_DOCKER_BUILD_SUBNETS", "10.214.0.0/20")
+        self._pools = {
+            "instances": self._parse_pool("LAB_DOCKER_SUBNETS", self.subnets),
+            "builds": self._parse_pool("LAB_DOCKER_BUILD_SUBNETS", self.build_subnets),
+        }
+        if self._pools["instances"].overlaps(self._pools["builds"]):
+            raise RuntimeError_(f"LAB_DOCKER_BUILD_SUBNETS={self.build_subnets} overlaps LAB_DOCKER_SUBNETS={self.subnets}")
+        self._pool = self._pools["instances"]
         self.ready_timeout = ready_timeout if ready_timeout is not None else setting("LAB_READY_TIMEOUT", 30)
         kwargs = docker.utils.kwargs_from_env()
         if base_url:
             kwargs["base_url"] = base_url
         self._client_kwargs = kwargs
         self._timeout = timeout
+
+    @staticmethod
+    def _parse_pool(setting_name: str, value: str):
+        try:
+            pool = ipaddress.ip_network(value)
+        except ValueError as exc:
+            raise RuntimeError_(f"{setting_name} is not a network: {exc}") from None
+        if pool.version != 4:
+            raise RuntimeError_(f"{setting_name}={value} must be an IPv4 network")
+        if pool.prefixlen > SUBNET_PREFIX:
+            raise RuntimeError_(f"{setting_name}={value} is smaller than one /{SUBNET_PREFIX}")
+        return pool
+
+    # --- the firewall (instances.netguard) -----------------------------------------------
+
+    @property
+    def policy(self):
+        """The firewall rules this backend's containers need: its manager id and pools,
+        the rest from the settings."""
+        from instances import netguard
+
+        base = netguard.Policy.from_settings()
+        return dataclasses.replace(base, manager_id=self.manager_id, app_pools=(self.subnets,),
+                                   build_pools=(self.build_subnets,))
+
+    def _guard(self):
+        """Apply the firewall before a container of ours starts (a few ms when in place).
+        It never stops a start: when it cannot be applied, the instance page says so."""
+        from instances import netguard
+
+        status = netguard.ensure(self.policy)
+        if not status.enforced and status.detail != self._guard_warned:
+            log.warning("instances' firewall: %s", status.detail)
+            self._guard_warned = status.detail
+        return status
+
+    _guard_warned = ""
 
     # --- the engine -------------------------------------------------------------------
 
@@ -212,12 +274,18 @@ class DockerRuntime:
 
     # --- desired configuration ----------------------------------------------------------
 
+    @staticmethod
+    def redis_password(spec: InstanceSpec) -> str:
+        """The instance's Redis password: derived from its database password (both are its
+        own secrets, given only to its app), so it needs no column of its own."""
+        return hashlib.sha256(f"otree-lab redis {spec.db_password}".encode()).hexdigest()[:32]
+
     def service_urls(self, spec: InstanceSpec) -> dict[str, str]:
         """DATABASE_URL and REDIS_URL as the app container sees its services."""
         user, password = quote(spec.db_user, safe=""), quote(spec.db_password, safe="")
         return {
             "DATABASE_URL": f"postgres://{user}:{password}@db:5432/{spec.db_name}",
-            "REDIS_URL": "redis://redis:6379/0",
+            "REDIS_URL": f"redis://:{self.redis_password(spec)}@redis:6379/0",
         }
 
     def _desired(self, spec: InstanceSpec, component: str) -> dict:
@@ -247,13 +315,15 @@ class DockerRuntime:
             }
         if component == "redis":
             maxmemory = max(8, spec.redis_memory_mb * 3 // 4)
+            password = self.redis_password(spec)
             return {
                 "image": self.images["redis"],
                 "command": [
                     "redis-server", "--save", "", "--appendonly", "no", "--protected-mode", "no",
                     "--maxmemory", f"{maxmemory}mb", "--maxmemory-policy", "noeviction",
+                    "--requirepass", password,
                 ],
-                "env": {},
+                "env": {"REDISCLI_AUTH": password},  # redis-cli in the container (the readiness probe) uses it
                 "user": "redis",
                 "memory_mb": spec.redis_memory_mb,
                 "cpus": self.redis_cpus,
@@ -311,8 +381,9 @@ class DockerRuntime:
         return self.state(name)
 
     def _ensure_services(self, spec: InstanceSpec) -> dict[str, str]:
-        """Networks, volume, PostgreSQL and Redis created or repaired, and answering; returns
-        the network ids by role."""
+        """Firewall, networks, volume, PostgreSQL and Redis created or repaired, and
+        answering; returns the network ids by role."""
+        self._guard()
         networks = {role: self._ensure_network(spec.name, role) for role in NETWORK_ROLES}
         self._ensure_volume(spec.name)
         self._ensure_container(spec, "db", networks)
@@ -382,16 +453,166 @@ class DockerRuntime:
         except (APIError, requests.RequestException):
             return ""
 
+    # --- builds (see the module's text) ----------------------------------------------------
+
+    build_pids = 256  # pip, a compiler and its children
+    build_tmp_mb = 1024  # /tmp of a build (tmpfs: counts against its memory limit)
+
     def build_release(self, name: str, number: int, ctx: Path, *, out, timeout: float, memory_mb: int = 1024,
                       cpus: float = 1.0) -> str:
         """Build the release's image from the project in `ctx` (build output to `out`);
-        returns its tag. BuildFailed with the reason when it cannot be built."""
+        returns its tag. BuildFailed with the reason when it cannot be built. The
+        requirements are installed in a locked-down container (or taken from the cache);
+        the release image only adds the project's files."""
         from instances import build
 
         check_name(name)
+        deadline = time.monotonic() + timeout
         tag = build.image_tag(self.manager_id, name, number)
-        build.build_image(self, ctx, tag=tag, labels=build.release_labels(self, name), out=out, timeout=timeout)
+        for attempt in range(2):
+            deps, key = self._dependencies(name, ctx, out=out, deadline=deadline, memory_mb=memory_mb, cpus=cpus)
+            try:
+                build.build_image(self, ctx, tag=tag, base=deps, labels=build.release_labels(self, name), out=out,
+                                  timeout=max(1.0, deadline - time.monotonic()))
+                return tag
+            except build.BuildFailed:
+                # A cached dependencies image pruned between its check and its use: install again, once.
+                if attempt or self.image_exists(deps):
+                    raise
+                out("The cached requirements went away meanwhile: installing them again\n")
         return tag
+
+    def _dependencies(self, name: str, ctx: Path, *, out, deadline: float, memory_mb: int, cpus: float):
+        """(reference, key) of the dependencies image for the project's requirements.txt,
+        from the cache or installed now."""
+        from instances import build
+
+        base = self._base_image()
+        requirements = (ctx / "requirements.txt").read_bytes()
+        key = build.deps_key(base, requirements)
+        ref = build.deps_tag(self.manager_id, key)
+        if self.image_exists(ref):
+            out(f"requirements.txt unchanged: reusing its installed packages ({key[:12]})\n")
+            return ref, key
+        self._install_requirements(name, base, requirements, ref=ref, key=key, out=out, deadline=deadline,
+                                   memory_mb=memory_mb, cpus=cpus)
+        return ref, key
+
+    def _base_image(self) -> str:
+        from instances import build
+
+        image = setting("LAB_IMAGE_PYTHON", "python:3.11-slim")
+        try:
+            return self._call(f"inspecting image {image}", self.api.inspect_image, image)["Id"]
+        except NotFound:
+            raise build.BuildFailed(f"the build image {image} is missing on the Docker engine "
+                                    "(python manage.py build_images)") from None
+
+    def _install_requirements(self, name: str, base: str, requirements: bytes, *, ref: str, key: str, out,
+                              deadline: float, memory_mb: int, cpus: float) -> None:
+        """pip in the instance's build container, committed into the image `ref`."""
+        from instances import build
+
+        api = self.api
+        self.remove_build_leftovers(name)  # a killed build's container and network
+        self._guard()
+        out(f"Installing requirements.txt: pip runs as uid 10001 without privileges, with {memory_mb} MB of memory, "
+            f"{cpus:g} CPU and at most {self.build_pids} processes, on a network of its own\n")
+        try:
+            cid = self._create_build_container(name, base, ["sh", "-c", build.DEPS_SCRIPT], memory_mb=memory_mb,
+                                               cpus=cpus)
+            self._call("preparing the build container", api.put_archive, cid, "/", build.deps_archive(requirements))
+            result = self._run_build(cid, out=out, deadline=deadline)
+            self._build_outcome(result, memory_mb=memory_mb)
+            self._call("saving the installed requirements", api.commit, cid, repository=ref.rsplit(":", 1)[0],
+                       tag=ref.rsplit(":", 1)[1], changes=build.deps_changes(self, key))
+        except NotFound as exc:
+            raise RuntimeError_(f"the build container went away: {_short(exc)}") from None
+        finally:
+            self.remove_build_leftovers(name)
+
+    def _create_build_container(self, name: str, image: str, command: list[str], *, memory_mb: int,
+                                cpus: float) -> str:
+        """The instance's build container (created, not started) on its build network."""
+        from instances import build
+
+        api = self.api
+        network = self._ensure_network(name, "build")
+        host_config = api.create_host_config(
+            mem_limit=f"{memory_mb}m", memswap_limit=f"{memory_mb}m", nano_cpus=int(cpus * 1e9) if cpus > 0 else None,
+            pids_limit=self.build_pids, cap_drop=["ALL"], security_opt=["no-new-privileges"], privileged=False,
+            network_mode=network, init=True,
+            # Nothing but /opt/venv (and /app, empty) persists: /tmp is not committed.
+            tmpfs={"/tmp": f"size={self.build_tmp_mb}m,mode=1777"},
+            log_config=LogConfig(type="json-file", config={"max-size": "20m", "max-file": "1"}),
+        )
+        cname = self.container_name(name, "build")
+        created = self._call(
+            f"creating container {cname}", api.create_container, image, command=command, name=cname,
+            user=build.APP_USER, working_dir="/app", labels=self._labels(name, "build"), environment=build.DEPS_ENV,
+            host_config=host_config, detach=True,
+        )
+        return created["Id"]
+
+    def _run_build(self, cid: str, *, out, deadline: float) -> dict:
+        """Start the build container, stream its output to `out` until it exits (killed at
+        the deadline); returns {state, log tail, timed_out}."""
+        import codecs
+        import threading
+
+        remaining = deadline - time.monotonic()
+        timed_out = threading.Event()
+
+        def kill():
+            timed_out.set()
+            try:
+                self.api.kill(cid)
+            except (APIError, requests.RequestException):
+                pass
+
+        timer = threading.Timer(max(0.0, remaining), kill)
+        # Its own client: pip may print nothing for longer than the usual request timeout.
+        streamer = docker.APIClient(version=self.api.api_version, timeout=max(60, remaining + 30),
+                                    **self._client_kwargs)
+        tail = bytearray()
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        try:
+            self._call("starting the build container", self.api.start, cid)
+            timer.start()
+            for chunk in streamer.logs(cid, stream=True, follow=True, stdout=True, stderr=True):
+                text = decoder.decode(chunk)
+                if text:
+                    out(text)
+                tail += chunk
+                del tail[:-200_000]  # enough for pip's reasons at the end
+            self._call("waiting for the build container", streamer.wait, cid)
+        except requests.RequestException as exc:
+            if not timed_out.is_set():
+                raise self._unreachable(exc, "following the build") from None
+        finally:
+            timer.cancel()
+            streamer.close()
+        info = self._call("inspecting the build container", self.api.inspect_container, cid)
+        return {"state": info["State"], "log": tail.decode(errors="replace"), "timed_out": timed_out.is_set(),
+                "timeout": remaining}
+
+    @staticmethod
+    def _build_outcome(result: dict, *, memory_mb: int) -> None:
+        """BuildFailed with the clearest reason, unless pip succeeded."""
+        from instances import build
+
+        state, text = result["state"], result["log"]
+        if result["timed_out"]:
+            raise build.BuildFailed(f"installing the requirements took longer than the build's time limit "
+                                    f"({result['timeout']:.0f} s left of LAB_BUILD_TIMEOUT)")
+        if state.get("OOMKilled") or build.PIP_KILLED.search(text):
+            raise build.BuildFailed(
+                f"installing the requirements ran out of memory: the build has the instance's memory limit "
+                f"({memory_mb} MB); raise the instance's memory, or use packages that ship binary wheels")
+        if state.get("ExitCode") != 0:
+            raise build.BuildFailed(build.explain_pip(text)
+                                    or f"installing the requirements failed (exit code {state.get('ExitCode')}): "
+                                       f"{last_lines(text, 4)}")
 
     def introspect(self, name: str, image: str, *, timeout: float = 60) -> dict:
         """The project's session configs, rooms and language, read inside its image."""
@@ -404,19 +625,61 @@ class DockerRuntime:
 
     @_user_errors
     def remove_build_leftovers(self, name: str) -> None:
-        """What a build killed with its worker left: its introspection container."""
+        """What a build killed with its worker left: its build and introspection
+        containers, its build network."""
         check_name(name)
-        for c in self._call("listing containers", self.api.containers, all=True,
-                            filters=self._filters(name, **{LABEL_COMPONENT: "introspect"})):
-            try:
-                self.api.remove_container(c["Id"], force=True, v=True)
-            except NotFound:
-                pass
+        for component in ("build", "introspect"):
+            for c in self._call("listing containers", self.api.containers, all=True,
+                                filters=self._filters(name, **{LABEL_COMPONENT: component})):
+                try:
+                    self.api.remove_container(c["Id"], force=True, v=True)
+                except NotFound:
+                    pass
+        for net in self._call("listing networks", self.api.networks,
+                              filters=self._filters(name, **{LABEL_NETWORK: "build"})):
+            self._remove_network(net["Id"])
 
     limits_cpu = True
 
     def database_label(self, name: str) -> str:
         return "PostgreSQL (its own container)"
+
+    def protections(self, name: str) -> list:
+        """What holds for a Docker instance here: the containers' own settings always; what
+        depends on the firewall, as netguard finds it now (a few ms, no engine call)."""
+        from instances import netguard
+
+        from .base import Protection
+
+        guard = netguard.status(self.policy)
+        fenced = guard.enforced
+        missing = f" — {guard.detail}" if not fenced else ""
+        egress = setting("LAB_EGRESS", "open")
+        return [
+            Protection("Files", True, "its own container file system: no folder of this machine, no Docker socket; "
+                                      "the app runs as uid 10001 without capabilities and cannot gain privileges"),
+            Protection("Host and other instances", fenced,
+                       "its own PostgreSQL and Redis (password) on a private network; the firewall keeps it from "
+                       "every service of this machine, from other instances and from link-local/metadata addresses"
+                       if fenced else
+                       "other instances' containers are on networks it cannot reach, but the firewall is not in "
+                       f"place: services of this machine and metadata addresses may answer{missing}"),
+            Protection("Outside network", True if egress == "open" else fenced,
+                       "open by the lab's choice (LAB_EGRESS=open): the app may call services outside this machine"
+                       if egress == "open" else
+                       "closed (LAB_EGRESS=deny): the app opens no connection out of this machine"
+                       if fenced else f"LAB_EGRESS=deny is not enforced{missing}"),
+            Protection("Memory", True, "the instance's memory limit, without swap (PostgreSQL and Redis have their "
+                                       "own); what exceeds it is killed inside the instance"),
+            Protection("CPU", True, "the instance's CPU limit (a share of the CPUs, enforced by the kernel)"),
+            Protection("Processes", True, f"at most {self.pids_limits['app']} processes in the app's container"),
+            Protection("Builds", fenced,
+                       f"pip runs in a container of its own as uid 10001 without capabilities, with the instance's "
+                       f"memory and CPU limits and at most {self.build_pids} processes, on a network of its own "
+                       "that reaches only the outside (for pip); nothing of the project runs in the image builder"
+                       + ("" if fenced else f"; the firewall is not in place, so a build may reach this machine"
+                                            f"{missing}")),
+        ]
 
     @_user_errors
     def retire_app(self, name: str) -> None:
@@ -438,11 +701,17 @@ class DockerRuntime:
         `:r<number>`) except those of `keep_releases` and those a container still uses.
         An image that carries several release tags (an unchanged tree pushed again) loses
         only the tags not kept. Returns the removed tags/ids."""
+        from instances import build
+
         check_name(name)
         removed = []
+        repository = build.image_tag(self.manager_id, name, 0).rsplit(":", 1)[0]
         for image in self._call("listing images", self.api.images, filters=self._filters(name)):
+            if (image.get("Labels") or {}).get(LABEL_COMPONENT) != "release":
+                continue
             tags = [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"]
-            doomed = [t for t in tags if (m := RELEASE_TAG.search(t)) and m.group(1) not in keep_releases]
+            doomed = [t for t in tags if (m := RELEASE_TAG.search(t)) and m.group(1) not in keep_releases
+                      and t.rsplit(":", 1)[0] == repository]
             if not tags:
                 doomed = [image["Id"]]  # left untagged by a rebuild of the same tag
             for ref in doomed:
@@ -453,6 +722,26 @@ class DockerRuntime:
                     pass
                 except APIError:
                     pass  # in use
+        return removed + self._prune_dependencies()
+
+    def _prune_dependencies(self) -> list[str]:
+        """Dependencies images no release image of this manager is built on, once they are
+        older than a build may take (a build may be about to use a fresh one)."""
+        api = self.api
+        manager = f"{LABEL_MANAGER}={self.manager_id}"
+        releases = self._call("listing images", api.images, filters={"label": [manager, f"{LABEL_COMPONENT}=release"]})
+        used = {(image.get("Labels") or {}).get(LABEL_DEPS) for image in releases}
+        grace = float(setting("LAB_BUILD_TIMEOUT", 900)) + 60
+        removed = []
+        for image in self._call("listing images", api.images, filters={"label": [manager, f"{LABEL_COMPONENT}=deps"]}):
+            if (image.get("Labels") or {}).get(LABEL_DEPS) in used or time.time() - image.get("Created", 0) < grace:
+                continue
+            for ref in [t for t in image.get("RepoTags") or [] if t != "<none>:<none>"] or [image["Id"]]:
+                try:
+                    api.remove_image(ref, force=False, noprune=False)
+                    removed.append(ref)
+                except (NotFound, APIError):
+                    pass  # gone, or in use by a build right now
         return removed
 
     def _check_image(self, image: str, *, service: bool) -> None:
@@ -475,7 +764,8 @@ class DockerRuntime:
                 raise RuntimeError_(
                     f"a Docker network named {netname} exists that this manager did not create; remove or rename it"
                 )
-        good = [n for n in found if self._network_ok(n, internal)]
+        pool = self._pools["builds" if role == "build" else "instances"]
+        good = [n for n in found if self._network_ok(n, internal, pool)]
         good.sort(key=lambda n: (_timestamp(n.get("Created", "")), n["Id"]))
         keep = good[0] if good else None
         for net in found:  # duplicates of a race, or a network changed by hand
@@ -486,8 +776,15 @@ class DockerRuntime:
         return self._create_network(name, role, netname, internal)
 
     @staticmethod
-    def _network_ok(net: dict, internal: bool) -> bool:
+    def _network_ok(net: dict, internal: bool, pool) -> bool:
         if bool(net.get("Internal")) != internal or net.get("Driver") != "bridge":
+            return False
+        # In the pool the firewall covers (a network left from another LAB_DOCKER_SUBNETS is replaced).
+        subnets = [conf.get("Subnet", "") for conf in (net.get("IPAM") or {}).get("Config") or []]
+        try:
+            if not subnets or not all(ipaddress.ip_network(s).subnet_of(pool) for s in subnets):
+                return False
+        except (ValueError, TypeError):
             return False
         icc = (net.get("Options") or {}).get("com.docker.network.bridge.enable_icc", "true")
         return internal or icc == "false"
@@ -503,8 +800,9 @@ class DockerRuntime:
         return used
 
     def _create_network(self, name: str, role: str, netname: str, internal: bool) -> str:
-        used = [n for n in self._used_subnets() if n.version == self._pool.version]
-        count = 2 ** (SUBNET_PREFIX - self._pool.prefixlen)
+        pool = self._pools["builds" if role == "build" else "instances"]
+        used = [n for n in self._used_subnets() if n.version == pool.version]
+        count = 2 ** (SUBNET_PREFIX - pool.prefixlen)
         # Start at a place derived from the name, so parallel creates rarely collide.
         start = int(hashlib.sha256(netname.encode()).hexdigest(), 16) % count
         options = {} if internal else {"com.docker.network.bridge.enable_icc": "false"}
@@ -513,7 +811,7 @@ class DockerRuntime:
         for i in range(count):
             index = (start + i) % count
             subnet = ipaddress.ip_network(
-                (int(self._pool.network_address) + index * 2 ** (32 - SUBNET_PREFIX), SUBNET_PREFIX)
+                (int(pool.network_address) + index * 2 ** (32 - SUBNET_PREFIX), SUBNET_PREFIX)
             )
             if any(subnet.overlaps(u) for u in used):
                 continue
@@ -535,7 +833,8 @@ class DockerRuntime:
                 raise RuntimeError_(f"creating network {netname}: {_short(exc)}") from None
             except (requests.ConnectionError, requests.Timeout) as exc:
                 raise self._unreachable(exc) from None
-        raise RuntimeError_(f"no free /{SUBNET_PREFIX} subnet left in LAB_DOCKER_SUBNETS={self.subnets}")
+        which = f"LAB_DOCKER_BUILD_SUBNETS={self.build_subnets}" if role == "build" else f"LAB_DOCKER_SUBNETS={self.subnets}"
+        raise RuntimeError_(f"no free /{SUBNET_PREFIX} subnet left in {which}")
 
     def _remove_network(self, net_id: str) -> None:
         try:

@@ -1,0 +1,601 @@
+"""The instances' firewall (instances.netguard) with real iptables, real containers, real
+processes as tenant uids and real test hosts (tests/netns_helpers.py): what an
+instance's app and its build can and cannot reach, on both runtimes.
+
+Each test run makes up its own manager id, Docker pools and tenant uid ranges, so its
+rules touch only its own containers and processes (other runs and managers on this
+machine keep theirs); every chain, container, network and image is removed at the end.
+Each "cannot reach" is paired with a control that reaches the same target without the
+rules (or from outside the tenant's identity), so a probe that could not work would fail
+the test instead of passing it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import tarfile
+import textwrap
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+from django.conf import settings as django_settings
+
+from instances import build, netguard
+from instances.runtime.base import AppSpec, InstanceSpec, RuntimeError_
+from instances.runtime.docker import LABEL_COMPONENT, LABEL_MANAGER, DockerRuntime
+from tests import docker_helpers as dh
+from tests.conftest import need
+from tests.netns_helpers import host_addresses, host_listener, netns_available, outside_host
+
+PG, REDIS, PY = django_settings.LAB_IMAGE_POSTGRES, django_settings.LAB_IMAGE_REDIS, django_settings.LAB_IMAGE_PYTHON
+RNG = random.Random(os.getpid() ^ int.from_bytes(os.urandom(4), "big"))
+_SECOND = RNG.randint(224, 250)  # 10.224-250.x: beside the defaults (10.213.0.0/16, 10.214.0.0/20)
+_THIRD = RNG.randrange(0, 256, 2)
+APP_POOL, BUILD_POOL = f"10.{_SECOND}.{_THIRD}.0/24", f"10.{_SECOND}.{_THIRD + 1}.0/26"
+_UID = 2_100_000_000 + RNG.randrange(0, 40_000) * 1000
+APP_UIDS, BUILDER_UIDS = (_UID, _UID + 899), (_UID + 900, _UID + 999)
+OTHER_UID = _UID - 1  # in neither range: the control
+OUTSIDE = f"198.51.100.{RNG.randint(10, 250)}"  # TEST-NET-2
+# A metadata service like 169.254.169.254, at an address of this run's own (the rules close
+# all of 169.254.0.0/16; parallel runs, e.g. the acceptance test at .254, keep their routes).
+METADATA = f"169.254.{RNG.randint(1, 250)}.{RNG.randint(1, 250)}"
+SYSTEM_PYTHON = "/usr/bin/python3"  # readable by every uid (the venv's may not be)
+
+# Connects to each host:port ([v6]:port) and sends an HTTP request; prints {target: outcome}.
+PROBE = textwrap.dedent(r'''
+    import json, socket, sys
+    results = {}
+    for target in sys.argv[1:]:
+        host, _, port = target.rpartition(":")
+        try:
+            family, kind, proto, _, addr = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)[0]
+            with socket.socket(family, kind, proto) as s:
+                s.settimeout(4)
+                s.connect(addr)
+                s.sendall(b"GET /probe HTTP/1.0\r\nHost: probe\r\n\r\n")
+                s.recv(64)
+            results[target] = "open"
+        except OSError as exc:
+            results[target] = "closed: " + (exc.strerror or type(exc).__name__)
+    print(json.dumps(results))
+''')
+
+
+def firewall_ok() -> bool:
+    return os.geteuid() == 0 and all(shutil.which(t) for t in ("iptables-save", "iptables-restore"))
+
+
+def policy(manager_id: str, egress: str = "open", **kw) -> netguard.Policy:
+    kw = {"app_pools": (APP_POOL,), "build_pools": (BUILD_POOL,), "app_uids": APP_UIDS, "builder_uids": BUILDER_UIDS,
+          "egress": egress, "data_dir": str(django_settings.DATA_DIR), **kw}
+    return netguard.Policy(manager_id=manager_id, **kw)
+
+
+def saved(version: int = 4) -> str:
+    return subprocess.run([f"ip{'6' if version == 6 else ''}tables-save", "-t", "filter"], capture_output=True,
+                          text=True, timeout=30, check=True).stdout
+
+
+def ours(manager_id: str) -> str:
+    """Every line of both filter tables that mentions the manager's chains."""
+    return "\n".join(line for version in (4, 6) for line in saved(version).splitlines()
+                     if f"LAB-{manager_id}-" in line)
+
+
+def closed(results: dict) -> bool:
+    return all(outcome.startswith("closed") for outcome in results.values())
+
+
+def refused_at_once(results: dict) -> bool:
+    """Rejected by the firewall (a clear error) rather than dropped (a timeout)."""
+    return not any("timed out" in outcome for outcome in results.values())
+
+
+@pytest.fixture
+def firewall():
+    need(firewall_ok(), "root with iptables")
+    made = []
+
+    def make(egress: str = "open", **kw) -> netguard.Policy:
+        p = policy(dh.new_manager_id(), egress, **kw)
+        made.append(p.manager_id)
+        return p
+
+    try:
+        yield make
+    finally:
+        for manager_id in made:
+            netguard.remove(manager_id)
+            assert not ours(manager_id)
+
+
+# --- the rules themselves -------------------------------------------------------------------------
+
+def test_ensure_is_idempotent_repairs_drift_and_remove_leaves_nothing(firewall):
+    p = firewall()
+    assert not netguard.status(p).enforced
+    first = netguard.ensure(p)
+    assert first.enforced and first.changed, first.detail
+    before = ours(p.manager_id)
+    assert f"-A INPUT -m comment --comment \"otree-lab {p.manager_id} " in before
+    again = netguard.ensure(p)
+    assert again.enforced and not again.changed  # in place: nothing applied
+    assert ours(p.manager_id) == before
+
+    # Drift: the jump deleted by hand, a chain flushed, a jump moved behind another rule.
+    subprocess.run(["iptables", "-D", "INPUT", "-m", "comment", "--comment",
+                    f"otree-lab {p.manager_id} {p.data_dir}", "-j", p.chain("IN")], check=True)
+    assert not netguard.status(p).enforced
+    assert netguard.ensure(p).changed and ours(p.manager_id) == before
+    subprocess.run(["iptables", "-F", p.chain("FWD")], check=True)
+    assert not netguard.status(p).enforced
+    assert netguard.ensure(p).changed and ours(p.manager_id) == before
+    subprocess.run(["iptables", "-I", "OUTPUT", "1", "-p", "udp", "--dport", "9", "-j", "ACCEPT"], check=True)
+    try:
+        assert not netguard.status(p).enforced  # ours must come first
+        assert netguard.ensure(p).changed
+        assert saved().split(f"-A OUTPUT ")[1].startswith(f"-m comment --comment \"otree-lab {p.manager_id} ")
+    finally:
+        subprocess.run(["iptables", "-D", "OUTPUT", "-p", "udp", "--dport", "9", "-j", "ACCEPT"], check=True)
+
+    assert netguard.remove(p) and not ours(p.manager_id)
+    assert not netguard.remove(p)  # nothing left to remove
+
+
+def test_two_managers_coexist_and_a_gone_one_is_cleaned_up(firewall, tmp_path):
+    one, two = firewall(), firewall(egress="deny", data_dir=str(tmp_path / "data"))
+    (tmp_path / "data").mkdir()
+    assert netguard.ensure(one).enforced and netguard.ensure(two).enforced
+    assert netguard.status(one).enforced and netguard.status(two).enforced
+    assert ours(one.manager_id) and ours(two.manager_id)
+    netguard.remove(one)
+    assert not ours(one.manager_id) and netguard.status(two).enforced
+    assert netguard.ensure(one).changed and netguard.status(two).enforced  # neither disturbs the other
+
+    # A manager whose data dir is gone (a finished test run, an uninstalled manager) is
+    # cleaned up by the next ensure of any manager; a living one is not.
+    (tmp_path / "data").rmdir()
+    assert netguard.ensure(one).enforced
+    assert not ours(two.manager_id)
+    assert netguard.status(one).enforced
+
+
+def test_without_root_the_status_says_so_and_what_to_do(firewall):
+    """A real unprivileged process (another uid) asks for the firewall."""
+    p = firewall()
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+        from instances import netguard
+        p = netguard.Policy(manager_id={p.manager_id!r}, app_pools=({APP_POOL!r},), build_pools=({BUILD_POOL!r},),
+                            app_uids={APP_UIDS!r}, builder_uids={BUILDER_UIDS!r})
+        print(json.dumps([netguard.ensure(p).__dict__, netguard.status(p).__dict__]))
+    """)
+    result = subprocess.run([SYSTEM_PYTHON, "-c", script], user=OTHER_UID, group=OTHER_UID, capture_output=True,
+                            text=True, timeout=60, cwd="/")
+    assert result.returncode == 0, result.stderr
+    applied, state = json.loads(result.stdout)
+    for outcome in (applied, state):
+        assert outcome["enforced"] is False
+        assert "without root" in outcome["detail"] and "manage.py firewall" in outcome["detail"]
+    assert not ours(p.manager_id)
+
+
+def test_a_missing_tool_names_the_package():
+    with pytest.raises(netguard.NetguardError, match="apt install iptables"):
+        netguard._tool("ip6tables-restore-not-installed")
+
+
+# --- the process runtime's tenants (uids) ---------------------------------------------------------
+
+def probe_as(uid: int, targets: list[str]) -> dict:
+    result = subprocess.run([SYSTEM_PYTHON, "-c", PROBE, *targets], user=uid, group=uid, capture_output=True,
+                            text=True, timeout=120, cwd="/")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_process_tenants_reach_nothing_of_this_machine(firewall):
+    need(netns_available(), "root with iproute2 (ip netns) for the test hosts")
+    p = firewall(egress="deny")
+    with host_listener("127.0.0.1") as loopback, host_listener("0.0.0.0") as everywhere, \
+            host_listener("::") as v6, outside_host(METADATA) as metadata, outside_host(OUTSIDE) as outside:
+        local = [f"127.0.0.1:{loopback.port}", f"[::1]:{v6.port}"]
+        local += [f"{a}:{everywhere.port}" for a in host_addresses(4, lasting=True)]
+        local += [f"[{a}]:{v6.port}" for a in host_addresses(6, lasting=True)]
+        away = [f"{METADATA}:80", f"{OUTSIDE}:80"]
+
+        # Control: without the rules all of it answers.
+        before = probe_as(APP_UIDS[0], local + away)
+        assert all(outcome == "open" for outcome in before.values()), {t: o for t, o in before.items() if o != "open"}
+
+        assert netguard.ensure(p).enforced
+        seen = (len(loopback.connections), len(everywhere.connections), len(v6.connections),
+                len(metadata.hits()), len(outside.hits()))
+        app = probe_as(APP_UIDS[0] + 7, local + away)
+        assert closed(app) and refused_at_once(app), app
+        builder = probe_as(BUILDER_UIDS[0] + 3, local + away)
+        assert closed({t: builder[t] for t in local + [f"{METADATA}:80"]}), builder
+        assert builder[f"{OUTSIDE}:80"] == "open"  # pip may reach the outside, even under deny
+        assert (len(loopback.connections), len(everywhere.connections), len(v6.connections),
+                len(metadata.hits()), len(outside.hits())) == seen[:4] + (seen[4] + 1,)
+        other = probe_as(OTHER_UID, local + away)
+        assert all(outcome == "open" for outcome in other.values()), other  # only the tenants' uids
+
+        # LAB_EGRESS=open: the apps reach the outside (never this machine or metadata).
+        opened = netguard.Policy(**{**p.__dict__, "egress": "open"})
+        assert netguard.ensure(opened).changed
+        app = probe_as(APP_UIDS[1], local + away)
+        assert app.pop(f"{OUTSIDE}:80") == "open" and closed(app), app
+
+
+def test_process_tenants_may_ask_a_local_resolver(firewall, tmp_path):
+    """A resolver on this machine named in resolv.conf (e.g. systemd-resolved's 127.0.0.53)
+    takes DNS from builders always, from apps only with LAB_EGRESS=open."""
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.53\nnameserver 192.0.2.254\n")
+    assert netguard.local_resolvers(str(resolv))[4] == ["127.0.0.53"]
+    p = firewall(egress="deny", resolv_conf=str(resolv))
+    assert netguard.ensure(p).enforced
+    rules = ours(p.manager_id)
+    dns = [line for line in rules.splitlines() if "--dport 53" in line and "127.0.0.53" in line]
+    assert dns and all(f"{BUILDER_UIDS[0]}-{BUILDER_UIDS[1]}" in line for line in dns)  # deny: builders only
+    assert netguard.ensure(netguard.Policy(**{**p.__dict__, "egress": "open"})).changed
+    dns = [line for line in ours(p.manager_id).splitlines() if "--dport 53" in line and "127.0.0.53" in line]
+    assert any(f"{APP_UIDS[0]}-{APP_UIDS[1]}" in line for line in dns)
+
+
+# --- Docker: apps and builds ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mid():
+    need(firewall_ok(), "root with iptables")
+    need(netns_available(), "root with iproute2 (ip netns) for the test hosts")
+    need(dh.engine_ok(), "a Docker engine")
+    need(dh.images_present(PG, REDIS, PY), f"the images {PG}, {REDIS}, {PY} (python manage.py build_images)")
+    manager_id = dh.new_manager_id()
+    try:
+        yield manager_id
+    finally:
+        dh.purge(manager_id)  # containers, networks, volumes, images and its firewall chains
+        assert not any(dh.labelled(manager_id).values()) and not ours(manager_id)
+        assert not dh.api().images(filters={"label": f"{LABEL_MANAGER}={manager_id}"})
+
+
+@pytest.fixture
+def rt(mid, settings) -> DockerRuntime:
+    settings.LAB_PROCESS_APP_UIDS, settings.LAB_PROCESS_BUILDER_UIDS = APP_UIDS, BUILDER_UIDS
+    settings.LAB_EGRESS = "open"
+    return DockerRuntime(manager_id=mid, images={"db": PG, "redis": REDIS}, subnets=APP_POOL,
+                         build_subnets=BUILD_POOL, ready_timeout=60)
+
+
+@pytest.fixture(scope="module")
+def api():
+    return dh.api()
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    need(netns_available(), "root with iproute2 (ip netns) for the test hosts")
+    with host_listener("0.0.0.0") as everywhere, outside_host(METADATA) as metadata, \
+            outside_host(OUTSIDE) as outside:
+        yield everywhere, metadata, outside
+
+
+def make_spec(name: str, app: AppSpec | None = None, **kw) -> InstanceSpec:
+    kw.setdefault("memory_mb", 128)
+    kw.setdefault("cpus", 0.5)
+    return InstanceSpec(name=name, db_name="otree", db_user="otree", db_password="fw-secret", app=app, **kw)
+
+
+def http_app() -> AppSpec:
+    return AppSpec(image=PY, command=["python", "-m", "http.server", "8000"], port=8000, release_id="r1",
+                   user=build.APP_USER)
+
+
+def probe_from(api, container: str, targets: list[str]) -> dict:
+    code, out = dh.exec_in(api, container, ["python", "-c", PROBE, *targets], user=build.APP_USER)
+    assert code == 0, out
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def addresses(api, container: str) -> list[str]:
+    networks = api.inspect_container(container)["NetworkSettings"]["Networks"].values()
+    return [n["IPAddress"] for n in networks]
+
+
+def gateways(api, container: str) -> list[str]:
+    networks = api.inspect_container(container)["NetworkSettings"]["Networks"].values()
+    return [n["Gateway"] for n in networks if n["Gateway"]]
+
+
+def build_container(rt: DockerRuntime, name: str, command: list[str] | None = None) -> str:
+    """A container made exactly as the instance's builds are (its build network, its
+    limits, uid 10001), running `command` (default: sleeping) instead of pip."""
+    cid = rt._create_build_container(name, PY, command or ["sleep", "600"], memory_mb=128, cpus=0.5)
+    rt.api.start(cid)
+    return rt.container_name(name, "build")
+
+
+def host_targets(port: int, *containers_gateways: list[str]) -> list[str]:
+    """This machine's service on every address it has (loopback aside: a container's
+    127.0.0.1 is its own) and on the gateways the containers see."""
+    found = [a for a in host_addresses(4, lasting=True) if not a.startswith("127.")]
+    for more in containers_gateways:
+        found += [g for g in more if g not in found]
+    return [f"{a}:{port}" for a in found]
+
+
+@pytest.mark.docker
+def test_apps_and_builds_reach_no_service_of_this_machine_nor_metadata(rt, api, hosts):
+    everywhere, metadata, _ = hosts
+    rt.ensure(make_spec("fw-host", app=http_app()))
+    app = rt.container_name("fw-host", "app")
+    builder = build_container(rt, "fw-host")
+    try:
+        targets = host_targets(everywhere.port, gateways(api, app), gateways(api, builder)) + [f"{METADATA}:80"]
+        assert len(targets) >= 5  # eth0, docker0, the app's two gateways, the build's, metadata
+        seen = (len(everywhere.connections), len(metadata.hits()))
+        for container in (app, builder):
+            results = probe_from(api, container, targets)
+            assert closed(results) and refused_at_once(results), (container, results)
+        assert (len(everywhere.connections), len(metadata.hits())) == seen
+
+        # Control: the same probes without this manager's rules get through.
+        netguard.remove(rt.policy)
+        results = probe_from(api, app, targets)
+        assert results[targets[0]] == "open" and results[f"{METADATA}:80"] == "open", results
+        assert len(everywhere.connections) > seen[0] and len(metadata.hits()) > seen[1]
+    finally:
+        rt.remove_build_leftovers("fw-host")
+        rt._guard()
+    assert rt.protections("fw-host")[1].holds
+
+
+@pytest.mark.docker
+def test_other_instances_and_their_builds_are_unreachable(rt, api):
+    rt.ensure(make_spec("fw-a", app=http_app()))
+    rt.ensure(make_spec("fw-b", app=http_app()))
+    build_a = build_container(rt, "fw-a")
+    build_b = build_container(rt, "fw-b", ["python", "-m", "http.server", "8080"])  # two builds at the same time
+    try:
+        (b_build_ip,) = addresses(api, build_b)
+        dh.wait_for(lambda: dh.http_get(f"http://{b_build_ip}:8080/")[0] == 200, 30, "the second build's server")
+        b_targets = [f"{b_build_ip}:8080"]
+        b_targets += [f"{ip}:8000" for ip in addresses(api, rt.container_name("fw-b", "app"))]
+        b_targets += [f"{ip}:5432" for ip in addresses(api, rt.container_name("fw-b", "db"))]
+        b_targets += [f"{ip}:6379" for ip in addresses(api, rt.container_name("fw-b", "redis"))]
+        for container in (build_a, rt.container_name("fw-a", "app")):
+            results = probe_from(api, container, b_targets)
+            assert closed(results), (container, results)
+        # Its own services stay reachable from the app (inside its private network).
+        own = probe_from(api, rt.container_name("fw-a", "app"), ["db:5432", "redis:6379"])
+        assert set(own.values()) == {"open"}, own
+    finally:
+        rt.remove_build_leftovers("fw-a")
+        rt.remove_build_leftovers("fw-b")
+    for name in ("fw-a", "fw-b"):
+        left = dh.labelled(rt.manager_id, name)
+        assert {c["Labels"][LABEL_COMPONENT] for c in left["containers"]} == {"app", "db", "redis"}
+        assert {n["Name"] for n in left["networks"]} == {rt.network_name(name, "internal"), rt.network_name(name, "edge")}
+
+
+@pytest.mark.docker
+def test_egress_open_and_deny(rt, api, hosts, settings):
+    _, _, outside = hosts
+    rt.ensure(make_spec("fw-out", app=http_app()))
+    app = rt.container_name("fw-out", "app")
+    builder = build_container(rt, "fw-out")
+    target = [f"{OUTSIDE}:80"]
+    try:
+        hits = len(outside.hits())
+        assert probe_from(api, app, target) == {target[0]: "open"}  # open: oTree apps call outside APIs
+        assert len(outside.hits()) == hits + 1
+
+        settings.LAB_EGRESS = "deny"
+        assert rt._guard().changed  # the next ensure applies the new setting
+        hits = len(outside.hits())
+        results = probe_from(api, app, target)
+        assert closed(results) and refused_at_once(results), results
+        assert probe_from(api, builder, target) == {target[0]: "open"}  # builds reach the outside (pip)
+        assert len(outside.hits()) == hits + 1
+        assert [p.holds for p in rt.protections("fw-out") if p.what == "Outside network"] == [True]
+    finally:
+        rt.remove_build_leftovers("fw-out")
+        settings.LAB_EGRESS = "open"
+        rt._guard()
+
+
+# --- Docker: real builds --------------------------------------------------------------------------
+
+def sdist(folder: Path, name: str, backend: str) -> str:
+    """A source package whose build backend (in-tree, PEP 517, no requirements: nothing
+    from PyPI) is `backend`: the code a hostile requirement runs during the build."""
+    pyproject = f'[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n'
+    files = {"pyproject.toml": pyproject, "backend.py": backend,
+             "PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n"}
+    filename = f"{name}-1.0.tar.gz"
+    with tarfile.open(folder / filename, "w:gz") as tar:
+        for path, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{name}-1.0/{path}")
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return filename
+
+
+def wheel(folder: Path, name: str, value: str) -> str:
+    filename = f"{name}-1.0-py3-none-any.whl"
+    files = {f"{name}/__init__.py": f"VALUE = {value!r}\n",
+             f"{name}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+             f"{name}-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{name}-1.0.dist-info/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{name}-1.0.dist-info/RECORD"])
+    with zipfile.ZipFile(folder / filename, "w") as zf:
+        for path, text in files.items():
+            zf.writestr(path, text)
+    return filename
+
+
+def project(tmp_path: Path, requirements: str, settings_py: str = "SESSION_CONFIGS = []\nROOMS = []\n") -> Path:
+    ctx = tmp_path / f"ctx-{RNG.randrange(10**9)}"
+    ctx.mkdir()
+    (ctx / "requirements.txt").write_text(requirements)
+    (ctx / "settings.py").write_text(settings_py)
+    return ctx
+
+
+class Watch:
+    """The build's `out`: keeps the log, and inspects the build container the first time
+    output arrives (the container runs only during the build)."""
+
+    def __init__(self, api, rt, name):
+        self.api, self.rt, self.name = api, rt, name
+        self.text, self.container, self.network = [], None, None
+        self.lock = threading.Lock()
+
+    def __call__(self, text):
+        self.text.append(text)
+        with self.lock:
+            if self.container is None:
+                found = self.api.containers(filters=self.rt._filters(self.name, **{LABEL_COMPONENT: "build"}))
+                if found:
+                    self.container = self.api.inspect_container(found[0]["Id"])
+                    (net,) = self.container["NetworkSettings"]["Networks"]
+                    self.network = self.api.inspect_network(net)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.text)
+
+
+@pytest.mark.docker
+def test_a_hostile_build_runs_locked_down_and_reaches_only_the_outside(rt, api, hosts, settings, tmp_path):
+    everywhere, metadata, outside = hosts
+    settings.LAB_EGRESS = "deny"  # the app may not go out; its build still fetches its packages
+    rt.ensure(make_spec("fw-victim", app=http_app()))
+    victim = rt.container_name("fw-victim", "db")
+    targets = host_targets(everywhere.port) + [f"{METADATA}:80"]
+    targets += [f"{ip}:5432" for ip in addresses(api, victim)]
+    backend = textwrap.dedent(f"""
+        import os, subprocess, sys
+        PROBE = {PROBE!r}
+        found = subprocess.run([sys.executable, "-c", PROBE, *{targets!r}], capture_output=True, text=True).stdout
+        sys.stderr.write("@@" + "PROBED@@ " + found.strip() + " @@" + "AS@@ " + str(os.getuid()) + "\\n")
+        raise SystemExit(1)
+    """)
+    filename = sdist(outside.files, "hostile", backend)
+    ctx = project(tmp_path, f"hostile @ http://{OUTSIDE}/{filename}\n")
+    watch = Watch(api, rt, "fw-hostile")
+    hits = len(outside.hits())
+    with pytest.raises(build.BuildFailed) as failed:
+        rt.build_release("fw-hostile", 1, ctx, out=watch, timeout=300, memory_mb=192, cpus=0.5)
+    assert "installing the requirements failed" in str(failed.value)
+    assert any(h["path"] == f"/{filename}" for h in outside.hits()[hits:])  # the build reached the outside
+
+    found = re.search(r"@@PROBED@@ (\{.*?\}) @@AS@@ (\d+)", watch.log)
+    assert found, watch.log[-3000:]
+    probed = json.loads(found.group(1))
+    assert set(probed) == set(targets) and closed(probed) and refused_at_once(probed), probed
+    assert found.group(2) == "10001"  # the build's code runs unprivileged
+
+    info, host = watch.container, watch.container["HostConfig"]
+    assert info["Config"]["User"] == build.APP_USER
+    assert host["CapDrop"] == ["ALL"] and not host["CapAdd"] and host["Privileged"] is False
+    assert "no-new-privileges" in host["SecurityOpt"]
+    assert host["Memory"] == host["MemorySwap"] == 192 * 2**20
+    assert host["NanoCpus"] == int(0.5e9) and host["PidsLimit"] == rt.build_pids
+    assert not host["Binds"] and not info["Mounts"] and "/tmp" in host["Tmpfs"]
+    assert watch.network["Name"] == rt.network_name("fw-hostile", "build")
+    assert watch.network["Options"]["com.docker.network.bridge.enable_icc"] == "false"
+    (subnet,) = [c["Subnet"] for c in watch.network["IPAM"]["Config"]]
+    assert subnet.startswith(BUILD_POOL.rsplit(".", 1)[0])
+    # Nothing of the build is left: no container, no network.
+    assert not any(dh.labelled(rt.manager_id, "fw-hostile").values())
+
+
+@pytest.mark.docker
+def test_builds_install_once_share_and_add_only_the_project(rt, api, hosts, settings, tmp_path):
+    _, _, outside = hosts
+    filename = wheel(outside.files, "fwpkg", "installed")
+    requirements = f"fwpkg @ http://{OUTSIDE}/{filename}\n"
+    watch = Watch(api, rt, "fw-one")
+    tag = rt.build_release("fw-one", 1, project(tmp_path, requirements), out=watch, timeout=300, memory_mb=256,
+                           cpus=1)
+    assert "Successfully installed fwpkg-1.0" in watch.log and watch.container is not None
+
+    # A code-only push and another instance with the same requirements: no pip at all.
+    for name, number in (("fw-one", 2), ("fw-two", 1)):
+        again = Watch(api, rt, name)
+        ctx = project(tmp_path, requirements, "SESSION_CONFIGS = []\nROOMS = []\nCHANGED = 1\n")
+        rt.build_release(name, number, ctx, out=again, timeout=300, memory_mb=256, cpus=1)
+        assert "requirements.txt unchanged: reusing" in again.log and again.container is None, again.log
+
+    # The release image: the dependencies image plus one COPY of the project, no RUN.
+    history = api.history(tag)
+    deps = next(i for i, layer in enumerate(history) if any("--deps:" in t for t in layer.get("Tags") or []))
+    assert all("#(nop)" in layer["CreatedBy"] for layer in history[:deps]), [l["CreatedBy"] for l in history[:deps]]
+    assert "RUN" not in build.dockerfile({"a": "b"}, "base")
+    spec = make_spec("fw-run", app=AppSpec(image=tag, command=["python", "-c", (
+        "import fwpkg, os, http.server; print(fwpkg.VALUE, os.getuid(), os.stat('/app').st_uid, "
+        "os.stat('/app/settings.py').st_uid, flush=True); http.server.test(port=8000, bind='0.0.0.0')")],
+        release_id="fw", user=build.APP_USER))
+    state = rt.ensure(spec)
+    dh.wait_for(lambda: "installed 10001 10001 10001" in rt.logs("fw-run"), 30, "the app's output")
+    assert state.app_url
+
+    # The introspection container cannot write the image (read-only, no network).
+    settings_py = "open('written-by-settings.txt', 'w').write('x')\nSESSION_CONFIGS = []\n"
+    ro = rt.build_release("fw-one", 3, project(tmp_path, requirements, settings_py), out=lambda t: None,
+                          timeout=300, memory_mb=256, cpus=1)
+    with pytest.raises(build.BuildFailed, match="Read-only file system"):
+        rt.introspect("fw-one", ro)
+
+    # Dependencies images go once no release image of this manager is built on them.
+    rt.remove("fw-run")
+    rt.remove("fw-one")
+    assert api.images(filters={"label": [f"{LABEL_MANAGER}={rt.manager_id}", f"{LABEL_COMPONENT}=deps"]})
+    settings.LAB_BUILD_TIMEOUT = -120  # no grace: the dependencies image counts as old enough
+    rt.remove("fw-two")
+    assert not api.images(filters={"label": [f"{LABEL_MANAGER}={rt.manager_id}", f"{LABEL_COMPONENT}=deps"]})
+
+
+@pytest.mark.docker
+def test_a_build_out_of_memory_or_time_fails_with_what_to_do(rt, api, hosts, tmp_path):
+    _, _, outside = hosts
+    hog = sdist(outside.files, "memhog", "blocks = [bytearray(2**20) for _ in range(600)]\n")
+    with pytest.raises(build.BuildFailed) as failed:
+        rt.build_release("fw-oom", 1, project(tmp_path, f"memhog @ http://{OUTSIDE}/{hog}\n"), out=lambda t: None,
+                         timeout=300, memory_mb=128, cpus=1)
+    assert "ran out of memory" in str(failed.value) and "128 MB" in str(failed.value)
+    assert "raise the instance's memory" in str(failed.value)
+
+    slow = sdist(outside.files, "sleeper", "import time\ntime.sleep(600)\n")
+    with pytest.raises(build.BuildFailed, match="took longer than"):
+        rt.build_release("fw-slow", 1, project(tmp_path, f"sleeper @ http://{OUTSIDE}/{slow}\n"), out=lambda t: None,
+                         timeout=15, memory_mb=128, cpus=1)
+    for name in ("fw-oom", "fw-slow"):
+        assert not any(dh.labelled(rt.manager_id, name).values())  # no container, no network left
+
+
+def test_protections_report_the_firewall_as_it_is(firewall, settings):
+    settings.LAB_PROCESS_APP_UIDS, settings.LAB_PROCESS_BUILDER_UIDS = APP_UIDS, BUILDER_UIDS
+    settings.LAB_EGRESS = "deny"
+    p = firewall(egress="deny")
+    rt = DockerRuntime(manager_id=p.manager_id, subnets=APP_POOL, build_subnets=BUILD_POOL)
+    shown = {item.what: item for item in rt.protections("any")}
+    assert set(shown) == {"Files", "Host and other instances", "Outside network", "Memory", "CPU", "Processes", "Builds"}
+    for what in ("Host and other instances", "Outside network", "Builds"):
+        assert not shown[what].holds and "not enforced" in shown[what].detail, shown[what]
+    assert netguard.ensure(rt.policy).enforced
+    shown = {item.what: item for item in rt.protections("any")}
+    assert all(item.holds for item in shown.values()), shown
+    assert "LAB_EGRESS=deny" in shown["Outside network"].detail
