@@ -431,6 +431,15 @@ def default_specs() -> list[ChildSpec]:
     return specs
 
 
+def apply_firewall() -> str:
+    """The instances' firewall (instances.netguard), applied before anything starts (the
+    minute sweep and every instance start keep it); returns the line labserver prints."""
+    from instances import netguard
+
+    status = netguard.ensure()
+    return f"firewall: {status.detail}" if status.enforced else f"WARNING firewall {status.detail}"
+
+
 def caddy_spec() -> ChildSpec:
     """Caddy in front of the instances (instances.proxy): admin API on a unix socket under
     LAB_DATA_DIR; once it answers, the routes are loaded from the database."""

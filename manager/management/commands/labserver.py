@@ -13,7 +13,7 @@ from django.db.migrations.executor import MigrationExecutor
 
 from manager import datadir
 from manager.supervisor import (
-    Supervisor, SupervisorError, default_specs, first_superuser_box, port_in_use, redis_pings,
+    Supervisor, SupervisorError, apply_firewall, default_specs, first_superuser_box, port_in_use, redis_pings,
 )
 
 
@@ -27,6 +27,7 @@ class Command(BaseCommand):
         self._check_free()
         created = self._first_superuser()
         connections.close_all()  # the supervisor itself keeps no database connection open
+        self.stdout.write(apply_firewall() + "\n")
 
         public_url = settings.LAB_PUBLIC_URL
 
