@@ -177,7 +177,13 @@ def _archive_repository(instance: Instance) -> None:
 
 def sweep() -> dict:
     """Reconcile every instance and remove resources of instances that no longer exist
-    (asking every backend available here)."""
+    (asking every backend available here). The instances' firewall first: a flushed or
+    rebooted rule set is back within a minute."""
+    from instances import netguard
+
+    firewall = netguard.ensure()
+    if not firewall.enforced:
+        log.warning("instances' firewall: %s", firewall.detail)
     runtimes = available_runtimes()
     if not runtimes:
         return {"skipped": "no runtime available"}
