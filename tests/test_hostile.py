@@ -1,0 +1,568 @@
+"""Issue 11's acceptance test: a hostile experimenter's oTree project (tests/hostile) pushed
+to real instances on both runtimes — Docker, and the process runtime as root — beside a
+neighbour instance with data in its database. Its build (setup.py of a requirement), its
+settings reader and its app each try every escape; every attempt must fail, the controls
+must succeed (proof that the probes work), and the neighbour and the manager keep working
+with nothing lost.
+
+Per runtime, one story (builds are slow):
+1. two instances: the victim (PostgreSQL) and the attacker (memory 512 MiB, 0.5 CPU; on the
+   process runtime an SQLite instance, for the link attack on backups);
+2. the attacker's project is deployed through the real pipeline (record_push → deploy);
+   the targets (the victim's files, sockets, containers and processes, the manager's
+   secrets, database, sockets, a listener of the host on 0.0.0.0 tried on every host
+   address, one on 127.0.0.1, 169.254.169.254, an outside host) are in the project and in
+   the sdist its requirements fetch from that outside host;
+3. its app plants a .pth into its environment; the victim deploys with the SAME
+   requirements (a shared environment, where the runtime shares one): the .pth and the
+   build's daemon must not run in the victim;
+4. the victim gets data; the attacker probes again with everything now known, forks 2000
+   processes and spins busy loops while the victim must keep answering, allocates past
+   its memory limit, rewrites the process runtime's metadata and links its SQLite file to
+   the manager's database;
+5. the manager does what reads those files: shows the attacker's logs, restarts it, backs
+   it up (the backup must not be the manager's database), deploys it again (the settings
+   reader and the app must not run as root), deletes it (the victim must survive);
+6. the victim still serves with its data, the manager's secrets, users and Redis are
+   unchanged, a manager page loads, no listener or test host saw a connection, and no
+   file was planted where the manager keeps its secrets.
+The process runtime runs with LAB_EGRESS=deny (the app must not reach the outside host;
+its build must), Docker with LAB_EGRESS=open (the app must reach it).
+
+Every escape that worked is collected and reported together (stage, probe, target,
+detail), so one run shows everything that is still open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import hashlib
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import threading
+import time
+import types
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+from django.conf import settings as django_settings
+
+from instances import proxy, reconciler, releases
+from instances.backups import backup_dir
+from instances.git import hookservice
+from instances.git.repos import git_root, hook_socket_path, repo_path
+from instances.models import Backup, Instance, Release
+from manager import datadir
+from manager.accounts.models import User
+from tests import backends, hostile, otree_projects
+from tests.conftest import need
+from tests.netns_helpers import host_addresses, host_listener, netns_available, outside_host
+
+pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
+
+RUN = uuid.uuid4().hex[:10]
+VICTIM, ATTACKER = "hv-victim", "hv-attacker"
+ATTACKER_MEMORY_MB = 512
+EGRESS = {"docker": "open", "process": "deny"}  # one mode each: both are exercised
+OUTSIDE_ADDRESS = f"198.51.100.{10 + os.getpid() % 200}"  # TEST-NET-2; per run (parallel runs)
+METADATA_ADDRESS = "169.254.169.254"
+
+
+# --- the test hosts and the manager's own services ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def hosts():
+    """The outside host (serves the sdist), the metadata address, a service of the host on
+    0.0.0.0 and one on 127.0.0.1 (the manager's web and SSH ports stand for it)."""
+    need(netns_available(), "root with iproute2 (ip netns) for the test hosts")
+    with outside_host(OUTSIDE_ADDRESS) as outside, outside_host(METADATA_ADDRESS) as metadata, \
+            host_listener("0.0.0.0") as everywhere, host_listener("127.0.0.1") as loopback:
+        yield types.SimpleNamespace(outside=outside, metadata=metadata, everywhere=everywhere, loopback=loopback)
+
+
+@pytest.fixture(scope="module")
+def manager_sockets():
+    """The manager's git-hook socket (the real hook service) and Caddy's admin socket (the
+    real Caddy), so the probes aim at the real things."""
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    box = {}
+
+    def serve():
+        asyncio.set_event_loop(loop)
+        box["server"] = loop.run_until_complete(hookservice.start())
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert started.wait(10), "the git hook service did not start"
+    caddy = None
+    if proxy.caddy_binary():
+        caddy = proxy.launch_caddy(sync_on_start=False, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        proxy.wait_until_up(caddy)
+    try:
+        yield {"hooks": hook_socket_path(), "caddy": proxy.admin_socket() if caddy else None}
+    finally:
+        if caddy is not None:
+            caddy.kill()
+            caddy.wait(timeout=10)
+        loop.call_soon_threadsafe(box["server"].close)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+
+
+@pytest.fixture(params=backends.BACKENDS)
+def runtime(request, settings):
+    backends.require(request.param)
+    settings.LAB_RUNTIME = request.param
+    settings.LAB_EGRESS = EGRESS[request.param]
+    rt = backends.make(request.param)
+    yield rt
+    for name in (ATTACKER, VICTIM):
+        with contextlib.suppress(Exception):
+            rt.remove(name)
+    if rt.name == "docker":
+        for image in rt.api.images(filters={"label": [f"org.otree-lab.manager={rt.manager_id}"]}):
+            with contextlib.suppress(Exception):
+                rt.api.remove_image(image["Id"], force=True)
+    for marker in glob.glob(f"/tmp/hostile-*{RUN}*"):
+        with contextlib.suppress(OSError):
+            os.unlink(marker)
+
+
+@pytest.fixture(autouse=True)
+def no_broker(monkeypatch):
+    """Jobs are run here, in order, by the test (as the worker would)."""
+    from manager.jobs import services as jobs
+
+    monkeypatch.setattr(jobs, "start", lambda task, **kwargs: types.SimpleNamespace(pk=None, id=None))
+
+
+# --- the pipeline ---------------------------------------------------------------------------
+
+def new_instance(owner, name, tmp_path, **fields) -> tuple[Instance, otree_projects.Checkout]:
+    instance = Instance.objects.create(name=name, owner=owner, public_port=None,
+                                       runtime=django_settings.LAB_RUNTIME, **fields)
+    shutil.rmtree(repo_path(name), ignore_errors=True)
+    bare = otree_projects.init_bare(repo_path(name))
+    reconciler.reconcile(instance.pk)
+    instance.refresh_from_db()
+    assert instance.status == "ready_for_code", instance.status_reason
+    return instance, otree_projects.Checkout(tmp_path / f"{name}-work", bare)
+
+
+def deploy(instance, checkout, files, message, user) -> Release:
+    commit = checkout.push(files, message)
+    release = releases.record_push(instance, commit=commit, branch="main", pushed_by=user)
+    releases.deploy(release.pk)
+    release.refresh_from_db()
+    return release
+
+
+def app_url(runtime, name) -> str:
+    url = runtime.state(name).app_url
+    assert url, f"{name} has no app URL"
+    return url
+
+
+def answers(runtime, name) -> bool:
+    """The instance's oTree answers (any status below 500)."""
+    try:
+        return requests.get(app_url(runtime, name) + "/", timeout=15, allow_redirects=False).status_code < 500
+    except (requests.RequestException, AssertionError):
+        return False
+
+
+hostile_mark = "@@HOSTILE@@"
+
+
+def hostile_call(runtime, path, targets=None, timeout=180) -> list[dict]:
+    url = app_url(runtime, ATTACKER) + path
+    if targets is None:
+        resp = requests.get(url, timeout=timeout)
+    else:
+        resp = requests.post(url, data=json.dumps(targets), timeout=timeout)
+    if resp.status_code != 200:
+        log = [line for line in runtime.logs(ATTACKER, "app", tail=400).splitlines() if hostile_mark not in line]
+        raise AssertionError(f"{path}: {resp.status_code} {resp.text[-3000:]}\n" + "\n".join(log[-60:]))
+    return resp.json()["findings"]
+
+
+def while_answering(runtime, fn, what: str) -> tuple[object, list[bool]]:
+    """Run `fn` (an attack) while the victim is asked every half second whether it answers."""
+    answered = []
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(fn)
+        deadline = time.monotonic() + 300
+        while not future.done() and time.monotonic() < deadline:
+            answered.append(answers(runtime, VICTIM))
+            time.sleep(0.5)
+        result = future.result(timeout=max(1, deadline - time.monotonic()))
+    answered.append(answers(runtime, VICTIM))
+    assert all(answered), f"the victim stopped answering during {what}: {answered}"
+    return result, answered
+
+
+# --- what the attacker knows -----------------------------------------------------------------
+
+def victim_tree(runtime, limit: int = 90) -> tuple[list[str], list[str]]:
+    """(paths, sockets) in the victim's folder (process runtime), PostgreSQL's internals left out."""
+    if runtime.name != "process":
+        return [], []
+    root = runtime.dir(VICTIM)
+    paths, sockets = [str(root)], []
+    for folder, dirs, files in os.walk(root):
+        depth = len(Path(folder).relative_to(root).parts)
+        dirs[:] = [] if depth >= 3 else sorted(d for d in dirs if not d.startswith(("pg_", "base", "global")))
+        for name in sorted(dirs + files):
+            path = os.path.join(folder, name)
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:
+                continue
+            if stat.S_ISSOCK(mode):
+                sockets.append(path)
+            elif len(paths) < limit:
+                paths.append(path)
+    return paths, sockets
+
+
+def processes_of(folder: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if folder in " ".join(proc.info["cmdline"] or []):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def targets(runtime, victim: Instance, attacker: Instance, hosts, sockets: dict, *, victim_live: bool) -> dict:
+    """Everything the attacker aims at (see the module's text); each with what is expected."""
+    data = Path(django_settings.DATA_DIR)
+    key_file = Path(datadir.data_dir()) / "secrets" / "encryption.key"
+    from django.db import connection
+
+    manager_db = Path(connection.settings_dict["NAME"])  # the database this manager runs on now
+    files = []
+
+    def add(path, read="blocked", write="blocked", what=""):
+        if os.path.lexists(path):
+            files.append({"path": str(path), "read": read, "write": write, "what": what})
+
+    for path, what in ((key_file, "the manager's encryption key"),
+                       (data / "secrets" / "django_secret_key", "the manager's Django secret"),
+                       (manager_db, "the manager's database"), (data / "manager.sqlite3", "the manager's database"),
+                       (data, "the manager's data dir"), (data / "secrets", "the manager's secrets"),
+                       (backup_dir(), "the backups"), (git_root(), "the git repositories"),
+                       (repo_path(VICTIM), "the victim's repository"),
+                       (repo_path(VICTIM) / "config", "the victim's repository"),
+                       (data / "run", "the manager's sockets"), (proxy.caddy_dir(), "Caddy's folder"),
+                       (data / "logs", "the manager's logs"), (data / "instances", "every instance's folder")):
+        add(path, what=what)
+    if runtime.name == "process":
+        add(runtime.venvs_root, read="info", what="the shared environments")
+    paths, victim_sockets = victim_tree(runtime)
+    for path in paths:
+        add(path, what="the victim's files")
+    own_metadata = []
+    plant_links = []
+    if runtime.name == "process":
+        mine = runtime.dir(ATTACKER)
+        for name in ("instance.json", "spec.json", "state.json", "supervisor.lock"):
+            if (mine / name).exists():
+                own_metadata.append(str(mine / name))
+                add(mine / name, read="info", what=f"the manager's {name} of the attacker")
+        for log in sorted((mine / "logs").glob("*")) if (mine / "logs").is_dir() else []:
+            add(log, read="info", what="the attacker's logs (written by its supervisor)")
+        add(mine / "logs", read="info", what="the attacker's log folder")
+        add(mine, read="info", what="the attacker's folder of the manager's (metadata, logs)")
+        # Where root writes temporary files (a link there would make root write the manager's secrets).
+        for name in ("spec.tmp", "instance.json.tmp", "spec.json.tmp"):
+            plant_links.append({"link": str(mine / name), "target": str(data / "secrets" / f"hostile-{RUN}-{name}"),
+                                "what": f"a link where the manager writes {name}"})
+
+    unix = [{"path": str(datadir.redis_socket_path()), "proto": "redis", "what": "the manager's Redis"},
+            {"path": str(sockets["hooks"]), "proto": "json", "what": "the manager's git-hook socket"},
+            {"path": "/var/run/docker.sock", "proto": "http", "http_path": "/version", "what": "the Docker socket"}]
+    if sockets.get("caddy"):
+        unix.append({"path": str(sockets["caddy"]), "proto": "http", "what": "Caddy's admin socket"})
+    pg = []
+    for path in victim_sockets:
+        proto = "pg" if ".s.PGSQL" in path else "redis" if path.endswith(".sock") else "raw"
+        unix.append({"path": path, "proto": proto, "user": victim.db_user, "dbname": victim.db_name,
+                     "what": f"the victim's {'PostgreSQL' if proto == 'pg' else 'Redis'} socket"})
+        if proto == "pg":
+            pg.append({"host": os.path.dirname(path), "port": 5432, "user": victim.db_user,
+                       "password": victim.db_password, "dbname": victim.db_name,
+                       "what": "the victim's PostgreSQL with its password"})
+
+    tcp = []
+    for address in host_addresses():
+        tcp.append({"host": address, "port": hosts.everywhere.port, "proto": "http",
+                    "what": "a service of the host on 0.0.0.0"})
+    tcp.append({"host": "127.0.0.1", "port": hosts.loopback.port, "proto": "http",
+                "what": "a service of the host on 127.0.0.1 (as the manager's web and SSH ports)"})
+    tcp.append({"host": METADATA_ADDRESS, "port": 80, "proto": "http", "what": "the metadata address"})
+    if runtime.name == "docker":
+        for component, port, proto in (("db", 5432, "pg"), ("redis", 6379, "redis"), ("app", 8000, "http")):
+            try:
+                info = runtime.api.inspect_container(runtime.container_name(VICTIM, component))
+            except Exception:  # noqa: BLE001 - no app before its first deploy
+                continue
+            for network in (info["NetworkSettings"].get("Networks") or {}).values():
+                if network.get("IPAddress"):
+                    tcp.append({"host": network["IPAddress"], "port": port, "proto": proto,
+                                "user": victim.db_user, "dbname": victim.db_name,
+                                "what": f"the victim's {component} container"})
+                    if component == "db":
+                        pg.append({"host": network["IPAddress"], "port": 5432, "user": victim.db_user,
+                                   "password": victim.db_password, "dbname": victim.db_name,
+                                   "what": "the victim's PostgreSQL with its password"})
+    if victim_live:
+        port = int(app_url(runtime, VICTIM).rsplit(":", 1)[1])
+        tcp.append({"host": "127.0.0.1", "port": port, "proto": "http", "what": "the victim's app port"})
+
+    forbidden_uids = [0]
+    if runtime.name == "process":
+        forbidden_uids += sorted({p.uids().real for p in processes_of(str(runtime.dir(VICTIM)))} - {0})
+    return {
+        "run": RUN,
+        "files": files,
+        "unix": unix,
+        "tcp": tcp,
+        "pg": pg,
+        "outside": {"url": hosts.outside.url, "what": "an outside host",
+                    "expect": {"build": "allowed", "settings": "info",
+                               "app": "allowed" if EGRESS[runtime.name] == "open" else "blocked"}},
+        "neighbour": {"match": str(runtime.dir(VICTIM)) if runtime.name == "process" else "postgres"},
+        "manager": {"key_file": str(key_file), "db": str(manager_db)},
+        "own_metadata": own_metadata,
+        "plant_links": plant_links,
+        "own_files": ["settings.py"],
+        "forbidden_uids": forbidden_uids,
+        "forks": 2000,
+        "allocate_mb": ATTACKER_MEMORY_MB * 2 + 256,
+        # Docker: the environment is the container's own copy; the process runtime shares it.
+        "pth_expect": "info" if runtime.name == "docker" else "blocked",
+    }
+
+
+# --- the manager's state ------------------------------------------------------------------------
+
+def digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        return f"unreadable: {exc}"
+
+
+def manager_snapshot() -> dict:
+    data = Path(django_settings.DATA_DIR)
+    return {
+        "secrets": {p.name: digest(p) for p in sorted((data / "secrets").glob("*"))},
+        "users": sorted(User.objects.values_list("username", "password", "is_superuser")),
+        "instances": sorted(Instance.objects.values_list("name", "owner__username")),
+    }
+
+
+def manager_redis():
+    import redis
+
+    return redis.Redis(unix_socket_path=str(datadir.redis_socket_path()), socket_timeout=5)
+
+
+# --- the story ---------------------------------------------------------------------------------
+
+def violations(findings: list[dict]) -> list[str]:
+    return [f"[{f['stage']}] {f['probe']} {f['target']} ({f['what']}): reached={f['reached']} "
+            f"expected {f['expect']} — {f['detail']}" for f in findings
+            if (f["expect"] == "blocked" and f["reached"]) or (f["expect"] == "allowed" and not f["reached"])]
+
+
+def test_a_hostile_project_reaches_nothing_but_its_own(runtime, hosts, manager_sockets, tmp_path, settings, client):
+    problems: list[str] = []
+    findings: list[dict] = []
+    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
+    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
+    mallory = User.objects.create_user("mallory", "mallory@lab.test", "pw-mallory-1234")
+    datadir.encryption_key()  # the manager's secrets exist, as in any running lab
+    manager_redis().set(f"hostile-canary-{RUN}", "intact")
+    manager_redis().delete("hostile-was-here")  # what a probe that reaches a Redis sets
+
+    # 1. The victim and the attacker (SQLite on the process runtime: the backup link attack).
+    victim, victim_checkout = new_instance(ann, VICTIM, tmp_path, config_vars={"PROBE_ROLE": "victim"})
+    if runtime.name == "process":
+        settings.LAB_PG_BIN = "/nonexistent"  # recorded at creation: this instance keeps SQLite
+    attacker, attacker_checkout = new_instance(mallory, ATTACKER, tmp_path, memory_mb=ATTACKER_MEMORY_MB, cpus=0.5,
+                                               config_vars={"PROBE_ROLE": "attacker"})
+    settings.LAB_PG_BIN = ""
+    before = manager_snapshot()
+
+    # 2. The attacker's project, its targets in the tree and in the sdist its requirements fetch.
+    known = targets(runtime, victim, attacker, hosts, manager_sockets, victim_live=False)
+    sdist_path = hosts.outside.files / RUN / hostile.SDIST_NAME
+    sdist_path.parent.mkdir(parents=True)
+    sdist_path.write_bytes(hostile.sdist(known))
+    sdist_url = f"{hosts.outside.url}/{RUN}/{hostile.SDIST_NAME}"
+    first = deploy(attacker, attacker_checkout, hostile.project(known, sdist_url), "nothing to see here", mallory)
+    assert first.status == "live", (first.status_reason, first.log[-4000:])
+    report = requests.get(app_url(runtime, ATTACKER) + "/hostile/report", timeout=30).json()
+    findings += report["build"] + report["findings"]
+    reader = hostile.settings_report(first.rooms)
+    assert any(f["stage"] == "build" and f["probe"] == "identity" for f in report["build"]), \
+        f"setup.py did not run in the build: {report['build']}"
+    assert reader["summary"].startswith("stage=settings"), f"the settings reader did not run the probes: {first.rooms}"
+    assert any(f["stage"] == "app" and f["probe"] == "identity" for f in report["findings"])
+    problems += [f"[settings] {text}" for text in reader["violations"]]
+
+    # 3. A .pth into its environment; the victim then deploys with the same requirements.
+    findings += hostile_call(runtime, "/hostile/run/pth", known)
+    victim_files = otree_projects.valid_project("v1")
+    victim_files["requirements.txt"] = hostile.requirements(sdist_url)
+    shared = deploy(victim, victim_checkout, victim_files, "the victim's study", ann)
+    assert shared.status == "live", (shared.status_reason, shared.log[-4000:])
+    assert answers(runtime, VICTIM)
+    code, out = backends.sql(runtime, VICTIM, "CREATE TABLE canary (v text); INSERT INTO canary VALUES ('precious')")
+    assert code == 0, out
+
+    # 4. Everything again, with the victim live; the limits; the process runtime's files.
+    known = targets(runtime, victim, attacker, hosts, manager_sockets, victim_live=True)
+    findings += hostile_call(runtime, "/hostile/run/all", known)
+    bomb, _ = while_answering(runtime, lambda: hostile_call(runtime, "/hostile/run/forkbomb?n=2000&hold=3", known),
+                              "a fork bomb next door")
+    busy, _ = while_answering(runtime, lambda: hostile_call(runtime, "/hostile/run/busy?seconds=6&procs=4", known),
+                              "busy loops next door")
+    findings += bomb + busy
+    findings += hostile_call(runtime, "/hostile/run/memory", known)
+    assert answers(runtime, VICTIM)
+
+    # 5. Its SQLite file linked to the manager's database, then "Back up now" (the download).
+    findings += hostile_call(runtime, "/hostile/run/dblink", known)
+    try:
+        backup = reconciler.backup_only(attacker.pk, boss)
+        content = (backup_dir() / backup.filename).read_bytes()
+        if b"accounts_user" in content or boss.password.encode() in content:
+            problems.append(f"the attacker's backup {backup.filename} is the manager's database "
+                            "(users and password hashes)")
+    except reconciler.ReconcileError as exc:
+        print(f"backup of the attacker refused: {exc}")  # nothing handed out: fine
+
+    # 6. The manager's files about the attacker rewritten; what the manager does with them:
+    #    logs, the page, a restart, a new deploy (settings reader and app not as root).
+    findings += hostile_call(runtime, "/hostile/run/metadata?keep=600", known)
+
+    key = Path(known["manager"]["key_file"]).read_text().strip()
+    secret_key = (Path(django_settings.DATA_DIR) / "secrets" / "django_secret_key")
+    secrets_text = [key] + ([secret_key.read_text().strip()] if secret_key.exists() else [])
+    for component in ("app", "db", "redis"):
+        with contextlib.suppress(Exception):
+            shown = runtime.logs(ATTACKER, component)
+            if any(secret in shown for secret in secrets_text):
+                problems.append(f"the attacker's {component} log shows the manager's secrets")
+    client.force_login(boss)
+    page = client.get(f"/instances/{ATTACKER}/")
+    if any(secret in page.content.decode(errors="replace") for secret in secrets_text):
+        problems.append("the attacker's instance page shows the manager's secrets")
+    try:
+        reconciler.reconcile(attacker.pk, restart=True)
+    except Exception as exc:  # noqa: BLE001 - its own instance may break; the victim must not
+        print(f"restarting the attacker failed: {exc}")
+    if not answers(runtime, VICTIM):
+        problems.append("the victim stopped answering when the manager restarted the attacker")
+    second = deploy(attacker, attacker_checkout, hostile.project(known, sdist_url, "v2"), "again", mallory)
+    if second.status != "live":
+        problems.append(f"the attacker's second deploy failed: {second.status_reason}")
+    else:
+        reader2 = hostile.settings_report(second.rooms)
+        problems += [f"[settings, 2nd deploy] {text}" for text in reader2["violations"]]
+        if "uid=0 " in reader2["summary"] or "euid=0 " in reader2["summary"]:
+            problems.append(f"the settings reader ran as root after the metadata attack: {reader2['summary']}")
+        findings += [f for f in requests.get(app_url(runtime, ATTACKER) + "/hostile/report", timeout=30).json()[
+            "findings"] if f["probe"] in ("identity", "root", "uid", "capabilities")]
+
+    # 7. The shared environment: nothing of the attacker's ran in the victim.
+    if runtime.name == "process":
+        markers = glob.glob(f"/tmp/hostile-pth-{RUN}-*-victim-*")
+        home = backends.app_env(runtime, VICTIM).get("HOME", "")
+        markers += glob.glob(os.path.join(home, f"hostile-pth-{RUN}-*-victim-*")) if home else []
+    else:
+        container = runtime.api.inspect_container(runtime.container_name(VICTIM, "app"))["Id"]
+        exec_id = runtime.api.exec_create(container, ["sh", "-c", "ls /tmp $HOME 2>/dev/null"])
+        markers = [m for m in runtime.api.exec_start(exec_id).decode().split() if m.startswith(f"hostile-pth-{RUN}")]
+    if markers:
+        problems.append(f"the attacker's .pth ran in the victim: {markers}")
+    survived = [h for h in hosts.outside.hits() if h["path"].startswith(f"/daemon-survived/{RUN}")]
+    survived_marker = os.path.exists(f"/tmp/hostile-daemon-{RUN}-survived")
+    if survived or survived_marker:
+        problems.append("a daemon started by setup.py outlived the build (and could poison its environment)")
+    pth_calls = [h for h in hosts.outside.hits() if h["path"].startswith(f"/pth-ran/{RUN}/") and "victim" in h["path"]]
+    if pth_calls:
+        problems.append(f"the attacker's .pth called home from the victim: {pth_calls}")
+
+    # 8. The attacker is deleted: the victim survives it.
+    Instance.objects.filter(pk=attacker.pk).update(delete_requested=True)
+    try:
+        reconciler.reconcile(attacker.pk)
+    except Exception as exc:  # noqa: BLE001 - reported with the rest
+        problems.append(f"deleting the attacker failed: {exc}")
+    if not answers(runtime, VICTIM):
+        problems.append("the victim stopped answering when the manager deleted the attacker")
+    code, out = backends.sql(runtime, VICTIM, "SELECT v FROM canary")
+    if (code, out) != (0, "precious"):
+        problems.append(f"the victim's data changed: {code} {out}")
+    code, out = backends.sql(runtime, VICTIM, "SELECT to_regclass('hostile_was_here')")
+    if code != 0 or out not in ("", "None"):
+        problems.append(f"the attacker wrote into the victim's database: {out}")
+
+    # 9. The manager: secrets, users and Redis unchanged, nothing planted, a page loads.
+    after = manager_snapshot()
+    if after["secrets"] != before["secrets"] or after["users"] != before["users"]:
+        problems.append(f"the manager's secrets or users changed: {before} -> {after}")
+    planted = sorted(glob.glob(str(Path(django_settings.DATA_DIR) / "secrets" / f"hostile-{RUN}-*")))
+    planted += glob.glob(f"/tmp/hostile-spec-ran-{RUN}")
+    if planted:
+        problems.append(f"root wrote through links the attacker planted: {planted}")
+    redis = manager_redis()
+    if redis.get(f"hostile-canary-{RUN}") != b"intact" or redis.get("hostile-was-here") is not None:
+        problems.append("the manager's Redis was reached")
+    assert client.get("/").status_code in (200, 302)
+    assert client.get(f"/instances/{VICTIM}/").status_code == 200
+
+    # 10. Nothing arrived where nothing may: the host's services, the metadata address.
+    if hosts.everywhere.connections or hosts.loopback.connections:
+        problems.append(f"a service of the host was reached: {hosts.everywhere.connections + hosts.loopback.connections}")
+    if hosts.metadata.hits():
+        problems.append(f"the metadata address was reached: {hosts.metadata.hits()}")
+    controls = {h["path"].split("/")[2] for h in hosts.outside.hits() if h["path"].startswith("/control/")}
+    if "build" not in controls:
+        problems.append(f"control: the build did not reach the outside host ({controls})")
+    if EGRESS[runtime.name] == "open" and "app" not in controls:
+        problems.append("control: the app did not reach the outside host with LAB_EGRESS=open")
+    if EGRESS[runtime.name] == "deny" and "app" in controls:
+        problems.append("the app reached the outside host with LAB_EGRESS=deny")
+
+    stages = {f["stage"] for f in findings}
+    assert {"build", "app"} <= stages, stages
+    problems = violations(findings) + problems
+    summary = "\n".join(f"  {line}" for line in problems)
+    (tmp_path / "findings.json").write_text(json.dumps(findings, indent=1))
+    print(f"\n{runtime.name}: {len(findings)} findings ({tmp_path / 'findings.json'}), "
+          f"settings reader: {reader['summary']} / {reader['limits']}")
+    for item in findings:
+        if item["probe"] in ("forks", "memory", "cpu", "identity"):
+            print(f"  [{item['stage']}] {item['probe']}: {item['target']} {item['detail']}")
+    assert not problems, f"{len(problems)} escapes or failed controls on {runtime.name}:\n{summary}"
