@@ -26,6 +26,20 @@ def redis_server():
         shutil.rmtree(settings.DATA_DIR, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_firewall_left():
+    """The firewall chains this run applied (instances/netguard.py: every instance start
+    and sweep applies them) go at its end, with those of the labservers it started."""
+    yield
+    from instances import netguard
+
+    try:
+        netguard.remove(settings.LAB_MANAGER_ID)
+        netguard.remove_stale()  # managers whose data dir is gone (e.g. a test's labserver)
+    except (netguard.NetguardError, OSError):
+        pass  # no iptables or no root here: nothing was applied
+
+
 @pytest.fixture(autouse=True)
 def _fast_password_hashing(settings):
     # PBKDF2's deliberate slowness is for attackers, not for the test suite.
