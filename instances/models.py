@@ -72,10 +72,16 @@ class Instance(models.Model):
 
     @property
     def url(self) -> str:
+        """The address people open. Never on the manager's host name: cookies ignore ports,
+        so the manager's session would travel to the experimenter's code. Port routing:
+        LAB_INSTANCE_HOST (the proxy redirects any other name there); subdomain routing:
+        <name>.LAB_DOMAIN (the manager's cookies are host-only)."""
         if settings.LAB_ROUTING == "subdomain":
             return f"https://{self.name}.{settings.LAB_DOMAIN}/"
         if self.public_port:
-            return f"http://{settings.LAB_PUBLIC_HOST}:{self.public_port}/"
+            host = settings.LAB_INSTANCE_HOST
+            host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+            return f"http://{host}:{self.public_port}/"
         return ""
 
     @property

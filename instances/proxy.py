@@ -21,10 +21,14 @@ itself changes only when an instance is created or deleted or gains or loses its
 
 Routing (`LAB_ROUTING`):
 - `port`: one Caddy server per instance on `<bind>:<public_port>`, bind being
-  `LAB_PROXY_BIND` when set, else `LAB_PUBLIC_HOST` when that is an address of this
+  `LAB_PROXY_BIND` when set, else `LAB_INSTANCE_HOST` when that is an address of this
   machine (or `localhost`), else all interfaces (a DNS name or a NAT address in front).
-- `subdomain`: one server on `LAB_PROXY_LISTEN` [`:80`]; host `<name>.LAB_DOMAIN` goes to
-  the instance, host `LAB_PUBLIC_HOST` to the manager itself, anything else gets a 404.
+  Only requests for host `LAB_INSTANCE_HOST` reach the app; any other name (above all
+  the manager's own, whose cookies the browser would send along: cookies ignore ports)
+  gets a redirect to the same path on `LAB_INSTANCE_HOST`, answered by Caddy itself.
+- `subdomain`: one server on `LAB_PROXY_LISTEN` [`:80`]; host `LAB_PUBLIC_HOST` goes to the
+  manager itself (first, so no instance name can take it), host `<name>.LAB_DOMAIN` to
+  the instance, anything else gets a 404. The manager's cookies are host-only.
   Plain HTTP: TLS is terminated in front (Caddy must never try to fetch certificates).
 Each route forwards to the live app's loopback port (websockets pass through; Caddy adds
 `X-Forwarded-For/-Proto/-Host`). An instance without a running app answers 503 with a
@@ -106,11 +110,12 @@ def listen_address() -> str:
 
 
 def bind_host() -> str:
-    """Port mode: the address instance ports are opened on ("" = all interfaces)."""
+    """Port mode: the address instance ports are opened on ("" = all interfaces): the one
+    LAB_INSTANCE_HOST names, unless LAB_PROXY_BIND says otherwise."""
     explicit = _setting("LAB_PROXY_BIND", "")
     if explicit:
         return "" if explicit in ("*", "0.0.0.0", "::") else explicit.strip("[]")
-    host = settings.LAB_PUBLIC_HOST.strip("[]")
+    host = settings.LAB_INSTANCE_HOST.strip("[]").lower()
     if host == "localhost":
         return "127.0.0.1"
     try:
@@ -253,6 +258,15 @@ def _dial_of(app_url: str) -> str:
     return app_url.split("://", 1)[-1].rstrip("/")
 
 
+def _to_instance_host(port: int) -> dict:
+    """Port mode: a request that named another host (the manager's, whose cookies came
+    along) is answered by Caddy with a redirect; the app never sees it."""
+    host = settings.LAB_INSTANCE_HOST.strip("[]")
+    location = "http://%s{http.request.uri}" % _hostport(host, port)
+    return {"handler": "static_response", "status_code": 307,
+            "headers": {"Location": [location], "Cache-Control": ["no-store"]}}
+
+
 def no_app_message(instance) -> str:
     # The status only, never status_reason: this page is public, the reason may name internals.
     return f"This oTree instance has no app running yet (status: {instance.get_status_display()})."
@@ -313,7 +327,9 @@ def build_config(only: str | None = None) -> tuple[dict, dict[Path, str]]:
     errors = {"routes": [{"handle": [_text(502, NOT_ANSWERING)]}]}
     servers = {}
     if settings.LAB_ROUTING == "subdomain":
-        routes = []
+        manager_host = settings.LAB_HOST if settings.LAB_HOST not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        routes = [{"match": [{"host": [settings.LAB_PUBLIC_HOST]}],
+                   "handle": [_proxy(_hostport(manager_host, settings.LAB_PORT))], "terminal": True}]
         for instance in instances:
             dial = upstreams.get(instance.name)
             routes.append({
@@ -321,9 +337,6 @@ def build_config(only: str | None = None) -> tuple[dict, dict[Path, str]]:
                 "handle": [_app_route(instance.name) if dial else _no_app_route(instance.name)],
                 "terminal": True,
             })
-        manager_host = settings.LAB_HOST if settings.LAB_HOST not in ("0.0.0.0", "::", "") else "127.0.0.1"
-        routes.append({"match": [{"host": [settings.LAB_PUBLIC_HOST]}],
-                       "handle": [_proxy(_hostport(manager_host, settings.LAB_PORT))], "terminal": True})
         routes.append({"handle": [_text(404, "No oTree instance at this address.\n")]})
         servers["instances"] = {
             "listen": [listen_address()], "routes": routes, "errors": errors,
@@ -337,7 +350,12 @@ def build_config(only: str | None = None) -> tuple[dict, dict[Path, str]]:
             dial = upstreams.get(instance.name)
             servers[f"instance-{instance.name}"] = {
                 "listen": [_hostport(bind, instance.public_port) if bind else f":{instance.public_port}"],
-                "routes": [{"handle": [_app_route(instance.name) if dial else _no_app_route(instance.name)]}],
+                "routes": [
+                    {"match": [{"host": [settings.LAB_INSTANCE_HOST.strip("[]").lower()]}],
+                     "handle": [_app_route(instance.name) if dial else _no_app_route(instance.name)],
+                     "terminal": True},
+                    {"handle": [_to_instance_host(instance.public_port)]},
+                ],
                 "errors": errors,
                 "automatic_https": {"disable": True},
             }

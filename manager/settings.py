@@ -11,6 +11,7 @@ import re
 from urllib.parse import urlsplit
 
 import dj_database_url
+from django.utils.http import is_same_domain
 
 from manager import datadir
 from manager.env import ConfigError, env_bool, env_int, env_list, env_str
@@ -124,18 +125,84 @@ LAB_PROCESS_UIDS = _uid_range("LAB_PROCESS_UIDS", "1900000000-1900099999")
 LAB_PROCESS_BUILDER_UIDS = (LAB_PROCESS_UIDS[1] - 63, LAB_PROCESS_UIDS[1])
 LAB_PROCESS_APP_UIDS = (LAB_PROCESS_UIDS[0], LAB_PROCESS_UIDS[1] - 64)
 
+# --- the manager's hosts, origins, cookies and client addresses (README "Security") ---
+# The manager never answers as the instances' host: a request for it (someone typed
+# localhost:8000 while the manager is 127.0.0.1) is redirected to LAB_PUBLIC_URL by
+# manager.hosts.InstanceHostRedirect before any cookie is read or set, so the manager's
+# cookies never live on the host whose other ports run experimenters' code.
+_LAB_EXTRA_HOSTS = env_list("LAB_ALLOWED_HOSTS")
+LAB_CSRF_TRUSTED_ORIGINS = env_list("LAB_CSRF_TRUSTED_ORIGINS")
+
+
+def _bare(host: str) -> str:
+    return host.strip().strip("[]").lower()
+
+
+def _instance_host_covers(pattern: str) -> bool:
+    """Whether a host pattern (of ALLOWED_HOSTS: "x", ".x", "*"; of CSRF_TRUSTED_ORIGINS:
+    "*.x") covers a host instances are served on."""
+    pattern = _bare(pattern)
+    if pattern.startswith("*"):
+        pattern = pattern[1:]  # "*" -> "" (anything), "*.x" -> ".x" (x and below)
+    if not pattern:
+        return True
+    if LAB_ROUTING == "port":
+        return is_same_domain(_bare(LAB_INSTANCE_HOST), pattern)
+    if pattern == _bare(LAB_PUBLIC_HOST):
+        return False
+    domain = LAB_DOMAIN.lower()
+    return is_same_domain(f"any-instance.{domain}", pattern) or pattern.endswith("." + domain)
+
+
+for _extra in _LAB_EXTRA_HOSTS:
+    if _instance_host_covers(_extra):
+        raise ConfigError(f"LAB_ALLOWED_HOSTS names {_extra}, where the instances are served: the manager's cookies "
+                          "would reach them; leave it out")
+for _origin in LAB_CSRF_TRUSTED_ORIGINS:
+    _parts = urlsplit(_origin)
+    if _parts.scheme not in ("http", "https") or not _parts.netloc or _parts.path not in ("", "/"):
+        raise ConfigError(f"LAB_CSRF_TRUSTED_ORIGINS: {_origin!r} is not an origin such as https://lab.example.edu")
+    if _instance_host_covers(_parts.hostname or ""):
+        raise ConfigError(f"LAB_CSRF_TRUSTED_ORIGINS names {_origin}, where the instances are served: their pages "
+                          "could post forms to the manager; leave it out")
 ALLOWED_HOSTS = sorted(
-    {LAB_HOST, LAB_PUBLIC_HOST, "127.0.0.1", "localhost", "[::1]", *env_list("LAB_ALLOWED_HOSTS")}
+    host for host in {LAB_HOST, LAB_PUBLIC_HOST, "127.0.0.1", "localhost", "[::1]", *_LAB_EXTRA_HOSTS}
+    if LAB_ROUTING != "port" or _bare(host) != _bare(LAB_INSTANCE_HOST)
 )
-CSRF_TRUSTED_ORIGINS = sorted(
-    {LAB_PUBLIC_URL, f"http://{LAB_HOST}:{LAB_PORT}", *env_list("LAB_CSRF_TRUSTED_ORIGINS")}
-)
-# Behind a TLS-terminating proxy (deploy/), trust its X-Forwarded-Proto.
-if env_bool("LAB_BEHIND_PROXY", False):
+_LAB_HOST_URL = f"[{LAB_HOST}]" if ":" in LAB_HOST and not LAB_HOST.startswith("[") else LAB_HOST
+# The manager's own origins: forms may be posted from these, and the websockets
+# (/ws/live/, /ws/lobby/) accept a browser only from these (manager.realtime.origins).
+CSRF_TRUSTED_ORIGINS = sorted({LAB_PUBLIC_URL, f"http://{_LAB_HOST_URL}:{LAB_PORT}", *LAB_CSRF_TRUSTED_ORIGINS})
+
+# Behind a TLS-terminating proxy (deploy/), trust its X-Forwarded-Proto and -Host, and
+# take the client's address from X-Forwarded-For: the entry LAB_PROXY_HOPS from the end
+# (the one the outermost of our proxies appended; whatever a client put before it is
+# ignored). Without LAB_BEHIND_PROXY the header is never trusted: REMOTE_ADDR it is.
+# One rule for both users of the address: allauth's login rate limit reads
+# ALLAUTH_TRUSTED_PROXY_COUNT, and the audit log asks allauth's adapter.
+LAB_BEHIND_PROXY = env_bool("LAB_BEHIND_PROXY", False)
+LAB_PROXY_HOPS = env_int("LAB_PROXY_HOPS", 1)
+if not 1 <= LAB_PROXY_HOPS <= 10:
+    raise ConfigError(f"LAB_PROXY_HOPS must be the number of proxies in front of the manager (1-10), got {LAB_PROXY_HOPS}")
+if LAB_BEHIND_PROXY:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     USE_X_FORWARDED_HOST = True
-SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = LAB_PUBLIC_URL.startswith("https://")
-SESSION_COOKIE_HTTPONLY = True
+ALLAUTH_TRUSTED_PROXY_COUNT = LAB_PROXY_HOPS if LAB_BEHIND_PROXY else 0
+
+# Session and CSRF cookies: host-only (no Domain), HttpOnly (no script reads them: pages
+# carry the CSRF token in the HTML), SameSite=Lax (Strict would drop the session on the
+# first request after following a link from elsewhere, e.g. an e-mailed password link,
+# and the redirect that follows it), Secure under HTTPS. Under HTTPS also the "__Host-"
+# name prefix: browsers accept such a cookie only Secure, host-only and for Path=/, so a
+# page on a sub-domain (an instance in subdomain routing) cannot plant one for the manager.
+LAB_HTTPS = LAB_PUBLIC_URL.lower().startswith("https://")
+SESSION_COOKIE_SECURE = CSRF_COOKIE_SECURE = LAB_HTTPS
+SESSION_COOKIE_NAME = "__Host-sessionid" if LAB_HTTPS else "sessionid"
+CSRF_COOKIE_NAME = "__Host-csrftoken" if LAB_HTTPS else "csrftoken"
+SESSION_COOKIE_DOMAIN = CSRF_COOKIE_DOMAIN = None
+SESSION_COOKIE_PATH = CSRF_COOKIE_PATH = "/"
+SESSION_COOKIE_HTTPONLY = CSRF_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = CSRF_COOKIE_SAMESITE = "Lax"
 SESSION_COOKIE_AGE = 60 * 60 * 24 * 14
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
@@ -169,6 +236,7 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    "manager.hosts.InstanceHostRedirect",  # first: before anything reads the host or a cookie
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",

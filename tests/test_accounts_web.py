@@ -523,3 +523,55 @@ def test_invitation_link_of_a_deactivated_account_no_longer_works(manager, eager
     client.post(f"/accounts/welcome/{uid}/set-password/", {"new_password1": PASSWORD, "new_password2": PASSWORD})
     ann.refresh_from_db()
     assert not ann.has_usable_password()
+
+
+# --- the login rate limit behind a proxy (LAB_BEHIND_PROXY, LAB_PROXY_HOPS) ---------------
+
+PROXY = "10.9.8.7"  # the TLS proxy in front: every request arrives from its address
+TOO_MANY = "Too many failed login attempts. Try again later."
+
+
+def failed_login(username: str, xff: str | None, remote: str = PROXY) -> str:
+    """One wrong password from a fresh browser; the page's text."""
+    headers = {"HTTP_X_FORWARDED_FOR": xff} if xff is not None else {}
+    response = Client(REMOTE_ADDR=remote).post(
+        "/accounts/login/", {"login": username, "password": "wrong-password-1"}, **headers)
+    assert response.status_code == 200
+    return page_text(response)
+
+
+def exhaust_ip_limit(xff: str | None, remote: str = PROXY) -> None:
+    """The per-address limit of LAB_LOGIN_RATE_LIMIT (10 a minute), each try under
+    another username so the per-account limit (5) is not what stops them."""
+    for n in range(10):
+        assert TOO_MANY not in failed_login(f"nobody{n}", xff, remote)
+    assert TOO_MANY in failed_login("nobody-else", xff, remote)
+
+
+def test_behind_a_proxy_the_rate_limit_counts_the_real_client(settings):
+    settings.ALLAUTH_TRUSTED_PROXY_COUNT = 1  # LAB_BEHIND_PROXY=1 (LAB_PROXY_HOPS [1])
+    exhaust_ip_limit("198.51.100.7")
+    # Another client behind the same proxy may still log in...
+    make_user("ann")
+    assert Client(REMOTE_ADDR=PROXY).post("/accounts/login/", {"login": "ann", "password": PASSWORD},
+                                          HTTP_X_FORWARDED_FOR="198.51.100.8").status_code == 302
+    # ...while the blocked client cannot get fresh tries by putting other addresses in front
+    # of the one the proxy appended.
+    assert TOO_MANY in failed_login("someone", "203.0.113.9, 198.51.100.7")
+
+
+def test_two_proxy_hops_take_the_address_the_outer_proxy_appended(settings):
+    settings.ALLAUTH_TRUSTED_PROXY_COUNT = 2  # LAB_PROXY_HOPS=2: e.g. a CDN, then the lab's proxy
+    exhaust_ip_limit("forged, 198.51.100.7, 10.0.0.2")
+    assert TOO_MANY in failed_login("someone", "other-forgery, 198.51.100.7, 10.0.0.2")
+    assert TOO_MANY not in failed_login("someone", "198.51.100.7, 198.51.100.8, 10.0.0.2")
+
+
+def test_without_lab_behind_proxy_the_forwarded_header_is_ignored(settings):
+    assert settings.ALLAUTH_TRUSTED_PROXY_COUNT == 0  # the default: LAB_BEHIND_PROXY unset
+    # An attacker's made-up X-Forwarded-For gives no fresh tries: the limit is per REMOTE_ADDR.
+    for n in range(10):
+        assert TOO_MANY not in failed_login(f"nobody{n}", f"192.0.2.{n}")
+    assert TOO_MANY in failed_login("nobody-else", "192.0.2.200")
+    assert TOO_MANY in failed_login("nobody-else", None)
+    assert TOO_MANY not in failed_login("nobody-else", None, remote="10.9.8.6")  # another address

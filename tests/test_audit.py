@@ -231,3 +231,49 @@ def test_user_detail_shows_recent_activity(boss):
     client.force_login(boss)
     text = page_text(client.get(f"/users/{ann.pk}/"))
     assert "boss: promoted ann" in text and "ann: added SSH key 'x'" in text
+
+
+# --- from where: the client's address, also behind a proxy ------------------------------
+
+def _from_of_last(reader, action):
+    """The "From" column of the newest row of `action`, as the log page shows it."""
+    row = next(r for r in audit_rows(reader.get("/audit/", {"action": action})) if r["Action"] == action)
+    return row["From"]
+
+
+@pytest.fixture
+def reader(boss):
+    client = Client()  # logged in before the events under test: its own login is older
+    client.force_login(boss)
+    return client
+
+
+def _as_seen_through_a_proxy(boss):
+    """A failed and a successful login and an account created, each arriving from the
+    proxy's address (10.9.8.7) with X-Forwarded-For naming where they came from."""
+    Client(REMOTE_ADDR="10.9.8.7").post("/accounts/login/", {"login": "boss", "password": "typo-Quiet"},
+                                        HTTP_X_FORWARDED_FOR="203.0.113.5, 198.51.100.7")
+    client = Client(REMOTE_ADDR="10.9.8.7")
+    client.post("/accounts/login/", {"login": "boss", "password": BOSS_PASSWORD},
+                HTTP_X_FORWARDED_FOR="198.51.100.8")
+    client.post("/users/new/", {"name": "Carl", "username": "carl", "email": "carl@uni.test"},
+                HTTP_X_FORWARDED_FOR="198.51.100.8")
+
+
+def test_behind_a_proxy_the_log_shows_the_real_client(boss, reader, settings, django_capture_on_commit_callbacks):
+    settings.ALLAUTH_TRUSTED_PROXY_COUNT = 1  # LAB_BEHIND_PROXY=1
+    with django_capture_on_commit_callbacks(execute=False):
+        _as_seen_through_a_proxy(boss)
+    # The address the proxy appended; what the client wrote before it is not believed.
+    assert _from_of_last(reader, "auth.login_failed") == "198.51.100.7"
+    assert _from_of_last(reader, "auth.login") == "198.51.100.8"
+    assert _from_of_last(reader, "user.create") == "198.51.100.8"
+
+
+def test_without_lab_behind_proxy_the_log_shows_the_connecting_address(boss, reader, settings,
+                                                                       django_capture_on_commit_callbacks):
+    assert settings.ALLAUTH_TRUSTED_PROXY_COUNT == 0
+    with django_capture_on_commit_callbacks(execute=False):
+        _as_seen_through_a_proxy(boss)
+    for action in ("auth.login_failed", "auth.login", "user.create"):
+        assert _from_of_last(reader, action) == "10.9.8.7"

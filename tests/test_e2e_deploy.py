@@ -110,16 +110,16 @@ def test_push_build_serve_and_a_broken_push_keeps_the_old_release(tmp_path):
     with docker_labserver() as (server, extra, public_port):
         port = server.port
         token, body = instance_ready_for_code(server, extra, "e2e-study")
-        assert body["url"] == f"http://127.0.0.1:{public_port}/"
+        assert body["url"] == f"http://localhost:{public_port}/"
 
         remote = f"http://admin:{token}@127.0.0.1:{port}/git/e2e-study.git"
         checkout = Checkout(tmp_path / "work")
         code, out = git_push(checkout, valid_project("v1"), "first version", remote)
         assert code == 0, out
-        assert f"Deployed: http://127.0.0.1:{public_port}/" in out
+        assert f"Deployed: http://localhost:{public_port}/" in out
         assert token not in out  # secrets never reach the push output
 
-        status, page = http_status(f"http://127.0.0.1:{public_port}/")
+        status, page = http_status(f"http://localhost:{public_port}/")
         assert status is not None and status < 500, page  # oTree answers through Caddy
         status, body = api(server, token, "GET", "/api/v1/instances/e2e-study")
         assert body["status"] == "running" and body["release"]["status"] == "live"
@@ -129,7 +129,7 @@ def test_push_build_serve_and_a_broken_push_keeps_the_old_release(tmp_path):
         code, out = git_push(checkout, broken("syntax"), "oops", remote)
         # The commit is stored (git reports success) but the deploy failed, and the output says why.
         assert "Deploy failed: settings.py has a syntax error on line" in out, out
-        status, page = http_status(f"http://127.0.0.1:{public_port}/")
+        status, page = http_status(f"http://localhost:{public_port}/")
         assert status is not None and status < 500, page  # the first release keeps serving
         status, releases = api(server, token, "GET", "/api/v1/instances/e2e-study/releases")
         assert [r["status"] for r in releases][:2] == ["failed", "live"]

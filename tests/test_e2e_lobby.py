@@ -108,7 +108,7 @@ def seat_path(label, room="lab"):
 
 
 def room_url(recorder, label, room="lab"):
-    return f"http://127.0.0.1:{recorder.port}/room/{room}/?participant_label={quote(label, safe='')}&welcome_page_ok=1"
+    return f"http://localhost:{recorder.port}/room/{room}/?participant_label={quote(label, safe='')}&welcome_page_ok=1"
 
 
 def view(page):

@@ -40,7 +40,7 @@ def test_a_kiosk_enters_a_real_otree_room_and_its_session(tmp_path):
         token, _ = instance_ready_for_code(server, extra, "lobby-otree")
         code, out = git_push(Checkout(tmp_path / "work"), valid_project("v1"), "lobby study",
                              f"http://admin:{token}@127.0.0.1:{port}/git/lobby-otree.git")
-        assert code == 0 and f"Deployed: http://127.0.0.1:{public_port}/" in out, out
+        assert code == 0 and f"Deployed: http://localhost:{public_port}/" in out, out
         status, body = api(server, token, "GET", "/api/v1/instances/lobby-otree")
         assert [r["lobby_url"] for r in body["rooms"] if r["name"] == "lab"] == [f"{server.url}/lobby/lobby-otree/"]
 
@@ -53,13 +53,13 @@ def test_a_kiosk_enters_a_real_otree_room_and_its_session(tmp_path):
             # The lobby sends it to <url>room/lab/?participant_label=seat02&welcome_page_ok=1; oTree 6
             # redirects that to its own spelling, without the slash, and (welcome_page_ok: the lobby
             # was the welcome page) shows its waiting page at once, not its own "Start" page.
-            page.wait_for_url(f"http://127.0.0.1:{public_port}/room/lab?participant_label=seat02&welcome_page_ok=1")
+            page.wait_for_url(f"http://localhost:{public_port}/room/lab?participant_label=seat02&welcome_page_ok=1")
             expect(page.locator("body")).not_to_contain_text("Participant label:")
             expect(page.locator("body")).to_contain_text("wait", ignore_case=True)
 
             # The experimenter starts a session in the room; oTree takes the waiting kiosk in.
             request = urllib.request.Request(
-                f"http://127.0.0.1:{public_port}/api/sessions", method="POST",
+                f"http://localhost:{public_port}/api/sessions", method="POST",
                 data=json.dumps({"session_config_name": "hello_game", "num_participants": 2,
                                  "room_name": "lab"}).encode(),
                 headers={"otree-rest-key": rest_key(server, extra, "lobby-otree"),
@@ -67,4 +67,4 @@ def test_a_kiosk_enters_a_real_otree_room_and_its_session(tmp_path):
             with urllib.request.urlopen(request, timeout=60) as response:
                 assert response.status in (200, 201)
             expect(page.locator("body")).to_contain_text("version v1", timeout=60_000)
-            assert f"127.0.0.1:{public_port}/p/" in page.url  # a participant page of the session
+            assert f"localhost:{public_port}/p/" in page.url  # a participant page of the session

@@ -49,9 +49,9 @@ def test_without_docker_the_whole_workflow_runs_on_processes(tmp_path):
         checkout = Checkout(tmp_path / "work")
         remote = f"http://admin:{token}@127.0.0.1:{port}/git/nodock.git"
         code, out = git_push(checkout, valid_project("v1"), "first", remote)
-        assert code == 0 and f"Deployed: http://127.0.0.1:{public_port}/" in out, out
+        assert code == 0 and f"Deployed: http://localhost:{public_port}/" in out, out
         assert "pip install -r requirements.txt" in out or "reusing the environment" in out
-        status, page = http_status(f"http://127.0.0.1:{public_port}/")
+        status, page = http_status(f"http://localhost:{public_port}/")
         assert status is not None and status < 500, page  # oTree through Caddy
         code, out = git_push(checkout, valid_project("v2"), "second", remote)
         assert code == 0 and "reusing the environment" in out and "Deployed:" in out, out  # installs nothing
@@ -70,7 +70,7 @@ def test_without_docker_the_whole_workflow_runs_on_processes(tmp_path):
         backups = wait_for(lambda: api(server, token, "GET", "/api/v1/instances/nodock/backups")[1],
                            lambda b: any(x["status"] == "done" for x in b), "a backup before the reset")
         assert backups[0]["filename"].endswith(".dump")  # pg_dump of its own PostgreSQL
-        wait_for(lambda: http_status(f"http://127.0.0.1:{public_port}/")[0],
+        wait_for(lambda: http_status(f"http://localhost:{public_port}/")[0],
                  lambda s: s is not None and s < 500, "oTree answers after the reset")
 
         # The lobby of its room, and an offline bot run in its session.
@@ -94,7 +94,7 @@ def test_without_docker_the_whole_workflow_runs_on_processes(tmp_path):
         assert supervisors(data_dir, "nodock")[0].pid == first[0].pid  # the instance lives on
         server = LabServer(data_dir, port, **extra)
         server.wait_ready(timeout=180)
-        wait_for(lambda: http_status(f"http://127.0.0.1:{public_port}/")[0],
+        wait_for(lambda: http_status(f"http://localhost:{public_port}/")[0],
                  lambda s: s is not None and s < 500, "served through the restarted proxy")
         assert [p.pid for p in supervisors(data_dir, "nodock")] == [first[0].pid]
     finally:

@@ -63,11 +63,21 @@ async def test_only_existing_seats_from_an_allowed_origin_get_a_socket(lab):
         ("seat01", "lab", "nope", ORIGIN),  # no such instance
         ("bad name", "open", "ann-study", ORIGIN),  # not a valid seat name in a room without labels
         ("seat01", "lab", "ann-study", (b"origin", b"http://evil.example")),  # another site's page
+        ("seat01", "lab", "ann-study", (b"origin", b"http://localhost:18500")),  # the instance's own pages
+        ("seat01", "lab", "ann-study", (b"origin", b"http://127.0.0.1:18500")),  # the manager's host, another port
+        ("seat01", "lab", "ann-study", (b"origin", b"https://127.0.0.1:8000")),  # another scheme
     ):
         communicator, connected = await kiosk(label, room, instance, origin)
         assert not connected, (label, room, instance)
         await communicator.disconnect()
     assert await state_of("seat99") == "offline"
+    assert await state_of("seat01") == "offline"  # the refused sockets marked nothing
+    # The kiosk page's own origin, and a client that is no browser (no Origin header), get theirs.
+    for origin in (ORIGIN, None):
+        communicator, connected = await kiosk("seat01", origin=origin)
+        assert connected, origin
+        assert (await communicator.receive_json_from(timeout=5))["seat"] == "waiting"
+        await communicator.disconnect()
 
 
 async def test_board_topic_is_for_the_owner_and_lab_managers(lab):
@@ -120,9 +130,9 @@ async def test_opening_the_gate_sends_exactly_the_ready_kiosks_to_the_room(lab):
         assert await sync_to_async(services.mark_ready)(room, label) == ("ready", None)
     await sync_to_async(services.set_gate)(boss, room, True)
     assert await pages["seat01"].receive_json_from(timeout=5) == {
-        "type": "go", "url": "http://127.0.0.1:18500/room/lab/?participant_label=seat01&welcome_page_ok=1"}
+        "type": "go", "url": "http://localhost:18500/room/lab/?participant_label=seat01&welcome_page_ok=1"}
     assert await pages[HOSTILE].receive_json_from(timeout=5) == {
-        "type": "go", "url": "http://127.0.0.1:18500/room/lab/?participant_label=a%22%26calc%26&welcome_page_ok=1"}
+        "type": "go", "url": "http://localhost:18500/room/lab/?participant_label=a%22%26calc%26&welcome_page_ok=1"}
     assert await pages["seat02"].receive_json_from(timeout=5) == {"type": "gate", "gate": "open"}
     assert [await state_of(x) for x in ("seat01", "seat02", HOSTILE)] == ["entered", "waiting", "entered"]
     for page in pages.values():
@@ -177,7 +187,7 @@ async def test_a_reconnecting_kiosk_is_told_the_current_state(lab):
     page, ok = await kiosk("seat03")
     assert await page.receive_json_from(timeout=5) == {
         "type": "state", "seat": "entered", "gate": "open",
-        "url": "http://127.0.0.1:18500/room/lab/?participant_label=seat03&welcome_page_ok=1"}
+        "url": "http://localhost:18500/room/lab/?participant_label=seat03&welcome_page_ok=1"}
     await page.disconnect()
 
 

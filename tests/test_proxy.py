@@ -31,6 +31,7 @@ from instances.models import Instance
 from instances.runtime.base import ComponentState, Health, InstanceState
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC11B85"
+INSTANCE_HOST = "localhost"  # LAB_INSTANCE_HOST of these tests; the manager is 127.0.0.1
 
 
 # --- a tiny HTTP + websocket backend ----------------------------------------------------------
@@ -67,7 +68,8 @@ def frame(opcode: int, payload: bytes, mask: bool) -> bytes:
 
 
 class Backend:
-    """Answers GET with "<label> <path> ..." and echoes websocket messages as "<label>:<msg>"."""
+    """Answers GET with "<label> <path> ..." and echoes websocket messages as "<label>:<msg>";
+    remembers each request's (path, Host, Cookie)."""
 
     def __init__(self, label: str):
         backend = self
@@ -79,6 +81,7 @@ class Backend:
                 pass
 
             def do_GET(self):
+                backend.seen.append((self.path, self.headers.get("Host"), self.headers.get("Cookie")))
                 if self.headers.get("Upgrade", "").lower() == "websocket":
                     return self._websocket()
                 body = (f"{backend.label} {self.path} host={self.headers.get('Host')} "
@@ -112,6 +115,7 @@ class Backend:
                 self.close_connection = True
 
         self.label = label
+        self.seen: list[tuple[str, str | None, str | None]] = []
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
@@ -206,6 +210,7 @@ def caddy(settings):
     settings.LAB_CADDY_DIR = str(directory)
     settings.LAB_ROUTING = "port"
     settings.LAB_PUBLIC_HOST = "127.0.0.1"
+    settings.LAB_INSTANCE_HOST = INSTANCE_HOST
     settings.LAB_PROXY_BIND = None
     server = Caddy(directory)
     try:
@@ -225,14 +230,23 @@ def make_instance(owner, name, port, status="running", **extra) -> Instance:
     return Instance.objects.create(name=name, owner=owner, public_port=port, status=status, **extra)
 
 
-def get(port: int, path: str = "/", host: str | None = None, timeout: float = 5) -> tuple[int, str]:
+def request(port: int, path: str = "/", host: str | None = None, timeout: float = 5,
+            headers: dict | None = None) -> http.client.HTTPResponse:
+    """GET 127.0.0.1:port as a browser that opened http://<host>:<port><path> would;
+    `host` defaults to the instances' host name. The response is read."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request("GET", path, headers={"Host": host} if host else {})
+        conn.request("GET", path, headers={"Host": host or f"{INSTANCE_HOST}:{port}", **(headers or {})})
         resp = conn.getresponse()
-        return resp.status, resp.read().decode()
+        resp.text = resp.read().decode()
+        return resp
     finally:
         conn.close()
+
+
+def get(port: int, path: str = "/", host: str | None = None, timeout: float = 5) -> tuple[int, str]:
+    resp = request(port, path, host, timeout)
+    return resp.status, resp.text
 
 
 def wait_for(check, timeout: float, what: str):
@@ -252,7 +266,7 @@ def wait_for(check, timeout: float, what: str):
 def websocket_roundtrip(port: int, message: str, timeout: float = 5) -> str:
     key = base64.b64encode(os.urandom(16)).decode()
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        sock.sendall((f"GET /ws HTTP/1.1\r\nHost: {INSTANCE_HOST}:{port}\r\nUpgrade: websocket\r\n"
                       f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
         rfile = sock.makefile("rb")
         status = rfile.readline().decode()
@@ -284,7 +298,7 @@ def test_http_websocket_and_the_503_of_an_instance_without_app(caddy, backends, 
     status, body = get(p1, "/p/abc?x=1")
     assert status == 200
     assert body.startswith("A /p/abc?x=1 ")
-    assert f"host=127.0.0.1:{p1}" in body  # the Host users typed reaches oTree
+    assert f"host={INSTANCE_HOST}:{p1}" in body  # the Host users typed reaches oTree
     assert "xff=127.0.0.1" in body and "xfproto=http" in body
 
     assert websocket_roundtrip(p1, "hello") == "A:hello"  # websockets pass through
@@ -406,6 +420,8 @@ def test_subdomain_routing_by_host(caddy, backends, runtime, owner, settings):
     settings.LAB_DOMAIN = "lab.test"
     settings.LAB_PUBLIC_HOST = "manager.lab.test"
     settings.LAB_PROXY_LISTEN = f"127.0.0.1:{listen}"
+    settings.LAB_PORT = backends[1].port  # the manager, as Caddy sees it here
+    make_instance(owner, "manager-lab", None)  # would be the manager's host under another domain
     make_instance(owner, "theta", None)
     make_instance(owner, "iota", None, status="provisioning")
     runtime.apps["theta"] = backends[0].url
@@ -415,6 +431,12 @@ def test_subdomain_routing_by_host(caddy, backends, runtime, owner, settings):
     status, body = get(listen, host="iota.lab.test")
     assert status == 503 and "(status: provisioning)" in body
     assert get(listen, host="other.lab.test")[0] == 404
+    # The manager's own host goes to the manager, even when an instance is named after it.
+    settings.LAB_PUBLIC_HOST = "manager-lab.lab.test"
+    runtime.apps["manager-lab"] = backends[0].url
+    assert proxy.sync_routes()["loaded"]
+    status, body = get(listen, host="manager-lab.lab.test")
+    assert status == 200 and body.startswith("B ")
 
 
 @pytest.mark.django_db
@@ -424,18 +446,47 @@ def test_without_caddy_sync_logs_and_returns(settings, owner, caplog):
     assert proxy.sync_routes() == {"loaded": False, "reason": "no caddy"}
 
 
-def test_bind_address(settings):
+def test_bind_address_follows_the_instances_host_name(settings):
     settings.LAB_PROXY_BIND = None
-    settings.LAB_PUBLIC_HOST = "127.0.0.1"
+    settings.LAB_PUBLIC_HOST = "127.0.0.1"  # the manager's name plays no part
+    settings.LAB_INSTANCE_HOST = "localhost"
     assert proxy.bind_host() == "127.0.0.1"
-    settings.LAB_PUBLIC_HOST = "localhost"
+    settings.LAB_INSTANCE_HOST = "127.0.0.1"
     assert proxy.bind_host() == "127.0.0.1"
-    settings.LAB_PUBLIC_HOST = "lab.example.edu"  # users come from elsewhere: all interfaces
+    settings.LAB_INSTANCE_HOST = "experiments.example.edu"  # users come from elsewhere: all interfaces
     assert proxy.bind_host() == ""
-    settings.LAB_PUBLIC_HOST = "203.0.113.7"  # not ours (a NAT in front): all interfaces
+    settings.LAB_INSTANCE_HOST = "203.0.113.7"  # not ours (a NAT in front): all interfaces
     assert proxy.bind_host() == ""
-    settings.LAB_PROXY_BIND = "10.0.0.5"
+    settings.LAB_PROXY_BIND = "10.0.0.5"  # an explicit bind wins
     assert proxy.bind_host() == "10.0.0.5"
+
+
+@pytest.mark.django_db
+def test_the_managers_host_name_on_an_instance_port_is_redirected_and_never_reaches_the_app(
+        caddy, backends, runtime, owner, settings):
+    """Cookies ignore ports: a browser that opens http://<manager's host>:<instance port>/
+    sends the manager's session along. Caddy answers such a request itself (a redirect to
+    the instances' host name); the app sees only requests for its own host, cookie-free."""
+    (port,), settings.LAB_INSTANCE_PORTS = free_ports(1)
+    make_instance(owner, "omicron", port)
+    runtime.apps["omicron"] = backends[0].url
+    assert proxy.sync_routes()["loaded"]
+    cookie = {"Cookie": "sessionid=the-managers-session; csrftoken=the-managers-token"}
+    for asked in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost.:{port}", f"other.example:{port}", f"[::1]:{port}"):
+        resp = request(port, "/SessionStartLinks/abc?x=1&y=%2F", host=asked, headers=cookie)
+        assert resp.status == 307, (asked, resp.status, resp.text)
+        assert resp.getheader("Location") == f"http://{INSTANCE_HOST}:{port}/SessionStartLinks/abc?x=1&y=%2F"
+        assert resp.getheader("Cache-Control") == "no-store"
+    assert backends[0].seen == []
+    # The instance's own name reaches the app (the host is matched without regard to case).
+    assert request(port, "/p/1", host=f"LocalHost:{port}").status == 200
+    assert backends[0].seen == [("/p/1", f"LocalHost:{port}", None)]
+    # Same for an instance without an app: the 503 only under its own name.
+    Instance.objects.filter(name="omicron").update(status="stopped")
+    runtime.apps.clear()
+    proxy.sync_routes()
+    assert request(port, host=f"127.0.0.1:{port}").status == 307
+    assert request(port).status == 503
 
 
 def test_the_wheel_ships_caddy():

@@ -53,6 +53,70 @@ async def test_foreign_origin_is_refused(people):
     await communicator.disconnect()
 
 
+# Pages that must not open the socket as their visitor, whoever is logged in: the
+# manager's host on another port (in port routing that is where instances are), another
+# scheme, the instances' own host name, sandboxed frames and file: pages ("null").
+FOREIGN_ORIGINS = [
+    b"http://127.0.0.1:18000",  # an instance's port on the manager's own host
+    b"http://127.0.0.1",  # port 80 of the same host
+    b"https://127.0.0.1:8000",  # same host and port, other scheme
+    b"http://localhost:8000",  # the instances' host name (LAB_INSTANCE_HOST), the manager's port
+    b"http://localhost:18000",  # an instance's page, as the browser names it
+    b"http://127.0.0.1:8000.evil.example",
+    b"null",
+    b"",
+]
+
+
+@pytest.mark.parametrize("origin", FOREIGN_ORIGINS)
+async def test_only_the_managers_own_origin_with_scheme_host_and_port_may_open_the_socket(people, origin):
+    ann, _ = people
+    communicator, connected = await connect(ann, origin=(b"origin", origin))
+    assert not connected, origin
+    await communicator.disconnect()
+    # The same person's socket from the manager's own page works (the test can fail).
+    communicator, connected = await connect(ann, origin=(b"origin", b"http://127.0.0.1:8000"))
+    assert connected
+    await communicator.disconnect()
+
+
+async def test_two_origin_headers_are_refused(people):
+    ann, _ = people
+    cookie = await sync_to_async(_session_cookie)(ann)
+    communicator = WebsocketCommunicator(application, "/ws/live/", headers=[
+        ORIGIN, (b"origin", b"http://localhost:18000"), (b"cookie", cookie)])
+    connected, _ = await communicator.connect(timeout=5)
+    assert not connected
+    await communicator.disconnect()
+
+
+async def test_the_public_url_and_configured_origins_are_the_managers(people, settings):
+    """Behind a TLS proxy the pages come from LAB_PUBLIC_URL; LAB_CSRF_TRUSTED_ORIGINS adds
+    exact origins (a wildcard there is for forms only)."""
+    ann, _ = people
+    settings.LAB_PUBLIC_URL = "https://lab.example.edu"
+    settings.LAB_CSRF_TRUSTED_ORIGINS = ["https://lab2.example.edu:8443", "https://*.example.edu"]
+    for origin, ok in ((b"https://lab.example.edu", True), (b"https://LAB.example.edu:443", True),
+                       (b"http://lab.example.edu", False), (b"https://lab.example.edu:8443", False),
+                       (b"https://lab2.example.edu:8443", True), (b"https://lab2.example.edu", False),
+                       (b"https://x.example.edu", False),
+                       (b"http://127.0.0.1:8000", True)):  # LAB_HOST:LAB_PORT, the direct address
+        communicator, connected = await connect(ann, origin=(b"origin", origin))
+        assert connected is ok, origin
+        await communicator.disconnect()
+
+
+async def test_a_client_without_origin_header_is_no_browser_and_needs_the_session_itself(people):
+    ann, _ = people
+    communicator, connected = await connect(ann, origin=None)  # e.g. bench/notify_latency.py
+    assert connected
+    assert await communicator.receive_json_from(timeout=5) == {"type": "hello", "user": "ann"}
+    await communicator.disconnect()
+    communicator, connected = await connect(None, origin=None)
+    assert not connected
+    await communicator.disconnect()
+
+
 async def test_deactivated_user_is_refused(people):
     ann, _ = people
     cookie = await sync_to_async(_session_cookie)(ann)

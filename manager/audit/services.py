@@ -1,10 +1,22 @@
 """The one way to write the audit log."""
 
+from django.core.exceptions import ImproperlyConfigured, PermissionDenied
+
 from manager.audit.models import AuditEvent
 
 
 def client_ip(request) -> str | None:
-    return request.META.get("REMOTE_ADDR") if request is not None else None
+    """The client's address as the login rate limit sees it: allauth's adapter decides
+    (REMOTE_ADDR; behind LAB_BEHIND_PROXY the X-Forwarded-For entry LAB_PROXY_HOPS from
+    the end, see settings). An address it cannot tell is left empty, never guessed."""
+    if request is None:
+        return None
+    from allauth.account.adapter import get_adapter
+
+    try:
+        return get_adapter(request).get_client_ip(request)
+    except (PermissionDenied, ImproperlyConfigured):
+        return None
 
 
 def record(actor, action: str, target=None, summary: str = "", request=None, **data) -> AuditEvent:
