@@ -1,6 +1,9 @@
 """From a pushed commit to an app image: export the tree, check that it is an oTree
-project, generate a Dockerfile, build it (output streamed into the release's log) and
-read the project's session configs and rooms out of the built image.
+project, install its requirements (Docker: pip in a locked-down build container whose
+result is a cached dependencies image, see runtime.docker), build the release image on
+it with a Dockerfile that only copies the project (no RUN: nothing of the tenant's runs
+in the image builder; output streamed into the release's log) and read the project's
+session configs and rooms out of the built image.
 
 Nothing secret goes into a build: no build args, no environment of the instance. The
 image is labelled with the manager, the instance and the release number, so old ones are
@@ -20,8 +23,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-
-from django.conf import settings
 
 from instances.runtime.docker import LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGER
 

@@ -6,10 +6,15 @@ makes up for itself, so it never touches anything else on the engine.
 
 from __future__ import annotations
 
+import io
 import secrets
+import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
+import zipfile
+from pathlib import Path
 
 import docker
 from docker.errors import APIError, NotFound
@@ -141,3 +146,65 @@ def exec_in(client: docker.APIClient, container: str, cmd: list[str], env: dict 
             break
         time.sleep(0.05)
     return code, out
+
+
+# --- builds: packages a test host serves, projects, the build's output -------------------------
+
+def sdist(folder: Path, name: str, backend: str) -> str:
+    """A source package whose build backend (in-tree, PEP 517, no requirements: nothing
+    from PyPI) is `backend`: the code a hostile requirement runs during the build."""
+    pyproject = '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n'
+    files = {"pyproject.toml": pyproject, "backend.py": backend,
+             "PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n"}
+    filename = f"{name}-1.0.tar.gz"
+    with tarfile.open(folder / filename, "w:gz") as tar:
+        for path, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{name}-1.0/{path}")
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return filename
+
+
+def wheel(folder: Path, name: str, value: str) -> str:
+    filename = f"{name}-1.0-py3-none-any.whl"
+    files = {f"{name}/__init__.py": f"VALUE = {value!r}\n",
+             f"{name}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+             f"{name}-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{name}-1.0.dist-info/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{name}-1.0.dist-info/RECORD"])
+    with zipfile.ZipFile(folder / filename, "w") as zf:
+        for path, text in files.items():
+            zf.writestr(path, text)
+    return filename
+
+
+def project(tmp_path: Path, requirements: str, settings_py: str = "SESSION_CONFIGS = []\nROOMS = []\n") -> Path:
+    ctx = tmp_path / f"ctx-{secrets.token_hex(4)}"
+    ctx.mkdir()
+    (ctx / "requirements.txt").write_text(requirements)
+    (ctx / "settings.py").write_text(settings_py)
+    return ctx
+
+
+class Watch:
+    """The build's `out`: keeps the log, and inspects the build container the first time
+    output arrives (the container runs only during the build)."""
+
+    def __init__(self, api, rt, name):
+        self.api, self.rt, self.name = api, rt, name
+        self.text, self.container, self.network = [], None, None
+        self.lock = threading.Lock()
+
+    def __call__(self, text):
+        self.text.append(text)
+        with self.lock:
+            if self.container is None:
+                found = self.api.containers(filters=self.rt._filters(self.name, **{LABEL_COMPONENT: "build"}))
+                if found:
+                    self.container = self.api.inspect_container(found[0]["Id"])
+                    (net,) = self.container["NetworkSettings"]["Networks"]
+                    self.network = self.api.inspect_network(net)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.text)

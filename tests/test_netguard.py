@@ -12,24 +12,20 @@ the test instead of passing it.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
 import re
 import shutil
 import subprocess
-import tarfile
 import textwrap
-import threading
-import zipfile
 from pathlib import Path
 
 import pytest
 from django.conf import settings as django_settings
 
 from instances import build, netguard
-from instances.runtime.base import AppSpec, InstanceSpec, RuntimeError_
+from instances.runtime.base import AppSpec, InstanceSpec
 from instances.runtime.docker import LABEL_COMPONENT, LABEL_MANAGER, DockerRuntime
 from tests import docker_helpers as dh
 from tests.conftest import need
@@ -142,7 +138,7 @@ def test_ensure_is_idempotent_repairs_drift_and_remove_leaves_nothing(firewall):
     try:
         assert not netguard.status(p).enforced  # ours must come first
         assert netguard.ensure(p).changed
-        assert saved().split(f"-A OUTPUT ")[1].startswith(f"-m comment --comment \"otree-lab {p.manager_id} ")
+        assert saved().split("-A OUTPUT ")[1].startswith(f"-m comment --comment \"otree-lab {p.manager_id} ")
     finally:
         subprocess.run(["iptables", "-D", "OUTPUT", "-p", "udp", "--dport", "9", "-j", "ACCEPT"], check=True)
 
@@ -417,66 +413,6 @@ def test_egress_open_and_deny(rt, api, hosts, settings):
 
 # --- Docker: real builds --------------------------------------------------------------------------
 
-def sdist(folder: Path, name: str, backend: str) -> str:
-    """A source package whose build backend (in-tree, PEP 517, no requirements: nothing
-    from PyPI) is `backend`: the code a hostile requirement runs during the build."""
-    pyproject = f'[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n'
-    files = {"pyproject.toml": pyproject, "backend.py": backend,
-             "PKG-INFO": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n"}
-    filename = f"{name}-1.0.tar.gz"
-    with tarfile.open(folder / filename, "w:gz") as tar:
-        for path, text in files.items():
-            data = text.encode()
-            info = tarfile.TarInfo(f"{name}-1.0/{path}")
-            info.size, info.mode = len(data), 0o644
-            tar.addfile(info, io.BytesIO(data))
-    return filename
-
-
-def wheel(folder: Path, name: str, value: str) -> str:
-    filename = f"{name}-1.0-py3-none-any.whl"
-    files = {f"{name}/__init__.py": f"VALUE = {value!r}\n",
-             f"{name}-1.0.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
-             f"{name}-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
-    files[f"{name}-1.0.dist-info/RECORD"] = "".join(f"{path},,\n" for path in [*files, f"{name}-1.0.dist-info/RECORD"])
-    with zipfile.ZipFile(folder / filename, "w") as zf:
-        for path, text in files.items():
-            zf.writestr(path, text)
-    return filename
-
-
-def project(tmp_path: Path, requirements: str, settings_py: str = "SESSION_CONFIGS = []\nROOMS = []\n") -> Path:
-    ctx = tmp_path / f"ctx-{RNG.randrange(10**9)}"
-    ctx.mkdir()
-    (ctx / "requirements.txt").write_text(requirements)
-    (ctx / "settings.py").write_text(settings_py)
-    return ctx
-
-
-class Watch:
-    """The build's `out`: keeps the log, and inspects the build container the first time
-    output arrives (the container runs only during the build)."""
-
-    def __init__(self, api, rt, name):
-        self.api, self.rt, self.name = api, rt, name
-        self.text, self.container, self.network = [], None, None
-        self.lock = threading.Lock()
-
-    def __call__(self, text):
-        self.text.append(text)
-        with self.lock:
-            if self.container is None:
-                found = self.api.containers(filters=self.rt._filters(self.name, **{LABEL_COMPONENT: "build"}))
-                if found:
-                    self.container = self.api.inspect_container(found[0]["Id"])
-                    (net,) = self.container["NetworkSettings"]["Networks"]
-                    self.network = self.api.inspect_network(net)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.text)
-
-
 @pytest.mark.docker
 def test_a_hostile_build_runs_locked_down_and_reaches_only_the_outside(rt, api, hosts, settings, tmp_path):
     everywhere, metadata, outside = hosts
@@ -492,9 +428,9 @@ def test_a_hostile_build_runs_locked_down_and_reaches_only_the_outside(rt, api, 
         sys.stderr.write("@@" + "PROBED@@ " + found.strip() + " @@" + "AS@@ " + str(os.getuid()) + "\\n")
         raise SystemExit(1)
     """)
-    filename = sdist(outside.files, "hostile", backend)
-    ctx = project(tmp_path, f"hostile @ http://{OUTSIDE}/{filename}\n")
-    watch = Watch(api, rt, "fw-hostile")
+    filename = dh.sdist(outside.files, "hostile", backend)
+    ctx = dh.project(tmp_path, f"hostile @ http://{OUTSIDE}/{filename}\n")
+    watch = dh.Watch(api, rt, "fw-hostile")
     hits = len(outside.hits())
     with pytest.raises(build.BuildFailed) as failed:
         rt.build_release("fw-hostile", 1, ctx, out=watch, timeout=300, memory_mb=192, cpus=0.5)
@@ -520,70 +456,6 @@ def test_a_hostile_build_runs_locked_down_and_reaches_only_the_outside(rt, api, 
     assert subnet.startswith(BUILD_POOL.rsplit(".", 1)[0])
     # Nothing of the build is left: no container, no network.
     assert not any(dh.labelled(rt.manager_id, "fw-hostile").values())
-
-
-@pytest.mark.docker
-def test_builds_install_once_share_and_add_only_the_project(rt, api, hosts, settings, tmp_path):
-    _, _, outside = hosts
-    filename = wheel(outside.files, "fwpkg", "installed")
-    requirements = f"fwpkg @ http://{OUTSIDE}/{filename}\n"
-    watch = Watch(api, rt, "fw-one")
-    tag = rt.build_release("fw-one", 1, project(tmp_path, requirements), out=watch, timeout=300, memory_mb=256,
-                           cpus=1)
-    assert "Successfully installed fwpkg-1.0" in watch.log and watch.container is not None
-
-    # A code-only push and another instance with the same requirements: no pip at all.
-    for name, number in (("fw-one", 2), ("fw-two", 1)):
-        again = Watch(api, rt, name)
-        ctx = project(tmp_path, requirements, "SESSION_CONFIGS = []\nROOMS = []\nCHANGED = 1\n")
-        rt.build_release(name, number, ctx, out=again, timeout=300, memory_mb=256, cpus=1)
-        assert "requirements.txt unchanged: reusing" in again.log and again.container is None, again.log
-
-    # The release image: the dependencies image plus one COPY of the project, no RUN.
-    history = api.history(tag)
-    deps = next(i for i, layer in enumerate(history) if any("--deps:" in t for t in layer.get("Tags") or []))
-    assert all("#(nop)" in layer["CreatedBy"] for layer in history[:deps]), [l["CreatedBy"] for l in history[:deps]]
-    assert "RUN" not in build.dockerfile({"a": "b"}, "base")
-    spec = make_spec("fw-run", app=AppSpec(image=tag, command=["python", "-c", (
-        "import fwpkg, os, http.server; print(fwpkg.VALUE, os.getuid(), os.stat('/app').st_uid, "
-        "os.stat('/app/settings.py').st_uid, flush=True); http.server.test(port=8000, bind='0.0.0.0')")],
-        release_id="fw", user=build.APP_USER))
-    state = rt.ensure(spec)
-    dh.wait_for(lambda: "installed 10001 10001 10001" in rt.logs("fw-run"), 30, "the app's output")
-    assert state.app_url
-
-    # The introspection container cannot write the image (read-only, no network).
-    settings_py = "open('written-by-settings.txt', 'w').write('x')\nSESSION_CONFIGS = []\n"
-    ro = rt.build_release("fw-one", 3, project(tmp_path, requirements, settings_py), out=lambda t: None,
-                          timeout=300, memory_mb=256, cpus=1)
-    with pytest.raises(build.BuildFailed, match="Read-only file system"):
-        rt.introspect("fw-one", ro)
-
-    # Dependencies images go once no release image of this manager is built on them.
-    rt.remove("fw-run")
-    rt.remove("fw-one")
-    assert api.images(filters={"label": [f"{LABEL_MANAGER}={rt.manager_id}", f"{LABEL_COMPONENT}=deps"]})
-    settings.LAB_BUILD_TIMEOUT = -120  # no grace: the dependencies image counts as old enough
-    rt.remove("fw-two")
-    assert not api.images(filters={"label": [f"{LABEL_MANAGER}={rt.manager_id}", f"{LABEL_COMPONENT}=deps"]})
-
-
-@pytest.mark.docker
-def test_a_build_out_of_memory_or_time_fails_with_what_to_do(rt, api, hosts, tmp_path):
-    _, _, outside = hosts
-    hog = sdist(outside.files, "memhog", "blocks = [bytearray(2**20) for _ in range(600)]\n")
-    with pytest.raises(build.BuildFailed) as failed:
-        rt.build_release("fw-oom", 1, project(tmp_path, f"memhog @ http://{OUTSIDE}/{hog}\n"), out=lambda t: None,
-                         timeout=300, memory_mb=128, cpus=1)
-    assert "ran out of memory" in str(failed.value) and "128 MB" in str(failed.value)
-    assert "raise the instance's memory" in str(failed.value)
-
-    slow = sdist(outside.files, "sleeper", "import time\ntime.sleep(600)\n")
-    with pytest.raises(build.BuildFailed, match="took longer than"):
-        rt.build_release("fw-slow", 1, project(tmp_path, f"sleeper @ http://{OUTSIDE}/{slow}\n"), out=lambda t: None,
-                         timeout=15, memory_mb=128, cpus=1)
-    for name in ("fw-oom", "fw-slow"):
-        assert not any(dh.labelled(rt.manager_id, name).values())  # no container, no network left
 
 
 def test_protections_report_the_firewall_as_it_is(firewall, settings):

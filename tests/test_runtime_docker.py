@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
+from instances import build
 from instances.runtime import get_runtime
 from instances.runtime.base import AppSpec, Health, InstanceSpec, RuntimeError_
 from instances.runtime.docker import (
@@ -33,6 +34,7 @@ from instances.runtime.docker import (
 )
 from tests import docker_helpers as dh
 from tests.conftest import need
+from tests.netns_helpers import netns_available, outside_host
 
 pytestmark = pytest.mark.docker
 
@@ -454,6 +456,78 @@ def test_interrupted_remove_then_remove_again_leaves_nothing(rt, mid, api, monke
                must_kill=False)  # remove() may be quicker than the kill; either way:
     rt.remove("killed")
     assert not any(dh.labelled(mid, "killed").values())
+
+
+# --- builds --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def package_host():
+    """A host outside this machine serving the packages the test projects require (no PyPI)."""
+    need(netns_available(), "root with iproute2 (ip netns) for the package host")
+    with outside_host(f"198.51.100.{10 + os.getpid() % 200}") as host:
+        yield host
+
+
+def test_builds_install_once_share_and_add_only_the_project(rt, api, package_host, settings, tmp_path):
+    outside = package_host
+    filename = dh.wheel(outside.files, "fwpkg", "installed")
+    requirements = f"fwpkg @ http://{outside.address}/{filename}\n"
+    watch = dh.Watch(api, rt, "fw-one")
+    tag = rt.build_release("fw-one", 1, dh.project(tmp_path, requirements), out=watch, timeout=300, memory_mb=256,
+                           cpus=1)
+    assert "Successfully installed fwpkg-1.0" in watch.log and watch.container is not None
+
+    # A code-only push and another instance with the same requirements: no pip at all.
+    for name, number in (("fw-one", 2), ("fw-two", 1)):
+        again = dh.Watch(api, rt, name)
+        ctx = dh.project(tmp_path, requirements, "SESSION_CONFIGS = []\nROOMS = []\nCHANGED = 1\n")
+        rt.build_release(name, number, ctx, out=again, timeout=300, memory_mb=256, cpus=1)
+        assert "requirements.txt unchanged: reusing" in again.log and again.container is None, again.log
+
+    # The release image: the dependencies image plus one COPY of the project, no RUN.
+    history = api.history(tag)
+    deps = next(i for i, layer in enumerate(history) if any("--deps:" in t for t in layer.get("Tags") or []))
+    assert all("#(nop)" in layer["CreatedBy"] for layer in history[:deps]), [l["CreatedBy"] for l in history[:deps]]
+    assert "RUN" not in build.dockerfile({"a": "b"}, "base")
+    spec = make_spec("fw-run", app=AppSpec(image=tag, command=["python", "-c", (
+        "import fwpkg, os, http.server; print(fwpkg.VALUE, os.getuid(), os.stat('/app').st_uid, "
+        "os.stat('/app/settings.py').st_uid, flush=True); http.server.test(port=8000, bind='0.0.0.0')")],
+        release_id="fw", user=build.APP_USER))
+    state = rt.ensure(spec)
+    dh.wait_for(lambda: "installed 10001 10001 10001" in rt.logs("fw-run"), 30, "the app's output")
+    assert state.app_url
+
+    # The introspection container cannot write the image (read-only, no network).
+    settings_py = "open('written-by-settings.txt', 'w').write('x')\nSESSION_CONFIGS = []\n"
+    ro = rt.build_release("fw-one", 3, dh.project(tmp_path, requirements, settings_py), out=lambda t: None,
+                          timeout=300, memory_mb=256, cpus=1)
+    with pytest.raises(build.BuildFailed, match="Read-only file system"):
+        rt.introspect("fw-one", ro)
+
+    # Dependencies images go once no release image of this manager is built on them.
+    rt.remove("fw-run")
+    rt.remove("fw-one")
+    assert api.images(filters={"label": [f"{LABEL_MANAGER}={rt.manager_id}", f"{LABEL_COMPONENT}=deps"]})
+    settings.LAB_BUILD_TIMEOUT = -120  # no grace: the dependencies image counts as old enough
+    rt.remove("fw-two")
+    assert not api.images(filters={"label": [f"{LABEL_MANAGER}={rt.manager_id}", f"{LABEL_COMPONENT}=deps"]})
+
+
+def test_a_build_out_of_memory_or_time_fails_with_what_to_do(rt, api, package_host, tmp_path):
+    outside = package_host
+    hog = dh.sdist(outside.files, "memhog", "blocks = [bytearray(2**20) for _ in range(600)]\n")
+    with pytest.raises(build.BuildFailed) as failed:
+        rt.build_release("fw-oom", 1, dh.project(tmp_path, f"memhog @ http://{outside.address}/{hog}\n"), out=lambda t: None,
+                         timeout=300, memory_mb=128, cpus=1)
+    assert "ran out of memory" in str(failed.value) and "128 MB" in str(failed.value)
+    assert "raise the instance's memory" in str(failed.value)
+
+    slow = dh.sdist(outside.files, "sleeper", "import time\ntime.sleep(600)\n")
+    with pytest.raises(build.BuildFailed, match="took longer than"):
+        rt.build_release("fw-slow", 1, dh.project(tmp_path, f"sleeper @ http://{outside.address}/{slow}\n"), out=lambda t: None,
+                         timeout=15, memory_mb=128, cpus=1)
+    for name in ("fw-oom", "fw-slow"):
+        assert not any(dh.labelled(rt.manager_id, name).values())  # no container, no network left
 
 
 # --- isolation ------------------------------------------------------------------------------
