@@ -54,18 +54,23 @@ def _git(path: Path, *args: str, check: bool = True) -> subprocess.CompletedProc
 
 
 def _reflog_commits(path: Path, refs: list[str], tips: set[str]) -> list[str]:
-    """Commits the reflogs name that no ref points to (oldest pushes last), at most
+    """Commits the reflogs name that no ref points to and that still exist, at most
     MAX_REFLOG_COMMITS."""
-    found: list[str] = []
+    named: list[str] = []
     seen = set(tips)
     for ref in refs:
         result = _git(path, "reflog", "show", "--format=%H", ref, "--", check=False)
         for sha in result.stdout.split():
-            if sha not in seen and len(found) < MAX_REFLOG_COMMITS:
+            if sha not in seen and len(named) < MAX_REFLOG_COMMITS:
                 seen.add(sha)
-                if _git(path, "cat-file", "-e", f"{sha}^{{commit}}", check=False).returncode == 0:
-                    found.append(sha)
-    return found
+                named.append(sha)
+    if not named:
+        return []
+    kinds = subprocess.run(["git", "--git-dir", str(path), "cat-file", "--batch-check=%(objectname) %(objecttype)"],
+                           input="\n".join(named) + "\n", capture_output=True, text=True, timeout=GIT_TIMEOUT,
+                           env={"PATH": "/usr/bin:/bin:/usr/local/bin", "GIT_CONFIG_NOSYSTEM": "1",
+                                "HOME": "/nonexistent"}).stdout.split("\n")
+    return [line.split()[0] for line in kinds if line.endswith(" commit")]
 
 
 def bundle(path: Path, dest: Path) -> bool:

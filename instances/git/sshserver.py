@@ -238,7 +238,7 @@ async def _run_git(process, service: str, instance: Instance, token: str | None)
         if token and (cut.is_set() or received[0] > push_limit_bytes()):
             process.stderr.write(too_large_message().encode())
             code = code or 1
-        process.exit(code)
+        process.exit(code if code >= 0 else 1)  # (killed by a signal: a plain failure)
     finally:
         feeder.cancel()
         if proc.returncode is None:  # the client went away: git cleans up its lock files on SIGTERM
