@@ -70,7 +70,6 @@ from tests.netns_helpers import host_addresses, host_listener, netns_available, 
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 
-RUN = uuid.uuid4().hex[:10]
 VICTIM, ATTACKER = "hv-victim", "hv-attacker"
 ATTACKER_MEMORY_MB = 512
 EGRESS = {"docker": "open", "process": "deny"}  # one mode each: both are exercised
@@ -137,7 +136,14 @@ def runtime(request, settings):
         for image in rt.api.images(filters={"label": [f"org.otree-lab.manager={rt.manager_id}"]}):
             with contextlib.suppress(Exception):
                 rt.api.remove_image(image["Id"], force=True)
-    for marker in glob.glob(f"/tmp/hostile-*{RUN}*"):
+
+
+@pytest.fixture
+def run():
+    """A token of this test's attack: in the sdist's URL, in markers and calls home."""
+    token = uuid.uuid4().hex[:10]
+    yield token
+    for marker in glob.glob(f"/tmp/hostile-*{token}*"):
         with contextlib.suppress(OSError):
             os.unlink(marker)
 
@@ -239,6 +245,25 @@ def victim_tree(runtime, limit: int = 90) -> tuple[list[str], list[str]]:
     return paths, sockets
 
 
+def victim_sql(runtime, victim: Instance, statement: str) -> tuple[int, str]:
+    """SQL in the victim's own database, as its app's user: (0, output) or (1, the error)."""
+    if runtime.name == "docker":
+        return victim_sql(runtime, victim, statement)
+    import psycopg
+
+    sockets = [path for path in victim_tree(runtime)[1] if ".s.PGSQL" in path]
+    if not sockets:
+        return 1, "the victim's PostgreSQL socket is gone"
+    try:
+        with psycopg.connect(host=os.path.dirname(sockets[0]), user=victim.db_user, password=victim.db_password,
+                             dbname=victim.db_name, autocommit=True, connect_timeout=10) as conn:
+            cur = conn.execute(statement)
+            rows = cur.fetchall() if cur.description else []
+        return 0, "\n".join("|".join(str(v) for v in row) for row in rows)
+    except psycopg.Error as exc:
+        return 1, str(exc)
+
+
 def processes_of(folder: str) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
@@ -250,7 +275,8 @@ def processes_of(folder: str) -> list[psutil.Process]:
     return found
 
 
-def targets(runtime, victim: Instance, attacker: Instance, hosts, sockets: dict, *, victim_live: bool) -> dict:
+def targets(runtime, victim: Instance, attacker: Instance, hosts, sockets: dict, run: str, *,
+            victim_live: bool) -> dict:
     """Everything the attacker aims at (see the module's text); each with what is expected."""
     data = Path(django_settings.DATA_DIR)
     key_file = Path(datadir.data_dir()) / "secrets" / "encryption.key"
@@ -292,7 +318,7 @@ def targets(runtime, victim: Instance, attacker: Instance, hosts, sockets: dict,
         add(mine, read="info", what="the attacker's folder of the manager's (metadata, logs)")
         # Where root writes temporary files (a link there would make root write the manager's secrets).
         for name in ("spec.tmp", "instance.json.tmp", "spec.json.tmp"):
-            plant_links.append({"link": str(mine / name), "target": str(data / "secrets" / f"hostile-{RUN}-{name}"),
+            plant_links.append({"link": str(mine / name), "target": str(data / "secrets" / f"hostile-{run}-{name}"),
                                 "what": f"a link where the manager writes {name}"})
 
     unix = [{"path": str(datadir.redis_socket_path()), "proto": "redis", "what": "the manager's Redis"},
@@ -340,7 +366,7 @@ def targets(runtime, victim: Instance, attacker: Instance, hosts, sockets: dict,
     if runtime.name == "process":
         forbidden_uids += sorted({p.uids().real for p in processes_of(str(runtime.dir(VICTIM)))} - {0})
     return {
-        "run": RUN,
+        "run": run,
         "files": files,
         "unix": unix,
         "tcp": tcp,
@@ -354,7 +380,7 @@ def targets(runtime, victim: Instance, attacker: Instance, hosts, sockets: dict,
         "plant_links": plant_links,
         "own_files": ["settings.py"],
         "forbidden_uids": forbidden_uids,
-        "forks": 2000,
+        "forks": int(os.environ.get("HOSTILE_FORKS", 2000)),
         "allocate_mb": ATTACKER_MEMORY_MB * 2 + 256,
         # Docker: the environment is the container's own copy; the process runtime shares it.
         "pth_expect": "info" if runtime.name == "docker" else "blocked",
@@ -393,14 +419,16 @@ def violations(findings: list[dict]) -> list[str]:
             if (f["expect"] == "blocked" and f["reached"]) or (f["expect"] == "allowed" and not f["reached"])]
 
 
-def test_a_hostile_project_reaches_nothing_but_its_own(runtime, hosts, manager_sockets, tmp_path, settings, client):
+def test_a_hostile_project_reaches_nothing_but_its_own(runtime, hosts, manager_sockets, run, tmp_path, settings,
+                                                      client):
     problems: list[str] = []
     findings: list[dict] = []
     boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
     ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
     mallory = User.objects.create_user("mallory", "mallory@lab.test", "pw-mallory-1234")
     datadir.encryption_key()  # the manager's secrets exist, as in any running lab
-    manager_redis().set(f"hostile-canary-{RUN}", "intact")
+    already = (len(hosts.everywhere.connections), len(hosts.loopback.connections), len(hosts.metadata.hits()))
+    manager_redis().set(f"hostile-canary-{run}", "intact")
     manager_redis().delete("hostile-was-here")  # what a probe that reaches a Redis sets
 
     # 1. The victim and the attacker (SQLite on the process runtime: the backup link attack).
@@ -413,16 +441,18 @@ def test_a_hostile_project_reaches_nothing_but_its_own(runtime, hosts, manager_s
     before = manager_snapshot()
 
     # 2. The attacker's project, its targets in the tree and in the sdist its requirements fetch.
-    known = targets(runtime, victim, attacker, hosts, manager_sockets, victim_live=False)
-    sdist_path = hosts.outside.files / RUN / hostile.SDIST_NAME
+    known = targets(runtime, victim, attacker, hosts, manager_sockets, run, victim_live=False)
+    sdist_path = hosts.outside.files / run / hostile.SDIST_NAME
     sdist_path.parent.mkdir(parents=True)
     sdist_path.write_bytes(hostile.sdist(known))
-    sdist_url = f"{hosts.outside.url}/{RUN}/{hostile.SDIST_NAME}"
+    sdist_url = f"{hosts.outside.url}/{run}/{hostile.SDIST_NAME}"
     first = deploy(attacker, attacker_checkout, hostile.project(known, sdist_url), "nothing to see here", mallory)
+    (tmp_path / "attacker-first.log").write_text(first.log)
     assert first.status == "live", (first.status_reason, first.log[-4000:])
     report = requests.get(app_url(runtime, ATTACKER) + "/hostile/report", timeout=30).json()
     findings += report["build"] + report["findings"]
     reader = hostile.settings_report(first.rooms)
+    print(f"settings reader: {reader['summary']} / {reader['limits']}")
     assert any(f["stage"] == "build" and f["probe"] == "identity" for f in report["build"]), \
         f"setup.py did not run in the build: {report['build']}"
     assert reader["summary"].startswith("stage=settings"), f"the settings reader did not run the probes: {first.rooms}"
@@ -436,11 +466,11 @@ def test_a_hostile_project_reaches_nothing_but_its_own(runtime, hosts, manager_s
     shared = deploy(victim, victim_checkout, victim_files, "the victim's study", ann)
     assert shared.status == "live", (shared.status_reason, shared.log[-4000:])
     assert answers(runtime, VICTIM)
-    code, out = backends.sql(runtime, VICTIM, "CREATE TABLE canary (v text); INSERT INTO canary VALUES ('precious')")
+    code, out = victim_sql(runtime, victim, "CREATE TABLE canary (v text); INSERT INTO canary VALUES ('precious')")
     assert code == 0, out
 
     # 4. Everything again, with the victim live; the limits; the process runtime's files.
-    known = targets(runtime, victim, attacker, hosts, manager_sockets, victim_live=True)
+    known = targets(runtime, victim, attacker, hosts, manager_sockets, run, victim_live=True)
     findings += hostile_call(runtime, "/hostile/run/all", known)
     bomb, _ = while_answering(runtime, lambda: hostile_call(runtime, "/hostile/run/forkbomb?n=2000&hold=3", known),
                               "a fork bomb next door")
@@ -460,6 +490,7 @@ def test_a_hostile_project_reaches_nothing_but_its_own(runtime, hosts, manager_s
                             "(users and password hashes)")
     except reconciler.ReconcileError as exc:
         print(f"backup of the attacker refused: {exc}")  # nothing handed out: fine
+    hostile_call(runtime, "/hostile/run/dblink?undo=1", known)  # (its app needs its own file to start again)
 
     # 6. The manager's files about the attacker rewritten; what the manager does with them:
     #    logs, the page, a restart, a new deploy (settings reader and app not as root).
@@ -496,35 +527,43 @@ def test_a_hostile_project_reaches_nothing_but_its_own(runtime, hosts, manager_s
 
     # 7. The shared environment: nothing of the attacker's ran in the victim.
     if runtime.name == "process":
-        markers = glob.glob(f"/tmp/hostile-pth-{RUN}-*-victim-*")
+        markers = glob.glob(f"/tmp/hostile-pth-{run}-*-victim-*")
         home = backends.app_env(runtime, VICTIM).get("HOME", "")
-        markers += glob.glob(os.path.join(home, f"hostile-pth-{RUN}-*-victim-*")) if home else []
+        markers += glob.glob(os.path.join(home, f"hostile-pth-{run}-*-victim-*")) if home else []
     else:
         container = runtime.api.inspect_container(runtime.container_name(VICTIM, "app"))["Id"]
         exec_id = runtime.api.exec_create(container, ["sh", "-c", "ls /tmp $HOME 2>/dev/null"])
-        markers = [m for m in runtime.api.exec_start(exec_id).decode().split() if m.startswith(f"hostile-pth-{RUN}")]
+        markers = [m for m in runtime.api.exec_start(exec_id).decode().split() if m.startswith(f"hostile-pth-{run}")]
     if markers:
         problems.append(f"the attacker's .pth ran in the victim: {markers}")
-    survived = [h for h in hosts.outside.hits() if h["path"].startswith(f"/daemon-survived/{RUN}")]
-    survived_marker = os.path.exists(f"/tmp/hostile-daemon-{RUN}-survived")
+    survived = [h for h in hosts.outside.hits() if h["path"].startswith(f"/daemon-survived/{run}")]
+    survived_marker = os.path.exists(f"/tmp/hostile-daemon-{run}-survived")
     if survived or survived_marker:
         problems.append("a daemon started by setup.py outlived the build (and could poison its environment)")
-    pth_calls = [h for h in hosts.outside.hits() if h["path"].startswith(f"/pth-ran/{RUN}/") and "victim" in h["path"]]
+    pth_calls = [h for h in hosts.outside.hits() if h["path"].startswith(f"/pth-ran/{run}/") and "victim" in h["path"]]
     if pth_calls:
         problems.append(f"the attacker's .pth called home from the victim: {pth_calls}")
 
-    # 8. The attacker is deleted: the victim survives it.
+    # 8. The attacker is deleted — its database linked to the manager's again: the final
+    #    backup must not hand that out, nor keep the lab manager from deleting it — and the
+    #    victim survives it.
+    if answers(runtime, ATTACKER):
+        hostile_call(runtime, "/hostile/run/dblink", known)
     Instance.objects.filter(pk=attacker.pk).update(delete_requested=True)
     try:
         reconciler.reconcile(attacker.pk)
     except Exception as exc:  # noqa: BLE001 - reported with the rest
         problems.append(f"deleting the attacker failed: {exc}")
+    for final in Backup.objects.filter(instance_name=ATTACKER, kind=Backup.Kind.FINAL, status=Backup.Status.DONE):
+        content = (backup_dir() / final.filename).read_bytes() if (backup_dir() / final.filename).exists() else b""
+        if b"accounts_user" in content or boss.password.encode() in content:
+            problems.append(f"the attacker's final backup {final.filename} is the manager's database")
     if not answers(runtime, VICTIM):
         problems.append("the victim stopped answering when the manager deleted the attacker")
-    code, out = backends.sql(runtime, VICTIM, "SELECT v FROM canary")
+    code, out = victim_sql(runtime, victim, "SELECT v FROM canary")
     if (code, out) != (0, "precious"):
         problems.append(f"the victim's data changed: {code} {out}")
-    code, out = backends.sql(runtime, VICTIM, "SELECT to_regclass('hostile_was_here')")
+    code, out = victim_sql(runtime, victim, "SELECT to_regclass('hostile_was_here')")
     if code != 0 or out not in ("", "None"):
         problems.append(f"the attacker wrote into the victim's database: {out}")
 
@@ -532,22 +571,24 @@ def test_a_hostile_project_reaches_nothing_but_its_own(runtime, hosts, manager_s
     after = manager_snapshot()
     if after["secrets"] != before["secrets"] or after["users"] != before["users"]:
         problems.append(f"the manager's secrets or users changed: {before} -> {after}")
-    planted = sorted(glob.glob(str(Path(django_settings.DATA_DIR) / "secrets" / f"hostile-{RUN}-*")))
-    planted += glob.glob(f"/tmp/hostile-spec-ran-{RUN}")
+    planted = sorted(glob.glob(str(Path(django_settings.DATA_DIR) / "secrets" / f"hostile-{run}-*")))
+    planted += glob.glob(f"/tmp/hostile-spec-ran-{run}")
     if planted:
         problems.append(f"root wrote through links the attacker planted: {planted}")
     redis = manager_redis()
-    if redis.get(f"hostile-canary-{RUN}") != b"intact" or redis.get("hostile-was-here") is not None:
+    if redis.get(f"hostile-canary-{run}") != b"intact" or redis.get("hostile-was-here") is not None:
         problems.append("the manager's Redis was reached")
     assert client.get("/").status_code in (200, 302)
     assert client.get(f"/instances/{VICTIM}/").status_code == 200
 
     # 10. Nothing arrived where nothing may: the host's services, the metadata address.
-    if hosts.everywhere.connections or hosts.loopback.connections:
-        problems.append(f"a service of the host was reached: {hosts.everywhere.connections + hosts.loopback.connections}")
-    if hosts.metadata.hits():
-        problems.append(f"the metadata address was reached: {hosts.metadata.hits()}")
-    controls = {h["path"].split("/")[2] for h in hosts.outside.hits() if h["path"].startswith("/control/")}
+    reached_host = hosts.everywhere.connections[already[0]:] + hosts.loopback.connections[already[1]:]
+    if reached_host:
+        problems.append(f"a service of the host was reached: {reached_host}")
+    if hosts.metadata.hits()[already[2]:]:
+        problems.append(f"the metadata address was reached: {hosts.metadata.hits()[already[2]:]}")
+    controls = {h["path"].split("/")[2] for h in hosts.outside.hits()
+                if h["path"].startswith("/control/") and h["path"].endswith(f"/{run}")}
     if "build" not in controls:
         problems.append(f"control: the build did not reach the outside host ({controls})")
     if EGRESS[runtime.name] == "open" and "app" not in controls:

@@ -115,7 +115,7 @@ def _report_rooms(found):
         return []
     bad = hostile_probe.violations(found)
     who = next((f for f in found if f["probe"] == "identity"), {}).get("target", "")
-    limits = "; ".join(f"{f['probe']}: {f['detail']}" for f in found if f["probe"] in ("forks", "memory"))
+    limits = "; ".join(f"{f['probe']}: {f['detail']}" for f in found if f["probe"] in ("wait", "forks", "memory"))
     rooms = [dict(name="hostile_summary",
                   display_name=f"stage={_STAGE} tried={len(found)} violations={len(bad)} {who}"[:200]),
              dict(name="hostile_limits", display_name=(limits or "none")[:200])]
@@ -171,7 +171,7 @@ def _on_demand(name, targets, query):
     elif name == "metadata":
         found = hp.rewrite_metadata(stage, targets, float(query.get("keep", 0)))
     elif name == "dblink":
-        found = hp.link_database(stage, targets)
+        found = hp.link_database(stage, targets, undo=query.get("undo") == "1")
     else:
         found = [hp.record(stage, "unknown", name, False, "no such probe", "info")]
     for item in found:

@@ -440,6 +440,53 @@ def allocate(stage: str, mb: int) -> dict:
     return record(stage, "memory", f"{mb} MiB", done, detail, "blocked", "memory beyond the instance's limit")
 
 
+def _cgroup_limits() -> list[tuple[int, str]]:
+    """(bytes, where) of every memory limit above this process: cgroup v1 and v2, from its
+    own cgroup up to the root of the mount (inside a container the mount's root is the
+    container's own cgroup)."""
+    found = []
+    try:
+        with open("/proc/self/cgroup") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        lines = []
+    paths = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if "memory" in controllers.split(","):
+            paths.append(("/sys/fs/cgroup/memory", path, "memory.limit_in_bytes", "cgroup v1"))
+        elif controllers == "":
+            paths.append(("/sys/fs/cgroup", path, "memory.max", "cgroup v2"))
+    for mount, path, name, kind in paths:
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            file = os.path.join(mount, *parts[:depth], name)
+            try:
+                with open(file) as fh:
+                    value = fh.read().strip()
+            except OSError:
+                continue
+            if value.isdigit():
+                found.append((int(value), f"{kind} {file}"))
+    return found
+
+
+def memory_limit(stage: str, mb: int) -> dict:
+    """The build's memory probe: the limits it runs under (cgroups, RLIMIT_AS), not an
+    allocation — a build whose process is killed for memory fails, and this build must
+    finish to deploy the rest of the attack. Reached when nothing stops `mb` MiB."""
+    import resource  # noqa: PLC0415
+
+    limits = _cgroup_limits()
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY:
+        limits.append((soft, "RLIMIT_AS"))
+    lowest = min(limits, default=(None, "no limit found"))
+    reached = lowest[0] is None or lowest[0] >= mb * 2**20
+    detail = f"lowest limit {lowest[0] // 2**20} MiB ({lowest[1]})" if lowest[0] is not None else lowest[1]
+    return record(stage, "memory", f"{mb} MiB", reached, detail, "blocked", "memory beyond the instance's limit")
+
+
 BUSY = r'''
 import sys, time
 end = time.monotonic() + float(sys.argv[1])
@@ -581,16 +628,25 @@ while time.monotonic() < end:
 '''
 
 
-def link_database(stage: str, targets: dict) -> list[dict]:
+def link_database(stage: str, targets: dict, undo: bool = False) -> list[dict]:
     """SQLite: our database file becomes a link to the manager's database (a backup of
-    "our" database would then be the manager's)."""
+    "our" database would then be the manager's); `undo` puts our own file back."""
     database = os.environ.get("DATABASE_URL", "")
     target = (targets.get("manager") or {}).get("db", "")
     if not database.startswith("sqlite:///") or not target:
         return [record(stage, "dblink", database or "(none)", False, "not an SQLite instance", "info",
                        "its database file linked to the manager's")]
     path = "/" + database.split("sqlite:///", 1)[1].lstrip("/")
+    kept = f"{path}.hostile-own"
+    if undo:
+        try:
+            os.replace(kept, path)
+            return [record(stage, "dblink", path, False, "its own file is back", "info", "undone")]
+        except OSError as exc:
+            return [record(stage, "dblink", path, False, _why(exc), "info", "undone")]
     try:
+        if os.path.exists(path) and not os.path.islink(path):
+            os.link(path, kept)
         tmp = f"{path}.hostile-link"
         if os.path.lexists(tmp):
             os.unlink(tmp)
@@ -796,13 +852,45 @@ def run_stage(stage: str, project_dir: str | None = None, *, limits: bool = Fals
     if stage == "app":
         _safe(own_services, stage)
     if limits:
+        if stage == "settings":
+            _safe(_wait_for_app)
         _safe(fork_bomb, stage, int(targets.get("forks", 2000)))
-        _safe(allocate, stage, int(targets.get("allocate_mb", 1280)))
+        _safe(memory_limit if stage == "build" else allocate, stage, int(targets.get("allocate_mb", 1280)))
     new = FINDINGS[start:]
     if echo:
         for item in new:
             print(MARK + json.dumps(item), flush=True)
     return new
+
+
+def _wait_for_app(timeout: float = 40) -> dict:
+    """The settings reader runs while the new app starts: where both share the instance's
+    process budget (the process runtime), a fork bomb now would only make our own app fail
+    to start. So it waits (bounded) until the app runs — oTree's timeout worker, started
+    last, in our folder — unless it is alone in a container (pid 1 is its own)."""
+    try:
+        alone = os.stat("/proc/1").st_uid == os.getuid()  # pid 1 is ours: a container of our own
+    except OSError:
+        alone = False
+    if alone:
+        return record("settings", "wait", "the app", False, "alone in a container", "info")
+    here = os.path.realpath(os.getcwd())
+    started = time.monotonic()
+    seen = {}
+    while time.monotonic() - started < timeout:
+        for pid in _pids_matching("timeoutsubprocess"):
+            try:
+                cwd = os.readlink(f"/proc/{pid}/cwd")
+            except OSError as exc:
+                seen[pid] = _why(exc)
+                continue
+            seen[pid] = cwd
+            if os.path.realpath(cwd) == here:
+                time.sleep(1)
+                return record("settings", "wait", "the app", True, f"up after {time.monotonic() - started:.1f} s",
+                              "info")
+        time.sleep(0.5)
+    return record("settings", "wait", "the app", False, f"not seen in {timeout} s from {here}: {seen}", "info")
 
 
 def violations(findings: list[dict]) -> list[dict]:
