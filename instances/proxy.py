@@ -28,7 +28,8 @@ Routing (`LAB_ROUTING`):
   gets a redirect to the same path on `LAB_INSTANCE_HOST`, answered by Caddy itself.
 - `subdomain`: one server on `LAB_PROXY_LISTEN` [`:80`]; host `LAB_PUBLIC_HOST` goes to the
   manager itself (first, so no instance name can take it), host `<name>.LAB_DOMAIN` to
-  the instance, anything else gets a 404. The manager's cookies are host-only.
+  the instance, anything else gets a 404. The manager's cookies are host-only. Behind
+  LAB_BEHIND_PROXY, X-Forwarded-For from LAB_PROXY_TRUSTED_IPS is passed on (appended to).
   Plain HTTP: TLS is terminated in front (Caddy must never try to fetch certificates).
 Each route forwards to the live app's loopback port (websockets pass through; Caddy adds
 `X-Forwarded-For/-Proto/-Host`). An instance without a running app answers 503 with a
@@ -342,6 +343,11 @@ def build_config(only: str | None = None) -> tuple[dict, dict[Path, str]]:
             "listen": [listen_address()], "routes": routes, "errors": errors,
             "automatic_https": {"disable": True},
         }
+        if getattr(settings, "LAB_BEHIND_PROXY", False):
+            # The TLS proxy in front: its X-Forwarded-For goes on (Caddy appends the proxy's
+            # address), so the manager can count LAB_PROXY_HOPS back to the real client.
+            servers["instances"]["trusted_proxies"] = {
+                "source": "static", "ranges": list(getattr(settings, "LAB_PROXY_TRUSTED_IPS", ["127.0.0.0/8"]))}
     else:
         bind = bind_host()
         for instance in instances:

@@ -351,10 +351,19 @@ LAB_BUILD_TIMEOUT = env_int("LAB_BUILD_TIMEOUT", 900)
 LAB_START_TIMEOUT = env_int("LAB_START_TIMEOUT", 120)
 LAB_KEEP_RELEASES = env_int("LAB_KEEP_RELEASES", 5)
 # The reverse proxy (Caddy): port mode binds each instance's port on LAB_PROXY_BIND (when
-# set; else LAB_PUBLIC_HOST if it is a local address, else all interfaces); subdomain mode
+# set; else LAB_INSTANCE_HOST if it is a local address, else all interfaces); subdomain mode
 # listens on LAB_PROXY_LISTEN.
 LAB_PROXY_BIND = env_str("LAB_PROXY_BIND", "")
 LAB_PROXY_LISTEN = env_str("LAB_PROXY_LISTEN", ":80")
+# Subdomain routing behind LAB_BEHIND_PROXY: the addresses of the proxies in front of Caddy
+# (the TLS terminator). From these Caddy passes X-Forwarded-For on, appending its peer (so
+# Caddy is one of the LAB_PROXY_HOPS); from anyone else it starts the header afresh.
+LAB_PROXY_TRUSTED_IPS = env_list("LAB_PROXY_TRUSTED_IPS", ["127.0.0.0/8", "::1/128"])
+for _net in LAB_PROXY_TRUSTED_IPS:
+    try:
+        ipaddress.ip_network(_net, strict=False)
+    except ValueError:
+        raise ConfigError(f"LAB_PROXY_TRUSTED_IPS: {_net!r} is not an IP address or network") from None
 # Bot runs (bots/) hold a worker process for as long as they play: they have their own
 # queue and worker (a labserver child), so deploys and backups never wait behind them.
 LAB_BOT_RUNS = env_int("LAB_BOT_RUNS", 2)  # bot runs played at the same time; more wait in the queue

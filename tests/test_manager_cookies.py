@@ -195,6 +195,8 @@ def test_labserver_refuses_to_start_when_instances_would_share_the_managers_host
      "error: LAB_CSRF_TRUSTED_ORIGINS: 'lab.example.edu' is not an origin such as https://lab.example.edu"),
     ({"LAB_BEHIND_PROXY": "1", "LAB_PROXY_HOPS": "0"},
      "error: LAB_PROXY_HOPS must be the number of proxies in front of the manager (1-10), got 0"),
+    ({"LAB_PROXY_TRUSTED_IPS": "10.0.0.0/8,proxy.lab"},
+     "error: LAB_PROXY_TRUSTED_IPS: 'proxy.lab' is not an IP address or network"),
 ])
 def test_set_ups_that_would_hand_the_managers_cookies_to_instances_are_refused(env, message):
     data_dir = tempfile.mkdtemp(prefix="labrefuse-")

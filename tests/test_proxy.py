@@ -569,3 +569,35 @@ def test_a_sync_for_one_instance_asks_the_runtime_about_that_one_only(caddy, bac
     assert get(p1)[1].startswith("B ") and get(p2)[1].startswith("A ")  # nu: as the last full sync saw it
     proxy.sync_routes()  # the sweep: everything
     assert get(p2)[1].startswith("B ")
+
+
+@pytest.mark.django_db
+def test_subdomain_routing_passes_the_front_proxys_forwarded_for_only_behind_a_proxy(caddy, backends, runtime,
+                                                                                     settings):
+    """TLS proxy -> Caddy -> manager: behind LAB_BEHIND_PROXY Caddy appends to the X-Forwarded-For
+    of a proxy it trusts (LAB_PROXY_TRUSTED_IPS), so the manager counts LAB_PROXY_HOPS=2 back
+    to the client; a sender it does not trust cannot put an address there."""
+    (listen,), _ = free_ports(1)
+    settings.LAB_ROUTING, settings.LAB_DOMAIN, settings.LAB_PUBLIC_HOST = "subdomain", "lab.test", "manager.lab.test"
+    settings.LAB_PROXY_LISTEN = f"127.0.0.1:{listen}"
+    settings.LAB_PORT = backends[1].port  # the manager, as Caddy sees it here
+    forwarded = {"X-Forwarded-For": "203.0.113.5"}  # what the front proxy appended: the client
+
+    def manager_sees() -> str:
+        """The X-Forwarded-For that reaches the manager."""
+        body = request(listen, host="manager.lab.test", headers=forwarded).text
+        assert body.startswith("B ")
+        return body.split(" xff=", 1)[1].split(" xfproto=", 1)[0]
+
+    settings.LAB_BEHIND_PROXY = False
+    assert proxy.sync_routes()["loaded"]
+    assert manager_sees() == "127.0.0.1"  # not behind a proxy: only the peer
+
+    settings.LAB_BEHIND_PROXY = True
+    settings.LAB_PROXY_TRUSTED_IPS = ["127.0.0.0/8"]
+    assert proxy.sync_routes()["loaded"]
+    assert manager_sees() == "203.0.113.5, 127.0.0.1"
+
+    settings.LAB_PROXY_TRUSTED_IPS = ["192.0.2.10/32"]  # the front proxy lives elsewhere
+    assert proxy.sync_routes()["loaded"]
+    assert manager_sees() == "127.0.0.1"  # a sender not trusted starts the header afresh
