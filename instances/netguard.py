@@ -298,7 +298,24 @@ def _run(argv: list[str], stdin: str | None = None) -> str:
 
 
 def read_table(version: int) -> Table:
+    _check_namespace()
     return Table.parse(_run([_tool(TOOLS[version][0]), "-t", "filter"]))
+
+
+def _check_namespace() -> None:
+    """Rules set inside a container without the host's network would guard that container,
+    not this machine: refuse to claim anything there."""
+    if not os.path.exists("/.dockerenv"):
+        return
+    try:
+        interfaces = os.listdir("/sys/class/net")
+    except OSError:
+        interfaces = []
+    if not any(i == "docker0" or i.startswith("br-") for i in interfaces):
+        raise NetguardError(
+            "the manager runs in a container without the host's network, where firewall rules would guard only "
+            "that container: run `python manage.py firewall` on the host as root (or the manager with "
+            "network_mode: host and the NET_ADMIN capability)")
 
 
 def _families() -> list[int]:

@@ -458,6 +458,30 @@ def test_a_hostile_build_runs_locked_down_and_reaches_only_the_outside(rt, api, 
     assert not any(dh.labelled(rt.manager_id, "fw-hostile").values())
 
 
+@pytest.mark.docker
+def test_a_manager_in_a_container_does_not_claim_to_guard_the_host(mid, api):
+    """In a container without the host's network, rules would guard that container only."""
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, "/src")
+        from instances import netguard
+        p = netguard.Policy(manager_id={mid!r}, app_pools=({APP_POOL!r},), build_pools=({BUILD_POOL!r},),
+                            app_uids={APP_UIDS!r}, builder_uids={BUILDER_UIDS!r})
+        print(json.dumps(netguard.ensure(p).__dict__))
+    """)
+    root = str(Path(__file__).resolve().parent.parent)
+    container = api.create_container(PY, ["python", "-c", script], labels={LABEL_MANAGER: mid},
+                                     host_config=api.create_host_config(binds={root: {"bind": "/src", "mode": "ro"}},
+                                                                        cap_add=["NET_ADMIN"]))
+    try:
+        api.start(container["Id"])
+        assert api.wait(container["Id"], timeout=60)["StatusCode"] == 0, api.logs(container["Id"])
+        state = json.loads(api.logs(container["Id"], stderr=False).decode().strip().splitlines()[-1])
+    finally:
+        api.remove_container(container["Id"], force=True)
+    assert state["enforced"] is False and "on the host as root" in state["detail"], state
+
+
 def test_protections_report_the_firewall_as_it_is(firewall, settings):
     settings.LAB_PROCESS_APP_UIDS, settings.LAB_PROCESS_BUILDER_UIDS = APP_UIDS, BUILDER_UIDS
     settings.LAB_EGRESS = "deny"
