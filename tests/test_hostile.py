@@ -248,7 +248,7 @@ def victim_tree(runtime, limit: int = 90) -> tuple[list[str], list[str]]:
 def victim_sql(runtime, victim: Instance, statement: str) -> tuple[int, str]:
     """SQL in the victim's own database, as its app's user: (0, output) or (1, the error)."""
     if runtime.name == "docker":
-        return victim_sql(runtime, victim, statement)
+        return backends.sql(runtime, VICTIM, statement)
     import psycopg
 
     sockets = [path for path in victim_tree(runtime)[1] if ".s.PGSQL" in path]
@@ -528,8 +528,10 @@ def test_a_hostile_project_reaches_nothing_but_its_own(runtime, hosts, manager_s
     # 7. The shared environment: nothing of the attacker's ran in the victim.
     if runtime.name == "process":
         markers = glob.glob(f"/tmp/hostile-pth-{run}-*-victim-*")
-        home = backends.app_env(runtime, VICTIM).get("HOME", "")
-        markers += glob.glob(os.path.join(home, f"hostile-pth-{run}-*-victim-*")) if home else []
+        for folder, dirs, files in os.walk(runtime.dir(VICTIM)):  # its HOME, wherever the runtime keeps it
+            if len(Path(folder).relative_to(runtime.dir(VICTIM)).parts) >= 3:
+                dirs[:] = []
+            markers += [os.path.join(folder, f) for f in files if f.startswith(f"hostile-pth-{run}-")]
     else:
         container = runtime.api.inspect_container(runtime.container_name(VICTIM, "app"))["Id"]
         exec_id = runtime.api.exec_create(container, ["sh", "-c", "ls /tmp $HOME 2>/dev/null"])

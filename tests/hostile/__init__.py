@@ -6,14 +6,18 @@ tests/test_hostile.py) whose three pieces of code each attack:
 - **the build** — requirements.txt names `hostile-probe @ http://<outside host>/.../
   hostile_probe-1.0.tar.gz`, an sdist made by `sdist()` and served by an outside test host
   (tests/netns_helpers.outside_host). Its setup.py runs while pip builds it: every probe
-  below, a fork bomb and a memory grab; it writes what it found into the package
+  below, a fork bomb, and a look at its memory limits (cgroups, RLIMIT_AS: a build whose
+  process is killed for memory fails, and this build must go live to deploy the rest of the
+  attack — the settings reader and the app allocate for real); it writes what it found into the package
   (hostile_probe/build_report.json, installed with it), and leaves a daemon (double fork,
   own session) that holds a .pth in the environment open and, once the build is over,
   writes code through it and calls home — a poisoned shared environment, if the daemon
   outlives the build;
 - **the settings reader** — settings.py runs the probes when it is imported: in the
   manager's settings reader (introspection; with the fork bomb and the memory grab) it
-  reports through the only channel that reader has, the rooms it lists (a room
+  reports through the only channel that reader has, the rooms it lists (it fork-bombs only
+  once its own app runs: where both share the instance's process budget, a bomb during
+  the app's start would only make its own deploy fail) (a room
   `hostile_summary` "stage=settings tried=N violations=K uid=U ...", then one room per
   violation); in the app process its findings join the app's;
 - **the app** — its app module runs the probes at import, prints each finding to the

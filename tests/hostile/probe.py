@@ -249,32 +249,53 @@ def probe_http(stage: str, spec: dict, run: str = "") -> dict:
                       else str(reason), expectation(spec, stage), spec.get("what", ""))
 
 
+PG_LOGIN = r'''
+import json, sys
+spec, stage = json.loads(sys.stdin.read()), sys.argv[1]
+try:
+    import psycopg2
+except ImportError as exc:
+    print(json.dumps({"import": str(exc)}))
+    raise SystemExit(0)
+try:
+    conn = psycopg2.connect(host=spec["host"], port=int(spec.get("port", 5432)), user=spec.get("user"),
+                            password=spec.get("password"), dbname=spec.get("dbname"), connect_timeout=3)
+except Exception as exc:
+    print(json.dumps({"reached": False, "detail": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0]}"}))
+    raise SystemExit(0)
+try:
+    conn.autocommit = True
+    cur = conn.cursor()
+    cur.execute("CREATE TABLE IF NOT EXISTS hostile_was_here (stage text)")
+    cur.execute("INSERT INTO hostile_was_here VALUES (%s)", [stage])
+    detail = "logged in and wrote a row"
+except Exception as exc:
+    detail = f"logged in; write failed: {exc}"
+finally:
+    conn.close()
+print(json.dumps({"reached": True, "detail": detail}))
+'''
+
+
 def probe_pg_login(stage: str, spec: dict) -> dict:
     """A real login with the credentials (the neighbour's, as if leaked; or our own) and a
-    write: what reaching a database means."""
+    write: what reaching a database means. In a fresh interpreter (an address-space limit
+    may leave the caller no room to load libpq)."""
     target = f"{spec['host']}:{spec.get('port', 5432)}/{spec.get('dbname', '')}"
     expect = expectation(spec, stage)
     try:
-        import psycopg2  # noqa: PLC0415 - only where installed (not in the build)
-    except ImportError as exc:
-        return record(stage, "pg-login", target, False, f"psycopg2 not importable here: {exc}", "info",
+        # (the spec on stdin: the neighbour's path in our command line would pass for its process)
+        result = subprocess.run([sys.executable, "-I", "-c", PG_LOGIN, stage], input=json.dumps(spec),
+                                capture_output=True, text=True, timeout=30)
+        answer = json.loads((result.stdout.strip().splitlines() or ["{}"])[-1])
+    except Exception as exc:  # noqa: BLE001
+        return record(stage, "pg-login", target, False, f"the login helper failed: {_why(exc)}", "info",
                       spec.get("what", ""))
-    try:
-        conn = psycopg2.connect(host=spec["host"], port=int(spec.get("port", 5432)), user=spec.get("user"),
-                                password=spec.get("password"), dbname=spec.get("dbname"), connect_timeout=3)
-    except Exception as exc:  # noqa: BLE001
-        return record(stage, "pg-login", target, False, _why(exc).splitlines()[0], expect, spec.get("what", ""))
-    try:
-        conn.autocommit = True
-        cur = conn.cursor()
-        cur.execute("CREATE TABLE IF NOT EXISTS hostile_was_here (stage text)")
-        cur.execute("INSERT INTO hostile_was_here VALUES (%s)", [stage])
-        detail = "logged in and wrote a row"
-    except Exception as exc:  # noqa: BLE001
-        detail = f"logged in; write failed: {_why(exc)}"
-    finally:
-        conn.close()
-    return record(stage, "pg-login", target, True, detail, expect, spec.get("what", ""))
+    if "import" in answer or not answer:
+        why = answer.get("import") or (result.stderr.strip().splitlines() or ["no answer"])[-1]
+        return record(stage, "pg-login", target, False, f"psycopg2 not usable here: {why}", "info",
+                      spec.get("what", ""))
+    return record(stage, "pg-login", target, answer["reached"], answer["detail"], expect, spec.get("what", ""))
 
 
 def own_services(stage: str) -> list[dict]:
@@ -324,7 +345,7 @@ def _pids_matching(text: str) -> list[int]:
                 cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if text and text in cmd:
+        if text and text in cmd and "hostile" not in cmd:  # (not one of our own helpers)
             found.append(int(entry))
     return found
 
@@ -634,8 +655,8 @@ def link_database(stage: str, targets: dict, undo: bool = False) -> list[dict]:
     database = os.environ.get("DATABASE_URL", "")
     target = (targets.get("manager") or {}).get("db", "")
     if not database.startswith("sqlite:///") or not target:
-        return [record(stage, "dblink", database or "(none)", False, "not an SQLite instance", "info",
-                       "its database file linked to the manager's")]
+        return [record(stage, "dblink", database.split(":", 1)[0] or "(none)", False, "not an SQLite instance",
+                       "info", "its database file linked to the manager's")]
     path = "/" + database.split("sqlite:///", 1)[1].lstrip("/")
     kept = f"{path}.hostile-own"
     if undo:
