@@ -41,8 +41,8 @@ import glob
 import hashlib
 import json
 import os
+import pwd
 import shutil
-import socket
 import stat
 import subprocess
 import threading
@@ -374,7 +374,8 @@ def targets(runtime, victim: Instance, attacker: Instance, hosts, sockets: dict,
         "outside": {"url": hosts.outside.url, "what": "an outside host",
                     "expect": {"build": "allowed", "settings": "info",
                                "app": "allowed" if EGRESS[runtime.name] == "open" else "blocked"}},
-        "neighbour": {"match": str(runtime.dir(VICTIM)) if runtime.name == "process" else "postgres"},
+        "neighbour": {"match": str(runtime.dir(VICTIM)) if runtime.name == "process" else "postgres",
+                      "dir": str(runtime.dir(VICTIM)) if runtime.name == "process" else ""},
         "manager": {"key_file": str(key_file), "db": str(manager_db)},
         "own_metadata": own_metadata,
         "plant_links": plant_links,
@@ -398,8 +399,12 @@ def digest(path: Path) -> str:
 
 def manager_snapshot() -> dict:
     data = Path(django_settings.DATA_DIR)
+    def described(path: Path) -> str:
+        info = path.lstat()
+        return f"{digest(path)} uid={info.st_uid} gid={info.st_gid} mode={oct(info.st_mode)} links={info.st_nlink}"
+
     return {
-        "secrets": {p.name: digest(p) for p in sorted((data / "secrets").glob("*"))},
+        "secrets": {p.name: described(p) for p in sorted((data / "secrets").glob("*"))},
         "users": sorted(User.objects.values_list("username", "password", "is_superuser")),
         "instances": sorted(Instance.objects.values_list("name", "owner__username")),
     }
@@ -551,6 +556,9 @@ def test_a_hostile_project_reaches_nothing_but_its_own(runtime, hosts, manager_s
     #    victim survives it.
     if answers(runtime, ATTACKER):
         hostile_call(runtime, "/hostile/run/dblink", known)
+        findings += hostile_call(runtime, "/hostile/run/traps", known)
+    victim_uids = {p.uids().real for p in processes_of(str(runtime.dir(VICTIM)))} - {0} \
+        if runtime.name == "process" else set()
     Instance.objects.filter(pk=attacker.pk).update(delete_requested=True)
     try:
         reconciler.reconcile(attacker.pk)
@@ -562,6 +570,11 @@ def test_a_hostile_project_reaches_nothing_but_its_own(runtime, hosts, manager_s
             problems.append(f"the attacker's final backup {final.filename} is the manager's database")
     if not answers(runtime, VICTIM):
         problems.append("the victim stopped answering when the manager deleted the attacker")
+    for uid in victim_uids:  # (the user named in the attacker's files is never removed)
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            problems.append(f"deleting the attacker removed the victim's user (uid {uid})")
     code, out = victim_sql(runtime, victim, "SELECT v FROM canary")
     if (code, out) != (0, "precious"):
         problems.append(f"the victim's data changed: {code} {out}")

@@ -29,7 +29,8 @@ tests/test_hostile.py) whose three pieces of code each attack:
   site-packages), `metadata` (the process runtime's instance.json/state.json/spec.json
   rewritten, a thread racing the supervisor on state.json, symlinks planted where the
   manager writes temporary files), `dblink` (its SQLite file replaced by a link to the
-  manager's database).
+  manager's database), `traps` (in every folder of its own: symbolic links to the
+  neighbour's folder and the manager's secrets, a hard link to the manager's key).
 
 The probes (tests/hostile/probe.py, the package's code): its identity (root? capabilities?
 the manager's or the neighbour's uid?); read and write each file and folder the test names
@@ -174,6 +175,8 @@ def _on_demand(name, targets, query):
         found = hp.plant_pth(stage, targets)
     elif name == "metadata":
         found = hp.rewrite_metadata(stage, targets, float(query.get("keep", 0)))
+    elif name == "traps":
+        found = hp.plant_tree_links(stage, targets)
     elif name == "dblink":
         found = hp.link_database(stage, targets, undo=query.get("undo") == "1")
     else:

@@ -679,6 +679,52 @@ def link_database(stage: str, targets: dict, undo: bool = False) -> list[dict]:
         return [record(stage, "dblink", path, False, _why(exc), "info", "its database file linked to the manager's")]
 
 
+def _own_folders() -> list[str]:
+    """The folders of its own an app can write: HOME, its database's, its sockets', its cwd."""
+    folders = [os.environ.get("HOME", ""), os.getcwd()]
+    for var in ("DATABASE_URL", "REDIS_URL"):
+        value = os.environ.get(var, "")
+        if value.startswith("sqlite:///"):
+            folders.append(os.path.dirname("/" + value[len("sqlite:///"):].lstrip("/")))
+        elif value.startswith("unix://"):
+            folders.append(os.path.dirname(value[len("unix://"):]))
+        elif "host=" in value:
+            folders.append(value.split("host=", 1)[1].split("&")[0])
+    return [f for i, f in enumerate(folders) if f and f not in folders[:i] and os.access(f, os.W_OK)]
+
+
+def plant_tree_links(stage: str, targets: dict) -> list[dict]:
+    """Traps for root in every folder of ours: symbolic links to the neighbour's folder and
+    to the manager's secrets (a removal, backup or chown that follows them), and a hard link
+    to the manager's key (a `chown -R` of our tree would hand it to us)."""
+    out = []
+    aims = [("victim", (targets.get("neighbour") or {}).get("dir", "")),
+            ("secrets", os.path.dirname((targets.get("manager") or {}).get("key_file", "")))]
+    key = (targets.get("manager") or {}).get("key_file", "")
+    for folder in _own_folders():
+        for label, aim in aims:
+            if not aim:
+                continue
+            link = os.path.join(folder, f"hostile-to-{label}")
+            try:
+                if os.path.lexists(link):
+                    os.unlink(link)
+                os.symlink(aim, link)
+                out.append(record(stage, "trap", link, True, f"-> {aim}", "info", "a link for root to follow"))
+            except OSError as exc:
+                out.append(record(stage, "trap", link, False, _why(exc), "info", "a link for root to follow"))
+        if key:
+            link = os.path.join(folder, "hostile-key")
+            try:
+                os.link(key, link)
+                out.append(record(stage, "hardlink", link, True, f"a hard link to {key}", "blocked",
+                                  "the manager's key linked into our tree"))
+            except OSError as exc:
+                out.append(record(stage, "hardlink", link, False, _why(exc), "blocked",
+                                  "the manager's key linked into our tree"))
+    return out
+
+
 def pth_code(targets: dict, planter: str) -> str:
     """One line of a .pth file: whoever starts Python in that environment leaves a marker
     file and calls home (so the test sees who ran it)."""
