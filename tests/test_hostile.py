@@ -5,7 +5,7 @@ settings reader and its app each try every escape; every attempt must fail, the 
 must succeed (proof that the probes work), and the neighbour and the manager keep working
 with nothing lost.
 
-Per runtime, one story (builds are slow):
+Per runtime, one story (builds are slow; ~1.5 min each):
 1. two instances: the victim (PostgreSQL) and the attacker (memory 512 MiB, 0.5 CPU; on the
    process runtime an SQLite instance, for the link attack on backups);
 2. the attacker's project is deployed through the real pipeline (record_push → deploy);
@@ -14,18 +14,26 @@ Per runtime, one story (builds are slow):
    address, one on 127.0.0.1, 169.254.169.254, an outside host) are in the project and in
    the sdist its requirements fetch from that outside host;
 3. its app plants a .pth into its environment; the victim deploys with the SAME
-   requirements (a shared environment, where the runtime shares one): the .pth and the
-   build's daemon must not run in the victim;
+   requirements (a shared environment, where the runtime shares one): neither that .pth
+   nor the build's daemon may run anything in the victim;
 4. the victim gets data; the attacker probes again with everything now known, forks 2000
-   processes and spins busy loops while the victim must keep answering, allocates past
-   its memory limit, rewrites the process runtime's metadata and links its SQLite file to
-   the manager's database;
-5. the manager does what reads those files: shows the attacker's logs, restarts it, backs
-   it up (the backup must not be the manager's database), deploys it again (the settings
-   reader and the app must not run as root), deletes it (the victim must survive);
-6. the victim still serves with its data, the manager's secrets, users and Redis are
-   unchanged, a manager page loads, no listener or test host saw a connection, and no
-   file was planted where the manager keeps its secrets.
+   processes and spins busy loops while the victim must keep answering, allocates past its
+   memory limit;
+5. its SQLite file becomes a link to the manager's database, then "Back up now": the
+   backup must not be the manager's database;
+6. it rewrites the process runtime's files about it (instance.json says root, state.json
+   points its log at the manager's key and its pids at the victim's, spec.json, links where
+   root writes temporary files) and the manager does what reads them: shows its logs and
+   page (no secret), restarts it (the victim lives), deploys it again (the settings reader
+   and the app not as root);
+7. nothing of the attacker's ran in the victim (markers, calls home);
+8. traps for root (links to the victim's folder and the manager's secrets, a hard link to
+   the key, the database link again), then the delete: the victim survives with its data
+   and its user, the final backup is not the manager's database;
+9. the manager's secrets (content, owner, mode, links), users and Redis are unchanged,
+   nothing was written through a planted link, a manager page loads;
+10. no listener of the host or the metadata address saw a connection; the controls
+   reached what they must.
 The process runtime runs with LAB_EGRESS=deny (the app must not reach the outside host;
 its build must), Docker with LAB_EGRESS=open (the app must reach it).
 
@@ -50,6 +58,7 @@ import time
 import types
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -418,119 +427,158 @@ def manager_redis():
 
 # --- the story ---------------------------------------------------------------------------------
 
+@dataclass
+class Story:
+    """One runtime's attack: who is who, what the attacker knows, what was found."""
+
+    runtime: object
+    hosts: types.SimpleNamespace
+    sockets: dict
+    run: str
+    tmp_path: Path
+    boss: User
+    victim: Instance = None
+    attacker: Instance = None
+    victim_checkout: otree_projects.Checkout = None
+    attacker_checkout: otree_projects.Checkout = None
+    known: dict = field(default_factory=dict)  # the targets, as the attacker knows them now
+    sdist_url: str = ""
+    reader: dict = field(default_factory=dict)  # what the first settings reader reported
+    findings: list = field(default_factory=list)
+    problems: list = field(default_factory=list)
+
+    def call(self, path: str, *, send: bool = True) -> list[dict]:
+        return hostile_call(self.runtime, path, self.known if send else None)
+
+    def aim(self, *, victim_live: bool) -> None:
+        self.known = targets(self.runtime, self.victim, self.attacker, self.hosts, self.sockets, self.run,
+                             victim_live=victim_live)
+
+
 def violations(findings: list[dict]) -> list[str]:
     return [f"[{f['stage']}] {f['probe']} {f['target']} ({f['what']}): reached={f['reached']} "
             f"expected {f['expect']} — {f['detail']}" for f in findings
             if (f["expect"] == "blocked" and f["reached"]) or (f["expect"] == "allowed" and not f["reached"])]
 
 
-def test_a_hostile_project_reaches_nothing_but_its_own(runtime, hosts, manager_sockets, run, tmp_path, settings,
-                                                      client):
-    problems: list[str] = []
-    findings: list[dict] = []
-    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
-    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
-    mallory = User.objects.create_user("mallory", "mallory@lab.test", "pw-mallory-1234")
-    datadir.encryption_key()  # the manager's secrets exist, as in any running lab
-    already = (len(hosts.everywhere.connections), len(hosts.loopback.connections), len(hosts.metadata.hits()))
-    manager_redis().set(f"hostile-canary-{run}", "intact")
-    manager_redis().delete("hostile-was-here")  # what a probe that reaches a Redis sets
+def manager_database_in(content: bytes, boss: User) -> bool:
+    return b"accounts_user" in content or boss.password.encode() in content
 
-    # 1. The victim and the attacker (SQLite on the process runtime: the backup link attack).
-    victim, victim_checkout = new_instance(ann, VICTIM, tmp_path, config_vars={"PROBE_ROLE": "victim"})
-    if runtime.name == "process":
+
+def create_instances(story: Story, settings, owners) -> None:
+    """The victim (PostgreSQL) and the attacker (SQLite on the process runtime)."""
+    ann, mallory = owners
+    story.victim, story.victim_checkout = new_instance(ann, VICTIM, story.tmp_path,
+                                                       config_vars={"PROBE_ROLE": "victim"})
+    if story.runtime.name == "process":
         settings.LAB_PG_BIN = "/nonexistent"  # recorded at creation: this instance keeps SQLite
-    attacker, attacker_checkout = new_instance(mallory, ATTACKER, tmp_path, memory_mb=ATTACKER_MEMORY_MB, cpus=0.5,
-                                               config_vars={"PROBE_ROLE": "attacker"})
+    story.attacker, story.attacker_checkout = new_instance(
+        mallory, ATTACKER, story.tmp_path, memory_mb=ATTACKER_MEMORY_MB, cpus=0.5,
+        config_vars={"PROBE_ROLE": "attacker"})
     settings.LAB_PG_BIN = ""
-    before = manager_snapshot()
 
-    # 2. The attacker's project, its targets in the tree and in the sdist its requirements fetch.
-    known = targets(runtime, victim, attacker, hosts, manager_sockets, run, victim_live=False)
-    sdist_path = hosts.outside.files / run / hostile.SDIST_NAME
+
+def deploy_the_attack(story: Story) -> None:
+    """Build, settings reader and app each attack; every stage must have run."""
+    story.aim(victim_live=False)
+    sdist_path = story.hosts.outside.files / story.run / hostile.SDIST_NAME
     sdist_path.parent.mkdir(parents=True)
-    sdist_path.write_bytes(hostile.sdist(known))
-    sdist_url = f"{hosts.outside.url}/{run}/{hostile.SDIST_NAME}"
-    first = deploy(attacker, attacker_checkout, hostile.project(known, sdist_url), "nothing to see here", mallory)
-    (tmp_path / "attacker-first.log").write_text(first.log)
+    sdist_path.write_bytes(hostile.sdist(story.known))
+    story.sdist_url = f"{story.hosts.outside.url}/{story.run}/{hostile.SDIST_NAME}"
+    first = deploy(story.attacker, story.attacker_checkout, hostile.project(story.known, story.sdist_url),
+                   "nothing to see here", story.attacker.owner)
+    (story.tmp_path / "attacker-first.log").write_text(first.log)
     assert first.status == "live", (first.status_reason, first.log[-4000:])
-    report = requests.get(app_url(runtime, ATTACKER) + "/hostile/report", timeout=30).json()
-    findings += report["build"] + report["findings"]
-    reader = hostile.settings_report(first.rooms)
-    print(f"settings reader: {reader['summary']} / {reader['limits']}")
+    report = requests.get(app_url(story.runtime, ATTACKER) + "/hostile/report", timeout=30).json()
+    story.findings += report["build"] + report["findings"]
+    story.reader = hostile.settings_report(first.rooms)
+    print(f"settings reader: {story.reader['summary']} / {story.reader['limits']}")
     assert any(f["stage"] == "build" and f["probe"] == "identity" for f in report["build"]), \
         f"setup.py did not run in the build: {report['build']}"
-    assert reader["summary"].startswith("stage=settings"), f"the settings reader did not run the probes: {first.rooms}"
+    assert story.reader["summary"].startswith("stage=settings"), \
+        f"the settings reader did not run the probes: {first.rooms}"
     assert any(f["stage"] == "app" and f["probe"] == "identity" for f in report["findings"])
-    problems += [f"[settings] {text}" for text in reader["violations"]]
+    story.problems += [f"[settings] {text}" for text in story.reader["violations"]]
 
-    # 3. A .pth into its environment; the victim then deploys with the same requirements.
-    findings += hostile_call(runtime, "/hostile/run/pth", known)
-    victim_files = otree_projects.valid_project("v1")
-    victim_files["requirements.txt"] = hostile.requirements(sdist_url)
-    shared = deploy(victim, victim_checkout, victim_files, "the victim's study", ann)
+
+def share_the_environment(story: Story) -> None:
+    """A .pth from the running app; then the victim deploys with the same requirements
+    (and gets data)."""
+    story.findings += story.call("/hostile/run/pth")
+    files = otree_projects.valid_project("v1")
+    files["requirements.txt"] = hostile.requirements(story.sdist_url)
+    shared = deploy(story.victim, story.victim_checkout, files, "the victim's study", story.victim.owner)
     assert shared.status == "live", (shared.status_reason, shared.log[-4000:])
-    assert answers(runtime, VICTIM)
-    code, out = victim_sql(runtime, victim, "CREATE TABLE canary (v text); INSERT INTO canary VALUES ('precious')")
+    assert answers(story.runtime, VICTIM)
+    code, out = victim_sql(story.runtime, story.victim,
+                           "CREATE TABLE canary (v text); INSERT INTO canary VALUES ('precious')")
     assert code == 0, out
 
-    # 4. Everything again, with the victim live; the limits; the process runtime's files.
-    known = targets(runtime, victim, attacker, hosts, manager_sockets, run, victim_live=True)
-    findings += hostile_call(runtime, "/hostile/run/all", known)
-    bomb, _ = while_answering(runtime, lambda: hostile_call(runtime, "/hostile/run/forkbomb?n=2000&hold=3", known),
-                              "a fork bomb next door")
-    busy, _ = while_answering(runtime, lambda: hostile_call(runtime, "/hostile/run/busy?seconds=6&procs=4", known),
-                              "busy loops next door")
-    findings += bomb + busy
-    findings += hostile_call(runtime, "/hostile/run/memory", known)
-    assert answers(runtime, VICTIM)
 
-    # 5. Its SQLite file linked to the manager's database, then "Back up now" (the download).
-    findings += hostile_call(runtime, "/hostile/run/dblink", known)
+def attack_the_live_neighbour(story: Story) -> None:
+    """Everything again, now that the victim runs; a fork bomb and busy loops while the
+    victim must keep answering; memory past the limit."""
+    story.aim(victim_live=True)
+    story.findings += story.call("/hostile/run/all")
+    bomb, _ = while_answering(story.runtime, lambda: story.call("/hostile/run/forkbomb?n=2000&hold=3"),
+                              "a fork bomb next door")
+    busy, _ = while_answering(story.runtime, lambda: story.call("/hostile/run/busy?seconds=6&procs=4"),
+                              "busy loops next door")
+    story.findings += bomb + busy + story.call("/hostile/run/memory")
+    assert answers(story.runtime, VICTIM)
+
+
+def back_up_a_link(story: Story) -> None:
+    """Its SQLite file a link to the manager's database, then "Back up now": the backup
+    (what the download hands out) must not be the manager's database."""
+    story.findings += story.call("/hostile/run/dblink")
     try:
-        backup = reconciler.backup_only(attacker.pk, boss)
-        content = (backup_dir() / backup.filename).read_bytes()
-        if b"accounts_user" in content or boss.password.encode() in content:
-            problems.append(f"the attacker's backup {backup.filename} is the manager's database "
-                            "(users and password hashes)")
+        backup = reconciler.backup_only(story.attacker.pk, story.boss)
+        if manager_database_in((backup_dir() / backup.filename).read_bytes(), story.boss):
+            story.problems.append(f"the attacker's backup {backup.filename} is the manager's database "
+                                  "(users and password hashes)")
     except reconciler.ReconcileError as exc:
         print(f"backup of the attacker refused: {exc}")  # nothing handed out: fine
-    hostile_call(runtime, "/hostile/run/dblink?undo=1", known)  # (its app needs its own file to start again)
+    story.call("/hostile/run/dblink?undo=1")  # (its app needs its own file to start again)
 
-    # 6. The manager's files about the attacker rewritten; what the manager does with them:
-    #    logs, the page, a restart, a new deploy (settings reader and app not as root).
-    findings += hostile_call(runtime, "/hostile/run/metadata?keep=600", known)
 
-    key = Path(known["manager"]["key_file"]).read_text().strip()
-    secret_key = (Path(django_settings.DATA_DIR) / "secrets" / "django_secret_key")
-    secrets_text = [key] + ([secret_key.read_text().strip()] if secret_key.exists() else [])
+def rewrite_the_metadata(story: Story, client) -> None:
+    """The runtime's files about the attacker rewritten; then what the manager does with
+    them: its logs and page, a restart, a new deploy (settings reader and app not as root)."""
+    story.findings += story.call("/hostile/run/metadata?keep=600")
+    secret_key = Path(django_settings.DATA_DIR) / "secrets" / "django_secret_key"
+    secrets_text = [Path(story.known["manager"]["key_file"]).read_text().strip()]
+    secrets_text += [secret_key.read_text().strip()] if secret_key.exists() else []
     for component in ("app", "db", "redis"):
         with contextlib.suppress(Exception):
-            shown = runtime.logs(ATTACKER, component)
-            if any(secret in shown for secret in secrets_text):
-                problems.append(f"the attacker's {component} log shows the manager's secrets")
-    client.force_login(boss)
-    page = client.get(f"/instances/{ATTACKER}/")
-    if any(secret in page.content.decode(errors="replace") for secret in secrets_text):
-        problems.append("the attacker's instance page shows the manager's secrets")
+            if any(secret in story.runtime.logs(ATTACKER, component) for secret in secrets_text):
+                story.problems.append(f"the attacker's {component} log shows the manager's secrets")
+    client.force_login(story.boss)
+    page = client.get(f"/instances/{ATTACKER}/").content.decode(errors="replace")
+    if any(secret in page for secret in secrets_text):
+        story.problems.append("the attacker's instance page shows the manager's secrets")
     try:
-        reconciler.reconcile(attacker.pk, restart=True)
+        reconciler.reconcile(story.attacker.pk, restart=True)
     except Exception as exc:  # noqa: BLE001 - its own instance may break; the victim must not
         print(f"restarting the attacker failed: {exc}")
-    if not answers(runtime, VICTIM):
-        problems.append("the victim stopped answering when the manager restarted the attacker")
-    second = deploy(attacker, attacker_checkout, hostile.project(known, sdist_url, "v2"), "again", mallory)
+    if not answers(story.runtime, VICTIM):
+        story.problems.append("the victim stopped answering when the manager restarted the attacker")
+    second = deploy(story.attacker, story.attacker_checkout, hostile.project(story.known, story.sdist_url, "v2"),
+                    "again", story.attacker.owner)
     if second.status != "live":
-        problems.append(f"the attacker's second deploy failed: {second.status_reason}")
-    else:
-        reader2 = hostile.settings_report(second.rooms)
-        problems += [f"[settings, 2nd deploy] {text}" for text in reader2["violations"]]
-        if "uid=0 " in reader2["summary"] or "euid=0 " in reader2["summary"]:
-            problems.append(f"the settings reader ran as root after the metadata attack: {reader2['summary']}")
-        findings += [f for f in requests.get(app_url(runtime, ATTACKER) + "/hostile/report", timeout=30).json()[
-            "findings"] if f["probe"] in ("identity", "root", "uid", "capabilities")]
+        story.problems.append(f"the attacker's second deploy failed: {second.status_reason}")
+        return
+    reader = hostile.settings_report(second.rooms)
+    story.problems += [f"[settings, 2nd deploy] {text}" for text in reader["violations"]]
+    if "uid=0 " in reader["summary"]:
+        story.problems.append(f"the settings reader ran as root after the metadata attack: {reader['summary']}")
+    report = requests.get(app_url(story.runtime, ATTACKER) + "/hostile/report", timeout=30).json()
+    story.findings += [f for f in report["findings"] if f["probe"] in ("identity", "root", "uid", "capabilities")]
 
-    # 7. The shared environment: nothing of the attacker's ran in the victim.
+
+def nothing_ran_in_the_victim(story: Story) -> None:
+    """Neither the app's .pth nor the build's daemon ran anything in the victim."""
+    runtime, run = story.runtime, story.run
     if runtime.name == "process":
         markers = glob.glob(f"/tmp/hostile-pth-{run}-*-victim-*")
         for folder, dirs, files in os.walk(runtime.dir(VICTIM)):  # its HOME, wherever the runtime keeps it
@@ -542,83 +590,121 @@ def test_a_hostile_project_reaches_nothing_but_its_own(runtime, hosts, manager_s
         exec_id = runtime.api.exec_create(container, ["sh", "-c", "ls /tmp $HOME 2>/dev/null"])
         markers = [m for m in runtime.api.exec_start(exec_id).decode().split() if m.startswith(f"hostile-pth-{run}")]
     if markers:
-        problems.append(f"the attacker's .pth ran in the victim: {markers}")
-    survived = [h for h in hosts.outside.hits() if h["path"].startswith(f"/daemon-survived/{run}")]
-    survived_marker = os.path.exists(f"/tmp/hostile-daemon-{run}-survived")
-    if survived or survived_marker:
-        problems.append("a daemon started by setup.py outlived the build (and could poison its environment)")
-    pth_calls = [h for h in hosts.outside.hits() if h["path"].startswith(f"/pth-ran/{run}/") and "victim" in h["path"]]
-    if pth_calls:
-        problems.append(f"the attacker's .pth called home from the victim: {pth_calls}")
+        story.problems.append(f"the attacker's .pth ran in the victim: {markers}")
+    hits = story.hosts.outside.hits()
+    if [h for h in hits if h["path"].startswith(f"/daemon-survived/{run}")] or \
+            os.path.exists(f"/tmp/hostile-daemon-{run}-survived"):
+        story.problems.append("a daemon started by setup.py outlived the build (and could poison its environment)")
+    calls = [h for h in hits if h["path"].startswith(f"/pth-ran/{run}/") and "victim" in h["path"]]
+    if calls:
+        story.problems.append(f"the attacker's .pth called home from the victim: {calls}")
 
-    # 8. The attacker is deleted — its database linked to the manager's again: the final
-    #    backup must not hand that out, nor keep the lab manager from deleting it — and the
-    #    victim survives it.
+
+def delete_the_attacker(story: Story) -> None:
+    """Traps for root and its database linked to the manager's again; then the delete:
+    the final backup hands nothing out and does not stop it; the victim survives with its
+    data and its user."""
+    runtime = story.runtime
     if answers(runtime, ATTACKER):
-        hostile_call(runtime, "/hostile/run/dblink", known)
-        findings += hostile_call(runtime, "/hostile/run/traps", known)
-    victim_uids = {p.uids().real for p in processes_of(str(runtime.dir(VICTIM)))} - {0} \
-        if runtime.name == "process" else set()
-    Instance.objects.filter(pk=attacker.pk).update(delete_requested=True)
+        story.call("/hostile/run/dblink")
+        story.findings += story.call("/hostile/run/traps")
+    victim_uids = ({p.uids().real for p in processes_of(str(runtime.dir(VICTIM)))} - {0}
+                   if runtime.name == "process" else set())
+    Instance.objects.filter(pk=story.attacker.pk).update(delete_requested=True)
     try:
-        reconciler.reconcile(attacker.pk)
+        reconciler.reconcile(story.attacker.pk)
     except Exception as exc:  # noqa: BLE001 - reported with the rest
-        problems.append(f"deleting the attacker failed: {exc}")
+        story.problems.append(f"deleting the attacker failed: {exc}")
     for final in Backup.objects.filter(instance_name=ATTACKER, kind=Backup.Kind.FINAL, status=Backup.Status.DONE):
-        content = (backup_dir() / final.filename).read_bytes() if (backup_dir() / final.filename).exists() else b""
-        if b"accounts_user" in content or boss.password.encode() in content:
-            problems.append(f"the attacker's final backup {final.filename} is the manager's database")
+        path = backup_dir() / final.filename
+        if path.exists() and manager_database_in(path.read_bytes(), story.boss):
+            story.problems.append(f"the attacker's final backup {final.filename} is the manager's database")
     if not answers(runtime, VICTIM):
-        problems.append("the victim stopped answering when the manager deleted the attacker")
+        story.problems.append("the victim stopped answering when the manager deleted the attacker")
     for uid in victim_uids:  # (the user named in the attacker's files is never removed)
         try:
             pwd.getpwuid(uid)
         except KeyError:
-            problems.append(f"deleting the attacker removed the victim's user (uid {uid})")
-    code, out = victim_sql(runtime, victim, "SELECT v FROM canary")
+            story.problems.append(f"deleting the attacker removed the victim's user (uid {uid})")
+    code, out = victim_sql(runtime, story.victim, "SELECT v FROM canary")
     if (code, out) != (0, "precious"):
-        problems.append(f"the victim's data changed: {code} {out}")
-    code, out = victim_sql(runtime, victim, "SELECT to_regclass('hostile_was_here')")
+        story.problems.append(f"the victim's data changed: {code} {out}")
+    code, out = victim_sql(runtime, story.victim, "SELECT to_regclass('hostile_was_here')")
     if code != 0 or out not in ("", "None"):
-        problems.append(f"the attacker wrote into the victim's database: {out}")
+        story.problems.append(f"the attacker wrote into the victim's database: {out}")
 
-    # 9. The manager: secrets, users and Redis unchanged, nothing planted, a page loads.
+
+def the_manager_is_intact(story: Story, before: dict, client) -> None:
+    """Secrets (content, owner, mode, links), users and Redis unchanged; nothing written
+    through a planted link; its pages load."""
     after = manager_snapshot()
     if after["secrets"] != before["secrets"] or after["users"] != before["users"]:
-        problems.append(f"the manager's secrets or users changed: {before} -> {after}")
-    planted = sorted(glob.glob(str(Path(django_settings.DATA_DIR) / "secrets" / f"hostile-{run}-*")))
-    planted += glob.glob(f"/tmp/hostile-spec-ran-{run}")
+        story.problems.append(f"the manager's secrets or users changed: {before} -> {after}")
+    planted = sorted(glob.glob(str(Path(django_settings.DATA_DIR) / "secrets" / f"hostile-{story.run}-*")))
+    planted += glob.glob(f"/tmp/hostile-spec-ran-{story.run}")
     if planted:
-        problems.append(f"root wrote through links the attacker planted: {planted}")
+        story.problems.append(f"root wrote through links the attacker planted: {planted}")
     redis = manager_redis()
-    if redis.get(f"hostile-canary-{run}") != b"intact" or redis.get("hostile-was-here") is not None:
-        problems.append("the manager's Redis was reached")
+    if redis.get(f"hostile-canary-{story.run}") != b"intact" or redis.get("hostile-was-here") is not None:
+        story.problems.append("the manager's Redis was reached")
     assert client.get("/").status_code in (200, 302)
     assert client.get(f"/instances/{VICTIM}/").status_code == 200
 
-    # 10. Nothing arrived where nothing may: the host's services, the metadata address.
-    reached_host = hosts.everywhere.connections[already[0]:] + hosts.loopback.connections[already[1]:]
-    if reached_host:
-        problems.append(f"a service of the host was reached: {reached_host}")
+
+def nothing_arrived(story: Story, already: tuple[int, int, int]) -> None:
+    """No connection reached the host's services or the metadata address (whatever the
+    probes said); the controls reached the outside host as LAB_EGRESS says."""
+    hosts, run = story.hosts, story.run
+    reached = hosts.everywhere.connections[already[0]:] + hosts.loopback.connections[already[1]:]
+    if reached:
+        story.problems.append(f"a service of the host was reached: {reached}")
     if hosts.metadata.hits()[already[2]:]:
-        problems.append(f"the metadata address was reached: {hosts.metadata.hits()[already[2]:]}")
+        story.problems.append(f"the metadata address was reached: {hosts.metadata.hits()[already[2]:]}")
     controls = {h["path"].split("/")[2] for h in hosts.outside.hits()
                 if h["path"].startswith("/control/") and h["path"].endswith(f"/{run}")}
+    egress = EGRESS[story.runtime.name]
     if "build" not in controls:
-        problems.append(f"control: the build did not reach the outside host ({controls})")
-    if EGRESS[runtime.name] == "open" and "app" not in controls:
-        problems.append("control: the app did not reach the outside host with LAB_EGRESS=open")
-    if EGRESS[runtime.name] == "deny" and "app" in controls:
-        problems.append("the app reached the outside host with LAB_EGRESS=deny")
+        story.problems.append(f"control: the build did not reach the outside host ({controls})")
+    if egress == "open" and "app" not in controls:
+        story.problems.append("control: the app did not reach the outside host with LAB_EGRESS=open")
+    if egress == "deny" and "app" in controls:
+        story.problems.append("the app reached the outside host with LAB_EGRESS=deny")
 
-    stages = {f["stage"] for f in findings}
-    assert {"build", "app"} <= stages, stages
-    problems = violations(findings) + problems
-    summary = "\n".join(f"  {line}" for line in problems)
-    (tmp_path / "findings.json").write_text(json.dumps(findings, indent=1))
-    print(f"\n{runtime.name}: {len(findings)} findings ({tmp_path / 'findings.json'}), "
-          f"settings reader: {reader['summary']} / {reader['limits']}")
-    for item in findings:
+
+def report(story: Story) -> None:
+    (story.tmp_path / "findings.json").write_text(json.dumps(story.findings, indent=1))
+    print(f"\n{story.runtime.name}: {len(story.findings)} findings ({story.tmp_path / 'findings.json'}), "
+          f"settings reader: {story.reader.get('summary')} / {story.reader.get('limits')}")
+    for item in story.findings:
         if item["probe"] in ("forks", "memory", "cpu", "identity"):
             print(f"  [{item['stage']}] {item['probe']}: {item['target']} {item['detail']}")
+
+
+def test_a_hostile_project_reaches_nothing_but_its_own(runtime, hosts, manager_sockets, run, tmp_path, settings,
+                                                      client):
+    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
+    owners = (User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567"),
+              User.objects.create_user("mallory", "mallory@lab.test", "pw-mallory-1234"))
+    story = Story(runtime=runtime, hosts=hosts, sockets=manager_sockets, run=run, tmp_path=tmp_path, boss=boss)
+    datadir.encryption_key()  # the manager's secrets exist, as in any running lab
+    already = (len(hosts.everywhere.connections), len(hosts.loopback.connections), len(hosts.metadata.hits()))
+    manager_redis().set(f"hostile-canary-{run}", "intact")
+    manager_redis().delete("hostile-was-here")  # what a probe that reaches a Redis sets
+
+    create_instances(story, settings, owners)
+    before = manager_snapshot()
+    deploy_the_attack(story)
+    share_the_environment(story)
+    attack_the_live_neighbour(story)
+    back_up_a_link(story)
+    rewrite_the_metadata(story, client)
+    nothing_ran_in_the_victim(story)
+    delete_the_attacker(story)
+    the_manager_is_intact(story, before, client)
+    nothing_arrived(story, already)
+
+    report(story)
+    assert {"build", "app"} <= {f["stage"] for f in story.findings}
+    problems = violations(story.findings) + story.problems
+    summary = "\n".join(f"  {line}" for line in problems)
     assert not problems, f"{len(problems)} escapes or failed controls on {runtime.name}:\n{summary}"
