@@ -149,11 +149,14 @@ def _user(user_or_username):
 
 def _backend_for_new_instance() -> str:
     """The backend a new instance is recorded with ("" when none is usable: the reconciler
-    then says why)."""
-    from instances.runtime import RuntimeError_, default_backend
+    then says why). A runtime that cannot isolate instances on this machine refuses the
+    creation itself (ValidationError with what to do: the form's error, API 422)."""
+    from instances.runtime import Refused, RuntimeError_, default_backend
 
     try:
         return default_backend()
+    except Refused as exc:
+        raise ValidationError(str(exc)) from None
     except RuntimeError_:
         return ""
 

@@ -98,14 +98,16 @@ def fake_app(runtime, name: str) -> dict:
     release = runtime.dir(name) / "releases" / "r1"
     if not release.exists():
         venv = runtime.venvs_root / "testhttp"
-        if not (venv / ".complete").exists():
+        if not (venv / ".complete").exists():  # made by the manager (root): read-only to the instances
             runtime.venvs_root.mkdir(parents=True, exist_ok=True)
             subprocess.run([runtime.python, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-            os.chmod(runtime.venvs_root, 0o755)
             (venv / ".complete").write_text("test\n")
-        release.mkdir(parents=True)
-        (release / ".lab-venv").write_text("testhttp\n")
-        runtime._chown(release, runtime._ids(name), recursive=True)
+        # A release folder as build_release leaves it: the manager's, readable by the instance's group.
+        tmp = release.with_name(".r1.test")
+        tmp.mkdir()
+        group = runtime._ids(name)[1] if runtime.own_users else os.getegid()
+        runtime._finish_release(name, tmp, "testhttp", group)
+        os.rename(tmp, release)
     return {"image": f"{name}/r1", "port": 8000, "release": "test", "command": ["python", "-m", "http.server", "8000"]}
 
 

@@ -1,0 +1,7 @@
+"""The old runtime's `from .base import ...`: today's interface module (unchanged names)."""
+
+from instances.runtime.base import *  # noqa: F401,F403
+from instances.runtime.base import (  # noqa: F401 - names the old module imports
+    CANDIDATE, COMPONENTS, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppSpec, ComponentState, Health, InstanceSpec,
+    InstanceState, RuntimeError_, check_name, free_port, last_lines, setting, user_errors, wait_http, wait_services,
+)
