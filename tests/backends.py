@@ -47,7 +47,7 @@ def sql(runtime, instance_name: str, statement: str) -> tuple[int, str]:
 
     instance = Instance.objects.get(name=instance_name)
     try:
-        with psycopg.connect(host=str(runtime.dir(instance_name) / "run"), user=instance.db_user,
+        with psycopg.connect(host=str(runtime.tenant_dir(instance_name) / "run"), user=instance.db_user,
                              password=instance.db_password, dbname=instance.db_name, autocommit=True) as conn:
             cur = conn.execute(statement)
             rows = cur.fetchall() if cur.description else []
@@ -103,6 +103,7 @@ def fake_app(runtime, name: str) -> dict:
             subprocess.run([runtime.python, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
             (venv / ".complete").write_text("test\n")
         # A release folder as build_release leaves it: the manager's, readable by the instance's group.
+        runtime._create(name)  # (its folders and user, when this comes first)
         tmp = release.with_name(".r1.test")
         tmp.mkdir()
         group = runtime._ids(name)[1] if runtime.own_users else os.getegid()
