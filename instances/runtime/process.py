@@ -122,10 +122,19 @@ KILL_ROUNDS = 40
 PASS_ENV = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_CERT", "PIP_TRUSTED_HOST", "PIP_FIND_LINKS", "HTTP_PROXY",
             "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "SSL_CERT_FILE",
             "REQUESTS_CA_BUNDLE")
+# Run as the instance's user. A database file that is not a plain file (a link, say to the
+# manager's database) is not followed: the copy is that of an empty database, as when there
+# is no file yet (a delete's final backup must not be blocked by it).
 SQLITE_COPY = r'''
-import os, shutil, sqlite3, sys
+import os, shutil, sqlite3, stat, sys
 source, scratch = sys.argv[1], sys.argv[2]
-src = sqlite3.connect(f"file:{source}?mode=ro", uri=True) if os.path.exists(source) else sqlite3.connect(":memory:")
+try:
+    plain = stat.S_ISREG(os.lstat(source).st_mode)
+except FileNotFoundError:
+    plain = False
+if not plain and os.path.lexists(source):
+    print(f"{source} is not a plain file: not followed, the copy is empty", file=sys.stderr)
+src = sqlite3.connect(f"file:{source}?mode=ro&nofollow=1", uri=True) if plain else sqlite3.connect(":memory:")
 dst = sqlite3.connect(scratch)
 try:
     src.backup(dst)  # consistent even while the app writes
