@@ -508,6 +508,43 @@ def test_a_fork_bomb_and_a_busy_loop_hurt_only_their_instance(rt):
     assert protections["Processes"].holds and str(PIDS) in protections["Processes"].detail
 
 
+def test_cgroups_are_found_under_the_managers_own_cgroup(tmp_path):
+    """Discovery from /proc/self/cgroup and mountinfo as systemd (Delegate=yes) leaves them:
+    cgroup v2 with the manager in <unit>/manager (DelegateSubgroup, or its own move), and
+    a hybrid v1 host; the limits land in the files the kernel reads. (v2 cannot run here:
+    its tree is a plain folder standing in for the delegated subtree.)"""
+    from instances.runtime.limits import Amounts, Limits
+
+    need(os.geteuid() == 0, "root (cgroups)")
+    unit = tmp_path / "cg2" / "system.slice" / "otree-lab-manager.service"
+    (unit / "manager").mkdir(parents=True)
+    (unit / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    (unit / "cgroup.subtree_control").write_text("")
+    proc = {"cgroup": "0::/system.slice/otree-lab-manager.service/manager\n",
+            "mountinfo": f"30 23 0:26 / {tmp_path / 'cg2'} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n"}
+    limits = Limits.detect("m1", proc=proc)
+    assert limits.kind == "v2" and limits.bases == {"unified": str(unit / "otree-lab-m1")}
+    assert set((unit / "cgroup.subtree_control").read_text().split()) == {"+cpu", "+pids", "+memory"}
+    dirs = limits.dirs("study")
+    limits.apply(dirs, Amounts(pids=PIDS, cpus=0.5, memory_mb=1200))
+    folder = Path(dirs[0])
+    assert folder == unit / "otree-lab-m1" / "study"
+    assert (folder / "cpu.max").read_text() == "50000 100000" and (folder / "pids.max").read_text() == str(PIDS)
+    assert (folder / "memory.max").read_text() == str(1200 * 2**20)
+    assert set((unit / "otree-lab-m1" / "cgroup.subtree_control").read_text().split()) == {"+cpu", "+pids", "+memory"}
+    # Without the controllers delegated: not v2, and why.
+    (unit / "cgroup.controllers").write_text("memory\n")
+    assert Limits.detect("m1", force="v2", proc=proc).kind == "rlimit"
+    assert "no cpu, pids controller" in Limits.detect("m1", force="v2", proc=proc).why
+    # A hybrid v1 host (as this one): each controller's hierarchy under the manager's own cgroup.
+    here = Limits.detect("m1", force="v1")
+    need(here.kind == "v1", "writable cgroup v1 hierarchies")
+    assert set(here.bases) == {"cpu", "pids", "memory"}
+    for base in here.bases.values():  # beside this process: in the cgroup it runs in
+        assert os.path.basename(base) == "otree-lab-m1"
+        assert str(os.getpid()) in Path(os.path.dirname(base), "cgroup.procs").read_text().split()
+
+
 def test_without_cgroups_a_fork_bomb_stops_at_the_users_process_limit(rt):
     """The fallback (no usable cgroups): RLIMIT_NPROC for the instance's user and a lower
     priority; the page says the CPU is not capped."""

@@ -67,16 +67,18 @@ class Limits:
     # --- discovery --------------------------------------------------------------------------
 
     @classmethod
-    def detect(cls, manager_id: str, *, force: str = "") -> "Limits":
-        """The best mechanism for this manager's cgroups (`force`: "v2", "v1" or "rlimit", for tests)."""
+    def detect(cls, manager_id: str, *, force: str = "", proc: dict | None = None) -> "Limits":
+        """The best mechanism for this manager's cgroups (`force`: "v2", "v1" or "rlimit";
+        `proc`: {"cgroup", "mountinfo"} texts instead of this process's, for tests)."""
+        proc = proc or {}
         reasons = []
         if force in ("", "v2"):
-            found, why = _detect_v2(manager_id)
+            found, why = _detect_v2(manager_id, proc)
             if found is not None:
                 return found
             reasons.append(why)
         if force in ("", "v1"):
-            found, why = _detect_v1(manager_id)
+            found, why = _detect_v1(manager_id, proc)
             if found is not None:
                 return found
             reasons.append(why)
@@ -188,6 +190,8 @@ def _set_v1_memory(path: str, limit: int) -> None:
     try:
         _write(path, "memory.limit_in_bytes", str(limit))
     except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            return  # lower than what the instance uses now: the old limit stays until it uses less
         if exc.errno != errno.EINVAL or not os.path.exists(swap):
             raise
         _write(path, "memory.memsw.limit_in_bytes", str(limit))
@@ -247,12 +251,12 @@ def _inside(mount_point: str, mount_root: str, own: str) -> str | None:
     return os.path.normpath(mount_point + "/" + rel.lstrip("/"))
 
 
-def _detect_v1(manager_id: str) -> tuple[Limits | None, str]:
+def _detect_v1(manager_id: str, proc: dict) -> tuple[Limits | None, str]:
     if os.geteuid() != 0:
         return None, "cgroup v1 needs root"
-    own = own_cgroups()
+    own = own_cgroups(proc.get("cgroup"))
     bases = {}
-    for point, root, fstype, options in mounts():
+    for point, root, fstype, options in mounts(proc.get("mountinfo")):
         if fstype != "cgroup":
             continue
         for controller in CONTROLLERS:
@@ -266,9 +270,9 @@ def _detect_v1(manager_id: str) -> tuple[Limits | None, str]:
     return Limits("v1", bases), ""
 
 
-def _detect_v2(manager_id: str) -> tuple[Limits | None, str]:
-    own = own_cgroups().get("")
-    unified = [(point, root) for point, root, fstype, _ in mounts() if fstype == "cgroup2"]
+def _detect_v2(manager_id: str, proc: dict) -> tuple[Limits | None, str]:
+    own = own_cgroups(proc.get("cgroup")).get("")
+    unified = [(point, root) for point, root, fstype, _ in mounts(proc.get("mountinfo")) if fstype == "cgroup2"]
     if own is None or not unified:
         return None, "no cgroup v2 hierarchy"
     where = _inside(unified[0][0], unified[0][1], own)
@@ -295,8 +299,7 @@ def _enable_v2(base: str) -> None:
     """cpu, pids and memory for the children of `base`, and for those of our folder in it.
     `base` must hold no processes for that: the manager's own move into `base/manager`."""
     wanted = " ".join(f"+{c}" for c in CONTROLLERS)
-    enabled = set(Path(base, "cgroup.subtree_control").read_text().split())
-    if not set(CONTROLLERS) <= enabled:
+    if not set(CONTROLLERS) <= _enabled(base):
         try:
             _write(base, "cgroup.subtree_control", wanted)
         except OSError as exc:
@@ -304,6 +307,14 @@ def _enable_v2(base: str) -> None:
                 raise
             _move_processes(base, os.path.join(base, MANAGER_LEAF))
             _write(base, "cgroup.subtree_control", wanted)
+
+
+def _enabled(folder: str) -> set[str]:
+    """The controllers a v2 cgroup hands to its children."""
+    try:
+        return {c.lstrip("+") for c in Path(folder, "cgroup.subtree_control").read_text().split()}
+    except FileNotFoundError:
+        return set()
 
 
 def _move_processes(source: str, leaf: str) -> None:
@@ -328,7 +339,6 @@ def manager_folder_v2(limits: Limits) -> str | None:
     if not base:
         return None
     os.makedirs(base, exist_ok=True)
-    enabled = set(Path(base, "cgroup.subtree_control").read_text().split())
-    if not set(CONTROLLERS) <= enabled:
+    if not set(CONTROLLERS) <= _enabled(base):
         _write(base, "cgroup.subtree_control", " ".join(f"+{c}" for c in CONTROLLERS))
     return base
