@@ -347,7 +347,8 @@ class ProcessRuntime:
         except KeyError:
             return None
         low, high = self.app_uids
-        if entry.pw_gecos != self.user_comment(name) or not low <= entry.pw_uid <= high or entry.pw_uid == 0:
+        if (entry.pw_gecos != self.user_comment(name) or not low <= entry.pw_uid <= high
+                or not low <= entry.pw_gid <= high):
             raise RuntimeError_(f"the system user {user} exists but is not this manager's user of {name} "
                                 f"(uid {entry.pw_uid}, comment {entry.pw_gecos!r}); remove it or rename the instance")
         return entry
@@ -384,6 +385,8 @@ class ProcessRuntime:
                 if made.returncode not in (0, 9):  # 9: a group of that name is left from before
                     raise RuntimeError_(f"cannot create the group {user} for {name}: {last_lines(made.stderr)}")
                 gid = _group_id(user)
+                if gid is None or not self.app_uids[0] <= gid <= self.app_uids[1]:
+                    raise RuntimeError_(f"the group {user} exists but is not this manager's (gid {gid}); remove it")
                 made = subprocess.run(
                     [useradd, "-l", "-M", "-u", str(uid), "-g", str(gid), "-d", str(self.tenant_dir(name) / "home"),
                      "-s", "/usr/sbin/nologin", "-c", self.user_comment(name), user],
@@ -833,6 +836,8 @@ class ProcessRuntime:
         """PostgreSQL answers, and has the app's database (made the first time)."""
         if not SQL_IDENTIFIER.fullmatch(spec.db_name) or not SQL_IDENTIFIER.fullmatch(spec.db_user):
             return False
+        if not exists_in(self.tenant_dir(name), "run", ".s.PGSQL.5432"):
+            return False  # not listening yet (no program started for nothing)
         try:
             found = self._psql(name, spec, f"SELECT 1 FROM pg_database WHERE datname = '{spec.db_name}'")
             if found.returncode != 0:
@@ -1501,12 +1506,14 @@ class ProcessRuntime:
         aside = self.instances_root / f"{MIGRATING}{name}"
         if self._legacy(name):
             info = os.lstat(root)
+            self._check_legacy_owner(name, info.st_uid)
             self._stop_legacy(name, info.st_uid, info.st_gid)
             if os.path.lexists(aside):
                 raise RuntimeError_(f"cannot migrate {name}: {aside} exists already")
             os.rename(root, aside)  # in the manager's folder: the tenant cannot interfere
         old = os.lstat(aside)
         old_uid, old_gid = old.st_uid, old.st_gid
+        self._check_legacy_owner(name, old_uid)
         self._killall(old_uid, old_gid)  # nothing of the old user may run while its files move
         entry = self._make_folders(name)
         ids = (entry.pw_uid, entry.pw_gid) if entry else (os.geteuid(), os.getegid())
@@ -1522,6 +1529,8 @@ class ProcessRuntime:
                 os.rename(sub, sub, src_dir_fd=aside_fd, dst_dir_fd=tenant_fd)
             if old_uid != ids[0]:
                 chown_tree_at(tenant_fd, from_uid=old_uid, uid=ids[0], gid=ids[1])
+            if lexists_at(tenant_fd, "pg"):  # the old postmaster's lock (it is stopped): removed as the tenant
+                self._run_tenant(name, ["/bin/rm", "-f", "--", str(tenant / "pg" / "postmaster.pid")], timeout=60)
             for sub in TENANT_DIRS:
                 if not lexists_at(tenant_fd, sub):
                     os.mkdir(sub, 0o700, dir_fd=tenant_fd)
@@ -1538,6 +1547,20 @@ class ProcessRuntime:
         shutil.rmtree(aside, ignore_errors=True)  # what is left: the old metadata, logs, sockets, releases (copied)
         self._delete_legacy_user(name, old_uid, old_gid)
         return meta
+
+    def _check_legacy_owner(self, name: str, uid: int) -> None:
+        """An old-layout folder is migrated (its owner's processes killed) only when it
+        belongs to the previous version's user of this instance (or to the manager)."""
+        if uid == os.geteuid():
+            return
+        try:
+            entry = pwd.getpwuid(uid)
+        except KeyError:
+            entry = None
+        if uid == 0 or entry is None or entry.pw_name != self.legacy_user_name(name) \
+                or entry.pw_gecos != f"oTree Lab instance {name}":
+            raise RuntimeError_(f"{self.dir(name)} belongs to uid {uid}, not to the previous version's user of {name}: "
+                                "not migrated (move it away, or give it to that user)")
 
     def _stop_legacy(self, name: str, uid: int, gid: int) -> None:
         """The old supervisor and everything it ran: SIGTERM (PostgreSQL shuts down cleanly),
