@@ -6,20 +6,20 @@ tests/test_hostile.py) whose three pieces of code each attack:
 - **the build** — requirements.txt names `hostile-probe @ http://<outside host>/.../
   hostile_probe-1.0.tar.gz`, an sdist made by `sdist()` and served by an outside test host
   (tests/netns_helpers.outside_host). Its setup.py runs while pip builds it: every probe
-  below, a fork bomb, and a look at its memory limits (cgroups, RLIMIT_AS: a build whose
-  process is killed for memory fails, and this build must go live to deploy the rest of the
-  attack — the settings reader and the app allocate for real); it writes what it found into the package
-  (hostile_probe/build_report.json, installed with it), and leaves a daemon (double fork,
-  own session) that holds a .pth in the environment open and, once the build is over,
-  writes code through it and calls home — a poisoned shared environment, if the daemon
-  outlives the build;
-- **the settings reader** — settings.py runs the probes when it is imported: in the
-  manager's settings reader (introspection; with the fork bomb and the memory grab) it
-  reports through the only channel that reader has, the rooms it lists (it fork-bombs only
-  once its own app runs: where both share the instance's process budget, a bomb during
-  the app's start would only make its own deploy fail) (a room
-  `hostile_summary` "stage=settings tried=N violations=K uid=U ...", then one room per
-  violation); in the app process its findings join the app's;
+  below, a fork bomb, and a look at its memory limits (cgroups, RLIMIT_AS — not an
+  allocation: a build whose process is killed for memory fails, and this build must go
+  live for the rest of the attack; the settings reader and the app allocate for real). It
+  writes what it found into the package (hostile_probe/build_report.json, installed with
+  it) and leaves a daemon (double fork, own session) that holds a .pth in the environment
+  open and, once the build is over, writes code through it and calls home: a poisoned
+  shared environment, if the daemon outlives the build;
+- **the settings reader** — settings.py runs the probes when it is imported. In the
+  manager's settings reader (introspection) it adds the fork bomb and the memory grab —
+  the bomb only once its own app runs: where both share the instance's process budget, a
+  bomb during the app's start would only fail its own deploy — and reports through the
+  only channel that reader has, the rooms it lists: `hostile_summary` ("stage=settings
+  tried=N violations=K uid=U ..."), `hostile_limits`, then one room per violation. In the
+  app process its findings join the app's;
 - **the app** — its app module runs the probes at import, prints each finding to the
   app's log (`@@HOSTILE@@{json}`), and adds routes to oTree's Starlette app:
   `GET /hostile/report` (everything this process and the build found) and
@@ -27,10 +27,11 @@ tests/test_hostile.py) whose three pieces of code each attack:
   again, with the targets posted), `forkbomb` (2000 processes held together), `memory`
   (past the instance's limit), `busy` (busy loops), `pth` (a .pth into its environment's
   site-packages), `metadata` (the process runtime's instance.json/state.json/spec.json
-  rewritten, a thread racing the supervisor on state.json, symlinks planted where the
-  manager writes temporary files), `dblink` (its SQLite file replaced by a link to the
-  manager's database), `traps` (in every folder of its own: symbolic links to the
-  neighbour's folder and the manager's secrets, a hard link to the manager's key).
+  rewritten, a process of its own session racing the supervisor on state.json, symlinks
+  planted where the manager writes temporary files), `dblink` (its SQLite file replaced
+  by a link to the manager's database; `?undo=1` puts its own file back), `traps` (in
+  every folder of its own: symbolic links to the neighbour's folder and the manager's
+  secrets, a hard link to the manager's key).
 
 The probes (tests/hostile/probe.py, the package's code): its identity (root? capabilities?
 the manager's or the neighbour's uid?); read and write each file and folder the test names
