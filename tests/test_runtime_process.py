@@ -536,6 +536,12 @@ def test_cgroups_are_found_under_the_managers_own_cgroup(tmp_path):
     (unit / "cgroup.controllers").write_text("memory\n")
     assert Limits.detect("m1", force="v2", proc=proc).kind == "rlimit"
     assert "no cpu, pids controller" in Limits.detect("m1", force="v2", proc=proc).why
+    # An older systemd keeps the manager in the unit's cgroup itself: the hierarchy's root, as root.
+    (tmp_path / "cg2" / "cgroup.controllers").write_text("cpu memory pids\n")
+    (tmp_path / "cg2" / "cgroup.subtree_control").write_text("cpu memory pids\n")
+    proc["cgroup"] = "0::/system.slice/otree-lab-manager.service\n"
+    top = Limits.detect("m1", force="v2", proc=proc)
+    assert top.kind == "v2" and top.bases == {"unified": str(tmp_path / "cg2" / "otree-lab-m1")}
     # A hybrid v1 host (as this one): each controller's hierarchy under the manager's own cgroup.
     here = Limits.detect("m1", force="v1")
     need(here.kind == "v1", "writable cgroup v1 hierarchies")

@@ -13,20 +13,17 @@ the best this machine offers, chosen once per runtime object and shown on the in
              thread of that uid, which only this instance uses) and a lower priority (nice);
              CPU time is not capped
 
-Instance cgroups live under the manager's OWN cgroup (the subtree systemd delegates with
-`Delegate=yes`, or whatever cgroup the manager was started in), in `otree-lab-<manager
-id>/<instance>`; builds get `otree-lab-<manager id>/build-<slot>`. Their paths are
-recorded by the caller (in the root-owned instance.json) so a manager started elsewhere
-later still finds and removes them. The supervisor (procsup.py) joins them itself before it
-starts anything (writing its pid into `cgroup.procs`), so every process of the instance is
-inside; one-off programs (builds, the settings reader, backups) join through procsup's
-`exec` mode.
-
-cgroup v2's "no internal processes" rule: controllers can only be handed to children of a
-cgroup that has no processes itself. When the manager's own cgroup has processes (systemd
-puts the service there) and its controllers are not enabled yet, the manager moves its
-processes into a leaf `<cgroup>/manager` first (systemd >= 254 does this for us with
-`DelegateSubgroup=manager`), and instance cgroups go beside that leaf.
+Instance cgroups live in `otree-lab-<manager id>/<instance>` (builds: `build-<slot uid>`)
+beside the manager: under its OWN cgroup in each v1 hierarchy (the unit's cgroup that
+systemd delegates with `Delegate=yes`, or whatever cgroup the manager was started in); in
+v2, where a cgroup with processes cannot hand controllers to children ("no internal
+processes"), under the unit when systemd keeps the manager in a leaf `<unit>/manager`
+(`DelegateSubgroup=manager`, systemd >= 254), else, as root, at the hierarchy's root as
+Docker's cgroupfs driver does. Their paths are recorded by the caller (in the root-owned
+instance.json) so a manager started elsewhere later still finds and removes them. The
+supervisor (procsup.py) joins them itself before it starts anything (writing its pid into
+`cgroup.procs`), so every process of the instance is inside; one-off programs (builds,
+the settings reader, backups) join through procsup's `exec` mode.
 
 Per-process address-space limits (RLIMIT_AS) are kept in every mode (procsup sets them).
 """
@@ -42,8 +39,7 @@ from pathlib import Path
 CONTROLLERS = ("cpu", "pids", "memory")
 CPU_PERIOD_US = 100_000
 NICE = 10  # tenants yield to the manager when CPU time is not capped
-MANAGER_LEAF = "manager"  # cgroup v2: where the manager's own processes go (DelegateSubgroup=manager)
-MOVE_ROUNDS = 20  # cgroup v2: rounds of moving the manager's processes into its leaf (new ones may appear)
+MANAGER_LEAF = "manager"  # cgroup v2: the manager's own leaf in its unit (systemd DelegateSubgroup=manager)
 
 
 @dataclass(frozen=True)
@@ -275,38 +271,44 @@ def _detect_v2(manager_id: str, proc: dict) -> tuple[Limits | None, str]:
     unified = [(point, root) for point, root, fstype, _ in mounts(proc.get("mountinfo")) if fstype == "cgroup2"]
     if own is None or not unified:
         return None, "no cgroup v2 hierarchy"
-    where = _inside(unified[0][0], unified[0][1], own)
-    if where is None:
-        return None, "this process's cgroup v2 is outside the mounted hierarchy"
-    # After the move below (or systemd's DelegateSubgroup=manager) the manager runs in the leaf.
-    base = os.path.dirname(where) if os.path.basename(where) == MANAGER_LEAF else where
+    point, mount_root = unified[0]
+    where = _inside(point, mount_root, own)
+    candidates = []
+    if where is not None and os.path.basename(where) == MANAGER_LEAF:
+        candidates.append(os.path.dirname(where))  # systemd's DelegateSubgroup=manager: the unit's subtree
+    if os.geteuid() == 0 and mount_root == "/":
+        candidates.append(point)  # the hierarchy's root, as Docker's cgroupfs driver uses it
+    reasons = []
+    for parent in candidates:
+        why = _usable_v2(parent)
+        if not why:
+            return Limits("v2", {"unified": os.path.join(parent, f"otree-lab-{manager_id}")}), ""
+        reasons.append(why)
+    return None, "; ".join(reasons) or "no delegated cgroup v2 subtree (systemd: Delegate=yes, DelegateSubgroup=manager)"
+
+
+def _usable_v2(parent: str) -> str:
+    """'' when `parent` can hand cpu, pids and memory to the manager's folder in it, else why not."""
     try:
-        available = set(Path(base, "cgroup.controllers").read_text().split())
+        available = set(Path(parent, "cgroup.controllers").read_text().split())
     except OSError:
-        return None, "cgroup v2 controllers unreadable"
+        return "cgroup v2 controllers unreadable"
     if not set(CONTROLLERS) <= available:
-        return None, f"cgroup v2 has no {', '.join(c for c in CONTROLLERS if c not in available)} controller here"
-    if not os.access(os.path.join(base, "cgroup.subtree_control"), os.W_OK) or not os.access(base, os.W_OK):
-        return None, "the manager's cgroup v2 subtree is not delegated to it (systemd: Delegate=yes)"
+        return f"cgroup v2 has no {', '.join(c for c in CONTROLLERS if c not in available)} controller here"
+    if not os.access(os.path.join(parent, "cgroup.subtree_control"), os.W_OK):
+        return "the cgroup v2 subtree is not delegated to the manager (systemd: Delegate=yes)"
     try:
-        _enable_v2(base)
-    except OSError as exc:
-        return None, f"cgroup v2 controllers cannot be enabled for the instances: {exc.strerror or exc}"
-    return Limits("v2", {"unified": os.path.join(base, f"otree-lab-{manager_id}")}), ""
+        _enable_v2(parent)
+    except OSError as exc:  # e.g. EBUSY: processes in a non-root cgroup ("no internal processes")
+        return f"cgroup v2 controllers cannot be handed on in {parent}: {exc.strerror or exc}"
+    return ""
 
 
-def _enable_v2(base: str) -> None:
-    """cpu, pids and memory for the children of `base`, and for those of our folder in it.
-    `base` must hold no processes for that: the manager's own move into `base/manager`."""
-    wanted = " ".join(f"+{c}" for c in CONTROLLERS)
-    if not set(CONTROLLERS) <= _enabled(base):
-        try:
-            _write(base, "cgroup.subtree_control", wanted)
-        except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                raise
-            _move_processes(base, os.path.join(base, MANAGER_LEAF))
-            _write(base, "cgroup.subtree_control", wanted)
+def _enable_v2(parent: str) -> None:
+    """cpu, pids and memory for the children of `parent` (it must hold no processes, unless
+    it is the hierarchy's root)."""
+    if not set(CONTROLLERS) <= _enabled(parent):
+        _write(parent, "cgroup.subtree_control", " ".join(f"+{c}" for c in CONTROLLERS))
 
 
 def _enabled(folder: str) -> set[str]:
@@ -315,22 +317,6 @@ def _enabled(folder: str) -> set[str]:
         return {c.lstrip("+") for c in Path(folder, "cgroup.subtree_control").read_text().split()}
     except FileNotFoundError:
         return set()
-
-
-def _move_processes(source: str, leaf: str) -> None:
-    """Every process of cgroup `source` into `leaf` (bounded: processes may appear meanwhile)."""
-    os.makedirs(leaf, exist_ok=True)
-    for _ in range(MOVE_ROUNDS):
-        pids = Path(source, "cgroup.procs").read_text().split()
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                _write(leaf, "cgroup.procs", pid)
-            except OSError as exc:
-                if exc.errno not in (errno.ESRCH, errno.EINVAL):
-                    raise
-    raise OSError(errno.EBUSY, f"processes keep appearing in {source}")
 
 
 def manager_folder_v2(limits: Limits) -> str | None:
