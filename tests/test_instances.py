@@ -154,7 +154,7 @@ def test_pages(boss, ann):
 
 @pytest.mark.parametrize("runtime, says", [
     ("docker", ["Docker containers", "PostgreSQL (its own container)"]),
-    ("process", ["Plain processes on this machine", "no network isolation", "(not enforced by this runtime)"]),
+    ("process", ["Plain processes on this machine", "a user of its own", "RLIMIT_AS"]),
 ])
 def test_the_page_names_the_runtime_and_its_isolation(boss, ann, settings, runtime, says):
     settings.LAB_RUNTIME = runtime

@@ -288,7 +288,8 @@ def _detect_v2(manager_id: str, proc: dict) -> tuple[Limits | None, str]:
 
 
 def _usable_v2(parent: str) -> str:
-    """'' when `parent` can hand cpu, pids and memory to the manager's folder in it, else why not."""
+    """'' when `parent` can hand cpu, pids and memory to the manager's folder in it, else
+    why not. Reads only: the controllers are handed on when limits are applied."""
     try:
         available = set(Path(parent, "cgroup.controllers").read_text().split())
     except OSError:
@@ -297,16 +298,17 @@ def _usable_v2(parent: str) -> str:
         return f"cgroup v2 has no {', '.join(c for c in CONTROLLERS if c not in available)} controller here"
     if not os.access(os.path.join(parent, "cgroup.subtree_control"), os.W_OK):
         return "the cgroup v2 subtree is not delegated to the manager (systemd: Delegate=yes)"
-    try:
-        _enable_v2(parent)
-    except OSError as exc:  # e.g. EBUSY: processes in a non-root cgroup ("no internal processes")
-        return f"cgroup v2 controllers cannot be handed on in {parent}: {exc.strerror or exc}"
+    if not set(CONTROLLERS) <= _enabled(parent) and os.path.exists(os.path.join(parent, "cgroup.type")):
+        try:  # a non-root cgroup with processes cannot hand on controllers ("no internal processes")
+            if Path(parent, "cgroup.procs").read_text().split():
+                return f"{parent} holds processes, so it cannot hand controllers to the instances"
+        except OSError:
+            return "cgroup v2 processes unreadable"
     return ""
 
 
 def _enable_v2(parent: str) -> None:
-    """cpu, pids and memory for the children of `parent` (it must hold no processes, unless
-    it is the hierarchy's root)."""
+    """cpu, pids and memory for the children of `parent`."""
     if not set(CONTROLLERS) <= _enabled(parent):
         _write(parent, "cgroup.subtree_control", " ".join(f"+{c}" for c in CONTROLLERS))
 
@@ -324,6 +326,7 @@ def manager_folder_v2(limits: Limits) -> str | None:
     base = limits.bases.get("unified")
     if not base:
         return None
+    _enable_v2(os.path.dirname(base))
     os.makedirs(base, exist_ok=True)
     if not set(CONTROLLERS) <= _enabled(base):
         _write(base, "cgroup.subtree_control", " ".join(f"+{c}" for c in CONTROLLERS))

@@ -304,7 +304,10 @@ class ProcessRuntime:
     def _write_meta(self, name: str, meta: dict) -> None:
         write_own_json(self.dir(name) / "instance.json", meta)
 
-    limits_cpu = False  # the page asks protections() (per instance: cgroups may be missing here)
+    @property
+    def limits_cpu(self) -> bool:
+        """Whether the CPU limit holds here (cgroups; protections() says it per instance)."""
+        return self.limits.kind in ("v1", "v2")
 
     def database_label(self, name: str) -> str:
         kind = self.database_kind(name)
