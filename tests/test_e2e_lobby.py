@@ -22,7 +22,8 @@ from urllib.parse import parse_qs, quote, urlsplit
 import pytest
 
 from tests.conftest import CHROMIUM, need
-from tests.labserver_helpers import BASE_DIR, LabServer, child_env, free_port, migrate, new_data_dir, remove_data_dir
+from tests.labserver_helpers import (BASE_DIR, LabServer, child_env, free_port, migrate, new_data_dir,
+                                     remove_data_dir, remove_instances)
 from tests.test_e2e_notifications import TIMEOUT_MS, headless_chromium
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
@@ -94,6 +95,8 @@ Release.objects.create(instance=instance, number=1, commit="a" * 40, status="liv
     finally:
         state["server"].kill_everything()
         recorder.shutdown()
+        # The sweep may have set the instance up meanwhile (as root: a user of its own).
+        remove_instances(data_dir, port, **ENV)
         remove_data_dir(data_dir)
 
 
