@@ -268,7 +268,8 @@ def test_links_planted_in_an_sqlite_tenant_tree_make_the_manager_touch_nothing_o
         # A socket link: nothing connects to what it names.
         run = runtime.tenant_dir(name) / "run"
         assert as_tenant(runtime, name, "rm", "-f", str(run / "redis.sock")).returncode == 0
-        assert as_tenant(runtime, name, "ln", "-s", str(outside / "redis.sock"), str(run / "redis.sock")).returncode == 0
+        planted = as_tenant(runtime, name, "ln", "-s", str(outside / "redis.sock"), str(run / "redis.sock"))
+        assert planted.returncode == 0
         assert runtime._redis_answers(name) is False
         assert as_tenant(runtime, name, "mv", str(run), str(run) + ".old").returncode == 0
         assert as_tenant(runtime, name, "ln", "-s", str(outside), str(run)).returncode == 0
@@ -595,6 +596,15 @@ def test_remove_leaves_no_process_folder_cgroup_or_user(rt):
         assert processes_of(uid) == []
         assert subprocess.run(["id", user], capture_output=True).returncode != 0
     rt.remove("p-gone")  # idempotent
+    # A removal killed after the folder went and before the user did: the sweep finds the user.
+    started(rt, "p-half", app=False)
+    rt.stop("p-half")
+    subprocess.run(["rm", "-rf", str(rt.dir("p-half"))], check=True)
+    assert "p-half" in rt.owned_instances()
+    rt.remove("p-half")
+    if rt.own_users:
+        assert subprocess.run(["id", rt.user_name("p-half")], capture_output=True).returncode != 0
+    assert "p-half" not in rt.owned_instances()
 
 
 def test_sqlite_when_postgresql_programs_are_missing(settings, tmp_path):

@@ -284,7 +284,8 @@ def _detect_v2(manager_id: str, proc: dict) -> tuple[Limits | None, str]:
         if not why:
             return Limits("v2", {"unified": os.path.join(parent, f"otree-lab-{manager_id}")}), ""
         reasons.append(why)
-    return None, "; ".join(reasons) or "no delegated cgroup v2 subtree (systemd: Delegate=yes, DelegateSubgroup=manager)"
+    return None, ("; ".join(reasons)
+                  or "no delegated cgroup v2 subtree (systemd: Delegate=yes, DelegateSubgroup=manager)")
 
 
 def _usable_v2(parent: str) -> str:

@@ -91,9 +91,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .base import (
-    CANDIDATE, COMPONENTS, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppSpec, ComponentState, Health, InstanceSpec,
-    InstanceState, Protection, RuntimeError_, check_name, free_port, last_lines, setting, user_errors, wait_http,
-    wait_services,
+    CANDIDATE, COMPONENTS, INSTANCE_NAME, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppSpec, ComponentState, Health,
+    InstanceSpec, InstanceState, Protection, RuntimeError_, check_name, free_port, last_lines, setting, user_errors,
+    wait_http, wait_services,
 )
 from .limits import NICE, Amounts, Limits
 from .tenantfs import (
@@ -1411,7 +1411,19 @@ class ProcessRuntime:
                 found.add(name)
             elif self._legacy(name) and _legacy_manager(folder) == self.manager_id:
                 found.add(name)
-        return found
+        return found | self._users_left()
+
+    def _users_left(self) -> set[str]:
+        """Instances whose user is left without a folder (a removal killed between its steps)."""
+        if not self.own_users:
+            return set()
+        prefix = f"oTree Lab {self.manager_id} instance "
+        low, high = self.app_uids
+        return {entry.pw_gecos[len(prefix):] for entry in pwd.getpwall()
+                if entry.pw_gecos.startswith(prefix) and low <= entry.pw_uid <= high
+                and INSTANCE_NAME.fullmatch(entry.pw_gecos[len(prefix):])
+                and entry.pw_name == self.user_name(entry.pw_gecos[len(prefix):])
+                and not os.path.lexists(self.dir(entry.pw_gecos[len(prefix):]))}
 
     def processes(self, name: str) -> list[int]:
         """Pids of the instance's supervisor and of every process it runs (for tests and
