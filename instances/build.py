@@ -205,11 +205,14 @@ DEPS_ENV: dict[str, str] = {}  # nothing of the instance's, nothing secret
 PIP_KILLED = re.compile(r"exit code: -9\b")  # a setup.py or compiler killed (by the memory limit)
 
 
+DEPS_RECIPE = "2"  # changes when deps_changes() does: older dependencies images are not reused
+
+
 def deps_key(base_image_id: str, requirements: bytes) -> str:
     """The cache key of a dependencies image: the base image, our recipe and the exact
     requirements.txt (identical requirements share one image, across instances)."""
     digest = hashlib.sha256()
-    for part in (DEPS_SCRIPT.encode(), base_image_id.encode(), requirements):
+    for part in (DEPS_RECIPE.encode(), DEPS_SCRIPT.encode(), base_image_id.encode(), requirements):
         digest.update(len(part).to_bytes(8, "big") + part)
     return digest.hexdigest()
 
@@ -238,27 +241,35 @@ def deps_archive(requirements: bytes) -> bytes:
     return buf.getvalue()
 
 
-def deps_changes(runtime, key: str) -> list[str]:
-    """The committed image's labels (no instance: it may serve several) and command."""
+def deps_changes(runtime, key: str, base_env: list[str]) -> list[str]:
+    """What the committed dependencies image says besides its files: labels (no instance:
+    it may serve several), and the app's environment, directory, port and command (set
+    here once, not as uncached steps of every release build on it)."""
     from instances.runtime.docker import LABEL_DEPS
 
     labels = {LABEL_MANAGER: runtime.manager_id, LABEL_INSTANCE: "", LABEL_COMPONENT: "deps", LABEL_DEPS: key}
-    return [f"LABEL {' '.join(f'{k}={json.dumps(v)}' for k, v in labels.items())}", 'CMD ["python3"]']
-
-
-def dockerfile(labels: dict[str, str], base: str) -> str:
-    """The release image: the dependencies image plus the project's files. No RUN step:
-    nothing of the tenant's runs in the builder. Everything before the COPY is the same
-    for each build of an instance on the same dependencies (cached), so a code-only push
-    costs one COPY. No USER: the runtime runs its containers as APP_USER."""
-    label_line = " ".join(f"{key}={json.dumps(value)}" for key, value in sorted(labels.items()))
-    return "\n".join([
-        f"FROM {base}",
-        "ENV PATH=/opt/venv/bin:$PATH VIRTUAL_ENV=/opt/venv PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1",
-        f"LABEL {label_line}",
+    path = next((e.split("=", 1)[1] for e in base_env if e.startswith("PATH=")), "/usr/local/bin:/usr/bin:/bin")
+    env = {"PATH": f"/opt/venv/bin:{path}", "VIRTUAL_ENV": "/opt/venv", "PYTHONUNBUFFERED": "1",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    return [
+        f"LABEL {' '.join(f'{k}={json.dumps(v)}' for k, v in labels.items())}",
+        f"ENV {' '.join(f'{k}={json.dumps(v)}' for k, v in env.items())}",
         "WORKDIR /app",
         f"EXPOSE {RELEASE_IMAGE_PORT}",
         f"CMD {json.dumps(COMMAND)}",
+    ]
+
+
+def dockerfile(labels: dict[str, str], base: str) -> str:
+    """The release image: the dependencies image (environment, directory, port and
+    command included) plus the project's files. No RUN step: nothing of the tenant's
+    runs in the builder. The LABEL step is the same for each build of an instance on the
+    same dependencies (cached), so a code-only push costs one COPY. No USER: the runtime
+    runs its containers as APP_USER."""
+    label_line = " ".join(f"{key}={json.dumps(value)}" for key, value in sorted(labels.items()))
+    return "\n".join([
+        f"FROM {base}",
+        f"LABEL {label_line}",
         # oTree opens db.sqlite3 in its working directory at import (even on PostgreSQL),
         # so the project directory belongs to the app's user (/app itself already does).
         f"COPY --chown={APP_USER} . /app",

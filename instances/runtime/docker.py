@@ -525,7 +525,7 @@ class DockerRuntime:
             result = self._run_build(cid, out=out, deadline=deadline)
             self._build_outcome(result, memory_mb=memory_mb)
             self._call("saving the installed requirements", api.commit, cid, repository=ref.rsplit(":", 1)[0],
-                       tag=ref.rsplit(":", 1)[1], changes=build.deps_changes(self, key))
+                       tag=ref.rsplit(":", 1)[1], changes=build.deps_changes(self, key, result["env"]))
         except NotFound as exc:
             raise RuntimeError_(f"the build container went away: {_short(exc)}") from None
         finally:
@@ -594,7 +594,7 @@ class DockerRuntime:
             streamer.close()
         info = self._call("inspecting the build container", self.api.inspect_container, cid)
         return {"state": info["State"], "log": tail.decode(errors="replace"), "timed_out": timed_out.is_set(),
-                "timeout": remaining}
+                "timeout": remaining, "env": info["Config"].get("Env") or []}
 
     @staticmethod
     def _build_outcome(result: dict, *, memory_mb: int) -> None:
