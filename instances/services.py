@@ -66,6 +66,9 @@ def validate_name(name: str) -> str:
             "or digit (e.g. public-goods-2)."]})
     if name in RESERVED_NAMES:
         raise ValidationError({"name": [f"{name!r} is reserved; choose another name."]})
+    if settings.LAB_ROUTING == "subdomain" and f"{name}.{settings.LAB_DOMAIN}".lower() == settings.LAB_PUBLIC_HOST.lower():
+        raise ValidationError({"name": [f"{name}.{settings.LAB_DOMAIN} is the manager's own address; choose another "
+                                        "name."]})
     if Instance.objects.filter(name=name).exists():
         raise Conflict({"name": [f"An instance named {name!r} already exists."]})
     return name

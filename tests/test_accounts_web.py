@@ -567,6 +567,14 @@ def test_two_proxy_hops_take_the_address_the_outer_proxy_appended(settings):
     assert TOO_MANY not in failed_login("someone", "198.51.100.7, 198.51.100.8, 10.0.0.2")
 
 
+def test_a_request_that_skipped_the_outer_proxy_is_counted_not_refused(settings):
+    settings.ALLAUTH_TRUSTED_PROXY_COUNT = 2  # LAB_PROXY_HOPS=2, but this one reached the inner proxy directly
+    # One entry only: the address the inner proxy saw. The login page answers (no 500)
+    # and the limit counts that address.
+    exhaust_ip_limit("198.51.100.9")
+    assert TOO_MANY not in failed_login("someone", "198.51.100.10")
+
+
 def test_without_lab_behind_proxy_the_forwarded_header_is_ignored(settings):
     assert settings.ALLAUTH_TRUSTED_PROXY_COUNT == 0  # the default: LAB_BEHIND_PROXY unset
     # An attacker's made-up X-Forwarded-For gives no fresh tries: the limit is per REMOTE_ADDR.

@@ -50,6 +50,14 @@ def test_bad_names_are_refused_with_the_reason(boss, ann, name, message):
     assert not Instance.objects.exists() and not Job.objects.exists()
 
 
+def test_subdomain_routing_refuses_the_name_that_is_the_managers_address(boss, ann, settings):
+    settings.LAB_ROUTING, settings.LAB_DOMAIN, settings.LAB_PUBLIC_HOST = "subdomain", "example.edu", "econ.example.edu"
+    with pytest.raises(ValidationError) as exc:
+        services.create_instance(boss, name="econ", owner=ann)
+    assert "econ.example.edu is the manager's own address" in " ".join(exc.value.message_dict["name"])
+    assert services.create_instance(boss, name="econ-2", owner=ann).url == "https://econ-2.example.edu/"
+
+
 def test_taken_name_is_a_conflict(boss, ann, django_capture_on_commit_callbacks):
     services.create_instance(boss, name="public-goods", owner=ann)
     with pytest.raises(Conflict):
