@@ -19,8 +19,10 @@ import pwd
 import signal
 import socket
 import sqlite3
+import shutil
 import stat
 import subprocess
+import sys
 import tarfile
 import tempfile
 import time
@@ -785,6 +787,80 @@ def test_process_isolation_needs_root_or_an_explicit_none():
     assert "Install Docker" in refusal
     assert process_refusal(is_root=False, isolation="users", docker_missing=True).startswith("No Docker engine answers")
     assert "as root" in process_refusal(is_root=True, isolation="none")
+
+
+UNPRIVILEGED = r'''
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+os.environ["DJANGO_SETTINGS_MODULE"] = "manager.settings"
+import django
+django.setup()
+from pathlib import Path
+from instances.runtime import process_refusal
+from instances.runtime.base import InstanceSpec
+from instances.runtime.process import ProcessRuntime
+facts = {"euid": os.geteuid(), "refusal": process_refusal()}
+rt = ProcessRuntime(manager_id="unpriv")
+if not facts["refusal"]:
+    spec = InstanceSpec(name="laptop", db_name="otree", db_user="otree", db_password="pw-laptop-1", memory_mb=384, cpus=1)
+    try:
+        facts["ready"] = rt.ensure(spec).services_ready
+        facts["backup"] = rt.backup_database("laptop", spec, Path(os.environ["LAB_DATA_DIR"]) / "b.dump")
+        facts["supervisor_uid"] = os.stat(f"/proc/{rt._state('laptop')['supervisor']}").st_uid
+        facts["protections"] = {p.what: [p.holds, p.detail] for p in rt.protections("laptop")}
+        facts["isolation"] = rt.isolation
+    finally:
+        rt.remove("laptop")
+    facts["left"] = sorted(rt.owned_instances())
+else:
+    try:
+        rt.ensure(InstanceSpec(name="laptop", db_name="otree", db_user="otree", db_password="pw", memory_mb=384, cpus=1))
+    except Exception as exc:
+        facts["ensure"] = str(exc)
+print("@@" + json.dumps(facts))
+'''
+
+
+def run_unprivileged(data_dir: Path, **env) -> dict:
+    """UNPRIVILEGED as `nobody` (a real non-root uid; the one capability to read files lets
+    it import the manager wherever the checkout lies)."""
+    from django.conf import settings
+
+    base = Path(settings.BASE_DIR)
+    result = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "--inh-caps=+dac_read_search",
+         "--ambient-caps=+dac_read_search", "env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin", f"HOME={data_dir}",
+         f"LAB_DATA_DIR={data_dir}", *[f"{k}={v}" for k, v in env.items()], sys.executable, "-c", UNPRIVILEGED,
+         str(base)], capture_output=True, text=True, timeout=300, cwd=data_dir)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("@@")]
+    assert lines, result.stdout[-2000:] + result.stderr[-2000:]
+    return json.loads(lines[-1][2:])
+
+
+def test_an_unprivileged_manager_refuses_users_isolation_and_runs_with_none(tmp_path):
+    """The manager as `nobody`: with the default LAB_PROCESS_ISOLATION=users the process
+    runtime refuses (and says what to do); with =none (a single-user laptop) instances run,
+    back up and go as the manager's own user, and the page says nothing isolates them."""
+    backends.require("process")
+    need(os.geteuid() == 0 and shutil.which("setpriv"), "root and setpriv (to become nobody)")
+    for mode in ("users", "none"):
+        data_dir = Path(tempfile.mkdtemp(prefix=f"otl-nobody-{mode}-"))
+        os.chmod(data_dir, 0o755)
+        os.chown(data_dir, pwd.getpwnam("nobody").pw_uid, -1)
+        try:
+            facts = run_unprivileged(data_dir, LAB_PROCESS_ISOLATION=mode)
+        finally:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        assert facts["euid"] == pwd.getpwnam("nobody").pw_uid
+        if mode == "users":
+            assert "run the manager as root" in facts["refusal"] and "LAB_PROCESS_ISOLATION=none" in facts["refusal"]
+            assert "run the manager as root" in facts["ensure"]
+            continue
+        assert facts["refusal"] is None and facts["ready"] and facts["backup"] > 0
+        assert facts["supervisor_uid"] == facts["euid"] and facts["left"] == []
+        assert "nothing separates" in facts["isolation"]
+        files = facts["protections"]["Files"]
+        assert files[0] is False and "manager's own user" in files[1]
 
 
 @pytest.mark.django_db
