@@ -337,9 +337,18 @@ def test_apps_and_builds_reach_no_service_of_this_machine_nor_metadata(rt, api, 
     rt.ensure(make_spec("fw-host", app=http_app()))
     app = rt.container_name("fw-host", "app")
     builder = build_container(rt, "fw-host")
+    # A service of this machine in a container of its own, published on all addresses
+    # (Docker forwards such ports with DNAT, past the host's INPUT chain).
+    other = api.create_container(PY, ["python", "-m", "http.server", "8080"], ports=[8080],
+                                 labels={LABEL_MANAGER: rt.manager_id},
+                                 host_config=api.create_host_config(port_bindings={8080: ("0.0.0.0", None)}))
     try:
+        api.start(other["Id"])
+        published = api.inspect_container(other["Id"])["NetworkSettings"]["Ports"]["8080/tcp"][0]["HostPort"]
+        dh.wait_for(lambda: dh.http_get(f"http://127.0.0.1:{published}/")[0] == 200, 30, "the published service")
         targets = host_targets(everywhere.port, gateways(api, app), gateways(api, builder)) + [f"{METADATA}:80"]
         assert len(targets) >= 5  # eth0, docker0, the app's two gateways, the build's, metadata
+        targets += [f"{a}:{published}" for a in host_addresses(4, lasting=True) if not a.startswith("127.")]
         seen = (len(everywhere.connections), len(metadata.hits()))
         for container in (app, builder):
             results = probe_from(api, container, targets)
@@ -350,8 +359,10 @@ def test_apps_and_builds_reach_no_service_of_this_machine_nor_metadata(rt, api, 
         netguard.remove(rt.policy)
         results = probe_from(api, app, targets)
         assert results[targets[0]] == "open" and results[f"{METADATA}:80"] == "open", results
+        assert results[targets[-1]] == "open", results  # the published service, through DNAT
         assert len(everywhere.connections) > seen[0] and len(metadata.hits()) > seen[1]
     finally:
+        api.remove_container(other["Id"], force=True)
         rt.remove_build_leftovers("fw-host")
         rt._guard()
     assert rt.protections("fw-host")[1].holds
