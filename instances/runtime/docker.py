@@ -726,12 +726,17 @@ class DockerRuntime:
 
     def _prune_dependencies(self) -> list[str]:
         """Dependencies images no release image of this manager is built on, once they are
-        older than a build may take (a build may be about to use a fresh one)."""
+        older than a build may take (a build may be about to use a fresh one); all of them
+        when no release image and no build is left (the last instance went). A build
+        whose dependencies image went meanwhile installs them again (build_release)."""
         api = self.api
         manager = f"{LABEL_MANAGER}={self.manager_id}"
         releases = self._call("listing images", api.images, filters={"label": [manager, f"{LABEL_COMPONENT}=release"]})
         used = {(image.get("Labels") or {}).get(LABEL_DEPS) for image in releases}
         grace = float(setting("LAB_BUILD_TIMEOUT", 900)) + 60
+        if not releases and not self._call("listing containers", api.containers, all=True,
+                                           filters={"label": [manager, f"{LABEL_COMPONENT}=build"]}):
+            grace = 0
         removed = []
         for image in self._call("listing images", api.images, filters={"label": [manager, f"{LABEL_COMPONENT}=deps"]}):
             if (image.get("Labels") or {}).get(LABEL_DEPS) in used or time.time() - image.get("Created", 0) < grace:
