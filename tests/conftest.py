@@ -29,7 +29,8 @@ def redis_server():
 @pytest.fixture(scope="session", autouse=True)
 def _no_firewall_left():
     """The firewall chains this run applied (instances/netguard.py: every instance start
-    and sweep applies them) go at its end, with those of the labservers it started."""
+    and sweep applies them) go at its end, with those of the labservers it started; so do
+    the Docker images of this run's manager (releases, cached dependencies)."""
     yield
     from instances import netguard
 
@@ -38,6 +39,10 @@ def _no_firewall_left():
         netguard.remove_stale()  # managers whose data dir is gone (e.g. a test's labserver)
     except (netguard.NetguardError, OSError):
         pass  # no iptables or no root here: nothing was applied
+    from tests import docker_helpers
+
+    if docker_helpers.engine_ok():
+        docker_helpers.remove_images(docker_helpers.api(), settings.LAB_MANAGER_ID)
 
 
 @pytest.fixture(autouse=True)

@@ -80,7 +80,7 @@ def purge(manager_id: str, timeout: float = 60) -> None:
     while True:
         found = labelled(manager_id, client=client)
         if not any(found.values()) or time.monotonic() > deadline:
-            _remove_images(client, manager_id)
+            remove_images(client, manager_id)
             return
         for c in found["containers"]:
             _quietly(client.remove_container, c["Id"], force=True)
@@ -91,7 +91,7 @@ def purge(manager_id: str, timeout: float = 60) -> None:
         time.sleep(0.3)
 
 
-def _remove_images(client: docker.APIClient, manager_id: str) -> None:
+def remove_images(client: docker.APIClient, manager_id: str) -> None:
     """Release images first (they are built on the dependencies images)."""
     images = client.images(filters=_filters(manager_id, None))
     images.sort(key=lambda image: (image.get("Labels") or {}).get(LABEL_COMPONENT) != "release")
