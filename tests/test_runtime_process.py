@@ -600,6 +600,7 @@ def test_remove_leaves_no_process_folder_cgroup_or_user(rt):
     rt.remove("p-gone")  # idempotent
     # A removal killed after the folder went and before the user did: the sweep finds the user.
     started(rt, "p-half", app=False)
+    half_cgroups = rt._meta("p-half").get("cgroups") or []
     rt.stop("p-half")
     subprocess.run(["rm", "-rf", str(rt.dir("p-half"))], check=True)
     assert "p-half" in rt.owned_instances()
@@ -607,6 +608,7 @@ def test_remove_leaves_no_process_folder_cgroup_or_user(rt):
     if rt.own_users:
         assert subprocess.run(["id", rt.user_name("p-half")], capture_output=True).returncode != 0
     assert "p-half" not in rt.owned_instances()
+    assert not any(os.path.exists(path) for path in half_cgroups)
 
 
 def test_sqlite_when_postgresql_programs_are_missing(settings, tmp_path):

@@ -1347,8 +1347,9 @@ class ProcessRuntime:
         root = self.dir(name)
         if self._legacy(name) or (self.instances_root / f"{MIGRATING}{name}").exists():
             self._migrate(name)  # one way to take an instance apart: the current one
-        if not os.path.lexists(root):
+        if not os.path.lexists(root):  # (a removal killed half-way: what may be left)
             self._remove_user_if_ours(name)
+            self._remove_cgroups(name, [])
             return
         meta = self._meta(name)
         self._stop_supervisor(name)
@@ -1356,11 +1357,17 @@ class ProcessRuntime:
         shutil.rmtree(root, ignore_errors=True)
         if os.path.lexists(root):
             raise RuntimeError_(f"could not remove {root}")
-        left = Limits.remove(meta.get("cgroups") or [])
-        if left:
-            raise RuntimeError_(f"could not remove the cgroups of {name}: {', '.join(left)}")
+        self._remove_cgroups(name, meta.get("cgroups") or [])
         self._remove_user_if_ours(name)
         self._prune_venvs()
+
+    def _remove_cgroups(self, name: str, recorded: list[str]) -> None:
+        """The recorded cgroups and those where this manager would put them now (nothing
+        runs in them any more)."""
+        here = self.limits.dirs(name) if self.limits.kind != "rlimit" else []
+        left = Limits.remove(recorded + [d for d in here if d not in recorded])
+        if left:
+            raise RuntimeError_(f"could not remove the cgroups of {name}: {', '.join(left)}")
 
     def _remove_user_if_ours(self, name: str) -> None:
         if self.own_users and self.is_root:
