@@ -420,7 +420,11 @@ def introspect(runtime, image: str, *, instance_name: str, timeout: float = 60) 
     labels = {LABEL_MANAGER: runtime.manager_id, LABEL_INSTANCE: instance_name, LABEL_COMPONENT: "introspect"}
     host_config = api.create_host_config(mem_limit="256m", memswap_limit="256m", pids_limit=64,
                                          cap_drop=["ALL"], security_opt=["no-new-privileges"], network_mode="none",
-                                         read_only=True, tmpfs={"/tmp": "size=16m,mode=1777"})
+                                         read_only=True, tmpfs={"/tmp": "size=16m,mode=1777"},
+                                         # What settings.py prints stays small on the engine's disk (two files
+                                         # kept: a flood still shows as one, which parse_introspection refuses).
+                                         log_config={"Type": "json-file",
+                                                     "Config": {"max-size": "8m", "max-file": "2"}})
     container = api.create_container(image, command=["python", "-c", INTROSPECT], labels=labels, user=APP_USER,
                                      host_config=host_config, network_disabled=True,
                                      environment={"OTREE_PRODUCTION": "1"})
@@ -430,13 +434,13 @@ def introspect(runtime, image: str, *, instance_name: str, timeout: float = 60) 
             api.wait(container["Id"], timeout=timeout)
         except Exception:  # noqa: BLE001 - requests' read timeout
             raise BuildFailed(f"reading settings.py inside the image took longer than {timeout:g} s") from None
-        out = api.logs(container["Id"], stdout=True, stderr=True).decode(errors="replace")
+        # Streamed: parse_introspection reads a bounded amount, never the whole log.
+        return parse_introspection(api.logs(container["Id"], stdout=True, stderr=True, stream=True, follow=False))
     finally:
         try:
             api.remove_container(container["Id"], force=True, v=True)
         except Exception:  # noqa: BLE001
             pass
-    return parse_introspection(out)
 
 
 def parse_introspection(out) -> dict:

@@ -503,6 +503,13 @@ def test_builds_install_once_share_and_add_only_the_project(rt, api, package_hos
                           timeout=300, memory_mb=256, cpus=1)
     with pytest.raises(build.BuildFailed, match="Read-only file system"):
         rt.introspect("fw-one", ro)
+    # What settings.py prints is read as a bounded stream: a flood fails the release, and
+    # never reaches the manager's memory whole.
+    flood = "for _ in range(64): print('x' * 2**20)\nSESSION_CONFIGS = []\n"
+    loud = rt.build_release("fw-one", 4, dh.project(tmp_path, requirements, flood), out=lambda t: None,
+                            timeout=300, memory_mb=256, cpus=1)
+    with pytest.raises(build.BuildFailed, match="printed more than 4 MB"):
+        rt.introspect("fw-one", loud)
 
     # The dependencies image stays while a release image is built on it, and goes with
     # the last one (no build running).

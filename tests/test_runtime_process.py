@@ -439,6 +439,13 @@ def test_environments_are_built_by_build_users_and_sealed_against_daemons_and_ap
         assert as_tenant(rt, "p-env-b", "ls", str(private)).returncode != 0
         assert as_tenant(rt, "p-env-a", str(private / "bin" / "python"), "-c", "import localpkg",
                          cwd="/").returncode == 0
+        # What settings.py prints is read as a bounded stream: a flood fails the release, and
+        # never reaches the manager's memory whole.
+        (ctx / "settings.py").write_text("import sys\nfor _ in range(64): sys.stdout.write('x' * 2**20)\n"
+                                         "SESSION_CONFIGS = []\n")
+        loud = rt.build_release("p-env-a", 3, ctx, out=log.append, timeout=600)
+        with pytest.raises(build.BuildFailed, match="printed more than 4 MB"):
+            rt.introspect("p-env-a", loud)
     finally:
         subprocess.run(["rm", "-rf", str(links)], check=False)
         for suffix in ("", ".daemon", ".pwned"):

@@ -1192,12 +1192,29 @@ class ProcessRuntime:
         release = self._release_dir(image)
         python = self._venv_of(release) / "bin" / "python"
         env = {**self._base_env(name), "OTREE_PRODUCTION": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+        launcher = self._tenant_launcher(name, [str(python), "-c", build.INTROSPECT, str(release)], cwd=release,
+                                         memory_mb=INTROSPECT_MB)
+        proc = subprocess.Popen(launcher, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        timer = _Deadline(proc, time.monotonic() + timeout)
+        failure = None
         try:
-            result = self._run_tenant(name, [str(python), "-c", build.INTROSPECT, str(release)], env=env,
-                                      cwd=release, timeout=timeout, memory_mb=INTROSPECT_MB)
-        except subprocess.TimeoutExpired:
-            raise build.BuildFailed(f"reading settings.py took longer than {timeout:g} s") from None
-        return build.parse_introspection(result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace"))
+            # Streamed: parse_introspection reads a bounded amount (what settings.py prints
+            # is the tenant's), then the reader is stopped.
+            found = build.parse_introspection(iter(lambda: proc.stdout.read(65536), b""))
+        except build.BuildFailed as exc:
+            failure = exc
+        finally:
+            timer.cancel()
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            proc.stdout.close()
+        if timer.fired:
+            raise build.BuildFailed(f"reading settings.py took longer than {timeout:g} s")
+        if failure is not None:
+            raise failure
+        return found
 
     # --- state -----------------------------------------------------------------------------------
 
