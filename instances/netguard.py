@@ -55,6 +55,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -425,20 +426,32 @@ def ensure(policy: Policy | None = None) -> Status:
                     except NetguardError:
                         if attempt == 2:
                             raise
-        return _in_place(policy, changed)
+        found = _in_place(policy, changed)
     except NetguardError as exc:
-        return Status(False, f"not enforced: {exc}")
+        found = Status(False, f"not enforced: {exc}")
     except OSError as exc:
-        return Status(False, f"not enforced: {os.strerror(exc.errno or errno.EIO)} ({exc})")
+        found = Status(False, f"not enforced: {os.strerror(exc.errno or errno.EIO)} ({exc})")
+    _seen[policy] = (time.monotonic(), found)
+    return found
 
 
-def status(policy: Policy | None = None) -> Status:
-    """Whether the rules of `policy` are in place now (reads only)."""
+_seen: dict[Policy, tuple[float, Status]] = {}  # policy -> (when, status): status(max_age=) answers from here
+
+
+def status(policy: Policy | None = None, *, max_age: float = 0) -> Status:
+    """Whether the rules of `policy` are in place now (reads only). `max_age`: a status
+    read at most that many seconds ago in this process will do (instance pages: no
+    iptables-save per page view; `ensure()` and `remove()` refresh it)."""
     policy = policy or Policy.from_settings()
+    seen = _seen.get(policy)
+    if max_age and seen is not None and time.monotonic() - seen[0] <= max_age:
+        return seen[1]
     try:
-        return _in_place(policy, False)
+        found = _in_place(policy, False)
     except NetguardError as exc:
-        return Status(False, f"not enforced: {exc}")
+        found = Status(False, f"not enforced: {exc}")
+    _seen[policy] = (time.monotonic(), found)
+    return found
 
 
 def _in_place(policy: Policy, changed: bool) -> Status:
@@ -457,6 +470,7 @@ def remove(policy: Policy | str | None = None) -> bool:
     """Take one manager's chains and jumps away (default: this manager's); True when
     something was removed."""
     manager_id = policy if isinstance(policy, str) else (policy or Policy.from_settings()).manager_id
+    _seen.clear()
     removed = False
     with _Locked():
         for version in (4, 6):

@@ -89,6 +89,7 @@ PGDATA = "/var/lib/postgresql/data"  # the volume's mount point
 POSTGRES_ARGS = {"listen_addresses": "*", **POSTGRES_TUNING}
 
 MANAGER_ID = re.compile(r"[a-z0-9]{1,16}")
+PAGE_STATUS_AGE = 15  # seconds the firewall's status shown on instance pages may be old
 
 log = logging.getLogger(__name__)
 
@@ -651,7 +652,7 @@ class DockerRuntime:
 
         from .base import Protection
 
-        guard = netguard.status(self.policy)
+        guard = netguard.status(self.policy, max_age=PAGE_STATUS_AGE)
         fenced = guard.enforced
         missing = f" — {guard.detail}" if not fenced else ""
         egress = setting("LAB_EGRESS", "open")

@@ -1837,21 +1837,17 @@ def _legacy_manager(folder: Path) -> str:
 
 
 def _firewall():
-    """The firewall rules for the instances' users (instances/netguard.py), when the module
-    is there; it never raises."""
-    try:
-        from instances import netguard
-    except ImportError:
-        return None
+    """The firewall rules for the instances' users (instances/netguard.py); never raises."""
+    from instances import netguard
+
     return netguard.ensure()
 
 
 def _firewall_status():
+    """The firewall's status for the instance page (read at most every 15 s per process)."""
+    from instances import netguard
+
     try:
-        from instances import netguard
-    except ImportError:
-        return None
-    try:
-        return netguard.status()
+        return netguard.status(max_age=15)
     except Exception:  # noqa: BLE001 - the page must render; the protection shows as not enforced
         return None
