@@ -17,7 +17,6 @@ waits only. Needs root and iproute2 (`ip netns`).
 from __future__ import annotations
 
 import contextlib
-import http.server
 import json
 import os
 import shutil
@@ -30,6 +29,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.http_helpers import StandIn
 
 # The recording server: standard library only, run inside the namespace with `ip netns exec`.
 RECORDER = r'''
@@ -171,59 +172,13 @@ def outside_host(address: str, port: int = 80):
         shutil.rmtree(work, ignore_errors=True)
 
 
-class _Recorder(http.server.BaseHTTPRequestHandler):
-    hits: list
-
-    def do_GET(self):  # noqa: N802
-        self.server.hits.append({"method": "GET", "path": self.path, "peer": self.client_address[0],
-                                 "time": time.time()})
-        body = b"reached the lab machine itself\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_POST = do_GET  # noqa: N815
-
-    def log_message(self, *args):
-        pass
-
-
-@dataclass
-class HostListener:
-    """A recording HTTP server on this machine; `hits` lists every request it answered and
-    `connections` every TCP connection accepted (a probe may connect without speaking HTTP)."""
-
-    bind: str
-    port: int
-    hits: list
-    connections: list
-
-
 @contextlib.contextmanager
 def host_listener(bind: str = "0.0.0.0", port: int = 0):
-    """A service of the lab machine itself listening on `bind` (all interfaces by default)."""
-    connections: list = []
-
-    class Server(http.server.ThreadingHTTPServer):
-        allow_reuse_address = True
-        daemon_threads = True
-        address_family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-
-        def verify_request(self, request, client_address):
-            connections.append({"peer": client_address[0], "time": time.time()})
-            return True
-
-    server = Server((bind, port), _Recorder)
-    server.hits = []
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    try:
-        yield HostListener(bind=bind, port=server.server_address[1], hits=server.hits, connections=connections)
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
+    """A service of the lab machine itself listening on `bind` (all interfaces by
+    default): a StandIn whose `connections` lists every TCP connection it accepted (a
+    probe may connect without speaking HTTP) and `requests` every request it answered."""
+    with StandIn(lambda request: b"reached the lab machine itself\n", bind=bind, port=port) as listener:
+        yield listener
 
 
 TRANSIENT = ("veth", "otlh", "br-")  # containers', test hosts' and Docker networks' (they come and go)

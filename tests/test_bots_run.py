@@ -14,6 +14,7 @@ import csv
 import io
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from tests import bots_otree
 from tests.conftest import need
 from tests.docker_helpers import engine_ok, images_present, wait_for
 from tests.fake_llm import FakeLLM
+from tests.http_helpers import StandIn
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 
@@ -42,41 +44,14 @@ NAME = "bots-game"
 KEY = "sk-fake-provider-key-4242"
 
 
-class ManagerStandIn:
+class ManagerStandIn(StandIn):
     """A page on the lab machine's loopback, where the manager (or any local service)
     would answer: it records every request and answers with a secret."""
 
     def __init__(self):
-        import http.server
-        import secrets
-
         self.secret = f"MANAGER-SECRET-{secrets.token_hex(8)}"
-        self.requests: list[str] = []
-        stand_in = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                stand_in.requests.append(self.path)
-                body = f"<html><body><p>{stand_in.secret}</p></body></html>".encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_POST = do_GET  # noqa: N815
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        super().__init__(lambda request: f"<html><body><p>{self.secret}</p></body></html>".encode())
+        self.url += "/"
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from manager.accounts.models import User
 from manager.accounts.services import create_token
 from manager.audit.models import AuditEvent
 from tests.fake_llm import FakeLLM
+from tests.http_helpers import StandIn
 from tests.test_realtime import connect
 
 SECRET = "sk-unit-secret-0123456789"
@@ -390,51 +391,6 @@ def test_bot_runs_have_their_own_queue_and_labserver_worker(settings):
     assert "-Q" not in specs["worker"].argv  # the main worker keeps the default queue: deploys, backups
 
 
-class _Servers:
-    """Two real HTTP servers on loopback: the instance (answers as `routes` say) and
-    another service of the lab machine that records whatever reaches it."""
-
-    def __init__(self, routes):
-        import http.server
-        import threading
-
-        self.outside_hits = []
-        hits = self.outside_hits
-
-        class Instance(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                status, headers, body = routes(self.path)
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            do_POST = do_GET  # noqa: N815
-
-            def log_message(self, *args):
-                pass
-
-        class Outside(Instance):
-            def do_GET(self):  # noqa: N802
-                hits.append(self.path)
-                Instance.do_GET(self)
-
-            do_POST = do_GET  # noqa: N815
-
-        self.servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), cls) for cls in (Instance, Outside)]
-        for server in self.servers:
-            threading.Thread(target=server.serve_forever, daemon=True).start()
-        self.instance = f"http://127.0.0.1:{self.servers[0].server_address[1]}"
-        self.outside = f"http://127.0.0.1:{self.servers[1].server_address[1]}"
-
-    def close(self):
-        for server in self.servers:
-            server.shutdown()
-            server.server_close()
-
-
 async def test_the_engine_talks_to_the_instances_origin_only():
     from bots import engine
 
@@ -455,22 +411,23 @@ async def test_the_engine_talks_to_the_instances_origin_only():
             return 200, {}, b"x" * (engine.MAX_BODY + 1)
         return 200, {}, b"<p>LAB SECRET</p>"
 
-    servers = _Servers(routes)
-    outside_url.update(url=servers.outside, instance=servers.instance)
-    otree = engine.OTree(servers.instance, "rest-key")
+    instance = StandIn(lambda request: routes(request.path))  # the instance's app
+    outside = StandIn(lambda request: routes(request.path))  # another service of the lab machine
+    outside_url.update(url=outside.url, instance=instance.url)
+    otree = engine.OTree(instance.url, "rest-key")
     try:
         reply = await otree.request("GET", "/here")  # within the origin: followed
         assert reply.status_code == 200 and reply.url.path == "/there" and reply.text == "<p>inside</p>"
         with pytest.raises(engine.GiveUp) as stop:
             await otree.request("POST", "/away", data={"guess": "1"})
-        assert str(stop.value) == (f"the instance redirected to {servers.outside}/secret, outside the instance; "
+        assert str(stop.value) == (f"the instance redirected to {outside.url}/secret, outside the instance; "
                                    "the bot stopped")
         with pytest.raises(engine.GiveUp, match="redirected to https://127.0.0.1"):
             await otree.request("GET", "/scheme")  # another scheme is another origin
         with pytest.raises(engine.GiveUp, match="names http://169.254.169.254/x, outside the instance"):
             await otree.request("GET", "http://169.254.169.254/x")  # a URL a page names
         with pytest.raises(engine.GiveUp, match="names"):
-            otree.websocket_url(servers.outside.replace("http", "ws") + "/live")  # a wait page's socket
+            otree.websocket_url(outside.url.replace("http", "ws") + "/live")  # a wait page's socket
         assert otree.websocket_url("/wait_page/abc").path == "/wait_page/abc"
         with pytest.raises(engine.GiveUp, match="redirected more than 10 times"):
             await otree.request("GET", "/loop")
@@ -478,5 +435,6 @@ async def test_the_engine_talks_to_the_instances_origin_only():
             await otree.request("GET", "/huge")
     finally:
         await otree.close()
-        servers.close()
-    assert servers.outside_hits == []
+        instance.close()
+        outside.close()
+    assert outside.requests == []

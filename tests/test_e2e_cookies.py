@@ -19,11 +19,9 @@ Two set-ups:
 from __future__ import annotations
 
 import contextlib
-import http.server
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
@@ -35,6 +33,7 @@ from instances.models import Instance
 from manager.accounts.models import User
 from tests.conftest import CHROMIUM, need
 from tests.test_e2e_notifications import CHROMIUM_ARGS, TIMEOUT_MS
+from tests.http_helpers import StandIn
 from tests.test_proxy import Caddy, FakeRuntime, free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -59,32 +58,17 @@ ws.onclose = (e) => { window.__ws.push("close " + e.code); window.__wsDone = tru
 </script>"""
 
 
-class InstanceApp(http.server.ThreadingHTTPServer):
+class InstanceApp(StandIn):
     """Stands in for the experimenter's oTree app: records (path, Host, Cookie)."""
 
     def __init__(self):
-        self.seen: list[tuple[str, str | None, str | None]] = []
         self.socket_url = ""
-        outer = self
+        super().__init__(lambda request: (PAGE % {"path": request.path.replace("<", ""),
+                                                  "socket": self.socket_url}).encode())
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                outer.seen.append((self.path, self.headers.get("Host"), self.headers.get("Cookie")))
-                body = (PAGE % {"path": self.path.replace("<", ""), "socket": outer.socket_url}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.daemon_threads = True
-        self.port = self.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    @property
+    def seen(self) -> list[tuple[str, str | None, str | None]]:
+        return [(r.path, r.headers.get("Host"), r.headers.get("Cookie")) for r in self.requests]
 
 
 class Manager:
@@ -203,8 +187,7 @@ def lab(request, settings, monkeypatch, transactional_db, tmp_path_factory):
             manager.stop()
         caddy.kill()
         for server in (app, neighbour):
-            server.shutdown()
-            server.server_close()
+            server.close()
 
 
 def _log_in(page, base):

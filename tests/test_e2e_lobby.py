@@ -11,17 +11,16 @@ labserver's database), so the test can see exactly where every browser lands.
 The labserver runs with LAB_RUNTIME=process, so nothing tries to run this instance.
 """
 
-import http.server
 import json
 import subprocess
 import sys
-import threading
 import time
 from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
 
 from tests.conftest import CHROMIUM, need
+from tests.http_helpers import StandIn
 from tests.labserver_helpers import (BASE_DIR, LabServer, child_env, free_port, migrate, new_data_dir,
                                      remove_data_dir, remove_instances)
 from tests.test_e2e_notifications import TIMEOUT_MS, headless_chromium
@@ -34,30 +33,16 @@ PASSWORD = "Kiosk-e2e-password-2024"
 ENV = {"LAB_RUNTIME": "process"}
 
 
-class Recorder(http.server.ThreadingHTTPServer):
+class Recorder(StandIn):
     """Stands in for the oTree instance: records every request's path and query."""
 
     def __init__(self):
-        self.hits: list[tuple[str, dict]] = []
-        outer = self
+        super().__init__(lambda request: f"<!DOCTYPE html><title>oTree room</title><h1>room "
+                                         f"{urlsplit(request.path).path}</h1>".encode())
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                parts = urlsplit(self.path)
-                outer.hits.append((parts.path, parse_qs(parts.query)))
-                body = f"<!DOCTYPE html><title>oTree room</title><h1>room {parts.path}</h1>".encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        super().__init__(("127.0.0.1", 0), Handler)
-        self.port = self.server_address[1]
-        threading.Thread(target=self.serve_forever, daemon=True).start()
+    @property
+    def hits(self) -> list[tuple[str, dict]]:
+        return [(urlsplit(r.path).path, parse_qs(urlsplit(r.path).query)) for r in self.requests]
 
     def labels(self, room):
         return [q["participant_label"][0] for path, q in self.hits if path == f"/room/{room}/"]
@@ -94,7 +79,7 @@ Release.objects.create(instance=instance, number=1, commit="a" * 40, status="liv
         yield state, recorder
     finally:
         state["server"].kill_everything()
-        recorder.shutdown()
+        recorder.close()
         # The sweep may have set the instance up meanwhile (as root: a user of its own).
         remove_instances(data_dir, port, **ENV)
         remove_data_dir(data_dir)
