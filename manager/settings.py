@@ -411,6 +411,21 @@ ACCOUNT_RATE_LIMITS = {
     "reset_password_from_key": "20/m/ip",
     "change_password": "5/m/user",
 }
+# Rate limits of destructive or costly actions (manager/throttle.py, defaults there):
+# COUNT/PERIOD/SCOPE, comma-separated; SCOPE instance or user (per-user budgets do not apply
+# to lab managers); off = no limit.
+from manager import throttle as _throttle  # noqa: E402
+
+LAB_THROTTLE_RESTART = env_str("LAB_THROTTLE_RESTART", _throttle.ACTIONS["restart"].default)
+LAB_THROTTLE_RESET = env_str("LAB_THROTTLE_RESET", _throttle.ACTIONS["reset"].default)
+LAB_THROTTLE_BACKUP = env_str("LAB_THROTTLE_BACKUP", _throttle.ACTIONS["backup"].default)
+LAB_THROTTLE_BOT_RUN = env_str("LAB_THROTTLE_BOT_RUN", _throttle.ACTIONS["bot_run"].default)
+LAB_THROTTLE_TOKEN = env_str("LAB_THROTTLE_TOKEN", _throttle.ACTIONS["token"].default)
+try:
+    _throttle.check_settings({name: value for name, value in globals().items() if name.startswith("LAB_THROTTLE_")})
+except ValueError as _exc:
+    raise ConfigError(str(_exc)) from None
+
 MFA_SUPPORTED_TYPES = ["totp", "recovery_codes"]
 MFA_TOTP_ISSUER = env_str("LAB_NAME", "oTree Lab")
 MFA_TOTP_TOLERANCE = 1  # accept the neighbouring 30 s step: phone clocks drift

@@ -2,7 +2,8 @@
 
 401 missing or bad token, 403 not allowed, 404 not visible, 405 wrong method,
 409 conflict (`services.Conflict`), 422 invalid input (request validation and the
-services' `ValidationError`s, flattened to "field: message"), 400 unparsable body.
+services' `ValidationError`s, flattened to "field: message"), 400 unparsable body,
+429 a rate limit (`manager.throttle.Throttled`, with `Retry-After` in seconds).
 """
 
 import json
@@ -19,6 +20,7 @@ from ninja.errors import ValidationError as NinjaValidationError
 from manager.accounts.services import Conflict, NotAllowed
 from manager.api.auth import CHALLENGE
 from manager.api.schemas import Error
+from manager.throttle import Throttled
 
 log = logging.getLogger("manager.api")
 
@@ -138,6 +140,10 @@ def install(api: NinjaAPI) -> None:
     @handles(Http404)
     def not_found(request, exc):
         return error_response(404, _sentence(str(exc) or "Not found"))
+
+    @handles(Throttled)  # a rate limit of a destructive or costly action (manager.throttle)
+    def throttled(request, exc):
+        return error_response(429, exc.detail, Retry_After=str(exc.retry_after))
 
     @handles(RequestDataTooBig)
     def too_big(request, exc):
