@@ -14,9 +14,10 @@ from django.utils import timezone
 from bots.models import RANDOM_POLICY, Bot, BotRun, Provider
 from instances.models import Instance
 from instances.selectors import can_see, next_number
-from manager import locks
+from manager import locks, throttle
 from manager.accounts.services import NotAllowed
 from manager.audit.services import record
+from manager.texts import check_text
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ LIMITS = {
     "concurrency": (1, 200),
     "time_limit_minutes": (1, 24 * 60),
 }
+TEMPERATURE_RANGE = (0, 2)
 MAX_INSTRUCTIONS = 4000
 STALE_SECONDS = 60  # a running run whose heartbeat is older than this lost its worker
 QUEUED_PATIENCE = timedelta(minutes=2)  # a queued run not picked up by then is enqueued again
@@ -80,6 +82,11 @@ def save_provider(actor, provider: Provider | None, *, name: str, base_url: str,
     on a change; the key is never returned or recorded."""
     if not actor.is_superuser:
         raise NotAllowed("Only lab managers may configure model providers.")
+    check_text(name, field="name", label="The name", single_line=True)
+    check_text(base_url, field="base_url", label="The base URL", single_line=True)
+    if api_key:  # sent in an HTTP header of every model request
+        check_text(api_key, field="api_key", max_length=500, label="The API key", single_line=True)
+    check_text(models, field="models", max_length=10000, label="The list of models")
     creating = provider is None
     provider = provider or Provider(created_by=actor)
     provider.name = name.strip()
@@ -118,6 +125,9 @@ def model_options(user=None) -> list[tuple[str, str]]:
 
 def resolve_model(choice: str, provider_name: str | None = None) -> tuple[Provider | None, str]:
     """("<provider id>:<model>" | "random") or (model, provider name) -> (provider, model)."""
+    check_text(choice or "", field="model", max_length=200, label="The model", single_line=True)
+    if provider_name is not None:
+        check_text(provider_name, field="provider", max_length=60, label="The provider", single_line=True)
     choice = (choice or "").strip()
     if choice == RANDOM_POLICY and not provider_name:
         return None, RANDOM_POLICY
@@ -151,6 +161,9 @@ def create_run(actor, instance: Instance, *, session_config: str, num_participan
                time_limit_minutes: int = 60, request=None) -> BotRun:
     """Record a run (queued) and enqueue its worker task once the transaction commits."""
     _check(actor, instance)
+    check_text(session_config, field="session_config", max_length=100, label="The session config", single_line=True)
+    check_text(model, field="model", max_length=100, label="The model", single_line=True)
+    check_text(instructions or "", field="instructions", max_length=MAX_INSTRUCTIONS, label="The instruction text")
     errors: dict[str, list[str]] = {}
     live = instance.live_release
     if live is None:
@@ -167,15 +180,25 @@ def create_run(actor, instance: Instance, *, session_config: str, num_participan
             errors[key] = [f"must be a whole number from {low} to {high}"]
     if "num_bots" not in errors and "num_participants" not in errors and num_bots > num_participants:
         errors["num_bots"] = [f"at most the number of participants ({num_participants})"]
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature <= 2:
-        errors["temperature"] = ["must be a number from 0 to 2"]
+    low, high = TEMPERATURE_RANGE
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not low <= temperature <= high:
+        errors["temperature"] = [f"must be a number from {low} to {high}"]
     if memory not in BotRun.Memory.values:
         errors["memory"] = [f"must be one of {', '.join(BotRun.Memory.values)}"]
-    if len(instructions or "") > MAX_INSTRUCTIONS:
-        errors["instructions"] = [f"at most {MAX_INSTRUCTIONS} characters"]
     if errors:
         raise ValidationError(errors)
     price_in, price_out = provider.price(model) if provider else (0.0, 0.0)
+    with throttle.take("bot_run", actor, instance):  # a run not recorded gives its slot back
+        return _record_run(actor, instance, request, session_config=session_config,
+                           num_participants=num_participants, num_bots=num_bots, provider=provider, model=model,
+                           temperature=temperature, instructions=instructions, memory=memory,
+                           rate_limit=rate_limit, concurrency=concurrency, time_limit_minutes=time_limit_minutes,
+                           price_in=price_in, price_out=price_out)
+
+
+def _record_run(actor, instance, request, *, session_config, num_participants, num_bots, provider, model,
+                temperature, instructions, memory, rate_limit, concurrency, time_limit_minutes, price_in,
+                price_out) -> BotRun:
     for _attempt in range(5):
         try:
             with transaction.atomic():

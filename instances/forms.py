@@ -21,25 +21,33 @@ class SettingsForm(ServiceForm):
         help_text="One NAME=value per line; set as environment variables of the oTree app.")
 
     def clean_env(self):
-        values = {}
+        """NAME=value lines (spaces and tabs around the '=' are layout) into a dict the
+        service checks; a name set on two lines is refused, never merged."""
+        values, lines = {}, {}
         for number, line in enumerate(self.cleaned_data["env"].splitlines(), 1):
-            if not line.strip() or line.strip().startswith("#"):
+            if not line.strip(" \t") or line.strip(" \t").startswith("#"):
                 continue
             key, sep, value = line.partition("=")
             if not sep:
                 raise forms.ValidationError(f"Line {number} has no '=': write NAME=value.")
-            values[key.strip()] = value.strip()
+            key = key.strip(" \t")
+            if key in lines:
+                raise forms.ValidationError(f"Line {number} sets {key} again (line {lines[key]} set it already).")
+            lines[key] = number
+            values[key] = value.strip(" \t")
         return values
 
 
 class AdminPasswordForm(ServiceForm):
-    password = forms.CharField(required=False, max_length=128, widget=forms.PasswordInput(render_value=False),
+    password = forms.CharField(required=False, max_length=128, strip=False,  # as typed: the service checks it
+                               widget=forms.PasswordInput(render_value=False),
                                help_text="Leave empty to generate a strong password.")
 
 
 class LimitsForm(ServiceForm):
-    memory_mb = forms.IntegerField(label="Memory (MiB)", min_value=1)
-    cpus = forms.DecimalField(label="CPUs", max_digits=4, decimal_places=2, min_value=0)
+    # Ranges and decimals are the service's rules (the page says what the API says).
+    memory_mb = forms.IntegerField(label="Memory (MiB)")
+    cpus = forms.DecimalField(label="CPUs")
 
 
 class TransferForm(ServiceForm):

@@ -6,6 +6,7 @@ from django.http import Http404
 from django.db.models import Max, Prefetch
 
 from instances.models import Instance, Release
+from manager.texts import problem
 
 
 def visible_instances(user):
@@ -16,6 +17,8 @@ def visible_instances(user):
 
 
 def get_visible_instance(user, name: str) -> Instance:
+    if problem(name, max_length=200, single_line=True):  # no instance has it; PostgreSQL could not compare it
+        raise Http404("There is no instance with such a name.")
     instance = visible_instances(user).filter(name=name).first()
     if instance is None:
         raise Http404(f"There is no instance named {name!r} that you may see.")

@@ -15,6 +15,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 
 from instances.models import Instance, generate_secret
+from manager import texts
+from manager import throttle
 from manager.accounts.models import User
 from manager.accounts.services import Conflict, NotAllowed
 from manager.audit.services import record
@@ -22,11 +24,28 @@ from manager.jobs import services as jobs
 from manager.realtime.services import send_to_group, user_group
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]*[a-z0-9]$")
+NAME_LENGTH = (2, 40)
 RESERVED_NAMES = {"admin", "api", "git", "lobby", "static", "www", "manager", "lab", "ws", "mail"}
-CONFIG_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_CONFIG_PREFIXES = ("OTREE_",)
-RESERVED_CONFIG_KEYS = {"DATABASE_URL", "REDIS_URL", "PORT", "PATH", "HOME", "PYTHONPATH"}
+# Set by the runtimes (the process runtime gives each instance its own TMPDIR).
+RESERVED_CONFIG_KEYS = {"DATABASE_URL", "REDIS_URL", "PORT", "PATH", "HOME", "TMPDIR"}
+# Variables that change how programs are loaded or how Python starts: a value there can
+# keep the app from starting (PYTHONHOME=/x, PYTHONIOENCODING=x, LD_AUDIT=x) or run other
+# code in it. Compared ignoring case: `ld_preload` does nothing on Linux, but refusing it
+# too tells the experimenter the same rule. MALLOC_* (e.g. MALLOC_ARENA_MAX, a common
+# memory setting of Python web apps) stays allowed.
+LOADER_CONFIG_PREFIXES = {"LD_": "changes how programs are loaded",
+                          "PYTHON": "changes how Python starts"}
+LOADER_CONFIG_KEYS = {"GCONV_PATH": "makes the C library load other code",
+                      "GLIBC_TUNABLES": "changes how the C library and the program loader start",
+                      "LOCPATH": "makes the C library load locale data from elsewhere"}
 MAX_CONFIG_VARS = 100
+MAX_CONFIG_VALUE = 4096  # characters of one value
+MAX_CONFIG_NAME = 64
+# All config vars together, as the app's environment holds them ("NAME=value\0", UTF-8):
+# far below what the kernel passes to a program (one string at most 128 KiB, all of
+# argv and environment about a quarter of the stack limit), beside what the manager adds.
+MAX_CONFIG_BYTES = 64 * 1024
 MEMORY_RANGE = (128, 16384)
 CPU_RANGE = (Decimal("0.1"), Decimal("16"))
 
@@ -53,11 +72,12 @@ def push_event(instance_pk: int, owner_id: int, event: dict) -> None:
 # --- validation ---------------------------------------------------------------------
 
 def validate_name(name: str) -> str:
-    name = (name or "").strip()
+    name = texts.check_text(name or "", field="name", label="The name", single_line=True).strip()
     if not name:
         raise ValidationError({"name": ["A name is required."]})
-    if len(name) < 2 or len(name) > 40:
-        raise ValidationError({"name": [f"Use 2 to 40 characters (this one has {len(name)})."]})
+    if not NAME_LENGTH[0] <= len(name) <= NAME_LENGTH[1]:
+        raise ValidationError({"name": [f"Use {NAME_LENGTH[0]} to {NAME_LENGTH[1]} characters (this one has "
+                                        f"{len(name)})."]})
     if name != name.lower():
         raise ValidationError({"name": ["Use lowercase letters only (the name becomes part of URLs)."]})
     if not NAME_RE.match(name) or "--" in name:
@@ -74,47 +94,96 @@ def validate_name(name: str) -> str:
     return name
 
 
+def _config_name_problem(key: str) -> str | None:
+    """Why `key` (exactly as given: never trimmed) cannot name an environment variable."""
+    if not isinstance(key, str):
+        return "is not text"
+    if not key:
+        return "is empty"
+    found = texts.problem(key, single_line=True)
+    if found:
+        return found
+    if len(key) > MAX_CONFIG_NAME:
+        return f"is too long ({len(key)} characters, at most {MAX_CONFIG_NAME})"
+    if key[0].isdigit():
+        return "starts with a digit"
+    bad = next((c for c in key if not (c == "_" or ("A" <= c <= "Z") or ("a" <= c <= "z") or ("0" <= c <= "9"))),
+               None)
+    if bad is not None:
+        shown = texts.character_name(bad) if bad.isspace() or not bad.isprintable() else repr(bad)
+        return f"contains {shown}"
+    return None
+
+
+def config_name_refusal(key: str) -> str | None:
+    """Why `key` cannot be a config var (one sentence), or None."""
+    found = _config_name_problem(key)
+    if found:
+        return (f"{key!r} is not a valid variable name: it {found} (names are taken exactly as given: "
+                "letters A-Z, a-z, digits and _, not starting with a digit, at most "
+                f"{MAX_CONFIG_NAME} characters).")
+    upper = key.upper()
+    if upper.startswith(RESERVED_CONFIG_PREFIXES) or upper in RESERVED_CONFIG_KEYS:
+        return (f"{key} is set by the manager; use the instance's own settings (admin password, auth level, "
+                "production) instead.")
+    reason = LOADER_CONFIG_KEYS.get(upper) or next(
+        (why for prefix, why in LOADER_CONFIG_PREFIXES.items() if upper.startswith(prefix)), None)
+    if reason:
+        return f"{key} {reason} and cannot be set as a config var."
+    return None
+
+
 def clean_config_vars(values) -> dict[str, str]:
+    """The config vars as given, or ValidationError({"env": [why]}): names checked exactly as
+    given (never trimmed, so two names never become one), values text the app's
+    environment can hold, all of them within MAX_CONFIG_BYTES."""
     if not isinstance(values, dict):
         raise ValidationError({"env": ["Config vars must be an object of NAME: value pairs."]})
     if len(values) > MAX_CONFIG_VARS:
         raise ValidationError({"env": [f"At most {MAX_CONFIG_VARS} config vars."]})
     cleaned = {}
     for key, value in values.items():
-        key = str(key).strip()
-        if not CONFIG_KEY_RE.match(key) or len(key) > 64:
-            raise ValidationError({"env": [f"{key!r} is not a valid variable name (letters, digits, _; "
-                                           "not starting with a digit; at most 64 characters)."]})
-        if key.upper().startswith(RESERVED_CONFIG_PREFIXES) or key.upper() in RESERVED_CONFIG_KEYS:
-            raise ValidationError({"env": [f"{key} is set by the manager; use the instance's own settings "
-                                           "(admin password, auth level, production) instead."]})
-        if value is None or isinstance(value, (dict, list)):
+        refusal = config_name_refusal(key)
+        if refusal:
+            raise ValidationError({"env": [refusal]})
+        if not isinstance(value, str):
             raise ValidationError({"env": [f"The value of {key} must be text."]})
-        value = str(value)
-        if len(value) > 4096 or "\x00" in value:
-            raise ValidationError({"env": [f"The value of {key} is too long (at most 4096 characters)."]})
+        texts.check_text(value, field="env", max_length=MAX_CONFIG_VALUE, label=f"The value of {key}")
         cleaned[key] = value
+    size = sum(len(f"{k}={v}".encode()) + 1 for k, v in cleaned.items())
+    if size > MAX_CONFIG_BYTES:
+        raise ValidationError({"env": [f"The config vars are too large together ({size} bytes as the app's "
+                                       f"environment, at most {MAX_CONFIG_BYTES})."]})
     return cleaned
 
 
 def _clean_limits(memory_mb, cpus):
+    """Memory: a whole number of MiB in MEMORY_RANGE. CPUs: a finite number in CPU_RANGE
+    with at most two decimals, checked as given (0.099 is refused, never rounded up to
+    0.10). A bool is neither (True is not 1)."""
     errors = {}
     if memory_mb is not None:
-        try:
-            memory_mb = int(memory_mb)
-        except (TypeError, ValueError):
+        if not isinstance(memory_mb, int) or isinstance(memory_mb, bool):
             errors["memory_mb"] = ["Memory must be a whole number of MiB."]
-        else:
-            if not MEMORY_RANGE[0] <= memory_mb <= MEMORY_RANGE[1]:
-                errors["memory_mb"] = [f"Memory must be between {MEMORY_RANGE[0]} and {MEMORY_RANGE[1]} MiB."]
+        elif not MEMORY_RANGE[0] <= memory_mb <= MEMORY_RANGE[1]:
+            errors["memory_mb"] = [f"Memory must be between {MEMORY_RANGE[0]} and {MEMORY_RANGE[1]} MiB."]
     if cpus is not None:
-        try:
-            cpus = Decimal(str(cpus)).quantize(Decimal("0.01"))
-        except (InvalidOperation, ValueError):
+        value = None
+        if not isinstance(cpus, bool) and isinstance(cpus, (int, float, str, Decimal)):
+            try:
+                value = Decimal(str(cpus).strip()) if isinstance(cpus, str) else Decimal(str(cpus))
+            except (InvalidOperation, ValueError):
+                value = None
+        if value is None:
             errors["cpus"] = ["CPUs must be a number such as 0.5 or 2."]
+        elif not value.is_finite():
+            errors["cpus"] = ["CPUs must be a finite number such as 0.5 or 2."]
+        elif not CPU_RANGE[0] <= value <= CPU_RANGE[1]:
+            errors["cpus"] = [f"CPUs must be between {CPU_RANGE[0]} and {CPU_RANGE[1]} (this is {cpus})."]
+        elif value != value.quantize(Decimal("0.01")):
+            errors["cpus"] = [f"CPUs take at most two decimals, e.g. 0.25 (this is {cpus}); nothing is rounded."]
         else:
-            if not CPU_RANGE[0] <= cpus <= CPU_RANGE[1]:
-                errors["cpus"] = [f"CPUs must be between {CPU_RANGE[0]} and {CPU_RANGE[1]}."]
+            cpus = value.quantize(Decimal("0.01"))
     if errors:
         raise ValidationError(errors)
     return memory_mb, cpus
@@ -144,6 +213,7 @@ def _user(user_or_username):
     """A user, or the account of that username (the API passes names)."""
     if not isinstance(user_or_username, str):
         return user_or_username
+    texts.check_text(user_or_username, field="owner", max_length=150, label="The owner's username", single_line=True)
     found = User.objects.filter(username__iexact=user_or_username).first()
     if found is None:
         raise ValidationError({"owner": [f"There is no account named {user_or_username!r}."]})
@@ -233,11 +303,26 @@ def update_settings(actor, instance: Instance, *, auth_level=None, production=No
     return instance
 
 
+ADMIN_PASSWORD_LENGTH = (8, 128)
+
+
+def check_admin_password(password: str) -> str:
+    """The oTree admin password as given (it goes into the app's environment, and must be
+    typable into oTree's login form): 8 to 128 characters, no NUL, no lone surrogate, no
+    line break or other control character (a password field cannot send one)."""
+    low, high = ADMIN_PASSWORD_LENGTH
+    texts.check_text(password, field="password", label="The oTree admin password", single_line=True)
+    if not low <= len(password) <= high:
+        raise ValidationError({"password": [f"The oTree admin password must have {low} to {high} characters "
+                                            f"(this one has {len(password)})."]})
+    return password
+
+
 def set_admin_password(actor, instance: Instance, password: str | None = None, request=None) -> str:
     if password is None or password == "":
         password = generate_secret(12)
-    elif len(password) < 8 or len(password) > 128:
-        raise ValidationError({"password": ["The oTree admin password must have 8 to 128 characters."]})
+    else:
+        check_admin_password(password)
     with transaction.atomic():
         instance.admin_password = password
         instance.generation += 1
@@ -249,7 +334,7 @@ def set_admin_password(actor, instance: Instance, password: str | None = None, r
 
 
 def restart(actor, instance: Instance, request=None):
-    with transaction.atomic():
+    with throttle.take("restart", actor, instance), transaction.atomic():
         Instance.objects.filter(pk=instance.pk).update(restart_generation=F("restart_generation") + 1,
                                                        desired_running=True)
         instance.refresh_from_db()
@@ -260,13 +345,13 @@ def restart(actor, instance: Instance, request=None):
 def reset_database(actor, instance: Instance, request=None):
     if instance.delete_requested:
         raise NotAllowed(f"{instance.name} is being deleted.")
-    with transaction.atomic():
+    with throttle.take("reset", actor, instance), transaction.atomic():
         record(actor, "instance.reset_database", instance, f"reset the database of {instance.name}", request)
         return _reconcile_job(actor, instance, f"Back up and reset the database of {instance.name}", "reset")
 
 
 def backup_now(actor, instance: Instance, request=None):
-    with transaction.atomic():
+    with throttle.take("backup", actor, instance), transaction.atomic():
         record(actor, "instance.backup", instance, f"backed up {instance.name}", request)
         return _reconcile_job(actor, instance, f"Back up {instance.name}", "backup")
 

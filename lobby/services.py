@@ -30,6 +30,7 @@ from lobby.models import WELCOME_MAX, LobbyRoom, LobbySettings, Seat
 from manager.accounts.services import NotAllowed
 from manager.audit.services import record
 from manager.realtime.services import send_to_group
+from manager.texts import check_text, problem
 
 # A seat name typed into the picker of a room without participant labels.
 FREE_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,49}$")
@@ -77,7 +78,8 @@ def live_rooms(instance: Instance) -> tuple[list[dict], str]:
 
 
 def find_instance(name: str) -> tuple[Instance, list[dict], str]:
-    instance = Instance.objects.filter(name=name, delete_requested=False).first()
+    valid = not problem(name, max_length=200, single_line=True)  # else no instance has it (PostgreSQL: no query)
+    instance = Instance.objects.filter(name=name, delete_requested=False).first() if valid else None
     rooms, language = live_rooms(instance) if instance else ([], "")
     if instance is None or not rooms:
         raise LobbyNotFound(f"There is no lobby at this address: no instance named “{name}” with deployed rooms.")
@@ -293,6 +295,8 @@ def reset(user, ref: RoomRef, label: str | None = None, request=None) -> int:
     page is open are waiting again, the others offline. Returns how many seats changed."""
     _check(user, ref.instance)
     room = ref.row
+    if label is not None and problem(label, max_length=200):
+        raise LobbyNotFound(f"Room “{ref.name}” has no such seat.")
     if label is not None and label not in ref.labels and not room.seats.filter(label=label).exists():
         raise LobbyNotFound(f"Room “{ref.name}” has no seat “{label}”.")
     seats = room.seats.all() if label is None else room.seats.filter(label=label)
@@ -324,7 +328,7 @@ def set_welcome_text(user, instance: Instance, text: str, request=None) -> Lobby
     from django.core.exceptions import ValidationError
 
     _check(user, instance)
-    text = (text or "").replace("\r\n", "\n").strip()
+    text = check_text(text or "", field="welcome_text", label="The welcome text").replace("\r\n", "\n").strip()
     if len(text) > WELCOME_MAX:
         raise ValidationError({"welcome_text": [f"At most {WELCOME_MAX} characters (this one has {len(text)})."]})
     settings_row, _ = LobbySettings.objects.get_or_create(instance=instance)

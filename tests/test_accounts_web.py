@@ -257,9 +257,11 @@ BAD_NEW_ACCOUNTS = [
     ({"username": "Ann"}, "The username 'Ann' is already taken."),
     ({"username": "ANN", "email": "other@uni.test"}, "The username 'ANN' is already taken."),
     ({"username": "newbie", "email": "ANN@Lab.Test"}, "The e-mail address ANN@Lab.Test already belongs to another account."),
-    ({"username": "newbie", "email": "not-an-address"}, "Enter a valid email address."),
-    ({"username": "newbie", "email": "a@b@c.test"}, "Enter a valid email address."),
-    ({"username": "newbie", "name": "x" * 151}, "Ensure this value has at most 150 characters (it has 151)."),
+    ({"username": "newbie", "email": "not-an-address"}, "'not-an-address' is not a valid e-mail address."),
+    ({"username": "newbie", "email": "a@b@c.test"}, "'a@b@c.test' is not a valid e-mail address."),
+    # The page says what the API says (the service's words, manager.texts):
+    ({"username": "newbie", "name": "x" * 151}, "At most 150 characters (this one has 151)."),
+    ({"username": "newbie", "name": "Ann\x00"}, "The name contains a NUL character."),
     ({"username": "new bie"}, "Use only letters, digits and @ . + - _ (no spaces)."),
     ({"username": ""}, "This field is required."),
     ({"username": "newbie", "email": ""}, "This field is required."),
@@ -344,8 +346,8 @@ def test_changing_only_the_case_of_ones_own_username_is_allowed(manager):
 @pytest.mark.parametrize("fields, message", [
     ({"username": "BOB"}, "The username 'BOB' is already taken."),
     ({"email": "Bob@Uni.Test"}, "The e-mail address Bob@Uni.Test already belongs to another account."),
-    ({"email": "nope"}, "Enter a valid email address."),
-    ({"name": "y" * 151}, "Ensure this value has at most 150 characters (it has 151)."),
+    ({"email": "nope"}, "'nope' is not a valid e-mail address."),
+    ({"name": "y" * 151}, "At most 150 characters (this one has 151)."),
     ({"username": "ann b"}, "Use only letters, digits and @ . + - _ (no spaces)."),
 ])
 def test_bad_edit_is_refused_and_nothing_is_saved(manager, fields, message):

@@ -234,7 +234,7 @@ def test_duplicate_keys(ann, ann_client, keys):
 @pytest.mark.django_db
 def test_overlong_title(ann_client, keys):
     response = ann_client.post(KEYS_URL, {"title": "t" * 101, "key": keys.pub["ed25519"]})
-    assert "Ensure this value has at most 100 characters (it has 101)." in page_text(response)
+    assert "At most 100 characters (this one has 101)." in page_text(response)  # the API's words
     assert not SSHKey.objects.exists()
 
 

@@ -147,7 +147,8 @@ def test_only_own_tokens_are_listed(ann, ann_client):
 @pytest.mark.parametrize("name, message", [
     ("", "This field is required."),
     ("   ", "This field is required."),
-    ("n" * 101, "Ensure this value has at most 100 characters (it has 101)."),
+    ("n" * 101, "At most 100 characters (this one has 101)."),
+    ("laptop\x00", "The name contains a NUL character."),
 ])
 def test_bad_token_name(ann_client, name, message):
     response = ann_client.post(URL, {"name": name})

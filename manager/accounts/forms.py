@@ -1,14 +1,34 @@
 from django import forms
 from django.core.exceptions import ValidationError
+from django.core.validators import MaxLengthValidator, ProhibitNullCharactersValidator
+
+from manager.throttle import Throttled
 
 
 class ServiceForm(forms.Form):
     """A form whose save() calls a service; the service's ValidationErrors (field-keyed)
-    are shown on the fields, so every rule is written once, in the service."""
+    are shown on the fields, so every rule is written once, in the service. A rate limit
+    (`Throttled`) is shown as the form's error and kept as `throttled` (the page answers 429)."""
+
+    throttled = None
+
+    def __init__(self, *args, **kwargs):
+        # Text fields leave NUL characters and lengths to the service (manager.texts), so
+        # the page says what the API says ("… contains a NUL character.", "… is too long
+        # (…)"); a field's max_length still becomes its input's maxlength attribute.
+        super().__init__(*args, **kwargs)
+        for field in self.fields.values():
+            if isinstance(field, forms.CharField):
+                field.validators = [v for v in field.validators
+                                    if not isinstance(v, (ProhibitNullCharactersValidator, MaxLengthValidator))]
 
     def run(self, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except Throttled as exc:
+            self.throttled = exc
+            self.add_error(None, exc.detail)
+            return None
         except ValidationError as exc:
             if hasattr(exc, "error_dict"):
                 for field, errors in exc.message_dict.items():
@@ -23,8 +43,8 @@ class UserForm(ServiceForm):
                            widget=forms.TextInput(attrs={"autocomplete": "off", "placeholder": "Ada Lovelace"}))
     username = forms.CharField(max_length=150, help_text="Letters, digits and @ . + - _ only.",
                                widget=forms.TextInput(attrs={"autocomplete": "off", "placeholder": "ada"}))
-    email = forms.EmailField(label="E-mail", max_length=254,
-                             widget=forms.EmailInput(attrs={"placeholder": "ada@university.edu"}))
+    email = forms.CharField(label="E-mail", max_length=254,  # checked by the service (the API's words)
+                            widget=forms.EmailInput(attrs={"placeholder": "ada@university.edu"}))
 
 
 class UserCreateForm(UserForm):

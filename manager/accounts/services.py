@@ -14,9 +14,11 @@ from django.core.validators import validate_email
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from manager import throttle
 from manager.accounts.models import AccessToken, SSHKey, User, hash_token
 from manager.accounts.sshkeys import parse_public_key
 from manager.audit.services import record
+from manager.texts import check_text
 from manager.jobs import services as jobs
 
 
@@ -30,10 +32,27 @@ class NotAllowed(Exception):
 
 # --- users ----------------------------------------------------------------------------
 
+def _text_errors(**fields: tuple[str, str]) -> dict[str, list[str]]:
+    """{field: [message]} for each (value, label) that is no text a database column or a
+    terminal holds (manager.texts: NUL, lone surrogates, control characters)."""
+    errors = {}
+    for field, (value, label) in fields.items():
+        try:
+            check_text(value, field=field, label=label, single_line=True)
+        except ValidationError as exc:
+            errors.update(exc.message_dict)
+    return errors
+
+
 def _clean_user_fields(*, username: str, email: str, name: str, instance: User | None = None) -> dict:
-    username = (username or "").strip()
-    email = (email or "").strip()
-    name = (name or "").strip()
+    username = username or ""
+    email = email or ""
+    name = name or ""
+    errors = _text_errors(username=(username, "The username"), email=(email, "The e-mail address"),
+                          name=(name, "The name"))
+    if errors:
+        raise ValidationError(errors)
+    username, email, name = username.strip(), email.strip(), name.strip()
     errors: dict[str, list[str]] = {}
     conflicts: dict[str, list[str]] = {}
     if not username:
@@ -173,9 +192,15 @@ def generate_password() -> str:
 
 # --- SSH keys -------------------------------------------------------------------------
 
+MAX_SSH_KEY = 16000
+
+
 def add_ssh_key(user: User, *, title: str, key: str, request=None) -> SSHKey:
+    check_text(title or "", field="title", label="The title", single_line=True)
+    check_text(key or "", field="key", max_length=MAX_SSH_KEY, label="The key")
     parsed = parse_public_key(key)
     title = (title or "").strip() or parsed.comment or parsed.key_type
+    check_text(title, field="title", label="The title (the key's comment)", single_line=True)
     if len(title) > 100:
         raise ValidationError({"title": [f"At most 100 characters (this one has {len(title)})."]})
     existing = SSHKey.objects.filter(fingerprint=parsed.fingerprint).first()
@@ -206,15 +231,17 @@ def remove_ssh_key(user: User, key: SSHKey, request=None) -> None:
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
-def create_token(user: User, *, name: str, actor=None, request=None) -> tuple[AccessToken, str]:
-    """Return the token row and the raw token, which is shown once and never stored."""
-    name = (name or "").strip()
+def create_token(user: User, *, name: str, actor=None, request=None,
+                 throttled: bool = True) -> tuple[AccessToken, str]:
+    """Return the token row and the raw token, which is shown once and never stored.
+    `throttled=False`: the machine's operator (`manage.py create_token`), never rate-limited."""
+    name = check_text(name or "", field="name", label="The name", single_line=True).strip()
     if not name:
         raise ValidationError({"name": ["Give the token a name, e.g. the laptop or script it is for."]})
     if len(name) > 100:
         raise ValidationError({"name": [f"At most 100 characters (this one has {len(name)})."]})
     raw = AccessToken.generate()
-    with transaction.atomic():
+    with throttle.take("token", user if throttled else None), transaction.atomic():
         token = AccessToken.objects.create(user=user, name=name, token_hash=hash_token(raw), prefix=raw[:10])
         record(actor or user, "token.create", token, f"created access token {name!r} for {user.username}", request)
     return token, raw
