@@ -13,12 +13,31 @@ little over the limit still reaches git, whose receive.maxInputSize refuses it w
 usual message; far over it, the pusher sees HTTP 413. Every other request gets
 OTHER_MAX_BYTES (the manager takes no uploads; Django refuses bodies over 2.5 MB anyway).
 
-Daphne is pinned (requirements.txt); `tests/test_git_push.py` checks the cap on a real
-daphne, so an upgrade that changes these internals fails there first.
+Requests Twisted cannot or will not read get a real answer, never a silently closed
+connection or an empty page (`bounded_channel_class`; JSON `{"detail": ...}` under /api/,
+a short text elsewhere):
+- header fields over HEADERS_MAX_BYTES in all (request line included; Twisted's
+  `totalHeadersSize`, also the most one line may have) or over MAX_HEADER_FIELDS of them:
+  431 Request Header Fields Too Large; a request line (URL) over that size: 414 URI Too Long
+  (Twisted closed the connection without a word for a line over 16 KB, and sent an empty
+  400 for headers over 16 KB in all);
+- anything else Twisted finds malformed (request line, a header line, body framing): 400
+  with a sentence;
+- Twisted no longer parses form bodies itself (daphne never used what it parsed): a
+  multipart POST without a boundary got Twisted's empty 400; Django now reads the body and
+  answers as everywhere else (the API: a JSON 400, the pages: the 400 page).
+After such an answer the connection is closed for writing and what the client still sends
+is read and dropped (at most DRAIN_BYTES, for at most DRAIN_SECONDS), so the client reads
+the answer instead of a connection reset.
+
+Daphne and Twisted are pinned (requirements.txt); `tests/test_git_push.py` checks the body
+cap and `tests/test_http_edges.py` the answers on a real daphne (and through Caddy), so an
+upgrade that changes these internals fails there first.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -51,6 +70,12 @@ def bounded_request_class(base):
         lab_cap = OTHER_MAX_BYTES
         lab_received = 0
         lab_refused = False
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # Django reads form bodies; Twisted's own parse (unused by daphne) answered a
+            # malformed multipart body with an empty 400 and cost the reactor a second parse.
+            self._parsePOSTFormSubmission = False
 
         def gotLength(self, length):
             channel = self.channel
@@ -90,15 +115,134 @@ def bounded_request_class(base):
     return BoundedWebRequest
 
 
+# --- answers for requests Twisted refuses before daphne sees them ------------------------
+
+HEADERS_MAX_BYTES = 16384  # request line and header fields together (and the longest line)
+MAX_HEADER_FIELDS = 500
+DRAIN_BYTES = 1024 * 1024
+DRAIN_SECONDS = 5
+
+REFUSALS = {
+    400: ("Bad Request",
+          "Bad request: this server could not read it as HTTP/1.1 (its request line, a header field "
+          "or the framing of its body is malformed)."),
+    414: ("URI Too Long",
+          "Request refused: its address (URL) is longer than this server takes "
+          f"({HEADERS_MAX_BYTES // 1024} KB)."),
+    431: ("Request Header Fields Too Large",
+          "Request refused: its header fields are larger than this server takes "
+          f"({HEADERS_MAX_BYTES // 1024} KB in all, at most {MAX_HEADER_FIELDS} fields). "
+          "Clearing this site's cookies usually helps."),
+}
+
+
+def refusal(status: int, path: bytes = b"") -> bytes:
+    """The whole HTTP answer `status` (JSON for a path under /api/)."""
+    reason, text = REFUSALS[status]
+    if (path or b"").startswith(b"/api/"):
+        body, kind = json.dumps({"detail": text}).encode(), b"application/json"
+    else:
+        body, kind = (text + "\n").encode(), b"text/plain; charset=utf-8"
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+            % (status, reason.encode(), kind, len(body)) + body)
+
+
+def _request_line_path(data: bytes) -> bytes:
+    """The path of a (partial) request line: b"GET /api/v1/x?… HTTP/1.1" -> b"/api/v1/x?…"."""
+    parts = data.split(b" ", 2)
+    return parts[1] if len(parts) > 1 else b""
+
+
+def bounded_channel_class(base):
+    """Twisted's HTTPChannel with real answers for what it refuses (see the docstring)."""
+
+    class BoundedHTTPChannel(base):
+        totalHeadersSize = HEADERS_MAX_BYTES
+        MAX_LENGTH = HEADERS_MAX_BYTES
+        maxHeaders = MAX_HEADER_FIELDS
+        lab_refused = False
+        lab_drained = 0
+
+        def _lab_in_request_line(self) -> bool:
+            return bool(getattr(self, "_HTTPChannel__first_line", 0))
+
+        def lineReceived(self, line):
+            if self.lab_refused:
+                return
+            if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+                if self._lab_in_request_line():
+                    self._lab_refuse(414, _request_line_path(line))
+                else:
+                    self._lab_refuse(431, getattr(self, "_path", b""))
+                return
+            super().lineReceived(line)
+
+        def lineLengthExceeded(self, line):
+            if self._lab_in_request_line():
+                self._lab_refuse(414, _request_line_path(line))
+            else:
+                self._lab_refuse(431, getattr(self, "_path", b""))
+
+        def headerReceived(self, line):
+            if self.lab_refused:
+                return False
+            if self._receivedHeaderCount >= self.maxHeaders:
+                self._lab_refuse(431, getattr(self, "_path", b""))
+                return False
+            return super().headerReceived(line)
+
+        def _respondToBadRequestAndDisconnect(self):
+            path = getattr(self, "_path", b"") if not self._lab_in_request_line() else b""
+            self._lab_refuse(400, path)
+
+        def dataReceived(self, data):
+            if not self.lab_refused:
+                return super().dataReceived(data)
+            self.lab_drained += len(data)  # read and dropped: the client gets to read the answer
+            if self.lab_drained > DRAIN_BYTES and self.transport is not None:
+                self.transport.abortConnection()
+
+        def _lab_refuse(self, status: int, path: bytes):
+            if self.lab_refused:
+                return
+            self.lab_refused = True
+            transport = self.transport
+            if transport is None:
+                return
+            log.warning("request refused with %d (%s)", status, (path or b"?")[:200])
+            transport.write(refusal(status, path))
+            self.persistent = False
+            half_close = getattr(transport, "loseWriteConnection", None)
+            if half_close is None:
+                self.loseConnection()
+                return
+            half_close()  # the answer, then end of stream; the client then closes its side
+            self.setTimeout(DRAIN_SECONDS)  # or, at the latest, Twisted's timeout closes it
+
+    BoundedHTTPChannel.__name__ = BoundedHTTPChannel.__qualname__ = "BoundedHTTPChannel"
+    return BoundedHTTPChannel
+
+
 def install() -> bool:
     """Make daphne's HTTP factory build bounded requests (it looks its request class up in
-    its module for every connection). A no-op outside a process that loaded daphne's
-    server; idempotent. Returns whether the cap is in place."""
+    its module for every connection) on channels that answer what they refuse. A no-op
+    outside a process that loaded daphne's server; idempotent. Returns whether the caps
+    are in place."""
     module = sys.modules.get("daphne.http_protocol")
     if module is None:
         return False
     current = module.WebRequest
-    if getattr(current, "__name__", "") == "BoundedWebRequest":
-        return True
-    module.WebRequest = bounded_request_class(current)
+    if getattr(current, "__name__", "") != "BoundedWebRequest":
+        module.WebRequest = bounded_request_class(current)
+    factory = module.HTTPFactory
+    if not getattr(factory, "lab_bounded", False):
+        from twisted.web import http
+
+        channel_class = bounded_channel_class(http.HTTPChannel)
+
+        def protocol(self):
+            return http._GenericHTTPChannelProtocol(channel_class())
+
+        factory.protocol = protocol
+        factory.lab_bounded = True
     return True
