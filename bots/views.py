@@ -36,7 +36,7 @@ def run_list(request, name):
     runs = instance.bot_runs.select_related("created_by").all()[:50]
     return render(request, "bots/runs.html", {"instance": instance, "form": form, "runs": runs,
                                               "has_providers": Provider.objects.filter(enabled=True).exists()},
-                  status=422 if form.is_bound and form.errors else 200)
+                  status=429 if form.throttled else 422 if form.is_bound and form.errors else 200)
 
 
 @login_required

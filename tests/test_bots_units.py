@@ -209,7 +209,7 @@ def lab(db, monkeypatch):
 
 
 def api(user, method, path, body=None):
-    _token, raw = create_token(user, name="t")
+    _token, raw = create_token(user, name="t", throttled=False)  # the harness, not a user
     client = Client(HTTP_AUTHORIZATION=f"Bearer {raw}")
     kwargs = {"data": json.dumps(body), "content_type": "application/json"} if body is not None else {}
     return getattr(client, method)(path, **kwargs)

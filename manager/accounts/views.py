@@ -103,7 +103,7 @@ def tokens(request):
         new_token = request.get_signed_cookie(NEW_TOKEN_COOKIE, default=None, salt=NEW_TOKEN_COOKIE, max_age=120)
     response = render(request, "accounts/tokens.html", {
         "form": form, "tokens": request.user.access_tokens.all(), "new_token": new_token,
-    })
+    }, status=429 if form.throttled else 200)
     response.delete_cookie(NEW_TOKEN_COOKIE, path=reverse("tokens"))
     return response
 
