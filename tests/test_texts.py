@@ -347,8 +347,11 @@ def test_hostile_welcome_text_is_refused(lab):
 
 def test_paths_with_a_nul_are_not_found_without_a_query(lab):
     boss, ann, instance = lab
-    response = api_client(boss).get("/api/v1/instances/host%00ile")
-    assert response.status_code == 404 and response.json()["detail"]
+    api = api_client(boss)
+    for path in ("/api/v1/instances/host%00ile", "/api/v1/instances/host%00ile/releases", "/api/v1/users/ann%00",
+                 "/lobby/hostile%00/"):
+        response = api.get(path)
+        assert response.status_code == 404, (path, response.status_code)
 
 
 def test_check_text_messages():

@@ -9,6 +9,7 @@ from manager.accounts.models import User
 from manager.api.auth import managers_only
 from manager.api.errors import responses
 from manager.api.schemas import UserIn, UserOut
+from manager.texts import problem
 
 router = Router(tags=["users"])
 
@@ -44,7 +45,8 @@ def create_user(request: HttpRequest, payload: UserIn, response: HttpResponse):
 )
 def get_user(request: HttpRequest, username: str):
     """One account, by username (ignoring case)."""
-    user = User.objects.filter(username__iexact=username).first()
+    # A NUL or lone surrogate names no account (and PostgreSQL could not compare it).
+    user = User.objects.filter(username__iexact=username).first() if not problem(username) else None
     if user is None:
         raise HttpError(404, f"There is no account with the username {username!r}.")
     return user
