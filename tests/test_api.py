@@ -310,7 +310,8 @@ def test_create_user_several_errors_in_one_string(call):
 def test_overlong_name_names_the_field(call):
     response = call("superuser")("POST", "/users", {"username": "newbie", "email": "n@lab.example", "name": "x" * 151})
     assert response.status_code == 422
-    assert detail(response) == "name: String should have at most 150 characters."
+    text = detail(response)  # the service's message, as the web form shows it (no pydantic paraphrase)
+    assert text.startswith("name: ") and "150" in text and "String should" not in text, text
 
 
 @pytest.mark.parametrize("raw", ["{", "not json", '{"username": "a",}', "\xff"])

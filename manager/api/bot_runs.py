@@ -4,8 +4,8 @@ the models a run may use (names only, never keys)."""
 
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse
-from ninja import Router, Schema, Status
-from pydantic import Field
+from ninja import Path, Router, Schema, Status
+from pydantic import ConfigDict, Field
 
 from bots import services
 from bots.live import bots_of, run_event
@@ -13,25 +13,49 @@ from bots.models import RANDOM_POLICY, BotRun, Provider
 from bots.views import download
 from instances.selectors import get_visible_instance
 from manager.api.errors import responses
-from manager.api.schemas import InputSchema
+from manager.api.schemas import MAX_ID, InputSchema, Whole, rules, text
 
 router = Router(tags=["bot runs"])
 providers_router = Router(tags=["bot runs"])
 
 
+def _limits(key: str) -> dict:
+    low, high = services.LIMITS[key]
+    return rules(minimum=low, maximum=high)
+
+
+def _column(model, field: str) -> int:
+    return model._meta.get_field(field).max_length
+
+
 class BotRunIn(InputSchema):
-    session_config: str = Field(max_length=100, description="a session config of the live release")
-    num_participants: int = Field(description="participants of the oTree session (1-500)")
-    num_bots: int = Field(description="how many of them are bots (the first ones); the rest are human seats")
-    model: str = Field(max_length=100, description='a model of `provider`, or "random" (the offline random policy)')
-    provider: str | None = Field(None, max_length=60, description="provider name (see GET /api/v1/bot-providers); "
-                                 'omit with model "random"')
-    temperature: float = 1.0
-    instructions: str = Field("", max_length=services.MAX_INSTRUCTIONS, description="extra instructions for the bots")
-    memory: str = Field("summary", description='"summary" (running notes) or "history" (the whole conversation)')
-    rate_limit: int = Field(60, description="model requests per minute for the whole run (1-6000)")
-    concurrency: int = Field(10, description="model requests in flight at once (1-200)")
-    time_limit_minutes: int = Field(60, description="the run stops after this many minutes (1-1440)")
+    # `provider` is required unless `model` is "random" (the offline policy).
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"not": {"properties": {"model": {"const": RANDOM_POLICY}}, "required": ["model"]}},
+        "then": {"required": ["provider"], "properties": {"provider": {"type": "string"}}},
+    })
+
+    session_config: str = Field(description="a session config of the live release (422 when there is none)",
+                                **text(max_length=_column(BotRun, "session_config"), single_line=True))
+    num_participants: Whole = Field(description="participants of the oTree session", **_limits("num_participants"))
+    num_bots: Whole = Field(description="how many of them are bots (the first ones; at most `num_participants`); "
+                          "the rest are human seats", **_limits("num_bots"))
+    model: str = Field(description=f'a model of `provider`, or "{RANDOM_POLICY}" (the offline random policy)',
+                       **text(max_length=_column(BotRun, "model"), single_line=True))
+    provider: str | None = Field(None, description="provider name (see GET /api/v1/bot-providers); required unless "
+                                 f'`model` is "{RANDOM_POLICY}". An unknown or disabled provider, or a model it does '
+                                 "not offer, is 422.",
+                                 **text(max_length=_column(Provider, "name"), single_line=True))
+    temperature: float = Field(1.0, **rules(minimum=services.TEMPERATURE_RANGE[0],
+                                            maximum=services.TEMPERATURE_RANGE[1]))
+    instructions: str = Field("", description="extra instructions for the bots",
+                              **text(max_length=services.MAX_INSTRUCTIONS))
+    memory: str = Field(BotRun.Memory.SUMMARY.value, description='"summary" (running notes) or "history" '
+                        "(the whole conversation)", **rules(enum=BotRun.Memory.values))
+    rate_limit: Whole = Field(60, description="model requests per minute for the whole run", **_limits("rate_limit"))
+    concurrency: Whole = Field(10, description="model requests in flight at once", **_limits("concurrency"))
+    time_limit_minutes: Whole = Field(60, description="the run stops after this many minutes",
+                                    **_limits("time_limit_minutes"))
 
 
 class BotOut(Schema):
@@ -51,7 +75,8 @@ class BotOut(Schema):
 
 class BotRunOut(Schema):
     id: int = Field(description="the run's number within the instance")
-    status: str = Field(description="queued, starting, running, stopping, finished, stopped, failed")
+    status: str = Field(description="queued, starting, running, stopping, finished, stopped, failed",
+                        **rules(enum=BotRun.Status.values))
     status_reason: str
     session_config: str
     session_code: str
@@ -112,7 +137,8 @@ def list_bot_runs(request: HttpRequest, name: str):
     return [serialize(r) for r in instance.bot_runs.select_related("instance", "created_by")]
 
 
-@router.post("/{name}/bot-runs", summary="Start a bot run", response=responses({201: BotRunOut}, 400, 403, 404, 422))
+@router.post("/{name}/bot-runs", summary="Start a bot run",
+             response=responses({201: BotRunOut}, 400, 403, 404, 422, 429))
 def start_bot_run(request: HttpRequest, name: str, payload: BotRunIn, response: HttpResponse):
     """Create the oTree session through the instance's REST API and let the bots play it
     (in the background: poll `GET .../bot-runs/{id}` or watch the run page)."""
@@ -131,12 +157,12 @@ def start_bot_run(request: HttpRequest, name: str, payload: BotRunIn, response: 
 
 
 @router.get("/{name}/bot-runs/{number}", summary="One bot run with its bots", response=responses({200: BotRunOut}, 404))
-def get_bot_run(request: HttpRequest, name: str, number: int):
+def get_bot_run(request: HttpRequest, name: str, number: int = Path(..., ge=1, le=MAX_ID)):
     return serialize(services.get_run(request.auth, name, number))
 
 
 @router.post("/{name}/bot-runs/{number}/stop", summary="Stop all bots of a run", response=responses({202: BotRunOut}, 404))
-def stop_bot_run(request: HttpRequest, name: str, number: int):
+def stop_bot_run(request: HttpRequest, name: str, number: int = Path(..., ge=1, le=MAX_ID)):
     run = services.get_run(request.auth, name, number)
     services.stop_run(request.auth, run, request=request)
     return Status(202, serialize(run))
@@ -144,20 +170,20 @@ def stop_bot_run(request: HttpRequest, name: str, number: int):
 
 @router.get("/{name}/bot-runs/{number}/responses.csv", summary="Answers as CSV (one row per answered field)",
             response=responses({200: str}, 404))
-def bot_run_responses(request: HttpRequest, name: str, number: int):
+def bot_run_responses(request: HttpRequest, name: str, number: int = Path(..., ge=1, le=MAX_ID)):
     """Columns: session, participant, app, round, page, field, answer, reason."""
     return download(services.get_run(request.auth, name, number), "responses.csv")
 
 
 @router.get("/{name}/bot-runs/{number}/conversations.json", summary="Every model call of every bot",
             response=responses({200: dict}, 404))
-def bot_run_conversations(request: HttpRequest, name: str, number: int):
+def bot_run_conversations(request: HttpRequest, name: str, number: int = Path(..., ge=1, le=MAX_ID)):
     return download(services.get_run(request.auth, name, number), "conversations.json")
 
 
 @router.get("/{name}/bot-runs/{number}/summary.json", summary="Model, parameters, timings, tokens, errors",
             response=responses({200: dict}, 404))
-def bot_run_summary(request: HttpRequest, name: str, number: int):
+def bot_run_summary(request: HttpRequest, name: str, number: int = Path(..., ge=1, le=MAX_ID)):
     return download(services.get_run(request.auth, name, number), "summary.json")
 
 

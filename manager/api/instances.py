@@ -1,20 +1,19 @@
 """/api/v1/instances: oTree instances, with the same access rules as the pages
 (owner and lab managers; others get 404, as if the instance did not exist)."""
 
-from decimal import Decimal
-
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
-from ninja import Router, Schema, Status
+from ninja import Path, Router, Schema, Status
 from ninja.errors import HttpError
 from pydantic import Field
 
 from instances import services
-from instances.models import Instance
+from instances.models import Instance, Release
 from instances.selectors import get_visible_instance, visible_instances, with_live_release
+from manager.accounts.models import User
 from manager.api.auth import managers_only
 from manager.api.errors import responses
-from manager.api.schemas import InputSchema
+from manager.api.schemas import MAX_ID, SINGLE_LINE, TEXT, InputSchema, Whole, rules, text
 
 router = Router(tags=["instances"])
 
@@ -26,14 +25,15 @@ class GitOut(Schema):
 
 class OTreeOut(Schema):
     admin_username: str
-    auth_level: str = Field(description='"STUDY", "DEMO" or "" (none)')
+    auth_level: str = Field(description='"STUDY", "DEMO" or "" (none)', **rules(enum=Instance.AuthLevel.values))
     production: bool
 
 
 class InstanceOut(Schema):
     name: str
     owner: str
-    status: str = Field(description="provisioning, ready_for_code, deploying, running, stopped, failed, deleting")
+    status: str = Field(description="provisioning, ready_for_code, deploying, running, stopped, failed, deleting",
+                        **rules(enum=Instance.Status.values))
     status_reason: str
     url: str
     git: GitOut
@@ -46,21 +46,67 @@ class InstanceOut(Schema):
     runtime: str
 
 
+# services.validate_name's rules: NAME_RE (a lowercase letter first, a letter or digit
+# last) without "--", as one pattern; tests/test_api_schema.py checks they agree.
+NAME_PATTERN = r"^[a-z](-?[a-z0-9])+$"
+
+
+def _case_blind(word: str) -> str:
+    """'LD_' -> '[Ll][Dd]_' (JSON Schema patterns have no flags)."""
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in word)
+
+
+# Config var names the services refuse, compared ignoring case: set by the manager, or
+# changing how programs are loaded or Python starts.
+_REFUSED_PREFIXES = [*services.RESERVED_CONFIG_PREFIXES, *services.LOADER_CONFIG_PREFIXES]
+_REFUSED_NAMES = sorted({*services.RESERVED_CONFIG_KEYS, *services.LOADER_CONFIG_KEYS})
+REFUSED_CONFIG_NAMES = (f"^({'|'.join(_case_blind(p) for p in _REFUSED_PREFIXES)})"
+                        f"|^({'|'.join(_case_blind(k) for k in _REFUSED_NAMES)})$")
+CONFIG_NAME = rf"^[A-Za-z_][A-Za-z0-9_]{{0,{services.MAX_CONFIG_NAME - 1}}}$"
+
+
 class InstanceIn(InputSchema):
-    name: str = Field(max_length=40, description="2-40 characters: lowercase letters, digits, hyphens")
-    owner: str = Field(max_length=150, description="username of the experimenter who owns it")
+    name: str = Field(
+        description=f"{services.NAME_LENGTH[0]}-{services.NAME_LENGTH[1]} characters: lowercase letters, digits "
+        "and single hyphens, starting with a letter, ending with a letter or digit; not a reserved name. "
+        "A name that is taken is 409. With subdomain routing, a name whose address is the manager's own is 422.",
+        **rules(pattern=NAME_PATTERN, min_length=services.NAME_LENGTH[0], max_length=services.NAME_LENGTH[1],
+                not_={"enum": sorted(services.RESERVED_NAMES)}))
+    owner: str = Field(description="username of the active account that owns it (422 when there is none)",
+                       **text(max_length=User._meta.get_field("username").max_length, single_line=True))
 
 
 class InstancePatch(InputSchema):
-    auth_level: str | None = Field(None, description='"STUDY", "DEMO" or "" (none)')
+    auth_level: str | None = Field(None, description='"STUDY", "DEMO" or "" (none)',
+                                   **rules(enum=[*Instance.AuthLevel.values, None]))
     production: bool | None = None
-    env: dict[str, str] | None = Field(None, description="config vars (replaces all of them)")
-    memory_mb: int | None = Field(None, description="lab managers only")
-    cpus: Decimal | None = Field(None, description="lab managers only")
+    env: dict[str, str] | None = Field(
+        None, description="config vars (replaces all of them): names exactly as given (letters, digits and _, "
+        "not starting with a digit); not the ones the manager sets (OTREE_*, DATABASE_URL, REDIS_URL, PORT, "
+        "PATH, HOME, TMPDIR) nor those that change how programs are loaded or Python starts (LD_*, PYTHON*, "
+        f"GCONV_PATH, GLIBC_TUNABLES, LOCPATH), in any case; at most {services.MAX_CONFIG_BYTES} bytes "
+        "together as the app's environment (NAME=value and a NUL byte each, UTF-8).",
+        **rules(max_properties=services.MAX_CONFIG_VARS,
+                property_names={"pattern": CONFIG_NAME, "not": {"pattern": REFUSED_CONFIG_NAMES}},
+                additional_properties={"pattern": TEXT,
+                                       "maxLength": services.MAX_CONFIG_VALUE}))
+    memory_mb: Whole | None = Field(None, description="MiB; lab managers only (403 for others)",
+                                  **rules(minimum=services.MEMORY_RANGE[0], maximum=services.MEMORY_RANGE[1]))
+    cpus: float | None = Field(None, description="CPUs, at most two decimals (never rounded); lab managers only "
+                               "(403 for others)",
+                               **rules(minimum=float(services.CPU_RANGE[0]), maximum=float(services.CPU_RANGE[1]),
+                                       multiple_of=0.01))
+
+
+_PASSWORD_LOW, _PASSWORD_HIGH = services.ADMIN_PASSWORD_LENGTH
 
 
 class PasswordIn(InputSchema):
-    password: str | None = Field(None, max_length=128, description="omit to generate a strong one")
+    password: str | None = Field(
+        None, description=f"{_PASSWORD_LOW} to {_PASSWORD_HIGH} characters on one line; omit it (or send null or "
+        '"") to generate a strong one',
+        **rules(max_length=_PASSWORD_HIGH,
+                pattern=f"^({SINGLE_LINE.strip('^$').rstrip('*')}{{{_PASSWORD_LOW},{_PASSWORD_HIGH}}})?$"))
 
 
 class PasswordOut(Schema):
@@ -135,7 +181,7 @@ def update_instance(request: HttpRequest, name: str, payload: InstancePatch):
     return serialize(instance)
 
 
-@router.post("/{name}/restart", summary="Restart", response=responses({202: JobOut}, 404))
+@router.post("/{name}/restart", summary="Restart", response=responses({202: JobOut}, 404, 429))
 def restart_instance(request: HttpRequest, name: str):
     instance = get_visible_instance(request.auth, name)
     job = services.restart(request.auth, instance, request=request)
@@ -143,7 +189,7 @@ def restart_instance(request: HttpRequest, name: str):
 
 
 @router.post("/{name}/reset-database", summary="Back up, then reset the database",
-             response=responses({202: JobOut}, 403, 404))
+             response=responses({202: JobOut}, 403, 404, 429))
 def reset_database(request: HttpRequest, name: str):
     """A backup (`pg_dump -Fc`) is written first; if it fails, nothing is reset. The backup
     is listed by `GET /api/v1/instances/{name}/backups` when the job ends."""
@@ -175,7 +221,8 @@ class ReleaseOut(Schema):
     author: str
     message: str
     pushed_by: str | None
-    status: str = Field(description="queued, building, starting, live, failed, superseded, rolled_back")
+    status: str = Field(description="queued, building, starting, live, failed, superseded, rolled_back",
+                        **rules(enum=Release.Status.values))
     status_reason: str
     created_at: str
     duration_seconds: float | None
@@ -207,7 +254,7 @@ def list_releases(request: HttpRequest, name: str):
 
 @router.get("/{name}/releases/{number}", summary="One release with its build log",
             response=responses({200: ReleaseDetailOut}, 404))
-def get_release(request: HttpRequest, name: str, number: int):
+def get_release(request: HttpRequest, name: str, number: int = Path(..., ge=1, le=MAX_ID)):
     instance = get_visible_instance(request.auth, name)
     release = instance.releases.select_related("pushed_by", "rollback_of").filter(number=number).first()
     if release is None:

@@ -2,13 +2,13 @@
 
 from django.core.exceptions import ValidationError
 from django.http import HttpRequest
-from ninja import Router, Status
+from ninja import Path, Router, Status
 from ninja.errors import HttpError
 
 from manager.accounts import services
 from manager.accounts.models import SSHKey
 from manager.api.errors import responses
-from manager.api.schemas import SSHKeyIn, SSHKeyOut, UserOut
+from manager.api.schemas import MAX_ID, SSHKeyIn, SSHKeyOut, UserOut
 
 router = Router(tags=["me"])
 
@@ -41,7 +41,7 @@ def add_my_ssh_key(request: HttpRequest, payload: SSHKeyIn):
 @router.delete(
     "/ssh-keys/{key_id}", summary="Remove one of your SSH keys", response=responses({204: None}, 404, 422)
 )
-def delete_my_ssh_key(request: HttpRequest, key_id: int):
+def delete_my_ssh_key(request: HttpRequest, key_id: int = Path(..., ge=1, le=MAX_ID)):
     """Remove one of the caller's keys. Other people's keys are not visible (404)."""
     key = SSHKey.objects.filter(pk=key_id, user=request.auth).first()
     if key is None:

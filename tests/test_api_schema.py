@@ -1,0 +1,302 @@
+"""The OpenAPI document tells the truth: schemathesis fuzzes the live document of a real
+server (daphne serving manager.asgi over HTTP, on this test's database and Redis) as each
+persona, and fails on any server error, schema mismatch, undocumented status, header or
+content type, on schema-valid input refused or schema-invalid input accepted.
+
+No Docker and no worker: the API only records rows and enqueues jobs (create, restart,
+reset, delete, bot runs), and no worker takes them here; the queue is purged at the end.
+The run is bounded (examples per operation, one worker) and deterministic (fixed seed,
+deterministic generation): a failure reproduces with the same command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from django.conf import settings
+from django.db import connection
+
+from bots.models import BotRun, Provider
+from instances.models import Instance, Release
+from manager import texts
+from manager.accounts.models import User
+from manager.accounts.services import create_token
+from manager.api.instances import CONFIG_NAME, NAME_PATTERN, REFUSED_CONFIG_NAMES
+from manager.api.schemas import SINGLE_LINE, TEXT
+from instances import services as instance_services
+from tests.labserver_helpers import free_port
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+MAX_EXAMPLES = 10
+SEED = 20261202
+SCHEMATHESIS_TIMEOUT = 600  # seconds: a bound, far above the run's usual length (see the README)
+
+# Values the path parameters are drawn from most of the time (the rest are generated), so
+# the fuzz reaches real instances, releases and bot runs instead of answering 404 only.
+CONFIG = """\
+[dictionaries.names]
+values = ["study", "others-study", "nothing-here"]
+[dictionaries.numbers]
+values = [1, 2]
+[dictionaries.owners]
+values = ["alice", "bob"]
+[dictionaries.models]
+values = ["random", "fake-1"]
+[dictionaries.configs]
+values = ["survey"]
+[dictionaries.providers]
+values = ["Fake"]
+[dictionaries.keys]
+values = {keys}
+
+[parameters]
+"path.name" = { dictionary = "names", probability = 0.9 }
+"path.number" = { dictionary = "numbers", probability = 0.8 }
+"path.username" = { dictionary = "owners", probability = 0.5 }
+"body.owner" = { dictionary = "owners", probability = 0.7 }
+"body.model" = { dictionary = "models", probability = 0.8 }
+"body.session_config" = { dictionary = "configs", probability = 0.8 }
+"body.provider" = { dictionary = "providers", probability = 0.6 }
+"body.key" = { dictionary = "keys", probability = 0.5 }
+
+# Schema-valid input that stored data can still refuse (the descriptions say so): an owner
+# that has no account; a session config the live release lacks, more bots than
+# participants, a provider or model that is not configured; a key whose base64 does not
+# decode to a key of its type; the config vars' total size; a new account's e-mail address
+# that Django's stricter validator refuses.
+[[operations]]
+include-operation-id = ["create_instance", "start_bot_run", "add_my_ssh_key"]
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
+"""
+
+pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
+
+
+class Manager:
+    """daphne serving the manager on this test's database, data dir and Redis."""
+
+    def __init__(self, log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ)
+        env.update(LAB_DATA_DIR=str(settings.DATA_DIR), DATABASE_URL=f"sqlite:///{connection.settings_dict['NAME']}",
+                   LAB_HOST="127.0.0.1", LAB_PORT=str(self.port), PYTHONUNBUFFERED="1",
+                   DJANGO_SETTINGS_MODULE="manager.settings")
+        for key in ("LAB_PUBLIC_HOST", "LAB_PUBLIC_URL", "REDIS_URL"):
+            env.pop(key, None)
+        self.log_path = log_path
+        self.log = open(log_path, "w+b")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "manager.asgi:application"],
+            cwd=BASE_DIR, env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/api/v1/", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"daphne did not come up:\n{self.output()}")
+            time.sleep(0.1)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.log.close()
+
+
+@pytest.fixture
+def lab(transactional_db, tmp_path):
+    """Two experimenters with an instance each (alice's has a live release and a bot run),
+    a lab manager, a model provider; a token per persona; daphne serving it all."""
+    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
+    alice = User.objects.create_user("alice", "alice@lab.test", "pw-alice-123456")
+    bob = User.objects.create_user("bob", "bob@lab.test", "pw-bob-1234567")
+    study = Instance.objects.create(name="study", owner=alice, public_port=18700)
+    Instance.objects.create(name="others-study", owner=bob, public_port=18701)
+    Release.objects.create(instance=study, number=1, commit="c" * 40, status=Release.Status.LIVE, session_configs=[
+        {"name": "survey", "display_name": "Survey", "num_demo_participants": 2}])
+    Provider.objects.create(name="Fake", base_url="http://127.0.0.1:9/v1", api_key="sk-not-used",
+                            offered_models=[{"name": "fake-1", "input_per_million": 1, "output_per_million": 2}])
+    BotRun.objects.create(instance=study, number=1, session_config="survey", num_participants=2, num_bots=1,
+                          model="random", status=BotRun.Status.FINISHED)
+    tokens = {user.username: create_token(user, name="fuzz", throttled=False)[1] for user in (boss, alice)}
+    manager = Manager(tmp_path / "daphne.log")
+    try:
+        yield {"url": manager.url, "tokens": tokens, "manager": manager, "tmp": tmp_path}
+    finally:
+        manager.stop()
+        from manager.celery import app
+
+        app.control.purge()  # the jobs the fuzz enqueued: no worker takes them here
+
+
+def fuzz(lab, authorization: str | None, name: str, *, examples: int = MAX_EXAMPLES,
+         phases: str = "coverage,fuzzing") -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """One schemathesis run against the live document; (its result, the HAR entries)."""
+    tmp: Path = lab["tmp"]
+    keys = [ssh_public_key(f"{name}-{i}") for i in range(5)]  # new ones: each can be added once
+    (tmp / "schemathesis.toml").write_text(CONFIG.replace("{keys}", json.dumps(keys)))
+    har = tmp / f"{name}.har"
+    command = [
+        sys.executable, "-m", "schemathesis.cli", "--config-file", str(tmp / "schemathesis.toml"), "--no-color",
+        "run", f"{lab['url']}/api/v1/openapi.json",
+        "--checks", "all", "--max-examples", str(examples), "--seed", str(SEED), "--generation-deterministic",
+        "--workers", "1", "--phases", phases,
+        "--request-timeout", "30", "--report", "har", "--report-har-path", str(har),
+    ]
+    if authorization:
+        command += ["--header", f"Authorization: {authorization}"]
+    env = dict(os.environ, SCHEMATHESIS_HOOKS="", NO_COLOR="1", COLUMNS="160")
+    result = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True,
+                            timeout=SCHEMATHESIS_TIMEOUT)
+    entries = json.loads(har.read_text())["log"]["entries"] if har.exists() else []
+    return result, entries
+
+
+def ssh_public_key(comment: str) -> str:
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    return f"{key.public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH).decode()} {comment}"
+
+
+def _report(result: subprocess.CompletedProcess, lab) -> str:
+    server = lab["manager"].output()
+    return f"{result.stdout[-20000:]}\n{result.stderr[-5000:]}\n--- daphne ---\n{server[-5000:]}"
+
+
+def statuses(entries: list[dict]) -> Counter:
+    return Counter(entry["response"]["status"] for entry in entries)
+
+
+# (persona, phases, examples per operation): the lab manager, who may call everything, gets
+# the coverage phase (every documented boundary, enum value and pattern, and methods no
+# operation has) and the fuzzing phase; the experimenter too, with fewer fuzzed examples;
+# anonymous callers only a few, which must all be 401.
+RUNS = [("boss", "coverage,fuzzing", MAX_EXAMPLES), ("alice", "coverage,fuzzing", 5), ("anonymous", "fuzzing", 2)]
+
+
+def test_schemathesis_as_each_persona(lab):
+    """One server for all three runs (they share its data: the experimenter's run meets
+    what the lab manager's run created and changed)."""
+    for persona, phases, examples in RUNS:
+        started = time.monotonic()
+        token = lab["tokens"].get(persona)
+        result, entries = fuzz(lab, f"Bearer {token}" if token else None, persona, examples=examples, phases=phases)
+        took = time.monotonic() - started
+        seen = statuses(entries)
+        print(f"{persona}: {len(entries)} requests in {took:.0f} s, statuses {dict(sorted(seen.items()))}")
+        assert result.returncode == 0, f"as {persona}:\n{_report(result, lab)}"
+        assert not any(status >= 500 for status in seen), (persona, seen)
+        if persona == "anonymous":
+            documented = [e for e in entries if e["response"]["status"] != 405]  # methods no operation has
+            assert documented and {e["response"]["status"] for e in documented} == {401}, seen
+            continue
+        assert len(entries) > 26 * 5, (persona, seen)  # every operation, more than a few times
+        # The persona stayed signed in throughout (the 401s are schemathesis' own calls without
+        # the token): nothing the fuzz did revoked its token or deactivated its account.
+        assert seen[401] < 0.1 * len(entries), (persona, seen)
+        assert seen[200] and seen[201] and seen[202] and seen[404] and seen[422], (persona, seen)  # real work
+        request = urllib.request.Request(f"{lab['url']}/api/v1/me", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.loads(response.read())["username"] == persona
+
+
+# --- the document's patterns say what the services check -------------------------------------
+
+def _characters():
+    """Every code point but the surrogates (which no UTF-8 text holds)."""
+    return (chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF)
+
+
+def test_text_patterns_match_the_services_text_check():
+    any_text, single_line = re.compile(TEXT), re.compile(SINGLE_LINE)
+    for char in _characters():
+        value = f"a{char}b"
+        assert bool(any_text.fullmatch(value)) == (texts.problem(value) is None), repr(char)
+        assert bool(single_line.fullmatch(value)) == (texts.problem(value, single_line=True) is None), repr(char)
+
+
+@pytest.mark.parametrize("name", ["ab", "a1", "public-goods-2", "a" * 40, "x-y-z", "a-", "-a", "1a", "a--b", "A-b",
+                                  "a", "a" * 41, "ab_c", "ab c", "été"])
+def test_name_pattern_matches_the_service(name):
+    by_service = bool(instance_services.NAME_RE.match(name)) and "--" not in name and (
+        instance_services.NAME_LENGTH[0] <= len(name) <= instance_services.NAME_LENGTH[1])
+    low, high = instance_services.NAME_LENGTH
+    by_document = bool(re.fullmatch(NAME_PATTERN, name)) and low <= len(name) <= high
+    assert by_document == by_service
+
+
+@pytest.mark.parametrize("key,refused", [("SECRET", False), ("_x1", False), ("mallOC_ARENA_MAX", False),
+                                         ("LD_PRELOAD", True), ("ld_preload", True), ("PYTHONHOME", True),
+                                         ("pythonstartup", True), ("OTREE_ADMIN_PASSWORD", True), ("Path", True),
+                                         ("PATHS", False), ("GCONV_PATH", True), ("X\n", True), ("1X", True),
+                                         ("X" * 64, False), ("X" * 65, True), ("A-B", True), ("", True)])
+def test_config_name_rules_match_the_service(key, refused):
+    by_document = not re.fullmatch(CONFIG_NAME, key) or bool(re.search(REFUSED_CONFIG_NAMES, key))
+    assert by_document == refused == (instance_services.config_name_refusal(key) is not None)
+
+
+# --- strict input: nothing is coerced ------------------------------------------------------------
+
+@pytest.fixture
+def patch_study(client):
+    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
+    alice = User.objects.create_user("alice", "alice@lab.test", "pw-alice-123456")
+    Instance.objects.create(name="study", owner=alice, public_port=18700)
+    token = create_token(boss, name="t", throttled=False)[1]
+
+    def patch(body: dict):
+        return client.patch("/api/v1/instances/study", json.dumps(body), content_type="application/json",
+                            headers={"Authorization": f"Bearer {token}"})
+
+    return patch
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("body,field", [
+    ({"production": 0}, "production"), ({"production": "yes"}, "production"), ({"production": "true"}, "production"),
+    ({"memory_mb": "512"}, "memory_mb"), ({"memory_mb": True}, "memory_mb"), ({"memory_mb": 512.5}, "memory_mb"),
+    ({"cpus": "1"}, "cpus"), ({"cpus": True}, "cpus"), ({"auth_level": 1}, "auth_level"), ({"env": {"A": 1}}, "env.A"),
+])
+def test_input_types_are_not_coerced(patch_study, body, field):
+    generation = Instance.objects.get(name="study").generation
+    response = patch_study(body)
+    assert response.status_code == 422, response.content
+    assert response.json()["detail"].startswith(f"{field}: "), response.json()
+    assert Instance.objects.get(name="study").generation == generation  # nothing changed
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("body,stored", [({"cpus": 1}, ("cpus", 1)), ({"cpus": 0.25}, ("cpus", 0.25)),
+                                         ({"memory_mb": 512.0}, ("memory_mb", 512)), ({"production": False},
+                                                                                      ("production", False))])
+def test_json_numbers_are_numbers(patch_study, body, stored):
+    response = patch_study(body)
+    assert response.status_code == 200, response.content
+    field, value = stored
+    assert float(getattr(Instance.objects.get(name="study"), field)) == value
+    shown = response.json()["otree"]["production"] if field == "production" else response.json()[field]
+    assert shown == value
