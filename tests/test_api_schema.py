@@ -300,3 +300,65 @@ def test_json_numbers_are_numbers(patch_study, body, stored):
     assert float(getattr(Instance.objects.get(name="study"), field)) == value
     shown = response.json()["otree"]["production"] if field == "production" else response.json()[field]
     assert shown == value
+
+
+# --- the document refuses what the server refuses ----------------------------------------------
+
+def _validator(component: str):
+    import jsonschema_rs
+
+    from manager.api.api import api
+
+    schema = api.get_openapi_schema()["components"]["schemas"][component]
+    return jsonschema_rs.validator_for(schema, validate_formats=True)
+
+
+RUN = {"session_config": "survey", "num_participants": 2, "num_bots": 1}
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBm6V6HmrXk1H7+gZ5d5xH1cXZ0b8pKq1xR5nQ2YfS0q me@laptop"
+
+
+@pytest.mark.parametrize("component,body,valid", [
+    ("BotRunIn", {**RUN, "model": "random"}, True),
+    ("BotRunIn", {**RUN, "model": "fake-1"}, False),  # provider required unless the model is random
+    ("BotRunIn", {**RUN, "model": "fake-1", "provider": None}, False),
+    ("BotRunIn", {**RUN, "model": "fake-1", "provider": "Fake"}, True),
+    ("BotRunIn", {**RUN, "model": "random", "num_participants": 501}, False),
+    ("BotRunIn", {**RUN, "model": "random", "temperature": 2.5}, False),
+    ("BotRunIn", {**RUN, "model": "random", "memory": "all"}, False),
+    ("BotRunIn", {**RUN, "model": "random", "instructions": "a\x00b"}, False),
+    ("BotRunIn", {**RUN, "model": "random", "instructions": "line one\nline two"}, True),
+    ("BotRunIn", {**RUN, "model": "random\n"}, False),
+    ("InstancePatch", {"cpus": 0.25}, True), ("InstancePatch", {"cpus": 1}, True),
+    ("InstancePatch", {"cpus": 0.099}, False), ("InstancePatch", {"cpus": 0.255}, False),
+    ("InstancePatch", {"cpus": 16.5}, False), ("InstancePatch", {"cpus": "1"}, False),
+    ("InstancePatch", {"memory_mb": 127}, False), ("InstancePatch", {"memory_mb": "512"}, False),
+    ("InstancePatch", {"memory_mb": 512}, True), ("InstancePatch", {"production": 0}, False),
+    ("InstancePatch", {"auth_level": "STUDY"}, True), ("InstancePatch", {"auth_level": "study"}, False),
+    ("InstancePatch", {"env": {"MALLOC_ARENA_MAX": "2", "SECRET": "é\nü"}}, True),
+    ("InstancePatch", {"env": {"LD_PRELOAD": "x"}}, False), ("InstancePatch", {"env": {"ld_audit": "x"}}, False),
+    ("InstancePatch", {"env": {"PYTHONSTARTUP": "x"}}, False), ("InstancePatch", {"env": {"X\n": "x"}}, False),
+    ("InstancePatch", {"env": {"SECRET": "a\x00b"}}, False), ("InstancePatch", {"env": {"S": "x" * 4097}}, False),
+    ("InstancePatch", {"env": {f"K{i}": "" for i in range(101)}}, False),
+    ("InstanceIn", {"name": "ab", "owner": "bob"}, True), ("InstanceIn", {"name": "admin", "owner": "bob"}, False),
+    ("InstanceIn", {"name": "a--b", "owner": "bob"}, False), ("InstanceIn", {"name": "Ab", "owner": "bob"}, False),
+    ("InstanceIn", {"name": "a" * 41, "owner": "bob"}, False),
+    ("PasswordIn", {}, True), ("PasswordIn", {"password": ""}, True), ("PasswordIn", {"password": None}, True),
+    ("PasswordIn", {"password": "short"}, False), ("PasswordIn", {"password": "long enough"}, True),
+    ("PasswordIn", {"password": "new\nline!"}, False), ("PasswordIn", {"password": "x" * 129}, False),
+    ("UserIn", {"username": "new.bie", "email": "n@lab.example"}, True),
+    ("UserIn", {"username": "new bie", "email": "n@lab.example"}, False),
+    ("UserIn", {"username": "newbie", "email": "x"}, False),
+    ("UserIn", {"username": "newbie", "email": "n@lab.example", "is_superuser": "yes"}, False),
+    ("SSHKeyIn", {"key": KEY}, True), ("SSHKeyIn", {"key": "ssh-dss AAAAB3NzaC1kc3MAAACBAP"}, False),
+    ("SSHKeyIn", {"key": KEY, "title": "tab\there"}, False),
+])
+def test_document_states_the_rules(component, body, valid):
+    assert _validator(component).is_valid(body) == valid
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("body", [{"cpus": 0.099}, {"cpus": 0.255}, {"memory_mb": 127}, {"auth_level": "study"},
+                                  {"env": {"LD_PRELOAD": "x"}}, {"env": {"X\n": "x"}}, {"env": {"S": "a\x00b"}}])
+def test_what_the_document_refuses_the_server_refuses(patch_study, body):
+    assert not _validator("InstancePatch").is_valid(body)
+    assert patch_study(body).status_code == 422
