@@ -5,7 +5,8 @@ daphne hands the request to Django, and daphne then queues all of it in memory a
 without a cap, an HTTPS `git push` of any size — or any POST from anyone, before a login
 is checked — was read whole into the web process. `install()` replaces daphne's request
 class with one that counts the body as it arrives and, past the cap, answers 413 with a
-message and closes the connection; a `Content-Length` above the cap is refused before the
+message, stops passing the body on and closes the connection (what the client still sends
+is read and dropped, at most the cap again, so it reads the 413 instead of a reset); a `Content-Length` above the cap is refused before the
 body is sent at all (curl waits for `100 Continue`, which then never comes).
 
 Caps: git's smart-HTTP POSTs get LAB_PUSH_MAX_MB plus a quarter (and a MiB) — a push a
@@ -107,9 +108,16 @@ def bounded_request_class(base):
                 return
             log.warning("request body over %d bytes refused (%s)", self.lab_cap,
                         getattr(self.channel, "_path", b"?")[:200])
-            transport.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            self.channel.loseConnection()
+            answer = (b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                      b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            send = getattr(self.channel, "lab_answer_and_drain", None)
+            if send is None:
+                transport.write(answer)
+                self.channel.loseConnection()
+                return
+            # A client still sending (git, curl) reads the 413 only if its rest is read and
+            # dropped; closing at once resets the connection over the unread answer.
+            send(answer, drain=max(DRAIN_BYTES, self.lab_cap))
 
     BoundedWebRequest.__name__ = BoundedWebRequest.__qualname__ = "BoundedWebRequest"
     return BoundedWebRequest
@@ -162,6 +170,7 @@ def bounded_channel_class(base):
         maxHeaders = MAX_HEADER_FIELDS
         lab_refused = False
         lab_drained = 0
+        lab_drain_limit = DRAIN_BYTES
 
         def _lab_in_request_line(self) -> bool:
             return bool(getattr(self, "_HTTPChannel__first_line", 0))
@@ -199,7 +208,7 @@ def bounded_channel_class(base):
             if not self.lab_refused:
                 return super().dataReceived(data)
             self.lab_drained += len(data)  # read and dropped: the client gets to read the answer
-            if self.lab_drained > DRAIN_BYTES and self.transport is not None:
+            if self.lab_drained > self.lab_drain_limit and self.transport is not None:
                 self.transport.abortConnection()
 
         def _lab_refuse(self, status: int, path: bytes):
@@ -210,7 +219,16 @@ def bounded_channel_class(base):
             if transport is None:
                 return
             log.warning("request refused with %d (%s)", status, (path or b"?")[:200])
-            transport.write(refusal(status, path))
+            self.lab_answer_and_drain(refusal(status, path))
+
+        def lab_answer_and_drain(self, answer: bytes, drain: int = DRAIN_BYTES):
+            """Send `answer`, close for writing, then read and drop at most `drain` bytes."""
+            self.lab_refused = True
+            self.lab_drain_limit = drain
+            transport = self.transport
+            if transport is None:
+                return
+            transport.write(answer)
             self.persistent = False
             half_close = getattr(transport, "loseWriteConnection", None)
             if half_close is None:
