@@ -57,7 +57,6 @@ from pathlib import Path
 
 from django.conf import settings
 
-from manager.env import env_str
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +71,7 @@ LOCK_TIMEOUT = 30.0
 
 def caddy_dir() -> Path:
     """Caddy's state: config, admin socket, HOME/XDG dirs. Tests override LAB_CADDY_DIR."""
-    override = getattr(settings, "LAB_CADDY_DIR", None)
-    return Path(override) if override else Path(settings.DATA_DIR) / "caddy"
+    return Path(settings.LAB_CADDY_DIR)
 
 
 def admin_socket() -> Path:
@@ -100,20 +98,15 @@ def caddy_binary() -> str | None:
     return shutil.which("caddy")
 
 
-def _setting(name: str, default: str) -> str:
-    value = getattr(settings, name, None)
-    return value if value is not None else env_str(name, default)
-
-
 def listen_address() -> str:
     """Subdomain mode: where the one server listens."""
-    return _setting("LAB_PROXY_LISTEN", ":80")
+    return settings.LAB_PROXY_LISTEN
 
 
 def bind_host() -> str:
     """Port mode: the address instance ports are opened on ("" = all interfaces): the one
     LAB_INSTANCE_HOST names, unless LAB_PROXY_BIND says otherwise."""
-    explicit = _setting("LAB_PROXY_BIND", "")
+    explicit = settings.LAB_PROXY_BIND
     if explicit:
         return "" if explicit in ("*", "0.0.0.0", "::") else explicit.strip("[]")
     host = settings.LAB_INSTANCE_HOST.strip("[]").lower()
@@ -343,11 +336,11 @@ def build_config(only: str | None = None) -> tuple[dict, dict[Path, str]]:
             "listen": [listen_address()], "routes": routes, "errors": errors,
             "automatic_https": {"disable": True},
         }
-        if getattr(settings, "LAB_BEHIND_PROXY", False):
+        if settings.LAB_BEHIND_PROXY:
             # The TLS proxy in front: its X-Forwarded-For goes on (Caddy appends the proxy's
             # address), so the manager can count LAB_PROXY_HOPS back to the real client.
             servers["instances"]["trusted_proxies"] = {
-                "source": "static", "ranges": list(getattr(settings, "LAB_PROXY_TRUSTED_IPS", ["127.0.0.0/8"]))}
+                "source": "static", "ranges": list(settings.LAB_PROXY_TRUSTED_IPS)}
     else:
         bind = bind_host()
         for instance in instances:

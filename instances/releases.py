@@ -45,15 +45,15 @@ WAS_LIVE = (Release.Status.LIVE, Release.Status.SUPERSEDED, Release.Status.ROLLE
 
 
 def build_timeout() -> int:
-    return int(getattr(settings, "LAB_BUILD_TIMEOUT", 900))
+    return settings.LAB_BUILD_TIMEOUT
 
 
 def start_timeout() -> int:
-    return int(getattr(settings, "LAB_START_TIMEOUT", 120))
+    return settings.LAB_START_TIMEOUT
 
 
 def keep_releases() -> int:
-    return max(1, int(getattr(settings, "LAB_KEEP_RELEASES", 5)))
+    return max(1, settings.LAB_KEEP_RELEASES)
 
 
 # --- recording ---------------------------------------------------------------------------
@@ -349,7 +349,7 @@ def sweep(now=None) -> int:
     Returns how many were failed."""
     now = now or timezone.now()
     limit = timedelta(seconds=build_timeout() + start_timeout() + 60)
-    grace = timedelta(seconds=int(getattr(settings, "LAB_LOCK_TTL", 30)))  # the lock is taken before the claim
+    grace = timedelta(seconds=settings.LAB_LOCK_TTL)  # the lock is taken before the claim
     failed = 0
     for release in Release.objects.filter(status__in=ACTIVE).select_related("instance"):
         since = release.started_at or release.created_at

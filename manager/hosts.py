@@ -46,7 +46,7 @@ def manager_origins() -> set[tuple[str, str, int]]:
     host = settings.LAB_HOST
     host = f"[{host}]" if ":" in host and not host.startswith("[") else host
     candidates = [settings.LAB_PUBLIC_URL, f"http://{host}:{settings.LAB_PORT}",
-                  *getattr(settings, "LAB_CSRF_TRUSTED_ORIGINS", [])]
+                  *settings.LAB_CSRF_TRUSTED_ORIGINS]
     return {key for key in map(origin_key, candidates) if key is not None and "*" not in key[1]}
 
 

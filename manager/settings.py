@@ -35,8 +35,9 @@ LAB_RUNTIME = env_str("LAB_RUNTIME", "auto")
 LAB_ROUTING = env_str("LAB_ROUTING", "port")
 LAB_DOMAIN = env_str("LAB_DOMAIN", "")
 LAB_INSTANCE_PORTS = env_str("LAB_INSTANCE_PORTS", "18000-18999")
-if LAB_RUNTIME not in {"auto", "docker", "process", "swarm"}:
-    raise ConfigError(f"LAB_RUNTIME must be auto, docker, process or swarm, got {LAB_RUNTIME!r}")
+if LAB_RUNTIME not in {"auto", "docker", "process"}:
+    # swarm: refused here (one place) until its backend exists under instances/runtime/
+    raise ConfigError(f"LAB_RUNTIME must be auto, docker or process (swarm is not available yet), got {LAB_RUNTIME!r}")
 if LAB_ROUTING not in {"port", "subdomain"}:
     raise ConfigError(f"LAB_ROUTING must be port or subdomain, got {LAB_ROUTING!r}")
 if LAB_ROUTING == "subdomain" and not LAB_DOMAIN:
@@ -355,6 +356,8 @@ LAB_KEEP_RELEASES = env_int("LAB_KEEP_RELEASES", 5)
 # listens on LAB_PROXY_LISTEN.
 LAB_PROXY_BIND = env_str("LAB_PROXY_BIND", "")
 LAB_PROXY_LISTEN = env_str("LAB_PROXY_LISTEN", ":80")
+# Caddy's state (config, admin socket, HOME/XDG dirs): fixed; tests point it elsewhere.
+LAB_CADDY_DIR = DATA_DIR / "caddy"
 # Subdomain routing behind LAB_BEHIND_PROXY: the addresses of the proxies in front of Caddy
 # (the TLS terminator). From these Caddy passes X-Forwarded-For on, appending its peer (so
 # Caddy is one of the LAB_PROXY_HOPS); from anyone else it starts the header afresh.

@@ -113,7 +113,7 @@ def limits_of(action: str) -> list[Limit]:
     from django.conf import settings
 
     spec = ACTIONS[action]
-    return parse(getattr(settings, spec.setting, spec.default), name=spec.setting, scopes=spec.scopes)
+    return parse(getattr(settings, spec.setting), name=spec.setting, scopes=spec.scopes)
 
 
 # --- texts ----------------------------------------------------------------------------

@@ -258,7 +258,7 @@ def post_receive(git_dir: Path, stdin, out, *, token: str | None = None, quarant
         return 1
     say(f"Deploying {commit[:8]} of {branch} to {instance.name} as release #{release.number} ...", out)
     if timeout is None:
-        timeout = getattr(settings, "LAB_BUILD_TIMEOUT", 900) + 60
+        timeout = settings.LAB_BUILD_TIMEOUT + 60
     return follow(release, out, poll=poll, timeout=timeout)
 
 
