@@ -11,7 +11,6 @@ import re
 import shutil
 import struct
 import subprocess
-import time
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -277,12 +276,12 @@ def test_parse_empty(text):
     assert codes(text) in (["empty"], ["type"])
 
 
-def test_parse_very_long_garbage_is_refused_quickly():
-    for text in ("A" * 1_000_000, "ssh-ed25519 " + "A" * 1_000_000, "ssh-rsa " + "////" * 250_000,
-                 "x" * 500_000 + " " + "y" * 500_000, "\u00e9" * 200_000):
-        started = time.monotonic()
-        assert codes(text)
-        assert time.monotonic() - started < 2
+def test_parse_very_long_garbage_is_refused():
+    """How quickly: bench/ssh_key_parse.py (milliseconds; its budget is 2 s per input)."""
+    for text, expected in (("A" * 1_000_000, ["type"]), ("ssh-ed25519 " + "A" * 1_000_000, ["mismatch"]),
+                           ("ssh-rsa " + "////" * 250_000, ["mismatch"]),
+                           ("x" * 500_000 + " " + "y" * 500_000, ["type"]), ("\u00e9" * 200_000, ["type"])):
+        assert codes(text) == expected, text[:20]
 
 
 def test_parse_two_keys_on_two_lines(keys):
