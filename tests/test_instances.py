@@ -160,6 +160,27 @@ def test_pages(boss, ann):
     assert "ultimatum" in dashboard
 
 
+def test_transfer_gives_the_instance_to_the_new_owner_and_takes_it_from_the_old(boss, ann):
+    bob = User.objects.create_user("bob", "bob@lab.test", "pw-bob-12345678")
+    services.create_instance(boss, name="handed", owner=ann)
+    _, ann_token = create_token(ann, name="t")
+    _, bob_token = create_token(bob, name="t")
+
+    def sees(user, token) -> tuple[int, int, bool, bool]:
+        """The instance page, the API's instance, and whether the dashboard and API list name it."""
+        web, api = login(user), Client(HTTP_AUTHORIZATION=f"Bearer {token}")
+        listed = [i["name"] for i in api.get("/api/v1/instances").json()]
+        return (web.get("/instances/handed/").status_code, api.get("/api/v1/instances/handed").status_code,
+                "handed" in web.get("/").content.decode(), "handed" in listed)
+
+    assert sees(ann, ann_token) == (200, 200, True, True) and sees(bob, bob_token) == (404, 404, False, False)
+    response = login(boss).post("/instances/handed/transfer/", {"owner": bob.pk})
+    assert response.status_code == 302
+    assert Instance.objects.get(name="handed").owner == bob
+    assert sees(bob, bob_token) == (200, 200, True, True)  # the new owner has it ...
+    assert sees(ann, ann_token) == (404, 404, False, False)  # ... and the old one no longer
+
+
 @pytest.mark.parametrize("runtime, says", [
     ("docker", ["Docker containers", "PostgreSQL (its own container)"]),
     ("process", ["Plain processes on this machine", "a user of its own", "RLIMIT_AS"]),
