@@ -17,7 +17,7 @@ from instances.backups import backup_dir
 from instances.models import Backup, Instance
 from instances.runtime import available_runtimes, get_runtime
 from instances.runtime.base import AppSpec, Health, InstanceSpec, RuntimeError_
-from instances.services import push_event, push_state
+from instances.state import deleted_event, push_event, set_status
 from manager import locks
 
 log = logging.getLogger(__name__)
@@ -53,12 +53,6 @@ def app_spec(instance: Instance, app: dict | None = None) -> AppSpec | None:
                    env=instance.otree_env(), release_id=str(app.get("release", "")), user=app.get("user"))
 
 
-def _set_status(instance: Instance, status: str, reason: str = "", **fields) -> None:
-    Instance.objects.filter(pk=instance.pk).update(status=status, status_reason=reason[:500], **fields)
-    instance.refresh_from_db()
-    push_state(instance)
-
-
 def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Instance | None:
     """Make the runtime match the instance's desired state. Returns the instance (None when
     it no longer exists). Raises ReconcileError with the reason on failure."""
@@ -75,7 +69,7 @@ def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Insta
         try:
             if not instance.desired_running:
                 runtime.stop(instance.name)
-                _set_status(instance, Instance.Status.STOPPED, "", observed_generation=generation)
+                set_status(instance, Instance.Status.STOPPED, "", observed_generation=generation)
                 return instance
             app = app_spec(instance)
             state = runtime.ensure(instance_spec(instance, app))
@@ -85,11 +79,11 @@ def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Insta
                 runtime.restart_app(instance.name)
                 state = runtime.state(instance.name)
         except RuntimeError_ as exc:
-            _set_status(instance, Instance.Status.FAILED, str(exc))
+            set_status(instance, Instance.Status.FAILED, str(exc))
             raise ReconcileError(str(exc)) from exc
         if not state.services_ready:
             reason = f"database {state.db.health.value}, redis {state.redis.health.value}"
-            _set_status(instance, Instance.Status.FAILED, reason)
+            set_status(instance, Instance.Status.FAILED, reason)
             raise ReconcileError(reason)
         if app is None:
             status, reason = Instance.Status.READY_FOR_CODE, "database and Redis are up; push your oTree project"
@@ -97,8 +91,8 @@ def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Insta
             status, reason = Instance.Status.RUNNING, ""
         else:
             status, reason = Instance.Status.FAILED, f"the oTree app is {state.app.health.value} {state.app.detail}"
-        _set_status(instance, status, reason, runtime=runtime.name,
-                    observed_generation=generation, observed_restart_generation=restart_generation)
+        set_status(instance, status, reason, runtime=runtime.name,
+                   observed_generation=generation, observed_restart_generation=restart_generation)
         return instance
 
 
@@ -160,8 +154,7 @@ def _delete(instance: Instance, runtime) -> None:
     name, owner_id, pk = instance.name, instance.owner_id, instance.pk
     with transaction.atomic():
         instance.delete()
-    push_event(pk, owner_id, {"type": "instance", "name": name, "status": "deleted", "status_label": "deleted",
-                              "status_color": "secondary", "reason": ""})
+    push_event(pk, owner_id, deleted_event(name))
 
 
 def _archive_repository(instance: Instance) -> None:

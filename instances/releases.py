@@ -27,7 +27,7 @@ from django.db.models import F, Value
 from django.db.models.functions import Concat
 from django.utils import timezone
 
-from instances import build
+from instances import build, state
 from instances.git.repos import repo_path
 from instances.models import Instance, Release
 from instances.selectors import next_number
@@ -159,14 +159,6 @@ class LogWriter:
 
 # --- the worker ----------------------------------------------------------------------------
 
-def _set_instance(instance: Instance, status: str, reason: str = "") -> None:
-    from instances.services import push_state
-
-    Instance.objects.filter(pk=instance.pk).update(status=status, status_reason=reason[:500])
-    instance.refresh_from_db()
-    push_state(instance)
-
-
 def _fail(release: Release, reason: str, out: LogWriter | None = None) -> None:
     if out is not None:
         # The words git_hook's follow() ends with: a pusher reads the reason once.
@@ -225,7 +217,7 @@ def deploy(release_id: int) -> Release:
 
 def _deploy(release: Release, instance: Instance, out: LogWriter) -> None:
     runtime = get_runtime(instance)
-    _set_instance(instance, Instance.Status.DEPLOYING, f"deploying #{release.number} ({release.commit[:8]})")
+    state.set_status(instance, Instance.Status.DEPLOYING, f"deploying #{release.number} ({release.commit[:8]})")
     if release.rollback_of_id:
         out(f"Rollback to #{release.rollback_of.number}: reusing its image {release.image}\n")
         if not runtime.image_exists(release.image):
@@ -303,7 +295,7 @@ def _start_and_switch(release: Release, instance: Instance, runtime, out: LogWri
             Instance.objects.filter(pk=instance.pk).update(runtime=runtime.name)
         out(f"Live: #{release.number} answers at {instance.url or url}\n")
         out.flush()
-        _set_instance(instance, Instance.Status.RUNNING, "")
+        state.set_status(instance, Instance.Status.RUNNING, "")
         runtime.retire_app(instance.name)  # the old app stops once the new one serves
     release.refresh_from_db()
     _prune(instance, runtime)
@@ -323,7 +315,7 @@ def _after_failure(instance: Instance, release: Release) -> None:
         live = Release.objects.filter(instance=instance, status=Release.Status.LIVE).first()
         if live is not None:
             reason += f" (#{live.number} keeps serving)"
-        _set_instance(instance, instance.status, reason)
+        state.set_status(instance, instance.status, reason)
 
 
 def _prune(instance: Instance, runtime) -> None:

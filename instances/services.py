@@ -14,6 +14,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import F
 
+from instances import state
 from instances.models import Instance, generate_secret
 from manager import texts
 from manager import throttle
@@ -21,7 +22,6 @@ from manager.accounts.models import User
 from manager.accounts.services import Conflict, NotAllowed
 from manager.audit.services import record
 from manager.jobs import services as jobs
-from manager.realtime.services import send_to_group, user_group
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]*[a-z0-9]$")
 NAME_LENGTH = (2, 40)
@@ -48,25 +48,6 @@ MAX_CONFIG_NAME = 64
 MAX_CONFIG_BYTES = 64 * 1024
 MEMORY_RANGE = (128, 16384)
 CPU_RANGE = (Decimal("0.1"), Decimal("16"))
-
-
-def state_event(instance: Instance) -> dict:
-    """The `instance` event: its current status, as its pages and the dashboards show it."""
-    return {"type": "instance", "name": instance.name, "status": instance.status,
-            "status_label": instance.get_status_display(), "status_color": instance.status_color,
-            "reason": instance.status_reason}
-
-
-def push_state(instance: Instance) -> None:
-    """Tell every open page of this instance (and the dashboards) its current status."""
-    push_event(instance.pk, instance.owner_id, state_event(instance))
-
-
-def push_event(instance_pk: int, owner_id: int, event: dict) -> None:
-    """Send `event` to the instance's pages, the lab managers' dashboard and its owner's."""
-    send_to_group(f"instance.{instance_pk}", event)
-    send_to_group("instances.all", event)
-    send_to_group(user_group(owner_id), event)
 
 
 # --- validation ---------------------------------------------------------------------
@@ -377,12 +358,10 @@ def delete_instance(actor, instance: Instance, request=None):
     if not actor.is_superuser:
         raise NotAllowed("Only lab managers may delete instances.")
     with transaction.atomic():
-        Instance.objects.filter(pk=instance.pk).update(
-            delete_requested=True, status=Instance.Status.DELETING, status_reason="final backup, then removal",
-            generation=F("generation") + 1)
-        instance.refresh_from_db()
+        state.set_status(instance, Instance.Status.DELETING, "final backup, then removal", notify=False,
+                         delete_requested=True, generation=F("generation") + 1)
         record(actor, "instance.delete", instance, f"deleted instance {instance.name} (a final backup is kept)",
                request)
         job = _reconcile_job(actor, instance, f"Delete {instance.name}", "delete")
-    push_state(instance)
+    state.push_state(instance)
     return job

@@ -1,0 +1,73 @@
+"""The code's shape (issue 13): one writer of an instance's status.
+
+Read with `ast` (nothing imported)."""
+
+import ast
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+PACKAGES = ("manager", "instances", "lobby", "bots")
+STATUS_FIELDS = {"status", "status_reason"}
+WRITERS = {"update", "create", "get_or_create", "update_or_create", "bulk_create", "bulk_update"}
+
+
+def _root(node):
+    """The names along a call/attribute chain such as `Instance.objects.filter(...).update`."""
+    names = []
+    while True:
+        if isinstance(node, ast.Call):
+            node = node.func
+        elif isinstance(node, ast.Attribute):
+            names.append(node.attr)
+            node = node.value
+        elif isinstance(node, ast.Subscript):
+            node = node.value
+        elif isinstance(node, ast.Name):
+            names.append(node.id)
+            return names
+        else:
+            return names
+
+
+def status_writes(source: str) -> list[int]:
+    """Lines that write an Instance's status: `Instance.objects...update(status=...)` (and
+    create & co.), or `<instance>.status = ...` / `.status_reason = ...` on a name that
+    holds an instance."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in WRITERS:
+            if "Instance" in _root(node.func.value) and STATUS_FIELDS & {k.arg for k in node.keywords}:
+                lines.append(node.lineno)
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        for target in targets:
+            if isinstance(target, ast.Attribute) and target.attr in STATUS_FIELDS:
+                owner = _root(target.value)
+                if owner and "instance" in owner[0].lower():
+                    lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_the_checker_sees_every_kind_of_status_write():
+    source = (
+        "Instance.objects.filter(pk=1).update(status='failed')\n"
+        "Instance.objects.filter(pk=1).update(status_reason='x')\n"
+        "Instance.objects.create(name='a', status='running')\n"
+        "instance.status = 'running'\n"
+        "self.instance.status_reason = 'x'\n"
+        "Release.objects.filter(instance=instance).update(status='live')\n"  # a release: not counted
+        "job.status = 'failed'\n"  # a job: not counted
+    )
+    assert status_writes(source) == [1, 2, 3, 4, 5]
+
+
+def test_only_instances_state_writes_an_instances_status():
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((BASE_DIR / package).rglob("*.py")):
+            if "migrations" in path.parts or path == BASE_DIR / "instances" / "state.py":
+                continue
+            lines = status_writes(path.read_text(encoding="utf-8"))
+            if lines:
+                found[str(path.relative_to(BASE_DIR))] = lines
+    assert found == {}, "write an instance's status through instances.state.set_status()"
