@@ -16,15 +16,18 @@ import time
 import pytest
 from django.conf import settings
 from django.db import connection
+from django.test import Client
 
 from instances import reconciler, services
 from instances.models import Backup, Instance
 from instances.runtime.base import Health
 from instances.tasks import instance_action
 from manager.accounts.models import User
+from manager import locks
 from manager.jobs.models import Job
 from tests import backends
 from tests.backends import app_env, app_identity, sql
+from tests.waits import wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 
@@ -130,16 +133,61 @@ def test_settings_change_restarts_the_app_and_keeps_the_data(runtime, people, fa
     assert sql(runtime, "rc-settings", "SELECT code FROM sessions") == (0, "abc")  # data untouched
 
 
+def app_started(runtime, name: str):
+    """Changes whenever the app process starts: a new process, or its container started again."""
+    if runtime.name == "docker":
+        info = runtime.api.inspect_container(runtime.container_name(name, "app"))
+        return info["Id"], info["State"]["StartedAt"]
+    return app_identity(runtime, name)
+
+
+def test_restart_starts_the_app_anew_and_keeps_the_data(runtime, people, fake_app):
+    boss, ann = people
+    instance = created(boss, ann, "rc-restart")
+    instance.refresh_from_db()
+    assert instance.status == "running"
+    assert sql(runtime, "rc-restart", "CREATE TABLE kept (v int); INSERT INTO kept VALUES (5)")[0] == 0
+    before = app_started(runtime, "rc-restart")
+    services.restart(ann, instance)
+    job = run_job("instance.restart")
+    assert job.status == "succeeded", job.message
+    instance.refresh_from_db()
+    assert instance.status == "running" and instance.observed_restart_generation == instance.restart_generation == 1
+    assert app_started(runtime, "rc-restart") != before  # started again (not only a 202)
+    assert runtime.state("rc-restart").app.health == Health.RUNNING
+    assert sql(runtime, "rc-restart", "SELECT v FROM kept") == (0, "5")
+
+
+def test_back_up_now_writes_a_dump_of_the_data(runtime, people):
+    boss, ann = people
+    instance = created(boss, ann, "rc-backup")
+    assert sql(runtime, "rc-backup", "CREATE TABLE notes (v text); INSERT INTO notes VALUES ('kept')")[0] == 0
+    services.backup_now(ann, instance)
+    job = run_job("instance.backup")
+    assert job.status == "succeeded", job.message
+    backup = Backup.objects.get(instance=instance)
+    assert backup.kind == "manual" and backup.status == "done" and backup.size == backup.path.stat().st_size > 0
+    dump = backup.path.read_bytes()
+    assert dump[:5] == b"PGDMP" and b"CREATE TABLE public.notes" in dump and backup.filename in job.message
+    assert sql(runtime, "rc-backup", "SELECT v FROM notes") == (0, "kept")  # a backup changes nothing
+    owner = Client()
+    owner.force_login(ann)  # the experimenter downloads it
+    download = owner.get(f"/instances/rc-backup/backups/{backup.pk}/download/")
+    assert download.status_code == 200 and b"".join(download.streaming_content) == dump
+
+
 def test_reset_database_writes_a_backup_first(runtime, people):
     boss, ann = people
     instance = created(boss, ann, "rc-reset")
-    sql(runtime, "rc-reset", "CREATE TABLE players (id int); INSERT INTO players VALUES (7)")
+    assert sql(runtime, "rc-reset", "CREATE TABLE players (id int); INSERT INTO players VALUES (7)")[0] == 0
+    assert sql(runtime, "rc-reset", "SELECT id FROM players") == (0, "7")  # the set-up took effect
     services.reset_database(ann, instance)
     job = run_job("instance.reset")
     assert job.status == "succeeded", job.message
     backup = Backup.objects.get(instance=instance, kind="before_reset")
     assert backup.status == "done" and backup.size > 0
-    assert backup.path.read_bytes()[:5] == b"PGDMP"
+    dump = backup.path.read_bytes()
+    assert dump[:5] == b"PGDMP" and b"CREATE TABLE public.players" in dump  # the data before the reset
     assert backup.filename in job.message
     code, out = sql(runtime, "rc-reset", "SELECT count(*) FROM players")
     assert code != 0 and "does not exist" in out  # the table is gone
@@ -149,14 +197,16 @@ def test_reset_database_writes_a_backup_first(runtime, people):
 def test_delete_keeps_a_final_backup_and_leaves_nothing(runtime, people):
     boss, ann = people
     instance = created(boss, ann, "rc-delete")
-    sql(runtime, "rc-delete", "CREATE TABLE keep (v int); INSERT INTO keep VALUES (1)")
+    assert sql(runtime, "rc-delete", "CREATE TABLE keep (v int); INSERT INTO keep VALUES (1)")[0] == 0
+    assert sql(runtime, "rc-delete", "SELECT v FROM keep") == (0, "1")  # the set-up took effect
     commit = pushed_history(instance)
     services.delete_instance(boss, instance)
     job = run_job("instance.delete")
     assert job.status == "succeeded", job.message
     assert not Instance.objects.filter(name="rc-delete").exists()
     final = Backup.objects.get(instance_name="rc-delete", kind="final")
-    assert final.status == "done" and final.path.read_bytes()[:5] == b"PGDMP"
+    dump = final.path.read_bytes()
+    assert final.status == "done" and dump[:5] == b"PGDMP" and b"CREATE TABLE public.keep" in dump
     assert "rc-delete" not in runtime.owned_instances()
     # The git history went beside it; the repository is gone.
     history = Backup.objects.get(instance_name="rc-delete", kind="repository")
@@ -227,17 +277,23 @@ def test_worker_killed_mid_way_is_healed_by_the_next_pass(runtime, people, setti
         services.delete_instance(boss, instance)
     proc = _reconcile_in_subprocess(instance.pk)
     deadline = time.monotonic() + 60
+    started = alive_when_killed = False
     try:  # kill it as soon as it has started changing the world
         while time.monotonic() < deadline and proc.poll() is None:
             owned = name in runtime.owned_instances()
             if (phase == "create" and owned) or (phase == "delete" and Backup.objects.filter(
                     instance_name=name, kind="final").exists()):
+                started = True
                 break
             time.sleep(0.02)
+        alive_when_killed = proc.poll() is None
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-    time.sleep(3.5)  # the killed worker's lock expires (LAB_LOCK_TTL)
+    assert started and alive_when_killed, "the worker was not killed mid-way (it had not started, or had finished)"
+    assert locks.held(f"instance:{instance.pk}")  # the killed worker's lock outlives it ...
+    wait_until(lambda: not locks.held(f"instance:{instance.pk}"), timeout=10, interval=0.1,
+               message="the killed worker's lock expiring (LAB_LOCK_TTL=3)")  # ... until its TTL
     reconciler.reconcile(instance.pk)
     if phase == "create":
         instance.refresh_from_db()
