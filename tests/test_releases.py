@@ -21,9 +21,11 @@ from instances.git.repos import repo_path
 from instances.models import Instance, Release
 from instances.runtime.base import Health
 from manager.accounts.models import User
+from manager.accounts.services import Conflict
 from manager.jobs.models import Job
 from tests import backends, otree_projects
 from tests.docker_helpers import http_get
+from tests.waits import wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 REUSED = {"docker": "Using cache", "process": "reusing the environment"}  # a code-only push installs nothing
@@ -229,8 +231,11 @@ def test_deploy_broken_pushes_and_rollback(runtime, lab, tmp_path, capsys):
     assert second.status == "rolled_back"
     assert reconciler.current_app(instance)["image"] == first.image
     assert answers(runtime, "rel-story")[0] in (200, 302)
-    with pytest.raises(Exception):
-        releases.rollback(ann, Release.objects.get(instance=instance, message="crash"))  # never live
+    crash = Release.objects.get(instance=instance, message="crash")
+    with pytest.raises(Conflict) as refused:
+        releases.rollback(ann, crash)  # never live
+    assert refused.value.message_dict == {
+        "release": [f"#{crash.number} never went live; only a release that was live can be rolled back to."]}
 
     # 5. Images of failed releases were pruned; the live ones are kept.
     assert kept_releases(runtime, "rel-story") == {"1", "2"}
@@ -258,13 +263,19 @@ def test_a_newer_push_supersedes_queued_ones_and_builds_never_overlap(runtime, l
 
     four = push(instance, checkout, otree_projects.broken("no_otree"), "four", ann)
     saved, releases.HANDOVER_WAIT = releases.HANDOVER_WAIT, 0.5
+    real_lock, waits = locks.lock, []
+
+    def spied_lock(name, wait=60):
+        waits.append((name, wait))
+        return real_lock(name, wait=wait)
+
     try:
         with locks.lock(f"build:{instance.pk}"):
-            started = time.monotonic()
+            locks.lock = spied_lock
             [job] = run_jobs("instance.deploy")
-            assert time.monotonic() - started < 5
     finally:
-        releases.HANDOVER_WAIT = saved
+        releases.HANDOVER_WAIT, locks.lock = saved, real_lock
+    assert waits == [(f"build:{instance.pk}", 0.5)]  # it waited HANDOVER_WAIT for the lock, then left
     four.refresh_from_db()
     assert four.status == "queued" and job.status == "succeeded" and "queued behind" in job.message
     Release.objects.filter(pk=four.pk).update(created_at=timezone.now() - timedelta(minutes=4))
@@ -312,7 +323,11 @@ def test_worker_and_app_killed_mid_deploy_come_back_with_the_live_release(runtim
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=10)
     backends.kill_app(runtime, "rel-kill")
-    time.sleep(3.5)  # the killed worker's locks expire (LAB_LOCK_TTL)
+    from manager import locks
+
+    assert locks.held(f"build:{instance.pk}")  # the killed worker's locks outlive it ...
+    wait_until(lambda: not locks.held(f"build:{instance.pk}") and not locks.held(f"instance:{instance.pk}"),
+               timeout=10, interval=0.1, message="the killed worker's locks expiring (LAB_LOCK_TTL=3)")
     assert releases.sweep() == 1
     second.refresh_from_db()
     assert second.status == "failed" and "worker died" in second.status_reason
