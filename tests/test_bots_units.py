@@ -159,11 +159,20 @@ async def test_retries_are_bounded_in_attempts_and_time(fast_backoff, monkeypatc
         assert len(fake.completions()) == 3
         monkeypatch.setattr(llm, "MAX_ATTEMPTS", 50)
         monkeypatch.setattr(llm, "MAX_TOTAL_SECONDS", 2.5)
+
+        class RequestClock:
+            """The client's clock: one second per request the provider has received (no wall clock)."""
+
+            @staticmethod
+            def monotonic() -> float:
+                return float(len(fake.completions()))
+
+        monkeypatch.setattr(llm, "time", RequestClock)
         fake.script(*["timeout"] * 10)
-        with pytest.raises(llm.ModelError, match=r"gave up after \d attempts in \d s \(the request timed out\)"):
-            await client.complete(MESSAGES)
+        with pytest.raises(llm.ModelError, match=r"^gave up after 3 attempts in 3 s \(the request timed out\)"):
+            await client.complete(MESSAGES)  # after 1 and 2 s it tries again; at 3 s (+ backoff) it would pass 2.5 s
         await client.close()
-        assert 2 <= len(fake.completions()) - 3 <= 4
+        assert len(fake.completions()) - 3 == 3
 
 
 async def test_a_refused_key_is_not_retried(fast_backoff):
