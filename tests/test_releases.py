@@ -412,3 +412,30 @@ def test_builds_of_different_instances_run_in_parallel(lab, tmp_path):
     # Each build started before the other one ended.
     assert a.started_at < b.finished_at and b.started_at < a.finished_at, (a.started_at, a.finished_at,
                                                                           b.started_at, b.finished_at)
+
+
+def test_only_the_newest_live_releases_are_kept(runtime, lab, tmp_path, settings):
+    """LAB_KEEP_RELEASES: the builds of older live releases are pruned after a deploy; a
+    rollback to a pruned one is refused with the reason, to a kept one it works."""
+    boss, ann = lab
+    settings.LAB_KEEP_RELEASES = 2
+    instance, checkout = new_instance(ann, "rel-keep", tmp_path)
+    for version in ("v1", "v2"):
+        release, job, _ = deploy(instance, checkout, otree_projects.valid_project(version), version, ann)
+        assert release.status == "live", release.status_reason
+    assert kept_releases(runtime, "rel-keep") == {"1", "2"}  # the set-up: both kept so far
+    third, job, _ = deploy(instance, checkout, otree_projects.valid_project("v3"), "v3", ann)
+    assert third.status == "live", third.status_reason
+    assert kept_releases(runtime, "rel-keep") == {"2", "3"}  # #1's build is gone
+    first = Release.objects.get(instance=instance, number=1)
+    assert first.status == "superseded"
+    with pytest.raises(Conflict) as refused:
+        releases.rollback(ann, first)
+    assert refused.value.message_dict == {
+        "release": ["the image of #1 is no longer kept (only the last 2 releases are)."]}
+    back = releases.rollback(ann, Release.objects.get(instance=instance, number=2))
+    [job] = run_jobs("instance.deploy")
+    back.refresh_from_db()
+    assert back.status == "live", back.status_reason
+    assert running_release(runtime, "rel-keep") == Release.objects.get(instance=instance, number=2).image
+    assert kept_releases(runtime, "rel-keep") == {"2", "3"}
