@@ -1,13 +1,17 @@
 """`manage.py labserver` run as a user runs it: real Redis, daphne, Celery worker and beat."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
+import redis
 
 from tests.labserver_helpers import (
     BASE_DIR, LabServer, child_env, first_superuser, free_port, migrate, new_data_dir, remove_data_dir,
@@ -120,3 +124,54 @@ def test_second_start_keeps_the_password_and_a_busy_port_is_refused(lab_dir):
     finally:
         second.kill_everything()
     assert not psutil.pid_exists(second.proc.pid) or psutil.Process(second.proc.pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_external_redis_every_child_and_a_killed_supervisor_takes_its_children(lab_dir, tmp_path):
+    """With REDIS_URL set, labserver starts no Redis of its own and everything uses the given
+    one; the git SSH server and the bot-run worker start beside web, worker and beat; and when
+    the supervisor is killed outright (SIGKILL: no cleanup of its own) every child goes too
+    (PR_SET_PDEATHSIG), none left behind."""
+    from manager import embedded_redis
+
+    redis_dir = Path(tempfile.mkdtemp(prefix="xr-", dir="/tmp"))  # short: a unix socket path
+    sock = redis_dir / "run" / "redis.sock"
+    external = embedded_redis.start(redis_dir, sock, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    try:
+        embedded_redis.wait_ready(sock, timeout=10, proc=external)
+        port = free_port()
+        migrate(lab_dir, port)
+        ssh_port = free_port()
+        server = LabServer(lab_dir, port, REDIS_URL=f"unix://{sock}", LAB_SSH_PORT=str(ssh_port))
+        server.wait_ready()
+        assert server.get("/healthz/") == (200, "ok")
+        for name in ("web", "worker", "bots", "beat", "sshd"):
+            assert f"started {name} (pid" in server.output, name
+        assert "started redis" not in server.output and not (lab_dir / "run" / "redis.sock").exists()
+        bots = server.child("celery", "-Q", "bots")
+        sshd = server.child("manage.py", "git_sshd")
+        assert bots is not None and sshd is not None, server.output
+        server.wait_for(r"bots@\S+ ready\.", 60)
+        with socket.create_connection(("127.0.0.1", ssh_port), timeout=10) as conn:  # the git SSH server
+            conn.settimeout(10)
+            assert conn.recv(64).startswith(b"SSH-2.0-")
+        # The broker and the cache are the external Redis.
+        client = redis.Redis(unix_socket_path=str(sock), socket_timeout=5)
+        _wait_until(lambda: any(key.startswith(b"_kombu.binding.") for key in client.keys("*")), 30,
+                    "the workers' queues in the external Redis")
+        assert {b"_kombu.binding.celery", b"_kombu.binding.bots"} <= set(client.keys("_kombu.binding.*"))
+
+        # SIGKILL the supervisor: its children die with it.
+        server.remember_processes()
+        children = server.known_alive()
+        assert len(children) >= 5, children
+        server.proc.kill()
+        server.proc.wait(timeout=10)
+        _wait_until(lambda: not server.known_alive(), 30, "every child gone after the supervisor was killed")
+        assert external.poll() is None and client.ping()  # the external Redis is not the labserver's to stop
+    finally:
+        if server is not None:
+            server.kill_everything()
+        external.terminate()
+        external.wait(timeout=10)
+        shutil.rmtree(redis_dir, ignore_errors=True)
