@@ -7,3 +7,4 @@ class BotsConfig(AppConfig):
 
     def ready(self):
         from bots import realtime  # noqa: F401  (registers the botrun realtime topic)
+        from bots import tasks  # noqa: F401  (registers its Celery tasks: services enqueue them by name)

@@ -48,6 +48,7 @@ from bots.llm import Attempt, LLMClient, ModelError
 from bots.live import bots_of, run_event
 from bots.models import Answer, Bot, BotRun, ModelCall
 from bots.page import Page, parse
+from bots.realtime import run_group
 from bots.ratelimit import RateLimiter, provider_key, run_key
 from bots.services import finish, set_run, stop_text
 
@@ -283,7 +284,7 @@ class RunContext:
         if layer is None:
             return
         try:
-            await layer.group_send(f"botrun.{self.run.pk}", {"type": "push", "event": event})
+            await layer.group_send(run_group(self.run.pk), {"type": "push", "event": event})
         except Exception:  # noqa: BLE001 - the state is in the database; the page catches up on reload
             log.warning("live update of bot run %s failed", self.run.pk, exc_info=True)
 
@@ -647,7 +648,7 @@ async def push_final(run: BotRun) -> None:
     layer = get_channel_layer()
     if layer is not None:
         try:
-            await layer.group_send(f"botrun.{run.pk}", {"type": "push", "event": run_event(run, bots, bots)})
+            await layer.group_send(run_group(run.pk), {"type": "push", "event": run_event(run, bots, bots)})
         except Exception:  # noqa: BLE001
             log.warning("final live update of bot run %s failed", run.pk, exc_info=True)
 

@@ -7,13 +7,18 @@ from instances.selectors import visible_instances
 from manager.realtime import topics
 
 
+def run_group(run_pk: int) -> str:
+    """The group of a bot run's open pages: the only place its name is spelled."""
+    return f"botrun.{run_pk}"
+
+
 def _visible_run(user, key):
     return BotRun.objects.filter(pk=int(key), instance__in=visible_instances(user)).first() if key.isdigit() else None
 
 
 def _run_topic(user, key):
     run = _visible_run(user, key)
-    return f"botrun.{run.pk}" if run else None
+    return run_group(run.pk) if run else None
 
 
 def _run_snapshot(user, key):

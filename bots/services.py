@@ -11,12 +11,16 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from bots.live import bots_of, run_event
 from bots.models import RANDOM_POLICY, Bot, BotRun, Provider
+from bots.realtime import run_group
 from instances.models import Instance
 from instances.selectors import can_see, next_number
 from manager import locks, throttle
 from manager.accounts.services import NotAllowed
 from manager.audit.services import record
+from manager.jobs import services as jobs
+from manager.realtime.services import send_to_group
 from manager.texts import check_text
 
 log = logging.getLogger(__name__)
@@ -229,8 +233,7 @@ def task_limits(run: BotRun) -> tuple[int, int]:
 
 
 def enqueue(run: BotRun) -> None:
-    from bots.tasks import run_bots
-
+    run_bots = jobs.task("bots.run")
     soft, hard = task_limits(run)
     run_id = run.pk
     transaction.on_commit(lambda: run_bots.apply_async(args=[run_id], soft_time_limit=soft, time_limit=hard))
@@ -295,12 +298,9 @@ def _finish_unheld(run: BotRun) -> None:
 
 def push_run(run: BotRun) -> None:
     """Send the run's whole state to its open pages (from synchronous code)."""
-    from bots.live import bots_of, run_event
-    from manager.realtime.services import send_to_group
-
     run.refresh_from_db()
     bots = bots_of(run)
-    send_to_group(f"botrun.{run.pk}", run_event(run, bots, bots))
+    send_to_group(run_group(run.pk), run_event(run, bots, bots))
 
 
 def sweep(now=None) -> dict:

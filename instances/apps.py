@@ -6,6 +6,7 @@ class InstancesConfig(AppConfig):
 
     def ready(self):
         from instances import realtime  # noqa: F401  (registers the "instance" topic)
+        from instances import tasks  # noqa: F401  (registers its Celery tasks: services enqueue them by name)
         from instances.git import webcap
 
         webcap.install()  # in the web server (daphne): request bodies are capped while they arrive

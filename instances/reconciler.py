@@ -169,8 +169,17 @@ def _archive_repository(instance: Instance) -> None:
 
 
 def sweep() -> dict:
-    """Reconcile every instance and remove resources of instances that no longer exist
-    (asking every backend available here). The instances' firewall first: a flushed or
+    """Remove what belongs to no instance, then reconcile every instance (the minute task,
+    `tasks.sweep`, fails the releases whose worker died between the two)."""
+    result = sweep_leftovers()
+    if "skipped" in result:
+        return result
+    return {**result, **reconcile_all()}
+
+
+def sweep_leftovers() -> dict:
+    """Remove resources of instances that no longer exist (asking every backend available
+    here) and archive their repositories. The instances' firewall first: a flushed or
     rebooted rule set is back within a minute."""
     from instances import netguard
 
@@ -190,9 +199,11 @@ def sweep() -> dict:
             log.warning("removing orphaned %s resources of instance %s", runtime.name, name)
             runtime.remove(name)
             orphans.add(name)
-    from instances import releases
+    return {"orphans_removed": sorted(orphans), "repositories_archived": repositories}
 
-    stuck = releases.sweep()  # releases whose worker died
+
+def reconcile_all() -> dict:
+    """Reconcile every instance, then heal any drift between Caddy's routes and the database."""
     failed = 0
     for instance_id in Instance.objects.values_list("pk", flat=True):
         try:
@@ -200,5 +211,4 @@ def sweep() -> dict:
         except (ReconcileError, locks.Busy, RuntimeError_):
             failed += 1
     proxy.sync_routes()  # heals any drift between Caddy's routes and the database
-    return {"orphans_removed": sorted(orphans), "repositories_archived": repositories, "failed": failed,
-            "stuck_releases_failed": stuck}
+    return {"failed": failed}

@@ -59,9 +59,7 @@ def keep_releases() -> int:
 # --- recording ---------------------------------------------------------------------------
 
 def _enqueue(release: Release, user, label: str):
-    from instances.tasks import build_release
-
-    return jobs.start(build_release, user=user, kind="instance.deploy", label=label, args=[release.pk],
+    return jobs.start(jobs.task("instances.build_release"), user=user, kind="instance.deploy", label=label, args=[release.pk],
                       link=f"/instances/{release.instance.name}/")
 
 

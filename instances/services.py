@@ -184,9 +184,7 @@ def _allocate_port() -> int | None:
 # --- changes --------------------------------------------------------------------------
 
 def _reconcile_job(actor, instance, label, action="reconcile"):
-    from instances.tasks import instance_action
-
-    return jobs.start(instance_action, user=actor, kind=f"instance.{action}", label=label,
+    return jobs.start(jobs.task("instances.instance_action"), user=actor, kind=f"instance.{action}", label=label,
                       args=[instance.pk, action], link=f"/instances/{instance.name}/")
 
 

@@ -1,7 +1,10 @@
+"""Celery tasks of instances: the top of the app's layers (they call the reconciler and the
+releases; services and releases enqueue them by name through `manager.jobs.services.task`)."""
+
 from celery import shared_task
 from django.conf import settings
 
-from instances import reconciler
+from instances import proxy, reconciler, releases
 from instances.models import Instance
 from manager import locks
 from manager.accounts.models import User
@@ -25,8 +28,6 @@ def instance_action(job, instance_id, action):
     except locks.Busy:
         raise JobFailed("another action on this instance is still running; try again in a minute") from None
     if action in ("create", "delete"):
-        from instances import proxy
-
         proxy.sync_routes()  # its public port answers (503 until a release is live) / is closed
     if action == "delete":
         return f"{name} deleted; its final backup is kept"
@@ -37,14 +38,18 @@ def instance_action(job, instance_id, action):
 
 @shared_task(name="instances.sweep", soft_time_limit=240, time_limit=270)
 def sweep():
-    return reconciler.sweep()
+    """Every minute: leftovers of deleted instances removed, releases whose worker died
+    failed, every instance reconciled."""
+    result = reconciler.sweep_leftovers()
+    if "skipped" in result:
+        return result
+    stuck = releases.sweep()  # releases whose worker died
+    return {**result, **reconciler.reconcile_all(), "stuck_releases_failed": stuck}
 
 
 @job_task("instances.build_release", time_limit=settings.LAB_BUILD_TIMEOUT)
 def build_release(job, release_id):
     """Build, start and switch to a release (record_push / rollback enqueue it)."""
-    from instances import releases
-
     release = releases.deploy(release_id)
     if release is None:
         return "the release no longer exists"

@@ -1,8 +1,10 @@
-"""The code's shape (issue 13): one writer of an instance's status.
+"""The code's shape (issue 13): one writer of an instance's status; no import circles
+(the graph of bench/imports.py).
 
 Read with `ast` (nothing imported)."""
 
 import ast
+import importlib.util
 from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -71,3 +73,31 @@ def test_only_instances_state_writes_an_instances_status():
             if lines:
                 found[str(path.relative_to(BASE_DIR))] = lines
     assert found == {}, "write an instance's status through instances.state.set_status()"
+
+
+def _import_graph():
+    spec = importlib.util.spec_from_file_location("bench_imports", BASE_DIR / "bench" / "imports.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    modules = module.collect_modules()
+    edges = module.build_graph(modules)
+    return module, modules, edges
+
+
+def test_the_layers_of_instances_and_bots_import_no_circle():
+    """The tasks are the top: services and releases enqueue them by name; the bots' engine
+    and services never import their tasks."""
+    module, modules, edges = _import_graph()
+    layered = {"bots.engine", "bots.services", "bots.tasks"}
+    circles = [c for c in module.strongly_connected(sorted(modules), edges) if layered & set(c)]
+    assert circles == []
+    assert set(edges["instances.state"]) <= {"instances.models", "manager.realtime.services"}
+    for lower in ("instances.services", "instances.releases", "instances.reconciler"):
+        assert "instances.tasks" not in edges[lower], f"{lower} imports the tasks"
+    assert not {"bots.tasks", "bots.engine"} & set(edges["bots.services"])
+
+
+def test_the_import_graph_sees_function_level_imports():
+    module, modules, edges = _import_graph()
+    # proof the scanner follows imports inside functions: reconcile's sweep imports netguard there
+    assert (edges["instances.reconciler"]["instances.netguard"])[0][1] is True

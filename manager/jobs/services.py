@@ -10,6 +10,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.db import transaction
 from django.utils import timezone
 
+from manager.celery import app as celery_app
 from manager.jobs.models import Job
 from manager.realtime.services import notify_user
 
@@ -32,6 +33,13 @@ def start(task, *, user, kind: str, label: str, args=(), link: str = "") -> Job:
     job_id = str(job.id)
     transaction.on_commit(lambda: task.apply_async(args=[job_id, *args]))
     return job
+
+
+def task(name: str):
+    """The Celery task registered as `name`. An app's services enqueue their tasks through
+    it instead of importing the tasks module (which imports them: a circle); each app's
+    AppConfig.ready imports its tasks, so they are registered in every process."""
+    return celery_app.tasks[name]
 
 
 def _finish(job_id, status, message, link=None):
