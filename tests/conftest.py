@@ -51,6 +51,33 @@ def _fast_password_hashing(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
+# --- the shared world: the personas every test meets ---------------------------------------
+# boss is a lab manager; ann and bob are experimenters. A file that needs other details
+# (a display name, another password) makes its own user under another name.
+BOSS_PASSWORD, ANN_PASSWORD, BOB_PASSWORD = "pw-boss-123456", "pw-ann-1234567", "pw-bob-1234567"
+
+
+@pytest.fixture
+def boss(db):
+    from manager.accounts.models import User
+
+    return User.objects.create_user("boss", "boss@lab.test", BOSS_PASSWORD, is_superuser=True, is_staff=True)
+
+
+@pytest.fixture
+def ann(db):
+    from manager.accounts.models import User
+
+    return User.objects.create_user("ann", "ann@lab.test", ANN_PASSWORD)
+
+
+@pytest.fixture
+def bob(db):
+    from manager.accounts.models import User
+
+    return User.objects.create_user("bob", "bob@lab.test", BOB_PASSWORD)
+
+
 @pytest.fixture(autouse=True)
 def _clean_cache(redis_server):
     # Rate-limit counters and cached state must not leak between tests.

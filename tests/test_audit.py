@@ -46,11 +46,6 @@ def new_public_key(comment) -> str:
     return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode() + " " + comment
 
 
-@pytest.fixture(autouse=True)
-def fast_hasher(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.fixture
 def boss():
     return User.objects.create_user("boss", "boss@uni.test", BOSS_PASSWORD, name="Bea Boss",

@@ -204,12 +204,9 @@ async def test_the_rate_limiter_spaces_requests_across_workers():
 # --- runs and providers: rules, pages, API ------------------------------------------------------
 
 @pytest.fixture
-def lab(db, monkeypatch):
+def lab(boss, ann, bob, monkeypatch):
     enqueued = []
     monkeypatch.setattr(services, "enqueue", lambda run: enqueued.append(run.pk))
-    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
-    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
-    bob = User.objects.create_user("bob", "bob@lab.test", "pw-bob-1234567")
     instance = Instance.objects.create(name="ann-bots", owner=ann, public_port=18600)
     Release.objects.create(instance=instance, number=1, commit="c" * 40, status="live", session_configs=[
         {"name": "guess", "display_name": "Guess", "num_demo_participants": 3}])

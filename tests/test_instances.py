@@ -16,11 +16,6 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def boss():
-    return User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
-
-
-@pytest.fixture
 def ann():
     return User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567", name="Ann A")
 
@@ -160,8 +155,7 @@ def test_pages(boss, ann):
     assert "ultimatum" in dashboard
 
 
-def test_transfer_gives_the_instance_to_the_new_owner_and_takes_it_from_the_old(boss, ann):
-    bob = User.objects.create_user("bob", "bob@lab.test", "pw-bob-12345678")
+def test_transfer_gives_the_instance_to_the_new_owner_and_takes_it_from_the_old(boss, ann, bob):
     services.create_instance(boss, name="handed", owner=ann)
     _, ann_token = create_token(ann, name="t")
     _, bob_token = create_token(bob, name="t")

@@ -12,7 +12,6 @@ from django.test import Client
 from instances.models import Release
 from lobby import services
 from lobby.models import LobbyRoom, Seat
-from manager.accounts.models import User
 from manager.audit.models import AuditEvent
 from tests.lobby_helpers import HOSTILE, LABELS, lobby_instance
 
@@ -20,10 +19,7 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def people(db):
-    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
-    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
-    bob = User.objects.create_user("bob", "bob@lab.test", "pw-bob-1234567")
+def people(boss, ann, bob):
     return boss, ann, bob
 
 

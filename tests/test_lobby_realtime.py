@@ -9,7 +9,6 @@ from channels.testing import WebsocketCommunicator
 
 from lobby import services
 from lobby.models import Seat
-from manager.accounts.models import User
 from manager.asgi import application
 from tests.lobby_helpers import HOSTILE, lobby_instance
 from tests.test_realtime import ORIGIN, connect as connect_live
@@ -18,10 +17,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def lab(db):
-    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
-    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
-    bob = User.objects.create_user("bob", "bob@lab.test", "pw-bob-1234567")
+def lab(boss, ann, bob):
     lobby_instance(ann)
     return boss, ann, bob
 

@@ -54,11 +54,6 @@ def current_totp(secret: str) -> str:
     return totp(secret)
 
 
-@pytest.fixture(autouse=True)
-def fast_hasher(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.fixture
 def ann():
     return User.objects.create_user("ann", "ann@uni.test", PASSWORD, name="Ann Arbor")

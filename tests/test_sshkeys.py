@@ -76,11 +76,6 @@ def keys(tmp_path_factory):
     return files
 
 
-@pytest.fixture(autouse=True)
-def fast_hasher(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.fixture
 def ann(db):
     return User.objects.create_user("ann", "ann@uni.test", "Quiet-harbour-71")

@@ -34,11 +34,6 @@ def tokens_table(response) -> list[list[str]]:
              for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, flags=re.S)] for row in rows]
 
 
-@pytest.fixture(autouse=True)
-def fast_hasher(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
 @pytest.fixture
 def ann():
     return User.objects.create_user("ann", "ann@uni.test", "Quiet-harbour-71", name="Ann")
