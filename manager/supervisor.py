@@ -4,7 +4,8 @@ It starts every process the manager needs as a child, prefixes and forwards thei
 output, restarts a child that dies, and stops them all on Ctrl-C or SIGTERM.
 
 A child is described by a `ChildSpec`; `default_specs()` lists them in start order.
-Adding a process (the git SSH server, Caddy, ...) is one more `ChildSpec(...)` line there.
+Adding a process (the git SSH server, ...) is one more `ChildSpec(...)` line there. It
+knows no app: the labserver command adds the apps' children (Caddy, `instances.proxy`).
 """
 
 from __future__ import annotations
@@ -426,26 +427,8 @@ def default_specs() -> list[ChildSpec]:
                   env=env, ready=output_matches(r"beat: Starting"), stop_order=1),
         ChildSpec("sshd", [py, "manage.py", "git_sshd"], env=env,
                   ready=output_matches(r"git SSH server listening"), stop_order=0),
-        caddy_spec(),
     ]
-    return specs
-
-
-def apply_firewall() -> str:
-    """The instances' firewall (instances.netguard), applied before anything starts (the
-    minute sweep and every instance start keep it); returns the line labserver prints."""
-    from instances import netguard
-
-    status = netguard.ensure()
-    return f"firewall: {status.detail}" if status.enforced else f"WARNING firewall {status.detail}"
-
-
-def caddy_spec() -> ChildSpec:
-    """Caddy in front of the instances (instances.proxy): admin API on a unix socket under
-    LAB_DATA_DIR; once it answers, the routes are loaded from the database."""
-    from instances import proxy
-
-    return ChildSpec("caddy", launch=proxy.launch_caddy, ready=lambda child: proxy.admin_answers(), stop_order=2)
+    return specs  # the labserver command adds Caddy (the apps' part, instances.proxy)
 
 
 def first_superuser_box(url: str, username: str, password: str) -> str:

@@ -7,6 +7,8 @@ import ast
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 PACKAGES = ("manager", "instances", "lobby", "bots")
 STATUS_FIELDS = {"status", "status_reason"}
@@ -101,3 +103,17 @@ def test_the_import_graph_sees_function_level_imports():
     module, modules, edges = _import_graph()
     # proof the scanner follows imports inside functions: reconcile's sweep imports netguard there
     assert (edges["instances.reconciler"]["instances.netguard"])[0][1] is True
+
+
+def test_the_supervisor_knows_no_app_and_labserver_wires_caddy(monkeypatch):
+    module, modules, edges = _import_graph()
+    assert not [target for target in edges["manager.supervisor"] if target.split(".")[0] in module.APPS]
+    assert "manager.supervisor" not in edges["instances.proxy"]
+
+    from instances import proxy
+    from manager.management.commands import labserver
+    from manager.supervisor import SupervisorError
+
+    monkeypatch.setattr(proxy, "caddy_binary", lambda: None)
+    with pytest.raises(SupervisorError, match="^the Caddy binary is missing"):
+        labserver.caddy_spec().launch()  # a reason not to start, as the supervisor shows it

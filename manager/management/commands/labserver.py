@@ -11,10 +11,31 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.db.migrations.executor import MigrationExecutor
 
+from instances import netguard, proxy
 from manager import datadir
 from manager.supervisor import (
-    Supervisor, SupervisorError, apply_firewall, default_specs, first_superuser_box, port_in_use, redis_pings,
+    ChildSpec, Supervisor, SupervisorError, default_specs, first_superuser_box, port_in_use, redis_pings,
 )
+
+
+def apply_firewall() -> str:
+    """The instances' firewall (instances.netguard), applied before anything starts (the
+    minute sweep and every instance start keep it); returns the line labserver prints."""
+    status = netguard.ensure()
+    return f"firewall: {status.detail}" if status.enforced else f"WARNING firewall {status.detail}"
+
+
+def caddy_spec() -> ChildSpec:
+    """Caddy in front of the instances (instances.proxy): admin API on a unix socket under
+    LAB_DATA_DIR; once it answers, the routes are loaded from the database."""
+
+    def launch(**popen_kwargs):
+        try:
+            return proxy.launch_caddy(**popen_kwargs)
+        except proxy.CaddyMissing as exc:
+            raise SupervisorError(str(exc)) from None
+
+    return ChildSpec("caddy", launch=launch, ready=lambda child: proxy.admin_answers(), stop_order=2)
 
 
 class Command(BaseCommand):
@@ -42,7 +63,7 @@ class Command(BaseCommand):
                 shown.append(True)
 
         supervisor = Supervisor(
-            default_specs(),
+            [*default_specs(), caddy_spec()],
             out=sys.stdout,
             cwd=settings.BASE_DIR,
             ready_message=f"oTree Lab Manager is running on {public_url} — Ctrl-C stops it",
