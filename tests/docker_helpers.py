@@ -20,6 +20,7 @@ import docker
 from docker.errors import APIError, NotFound
 
 from instances.runtime.docker import LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGER
+from tests.waits import wait_until
 
 
 def api(timeout: float = 60) -> docker.APIClient:
@@ -115,14 +116,7 @@ def _remove_network(client: docker.APIClient, net_id: str) -> None:
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
     """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+    return wait_until(predicate, timeout, interval, what)
 
 
 def http_get(url: str, timeout: float = 2) -> tuple[int, bytes]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import socket
-import time
 import uuid
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from django.core.management import CommandError, call_command
 
 from instances.images import builder
 from tests.conftest import need
+from tests.waits import wait_until
 
 RUN = uuid.uuid4().hex[:10]
 TEST_LABEL = "org.otree-lab.test-images"
@@ -107,18 +107,8 @@ def dock(engine):
         d.cleanup()
 
 
-def wait_until(check, what: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except Exception as exc:  # not up yet
-            last = exc
-        time.sleep(0.1)
-    pytest.fail(f"{what} not within {timeout} s (last error: {last})")
+def up(check, what: str, timeout: float = 60):
+    return wait_until(check, timeout, 0.1, what, ignore=(Exception,))  # any error: not up yet
 
 
 def exec_out(container, cmd, **kw) -> tuple[int, str]:
@@ -147,7 +137,7 @@ def pg_ready(port: int, user: str, password: str, dbname: str):
         with pg_connect(port, user, password, dbname) as conn:
             return conn.execute("select 1").fetchone() == (1,)
 
-    wait_until(check, "PostgreSQL accepting the password login")
+    up(check, "PostgreSQL accepting the password login")
 
 
 # --- postgres -------------------------------------------------------------------------
@@ -222,7 +212,7 @@ def test_postgres_on_a_named_volume_from_another_container(dock):
         env = {"POSTGRES_PASSWORD": PASSWORD, "POSTGRES_USER": "otree", "POSTGRES_DB": "otree"}
         pg = dock.start(image, LEAN, environment=env, network=net.name,
                         volumes={volume.name: {"bind": "/var/lib/postgresql/data", "mode": "rw"}})
-        wait_until(lambda: exec_out(pg, ["pg_isready", "-q", "-h", "127.0.0.1"])[0] == 0, "pg_isready")
+        up(lambda: exec_out(pg, ["pg_isready", "-q", "-h", "127.0.0.1"])[0] == 0, "pg_isready")
         out = dock.output(image, ["psql", "-h", pg.name, "-U", "otree", "-d", "otree", "-Atc", "select current_user"],
                           environment={"PGPASSWORD": PASSWORD}, network=net.name)
         assert out.strip() == "otree"
@@ -230,7 +220,7 @@ def test_postgres_on_a_named_volume_from_another_container(dock):
         pg.remove(force=True)
         pg = dock.start(image, LEAN, environment={"POSTGRES_PASSWORD": "ignored now"}, network=net.name,
                         volumes={volume.name: {"bind": "/var/lib/postgresql/data", "mode": "rw"}})
-        wait_until(lambda: exec_out(pg, ["pg_isready", "-q", "-h", "127.0.0.1"])[0] == 0, "pg_isready")
+        up(lambda: exec_out(pg, ["pg_isready", "-q", "-h", "127.0.0.1"])[0] == 0, "pg_isready")
         out = dock.output(image, ["psql", "-h", pg.name, "-U", "otree", "-d", "otree", "-Atc", "select 1"],
                           environment={"PGPASSWORD": PASSWORD}, network=net.name)
         assert out.strip() == "1"
@@ -249,7 +239,7 @@ def test_redis_answers_on_the_network_as_non_root(dock):
     plain = dock.start(image, network=net.name)
     tuned = dock.start(image, ["--maxmemory", "32mb"], network=net.name)  # options as in the official image
     for server in (plain, tuned):
-        wait_until(lambda: exec_out(server, ["redis-cli", "ping"]) == (0, "PONG"), "redis PING")
+        up(lambda: exec_out(server, ["redis-cli", "ping"]) == (0, "PONG"), "redis PING")
         assert pid1_user(server) == "redis"
     script = (f"redis-cli -h {plain.name} ping && redis-cli -h {tuned.name} ping"
               f" && redis-cli -h {tuned.name} config get maxmemory")

@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
@@ -16,6 +15,7 @@ import redis
 from tests.labserver_helpers import (
     BASE_DIR, LabServer, child_env, first_superuser, free_port, migrate, new_data_dir, remove_data_dir,
 )
+from tests.waits import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -25,16 +25,6 @@ def lab_dir():
     data_dir = new_data_dir()
     yield data_dir
     remove_data_dir(data_dir)
-
-
-def _wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"{what} within {timeout} s")
 
 
 def _socket_unused(path) -> bool:
@@ -73,8 +63,8 @@ def test_first_start_prints_password_restarts_dead_worker_and_stops_cleanly(lab_
         worker.kill()
         server.wait_for(rf"worker \(pid {old_pid}\) was killed by SIGKILL", 15, since=mark)
         server.wait_for(rf"worker restarted \(pid \d+, was {old_pid}", 30, since=mark)
-        new_worker = _wait_until(
-            lambda: (w := server.child("celery", "worker")) and w.pid != old_pid and w, 30, "no new worker"
+        new_worker = wait_until(
+            lambda: (w := server.child("celery", "worker")) and w.pid != old_pid and w, 30, 0.2, "a new worker"
         )
         assert new_worker.is_running()
         server.wait_for(r"worker@\S+ ready\.", 60, since=mark)  # and it serves again
@@ -85,7 +75,7 @@ def test_first_start_prints_password_restarts_dead_worker_and_stops_cleanly(lab_
         remembered = server.known_alive()
         assert len(remembered) >= 4
         assert server.terminate() == 0
-        _wait_until(lambda: not server.known_alive(), 10, "children of the supervisor still alive")
+        wait_until(lambda: not server.known_alive(), 10, 0.2, "every child of the supervisor gone")
         assert _socket_unused(lab_dir / "run" / "redis.sock")
         assert "lab    | stopped" in server.output
         with pytest.raises(OSError):
@@ -157,8 +147,8 @@ def test_external_redis_every_child_and_a_killed_supervisor_takes_its_children(l
             assert conn.recv(64).startswith(b"SSH-2.0-")
         # The broker and the cache are the external Redis.
         client = redis.Redis(unix_socket_path=str(sock), socket_timeout=5)
-        _wait_until(lambda: any(key.startswith(b"_kombu.binding.") for key in client.keys("*")), 30,
-                    "the workers' queues in the external Redis")
+        wait_until(lambda: any(key.startswith(b"_kombu.binding.") for key in client.keys("*")), 30, 0.2,
+                   "the workers' queues in the external Redis")
         assert {b"_kombu.binding.celery", b"_kombu.binding.bots"} <= set(client.keys("_kombu.binding.*"))
 
         # SIGKILL the supervisor: its children die with it.
@@ -167,7 +157,7 @@ def test_external_redis_every_child_and_a_killed_supervisor_takes_its_children(l
         assert len(children) >= 5, children
         server.proc.kill()
         server.proc.wait(timeout=10)
-        _wait_until(lambda: not server.known_alive(), 30, "every child gone after the supervisor was killed")
+        wait_until(lambda: not server.known_alive(), 30, 0.2, "every child gone after the supervisor was killed")
         assert external.poll() is None and client.ping()  # the external Redis is not the labserver's to stop
     finally:
         if server is not None:

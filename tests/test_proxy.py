@@ -29,6 +29,7 @@ import pytest
 from instances import proxy
 from instances.models import Instance
 from instances.runtime.base import ComponentState, Health, InstanceState
+from tests.waits import wait_until
 
 WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC11B85"
 INSTANCE_HOST = "localhost"  # LAB_INSTANCE_HOST of these tests; the manager is 127.0.0.1
@@ -250,17 +251,7 @@ def get(port: int, path: str = "/", host: str | None = None, timeout: float = 5)
 
 
 def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            value = check()
-            if value:
-                return value
-        except OSError as exc:
-            last = exc
-        time.sleep(0.05)
-    raise AssertionError(f"{what} within {timeout} s (last error: {last!r})")
+    return wait_until(check, timeout, 0.05, what, ignore=(OSError,))
 
 
 def websocket_roundtrip(port: int, message: str, timeout: float = 5) -> str:
