@@ -5,7 +5,7 @@ class InstancesConfig(AppConfig):
     name = "instances"
 
     def ready(self):
-        from instances import realtime  # noqa: F401  (registers the "instance" topic)
+        from instances import realtime  # noqa: F401  (registers the "instance" topics and the log followers)
         from instances import tasks  # noqa: F401  (registers its Celery tasks: services enqueue them by name)
         from instances.git import webcap
 

@@ -5,4 +5,4 @@ class LobbyConfig(AppConfig):
     name = "lobby"
 
     def ready(self):
-        from lobby import realtime  # noqa: F401  (registers the "lobby" topic)
+        from lobby import realtime  # noqa: F401  (registers the "lobby" topic and the kiosk socket's route)

@@ -1,9 +1,11 @@
 """The board's realtime topic `lobby:<instance>`: owner and lab managers only (checked
-here, beside the data, before the live socket joins the group)."""
+here, beside the data, before the live socket joins the group); and the kiosk socket's
+route."""
 
 from instances.selectors import visible_instances
+from lobby.consumers import KioskConsumer
 from lobby.services import board_group
-from manager.realtime import topics
+from manager.realtime import routing, topics
 
 
 def _lobby_topic(user, name):
@@ -12,3 +14,4 @@ def _lobby_topic(user, name):
 
 
 topics.register("lobby", _lobby_topic)
+routing.register("ws/lobby/<slug:instance>/<str:room>/", KioskConsumer)  # kiosk seats (anonymous)

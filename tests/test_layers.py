@@ -117,3 +117,20 @@ def test_the_supervisor_knows_no_app_and_labserver_wires_caddy(monkeypatch):
     monkeypatch.setattr(proxy, "caddy_binary", lambda: None)
     with pytest.raises(SupervisorError, match="^the Caddy binary is missing"):
         labserver.caddy_spec().launch()  # a reason not to start, as the supervisor shows it
+
+
+def test_the_shared_parts_of_manager_import_no_app():
+    """Only the aggregation at the top (urls, API, asgi, dashboard, management commands)
+    imports the apps: the live socket's consumer knows no domain (the apps register their
+    topics and followers) and the routing serves what the apps register."""
+    module, modules, edges = _import_graph()
+    assert module.upward_imports(edges) == []
+
+
+def test_each_app_registers_its_sockets_topics_and_followers():
+    from manager.realtime import routing, topics
+
+    assert [str(p.pattern) for p in routing.websocket_urlpatterns] == [
+        "ws/live/", "ws/lobby/<slug:instance>/<str:room>/"]
+    assert {"user", "instance", "instances", "lobby", "botrun"} <= set(topics._registry)
+    assert list(topics._followers) == ["follow_logs", "follow_release"]

@@ -183,6 +183,10 @@ async def test_bad_messages_get_an_error_not_a_crash(people):
     assert await tab.receive_json_from(timeout=5) == {"type": "pong"}
     await tab.send_json_to({"what": "ever"})
     assert (await tab.receive_json_from(timeout=5))["detail"] == "unknown message"
+    await tab.send_json_to({"follow_release": "follow-me", "number": "one"})
+    assert await tab.receive_json_from(timeout=5) == {"type": "error", "detail": "number must be a release number"}
+    await tab.send_json_to({"follow_logs": "nobody-has-it", "component": "kernel"})
+    assert await tab.receive_json_from(timeout=5) == {"type": "error", "detail": "unknown component 'kernel'"}
     await tab.disconnect()
 
 

@@ -10,7 +10,8 @@ from manager.realtime.services import recent_notifications, user_group
 
 class LiveConsumer(AsyncJsonWebsocketConsumer):
     """One socket per browser tab. Joins the user's own group on connect; other groups
-    only through `{"subscribe": topic}` after the topic registry allowed it."""
+    only through `{"subscribe": topic}` after the topic registry allowed it; streams what
+    a follower the apps registered yields (`topics.register_follower`). Knows no domain."""
 
     async def connect(self):
         user = self.scope.get("user")
@@ -51,10 +52,13 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
             current = await database_sync_to_async(topics.snapshot)(self.user, topic)
             if current is not None:
                 await self.send_json(current)
-        elif "follow_logs" in content:
-            await self._follow_logs(str(content["follow_logs"]), str(content.get("component", "app")))
-        elif "follow_release" in content:
-            await self._follow_release(str(content["follow_release"]), content.get("number"))
+        elif (found := topics.follower(content)) is not None:
+            try:
+                key, stream, message = found[1](self.user, content)
+            except ValueError as exc:
+                await self.send_json({"type": "error", "detail": str(exc)})
+                return
+            self._start_follower(key, stream, message)
         elif "unfollow_logs" in content:
             task = self.followers.pop(str(content["unfollow_logs"]), None)
             if task:
@@ -63,25 +67,6 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
             await self.send_json({"type": "pong"})
         else:
             await self.send_json({"type": "error", "detail": "unknown message"})
-
-    async def _follow_logs(self, name, component):
-        """Stream an instance's logs to this socket (permission checked by the follower)."""
-        from instances.logstream import follow
-
-        self._start_follower(name, follow(self.user, name, component),
-                             lambda text: {"type": "logs", "name": name, "component": component, "text": text})
-
-    async def _follow_release(self, name, number):
-        """Stream a release's build log and status to this socket until it ends."""
-        from instances.logstream import follow_release
-
-        try:
-            number = int(number)
-        except (TypeError, ValueError):
-            await self.send_json({"type": "error", "detail": "number must be a release number"})
-            return
-        self._start_follower(f"release:{name}", follow_release(self.user, name, number),
-                             lambda snap: {"type": "release", "name": name, "number": number, **snap})
 
     def _start_follower(self, key, stream, message):
         """Send `message(item)` for each item of the async generator `stream`, replacing

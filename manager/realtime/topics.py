@@ -7,6 +7,12 @@ permission checks live beside the data they protect, not in the consumer.
 A kind may also register a snapshot (user, key) -> the event that describes the topic's
 current state: the consumer sends it right after joining, so a page misses nothing that
 happened between its rendering and its subscription.
+
+An app may also register a follower: a message `{"<command>": ...}` that makes the socket
+stream something (an instance's logs, a release's build) until it ends or is replaced.
+`start(user, content)` returns (key, async generator, item -> event); the generator raises
+PermissionError when the user may not see it, `start` raises ValueError for a malformed
+request (both reach the page as an error message).
 """
 
 from collections.abc import Callable
@@ -15,12 +21,25 @@ from manager.realtime.services import user_group
 
 _registry: dict[str, Callable] = {}
 _snapshots: dict[str, Callable] = {}
+_followers: dict[str, Callable] = {}  # in registration order: the first command in a message wins
 
 
 def register(kind: str, resolver: Callable, snapshot: Callable | None = None) -> None:
     _registry[kind] = resolver
     if snapshot is not None:
         _snapshots[kind] = snapshot
+
+
+def register_follower(command: str, start: Callable) -> None:
+    _followers[command] = start
+
+
+def follower(content: dict) -> tuple[str, Callable] | None:
+    """(command, start) of the first registered follower command in `content`, if any."""
+    for command, start in _followers.items():
+        if command in content:
+            return command, start
+    return None
 
 
 def snapshot(user, topic: str) -> dict | None:
