@@ -22,7 +22,6 @@ from instances import reconciler, services
 from instances.models import Backup, Instance
 from instances.runtime.base import Health
 from instances.tasks import instance_action
-from manager.accounts.models import User
 from manager import locks
 from manager.jobs.models import Job
 from tests import backends
@@ -52,9 +51,7 @@ def clean_engine(runtime, settings):
 
 
 @pytest.fixture
-def people(db):
-    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
-    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
+def people(boss, ann):
     return boss, ann
 
 
@@ -230,7 +227,7 @@ def test_delete_keeps_a_final_backup_and_leaves_nothing(runtime, people):
 
 def pushed_history(instance) -> str:
     """A commit on main of the instance's repository (as a push would leave it)."""
-    from instances.git.repos import ensure_repo
+    from instances.git.archive import ensure_repo
     from tests.otree_projects import Checkout
 
     repo = ensure_repo(instance)
