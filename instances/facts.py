@@ -1,6 +1,6 @@
 """What a project's settings.py may claim: the manager's checks of the introspection output.
 
-`build.INTROSPECT` imports the experimenter's settings.py and prints its session configs,
+`otree_project.INTROSPECT` imports the experimenter's settings.py and prints its session configs,
 rooms and language as one JSON line. That output is the tenant's: settings.py runs first,
 in the same process, and can print a forged line, or gigabytes. So nothing in it is taken
 as it is: `project_facts()` reads a bounded amount (MAX_OUTPUT), and every field is checked

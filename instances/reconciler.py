@@ -16,8 +16,9 @@ from instances import proxy
 from instances.backups import backup_dir
 from instances.models import Backup, Instance
 from instances.runtime import available_runtimes, get_runtime
-from instances.runtime.base import AppSpec, Health, InstanceSpec, RuntimeError_
+from instances.runtime.base import Health, RuntimeError_
 from instances.state import deleted_event, push_event, set_status
+from instances.spec import app_spec, current_app, instance_spec
 from manager import locks
 
 log = logging.getLogger(__name__)
@@ -25,32 +26,6 @@ log = logging.getLogger(__name__)
 
 class ReconcileError(Exception):
     """Shown to the user (the instance's status reason)."""
-
-
-def instance_spec(instance: Instance, app: AppSpec | None = None) -> InstanceSpec:
-    return InstanceSpec(
-        name=instance.name, db_name=instance.db_name, db_user=instance.db_user, db_password=instance.db_password,
-        memory_mb=instance.memory_mb, cpus=float(instance.cpus), app=app,
-    )
-
-
-def current_app(instance: Instance) -> dict | None:
-    """What the app runs: {image, command, port, release} of the live release, or None before
-    the first deploy."""
-    from instances.models import Release
-    from instances.releases import app_of
-
-    live = Release.objects.filter(instance=instance, status=Release.Status.LIVE).exclude(image="").first()
-    return app_of(live) if live is not None else None
-
-
-def app_spec(instance: Instance, app: dict | None = None) -> AppSpec | None:
-    """The AppSpec of `app` (a `releases.app_of()` dict; default: the live release's)."""
-    app = app or current_app(instance)
-    if app is None:
-        return None
-    return AppSpec(image=app["image"], command=app.get("command"), port=app.get("port", 8000),
-                   env=instance.otree_env(), release_id=str(app.get("release", "")), user=app.get("user"))
 
 
 def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Instance | None:
@@ -71,7 +46,7 @@ def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Insta
                 runtime.stop(instance.name)
                 set_status(instance, Instance.Status.STOPPED, "", observed_generation=generation)
                 return instance
-            app = app_spec(instance)
+            app = app_spec(instance, current_app(instance))
             state = runtime.ensure(instance_spec(instance, app))
             if not locks.held(f"build:{instance.pk}"):  # no build runs: a dead one's leftovers go
                 runtime.remove_build_leftovers(instance.name)

@@ -31,6 +31,7 @@ from instances import build, state
 from instances.git.repos import repo_path
 from instances.models import Instance, Release
 from instances.selectors import next_number
+from instances.spec import app_of, app_spec, instance_spec
 from instances.runtime import get_runtime
 from instances.runtime.base import RuntimeError_
 from manager import locks
@@ -103,7 +104,7 @@ def rollback(actor, release: Release) -> Release:
     if release.status not in WAS_LIVE or not release.image:
         raise Conflict({"release": [f"#{release.number} never went live; only a release that was live can be "
                                     "rolled back to."]})
-    if not get_runtime(instance).image_exists(release.image):
+    if not get_runtime(instance).release_exists(release.image):
         raise Conflict({"release": [f"the image of #{release.number} is no longer kept (only the last "
                                     f"{keep_releases()} releases are)."]})
     if Release.objects.filter(instance=instance, status__in=ACTIVE).exists():
@@ -167,11 +168,6 @@ def _fail(release: Release, reason: str, out: LogWriter | None = None) -> None:
     release.refresh_from_db()
 
 
-def app_of(release: Release) -> dict:
-    return {"image": release.image, "command": list(build.COMMAND), "port": build.RELEASE_IMAGE_PORT,
-            "release": release.pk, "user": build.APP_USER}
-
-
 def deploy(release_id: int) -> Release:
     """Build (unless it is a rollback), start, health-check and switch to the release.
 
@@ -218,7 +214,7 @@ def _deploy(release: Release, instance: Instance, out: LogWriter) -> None:
     state.set_status(instance, Instance.Status.DEPLOYING, f"deploying #{release.number} ({release.commit[:8]})")
     if release.rollback_of_id:
         out(f"Rollback to #{release.rollback_of.number}: reusing its image {release.image}\n")
-        if not runtime.image_exists(release.image):
+        if not runtime.release_exists(release.image):
             raise build.BuildFailed(f"the image {release.image} is no longer kept")
         _start_and_switch(release, instance, runtime, out, introspection=None)
         return
@@ -259,7 +255,7 @@ def _start_and_switch(release: Release, instance: Instance, runtime, out: LogWri
     """Start the release's app beside the live one, health-check it, and switch to it once
     the introspection (a future, None for a rollback) has been recorded; an introspection
     failure fails the release even when the app answered."""
-    from instances import proxy, reconciler
+    from instances import proxy
 
     Release.objects.filter(pk=release.pk).update(status=Release.Status.STARTING)
     out(f"Starting the app (health check for up to {start_timeout()} s)\n")
@@ -272,7 +268,7 @@ def _start_and_switch(release: Release, instance: Instance, runtime, out: LogWri
 
     with locks.lock(f"instance:{instance.pk}", wait=120):
         instance.refresh_from_db()
-        spec = reconciler.instance_spec(instance, reconciler.app_spec(instance, app_of(release)))
+        spec = instance_spec(instance, app_spec(instance, app_of(release)))
         try:
             url = runtime.deploy_app(spec, timeout=start_timeout(), out=out, before_switch=introspected)
         except RuntimeError_:
@@ -324,7 +320,7 @@ def _prune(instance: Instance, runtime) -> None:
     if live is not None:
         keep.append(str(live.rollback_of.number if live.rollback_of_id else live.number))
     try:
-        runtime.prune_images(instance.name, set(keep))
+        runtime.prune_releases(instance.name, set(keep))
     except RuntimeError_:
         log.warning("pruning images of %s", instance.name, exc_info=True)
 

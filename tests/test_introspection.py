@@ -1,4 +1,4 @@
-"""What a project's settings.py may claim: the real settings reader (build.INTROSPECT) run
+"""What a project's settings.py may claim: the real settings reader (otree_project.INTROSPECT) run
 on hostile settings.py files, and the manager's checks of its output (instances.facts).
 
 settings.py runs before the reader prints, in the same process: it can print forged
@@ -14,7 +14,7 @@ import textwrap
 import pytest
 
 from instances import facts
-from instances.build import INTROSPECT, BuildFailed, parse_introspection
+from instances.otree_project import INTROSPECT, BuildFailed, parse_introspection
 
 
 def read_settings(tmp_path, source: str, files: dict[str, str] | None = None, folder: str = "project") -> str:

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 from django.conf import settings as django_settings
 
-from instances import build, netguard
+from instances import netguard, otree_project
 from instances.runtime.base import AppSpec, InstanceSpec
-from instances.runtime.docker import LABEL_COMPONENT, LABEL_MANAGER, DockerRuntime
+from instances.runtime.docker import APP_USER, LABEL_COMPONENT, LABEL_MANAGER, DockerRuntime
 from tests import docker_helpers as dh
 from tests.conftest import need
 from tests.netns_helpers import host_addresses, host_listener, netns_available, outside_host
@@ -295,11 +295,11 @@ def make_spec(name: str, app: AppSpec | None = None, **kw) -> InstanceSpec:
 
 def http_app() -> AppSpec:
     return AppSpec(image=PY, command=["python", "-m", "http.server", "8000"], port=8000, release_id="r1",
-                   user=build.APP_USER)
+                   user=APP_USER)
 
 
 def probe_from(api, container: str, targets: list[str]) -> dict:
-    code, out = dh.exec_in(api, container, ["python", "-c", PROBE, *targets], user=build.APP_USER)
+    code, out = dh.exec_in(api, container, ["python", "-c", PROBE, *targets], user=APP_USER)
     assert code == 0, out
     return json.loads(out.strip().splitlines()[-1])
 
@@ -443,7 +443,7 @@ def test_a_hostile_build_runs_locked_down_and_reaches_only_the_outside(rt, api, 
     ctx = dh.project(tmp_path, f"hostile @ http://{OUTSIDE}/{filename}\n")
     watch = dh.Watch(api, rt, "fw-hostile")
     hits = len(outside.hits())
-    with pytest.raises(build.BuildFailed) as failed:
+    with pytest.raises(otree_project.BuildFailed) as failed:
         rt.build_release("fw-hostile", 1, ctx, out=watch, timeout=300, memory_mb=192, cpus=0.5)
     assert "installing the requirements failed" in str(failed.value)
     assert any(h["path"] == f"/{filename}" for h in outside.hits()[hits:])  # the build reached the outside
@@ -455,7 +455,7 @@ def test_a_hostile_build_runs_locked_down_and_reaches_only_the_outside(rt, api, 
     assert found.group(2) == "10001"  # the build's code runs unprivileged
 
     info, host = watch.container, watch.container["HostConfig"]
-    assert info["Config"]["User"] == build.APP_USER
+    assert info["Config"]["User"] == APP_USER
     assert host["CapDrop"] == ["ALL"] and not host["CapAdd"] and host["Privileged"] is False
     assert "no-new-privileges" in host["SecurityOpt"]
     assert host["Memory"] == host["MemorySwap"] == 192 * 2**20

@@ -16,7 +16,7 @@ import pytest
 from django.conf import settings
 from django.utils import timezone
 
-from instances import build, reconciler, releases
+from instances import otree_project, reconciler, releases
 from instances.git.repos import repo_path
 from instances.models import Instance, Release
 from instances.runtime.base import Health
@@ -382,8 +382,8 @@ def test_sweep_fails_a_release_as_soon_as_its_build_lock_is_gone(lab):
 def test_pip_failure_is_explained():
     log = ("ERROR: Could not find a version that satisfies the requirement nopkg-x==1.0 (from versions: none)\n"
            "ERROR: No matching distribution found for nopkg-x==1.0\n")
-    assert build.explain_pip(log) == "package nopkg-x not found on PyPI (requirements.txt: nopkg-x==1.0)"
-    assert "no version of otree matches" in build.explain_pip(
+    assert otree_project.explain_pip(log) == "package nopkg-x not found on PyPI (requirements.txt: nopkg-x==1.0)"
+    assert "no version of otree matches" in otree_project.explain_pip(
         "Could not find a version that satisfies the requirement otree==99 (from versions: 5.0, 6.0.15)")
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from instances import build
+from instances import otree_project
 from instances.runtime import get_runtime
 from instances.runtime.base import AppSpec, Health, InstanceSpec, RuntimeError_
 from instances.runtime.docker import (
@@ -30,7 +30,9 @@ from instances.runtime.docker import (
     LABEL_INSTANCE,
     LABEL_MANAGER,
     LABEL_NETWORK,
+    APP_USER,
     DockerRuntime,
+    dockerfile,
 )
 from tests import docker_helpers as dh
 from tests.conftest import need
@@ -488,11 +490,11 @@ def test_builds_install_once_share_and_add_only_the_project(rt, api, package_hos
     history = api.history(tag)
     deps = next(i for i, layer in enumerate(history) if any("--deps:" in t for t in layer.get("Tags") or []))
     assert all("#(nop)" in layer["CreatedBy"] for layer in history[:deps]), [l["CreatedBy"] for l in history[:deps]]
-    assert "RUN" not in build.dockerfile({"a": "b"}, "base")
+    assert "RUN" not in dockerfile({"a": "b"}, "base")
     spec = make_spec("fw-run", app=AppSpec(image=tag, command=["python", "-c", (
         "import fwpkg, os, http.server; print(fwpkg.VALUE, os.getuid(), os.stat('/app').st_uid, "
         "os.stat('/app/settings.py').st_uid, flush=True); http.server.test(port=8000, bind='0.0.0.0')")],
-        release_id="fw", user=build.APP_USER))
+        release_id="fw", user=APP_USER))
     state = rt.ensure(spec)
     dh.wait_for(lambda: "installed 10001 10001 10001" in rt.logs("fw-run"), 30, "the app's output")
     assert state.app_url
@@ -501,14 +503,14 @@ def test_builds_install_once_share_and_add_only_the_project(rt, api, package_hos
     settings_py = "open('written-by-settings.txt', 'w').write('x')\nSESSION_CONFIGS = []\n"
     ro = rt.build_release("fw-one", 3, dh.project(tmp_path, requirements, settings_py), out=lambda t: None,
                           timeout=300, memory_mb=256, cpus=1)
-    with pytest.raises(build.BuildFailed, match="Read-only file system"):
+    with pytest.raises(otree_project.BuildFailed, match="Read-only file system"):
         rt.introspect("fw-one", ro)
     # What settings.py prints is read as a bounded stream: a flood fails the release, and
     # never reaches the manager's memory whole.
     flood = "for _ in range(64): print('x' * 2**20)\nSESSION_CONFIGS = []\n"
     loud = rt.build_release("fw-one", 4, dh.project(tmp_path, requirements, flood), out=lambda t: None,
                             timeout=300, memory_mb=256, cpus=1)
-    with pytest.raises(build.BuildFailed, match="printed more than 4 MB"):
+    with pytest.raises(otree_project.BuildFailed, match="printed more than 4 MB"):
         rt.introspect("fw-one", loud)
 
     # The dependencies image stays while a release image is built on it, and goes with
@@ -523,14 +525,14 @@ def test_builds_install_once_share_and_add_only_the_project(rt, api, package_hos
 def test_a_build_out_of_memory_or_time_fails_with_what_to_do(rt, api, package_host, tmp_path):
     outside = package_host
     hog = dh.sdist(outside.files, "memhog", "blocks = [bytearray(2**20) for _ in range(600)]\n")
-    with pytest.raises(build.BuildFailed) as failed:
+    with pytest.raises(otree_project.BuildFailed) as failed:
         rt.build_release("fw-oom", 1, dh.project(tmp_path, f"memhog @ http://{outside.address}/{hog}\n"), out=lambda t: None,
                          timeout=300, memory_mb=128, cpus=1)
     assert "ran out of memory" in str(failed.value) and "128 MB" in str(failed.value)
     assert "raise the instance's memory" in str(failed.value)
 
     slow = dh.sdist(outside.files, "sleeper", "import time\ntime.sleep(600)\n")
-    with pytest.raises(build.BuildFailed, match="took longer than"):
+    with pytest.raises(otree_project.BuildFailed, match="took longer than"):
         rt.build_release("fw-slow", 1, dh.project(tmp_path, f"sleeper @ http://{outside.address}/{slow}\n"), out=lambda t: None,
                          timeout=15, memory_mb=128, cpus=1)
     for name in ("fw-oom", "fw-slow"):

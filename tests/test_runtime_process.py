@@ -33,7 +33,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from instances import build
+from instances import build, otree_project
 from instances.runtime.base import AppSpec, Health, InstanceSpec, RuntimeError_
 from instances.runtime.process import PIDS, ProcessRuntime, process_refusal
 from instances.runtime.procsup import proc_start_ticks
@@ -444,7 +444,7 @@ def test_environments_are_built_by_build_users_and_sealed_against_daemons_and_ap
         (ctx / "settings.py").write_text("import sys\nfor _ in range(64): sys.stdout.write('x' * 2**20)\n"
                                          "SESSION_CONFIGS = []\n")
         loud = rt.build_release("p-env-a", 3, ctx, out=log.append, timeout=600)
-        with pytest.raises(build.BuildFailed, match="printed more than 4 MB"):
+        with pytest.raises(otree_project.BuildFailed, match="printed more than 4 MB"):
             rt.introspect("p-env-a", loud)
     finally:
         subprocess.run(["rm", "-rf", str(links)], check=False)
@@ -634,7 +634,7 @@ def test_sqlite_when_postgresql_programs_are_missing(settings, tmp_path):
             (ctx / rel).write_text(content)
         build.check_project(ctx)
         image = runtime.build_release("p-lite", 1, ctx, out=lambda text: None, timeout=900)
-        app = AppSpec(image=image, command=list(build.COMMAND), port=build.RELEASE_IMAGE_PORT, release_id="1",
+        app = AppSpec(image=image, port=otree_project.APP_PORT, release_id="1",
                       env={"OTREE_PRODUCTION": "1", "OTREE_ADMIN_PASSWORD": "admin-pw-123", "OTREE_REST_KEY": "rk"})
         url = runtime.deploy_app(spec("p-lite", app=app), timeout=120)
         runtime.retire_app("p-lite")
@@ -727,8 +727,8 @@ def test_bad_input_gets_clear_errors(rt):
         rt.ensure(spec("Bad_Name"))
     with pytest.raises(RuntimeError_, match="not a release of the process runtime"):
         rt._release_dir("otree-lab-x:r1")
-    assert rt.image_exists("p-none/r9") is False
-    assert rt.image_exists("../../etc/r1") is False
+    assert rt.release_exists("p-none/r9") is False
+    assert rt.release_exists("../../etc/r1") is False
     assert rt.logs("p-none", "app") == ""
 
 

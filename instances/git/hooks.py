@@ -32,6 +32,7 @@ from django.db.models.functions import Substr
 from instances.git.repos import (DEPLOY_BRANCHES, PUSH_TOKEN_ENV, blob_limit_bytes, claim_push, deploy_limit_bytes,
                                  refusal)
 from instances.models import Instance, Release
+from instances.otree_project import MAX_TREE_FILES
 from manager.accounts.models import User
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,6 @@ ZERO = "0" * 40
 POLL_INTERVAL = 0.1
 FINAL_OK = {Release.Status.LIVE}
 FINAL_BAD = {Release.Status.FAILED, Release.Status.SUPERSEDED, Release.Status.ROLLED_BACK}
-MAX_TREE_FILES = 100_000  # files in a deployed tree (an oTree project has hundreds)
 SIZE_CHECK_TIMEOUT = 300  # seconds for the size checks of one push
 MiB = 1024 * 1024
 

@@ -146,14 +146,14 @@ def wait_http(step, timeout: float, *, out=None, last_words=lambda: "", interval
 
 @dataclass(frozen=True)
 class AppSpec:
-    """The oTree app process of an instance (from the live release; a test image in tests)."""
+    """The oTree app process of an instance (from the live release; a stand-in app in tests)."""
 
-    image: str
-    command: list[str] | None = None  # None: the image's default
-    port: int = 8000  # the port the app listens on inside its container
+    image: str  # the release: the reference its backend's `build_release` returned (Release.image)
+    command: list[str] | None = None  # None: the project's oTree app, started as its backend does (otree_project)
+    port: int = 8000  # the port the app listens on where it runs alone (a backend may give it another)
     env: dict[str, str] = field(default_factory=dict)  # OTREE_*, DATABASE_URL, REDIS_URL, config vars
-    release_id: str = ""  # label, so a new release's container differs from the old one's
-    user: str | None = None  # "uid:gid" the app runs as; None: the image's own
+    release_id: str = ""  # so a new release's app differs from the old one's
+    user: str | None = None  # "uid:gid" a command of its own runs as, where the backend has such users
 
 
 @dataclass(frozen=True)
@@ -164,8 +164,8 @@ class InstanceSpec:
     db_name: str
     db_user: str
     db_password: str
-    memory_mb: int  # limit for the app container
-    cpus: float  # limit for the app container
+    memory_mb: int  # limit for the app
+    cpus: float  # limit for the app
     app: AppSpec | None = None  # None until the first deploy
     # Small fixed limits for the supporting services.
     db_memory_mb: int = 256
@@ -226,12 +226,12 @@ class Runtime(Protocol):
     def build_release(self, name: str, number: int, ctx: Path, *, out, timeout: float, memory_mb: int = 1024,
                       cpus: float = 1.0) -> str:
         """Build release `number` from the checked project in `ctx` (output to `out(text)`);
-        returns its reference (Release.image). Raises build.BuildFailed with the reason.
+        returns its reference (Release.image). Raises otree_project.BuildFailed with the reason.
         The build runs the project's requirements (their setup.py) as untrusted code: with
         the instance's memory and CPU limits (`memory_mb`, `cpus`), as an unprivileged
         identity that is not the instance's own app."""
 
-    def introspect(self, name: str, image: str, *, timeout: float = 60) -> dict:
+    def introspect(self, name: str, release: str, *, timeout: float = 60) -> dict:
         """{session_configs, rooms, language_code} of a built release."""
 
     def remove_build_leftovers(self, name: str) -> None:
@@ -243,7 +243,7 @@ class Runtime(Protocol):
 
     def ensure(self, spec: InstanceSpec) -> InstanceState:
         """Create or repair everything of the instance to match `spec`; start what is stopped.
-        An app container whose spec changed (image, env, limits) is replaced."""
+        An app whose spec changed (release, env, limits) is replaced."""
 
     def state(self, name: str) -> InstanceState:
         """What runs now, without changing anything."""
@@ -272,11 +272,11 @@ class Runtime(Protocol):
     def retire_app(self, name: str) -> None:
         """Stop the app that the last `deploy_app` replaced."""
 
-    def image_exists(self, image: str) -> bool:
-        """Whether a release's build (image) is still kept."""
+    def release_exists(self, release: str) -> bool:
+        """Whether the build of a release (the reference `build_release` returned) is still kept."""
 
-    def prune_images(self, name: str, keep_releases: set[str]) -> list[str]:
-        """Remove the instance's release builds except those of `keep_releases`."""
+    def prune_releases(self, name: str, keep_releases: set[str]) -> list[str]:
+        """Remove the instance's release builds except those of `keep_releases` (numbers)."""
 
     def logs(self, name: str, component: str = "app", tail: int = 200) -> str:
         """Recent output of a component ("app", "db", "redis")."""

@@ -49,11 +49,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import ipaddress
 import json
 import logging
 import os
 import re
+import tarfile
 import time
 import uuid
 from functools import cached_property
@@ -64,6 +66,10 @@ import docker
 import requests
 from docker.errors import APIError, DockerException, NotFound
 from docker.types import LogConfig, Mount
+
+from instances.otree_project import (
+    APP_PORT, IGNORED, INTROSPECT, PIP_KILLED, BuildFailed, explain_pip, parse_introspection, start_argv,
+)
 
 from .base import (
     CANDIDATE, COMPONENTS, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppSpec, ComponentState, Health,
@@ -121,6 +127,183 @@ def _docker_error(runtime, method: str, exc: Exception) -> RuntimeError_ | None:
 
 
 _user_errors = user_errors(_docker_error)  # whatever Docker raises leaves a public method as a RuntimeError_
+
+
+# --- builds: the dependencies image (pip in a locked-down container) and the release image ---
+
+APP_USER = "10001:10001"  # the app and its build run unprivileged (set on every app and build container)
+
+# Ours, not the tenant's: run in the build container as APP_USER, in /app (requirements.txt
+# is the only file there, as it was in the former pip step of the Dockerfile). The venv
+# sees the base image's packages (pip, setuptools: what the former system-wide install
+# offered; the venv's own come first) through a .pth file instead of getting copies:
+# ensurepip would cost seconds at every install.
+DEPS_SCRIPT = """set -e
+export HOME=/tmp PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_PROGRESS_BAR=off PIP_NO_INPUT=1
+python -m venv --without-pip /opt/venv
+purelib='import sysconfig; print(sysconfig.get_path("purelib"))'
+python -c "$purelib" > "$(/opt/venv/bin/python -c "$purelib")/_base_image_packages.pth"
+exec /opt/venv/bin/python -m pip install -r /app/requirements.txt
+"""
+DEPS_ENV: dict[str, str] = {}  # nothing of the instance's, nothing secret
+DEPS_RECIPE = "2"  # changes when deps_changes() does: older dependencies images are not reused
+
+
+def deps_key(base_image_id: str, requirements: bytes) -> str:
+    """The cache key of a dependencies image: the base image, our recipe and the exact
+    requirements.txt (identical requirements share one image, across instances)."""
+    digest = hashlib.sha256()
+    for part in (DEPS_RECIPE.encode(), DEPS_SCRIPT.encode(), base_image_id.encode(), requirements):
+        digest.update(len(part).to_bytes(8, "big") + part)
+    return digest.hexdigest()
+
+
+def deps_tag(manager_id: str, key: str) -> str:
+    # "--": no instance's release repository can be named so (names never start with "-").
+    return f"otree-lab-{manager_id}--deps:{key[:24]}"
+
+
+def deps_archive(requirements: bytes) -> bytes:
+    """What the build container gets before it starts: /opt/venv and /app for APP_USER,
+    /app/requirements.txt (read-only for it)."""
+    uid = int(APP_USER.split(":")[0])
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for path, owner, data in (("opt/venv", uid, None), ("app", uid, None), ("app/requirements.txt", 0, requirements)):
+            info = tarfile.TarInfo(path)
+            info.uid = info.gid = owner
+            info.mtime = int(time.time())
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                info.mode, info.size = 0o644, len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def deps_changes(runtime, key: str, base_env: list[str]) -> list[str]:
+    """What the committed dependencies image says besides its files: labels (no instance:
+    it may serve several), and the app's environment, directory, port and command (set
+    here once, not as uncached steps of every release build on it)."""
+    labels = {LABEL_MANAGER: runtime.manager_id, LABEL_INSTANCE: "", LABEL_COMPONENT: "deps", LABEL_DEPS: key}
+    path = next((e.split("=", 1)[1] for e in base_env if e.startswith("PATH=")), "/usr/local/bin:/usr/bin:/bin")
+    env = {"PATH": f"/opt/venv/bin:{path}", "VIRTUAL_ENV": "/opt/venv", "PYTHONUNBUFFERED": "1",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    return [
+        f"LABEL {' '.join(f'{k}={json.dumps(v)}' for k, v in labels.items())}",
+        f"ENV {' '.join(f'{k}={json.dumps(v)}' for k, v in env.items())}",
+        "WORKDIR /app",
+        f"EXPOSE {APP_PORT}",
+        f"CMD {json.dumps(start_argv(str(APP_PORT)))}",
+    ]
+
+
+def dockerfile(labels: dict[str, str], base: str) -> str:
+    """The release image: the dependencies image (environment, directory, port and
+    command included) plus the project's files. No RUN step: nothing of the tenant's
+    runs in the builder. The LABEL step is the same for each build of an instance on the
+    same dependencies (cached), so a code-only push costs one COPY. No USER: the runtime
+    runs its containers as APP_USER."""
+    label_line = " ".join(f"{key}={json.dumps(value)}" for key, value in sorted(labels.items()))
+    return "\n".join([
+        f"FROM {base}",
+        f"LABEL {label_line}",
+        # oTree opens db.sqlite3 in its working directory at import (even on PostgreSQL),
+        # so the project directory belongs to the app's user (/app itself already does).
+        f"COPY --chown={APP_USER} . /app",
+        "",
+    ])
+
+
+DOCKERIGNORE = "".join(f"**/{pattern}\n" for pattern in IGNORED)
+
+
+def image_tag(manager_id: str, instance_name: str, number: int) -> str:
+    return f"otree-lab-{manager_id}-{instance_name}:r{number}"
+
+
+def build_image(runtime, ctx: Path, *, tag: str, base: str, labels: dict, out, timeout: float) -> str:
+    """`docker build` of `ctx` (legacy builder) with our Dockerfile on `base` (the
+    dependencies image); every line of output goes to `out(text)`. Returns the image id;
+    raises BuildFailed with the reason."""
+    (ctx / "Dockerfile.otree-lab").write_text(dockerfile(labels, base))
+    (ctx / ".dockerignore").write_text(DOCKERIGNORE)
+    api = runtime.api
+    seen = []
+    image_id = None
+    deadline = time.monotonic() + timeout
+    try:
+        stream = api.build(path=str(ctx), dockerfile="Dockerfile.otree-lab", tag=tag, rm=True,
+                           forcerm=True, pull=False, decode=True, timeout=timeout)
+        for chunk in stream:
+            if "stream" in chunk:
+                text = chunk["stream"]
+                seen.append(text)
+                out(text)
+                m = re.match(r"Successfully built ([0-9a-f]+)", text.strip())
+                if m:
+                    image_id = m.group(1)
+            elif "error" in chunk:
+                text = chunk.get("error") or ""
+                seen.append(text + "\n")
+                out(text + "\n")
+                full = "".join(seen)
+                raise BuildFailed(explain_pip(full) or f"the image build failed: {last_lines(full, 4)}")
+            elif "status" in chunk:  # a base image layer download
+                out(f"{chunk['status']} {chunk.get('progress', '')}\n".replace(" \n", "\n"))
+            if time.monotonic() > deadline:
+                raise BuildFailed(f"the build took longer than {timeout:g} s")
+    except BuildFailed:
+        raise
+    except Exception as exc:  # noqa: BLE001 - engine errors become the reason
+        text = getattr(exc, "explanation", None) or str(exc)
+        if isinstance(text, bytes):
+            text = text.decode(errors="replace")
+        if "Read timed out" in str(text):
+            raise BuildFailed(f"the build took longer than {timeout:g} s") from None
+        raise BuildFailed(f"the image build failed: {' '.join(str(text).split())[:300]}") from None
+    if not image_id:
+        raise BuildFailed(f"the image build did not finish: {last_lines(''.join(seen), 4)}")
+    return image_id
+
+
+def introspect_image(runtime, image: str, *, instance_name: str, timeout: float = 60) -> dict:
+    """Import the project's settings.py inside the image (no network, no secrets) and
+    return {session_configs, rooms, language_code}; BuildFailed when settings.py cannot be
+    imported. (`DockerRuntime.introspect()` calls it.)"""
+    api = runtime.api
+    # Labelled with the instance: one left by a killed worker goes with the instance's resources.
+    labels = {LABEL_MANAGER: runtime.manager_id, LABEL_INSTANCE: instance_name, LABEL_COMPONENT: "introspect"}
+    host_config = api.create_host_config(mem_limit="256m", memswap_limit="256m", pids_limit=64,
+                                         cap_drop=["ALL"], security_opt=["no-new-privileges"], network_mode="none",
+                                         read_only=True, tmpfs={"/tmp": "size=16m,mode=1777"},
+                                         # What settings.py prints stays small on the engine's disk (two files
+                                         # kept: a flood still shows as one, which parse_introspection refuses).
+                                         log_config={"Type": "json-file",
+                                                     "Config": {"max-size": "8m", "max-file": "2"}})
+    container = api.create_container(image, command=["python", "-c", INTROSPECT], labels=labels, user=APP_USER,
+                                     host_config=host_config, network_disabled=True,
+                                     environment={"OTREE_PRODUCTION": "1"})
+    try:
+        api.start(container["Id"])
+        try:
+            api.wait(container["Id"], timeout=timeout)
+        except Exception:  # noqa: BLE001 - requests' read timeout
+            raise BuildFailed(f"reading settings.py inside the image took longer than {timeout:g} s") from None
+        # Streamed: parse_introspection reads a bounded amount, never the whole log.
+        return parse_introspection(api.logs(container["Id"], stdout=True, stderr=True, stream=True, follow=False))
+    finally:
+        try:
+            api.remove_container(container["Id"], force=True, v=True)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def release_labels(runtime, instance_name: str) -> dict:
+    """The labels of every release image of an instance (the tag `:r<number>` names the
+    release; a label per release would cost an uncached build step)."""
+    return {LABEL_MANAGER: runtime.manager_id, LABEL_INSTANCE: instance_name, LABEL_COMPONENT: "release"}
 
 
 class DockerRuntime:
@@ -337,9 +520,10 @@ class DockerRuntime:
         env = {**app.env, **self.service_urls(spec)}  # the runtime knows where its services are
         return {
             "image": app.image,
-            "command": list(app.command) if app.command is not None else None,
+            # No command: the project's oTree server of a release built here, as the app's user.
+            "command": list(app.command) if app.command is not None else start_argv(str(app.port)),
             "env": env,
-            "user": app.user,  # None: the image's own
+            "user": app.user if app.user is not None or app.command is not None else APP_USER,  # None: the image's own
             "memory_mb": spec.memory_mb,
             "cpus": spec.cpus,
             "pids": self.pids_limits["app"],
@@ -465,20 +649,18 @@ class DockerRuntime:
         returns its tag. BuildFailed with the reason when it cannot be built. The
         requirements are installed in a locked-down container (or taken from the cache);
         the release image only adds the project's files."""
-        from instances import build
-
         check_name(name)
         deadline = time.monotonic() + timeout
-        tag = build.image_tag(self.manager_id, name, number)
+        tag = image_tag(self.manager_id, name, number)
         for attempt in range(2):
             deps, key = self._dependencies(name, ctx, out=out, deadline=deadline, memory_mb=memory_mb, cpus=cpus)
             try:
-                build.build_image(self, ctx, tag=tag, base=deps, labels=build.release_labels(self, name), out=out,
-                                  timeout=max(1.0, deadline - time.monotonic()))
+                build_image(self, ctx, tag=tag, base=deps, labels=release_labels(self, name), out=out,
+                            timeout=max(1.0, deadline - time.monotonic()))
                 return tag
-            except build.BuildFailed:
+            except BuildFailed:
                 # A cached dependencies image pruned between its check and its use: install again, once.
-                if attempt or self.image_exists(deps):
+                if attempt or self._image_exists(deps):
                     raise
                 out("The cached requirements went away meanwhile: installing them again\n")
         return tag
@@ -486,13 +668,11 @@ class DockerRuntime:
     def _dependencies(self, name: str, ctx: Path, *, out, deadline: float, memory_mb: int, cpus: float):
         """(reference, key) of the dependencies image for the project's requirements.txt,
         from the cache or installed now."""
-        from instances import build
-
         base = self._base_image()
         requirements = (ctx / "requirements.txt").read_bytes()
-        key = build.deps_key(base, requirements)
-        ref = build.deps_tag(self.manager_id, key)
-        if self.image_exists(ref):
+        key = deps_key(base, requirements)
+        ref = deps_tag(self.manager_id, key)
+        if self._image_exists(ref):
             out(f"requirements.txt unchanged: reusing its installed packages ({key[:12]})\n")
             return ref, key
         self._install_requirements(name, base, requirements, ref=ref, key=key, out=out, deadline=deadline,
@@ -500,33 +680,29 @@ class DockerRuntime:
         return ref, key
 
     def _base_image(self) -> str:
-        from instances import build
-
         image = setting("LAB_IMAGE_PYTHON", "python:3.11-slim")
         try:
             return self._call(f"inspecting image {image}", self.api.inspect_image, image)["Id"]
         except NotFound:
-            raise build.BuildFailed(f"the build image {image} is missing on the Docker engine "
-                                    "(python manage.py build_images)") from None
+            raise BuildFailed(f"the build image {image} is missing on the Docker engine "
+                              "(python manage.py build_images)") from None
 
     def _install_requirements(self, name: str, base: str, requirements: bytes, *, ref: str, key: str, out,
                               deadline: float, memory_mb: int, cpus: float) -> None:
         """pip in the instance's build container, committed into the image `ref`."""
-        from instances import build
-
         api = self.api
         self.remove_build_leftovers(name)  # a killed build's container and network
         self._guard()
         out(f"Installing requirements.txt: pip runs as uid 10001 without privileges, with {memory_mb} MB of memory, "
             f"{cpus:g} CPU and at most {self.build_pids} processes, on a network of its own\n")
         try:
-            cid = self._create_build_container(name, base, ["sh", "-c", build.DEPS_SCRIPT], memory_mb=memory_mb,
+            cid = self._create_build_container(name, base, ["sh", "-c", DEPS_SCRIPT], memory_mb=memory_mb,
                                                cpus=cpus)
-            self._call("preparing the build container", api.put_archive, cid, "/", build.deps_archive(requirements))
+            self._call("preparing the build container", api.put_archive, cid, "/", deps_archive(requirements))
             result = self._run_build(cid, out=out, deadline=deadline)
             self._build_outcome(result, memory_mb=memory_mb)
             self._call("saving the installed requirements", api.commit, cid, repository=ref.rsplit(":", 1)[0],
-                       tag=ref.rsplit(":", 1)[1], changes=build.deps_changes(self, key, result["env"]))
+                       tag=ref.rsplit(":", 1)[1], changes=deps_changes(self, key, result["env"]))
         except NotFound as exc:
             raise RuntimeError_(f"the build container went away: {_short(exc)}") from None
         finally:
@@ -535,8 +711,6 @@ class DockerRuntime:
     def _create_build_container(self, name: str, image: str, command: list[str], *, memory_mb: int,
                                 cpus: float) -> str:
         """The instance's build container (created, not started) on its build network."""
-        from instances import build
-
         api = self.api
         network = self._ensure_network(name, "build")
         host_config = api.create_host_config(
@@ -550,7 +724,7 @@ class DockerRuntime:
         cname = self.container_name(name, "build")
         created = self._call(
             f"creating container {cname}", api.create_container, image, command=command, name=cname,
-            user=build.APP_USER, working_dir="/app", labels=self._labels(name, "build"), environment=build.DEPS_ENV,
+            user=APP_USER, working_dir="/app", labels=self._labels(name, "build"), environment=DEPS_ENV,
             host_config=host_config, detach=True,
         )
         return created["Id"]
@@ -600,26 +774,22 @@ class DockerRuntime:
     @staticmethod
     def _build_outcome(result: dict, *, memory_mb: int) -> None:
         """BuildFailed with the clearest reason, unless pip succeeded."""
-        from instances import build
-
         state, text = result["state"], result["log"]
         if result["timed_out"]:
-            raise build.BuildFailed(f"installing the requirements took longer than the build's time limit "
-                                    f"({result['timeout']:.0f} s left of LAB_BUILD_TIMEOUT)")
-        if state.get("OOMKilled") or build.PIP_KILLED.search(text):
-            raise build.BuildFailed(
+            raise BuildFailed(f"installing the requirements took longer than the build's time limit "
+                              f"({result['timeout']:.0f} s left of LAB_BUILD_TIMEOUT)")
+        if state.get("OOMKilled") or PIP_KILLED.search(text):
+            raise BuildFailed(
                 f"installing the requirements ran out of memory: the build has the instance's memory limit "
                 f"({memory_mb} MB); raise the instance's memory, or use packages that ship binary wheels")
         if state.get("ExitCode") != 0:
-            raise build.BuildFailed(build.explain_pip(text)
-                                    or f"installing the requirements failed (exit code {state.get('ExitCode')}): "
-                                       f"{last_lines(text, 4)}")
+            raise BuildFailed(explain_pip(text)
+                              or f"installing the requirements failed (exit code {state.get('ExitCode')}): "
+                                 f"{last_lines(text, 4)}")
 
-    def introspect(self, name: str, image: str, *, timeout: float = 60) -> dict:
+    def introspect(self, name: str, release: str, *, timeout: float = 60) -> dict:
         """The project's session configs, rooms and language, read inside its image."""
-        from instances import build
-
-        return build.introspect(self, image, instance_name=name, timeout=timeout)
+        return introspect_image(self, release, instance_name=name, timeout=timeout)
 
     def backup_suffix(self, name: str) -> str:
         return ".dump"  # pg_dump's custom format
@@ -689,7 +859,12 @@ class DockerRuntime:
         self._remove_container(self.container_name(name, RETIRED), name, graceful=True)
 
     @_user_errors
-    def image_exists(self, image: str) -> bool:
+    def release_exists(self, release: str) -> bool:
+        """Whether the release image `release` is still kept."""
+        return self._image_exists(release)
+
+    @_user_errors
+    def _image_exists(self, image: str) -> bool:
         try:
             self._call(f"inspecting image {image}", self.api.inspect_image, image)
             return True
@@ -697,16 +872,14 @@ class DockerRuntime:
             return False
 
     @_user_errors
-    def prune_images(self, name: str, keep_releases: set[str]) -> list[str]:
+    def prune_releases(self, name: str, keep_releases: set[str]) -> list[str]:
         """Remove the instance's release images (labelled with the instance, tagged
         `:r<number>`) except those of `keep_releases` and those a container still uses.
         An image that carries several release tags (an unchanged tree pushed again) loses
         only the tags not kept. Returns the removed tags/ids."""
-        from instances import build
-
         check_name(name)
         removed = []
-        repository = build.image_tag(self.manager_id, name, 0).rsplit(":", 1)[0]
+        repository = image_tag(self.manager_id, name, 0).rsplit(":", 1)[0]
         for image in self._call("listing images", self.api.images, filters=self._filters(name)):
             if (image.get("Labels") or {}).get(LABEL_COMPONENT) != "release":
                 continue
@@ -751,7 +924,7 @@ class DockerRuntime:
         return removed
 
     def _check_image(self, image: str, *, service: bool) -> None:
-        if self.image_exists(image):
+        if self._image_exists(image):
             return
         if service:
             raise RuntimeError_(f"image {image} not found: build it with `python manage.py build_images`")
@@ -1247,7 +1420,7 @@ class DockerRuntime:
         while True:
             left = self._remove_round(name)
             if not left:
-                self.prune_images(name, set())  # its release images go with it
+                self.prune_releases(name, set())  # its release images go with it
                 return
             if time.monotonic() >= deadline:
                 raise RuntimeError_(f"could not remove everything of {name}: {left[0]}")

@@ -90,6 +90,8 @@ import uuid
 from pathlib import Path
 from urllib.parse import quote
 
+from instances.otree_project import IGNORED, INTROSPECT, BuildFailed, explain_pip, parse_introspection, start_argv
+
 from .base import (
     CANDIDATE, COMPONENTS, INSTANCE_NAME, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppSpec, ComponentState, Health,
     InstanceSpec, InstanceState, Protection, RuntimeError_, check_name, free_port, last_lines, setting, user_errors,
@@ -755,11 +757,11 @@ class ProcessRuntime:
     def _app_process(self, name: str, spec: InstanceSpec, app: AppSpec, port: int, generation: int = 0) -> dict:
         release = self._release_dir(app.image)
         venv = self._venv_of(release)
-        command = list(app.command or ["otree", "prodserver", str(app.port)])
-        # The port argument: oTree's prodserver takes ADDR:PORT (loopback only: the proxy
-        # publishes it); any other command gets the bare port.
-        bind = f"127.0.0.1:{port}" if command[:2] == ["otree", "prodserver"] else str(port)
-        argv = [str(venv / "bin" / command[0])] + [bind if a == str(app.port) else a for a in command[1:]]
+        if app.command is None:  # the project's oTree server, on loopback only (the proxy publishes it)
+            command = start_argv(f"127.0.0.1:{port}")
+        else:  # a command of its own (tests): its argument `app.port` becomes the port picked here
+            command = [str(port) if a == str(app.port) else a for a in app.command]
+        argv = [str(venv / "bin" / command[0])] + command[1:]
         env = {**self._base_env(name), "PATH": f"{venv / 'bin'}:/usr/local/bin:/usr/bin:/bin", "PORT": str(port),
                "PYTHONDONTWRITEBYTECODE": "1", **app.env, **self.service_urls(name, spec)}
         return {"argv": argv, "env": env, "cwd": str(release), "stop_signal": "SIGTERM", "memory_mb": spec.memory_mb,
@@ -882,7 +884,7 @@ class ProcessRuntime:
         name = spec.name
         if spec.app is None:
             raise RuntimeError_("no app to deploy")
-        if not self.image_exists(spec.app.image):
+        if not self.release_exists(spec.app.image):
             raise RuntimeError_(f"the release {spec.app.image} is not built (or no longer kept)")
         processes = self._ensure_services(spec)
         processes.pop(CANDIDATE, None)
@@ -955,15 +957,15 @@ class ProcessRuntime:
         return self.venvs_root / key
 
     @_user_errors
-    def image_exists(self, image: str) -> bool:
+    def release_exists(self, release: str) -> bool:
         try:
-            release = self._release_dir(image)
-            return release.is_dir() and (self._venv_of(release) / VENV_MARK).exists()
+            folder = self._release_dir(release)
+            return folder.is_dir() and (self._venv_of(folder) / VENV_MARK).exists()
         except RuntimeError_:
             return False
 
     @_user_errors
-    def prune_images(self, name: str, keep_releases: set[str]) -> list[str]:
+    def prune_releases(self, name: str, keep_releases: set[str]) -> list[str]:
         """Remove the instance's release folders except those kept and those running;
         then the environments no release of any instance uses any more."""
         check_name(name)
@@ -1034,11 +1036,9 @@ class ProcessRuntime:
 
     def _write_release(self, name: str, ctx: Path, release: Path, key: str) -> None:
         """The tree as a root-owned folder the app can read and not change."""
-        from instances import build
-
         group = self._ids(name)[1] if self.own_users else os.getegid()
         tmp = release.with_name(f".{release.name}.{uuid.uuid4().hex[:6]}")
-        shutil.copytree(ctx, tmp, symlinks=True, ignore=shutil.ignore_patterns(*build.IGNORED))
+        shutil.copytree(ctx, tmp, symlinks=True, ignore=shutil.ignore_patterns(*IGNORED))
         self._finish_release(name, tmp, key, group)
         if release.exists():
             shutil.rmtree(release)  # a rebuild of the same number (a killed worker's)
@@ -1095,12 +1095,10 @@ class ProcessRuntime:
     def _build_env(self, name: str, venv: Path, ctx: Path, work: Path, builder: dict, *, private: bool, out,
                    deadline: float, amounts: Amounts) -> None:
         """python -m venv and pip, as the build user, in a fresh HOME (`work`)."""
-        from instances import build
-
         identity = builder["identity"]
         project = work / "project"
         if private:  # local paths and -r files are relative to the project: a copy the builder may write in
-            shutil.copytree(ctx, project, symlinks=True, ignore=shutil.ignore_patterns(*build.IGNORED))
+            shutil.copytree(ctx, project, symlinks=True, ignore=shutil.ignore_patterns(*IGNORED))
         else:
             project.mkdir()
             shutil.copy(ctx / "requirements.txt", project / "requirements.txt")
@@ -1124,13 +1122,13 @@ class ProcessRuntime:
         text = self._stream(self._launcher([self.python, "-m", "venv", str(venv)], **launch), out=out,
                             deadline=deadline, what="venv", env=env, after_exit=reap)
         if text is not None:
-            raise build.BuildFailed(f"making the environment failed: {last_lines(text, 4)}")
+            raise BuildFailed(f"making the environment failed: {last_lines(text, 4)}")
         out("pip install -r requirements.txt\n")
         text = self._stream(self._launcher([str(venv / "bin" / "pip"), "install", "-r", "requirements.txt"],
                                            **launch), out=out, deadline=deadline, what="pip", env=env,
                             after_exit=reap)
         if text is not None:
-            raise build.BuildFailed(build.explain_pip(text) or f"pip install failed: {last_lines(text, 4)}")
+            raise BuildFailed(explain_pip(text) or f"pip install failed: {last_lines(text, 4)}")
 
     def _builder_lock_dir(self) -> Path:
         folder = Path("/run/otree-lab") if self.is_root and os.path.isdir("/run") else self.data_root / ".builders"
@@ -1162,8 +1160,6 @@ class ProcessRuntime:
         (the build would wait for it), so the caller kills its user's processes there."""
         import threading
 
-        from instances import build
-
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         seen = []
@@ -1182,17 +1178,15 @@ class ProcessRuntime:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         if timer.fired:
-            raise build.BuildFailed(f"the build took longer than its time limit ({what})")
+            raise BuildFailed(f"the build took longer than its time limit ({what})")
         return None if proc.returncode == 0 else "".join(seen[-200:])
 
     @_user_errors
-    def introspect(self, name: str, image: str, *, timeout: float = 60) -> dict:
-        from instances import build
-
-        release = self._release_dir(image)
-        python = self._venv_of(release) / "bin" / "python"
+    def introspect(self, name: str, release: str, *, timeout: float = 60) -> dict:
+        folder = self._release_dir(release)
+        python = self._venv_of(folder) / "bin" / "python"
         env = {**self._base_env(name), "OTREE_PRODUCTION": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-        launcher = self._tenant_launcher(name, [str(python), "-c", build.INTROSPECT, str(release)], cwd=release,
+        launcher = self._tenant_launcher(name, [str(python), "-c", INTROSPECT, str(folder)], cwd=folder,
                                          memory_mb=INTROSPECT_MB)
         proc = subprocess.Popen(launcher, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True)
@@ -1201,8 +1195,8 @@ class ProcessRuntime:
         try:
             # Streamed: parse_introspection reads a bounded amount (what settings.py prints
             # is the tenant's), then the reader is stopped.
-            found = build.parse_introspection(iter(lambda: proc.stdout.read(65536), b""))
-        except build.BuildFailed as exc:
+            found = parse_introspection(iter(lambda: proc.stdout.read(65536), b""))
+        except BuildFailed as exc:
             failure = exc
         finally:
             timer.cancel()
@@ -1211,7 +1205,7 @@ class ProcessRuntime:
             proc.wait()
             proc.stdout.close()
         if timer.fired:
-            raise build.BuildFailed(f"reading settings.py took longer than {timeout:g} s")
+            raise BuildFailed(f"reading settings.py took longer than {timeout:g} s")
         if failure is not None:
             raise failure
         return found
@@ -1695,9 +1689,7 @@ class _BuildSlot:
                 fh.close()
             else:
                 if time.monotonic() > self.deadline:
-                    from instances import build
-
-                    raise build.BuildFailed("every build slot stayed busy until the build's time limit")
+                    raise BuildFailed("every build slot stayed busy until the build's time limit")
                 if not said:
                     self.out("Waiting for a free build slot\n")
                     said = True

@@ -665,7 +665,7 @@ class ProcessRuntime:
                       cpus: float = 1.0) -> str:
         """The release's folder (the tree) and its environment (made unless an identical
         one exists). Returns the release's reference `<name>/r<number>`."""
-        from instances import build
+        from instances import otree_project
 
         check_name(name)
         self._create(name)
@@ -679,7 +679,7 @@ class ProcessRuntime:
             self._make_venv(name, venv, ctx / "requirements.txt", out=out, deadline=deadline)
         release = self.dir(name) / "releases" / f"r{number}"
         tmp = release.with_name(f".{release.name}.{uuid.uuid4().hex[:6]}")
-        shutil.copytree(ctx, tmp, symlinks=True, ignore=shutil.ignore_patterns(*build.IGNORED))
+        shutil.copytree(ctx, tmp, symlinks=True, ignore=shutil.ignore_patterns(*otree_project.IGNORED))
         (tmp / RELEASE_VENV).write_text(key + "\n")
         # oTree keeps its SQLite database in ./db.sqlite3: the instance's own file, across releases.
         (tmp / "db.sqlite3").unlink(missing_ok=True)
@@ -692,7 +692,7 @@ class ProcessRuntime:
         return f"{name}/r{number}"
 
     def _make_venv(self, name: str, venv: Path, requirements: Path, *, out, deadline: float) -> None:
-        from instances import build
+        from instances import otree_project
 
         self._prepare_root()
         lock_path = self.venvs_root / f".{venv.name}.lock"
@@ -721,7 +721,7 @@ class ProcessRuntime:
                                 deadline=deadline, what="pip", env=env)
             if text is not None:
                 shutil.rmtree(venv, ignore_errors=True)
-                raise build.BuildFailed(build.explain_pip(text) or f"pip install failed: {last_lines(text, 4)}")
+                raise otree_project.BuildFailed(otree_project.explain_pip(text) or f"pip install failed: {last_lines(text, 4)}")
             if ids is not None:  # finished: read-only to every instance
                 self._chown(venv, (0, 0), recursive=True)
                 subprocess.run(["chmod", "-R", "go-w", str(venv)], check=True, timeout=120)
@@ -730,7 +730,7 @@ class ProcessRuntime:
     def _stream(self, name: str, argv: list[str], *, out, deadline: float, what: str, env=None) -> str | None:
         """Run `argv` as the instance's user, its output streamed to `out`; None on
         success, else its output (BuildFailed at the deadline)."""
-        from instances import build
+        from instances import otree_project
 
         proc = subprocess.Popen(argv, env=env or self._base_env(name), cwd=self.dir(name) / "home",
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -750,22 +750,22 @@ class ProcessRuntime:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         if timer.fired:
-            raise build.BuildFailed(f"the build took longer than its time limit ({what})")
+            raise otree_project.BuildFailed(f"the build took longer than its time limit ({what})")
         return None if proc.returncode == 0 else "".join(seen)
 
     @_user_errors
     def introspect(self, name: str, image: str, *, timeout: float = 60) -> dict:
-        from instances import build
+        from instances import otree_project
 
         release = self._release_dir(image)
         python = self._venv_of(release) / "bin" / "python"
         env = {**self._base_env(name), "OTREE_PRODUCTION": "1"}
         try:
-            result = self._run_as(name, [str(python), "-c", build.INTROSPECT, str(release)], env=env, cwd=release,
+            result = self._run_as(name, [str(python), "-c", otree_project.INTROSPECT, str(release)], env=env, cwd=release,
                                   timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise build.BuildFailed(f"reading settings.py took longer than {timeout:g} s") from None
-        return build.parse_introspection(result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace"))
+            raise otree_project.BuildFailed(f"reading settings.py took longer than {timeout:g} s") from None
+        return otree_project.parse_introspection(result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace"))
 
     # --- state -----------------------------------------------------------------------------------
 
@@ -868,7 +868,7 @@ class ProcessRuntime:
 
     def remove_build_leftovers(self, name: str) -> None:
         """Nothing: a killed build's programs ran as the worker's children and ended with it;
-        a half-made environment is made again by the next build."""
+        a half-made environment is made again by the next otree_project."""
 
     def backup_suffix(self, name: str) -> str:
         return ".dump" if self.database_kind(name) == "postgresql" else ".sqlite3"
