@@ -216,7 +216,7 @@ def _backend_for_new_instance() -> str:
 def _archive_old_repository(name: str) -> None:
     """A repository left for `name` by an instance deleted before (by an earlier version of
     the manager) is archived among the backups, never served to the new instance. Should
-    this fail, the repositories' own check (repos.ensure_repo) archives it at first use."""
+    this fail, the repositories' own check (archive.ensure_repo) archives it at first use."""
     from instances.git import archive
 
     try:

@@ -20,7 +20,8 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from instances.git.repos import ensure_repo, repo_path
+from instances.git.archive import ensure_repo
+from instances.git.repos import repo_path
 from instances.models import Instance, Release
 from manager.accounts import services
 from manager.accounts.models import SSHKey, User

@@ -9,7 +9,7 @@ A repository must never outlive its instance: the next instance given the same n
 - a repository found for a name that has no instance (left by an earlier version of the
   manager, or by a worker killed while deleting) is archived by the sweep
   (`sweep_orphans`) and when the name is created again (`services.create_instance`);
-- `repos.ensure_repo()`, which every push and fetch passes, archives a repository made for
+- `ensure_repo()`, which every push and fetch passes, archives a repository made for
   another instance (`repos.made_for_another`) before it serves anything.
 
 The archive is a Backup row of kind `repository` whose file is a bundle of every ref plus,
@@ -31,7 +31,7 @@ from datetime import datetime, timezone as dt_timezone
 from pathlib import Path
 
 from instances.backups import backup_dir
-from instances.git.repos import git_root, made_for_another, repo_path
+from instances.git.repos import git_root, made_for_another, prepare_repo, repo_path
 from manager import locks
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,14 @@ def archive_orphan(name: str):
         if Instance.objects.filter(name=name).exists():
             return None
         return _archive_locked(name)
+
+
+def ensure_repo(instance) -> Path:
+    """The repository of `instance`, ready to serve (every push and fetch passes here): one
+    made for another instance of the same name is archived first, then the repository is
+    created if needed and its configuration and hooks (re)written (`repos.prepare_repo`)."""
+    retire_leftover(instance)
+    return prepare_repo(instance)
 
 
 def retire_leftover(instance) -> None:

@@ -1,4 +1,4 @@
-"""The hook program of the instances' bare repositories (installed by `repos.ensure_repo`).
+"""The hook program of the instances' bare repositories (installed by `repos.prepare_repo`).
 
 git runs it as `pre-receive` / `post-receive`; it hands the hook to the manager's hook
 service (a unix socket served by the git service, `manage.py git_sshd`), which already has

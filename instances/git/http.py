@@ -19,7 +19,8 @@ from asgiref.sync import sync_to_async
 from django.http import HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from instances.git.repos import (ensure_repo, git_env, git_root, push_limit_bytes, refusal, register_push, revoke_push,
+from instances.git.archive import ensure_repo
+from instances.git.repos import (git_env, git_root, push_limit_bytes, refusal, register_push, revoke_push,
                                  too_large_message)
 from instances.models import Instance
 from manager.accounts.services import authenticate_token

@@ -1,11 +1,11 @@
 """The bare repositories: `LAB_DATA_DIR/git/<name>.git`, one per instance.
 
-`ensure_repo()` creates a repository on first use and (re)writes its configuration and
+`prepare_repo()` creates a repository on first use and (re)writes its configuration and
 hooks every time, so a moved virtualenv or a changed `LAB_PUSH_MAX_MB` takes effect at
-the next push. It also makes sure the repository belongs to THIS instance: each one is
-stamped with the id of the instance it was made for (git config `lab.instance`), and one
-made for another instance of the same name (deleted before) is archived first
-(instances.git.archive), never served.
+the next push. Each repository is stamped with the id of the instance it was made for
+(git config `lab.instance`): `archive.ensure_repo()`, which every push and fetch passes,
+archives one made for another instance of the same name (deleted before) first, never
+served, then calls `prepare_repo()`.
 
 Who pushes: the SSH server and the HTTP view register a one-time push token (random, in
 the cache, `PUSH_TOKEN_TTL`) for the git process they start, and hand git only the token
@@ -100,16 +100,13 @@ def _git(path: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=path, check=True, capture_output=True, timeout=30)
 
 
-def ensure_repo(instance) -> Path:
-    """Create the bare repository of `instance` (an Instance) if needed, after archiving one
-    that was made for another instance of the same name; set its configuration and hooks.
-    Idempotent."""
-    from instances.git.archive import retire_leftover
-
+def prepare_repo(instance) -> Path:
+    """Create the bare repository of `instance` (an Instance) if needed; set its
+    configuration and hooks. Idempotent. Serve through `archive.ensure_repo()`, which
+    archives a repository made for another instance of the same name first."""
     path = repo_path(instance)
     root = git_root()
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    retire_leftover(instance)
     if not (path / "HEAD").exists():
         subprocess.run(["git", "init", "--bare", "--quiet", "--initial-branch=main", str(path)],
                        check=True, capture_output=True, timeout=30)

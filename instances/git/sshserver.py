@@ -26,7 +26,8 @@ from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
-from instances.git.repos import (ensure_repo, git_env, push_limit_bytes, refusal, register_push, repo_path,
+from instances.git.archive import ensure_repo
+from instances.git.repos import (git_env, push_limit_bytes, refusal, register_push, repo_path,
                                  revoke_push, too_large_message)
 from instances.models import Instance
 from manager.accounts.models import SSHKey

@@ -1,5 +1,5 @@
 """`manage.py git_hook pre-receive|post-receive`: run by the instances' bare repositories
-(installed by instances.git.repos.ensure_repo); not meant to be run by hand."""
+(installed by instances.git.repos.prepare_repo); not meant to be run by hand."""
 
 import sys
 
