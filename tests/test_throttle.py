@@ -18,7 +18,7 @@ from bots.models import BotRun
 from instances import services as instance_services
 from instances.models import Instance, Release
 from manager import throttle
-from manager.accounts.models import AccessToken, User
+from manager.accounts.models import AccessToken
 from manager.accounts.services import create_token
 from manager.audit.models import AuditEvent
 from manager.jobs.models import Job
@@ -27,12 +27,9 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def lab(monkeypatch):
+def lab(boss, ann, bob, monkeypatch):
     enqueued = []
     monkeypatch.setattr(bot_services, "enqueue", lambda run: enqueued.append(run.pk))
-    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
-    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
-    bob = User.objects.create_user("bob", "bob@lab.test", "pw-bob-1234567")
     study = Instance.objects.create(name="ann-study", owner=ann, public_port=18700)
     pilot = Instance.objects.create(name="ann-pilot", owner=ann, public_port=18701)
     bobs = Instance.objects.create(name="bob-study", owner=bob, public_port=18702)
