@@ -10,7 +10,6 @@ from django.test import Client
 
 from instances import services
 from instances.tasks import instance_action
-from manager.accounts.models import User
 from manager.asgi import application
 from manager.jobs.models import Job
 from tests import backends
@@ -47,10 +46,7 @@ def world(db, monkeypatch, settings, request):
     backends.require(request.param)
     settings.LAB_RUNTIME = request.param
     monkeypatch.setattr(instance_action, "apply_async", lambda *a, **k: None)
-    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
-    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
-    bob = User.objects.create_user("bob", "bob@lab.test", "pw-bob-1234567")
-    yield boss, ann, bob
+    yield request.getfixturevalue("boss"), request.getfixturevalue("ann"), request.getfixturevalue("bob")
     runtime = backends.make(request.param)
     for name in runtime.owned_instances():
         runtime.remove(name)
