@@ -70,12 +70,6 @@ def user_errors(translate):
     return decorate
 
 
-def setting(name: str, default):
-    from django.conf import settings
-
-    return getattr(settings, name, default)
-
-
 def free_port() -> int:
     """A port nothing listens on at 127.0.0.1 right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

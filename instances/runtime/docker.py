@@ -65,6 +65,7 @@ from urllib.parse import quote
 import docker
 import requests
 from docker.errors import APIError, DockerException, NotFound
+from django.conf import settings
 from docker.types import LogConfig, Mount
 
 from instances.otree_project import (
@@ -73,7 +74,7 @@ from instances.otree_project import (
 
 from .base import (
     CANDIDATE, COMPONENTS, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppSpec, ComponentState, Health,
-    InstanceSpec, InstanceState, RuntimeError_, check_name, free_port, last_lines, setting, user_errors, wait_http,
+    InstanceSpec, InstanceState, RuntimeError_, check_name, free_port, last_lines, user_errors, wait_http,
     wait_services,
 )
 
@@ -333,16 +334,16 @@ class DockerRuntime:
         base_url: str | None = None,
         timeout: float = 60,
     ):
-        self.manager_id = manager_id if manager_id is not None else setting("LAB_MANAGER_ID", "lab")
+        self.manager_id = manager_id if manager_id is not None else settings.LAB_MANAGER_ID
         if not MANAGER_ID.fullmatch(self.manager_id):
             raise RuntimeError_(f"manager id {self.manager_id!r} must be 1-16 lowercase letters or digits")
         images = images or {}
         self.images = {
-            "db": images.get("db") or setting("LAB_IMAGE_POSTGRES", "postgres:15"),
-            "redis": images.get("redis") or setting("LAB_IMAGE_REDIS", "redis:7"),
+            "db": images.get("db") or settings.LAB_IMAGE_POSTGRES,
+            "redis": images.get("redis") or settings.LAB_IMAGE_REDIS,
         }
-        self.subnets = subnets or setting("LAB_DOCKER_SUBNETS", "10.213.0.0/16")
-        self.build_subnets = build_subnets or setting("LAB_DOCKER_BUILD_SUBNETS", "10.214.0.0/20")
+        self.subnets = subnets or settings.LAB_DOCKER_SUBNETS
+        self.build_subnets = build_subnets or settings.LAB_DOCKER_BUILD_SUBNETS
         self._pools = {
             "instances": self._parse_pool("LAB_DOCKER_SUBNETS", self.subnets),
             "builds": self._parse_pool("LAB_DOCKER_BUILD_SUBNETS", self.build_subnets),
@@ -350,7 +351,7 @@ class DockerRuntime:
         if self._pools["instances"].overlaps(self._pools["builds"]):
             raise RuntimeError_(f"LAB_DOCKER_BUILD_SUBNETS={self.build_subnets} overlaps LAB_DOCKER_SUBNETS={self.subnets}")
         self._pool = self._pools["instances"]
-        self.ready_timeout = ready_timeout if ready_timeout is not None else setting("LAB_READY_TIMEOUT", 30)
+        self.ready_timeout = ready_timeout if ready_timeout is not None else settings.LAB_READY_TIMEOUT
         kwargs = docker.utils.kwargs_from_env()
         if base_url:
             kwargs["base_url"] = base_url
@@ -680,7 +681,7 @@ class DockerRuntime:
         return ref, key
 
     def _base_image(self) -> str:
-        image = setting("LAB_IMAGE_PYTHON", "python:3.11-slim")
+        image = settings.LAB_IMAGE_PYTHON
         try:
             return self._call(f"inspecting image {image}", self.api.inspect_image, image)["Id"]
         except NotFound:
@@ -825,7 +826,7 @@ class DockerRuntime:
         guard = netguard.status(self.policy, max_age=PAGE_STATUS_AGE)
         fenced = guard.enforced
         missing = f" — {guard.detail}" if not fenced else ""
-        egress = setting("LAB_EGRESS", "open")
+        egress = settings.LAB_EGRESS
         return [
             Protection("Files", True, "its own container file system: no folder of this machine, no Docker socket; "
                                       "the app runs as uid 10001 without capabilities and cannot gain privileges"),
@@ -907,7 +908,7 @@ class DockerRuntime:
         manager = f"{LABEL_MANAGER}={self.manager_id}"
         releases = self._call("listing images", api.images, filters={"label": [manager, f"{LABEL_COMPONENT}=release"]})
         used = {(image.get("Labels") or {}).get(LABEL_DEPS) for image in releases}
-        grace = float(setting("LAB_BUILD_TIMEOUT", 900)) + 60
+        grace = settings.LAB_BUILD_TIMEOUT + 60
         if not releases and not self._call("listing containers", api.containers, all=True,
                                            filters={"label": [manager, f"{LABEL_COMPONENT}=build"]}):
             grace = 0

@@ -90,11 +90,13 @@ import uuid
 from pathlib import Path
 from urllib.parse import quote
 
+from django.conf import settings
+
 from instances.otree_project import IGNORED, INTROSPECT, BuildFailed, explain_pip, parse_introspection, start_argv
 
 from .base import (
     CANDIDATE, COMPONENTS, INSTANCE_NAME, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppSpec, ComponentState, Health,
-    InstanceSpec, InstanceState, Protection, RuntimeError_, check_name, free_port, last_lines, setting, user_errors,
+    InstanceSpec, InstanceState, Protection, RuntimeError_, check_name, free_port, last_lines, user_errors,
     wait_http, wait_services,
 )
 from .limits import NICE, Amounts, Limits
@@ -249,21 +251,19 @@ class ProcessRuntime:
     def __init__(self, *, root: Path | str | None = None, manager_id: str | None = None, pg_bin: str | None = None,
                  ready_timeout: float | None = None, python: str | None = None, users: bool | None = None,
                  limits: str = ""):
-        from django.conf import settings
-
         base = Path(root or settings.DATA_DIR)
         self.data_root = base
         self.instances_root = base / "instances"
         self.venvs_root = base / "venvs"
-        self.manager_id = manager_id if manager_id is not None else setting("LAB_MANAGER_ID", "lab")
-        self.pg_bin = find_pg_bin(pg_bin if pg_bin is not None else setting("LAB_PG_BIN", ""))
-        self.ready_timeout = ready_timeout if ready_timeout is not None else setting("LAB_READY_TIMEOUT", 30)
-        self.isolation_setting = setting("LAB_PROCESS_ISOLATION", "users")
+        self.manager_id = manager_id if manager_id is not None else settings.LAB_MANAGER_ID
+        self.pg_bin = find_pg_bin(pg_bin if pg_bin is not None else settings.LAB_PG_BIN)
+        self.ready_timeout = ready_timeout if ready_timeout is not None else settings.LAB_READY_TIMEOUT
+        self.isolation_setting = settings.LAB_PROCESS_ISOLATION
         self.own_users = (self.isolation_setting == "users") if users is None else users
         self.is_root = os.geteuid() == 0
-        self.python = python or setting("LAB_PROCESS_PYTHON", "") or default_python(self.own_users)
-        self.app_uids = tuple(setting("LAB_PROCESS_APP_UIDS", (1900000000, 1900099935)))
-        self.builder_uids = tuple(setting("LAB_PROCESS_BUILDER_UIDS", (1900099936, 1900099999)))
+        self.python = python or settings.LAB_PROCESS_PYTHON or default_python(self.own_users)
+        self.app_uids = tuple(settings.LAB_PROCESS_APP_UIDS)
+        self.builder_uids = tuple(settings.LAB_PROCESS_BUILDER_UIDS)
         self.force_limits = limits  # "v2", "v1" or "rlimit" (tests); "": the best available
         self._limits: Limits | None = None
 
@@ -1485,7 +1485,7 @@ class ProcessRuntime:
             lines.append(Protection("Host and other instances", net.enforced, (
                 f"{net.detail}. Unix sockets of the host that every user may open (e.g. a system PostgreSQL's) stay "
                 "reachable: the process runtime shares the machine's files." if net.enforced else net.detail)))
-            egress = setting("LAB_EGRESS", "open")
+            egress = settings.LAB_EGRESS
             lines.append(Protection("Outside network", net.enforced, (
                 ("Open (LAB_EGRESS=open): its code may call outside services." if egress == "open" else
                  "Closed (LAB_EGRESS=deny): its code reaches nothing outside this machine.") if net.enforced
