@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import pwd
@@ -73,7 +72,7 @@ from instances.git.repos import git_root, hook_socket_path, repo_path
 from instances.models import Backup, Instance, Release
 from manager import datadir
 from manager.accounts.models import User
-from tests import backends, hostile, otree_projects
+from tests import backends, file_helpers, hostile, otree_projects
 from tests.conftest import need
 from tests.netns_helpers import host_addresses, host_listener, netns_available, outside_host
 
@@ -401,10 +400,7 @@ def targets(runtime, victim: Instance, attacker: Instance, hosts, sockets: dict,
 # --- the manager's state ------------------------------------------------------------------------
 
 def digest(path: Path) -> str:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError as exc:
-        return f"unreadable: {exc}"
+    return file_helpers.sha256(path)  # (not read here: the manager's database is among them; tests/file_helpers.py)
 
 
 def manager_snapshot() -> dict:

@@ -11,7 +11,6 @@ test_releases.py.)"""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -38,7 +37,7 @@ from instances.runtime.base import AppSpec, Health, InstanceSpec, RuntimeError_
 from instances.runtime.process import PIDS, ProcessRuntime, process_refusal
 from instances.runtime.procsup import proc_start_ticks
 from instances.runtime.tenantfs import processes_of
-from tests import backends, otree_projects
+from tests import backends, file_helpers, otree_projects
 from tests.conftest import need
 from tests.docker_helpers import http_get
 
@@ -106,7 +105,7 @@ def as_tenant(runtime, name, *argv, **kw) -> subprocess.CompletedProcess:
 
 
 def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_helpers.sha256(path)  # (not read here: see tests/file_helpers.py)
 
 
 def need_users(runtime):
