@@ -102,10 +102,7 @@ def servers(django_db_setup, django_db_blocker, redis_server):
 
 
 @pytest.fixture
-def lab(transactional_db, servers, tmp_path):
-    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
-    bob = User.objects.create_user("bob", "bob@lab.test", "pw-bob-1234567")
-    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
+def lab(transactional_db, servers, tmp_path, ann, bob, boss):
     instance = Instance.objects.create(name="ann-study", owner=ann, public_port=INSTANCE_PORT)
     tokens = {u.username: services.create_token(u, name="git")[1] for u in (ann, bob, boss)}
     home = tmp_path / "home"
