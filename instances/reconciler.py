@@ -12,8 +12,9 @@ from datetime import datetime, timezone as dt_timezone
 from django.db import transaction
 from django.db.models import F
 
-from instances import proxy
+from instances import netguard, proxy
 from instances.backups import backup_dir
+from instances.git import archive
 from instances.models import Backup, Instance
 from instances.runtime import available_runtimes, get_runtime
 from instances.runtime.base import Health, RuntimeError_
@@ -134,8 +135,6 @@ def _delete(instance: Instance, runtime) -> None:
 
 def _archive_repository(instance: Instance) -> None:
     """The instance's git history into a bundle among its backups; its repository goes."""
-    from instances.git import archive
-
     try:
         archive.archive(instance.name, instance=instance, owner=instance.owner)
     except (archive.ArchiveFailed, locks.Busy, OSError) as exc:
@@ -156,16 +155,12 @@ def sweep_leftovers() -> dict:
     """Remove resources of instances that no longer exist (asking every backend available
     here) and archive their repositories. The instances' firewall first: a flushed or
     rebooted rule set is back within a minute."""
-    from instances import netguard
-
     firewall = netguard.ensure()
     if not firewall.enforced:
         log.warning("instances' firewall: %s", firewall.detail)
     runtimes = available_runtimes()
     if not runtimes:
         return {"skipped": "no runtime available"}
-    from instances.git import archive
-
     repositories = archive.sweep_orphans(set(Instance.objects.values_list("name", flat=True)))
     known = set(Instance.objects.values_list("name", flat=True))
     orphans = set()

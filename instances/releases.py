@@ -27,7 +27,7 @@ from django.db.models import F, Value
 from django.db.models.functions import Concat
 from django.utils import timezone
 
-from instances import build, state
+from instances import build, proxy, reconciler, state
 from instances.git.repos import repo_path
 from instances.models import Instance, Release
 from instances.selectors import next_number
@@ -36,6 +36,7 @@ from instances.runtime import get_runtime
 from instances.runtime.base import RuntimeError_
 from manager import locks
 from manager.accounts.services import Conflict, NotAllowed
+from manager.audit.services import record
 from manager.jobs import services as jobs
 
 log = logging.getLogger(__name__)
@@ -117,8 +118,6 @@ def rollback(actor, release: Release) -> Release:
             pushed_by=actor if actor is not None and actor.is_authenticated else None, image=release.image,
             session_configs=release.session_configs, rooms=release.rooms, language_code=release.language_code,
         )
-        from manager.audit.services import record
-
         record(actor, "instance.rollback", instance, f"rolled {instance.name} back to #{release.number}")
         _enqueue(new, new.pushed_by, f"Roll {instance.name} back to #{release.number}")
     return new
@@ -255,8 +254,6 @@ def _start_and_switch(release: Release, instance: Instance, runtime, out: LogWri
     """Start the release's app beside the live one, health-check it, and switch to it once
     the introspection (a future, None for a rollback) has been recorded; an introspection
     failure fails the release even when the app answered."""
-    from instances import proxy
-
     Release.objects.filter(pk=release.pk).update(status=Release.Status.STARTING)
     out(f"Starting the app (health check for up to {start_timeout()} s)\n")
     out.flush()
@@ -297,8 +294,6 @@ def _start_and_switch(release: Release, instance: Instance, runtime, out: LogWri
 
 def _after_failure(instance: Instance, release: Release) -> None:
     """The previous release keeps serving: the instance's status is what runs."""
-    from instances import reconciler
-
     try:
         reconciler.reconcile(instance.pk)
     except Exception:  # noqa: BLE001 - the sweep reconciles again

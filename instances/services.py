@@ -15,6 +15,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 
 from instances import state
+from instances.git import archive
 from instances.models import Instance, generate_secret
 from manager import texts
 from manager import throttle
@@ -217,8 +218,6 @@ def _archive_old_repository(name: str) -> None:
     """A repository left for `name` by an instance deleted before (by an earlier version of
     the manager) is archived among the backups, never served to the new instance. Should
     this fail, the repositories' own check (archive.ensure_repo) archives it at first use."""
-    from instances.git import archive
-
     try:
         archive.archive_orphan(name)
     except Exception:  # noqa: BLE001 - see above: the new instance never gets the old history
