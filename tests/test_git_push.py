@@ -514,7 +514,10 @@ def test_the_hook_socket_answers_only_the_managers_own_user(lab, tmp_path):
         client = ("import socket,sys\n"
                   "s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(sys.argv[2].encode())\n"
                   "print(s.makefile().read())\n")
-        as_nobody = subprocess.run([sys.executable, "-c", client, str(path), request], capture_output=True, text=True,
+        # The client needs only the standard library: the system's Python, which nobody may run
+        # (a virtual environment's interpreter may live in root's closed home, e.g. under pyenv).
+        python = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+        as_nobody = subprocess.run([python, "-I", "-c", client, str(path), request], capture_output=True, text=True,
                                    timeout=30, user=65534, group=65534)
         assert "serves the manager's own git processes only" in as_nobody.stdout, as_nobody
         assert '{"exit": 1}' in as_nobody.stdout
