@@ -422,7 +422,13 @@ def test_a_pusher_who_leaves_does_not_stop_the_deploy_or_the_service(lab):
         assert time.monotonic() < deadline and proc.poll() is None, "no release recorded"
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGINT)  # the pusher's terminal
-    proc.communicate(timeout=30)
+    try:
+        proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        # Twice in full CI runs the git client itself did not end within 30 s of Ctrl-C (cause
+        # not found; a client-side matter): the pusher then closes the window.
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
     release = Release.objects.get(instance=lab.instance)
     assert release.status == Release.Status.QUEUED  # recorded; the build worker will take it
     release.delete()  # (no worker here: play_build below plays it for the next push)
