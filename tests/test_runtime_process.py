@@ -552,9 +552,13 @@ def test_cgroups_are_found_under_the_managers_own_cgroup(tmp_path):
     proc["cgroup"] = "0::/system.slice/otree-lab-manager.service\n"
     top = Limits.detect("m1", force="v2", proc=proc)
     assert top.kind == "v2" and top.bases == {"unified": str(tmp_path / "cg2" / "otree-lab-m1")}
-    # A hybrid v1 host (as this one): each controller's hierarchy under the manager's own cgroup.
+    # This host, as it is. A hybrid v1 host (as the one these tests were written on): each
+    # controller's hierarchy under the manager's own cgroup. A host without writable v1
+    # hierarchies (pure v2, or not root): v1 is refused with the reason the page shows.
     here = Limits.detect("m1", force="v1")
-    need(here.kind == "v1", "writable cgroup v1 hierarchies")
+    if here.kind != "v1":
+        assert here.kind == "rlimit" and ("cgroup v1" in here.why), here.why
+        return
     assert set(here.bases) == {"cpu", "pids", "memory"}
     for base in here.bases.values():  # beside this process: in the cgroup it runs in
         assert os.path.basename(base) == "otree-lab-m1"
