@@ -13,7 +13,7 @@ from bots.models import RANDOM_POLICY, BotRun, Provider
 from bots.views import download
 from instances.selectors import get_visible_instance
 from manager.api.errors import responses
-from manager.api.schemas import MAX_ID, InputSchema, Whole, rules, text
+from manager.api.schemas import MAX_ID, InputSchema, Whole, column, rules, text
 
 router = Router(tags=["bot runs"])
 providers_router = Router(tags=["bot runs"])
@@ -24,10 +24,6 @@ def _limits(key: str) -> dict:
     return rules(minimum=low, maximum=high)
 
 
-def _column(model, field: str) -> int:
-    return model._meta.get_field(field).max_length
-
-
 class BotRunIn(InputSchema):
     # `provider` is required unless `model` is "random" (the offline policy).
     model_config = ConfigDict(json_schema_extra={
@@ -36,16 +32,16 @@ class BotRunIn(InputSchema):
     })
 
     session_config: str = Field(description="a session config of the live release (422 when there is none)",
-                                **text(max_length=_column(BotRun, "session_config"), single_line=True))
+                                **text(max_length=column(BotRun, "session_config"), single_line=True))
     num_participants: Whole = Field(description="participants of the oTree session", **_limits("num_participants"))
     num_bots: Whole = Field(description="how many of them are bots (the first ones; at most `num_participants`); "
                           "the rest are human seats", **_limits("num_bots"))
     model: str = Field(description=f'a model of `provider`, or "{RANDOM_POLICY}" (the offline random policy)',
-                       **text(max_length=_column(BotRun, "model"), single_line=True))
+                       **text(max_length=column(BotRun, "model"), single_line=True))
     provider: str | None = Field(None, description="provider name (see GET /api/v1/bot-providers); required unless "
                                  f'`model` is "{RANDOM_POLICY}". An unknown or disabled provider, or a model it does '
                                  "not offer, is 422.",
-                                 **text(max_length=_column(Provider, "name"), single_line=True))
+                                 **text(max_length=column(Provider, "name"), single_line=True))
     temperature: float = Field(1.0, **rules(minimum=services.TEMPERATURE_RANGE[0],
                                             maximum=services.TEMPERATURE_RANGE[1]))
     instructions: str = Field("", description="extra instructions for the bots",

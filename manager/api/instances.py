@@ -13,7 +13,7 @@ from instances.selectors import get_visible_instance, visible_instances, with_li
 from manager.accounts.models import User
 from manager.api.auth import managers_only
 from manager.api.errors import responses
-from manager.api.schemas import MAX_ID, SINGLE_LINE, TEXT, InputSchema, Whole, rules, text
+from manager.api.schemas import MAX_ID, SINGLE_LINE, TEXT, InputSchema, Whole, column, rules, text
 
 router = Router(tags=["instances"])
 
@@ -73,7 +73,7 @@ class InstanceIn(InputSchema):
         **rules(pattern=NAME_PATTERN, min_length=services.NAME_LENGTH[0], max_length=services.NAME_LENGTH[1],
                 not_={"enum": sorted(services.RESERVED_NAMES)}))
     owner: str = Field(description="username of the active account that owns it (422 when there is none)",
-                       **text(max_length=User._meta.get_field("username").max_length, single_line=True))
+                       **text(max_length=column(User, "username"), single_line=True))
 
 
 class InstancePatch(InputSchema):

@@ -64,7 +64,8 @@ def text(*, max_length: int | None = None, min_length: int | None = None, single
     return rules(**keywords)
 
 
-def _column(model, field: str) -> int:
+def column(model, field: str) -> int:
+    """The max_length of a model's column (what the database holds), for `text()`/`rules()`."""
     return model._meta.get_field(field).max_length
 
 
@@ -96,10 +97,10 @@ USERNAME = UnicodeUsernameValidator.regex.replace(r"\Z", "$")  # Python's \w: Un
 
 class UserIn(InputSchema):
     username: str = Field(description="Letters, digits and @ . + - _; unique ignoring case (409 when taken).",
-                          **rules(pattern=USERNAME, min_length=1, max_length=_column(User, "username")))
+                          **rules(pattern=USERNAME, min_length=1, max_length=column(User, "username")))
     email: str = Field(description="The invitation to set a password is sent here; unique ignoring case "
-                       "(409 when taken).", **rules(format="email", max_length=_column(User, "email")))
-    name: str = Field("", description="Full name (optional).", **text(max_length=_column(User, "name"),
+                       "(409 when taken).", **rules(format="email", max_length=column(User, "email")))
+    name: str = Field("", description="Full name (optional).", **text(max_length=column(User, "name"),
                                                                       single_line=True))
     is_superuser: bool = Field(False, description="Make the new account a lab manager.")
 
@@ -121,7 +122,7 @@ SSH_KEY = r"^\s*(" + "|".join(sorted(ACCEPTED_TYPES)) + r") [A-Za-z0-9+/]+={0,2}
 
 class SSHKeyIn(InputSchema):
     title: str = Field("", description="Defaults to the key's comment.",
-                       **text(max_length=_column(SSHKey, "title"), single_line=True))
+                       **text(max_length=column(SSHKey, "title"), single_line=True))
     key: str = Field(
         description="One public key in OpenSSH format (the contents of a .pub file): ssh-ed25519, "
         "ecdsa-sha2-nistp256/384/521, or ssh-rsa with at least 2048 bits. A key that does not decode, "
