@@ -82,11 +82,9 @@ def _config_name_problem(key: str) -> str | None:
         return "is not text"
     if not key:
         return "is empty"
-    found = texts.problem(key, single_line=True)
+    found = texts.problem(key, max_length=MAX_CONFIG_NAME, single_line=True)
     if found:
         return found
-    if len(key) > MAX_CONFIG_NAME:
-        return f"is too long ({len(key)} characters, at most {MAX_CONFIG_NAME})"
     if key[0].isdigit():
         return "starts with a digit"
     bad = next((c for c in key if not (c == "_" or ("A" <= c <= "Z") or ("a" <= c <= "z") or ("0" <= c <= "9"))),
