@@ -151,9 +151,9 @@ def _clean_limits(memory_mb, cpus):
         value = None
         if not isinstance(cpus, bool) and isinstance(cpus, (int, float, str, Decimal)):
             try:
-                value = Decimal(str(cpus).strip()) if isinstance(cpus, str) else Decimal(str(cpus))
+                value = Decimal(str(cpus).strip())  # (str() of a number has no spaces to strip)
             except (InvalidOperation, ValueError):
-                value = None
+                pass
         if value is None:
             errors["cpus"] = ["CPUs must be a number such as 0.5 or 2."]
         elif not value.is_finite():
