@@ -52,9 +52,9 @@ class LiveConsumer(AsyncJsonWebsocketConsumer):
             current = await database_sync_to_async(topics.snapshot)(self.user, topic)
             if current is not None:
                 await self.send_json(current)
-        elif (found := topics.follower(content)) is not None:
+        elif (start := topics.follower(content)) is not None:
             try:
-                key, stream, message = found[1](self.user, content)
+                key, stream, message = start(self.user, content)
             except ValueError as exc:
                 await self.send_json({"type": "error", "detail": str(exc)})
                 return

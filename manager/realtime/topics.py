@@ -34,11 +34,11 @@ def register_follower(command: str, start: Callable) -> None:
     _followers[command] = start
 
 
-def follower(content: dict) -> tuple[str, Callable] | None:
-    """(command, start) of the first registered follower command in `content`, if any."""
+def follower(content: dict) -> Callable | None:
+    """The `start` of the first registered follower command in `content`, if any."""
     for command, start in _followers.items():
         if command in content:
-            return command, start
+            return start
     return None
 
 
