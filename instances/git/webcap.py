@@ -179,14 +179,12 @@ def bounded_channel_class(base):
             if self.lab_refused:
                 return
             if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
-                if self._lab_in_request_line():
-                    self._lab_refuse(414, _request_line_path(line))
-                else:
-                    self._lab_refuse(431, getattr(self, "_path", b""))
+                self.lineLengthExceeded(line)  # the same answer as for one line over MAX_LENGTH
                 return
             super().lineReceived(line)
 
         def lineLengthExceeded(self, line):
+            """414 for the request line (URL), 431 for a header field."""
             if self._lab_in_request_line():
                 self._lab_refuse(414, _request_line_path(line))
             else:
