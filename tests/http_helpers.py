@@ -87,3 +87,30 @@ class StandIn:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def raw_exchange(port: int, head: bytes, body_chunks=(), *, timeout: float = 30,
+                 limit: int = 1_000_000) -> tuple[bytes, int]:
+    """Send a request over a plain socket to 127.0.0.1:`port` — `head`, then the body in
+    chunks for as long as the server takes them — and read the answer until the server
+    closes (at most `limit` bytes). Returns (answer, body bytes sent); b"" when the server
+    closed without a word."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(head)
+            for chunk in body_chunks:
+                sock.sendall(chunk)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = b""
+        try:
+            while len(answer) < limit:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                answer += data
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return answer, sent

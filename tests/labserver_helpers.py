@@ -209,3 +209,45 @@ def remove_instances(data_dir: Path, port: int, timeout: float = 180, **extra_en
     )
     subprocess.run([sys.executable, "-c", code], cwd=BASE_DIR, env=child_env(data_dir, port, **extra_env),
                    timeout=timeout, capture_output=True)
+
+
+class Daphne:
+    """daphne alone serving the manager (manager.asgi) on 127.0.0.1:`port` with `env` (the
+    test's database and data dir, as the caller sets them): for tests that need the real web
+    server without labserver's other children. Output goes to `log_path`."""
+
+    def __init__(self, port: int, env: dict[str, str], log_path: Path, timeout: float = 60):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = Path(log_path)
+        self.log = open(self.log_path, "w+b")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "manager.asgi:application"],
+            cwd=BASE_DIR, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz/", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"daphne did not come up:\n{self.output()}")
+            time.sleep(0.1)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        if not self.log.closed:
+            self.log.close()

@@ -35,9 +35,8 @@ from manager.accounts.services import create_token
 from manager.api.instances import CONFIG_NAME, NAME_PATTERN, REFUSED_CONFIG_NAMES
 from manager.api.schemas import SINGLE_LINE, TEXT
 from instances import services as instance_services
-from tests.labserver_helpers import free_port
+from tests.labserver_helpers import Daphne, free_port
 
-BASE_DIR = Path(__file__).resolve().parent.parent
 MAX_EXAMPLES = 10
 SEED = 20261202
 SCHEMATHESIS_TIMEOUT = 600  # seconds: a bound, far above the run's usual length (see the README)
@@ -83,49 +82,15 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404",
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 
-class Manager:
-    """daphne serving the manager on this test's database, data dir and Redis."""
-
-    def __init__(self, log_path: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ)
-        env.update(LAB_DATA_DIR=str(settings.DATA_DIR), DATABASE_URL=f"sqlite:///{connection.settings_dict['NAME']}",
-                   LAB_HOST="127.0.0.1", LAB_PORT=str(self.port), PYTHONUNBUFFERED="1",
-                   DJANGO_SETTINGS_MODULE="manager.settings")
-        for key in ("LAB_PUBLIC_HOST", "LAB_PUBLIC_URL", "REDIS_URL"):
-            env.pop(key, None)
-        self.log_path = log_path
-        self.log = open(log_path, "w+b")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port), "manager.asgi:application"],
-            cwd=BASE_DIR, env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{self.url}/api/v1/", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"daphne did not come up:\n{self.output()}")
-            time.sleep(0.1)
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self.log.close()
+def manager_env(port: int) -> dict[str, str]:
+    """The environment of a daphne on this test's database, data dir and Redis."""
+    env = dict(os.environ)
+    env.update(LAB_DATA_DIR=str(settings.DATA_DIR), DATABASE_URL=f"sqlite:///{connection.settings_dict['NAME']}",
+               LAB_HOST="127.0.0.1", LAB_PORT=str(port), PYTHONUNBUFFERED="1",
+               DJANGO_SETTINGS_MODULE="manager.settings")
+    for key in ("LAB_PUBLIC_HOST", "LAB_PUBLIC_URL", "REDIS_URL"):
+        env.pop(key, None)
+    return env
 
 
 @pytest.fixture
@@ -144,7 +109,8 @@ def lab(transactional_db, tmp_path):
     BotRun.objects.create(instance=study, number=1, session_config="survey", num_participants=2, num_bots=1,
                           model="random", status=BotRun.Status.FINISHED)
     tokens = {user.username: create_token(user, name="fuzz", throttled=False)[1] for user in (boss, alice)}
-    manager = Manager(tmp_path / "daphne.log")
+    port = free_port()
+    manager = Daphne(port, manager_env(port), tmp_path / "daphne.log")
     try:
         yield {"url": manager.url, "tokens": tokens, "manager": manager, "tmp": tmp_path}
     finally:

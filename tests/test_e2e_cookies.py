@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 import time
-import urllib.request
+from pathlib import Path
 
 import pytest
 from django.conf import global_settings
@@ -34,11 +32,11 @@ from manager.accounts.models import User
 from tests.conftest import CHROMIUM, need
 from tests.test_e2e_notifications import CHROMIUM_ARGS, TIMEOUT_MS
 from tests.http_helpers import StandIn
+from tests.labserver_helpers import Daphne
 from tests.test_proxy import Caddy, FakeRuntime, free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
-BASE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASSWORD = "Harbour-lantern-2024"
 SET_UPS = {
     "loopback": {"manager": "127.0.0.1", "instances": "localhost"},
@@ -69,45 +67,6 @@ class InstanceApp(StandIn):
     @property
     def seen(self) -> list[tuple[str, str | None, str | None]]:
         return [(r.path, r.headers.get("Host"), r.headers.get("Cookie")) for r in self.requests]
-
-
-class Manager:
-    """daphne serving the manager (manager.asgi) on this test's database, data dir and Redis,
-    with the set-up's host names."""
-
-    def __init__(self, port: int, env: dict[str, str]):
-        self.port = port
-        self.log = open(os.path.join(os.environ["LAB_DATA_DIR"], f"daphne-{port}.log"), "w+b")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "manager.asgi:application"],
-            cwd=BASE_DIR, env=env, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz/", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"daphne did not come up:\n{self.output()}")
-            time.sleep(0.1)
-
-    def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self.log.close()
 
 
 @contextlib.contextmanager
@@ -178,7 +137,7 @@ def lab(request, settings, monkeypatch, transactional_db, tmp_path_factory):
     try:
         caddy.start()
         assert proxy.sync_routes()["loaded"]
-        manager = Manager(manager_port, env)
+        manager = Daphne(manager_port, env, Path(os.environ["LAB_DATA_DIR"]) / f"daphne-{manager_port}.log")
         yield {"manager": f"http://{hosts['manager']}:{manager_port}", "instance": f"http://{hosts['instances']}:"
                f"{instance_port}/", "instance_port": instance_port, "app": app, "neighbour": neighbour, "daphne": manager,
                "hosts": hosts, "name": request.param}

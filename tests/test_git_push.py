@@ -25,6 +25,7 @@ from instances.git.repos import repo_path
 from instances.models import Instance, Release
 from manager.accounts import services
 from manager.accounts.models import SSHKey, User
+from tests.http_helpers import raw_exchange
 from tests.labserver_helpers import BASE_DIR, free_port
 
 pytestmark = pytest.mark.slow
@@ -582,30 +583,10 @@ def test_a_main_tree_over_the_deploy_limit_is_refused_other_branches_are_stored(
     assert "refs/heads/master" not in lab.refs() and not Release.objects.exists()
 
 
-def _raw_http(port: int, head: bytes, body_chunks=(), timeout: float = 30) -> tuple[bytes, int]:
+def _raw_http(port: int, head: bytes, body_chunks=()) -> tuple[bytes, int]:
     """Send a request (the body in chunks, until the server stops taking it); return the
     answer and how many body bytes went out."""
-    import socket
-
-    sent = 0
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(head)
-        try:
-            for chunk in body_chunks:
-                sock.sendall(chunk)
-                sent += len(chunk)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        answer = b""
-        try:
-            while len(answer) < 65536:
-                data = sock.recv(65536)
-                if not data:
-                    break
-                answer += data
-        except (ConnectionResetError, TimeoutError):
-            pass
-    return answer, sent
+    return raw_exchange(port, head, body_chunks, limit=65536)
 
 
 def test_https_bodies_are_capped_while_they_arrive(lab):

@@ -6,13 +6,13 @@ subdomain routing, spoken to over plain sockets."""
 
 import json
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from instances.git.webcap import HEADERS_MAX_BYTES
+from tests.http_helpers import raw_exchange
 from tests.labserver_helpers import BASE_DIR, LabServer, child_env, free_port, migrate, new_data_dir, remove_data_dir
 
 pytestmark = pytest.mark.slow
@@ -50,20 +50,7 @@ def lab():
 def exchange(port: int, request: bytes, timeout: float = 20) -> tuple[int, dict, bytes]:
     """Send `request` whole (as far as the server takes it) and read the answer to its end:
     (status, headers, body); status 0 when the server closed without a word."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        try:
-            sock.sendall(request)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        answer = b""
-        try:
-            while len(answer) < 1_000_000:
-                data = sock.recv(65536)
-                if not data:
-                    break
-                answer += data
-        except ConnectionResetError:
-            pass
+    answer, _ = raw_exchange(port, request, timeout=timeout)
     if not answer:
         return 0, {}, b""
     head, _, body = answer.partition(b"\r\n\r\n")

@@ -23,6 +23,7 @@ from instances.runtime.base import Health
 from manager.accounts.models import User
 from manager.accounts.services import Conflict
 from manager.jobs.models import Job
+from tests.job_helpers import record_jobs, run_recorded
 from tests import backends, otree_projects
 from tests.docker_helpers import http_get
 from tests.waits import wait_until
@@ -86,29 +87,14 @@ queued = {}
 @pytest.fixture(autouse=True)
 def capture_jobs(monkeypatch):
     """Record each build job instead of sending it to a broker; `run_build` runs it."""
-    from manager.jobs import services as jobs
-
-    real_start = jobs.start
-
-    def start(task, *, user, kind, label, args=(), link=""):
-        job = real_start(task, user=user, kind=kind, label=label, args=args, link=link)
-        queued[job.pk] = (task, tuple(args))
-        return job
-
-    monkeypatch.setattr(jobs, "start", start)
+    record_jobs(monkeypatch, queued)
     yield
     queued.clear()
 
 
 def run_jobs(kind):
     """Run the queued jobs of `kind` in-process (oldest first), as the worker would."""
-    done = []
-    for job in Job.objects.filter(kind=kind, status="queued").order_by("created_at"):
-        task, args = queued.pop(job.pk)
-        task.apply(args=[str(job.pk), *args])
-        job.refresh_from_db()
-        done.append(job)
-    return done
+    return run_recorded(queued, kind)
 
 
 @pytest.fixture

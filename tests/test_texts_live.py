@@ -20,6 +20,7 @@ from instances.models import Instance
 from manager.accounts import services as accounts
 from manager.accounts.models import User
 from manager.jobs.models import Job
+from tests.job_helpers import record_jobs, run_recorded
 from tests import backends, otree_projects
 from tests.docker_helpers import http_get
 
@@ -53,31 +54,21 @@ queued = {}
 def runtime(settings, monkeypatch):
     backends.require("process")
     settings.LAB_RUNTIME = "process"
-    from manager.jobs import services as jobs
-
-    real_start = jobs.start
-
-    def start(task, *, user, kind, label, args=(), link=""):  # recorded; run_jobs runs them as the worker would
-        job = real_start(task, user=user, kind=kind, label=label, args=args, link=link)
-        queued[job.pk] = (task, tuple(args))
-        return job
-
-    monkeypatch.setattr(jobs, "start", start)
+    record_jobs(monkeypatch, queued)  # run_jobs runs them as the worker would
     rt = backends.make("process")
+    venvs_before = set(rt.venvs_root.glob("*"))
     yield rt
     queued.clear()
     for name in rt.owned_instances():
         rt.remove(name)
+    # The environment this test built goes too: a later test's first build of the same
+    # project (test_releases) must install, not reuse it.
+    for venv in set(rt.venvs_root.glob("*")) - venvs_before:
+        shutil.rmtree(venv, ignore_errors=True)
 
 
 def run_jobs(kind):
-    done = []
-    for job in Job.objects.filter(kind=kind, status="queued").order_by("created_at"):
-        task, args = queued.pop(job.pk)
-        task.apply(args=[str(job.pk), *args])
-        job.refresh_from_db()
-        done.append(job)
-    return done
+    return run_recorded(queued, kind)
 
 
 def answers(runtime) -> int:
