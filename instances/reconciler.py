@@ -142,15 +142,6 @@ def _archive_repository(instance: Instance) -> None:
             from exc
 
 
-def sweep() -> dict:
-    """Remove what belongs to no instance, then reconcile every instance (the minute task,
-    `tasks.sweep`, fails the releases whose worker died between the two)."""
-    result = sweep_leftovers()
-    if "skipped" in result:
-        return result
-    return {**result, **reconcile_all()}
-
-
 def sweep_leftovers() -> dict:
     """Remove resources of instances that no longer exist (asking every backend available
     here) and archive their repositories. The instances' firewall first: a flushed or

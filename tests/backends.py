@@ -66,8 +66,9 @@ def app_env(runtime, name: str) -> dict:
 
 def app_identity(runtime, name: str) -> str:
     """Changes whenever the app is restarted or replaced."""
-    if runtime.name == "docker":
-        return runtime.api.inspect_container(runtime.container_name(name, "app"))["Id"]
+    if runtime.name == "docker":  # a restarted container keeps its id: its start time tells
+        info = runtime.api.inspect_container(runtime.container_name(name, "app"))
+        return f"{info['Id']}:{info['State']['StartedAt']}"
     info = runtime._state(name)["processes"]["app"]
     return f"{info['pid']}:{info['start_ticks']}"
 

@@ -99,6 +99,15 @@ def created(boss, owner, name):
     return instance
 
 
+def running_with(runtime, boss, owner, name, setup_sql):
+    """A new running instance (with the fake app) whose database holds what `setup_sql` made."""
+    instance = created(boss, owner, name)
+    instance.refresh_from_db()
+    assert instance.status == "running"
+    assert sql(runtime, name, setup_sql)[0] == 0
+    return instance
+
+
 def test_create_is_ready_for_code_with_its_own_database(runtime, people):
     boss, ann = people
     instance = services.create_instance(boss, name="rc-create", owner=ann)
@@ -113,10 +122,8 @@ def test_create_is_ready_for_code_with_its_own_database(runtime, people):
 
 def test_settings_change_restarts_the_app_and_keeps_the_data(runtime, people, fake_app):
     boss, ann = people
-    instance = created(boss, ann, "rc-settings")
-    instance.refresh_from_db()
-    assert instance.status == "running"
-    assert sql(runtime, "rc-settings", "CREATE TABLE sessions (code text); INSERT INTO sessions VALUES ('abc')")[0] == 0
+    instance = running_with(runtime, boss, ann, "rc-settings",
+                            "CREATE TABLE sessions (code text); INSERT INTO sessions VALUES ('abc')")
     before = app_identity(runtime, "rc-settings")
 
     password = services.set_admin_password(ann, instance, "a-brand-new-password")
@@ -130,27 +137,16 @@ def test_settings_change_restarts_the_app_and_keeps_the_data(runtime, people, fa
     assert sql(runtime, "rc-settings", "SELECT code FROM sessions") == (0, "abc")  # data untouched
 
 
-def app_started(runtime, name: str):
-    """Changes whenever the app process starts: a new process, or its container started again."""
-    if runtime.name == "docker":
-        info = runtime.api.inspect_container(runtime.container_name(name, "app"))
-        return info["Id"], info["State"]["StartedAt"]
-    return app_identity(runtime, name)
-
-
 def test_restart_starts_the_app_anew_and_keeps_the_data(runtime, people, fake_app):
     boss, ann = people
-    instance = created(boss, ann, "rc-restart")
-    instance.refresh_from_db()
-    assert instance.status == "running"
-    assert sql(runtime, "rc-restart", "CREATE TABLE kept (v int); INSERT INTO kept VALUES (5)")[0] == 0
-    before = app_started(runtime, "rc-restart")
+    instance = running_with(runtime, boss, ann, "rc-restart", "CREATE TABLE kept (v int); INSERT INTO kept VALUES (5)")
+    before = app_identity(runtime, "rc-restart")
     services.restart(ann, instance)
     job = run_job("instance.restart")
     assert job.status == "succeeded", job.message
     instance.refresh_from_db()
     assert instance.status == "running" and instance.observed_restart_generation == instance.restart_generation == 1
-    assert app_started(runtime, "rc-restart") != before  # started again (not only a 202)
+    assert app_identity(runtime, "rc-restart") != before  # started again (not only a 202)
     assert runtime.state("rc-restart").app.health == Health.RUNNING
     assert sql(runtime, "rc-restart", "SELECT v FROM kept") == (0, "5")
 
@@ -246,7 +242,9 @@ def test_sweep_heals_drift_and_removes_orphans(runtime, people):
 
     runtime.ensure(InstanceSpec(name="rc-orphan", db_name="otree", db_user="otree", db_password="x" * 20,
                                 memory_mb=256, cpus=0.5))
-    result = reconciler.sweep()
+    from instances.tasks import sweep
+
+    result = sweep()  # the minute task, run here in-process
     assert result["orphans_removed"] == ["rc-orphan"]
     assert "rc-orphan" not in runtime.owned_instances()
     assert runtime.state("rc-heal").redis.health == Health.RUNNING
