@@ -12,6 +12,7 @@ from bots.forms import BotRunForm, ProviderForm
 from bots.models import RANDOM_POLICY, Provider
 from instances.selectors import get_visible_instance
 from manager.access import superuser_required
+from manager.throttle import refused_page
 
 
 @login_required
@@ -34,9 +35,10 @@ def run_list(request, name):
                                       "the bots play.")
             return redirect("bot_run", name=instance.name, number=run.number)
     runs = instance.bot_runs.select_related("created_by").all()[:50]
-    return render(request, "bots/runs.html", {"instance": instance, "form": form, "runs": runs,
-                                              "has_providers": Provider.objects.filter(enabled=True).exists()},
-                  status=429 if form.throttled else 422 if form.is_bound and form.errors else 200)
+    response = render(request, "bots/runs.html", {"instance": instance, "form": form, "runs": runs,
+                                                  "has_providers": Provider.objects.filter(enabled=True).exists()},
+                      status=422 if form.is_bound and form.errors else 200)
+    return refused_page(response, form.throttled) if form.throttled else response
 
 
 @login_required

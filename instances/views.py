@@ -13,7 +13,7 @@ from instances.runtime.base import RuntimeError_
 from instances.selectors import get_visible_instance
 from manager.access import superuser_required
 from manager.accounts.services import NotAllowed
-from manager.throttle import Throttled
+from manager.throttle import Throttled, refused_page
 from manager.audit.services import record
 
 
@@ -157,9 +157,7 @@ def instance_action(request, name, action):
         return redirect("instance_detail", name=name)
     except Throttled as exc:  # nothing was done: the page again, with why and when to retry
         messages.error(request, exc.detail)
-        response = render(request, "instances/detail.html", _detail_context(instance), status=429)
-        response["Retry-After"] = str(exc.retry_after)
-        return response
+        return refused_page(render(request, "instances/detail.html", _detail_context(instance)), exc)
     messages.info(request, done.format(name=name))
     return redirect("dashboard" if action == "delete" else "instance_detail", **({} if action == "delete" else {"name": name}))
 

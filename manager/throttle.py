@@ -79,6 +79,13 @@ class Throttled(Exception):
         self.retry_after = retry_after
 
 
+def refused_page(response, throttled: Throttled):
+    """A page that answers a throttled action (nothing was done): HTTP 429 with Retry-After."""
+    response.status_code = 429
+    response["Retry-After"] = str(throttled.retry_after)
+    return response
+
+
 # --- settings -------------------------------------------------------------------------
 
 def parse(text: str, *, name: str = "limit", scopes: tuple[str, ...] = SCOPES) -> list[Limit]:

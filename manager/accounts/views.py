@@ -14,6 +14,7 @@ from manager.accounts.forms import ProfileForm, SSHKeyForm, TokenForm, UserCreat
 from manager.accounts.models import User
 from manager.audit.models import AuditEvent
 from manager.audit.services import record
+from manager.throttle import refused_page
 
 # --- invitation ---------------------------------------------------------------------
 
@@ -103,9 +104,9 @@ def tokens(request):
         new_token = request.get_signed_cookie(NEW_TOKEN_COOKIE, default=None, salt=NEW_TOKEN_COOKIE, max_age=120)
     response = render(request, "accounts/tokens.html", {
         "form": form, "tokens": request.user.access_tokens.all(), "new_token": new_token,
-    }, status=429 if form.throttled else 200)
+    })
     response.delete_cookie(NEW_TOKEN_COOKIE, path=reverse("tokens"))
-    return response
+    return refused_page(response, form.throttled) if form.throttled else response
 
 
 @login_required
