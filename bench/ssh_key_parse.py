@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How long the SSH key parser takes to refuse very long garbage (a pasted file, a key
 repeated, no spaces): the worst of several rounds per input. The tests check only that
-each is refused (tests/test_sshkeys.py); the time is measured here, where a slow machine
+each is refused (tests/manager/test_sshkeys.py); the time is measured here, where a slow machine
 cannot fail the suite. Budget: 2 s per input (exit status 1 above it).
 
     .venv/bin/python bench/ssh_key_parse.py [--rounds 5] [--budget 2]
@@ -42,7 +42,7 @@ def main() -> int:
             except ValidationError:
                 pass
             else:
-                print(f"{label}: ACCEPTED (a bug: tests/test_sshkeys.py fails too)")
+                print(f"{label}: ACCEPTED (a bug: tests/manager/test_sshkeys.py fails too)")
                 return 1
             times.append(time.perf_counter() - started)
         worst_of_all = max(worst_of_all, max(times))

@@ -1,7 +1,7 @@
 """An instance's status: the one place that writes it and tells the browsers.
 
 `set_status()` is the only writer of `Instance.status` (the reconciler, the releases, the
-services call it; `tests/test_layers.py` holds every other module to that), and the
+services call it; `tests/manager/test_layers.py` holds every other module to that), and the
 `instance` event and the groups it goes to are built here only. Imports nothing of
 `instances` but its models, so every layer above may use it.
 """

@@ -31,8 +31,8 @@ After such an answer the connection is closed for writing and what the client st
 is read and dropped (at most DRAIN_BYTES, for at most DRAIN_SECONDS), so the client reads
 the answer instead of a connection reset.
 
-Daphne and Twisted are pinned (requirements.txt); `tests/test_git_push.py` checks the body
-cap and `tests/test_http_edges.py` the answers on a real daphne (and through Caddy), so an
+Daphne and Twisted are pinned (requirements.txt); `tests/instances/test_git_push.py` checks the body
+cap and `tests/manager/test_http_edges.py` the answers on a real daphne (and through Caddy), so an
 upgrade that changes these internals fails there first.
 """
 

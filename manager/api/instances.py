@@ -47,7 +47,7 @@ class InstanceOut(Schema):
 
 
 # services.validate_name's rules: NAME_RE (a lowercase letter first, a letter or digit
-# last) without "--", as one pattern; tests/test_api_schema.py checks they agree.
+# last) without "--", as one pattern; tests/manager/test_api_schema.py checks they agree.
 NAME_PATTERN = r"^[a-z](-?[a-z0-9])+$"
 
 

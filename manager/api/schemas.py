@@ -21,7 +21,7 @@ from manager.accounts.models import SSHKey, User
 from manager.accounts.services import MAX_SSH_KEY
 from manager.accounts.sshkeys import ACCEPTED_TYPES
 
-# What `manager.texts` lets through, as JSON Schema patterns (tests/test_api_schema.py
+# What `manager.texts` lets through, as JSON Schema patterns (tests/manager/test_api_schema.py
 # compares them with `manager.texts.problem` character by character): any text holds no
 # NUL; a single-line text (names, titles, passwords) no control character or line break.
 # A lone surrogate (a JSON "\ud800" escape) is refused too; a pattern cannot say so.

@@ -1,7 +1,7 @@
 """The hostile oTree project of issue 11: an experimenter's code that tries every escape.
 
 It is a real oTree 6 project (pushed and deployed through the real pipeline by
-tests/test_hostile.py) whose three pieces of code each attack:
+tests/instances/test_hostile.py) whose three pieces of code each attack:
 
 - **the build** — requirements.txt names `hostile-probe @ http://<outside host>/.../
   hostile_probe-1.0.tar.gz`, an sdist made by `sdist()` and served by an outside test host

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-BASE_DIR = Path(__file__).resolve().parent.parent
+BASE_DIR = Path(__file__).resolve().parents[2]
 PACKAGES = ("manager", "instances", "lobby", "bots")
 STATUS_FIELDS = {"status", "status_reason"}
 WRITERS = {"update", "create", "get_or_create", "update_or_create", "bulk_create", "bulk_update"}

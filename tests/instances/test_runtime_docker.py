@@ -40,7 +40,7 @@ from tests.netns_helpers import netns_available, outside_host
 
 pytestmark = pytest.mark.docker
 
-BASE_DIR = Path(__file__).resolve().parent.parent
+BASE_DIR = Path(__file__).resolve().parents[2]
 PG, REDIS, PY = settings.LAB_IMAGE_POSTGRES, settings.LAB_IMAGE_REDIS, settings.LAB_IMAGE_PYTHON
 PASSWORD = "pa'ss wo\"rd$1@:/"  # quoting everywhere: SQL, URL, environment
 

@@ -23,7 +23,7 @@ from manager.accounts.services import create_token
 from manager.audit.models import AuditEvent
 from tests.fake_llm import FakeLLM
 from tests.http_helpers import StandIn
-from tests.test_realtime import connect
+from tests.manager.test_realtime import connect
 
 SECRET = "sk-unit-secret-0123456789"
 

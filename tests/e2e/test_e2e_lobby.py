@@ -23,7 +23,7 @@ from tests.conftest import CHROMIUM, need
 from tests.http_helpers import StandIn
 from tests.labserver_helpers import (BASE_DIR, LabServer, child_env, free_port, migrate, new_data_dir,
                                      remove_data_dir, remove_instances)
-from tests.test_e2e_notifications import TIMEOUT_MS, headless_chromium
+from tests.e2e.test_e2e_notifications import TIMEOUT_MS, headless_chromium
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 

@@ -30,10 +30,10 @@ from instances import proxy
 from instances.models import Instance
 from manager.accounts.models import User
 from tests.conftest import CHROMIUM, need
-from tests.test_e2e_notifications import CHROMIUM_ARGS, TIMEOUT_MS
+from tests.e2e.test_e2e_notifications import CHROMIUM_ARGS, TIMEOUT_MS
 from tests.http_helpers import StandIn
 from tests.labserver_helpers import Daphne
-from tests.test_proxy import Caddy, FakeRuntime, free_ports
+from tests.instances.test_proxy import Caddy, FakeRuntime, free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 

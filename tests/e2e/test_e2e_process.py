@@ -14,7 +14,7 @@ from tests import backends
 from tests.labserver_helpers import (LabServer, free_port, migrate, new_data_dir, remove_data_dir,
                                      remove_instances)
 from tests.otree_projects import Checkout, valid_project
-from tests.test_e2e_deploy import api, git_push, http_status, instance_ready_for_code
+from tests.e2e.test_e2e_deploy import api, git_push, http_status, instance_ready_for_code
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import pytest
 from instances.runtime import BACKENDS, backend_class
 from instances.runtime.base import Runtime
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODULES = {name: f"instances.runtime.{name}" for name in BACKENDS}  # a backend is one module of that name
 # What a backend loads besides its module that no other backend may load.
 ONLY = {

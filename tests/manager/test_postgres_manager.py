@@ -19,7 +19,7 @@ from instances.runtime.process import find_pg_bin
 from tests.conftest import need
 from tests.labserver_helpers import (BASE_DIR, LabServer, child_env, first_superuser, free_port, new_data_dir,
                                      remove_data_dir)
-from tests.test_e2e_deploy import api
+from tests.e2e.test_e2e_deploy import api
 from tests.waits import wait_until
 
 pytestmark = pytest.mark.slow

@@ -16,8 +16,8 @@ from tests.conftest import CHROMIUM, need
 from tests.docker_helpers import engine_ok, images_present
 from tests.labserver_helpers import BASE_DIR, child_env
 from tests.otree_projects import Checkout, valid_project
-from tests.test_e2e_deploy import api, docker_labserver, git_push, instance_ready_for_code
-from tests.test_e2e_notifications import TIMEOUT_MS, headless_chromium
+from tests.e2e.test_e2e_deploy import api, docker_labserver, git_push, instance_ready_for_code
+from tests.e2e.test_e2e_notifications import TIMEOUT_MS, headless_chromium
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.browser]
 

@@ -11,7 +11,7 @@ from lobby import services
 from lobby.models import Seat
 from manager.asgi import application
 from tests.lobby_helpers import HOSTILE, lobby_instance
-from tests.test_realtime import ORIGIN, connect as connect_live
+from tests.manager.test_realtime import ORIGIN, connect as connect_live
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -169,7 +169,7 @@ def test_without_root_the_status_says_so_and_what_to_do(firewall):
     p = firewall()
     script = textwrap.dedent(f"""
         import json, sys
-        sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
         from instances import netguard
         p = netguard.Policy(manager_id={p.manager_id!r}, app_pools=({APP_POOL!r},), build_pools=({BUILD_POOL!r},),
                             app_uids={APP_UIDS!r}, builder_uids={BUILDER_UIDS!r})
@@ -480,7 +480,7 @@ def test_a_manager_in_a_container_does_not_claim_to_guard_the_host(mid, api):
                             app_uids={APP_UIDS!r}, builder_uids={BUILDER_UIDS!r})
         print(json.dumps(netguard.ensure(p).__dict__))
     """)
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     container = api.create_container(PY, ["python", "-c", script], labels={LABEL_MANAGER: mid},
                                      host_config=api.create_host_config(binds={root: {"bind": "/src", "mode": "ro"}},
                                                                         cap_add=["NET_ADMIN"]))

@@ -9,7 +9,7 @@
 - A set-up in which instances would share the manager's host is refused at start with
   one clear line (no traceback), as are settings that would name the instances' host as
   the manager's; LAB_BEHIND_PROXY/LAB_PROXY_HOPS decide whether X-Forwarded-For counts.
-(The browser walk is tests/test_e2e_cookies.py; origins of websockets: test_realtime.py.)
+(The browser walk is tests/e2e/test_e2e_cookies.py; origins of websockets: test_realtime.py.)
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from django.test import Client
 
 from manager.accounts.models import User
 
-BASE_DIR = Path(__file__).resolve().parent.parent
+BASE_DIR = Path(__file__).resolve().parents[2]
 PASSWORD = "Quiet-harbour-71"
 
 # Run in a fresh process: migrate an in-memory database, log in through the login page as
