@@ -37,6 +37,7 @@ from tests.conftest import need
 from tests.docker_helpers import engine_ok, images_present, wait_for
 from tests.fake_llm import FakeLLM
 from tests.http_helpers import StandIn
+from tests.db_helpers import database_url
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 
@@ -330,7 +331,7 @@ def test_pending_answers_of_a_crashed_worker_are_sent_again_not_asked_again(lab,
 def test_a_worker_killed_mid_run_is_resumed_and_nothing_is_answered_twice(lab, fake, monkeypatch):
     run = start(lab, config="guess", participants=3, bots=3)
     fake.hold(at=4)  # round 2: a bot is asking the model when its worker dies
-    env = {**os.environ, "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}", "LAB_LOCK_TTL": "2"}
+    env = {**os.environ, "DATABASE_URL": database_url(), "LAB_LOCK_TTL": "2"}
     code = ("import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'manager.settings'); django.setup();"
             f"from bots.tasks import run_bots; run_bots.apply(args=[{run.pk}])")
     worker = subprocess.Popen([sys.executable, "-c", code], cwd=settings.BASE_DIR, env=env,

@@ -34,6 +34,7 @@ from tests.e2e.test_e2e_notifications import CHROMIUM_ARGS, TIMEOUT_MS
 from tests.http_helpers import StandIn
 from tests.labserver_helpers import Daphne
 from tests.instances.test_proxy import Caddy, FakeRuntime, free_ports
+from tests.db_helpers import database_url
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -132,7 +133,7 @@ def lab(request, settings, monkeypatch, transactional_db, tmp_path_factory):
            if (not k.startswith("LAB_") or k == "LAB_LOGIN_RATE_LIMIT") and k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
     env.update(LAB_DATA_DIR=os.environ["LAB_DATA_DIR"], LAB_HOST="127.0.0.1", LAB_PORT=str(manager_port),
                LAB_PUBLIC_HOST=hosts["manager"], LAB_INSTANCE_HOST=hosts["instances"], LAB_RUNTIME="process",
-               DATABASE_URL=f"sqlite:///{settings.DATABASES['default']['NAME']}", PYTHONUNBUFFERED="1")
+               DATABASE_URL=database_url(), PYTHONUNBUFFERED="1")
     manager = None
     try:
         caddy.start()

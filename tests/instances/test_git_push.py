@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
-from django.db import connection
 
 from instances.git.archive import ensure_repo
 from instances.git.repos import repo_path
@@ -27,6 +26,7 @@ from manager.accounts import services
 from manager.accounts.models import SSHKey, User
 from tests.http_helpers import raw_exchange
 from tests.labserver_helpers import BASE_DIR, free_port
+from tests.db_helpers import database_url
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,7 @@ def servers(django_db_setup, django_db_blocker, redis_server):
     http_port, ssh_port = free_port(), free_port()
     env = dict(os.environ)
     env.update(
-        LAB_DATA_DIR=str(settings.DATA_DIR), DATABASE_URL=f"sqlite:///{connection.settings_dict['NAME']}",
+        LAB_DATA_DIR=str(settings.DATA_DIR), DATABASE_URL=database_url(),
         LAB_HOST="127.0.0.1", LAB_PORT=str(http_port), LAB_SSH_PORT=str(ssh_port),
         LAB_PUSH_MAX_MB=str(PUSH_MAX_MB), LAB_PUSH_MAX_BLOB_MB=str(BLOB_MAX_MB), LAB_DEPLOY_MAX_MB=str(DEPLOY_MAX_MB),
         PYTHONUNBUFFERED="1", DJANGO_SETTINGS_MODULE="manager.settings",
@@ -373,7 +373,7 @@ def _hook_client(lab, hook: str, stdin: str, *, token: str, socket_path: str, ma
 
     repo = ensure_repo(lab.instance)
     env = {**os.environ, "GIT_DIR": ".", "LAB_PUSH_TOKEN": token,
-           "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}", **(extra_env or {})}
+           "DATABASE_URL": database_url(), **(extra_env or {})}
     script = Path(BASE_DIR) / "instances" / "git" / "hook_client.py"
     result = subprocess.run([sys.executable, "-I", "-S", str(script), hook, socket_path or str(hook_socket_path()),
                              manage], input=stdin, cwd=repo, env=env, capture_output=True, text=True, timeout=60)

@@ -15,7 +15,6 @@ import time
 
 import pytest
 from django.conf import settings
-from django.db import connection
 from django.test import Client
 
 from instances import reconciler, services
@@ -27,6 +26,7 @@ from manager.jobs.models import Job
 from tests import backends
 from tests.backends import app_env, app_identity, sql
 from tests.waits import wait_until
+from tests.db_helpers import database_url
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 
@@ -251,8 +251,7 @@ def test_sweep_heals_drift_and_removes_orphans(runtime, people):
 
 
 def _reconcile_in_subprocess(instance_id):
-    db_name = connection.settings_dict["NAME"]
-    env = {**os.environ, "DATABASE_URL": f"sqlite:///{db_name}", "LAB_LOCK_TTL": "3"}
+    env = {**os.environ, "DATABASE_URL": database_url(), "LAB_LOCK_TTL": "3"}
     code = (
         "import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'manager.settings'); django.setup();"
         f"from instances.reconciler import reconcile; reconcile({instance_id})"

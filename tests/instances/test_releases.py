@@ -27,6 +27,7 @@ from tests.job_helpers import record_jobs, run_recorded
 from tests import backends, otree_projects
 from tests.docker_helpers import http_get
 from tests.waits import wait_until
+from tests.db_helpers import database_url
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 REUSED = {"docker": "Using cache", "process": "reusing the environment"}  # a code-only push installs nothing
@@ -277,9 +278,8 @@ def _deploy_in_subprocess(release_id):
     import subprocess
     import sys
 
-    from django.db import connection
 
-    env = {**os.environ, "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}", "LAB_LOCK_TTL": "3",
+    env = {**os.environ, "DATABASE_URL": database_url(), "LAB_LOCK_TTL": "3",
            "LAB_RUNTIME": settings.LAB_RUNTIME}
     code = ("import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'manager.settings'); django.setup();"
             f"from instances.releases import deploy; deploy({release_id})")

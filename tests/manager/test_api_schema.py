@@ -25,7 +25,6 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from django.conf import settings
-from django.db import connection
 
 from bots.models import BotRun, Provider
 from instances.models import Instance, Release
@@ -36,6 +35,7 @@ from manager.api.instances import CONFIG_NAME, NAME_PATTERN, REFUSED_CONFIG_NAME
 from manager.api.schemas import SINGLE_LINE, TEXT
 from instances import services as instance_services
 from tests.labserver_helpers import Daphne, free_port
+from tests.db_helpers import database_url
 
 MAX_EXAMPLES = 10
 SEED = 20261202
@@ -85,7 +85,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 def manager_env(port: int) -> dict[str, str]:
     """The environment of a daphne on this test's database, data dir and Redis."""
     env = dict(os.environ)
-    env.update(LAB_DATA_DIR=str(settings.DATA_DIR), DATABASE_URL=f"sqlite:///{connection.settings_dict['NAME']}",
+    env.update(LAB_DATA_DIR=str(settings.DATA_DIR), DATABASE_URL=database_url(),
                LAB_HOST="127.0.0.1", LAB_PORT=str(port), PYTHONUNBUFFERED="1",
                DJANGO_SETTINGS_MODULE="manager.settings")
     for key in ("LAB_PUBLIC_HOST", "LAB_PUBLIC_URL", "REDIS_URL"):

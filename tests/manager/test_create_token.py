@@ -8,10 +8,10 @@ from io import StringIO
 import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
-from django.db import connection
 
 from manager.accounts.models import AccessToken, User, hash_token
 from manager.audit.models import AuditEvent
+from tests.db_helpers import database_url
 
 pytestmark = pytest.mark.django_db
 
@@ -75,7 +75,7 @@ def test_overlong_name(alice):
 
 def _manage(*args):
     """The real command line, against the test database (committed: transactional test)."""
-    env = {**os.environ, "DATABASE_URL": f"sqlite:///{connection.settings_dict['NAME']}"}
+    env = {**os.environ, "DATABASE_URL": database_url()}
     return subprocess.run(
         [sys.executable, "manage.py", "create_token", *args],
         cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, timeout=120,
