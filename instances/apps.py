@@ -8,5 +8,8 @@ class InstancesConfig(AppConfig):
         from instances import realtime  # noqa: F401  (registers the "instance" topics and the log followers)
         from instances import tasks  # noqa: F401  (registers its Celery tasks: services enqueue them by name)
         from instances.git import webcap
+        from instances.runtime import check_setting
+
+        check_setting()  # LAB_RUNTIME names an existing backend: else start-up stops with one sentence
 
         webcap.install()  # in the web server (daphne): request bodies are capped while they arrive

@@ -35,9 +35,10 @@ LAB_RUNTIME = env_str("LAB_RUNTIME", "auto")
 LAB_ROUTING = env_str("LAB_ROUTING", "port")
 LAB_DOMAIN = env_str("LAB_DOMAIN", "")
 LAB_INSTANCE_PORTS = env_str("LAB_INSTANCE_PORTS", "18000-18999")
-if LAB_RUNTIME not in {"auto", "docker", "process"}:
-    # swarm: refused here (one place) until its backend exists under instances/runtime/
-    raise ConfigError(f"LAB_RUNTIME must be auto, docker or process (swarm is not available yet), got {LAB_RUNTIME!r}")
+if not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", LAB_RUNTIME):
+    # Its form here; that a backend of this name exists is checked at start-up by the one
+    # place that knows the backends (instances.runtime.check_setting, InstancesConfig.ready).
+    raise ConfigError(f"LAB_RUNTIME must be auto or the name of a runtime backend (docker, process), got {LAB_RUNTIME!r}")
 if LAB_ROUTING not in {"port", "subdomain"}:
     raise ConfigError(f"LAB_ROUTING must be port or subdomain, got {LAB_ROUTING!r}")
 if LAB_ROUTING == "subdomain" and not LAB_DOMAIN:

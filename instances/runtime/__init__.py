@@ -11,25 +11,47 @@ given a runtime without isolation.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from django.conf import settings
 
-from .base import Runtime, RuntimeError_
+from manager.env import ConfigError
 
-BACKENDS = ("docker", "process")
+from .base import Runtime, RuntimeError_
 
 
 def backend_class(name: str):
     """The backend class named `name` (its `name` and `isolation` describe it), without
-    contacting any engine; None for an unknown or empty name."""
-    if name == "docker":
-        from .docker import DockerRuntime
+    contacting any engine; None for an unknown or empty name.
 
-        return DockerRuntime
-    if name == "process":
-        from .process import ProcessRuntime
+    A backend is one module of this package, named as the backend, that names its class in
+    a module-level `BACKEND`; adding a backend is adding its file (README, "How to add a
+    runtime backend"). Only that module is imported: a backend stays self-contained."""
+    if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+        return None
+    try:
+        module = importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise  # the backend exists but lacks something it imports: say so, do not hide it
+        return None
+    return getattr(module, "BACKEND", None)
 
-        return ProcessRuntime
-    return None
+
+def backend_names() -> tuple[str, ...]:
+    """The names of every backend in this package (each module that has a `BACKEND`)."""
+    return tuple(sorted(info.name for info in pkgutil.iter_modules(__path__) if backend_class(info.name)))
+
+
+def check_setting() -> None:
+    """LAB_RUNTIME names a backend that exists (or is `auto`): checked at start-up
+    (InstancesConfig.ready), so a misspelt or missing backend stops every manager process
+    with one sentence instead of failing the first instance."""
+    kind = settings.LAB_RUNTIME
+    if kind != "auto" and backend_class(kind) is None:
+        raise ConfigError(f"LAB_RUNTIME must be auto or one of {', '.join(backend_names())} "
+                          f"(a backend is a module of instances/runtime/), got {kind!r}")
 
 
 class Refused(RuntimeError_):
@@ -62,9 +84,9 @@ def default_backend() -> str:
         if refusal:
             raise Refused(refusal)
         return kind
-    if kind in BACKENDS:
+    if backend_class(kind) is not None:
         return kind
-    raise RuntimeError_(f"LAB_RUNTIME={kind} is not available yet; use docker, process or auto")
+    raise RuntimeError_(f"LAB_RUNTIME={kind}: no such runtime here; use auto or one of {', '.join(backend_names())}")
 
 
 def get_runtime(instance=None) -> Runtime:
@@ -83,12 +105,12 @@ def get_runtime(instance=None) -> Runtime:
 def available_runtimes() -> list[Runtime]:
     """Every backend usable on this machine (the orphan sweep asks each)."""
     found = []
-    for name in BACKENDS:
+    for name in backend_names():
         runtime = backend_class(name)()
         if runtime.available():
             found.append(runtime)
     return found
 
 
-__all__ = ["BACKENDS", "Refused", "Runtime", "RuntimeError_", "available_runtimes", "backend_class",
-           "default_backend", "get_runtime", "process_refusal"]
+__all__ = ["Refused", "Runtime", "RuntimeError_", "available_runtimes", "backend_class", "backend_names",
+           "check_setting", "default_backend", "get_runtime", "process_refusal"]

@@ -1486,3 +1486,6 @@ class DockerRuntime:
     def owned_instances(self) -> set[str]:
         labelled = [item.get("Labels") for found in self._labelled() for item in found]
         return {labels[LABEL_INSTANCE] for labels in labelled if labels and labels.get(LABEL_INSTANCE)}
+
+
+BACKEND = DockerRuntime  # instances.runtime finds a backend by this name (the module is the backend)

@@ -1843,3 +1843,6 @@ def _firewall_status():
         return netguard.status(max_age=15)
     except Exception:  # noqa: BLE001 - the page must render; the protection shows as not enforced
         return None
+
+
+BACKEND = ProcessRuntime  # instances.runtime finds a backend by this name (the module is the backend)

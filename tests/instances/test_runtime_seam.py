@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from instances.runtime import BACKENDS, backend_class
+from instances.runtime import backend_class, backend_names
 from instances.runtime.base import Runtime
 
 ROOT = Path(__file__).resolve().parents[2]
-MODULES = {name: f"instances.runtime.{name}" for name in BACKENDS}  # a backend is one module of that name
+MODULES = {name: f"instances.runtime.{name}" for name in backend_names()}  # a backend is one module of that name
 # What a backend loads besides its module that no other backend may load.
 ONLY = {
     "docker": {"docker"},  # the Docker SDK
@@ -38,9 +38,28 @@ def loaded_by(module: str) -> set[str]:
 
 
 def test_every_backend_has_its_module():
-    assert set(ONLY) <= set(BACKENDS)
+    assert set(ONLY) == set(backend_names())  # docker and process, nothing else (no helper module counts)
     for name, module in MODULES.items():
         assert backend_class(name).__module__ == module
+
+
+def test_a_new_backend_is_its_file_alone(tmp_path):
+    """Adding a backend is adding one file: with `fakeengine.py` in the package (and nothing
+    else changed) LAB_RUNTIME accepts it at start-up and new instances get it."""
+    (tmp_path / "fakeengine.py").write_text("class FakeRuntime:\n    name = 'fakeengine'\n\n\nBACKEND = FakeRuntime\n")
+    code = ("import json, django, instances.runtime as r; r.__path__.append(%r); django.setup(); "
+            "print(json.dumps([r.backend_names(), r.default_backend(), r.get_runtime().name]))" % str(tmp_path))
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "manager.settings", "LAB_RUNTIME": "fakeengine"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [["docker", "fakeengine", "process"], "fakeengine",
+                                                                 "fakeengine"]
+    # Without the file the same setting stops start-up with one sentence naming what exists.
+    proc = subprocess.run([sys.executable, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip() == ("error: LAB_RUNTIME must be auto or one of docker, process "
+                                   "(a backend is a module of instances/runtime/), got 'fakeengine'")
 
 
 @pytest.mark.parametrize("backend", sorted(MODULES))
