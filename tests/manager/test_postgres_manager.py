@@ -1,62 +1,34 @@
-"""The manager's own database on PostgreSQL (`DATABASE_URL`): a throw-away cluster
-(Debian's initdb/postgres, run as `nobody` when the test runs as root), `manage.py migrate`,
-a real `labserver` on it (its first lab manager), a token from `manage.py create_token`,
-and an account made through the API — all of it found in PostgreSQL, no SQLite file made."""
+"""The manager's own database on PostgreSQL (`DATABASE_URL`): a throw-away cluster of its
+own (tests/pg_helpers.py), `manage.py migrate`, a real `labserver` on it (its first lab
+manager), a token from `manage.py create_token`, and an account made through the API —
+all of it found in PostgreSQL, no SQLite file made."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import psycopg
 import pytest
 
-from instances.runtime.process import find_pg_bin
+from tests import pg_helpers
 from tests.conftest import need
 from tests.labserver_helpers import (BASE_DIR, LabServer, child_env, first_superuser, free_port, new_data_dir,
                                      remove_data_dir)
 from tests.e2e.test_e2e_deploy import api
-from tests.waits import wait_until
 
 pytestmark = pytest.mark.slow
 
 
-def _as_postgres_user() -> list[str]:
-    """PostgreSQL refuses to run as root: then as nobody."""
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] if os.geteuid() == 0 else []
-
-
 @pytest.fixture
 def postgres():
-    pg_bin = find_pg_bin()
+    pg_bin = pg_helpers.find_pg_bin()
     need(pg_bin is not None, "PostgreSQL's server programs (initdb, postgres)")
-    folder = Path(tempfile.mkdtemp(prefix="mpg-", dir="/tmp"))
-    if os.geteuid() == 0:
-        os.chown(folder, 65534, 65534)
-    port = free_port()
-    subprocess.run([*_as_postgres_user(), str(pg_bin / "initdb"), "-D", str(folder / "data"), "-U", "lab",
-                    "--auth=trust", "-E", "UTF8"], check=True, capture_output=True, timeout=120)
-    server = subprocess.Popen([*_as_postgres_user(), str(pg_bin / "postgres"), "-D", str(folder / "data"),
-                               "-k", str(folder), "-c", "listen_addresses=127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"postgres://lab@127.0.0.1:{port}/postgres"
-
-    def answers() -> bool:
-        assert server.poll() is None, "postgres exited"
-        with psycopg.connect(url, connect_timeout=2) as conn:
-            return conn.execute("SELECT 1").fetchone() == (1,)
-
+    cluster = pg_helpers.Cluster(pg_bin)
     try:
-        wait_until(answers, timeout=30, interval=0.2, message="PostgreSQL answering", ignore=(psycopg.OperationalError,))
-        yield url
+        yield cluster.url("postgres")
     finally:
-        server.terminate()
-        server.wait(timeout=30)
-        shutil.rmtree(folder, ignore_errors=True)
+        cluster.stop()
 
 
 def test_the_manager_runs_on_postgresql(postgres):
