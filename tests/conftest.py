@@ -52,30 +52,42 @@ def _fast_password_hashing(settings):
 
 
 # --- the shared world: the personas every test meets ---------------------------------------
-# boss is a lab manager; ann and bob are experimenters. A file that needs other details
-# (a display name, another password) makes its own user under another name.
+# boss is a lab manager; ann and bob are experimenters. A file whose pages show other
+# details of a persona (a display name, an e-mail address) passes them to make_persona; one
+# that needs another password or role makes its own user under another name.
 BOSS_PASSWORD, ANN_PASSWORD, BOB_PASSWORD = "pw-boss-123456", "pw-ann-1234567", "pw-bob-1234567"
+PERSONAS = {  # username: (e-mail, password, lab manager)
+    "boss": ("boss@lab.test", BOSS_PASSWORD, True),
+    "ann": ("ann@lab.test", ANN_PASSWORD, False),
+    "bob": ("bob@lab.test", BOB_PASSWORD, False),
+}
+
+
+def make_persona(username: str, **details):
+    """The persona `username` (boss, ann or bob), as the fixtures of those names make it:
+    for set-ups that cannot take a fixture (module scope, a set-up that runs later, after
+    a change of settings). `details` are other fields of the account that a file's pages
+    show (name=, email=); the password is always the persona's."""
+    from manager.accounts.models import User
+
+    email, password, manager = PERSONAS[username]
+    details.setdefault("email", email)
+    return User.objects.create_user(username, password=password, is_superuser=manager, is_staff=manager, **details)
 
 
 @pytest.fixture
 def boss(db):
-    from manager.accounts.models import User
-
-    return User.objects.create_user("boss", "boss@lab.test", BOSS_PASSWORD, is_superuser=True, is_staff=True)
+    return make_persona("boss")
 
 
 @pytest.fixture
 def ann(db):
-    from manager.accounts.models import User
-
-    return User.objects.create_user("ann", "ann@lab.test", ANN_PASSWORD)
+    return make_persona("ann")
 
 
 @pytest.fixture
 def bob(db):
-    from manager.accounts.models import User
-
-    return User.objects.create_user("bob", "bob@lab.test", BOB_PASSWORD)
+    return make_persona("bob")
 
 
 @pytest.fixture(autouse=True)

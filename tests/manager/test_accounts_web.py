@@ -21,10 +21,11 @@ from manager.accounts.models import User
 from manager.accounts.tasks import send_invitation
 from manager.celery import app as celery_app
 from manager.jobs.models import Job
+from tests.conftest import ANN_PASSWORD, make_persona
 
 pytestmark = pytest.mark.django_db
 
-PASSWORD = "Quiet-harbour-71"
+PASSWORD = "Quiet-harbour-71"  # chosen on an invitation page (Django's validators take it); olga's and cleo's
 LINK = re.compile(r"https?://[^\s/]+(/accounts/welcome/([^/\s]+)/([^/\s]+)/)")
 
 
@@ -47,9 +48,9 @@ def eager_celery():
 
 
 @pytest.fixture
-def boss():
-    return User.objects.create_user("boss", "boss@lab.test", PASSWORD, name="Bea Boss",
-                                    is_superuser=True, is_staff=True)
+def boss(db):
+    """boss as the invitation e-mail and the list of accounts name him."""
+    return make_persona("boss", name="Bea Boss")
 
 
 @pytest.fixture
@@ -264,8 +265,7 @@ BAD_NEW_ACCOUNTS = [
 
 
 @pytest.mark.parametrize("fields, message", BAD_NEW_ACCOUNTS, ids=[m for _, m in BAD_NEW_ACCOUNTS])
-def test_bad_new_account_is_refused_with_a_message(manager, fields, message, django_capture_on_commit_callbacks):
-    make_user("ann", "ann@lab.test")
+def test_bad_new_account_is_refused_with_a_message(manager, ann, fields, message, django_capture_on_commit_callbacks):
     before = set(User.objects.values_list("pk", flat=True))
     data = {"name": "New Person", "username": "newbie", "email": "newbie@uni.test", **fields}
     with django_capture_on_commit_callbacks(execute=True) as callbacks:
@@ -280,8 +280,7 @@ def test_bad_new_account_is_refused_with_a_message(manager, fields, message, dja
     assert response.context["form"]["username"].value() == data["username"]
 
 
-def test_several_problems_are_all_shown(manager):
-    make_user("ann", "ann@lab.test")
+def test_several_problems_are_all_shown(manager, ann):
     response = manager.post("/users/new/", {"name": "", "username": "Ann", "email": "ann@LAB.test"})
     text = page_text(response)
     assert "The username 'Ann' is already taken." in text
@@ -293,8 +292,8 @@ def test_several_problems_are_all_shown(manager):
 
 
 def test_list_and_search(manager, boss):
-    make_user("ann", "ann@uni.test", name="Ann Arbor")
-    make_user("bob", "bob@econ.test", name="Robert Brown")
+    make_persona("ann", email="ann@uni.test", name="Ann Arbor")
+    make_persona("bob", email="bob@econ.test", name="Robert Brown")
     make_user("cleo", "cleo@uni.test", name="Cleo Chu", is_active=False)
 
     text = page_text(manager.get("/users/"))
@@ -320,7 +319,7 @@ def test_list_and_search(manager, boss):
 
 
 def test_edit_name_email_and_username(manager):
-    ann = make_user("ann", "ann@uni.test", name="Ann")
+    ann = make_persona("ann", email="ann@uni.test", name="Ann")
     response = manager.post(f"/users/{ann.pk}/", {"name": "Ann Arbor-Smith", "username": "asmith",
                                                   "email": "asmith@uni.test"}, follow=True)
     assert response.redirect_chain[-1][0] == f"/users/{ann.pk}/"
@@ -328,11 +327,11 @@ def test_edit_name_email_and_username(manager):
     ann.refresh_from_db()
     assert (ann.name, ann.username, ann.email) == ("Ann Arbor-Smith", "asmith", "asmith@uni.test")
     # She logs in with her new username and her old password.
-    assert Client().login(username="asmith", password=PASSWORD)
+    assert Client().login(username="asmith", password=ANN_PASSWORD)
 
 
 def test_changing_only_the_case_of_ones_own_username_is_allowed(manager):
-    ann = make_user("ann", "ann@uni.test")
+    ann = make_persona("ann", email="ann@uni.test")
     manager.post(f"/users/{ann.pk}/", {"name": "", "username": "Ann", "email": "ANN@uni.test"})
     ann.refresh_from_db()
     assert (ann.username, ann.email) == ("Ann", "ANN@uni.test")
@@ -346,8 +345,8 @@ def test_changing_only_the_case_of_ones_own_username_is_allowed(manager):
     ({"username": "ann b"}, "Use only letters, digits and @ . + - _ (no spaces)."),
 ])
 def test_bad_edit_is_refused_and_nothing_is_saved(manager, fields, message):
-    ann = make_user("ann", "ann@uni.test", name="Ann")
-    make_user("bob", "bob@uni.test")
+    ann = make_persona("ann", email="ann@uni.test", name="Ann")
+    make_persona("bob", email="bob@uni.test")
     # A valid name change travels with the bad field: it must not be saved either.
     data = {"name": "Changed Name", "username": "ann", "email": "ann@uni.test", **fields}
     response = manager.post(f"/users/{ann.pk}/", data)
@@ -361,8 +360,7 @@ def test_bad_edit_is_refused_and_nothing_is_saved(manager, fields, message):
 # --- roles ---------------------------------------------------------------------------
 
 
-def test_promote_and_demote(manager):
-    ann = make_user("ann")
+def test_promote_and_demote(manager, ann):
     ann_client = logged_in(ann)
     assert ann_client.get("/users/").status_code == 403
 
@@ -419,11 +417,10 @@ def test_the_last_active_lab_manager_is_protected(boss):
 # --- deactivation and deletion -------------------------------------------------------
 
 
-def test_deactivate_logs_out_everywhere_and_blocks_login_until_reactivated(manager):
-    ann = make_user("ann")
+def test_deactivate_logs_out_everywhere_and_blocks_login_until_reactivated(manager, ann):
     laptop, phone = Client(), Client()
     for c in (laptop, phone):
-        assert c.post("/accounts/login/", {"login": "ann", "password": PASSWORD}).status_code == 302
+        assert c.post("/accounts/login/", {"login": "ann", "password": ANN_PASSWORD}).status_code == 302
         assert c.get("/").status_code == 200
     assert Session.objects.count() == 3  # boss + two of ann's
 
@@ -439,7 +436,7 @@ def test_deactivate_logs_out_everywhere_and_blocks_login_until_reactivated(manag
 
     # Logging in with the right password does not get her in.
     fresh = Client()
-    response = fresh.post("/accounts/login/", {"login": "ann", "password": PASSWORD}, follow=True)
+    response = fresh.post("/accounts/login/", {"login": "ann", "password": ANN_PASSWORD}, follow=True)
     assert "This account is inactive" in page_text(response)
     assert fresh.get("/").status_code == 302
 
@@ -447,12 +444,11 @@ def test_deactivate_logs_out_everywhere_and_blocks_login_until_reactivated(manag
     response = manager.post(f"/users/{ann.pk}/activate/", follow=True)
     assert "ann is active again." in page_text(response)
     assert laptop.get("/").status_code == 302
-    assert fresh.post("/accounts/login/", {"login": "ann", "password": PASSWORD}).status_code == 302
+    assert fresh.post("/accounts/login/", {"login": "ann", "password": ANN_PASSWORD}).status_code == 302
     assert fresh.get("/").status_code == 200
 
 
-def test_delete_an_account(manager):
-    ann = make_user("ann", name="Ann Arbor")
+def test_delete_an_account(manager, ann):
     ann_client = logged_in(ann)
     response = manager.get(f"/users/{ann.pk}/delete/")
     assert response.status_code == 200
@@ -466,7 +462,7 @@ def test_delete_an_account(manager):
     assert not User.objects.filter(pk=ann.pk).exists()
     assert ann_client.get("/").status_code == 302
     assert manager.get(f"/users/{ann.pk}/").status_code == 404
-    assert not Client().login(username="ann", password=PASSWORD)
+    assert not Client().login(username="ann", password=ANN_PASSWORD)
 
 
 def test_deleting_oneself_is_refused_with_a_message(manager, boss):
@@ -489,8 +485,7 @@ def test_a_lab_manager_deletes_another_lab_manager(boss):
         services.delete_user(None, boss)
 
 
-def test_unknown_action_is_404_and_get_changes_nothing(manager):
-    ann = make_user("ann")
+def test_unknown_action_is_404_and_get_changes_nothing(manager, ann):
     assert manager.post(f"/users/{ann.pk}/explode/").status_code == 404
     response = manager.get(f"/users/{ann.pk}/promote/")
     assert response.status_code == 302 and response["Location"] == f"/users/{ann.pk}/"
@@ -545,12 +540,11 @@ def exhaust_ip_limit(xff: str | None, remote: str = PROXY) -> None:
     assert TOO_MANY in failed_login("nobody-else", xff, remote)
 
 
-def test_behind_a_proxy_the_rate_limit_counts_the_real_client(settings):
+def test_behind_a_proxy_the_rate_limit_counts_the_real_client(settings, ann):
     settings.ALLAUTH_TRUSTED_PROXY_COUNT = 1  # LAB_BEHIND_PROXY=1 (LAB_PROXY_HOPS [1])
     exhaust_ip_limit("198.51.100.7")
     # Another client behind the same proxy may still log in...
-    make_user("ann")
-    assert Client(REMOTE_ADDR=PROXY).post("/accounts/login/", {"login": "ann", "password": PASSWORD},
+    assert Client(REMOTE_ADDR=PROXY).post("/accounts/login/", {"login": "ann", "password": ANN_PASSWORD},
                                           HTTP_X_FORWARDED_FOR="198.51.100.8").status_code == 302
     # ...while the blocked client cannot get fresh tries by putting other addresses in front
     # of the one the proxy appended.

@@ -12,7 +12,7 @@ from manager.accounts import services
 from manager.accounts.models import AccessToken, SSHKey, User
 from manager.audit.models import AuditEvent
 from manager.jobs.models import Job
-from tests.conftest import need
+from tests.conftest import make_persona, need
 
 pytestmark = pytest.mark.django_db
 
@@ -33,18 +33,13 @@ def _token(user, name="test"):
 
 
 @pytest.fixture
-def boss():
-    return _user("boss", is_superuser=True, is_staff=True)
+def boss(db):
+    return make_persona("boss", email="boss@lab.example")  # as the list of accounts shows him
 
 
 @pytest.fixture
 def alice():
     return _user("alice")
-
-
-@pytest.fixture
-def bob():
-    return _user("bob")
 
 
 @pytest.fixture

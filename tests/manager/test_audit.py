@@ -14,11 +14,13 @@ from manager.accounts.tasks import send_invitation
 from manager.audit.models import AuditEvent
 from manager.audit.services import record
 from manager.jobs.models import Job
+from tests.conftest import BOSS_PASSWORD
 
 pytestmark = pytest.mark.django_db
 
-BOSS_PASSWORD = "Quiet-harbour-71"
-ANN_PASSWORD = "Brisk-lantern-58"
+# What ann chooses on the invitation's page (Django's validators refuse one like her
+# persona's password, too like her username).
+CHOSEN_PASSWORD = "Brisk-lantern-58"
 
 
 def page_text(response) -> str:
@@ -47,12 +49,6 @@ def new_public_key(comment) -> str:
 
 
 @pytest.fixture
-def boss():
-    return User.objects.create_user("boss", "boss@uni.test", BOSS_PASSWORD, name="Bea Boss",
-                                    is_superuser=True, is_staff=True)
-
-
-@pytest.fixture
 def story(boss, django_capture_on_commit_callbacks):
     """A morning in the lab, all through the web pages. Returns the secrets that were
     typed or shown, to check none of them reached the log."""
@@ -67,8 +63,8 @@ def story(boss, django_capture_on_commit_callbacks):
     link = re.search(r"https?://[^\s/]+(/accounts/welcome/\S+/)", mail.outbox[0].body).group(1)
     ann_client = Client()
     form_url = ann_client.get(link, follow=True).redirect_chain[-1][0]
-    ann_client.post(form_url, {"new_password1": ANN_PASSWORD, "new_password2": ANN_PASSWORD})
-    assert ann_client.post("/accounts/login/", {"login": "ann", "password": ANN_PASSWORD}).status_code == 302
+    ann_client.post(form_url, {"new_password1": CHOSEN_PASSWORD, "new_password2": CHOSEN_PASSWORD})
+    assert ann_client.post("/accounts/login/", {"login": "ann", "password": CHOSEN_PASSWORD}).status_code == 302
 
     manager.post(f"/users/{ann.pk}/promote/")
     manager.post(f"/users/{ann.pk}/demote/")
@@ -90,7 +86,7 @@ def story(boss, django_capture_on_commit_callbacks):
 
     manager.post(f"/users/{ann.pk}/delete/")
     assert not User.objects.filter(username="ann").exists()
-    return {"manager": manager, "ann_pk": ann.pk, "secrets": [ANN_PASSWORD, BOSS_PASSWORD, raw_token,
+    return {"manager": manager, "ann_pk": ann.pk, "secrets": [CHOSEN_PASSWORD, BOSS_PASSWORD, raw_token,
                                                               "typo-Brisk-lantern", link.split("/")[-2]]}
 
 
@@ -192,8 +188,7 @@ def test_no_secret_reaches_the_log(story):
         assert secret not in page
 
 
-def test_experimenters_cannot_read_the_log(boss):
-    ann = User.objects.create_user("ann", "ann@uni.test", ANN_PASSWORD)
+def test_experimenters_cannot_read_the_log(boss, ann):
     client = Client()
     client.force_login(ann)
     response = client.get("/audit/")
@@ -218,8 +213,7 @@ def test_long_logs_are_paged(boss):
     assert audit_rows(second)[-1]["What"] == "event number 0"
 
 
-def test_user_detail_shows_recent_activity(boss):
-    ann = User.objects.create_user("ann", "ann@uni.test", ANN_PASSWORD)
+def test_user_detail_shows_recent_activity(boss, ann):
     record(boss, "user.promote", ann, "promoted ann")
     record(ann, "sshkey.add", None, "added SSH key 'x'")
     client = Client()

@@ -14,7 +14,6 @@ from channels.layers import get_channel_layer
 from django.test import Client
 from django.utils import timezone
 
-from manager.accounts.models import User
 from manager.jobs import services as jobs
 from manager.jobs.models import Job
 from manager.jobs.services import JobFailed, job_task
@@ -66,14 +65,6 @@ def swept_meanwhile(job):
 @pytest.fixture(autouse=True)
 def _reset_calls():
     calls.clear()
-
-
-@pytest.fixture
-def ann():
-    user = User.objects.create(username="ann", email="ann@uni.test", name="Ann")
-    user.set_unusable_password()
-    user.save()
-    return user
 
 
 def start(task, user, *args, label="Build ann's experiment"):
@@ -283,8 +274,7 @@ def test_the_user_is_notified_when_the_job_succeeds(ann):
     assert tab.nothing_within()  # one notification per job
 
 
-def test_the_user_is_notified_when_the_job_fails_and_others_are_not(ann):
-    bob = User.objects.create(username="bob", email="bob@uni.test")
+def test_the_user_is_notified_when_the_job_fails_and_others_are_not(ann, bob):
     ann_tab, bob_tab = Listener(ann.pk), Listener(bob.pk)
     run(refuse, start(refuse, ann), "no room left")
     event = ann_tab.receive()["event"]
@@ -306,7 +296,7 @@ def test_a_swept_job_is_announced_and_a_redelivery_is_not(ann):
 # --- what the user sees on the dashboard ----------------------------------------------
 
 
-def test_recent_jobs_show_the_outcome_to_their_owner_only(ann):
+def test_recent_jobs_show_the_outcome_to_their_owner_only(ann, bob):
     run(succeed, start(succeed, ann, label="Build one"), "one")
     run(refuse, start(refuse, ann, label="Build two"), "broken requirements.txt")
     start(quiet, ann, label="Build three")
@@ -317,7 +307,6 @@ def test_recent_jobs_show_the_outcome_to_their_owner_only(ann):
     assert 'data-status="failed"' in body and "Build two: broken requirements.txt" in body
     assert 'data-status="queued"' in body and "Build three" in body
 
-    bob = User.objects.create(username="bob", email="bob@uni.test")
     other = Client()
     other.force_login(bob)
     body = other.get("/jobs/recent/").content.decode()

@@ -28,13 +28,13 @@ from django.conf import settings
 from django.contrib.sessions.models import Session
 from django.test import Client
 
-from manager.accounts.models import User
+from tests.conftest import ANN_PASSWORD
 
 BASE_DIR = Path(__file__).resolve().parents[2]
-PASSWORD = "Quiet-harbour-71"
 
 # Run in a fresh process: migrate an in-memory database, log in through the login page as
 # a browser would (CSRF enforced, the token taken from the form), then open the dashboard.
+# ann is made there, in that process's own database (the test's fixtures cannot reach it).
 LOGIN_SCRIPT = r"""
 import json, os, re, django
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "manager.settings")
@@ -78,7 +78,7 @@ def run_settings(code: str, timeout: float = 120, **env: str) -> subprocess.Comp
 
 
 def cookies_of_a_login(**env: str) -> dict:
-    done = run_settings(LOGIN_SCRIPT, CHECK_PASSWORD=PASSWORD, **env)
+    done = run_settings(LOGIN_SCRIPT, CHECK_PASSWORD=ANN_PASSWORD, **env)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     jar = SimpleCookie()
@@ -131,16 +131,15 @@ def test_no_page_script_reads_the_csrf_cookie():
 
 
 @pytest.mark.django_db
-def test_a_request_for_the_instances_host_is_redirected_before_any_cookie():
+def test_a_request_for_the_instances_host_is_redirected_before_any_cookie(ann):
     assert settings.LAB_INSTANCE_HOST == "localhost" and settings.LAB_PUBLIC_URL == "http://127.0.0.1:8000"
     assert "localhost" not in settings.ALLOWED_HOSTS
-    User.objects.create_user("ann", "ann@lab.test", PASSWORD)
     browser = Client(HTTP_HOST="localhost:8000")
     response = browser.get("/instances/ann-study/?tab=logs")
     assert response.status_code == 302 and response["Location"] == "http://127.0.0.1:8000/instances/ann-study/?tab=logs"
     assert response.cookies == {} and response["Cache-Control"] == "no-store"
     # Not even a correct login sets a cookie there.
-    response = browser.post("/accounts/login/", {"login": "ann", "password": PASSWORD})
+    response = browser.post("/accounts/login/", {"login": "ann", "password": ANN_PASSWORD})
     assert response.status_code == 302 and response["Location"] == "http://127.0.0.1:8000/accounts/login/"
     assert response.cookies == {} and not Session.objects.exists()
     # Other spellings of that name, too.

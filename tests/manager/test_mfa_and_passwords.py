@@ -20,10 +20,11 @@ from django.test import Client
 
 from manager.accounts.models import User
 from manager.audit.models import AuditEvent
+from tests.conftest import ANN_PASSWORD, BOB_PASSWORD, make_persona
 
 pytestmark = pytest.mark.django_db
 
-PASSWORD = "Quiet-harbour-71"
+PASSWORD = "Quiet-harbour-71"  # of the one-time admin account, and mallory's try at a sign-up
 NEW_PASSWORD = "Brisk-lantern-58"
 LOGIN = "/accounts/login/"
 CHANGE = "/accounts/password/change/"
@@ -55,8 +56,9 @@ def current_totp(secret: str) -> str:
 
 
 @pytest.fixture
-def ann():
-    return User.objects.create_user("ann", "ann@uni.test", PASSWORD, name="Ann Arbor")
+def ann(db):
+    """ann as these pages greet her ("Hello, Ann") and mail her (ann@uni.test)."""
+    return make_persona("ann", name="Ann Arbor", email="ann@uni.test")
 
 
 def log_in(client, login, password, **kwargs):
@@ -72,11 +74,11 @@ def is_logged_in(client) -> bool:
 
 def test_change_password(ann):
     client = Client()
-    assert log_in(client, "ann", PASSWORD).status_code == 302
+    assert log_in(client, "ann", ANN_PASSWORD).status_code == 302
     response = client.get(CHANGE)
     assert response.status_code == 200 and "Change password" in page_text(response)
 
-    response = client.post(CHANGE, {"oldpassword": PASSWORD, "password1": NEW_PASSWORD, "password2": NEW_PASSWORD},
+    response = client.post(CHANGE, {"oldpassword": ANN_PASSWORD, "password1": NEW_PASSWORD, "password2": NEW_PASSWORD},
                            follow=True)
     assert response.redirect_chain[-1][0] == "/"
     assert "Hello, Ann" in page_text(response)  # still logged in after the change
@@ -84,7 +86,7 @@ def test_change_password(ann):
     assert ann.check_password(NEW_PASSWORD)
     assert is_logged_in(client)
 
-    assert log_in(Client(), "ann", PASSWORD).status_code == 200  # the old one: the form again
+    assert log_in(Client(), "ann", ANN_PASSWORD).status_code == 200  # the old one: the form again
     other = Client()
     assert log_in(other, "ann", NEW_PASSWORD).status_code == 302
     assert is_logged_in(other)
@@ -92,9 +94,9 @@ def test_change_password(ann):
 
 def test_changing_the_password_logs_out_the_other_sessions(ann):
     phone, laptop = Client(), Client()
-    log_in(phone, "ann", PASSWORD)
-    log_in(laptop, "ann", PASSWORD)
-    laptop.post(CHANGE, {"oldpassword": PASSWORD, "password1": NEW_PASSWORD, "password2": NEW_PASSWORD})
+    log_in(phone, "ann", ANN_PASSWORD)
+    log_in(laptop, "ann", ANN_PASSWORD)
+    laptop.post(CHANGE, {"oldpassword": ANN_PASSWORD, "password1": NEW_PASSWORD, "password2": NEW_PASSWORD})
     assert is_logged_in(laptop)
     assert not is_logged_in(phone)
 
@@ -102,7 +104,7 @@ def test_changing_the_password_logs_out_the_other_sessions(ann):
 @pytest.mark.parametrize("login", ["ann", "ANN", "ann@uni.test", "Ann@Uni.Test"])
 def test_log_in_with_username_or_e_mail_in_any_case(ann, login):
     client = Client()
-    response = log_in(client, login, PASSWORD)
+    response = log_in(client, login, ANN_PASSWORD)
     assert response.status_code == 302 and response["Location"] == "/"
     assert is_logged_in(client)
 
@@ -115,25 +117,25 @@ def test_log_in_with_username_or_e_mail_in_any_case(ann, login):
 ])
 def test_weak_new_password_is_refused_with_the_reason(ann, new, message):
     client = Client()
-    log_in(client, "ann", PASSWORD)
-    response = client.post(CHANGE, {"oldpassword": PASSWORD, "password1": new, "password2": new})
+    log_in(client, "ann", ANN_PASSWORD)
+    response = client.post(CHANGE, {"oldpassword": ANN_PASSWORD, "password1": new, "password2": new})
     assert response.status_code == 200
     assert message in page_text(response)
     ann.refresh_from_db()
-    assert ann.check_password(PASSWORD)
+    assert ann.check_password(ANN_PASSWORD)
 
 
 def test_wrong_current_password_or_mismatch_is_refused(ann):
     client = Client()
-    log_in(client, "ann", PASSWORD)
+    log_in(client, "ann", ANN_PASSWORD)
     response = client.post(CHANGE, {"oldpassword": "not-it-at-all", "password1": NEW_PASSWORD,
                                     "password2": NEW_PASSWORD})
     assert "Please type your current password." in page_text(response)
-    response = client.post(CHANGE, {"oldpassword": PASSWORD, "password1": NEW_PASSWORD,
+    response = client.post(CHANGE, {"oldpassword": ANN_PASSWORD, "password1": NEW_PASSWORD,
                                     "password2": NEW_PASSWORD + "x"})
     assert "You must type the same password each time." in page_text(response)
     ann.refresh_from_db()
-    assert ann.check_password(PASSWORD)
+    assert ann.check_password(ANN_PASSWORD)
 
 
 # --- resetting a forgotten password --------------------------------------------------
@@ -187,7 +189,7 @@ def test_reset_for_an_unknown_address_reveals_nothing_and_offers_no_sign_up(ann)
 # --- two-factor login (TOTP) ---------------------------------------------------------
 
 
-def activate_totp(client, capture, password=PASSWORD) -> str:
+def activate_totp(client, capture, password=ANN_PASSWORD) -> str:
     """Turn on TOTP as a user does: allauth first asks for the password again
     (reauthentication: a login does not count), then shows the secret."""
     response = client.get("/accounts/2fa/totp/activate/")
@@ -212,7 +214,7 @@ def activate_totp(client, capture, password=PASSWORD) -> str:
 
 def test_turn_on_totp_and_log_in_with_it(ann, django_capture_on_commit_callbacks):
     client = Client()
-    assert log_in(client, "ann", PASSWORD).status_code == 302
+    assert log_in(client, "ann", ANN_PASSWORD).status_code == 302
     assert "Two-factor login off" in page_text(client.get("/settings/"))
     secret = activate_totp(client, django_capture_on_commit_callbacks)
     assert Authenticator.objects.filter(user=ann, type="totp").exists()
@@ -223,7 +225,7 @@ def test_turn_on_totp_and_log_in_with_it(ann, django_capture_on_commit_callbacks
     assert not is_logged_in(client)
 
     # The password alone now leads to the second step, not into the app.
-    response = log_in(client, "ann", PASSWORD)
+    response = log_in(client, "ann", ANN_PASSWORD)
     assert response.status_code == 302 and response["Location"] == "/accounts/2fa/authenticate/"
     assert not is_logged_in(client)
     response = client.get("/accounts/2fa/authenticate/")
@@ -242,7 +244,7 @@ def test_turn_on_totp_and_log_in_with_it(ann, django_capture_on_commit_callbacks
 
 def test_totp_activation_asks_for_the_password_again(ann):
     client = Client()
-    assert log_in(client, "ann", PASSWORD).status_code == 302
+    assert log_in(client, "ann", ANN_PASSWORD).status_code == 302
     response = client.get("/accounts/2fa/totp/activate/", follow=True)
     assert response.redirect_chain[-1][0].startswith("/accounts/reauthenticate/")
     response = client.post(response.redirect_chain[-1][0], {"password": "not-my-password"})
@@ -271,22 +273,21 @@ def test_no_public_sign_up():
 # --- login rate limit ----------------------------------------------------------------
 
 
-def test_login_is_refused_after_five_failed_attempts(ann):
-    User.objects.create_user("bob", "bob@uni.test", PASSWORD)
+def test_login_is_refused_after_five_failed_attempts(ann, bob):
     client = Client()
     for _ in range(5):
         response = log_in(client, "ann", "wrong-password")
         assert response.status_code == 200
         assert "The username and/or password you specified are not correct." in page_text(response)
 
-    response = log_in(client, "ann", PASSWORD)  # the right password, too late
+    response = log_in(client, "ann", ANN_PASSWORD)  # the right password, too late
     assert response.status_code == 200
     assert "Too many failed login attempts. Try again later." in page_text(response)
     assert not is_logged_in(client)
     # Not even from another browser, nor by the e-mail address... (same account key)
-    assert "Too many failed login attempts" in page_text(log_in(Client(), "ANN", PASSWORD))
+    assert "Too many failed login attempts" in page_text(log_in(Client(), "ANN", ANN_PASSWORD))
     # ...while other accounts are unaffected.
-    assert log_in(Client(), "bob", PASSWORD).status_code == 302
+    assert log_in(Client(), "bob", BOB_PASSWORD).status_code == 302
 
 
 def test_failed_logins_are_audited_without_the_password(ann):
@@ -332,7 +333,7 @@ def test_one_time_password_user_may_log_out(ann):
     ann.must_change_password = True
     ann.save()
     client = Client()
-    log_in(client, "ann", PASSWORD)
+    log_in(client, "ann", ANN_PASSWORD)
     response = client.post("/accounts/logout/")
     assert response.status_code == 302 and response["Location"] == LOGIN
     assert client.get("/").status_code == 302

@@ -48,10 +48,7 @@ class World:
 
 
 @pytest.fixture
-def world(db):
-    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
-    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567", name="Ann A")
-    bob = User.objects.create_user("bob", "bob@lab.test", "pw-bob-1234567", name="Bob B")
+def world(boss, ann, bob):
     w = World(boss=boss, ann=ann, bob=bob)
     for user in (boss, ann, bob):
         token, raw = services.create_token(user, name="harness")

@@ -9,7 +9,6 @@ from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.test import Client
 
-from manager.accounts.models import User
 from manager.asgi import application
 from manager.realtime.services import notify_user
 
@@ -34,9 +33,7 @@ async def connect(user=None, origin=ORIGIN):
 
 
 @pytest.fixture
-def people(db):
-    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
-    bob = User.objects.create_user("bob", "bob@lab.test", "pw-bob-1234567")
+def people(ann, bob):
     return ann, bob
 
 

@@ -19,7 +19,7 @@ from django.core.exceptions import ValidationError
 from django.test import Client
 
 from manager.accounts import services
-from manager.accounts.models import SSHKey, User
+from manager.accounts.models import SSHKey
 from manager.accounts.sshkeys import parse_public_key
 from tests.conftest import need
 
@@ -74,11 +74,6 @@ def keys(tmp_path_factory):
         files.make(kind, args, f"ann@{kind}-laptop")
     files.make("spare", ["-t", "ed25519"], "spare")
     return files
-
-
-@pytest.fixture
-def ann(db):
-    return User.objects.create_user("ann", "ann@uni.test", "Quiet-harbour-71")
 
 
 @pytest.fixture
@@ -205,8 +200,7 @@ def test_bad_key_gets_its_own_message_and_nothing_is_saved(ann, ann_client, keys
 
 
 @pytest.mark.django_db
-def test_duplicate_keys(ann, ann_client, keys):
-    bob = User.objects.create_user("bob", "bob@uni.test", "Quiet-harbour-71")
+def test_duplicate_keys(ann, ann_client, keys, bob):
     services.add_ssh_key(ann, title="laptop", key=keys.pub["ed25519"])
     services.add_ssh_key(bob, title="bob's", key=keys.pub["ecdsa-p384"])
 

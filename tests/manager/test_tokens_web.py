@@ -9,7 +9,7 @@ from django.test import Client
 from django.utils import timezone
 
 from manager.accounts import services
-from manager.accounts.models import AccessToken, User
+from manager.accounts.models import AccessToken
 from manager.audit.models import AuditEvent
 
 pytestmark = pytest.mark.django_db
@@ -32,11 +32,6 @@ def tokens_table(response) -> list[list[str]]:
     rows = re.findall(r"<tr>(.*?)</tr>", table.group(0).split("<tbody>")[1], flags=re.S)
     return [[" ".join(html.unescape(re.sub(r"<[^>]+>", " ", cell)).split())
              for cell in re.findall(r"<td[^>]*>(.*?)</td>", row, flags=re.S)] for row in rows]
-
-
-@pytest.fixture
-def ann():
-    return User.objects.create_user("ann", "ann@uni.test", "Quiet-harbour-71", name="Ann")
 
 
 @pytest.fixture
@@ -131,8 +126,7 @@ def test_several_tokens_are_listed_newest_first_and_raw_values_differ(ann_client
     assert [row[0] for row in tokens_table(ann_client.get(URL))] == ["third", "second", "first"]
 
 
-def test_only_own_tokens_are_listed(ann, ann_client):
-    bob = User.objects.create_user("bob", "bob@uni.test", "Quiet-harbour-71")
+def test_only_own_tokens_are_listed(ann, ann_client, bob):
     services.create_token(bob, name="bob's secret script")
     create(ann_client, "mine")
     text = page_text(ann_client.get(URL))
@@ -153,8 +147,7 @@ def test_bad_token_name(ann_client, name, message):
     assert not AccessToken.objects.exists()
 
 
-def test_token_of_a_deactivated_account_stops_working(ann, ann_client):
-    boss = User.objects.create_user("boss", "boss@uni.test", "Quiet-harbour-71", is_superuser=True)
+def test_token_of_a_deactivated_account_stops_working(ann, ann_client, boss):
     _, raw = create(ann_client)
     services.set_active(boss, ann, False)
     assert api_me(raw).status_code == 401
@@ -162,8 +155,7 @@ def test_token_of_a_deactivated_account_stops_working(ann, ann_client):
     assert api_me(raw).status_code == 200
 
 
-def test_lab_manager_sees_that_a_token_exists_but_not_its_value(ann, ann_client):
-    boss = User.objects.create_user("boss", "boss@uni.test", "Quiet-harbour-71", is_superuser=True)
+def test_lab_manager_sees_that_a_token_exists_but_not_its_value(ann, ann_client, boss):
     _, raw = create(ann_client, "analysis script")
     manager = Client()
     manager.force_login(boss)
