@@ -87,12 +87,10 @@ def fake():
 
 
 @pytest.fixture
-def lab(deployed, fake, monkeypatch):
+def lab(deployed, fake, monkeypatch, boss, ann):
     monkeypatch.setattr(llm, "BACKOFF_BASE", 0.02)
     enqueued = []
     monkeypatch.setattr(run_bots, "apply_async", lambda args, **kw: enqueued.append(list(args)))
-    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
-    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
     instance = bots_otree.attach(deployed, ann, public_port=int(deployed.app_url.rsplit(":", 1)[1]))
     provider = Provider.objects.create(name="Fake", base_url=fake.url, api_key=KEY, timeout_seconds=1,
                                        offered_models=[{"name": "fake-1", "input_per_million": 1.0,

@@ -18,7 +18,6 @@ from bots.models import Bot, BotRun, Provider
 from bots.page import parse
 from bots.ratelimit import RateLimiter
 from instances.models import Instance, Release
-from manager.accounts.models import User
 from manager.accounts.services import create_token
 from manager.audit.models import AuditEvent
 from tests.fake_llm import FakeLLM
@@ -344,19 +343,16 @@ def test_the_sweep_resumes_runs_whose_worker_died_and_ends_stopped_ones(lab, set
 # --- the live page's topic ------------------------------------------------------------------------
 
 @pytest.mark.django_db(transaction=True)
-async def test_run_updates_reach_the_owner_and_lab_managers_only():
+async def test_run_updates_reach_the_owner_and_lab_managers_only(boss, ann, bob):
     def setup():
-        boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True)
-        ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
-        bob = User.objects.create_user("bob", "bob@lab.test", "pw-bob-1234567")
         instance = Instance.objects.create(name="ws-bots", owner=ann)
         run = BotRun.objects.create(instance=instance, number=1, session_config="g", num_participants=1, num_bots=1,
                                     model="random", status="running")
         Bot.objects.create(run=run, index=1, participant_code="abc", id_in_session=1, status="playing", page="Guess",
                            app="guess", round_number=2, answers=3)
-        return boss, ann, bob, run
+        return run
 
-    boss, ann, bob, run = await sync_to_async(setup)()
+    run = await sync_to_async(setup)()
     tabs = {}
     for name, user in (("boss", boss), ("ann", ann), ("bob", bob)):
         tab, ok = await connect(user)
