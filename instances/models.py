@@ -1,4 +1,5 @@
 import secrets
+from decimal import Decimal
 
 from django.conf import settings
 from django.db import models
@@ -54,6 +55,10 @@ class Instance(models.Model):
     cpus = models.DecimalField(max_digits=4, decimal_places=2, default=1)
     public_port = models.PositiveIntegerField(null=True, blank=True, unique=True)
     runtime = models.CharField(max_length=20, blank=True)  # which backend runs it
+    # The settings the app last came up healthy with (`app_settings()`; {} before the first
+    # app): a change is applied like a deploy and, should the app not come up with it, these
+    # are restored (instances.reconciler).
+    applied_settings = EncryptedJSONField(default=dict, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -107,6 +112,15 @@ class Instance(models.Model):
     @property
     def db_user(self) -> str:
         return "otree"
+
+    # What the app is started with, of the settings a user changes (the app restarts).
+    APP_SETTINGS = ("config_vars", "admin_password", "auth_level", "production", "memory_mb", "cpus")
+
+    def app_settings(self) -> dict:
+        """The settings the app runs with (JSON-safe; secrets included: store encrypted)."""
+        return {"config_vars": dict(self.config_vars or {}), "admin_password": self.admin_password,
+                "auth_level": self.auth_level, "production": bool(self.production),
+                "memory_mb": int(self.memory_mb), "cpus": f"{Decimal(str(self.cpus)):.2f}"}
 
     def otree_env(self) -> dict[str, str]:
         """The app's environment (what oTree reads) but for DATABASE_URL and REDIS_URL,

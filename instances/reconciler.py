@@ -8,7 +8,9 @@ It is safe to run at any time, any number of times.
 import logging
 import secrets as pysecrets
 from datetime import datetime, timezone as dt_timezone
+from decimal import Decimal
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 
@@ -17,10 +19,11 @@ from instances.backups import backup_dir
 from instances.git import archive
 from instances.models import Backup, Instance
 from instances.runtime import available_runtimes, get_runtime
-from instances.runtime.base import Health, RuntimeError_
+from instances.runtime.base import AppFailed, Health, RuntimeError_
 from instances.state import deleted_event, push_event, set_status
-from instances.spec import app_spec, current_app, instance_spec
+from instances.spec import app_spec, current_app, instance_spec, with_settings
 from manager import locks
+from manager.audit.services import record
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +32,16 @@ class ReconcileError(Exception):
     """Shown to the user (the instance's status reason)."""
 
 
+class SettingsNotApplied(ReconcileError):
+    """The app did not come up with new settings: the previous ones are back in the
+    database and the app runs with them (the message says why, with the app's output)."""
+
+
 def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Instance | None:
     """Make the runtime match the instance's desired state. Returns the instance (None when
-    it no longer exists). Raises ReconcileError with the reason on failure."""
+    it no longer exists). Raises ReconcileError with the reason on failure; after new
+    settings the app could not run with, SettingsNotApplied once everything runs again
+    with the previous ones."""
     with locks.lock(f"instance:{instance_id}"):
         instance = Instance.objects.filter(pk=instance_id).first()
         if instance is None:
@@ -42,13 +52,18 @@ def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Insta
             return None
         generation = instance.generation
         restart_generation = instance.restart_generation
+        refused = ""
         try:
             if not instance.desired_running:
                 runtime.stop(instance.name)
                 set_status(instance, Instance.Status.STOPPED, "", observed_generation=generation)
                 return instance
-            app = app_spec(instance, current_app(instance))
-            state = runtime.ensure(instance_spec(instance, app))
+            found = current_app(instance)
+            view = instance  # what the app runs with: the instance's settings, or those it ran with before
+            if found is not None:
+                view, refused = _apply_settings(instance, runtime, found, generation)
+            app = app_spec(view, found)
+            state = runtime.ensure(instance_spec(view, app))
             if not locks.held(f"build:{instance.pk}"):  # no build runs: a dead one's leftovers go
                 runtime.remove_build_leftovers(instance.name)
             if app is not None and (restart or restart_generation > instance.observed_restart_generation):
@@ -61,15 +76,61 @@ def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Insta
             reason = f"database {state.db.health.value}, redis {state.redis.health.value}"
             set_status(instance, Instance.Status.FAILED, reason)
             raise ReconcileError(reason)
+        fields = {}
         if app is None:
             status, reason = Instance.Status.READY_FOR_CODE, "database and Redis are up; push your oTree project"
         elif state.app.health == Health.RUNNING:
-            status, reason = Instance.Status.RUNNING, ""
+            status, reason = Instance.Status.RUNNING, refused
+            fields["applied_settings"] = view.app_settings()
         else:
             status, reason = Instance.Status.FAILED, f"the oTree app is {state.app.health.value} {state.app.detail}"
         set_status(instance, status, reason, runtime=runtime.name,
-                   observed_generation=generation, observed_restart_generation=restart_generation)
+                   observed_generation=generation, observed_restart_generation=restart_generation, **fields)
+        if refused:
+            raise SettingsNotApplied(refused)
         return instance
+
+
+def _apply_settings(instance: Instance, runtime, found: dict, generation: int) -> tuple[Instance, str]:
+    """New settings of an instance with an app are applied as a deploy is: the app with
+    them starts beside the running one and takes over only once it answers HTTP. Should it
+    not come up (it exits, or does not answer within LAB_START_TIMEOUT), the settings it
+    ran with before are restored in the database (unless a newer change came meanwhile)
+    and the running app is left as it is. Returns the instance as its app is to run
+    (`spec.with_settings`) and "" or the reason the new settings were not applied. A
+    failure of the machine (not of the app) raises RuntimeError_ and changes nothing."""
+    wanted = instance.app_settings()
+    applied = instance.applied_settings or {}
+    if not applied or applied == wanted:  # nothing new (or an app from before this was recorded)
+        return instance, ""
+    try:
+        runtime.deploy_app(instance_spec(instance, app_spec(instance, found)), timeout=settings.LAB_START_TIMEOUT)
+    except AppFailed as exc:
+        reason = (f"The new settings were not applied: {exc}. The previous settings are back and the app "
+                  "runs with them.")
+        _restore(instance, applied, generation, wanted)
+        return with_settings(instance, applied), reason
+    proxy.sync_routes(instance.name)  # the new app answers on another port
+    runtime.retire_app(instance.name)
+    Instance.objects.filter(pk=instance.pk).update(applied_settings=wanted)
+    instance.applied_settings = wanted
+    return instance, ""
+
+
+def _restore(instance: Instance, applied: dict, generation: int, wanted: dict) -> None:
+    """Put the settings the app ran with back, unless a newer change arrived meanwhile
+    (its own pass tries that one)."""
+    values = {key: Decimal(applied[key]) if key == "cpus" else applied[key]
+              for key in Instance.APP_SETTINGS if key in applied}
+    if not Instance.objects.filter(pk=instance.pk, generation=generation).update(**values):
+        return
+    instance.refresh_from_db()
+    changed = sorted("config vars" if k == "config_vars" else k for k in values if values[k] != wanted.get(k)
+                     and not (k == "cpus" and str(values[k]) == wanted.get(k)))
+    # Values are secrets: the audit log names only what went back.
+    record(None, "instance.settings_restored", instance,
+           f"the app of {instance.name} did not come up with its new {', '.join(changed) or 'settings'}; "
+           "the previous ones are back", changed=changed)
 
 
 def backup(instance: Instance, kind: str, actor=None, runtime=None) -> Backup:
@@ -93,9 +154,18 @@ def backup(instance: Instance, kind: str, actor=None, runtime=None) -> Backup:
     return row
 
 
+def _converge_for_data(instance_id: int, runtime) -> None:
+    """Reconcile before a backup or reset: new settings the app refused stop neither (the
+    database runs; the app runs with the previous settings)."""
+    try:
+        reconcile(instance_id, runtime=runtime)
+    except SettingsNotApplied:
+        pass
+
+
 def backup_and_reset(instance_id: int, actor=None) -> Backup:
     runtime = get_runtime(Instance.objects.get(pk=instance_id))
-    reconcile(instance_id, runtime=runtime)  # the database must be up to be dumped
+    _converge_for_data(instance_id, runtime)  # the database must be up to be dumped
     with locks.lock(f"instance:{instance_id}"):
         instance = Instance.objects.get(pk=instance_id)
         row = backup(instance, Backup.Kind.BEFORE_RESET, actor, runtime)  # no backup, no reset
@@ -110,7 +180,7 @@ def backup_and_reset(instance_id: int, actor=None) -> Backup:
 
 def backup_only(instance_id: int, actor=None) -> Backup:
     runtime = get_runtime(Instance.objects.get(pk=instance_id))
-    reconcile(instance_id, runtime=runtime)
+    _converge_for_data(instance_id, runtime)
     with locks.lock(f"instance:{instance_id}"):
         return backup(Instance.objects.get(pk=instance_id), Backup.Kind.MANUAL, actor, runtime)
 

@@ -266,6 +266,7 @@ def _start_and_switch(release: Release, instance: Instance, runtime, out: LogWri
     with locks.lock(f"instance:{instance.pk}", wait=120):
         instance.refresh_from_db()
         spec = instance_spec(instance, app_spec(instance, app_of(release)))
+        started_with = instance.app_settings()  # the settings a later change falls back to
         try:
             url = runtime.deploy_app(spec, timeout=start_timeout(), out=out, before_switch=introspected)
         except RuntimeError_:
@@ -283,7 +284,7 @@ def _start_and_switch(release: Release, instance: Instance, runtime, out: LogWri
                             status_reason=f"replaced by #{release.number}")
             Release.objects.filter(pk=release.pk).update(status=Release.Status.LIVE, finished_at=timezone.now(),
                                                          status_reason="")
-            Instance.objects.filter(pk=instance.pk).update(runtime=runtime.name)
+            Instance.objects.filter(pk=instance.pk).update(runtime=runtime.name, applied_settings=started_with)
         out(f"Live: #{release.number} answers at {instance.url or url}\n")
         out.flush()
         state.set_status(instance, Instance.Status.RUNNING, "")

@@ -7,6 +7,7 @@ periodic sweep reconciles again, so the runtime always converges to the database
 
 import logging
 import re
+import subprocess
 from decimal import Decimal, InvalidOperation
 
 from django.conf import settings
@@ -14,8 +15,9 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import F
 
-from instances import state
+from instances import build, otree_project, state
 from instances.git import archive
+from instances.git.repos import repo_path
 from instances.models import Instance, generate_secret
 from manager import texts
 from manager import throttle
@@ -135,6 +137,42 @@ def clean_config_vars(values) -> dict[str, str]:
         raise ValidationError({"env": [f"The config vars are too large together ({size} bytes as the app's "
                                        f"environment, at most {MAX_CONFIG_BYTES})."]})
     return cleaned
+
+
+# oTree starts Sentry when SENTRY_DSN is set, and exits at once ("add sentry_sdk to your
+# requirements.txt") when the package is missing.
+SENTRY_VAR, SENTRY_PACKAGE = "SENTRY_DSN", "sentry-sdk"
+MAX_REQUIREMENTS_READ = 1024 * 1024  # bytes of a release's requirements.txt read for that check
+
+
+def _live_requirements(instance: Instance) -> tuple[int, set[str]] | None:
+    """(number, requirement names) of the live release's requirements.txt, or None when
+    there is no live release or its file cannot be read (too large, no repository)."""
+    live = instance.releases.filter(status="live").first()
+    if live is None:
+        return None
+    repo, path = repo_path(instance), f"{live.commit}:requirements.txt"
+    try:
+        if int(build.git(repo, "cat-file", "-s", path, timeout=10)) > MAX_REQUIREMENTS_READ:
+            return None
+        text = build.git(repo, "cat-file", "blob", path, timeout=10).decode(errors="replace")
+    except (build.BuildFailed, OSError, ValueError, subprocess.SubprocessError):
+        return None
+    return live.number, {name for name, _ in otree_project.requirement_names(text)}
+
+
+def check_packages_for(instance: Instance, config_vars: dict) -> None:
+    """Refuse a config var the live release's app cannot start with (SENTRY_DSN without
+    sentry-sdk in its requirements.txt) before anything is stored. A value already set
+    stays; without a live release the first deploy says it (oTree's own message)."""
+    value = config_vars.get(SENTRY_VAR)
+    if not value or (instance.config_vars or {}).get(SENTRY_VAR) == value:
+        return
+    found = _live_requirements(instance)
+    if found is not None and SENTRY_PACKAGE not in found[1]:
+        raise ValidationError({"env": [
+            f"{SENTRY_VAR} needs the {SENTRY_PACKAGE} package, which the live release #{found[0]} does not "
+            f"install (oTree would not start): add {SENTRY_PACKAGE} to requirements.txt and push it first."]})
 
 
 def _clean_limits(memory_mb, cpus):
@@ -258,6 +296,7 @@ def update_settings(actor, instance: Instance, *, auth_level=None, production=No
         changes["production"] = production
     if env is not None:
         changes["config_vars"] = clean_config_vars(env)
+        check_packages_for(instance, changes["config_vars"])
     memory_mb, cpus = _clean_limits(memory_mb, cpus)
     if memory_mb is not None:
         changes["memory_mb"] = memory_mb

@@ -6,6 +6,9 @@ as the project's oTree app (no command: each backend knows how, from
 
 from __future__ import annotations
 
+import copy
+from decimal import Decimal
+
 from instances.models import Instance, Release
 from instances.otree_project import APP_PORT
 from instances.runtime.base import AppSpec, InstanceSpec
@@ -36,3 +39,13 @@ def instance_spec(instance: Instance, app: AppSpec | None = None) -> InstanceSpe
         name=instance.name, db_name=instance.db_name, db_user=instance.db_user, db_password=instance.db_password,
         memory_mb=instance.memory_mb, cpus=float(instance.cpus), app=app,
     )
+
+
+def with_settings(instance: Instance, values: dict) -> Instance:
+    """A copy of `instance` (never saved) with the app settings `values` (an
+    `Instance.app_settings()` dict) in place of its own: what the app ran with before."""
+    view = copy.copy(instance)
+    for key in Instance.APP_SETTINGS:
+        if key in values:
+            setattr(view, key, Decimal(values[key]) if key == "cpus" else values[key])
+    return view

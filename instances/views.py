@@ -79,7 +79,8 @@ def instance_settings(request, name):
     return _form_post(
         request, instance, SettingsForm(request.POST), "settings_form", services.update_settings,
         lambda data: {"auth_level": data["auth_level"], "production": data["production"], "env": data["env"]},
-        "Settings saved; the app restarts with them (the database is untouched).",
+        "Settings saved; the app restarts with them once it answers with them (if it does not, the previous "
+        "settings come back and you are told why). The database is untouched.",
     )
 
 
@@ -113,7 +114,8 @@ def instance_limits(request, name):
     return _form_post(
         request, instance, LimitsForm(request.POST), "limits_form", services.update_settings,
         lambda data: {"memory_mb": data["memory_mb"], "cpus": data["cpus"]},
-        "Limits saved; the app restarts with them.",
+        "Limits saved; the app restarts with them once it answers with them (if it does not, the previous "
+        "limits come back).",
     )
 
 

@@ -47,6 +47,12 @@ class RuntimeError_(Exception):
     """A backend failed; the message is shown to the user as the status reason."""
 
 
+class AppFailed(RuntimeError_):
+    """The app itself did not come up (it exited, or did not answer HTTP in time): the
+    fault of what it was started with, not of the machine. The message ends with the app's
+    last output."""
+
+
 def user_errors(translate):
     """Decorator for a backend's public methods: what fails inside leaves as RuntimeError_
     with a short text. `translate(runtime, method_name, exc)` returns that error for the
@@ -116,8 +122,8 @@ def wait_services(name: str, components, *, answers, crashed, last_words, timeou
 
 def wait_http(step, timeout: float, *, out=None, last_words=lambda: "", interval: float = 0.2) -> str:
     """Until a new app answers HTTP (any status below 500); returns its URL. `step()`
-    returns the URL ("" while not known yet) and raises RuntimeError_ when the app
-    crashed; `last_words()` gives its last output for the timeout message."""
+    returns the URL ("" while not known yet) and raises AppFailed when the app crashed;
+    `last_words()` gives its last output for the timeout message (AppFailed too)."""
     deadline = time.monotonic() + timeout
     last = "no answer yet"
     while True:
@@ -134,7 +140,7 @@ def wait_http(step, timeout: float, *, out=None, last_words=lambda: "", interval
                 last = type(exc).__name__
         if time.monotonic() >= deadline:
             tail = last_words()
-            raise RuntimeError_(f"the app did not answer HTTP within {timeout:g} s ({last})" + (f": {tail}" if tail else ""))
+            raise AppFailed(f"the app did not answer HTTP within {timeout:g} s ({last})" + (f": {tail}" if tail else ""))
         time.sleep(interval)
 
 
@@ -261,7 +267,10 @@ class Runtime(Protocol):
         """Start `spec.app` beside the running app, wait until it answers HTTP, call
         `before_switch()` (an exception there aborts), then make it the instance's app; the
         old one keeps running until `retire_app`. On failure the old app is untouched and
-        RuntimeError_ says why. Returns the new app's URL on the host."""
+        RuntimeError_ says why: AppFailed (with the app's last output) when the new app
+        itself exited or did not answer within `timeout` (a settings change is then
+        undone), another RuntimeError_ when the machine failed. Returns the new app's URL
+        on the host."""
 
     def retire_app(self, name: str) -> None:
         """Stop the app that the last `deploy_app` replaced."""

@@ -73,7 +73,7 @@ from instances.otree_project import (
 )
 
 from .base import (
-    CANDIDATE, COMPONENTS, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppSpec, ComponentState, Health,
+    CANDIDATE, COMPONENTS, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppFailed, AppSpec, ComponentState, Health,
     InstanceSpec, InstanceState, RuntimeError_, check_name, free_port, last_lines, user_errors, wait_http,
     wait_services,
 )
@@ -627,7 +627,7 @@ class DockerRuntime:
             if st["Status"] in ("exited", "dead", "restarting") or (info.get("RestartCount") or 0) > 0:
                 tail = last_lines(self._container_logs(info["Id"]), 4)
                 why = "was killed: out of memory" if st.get("OOMKilled") else f"exited with code {st.get('ExitCode')}"
-                raise RuntimeError_(f"the app {why} while starting" + (f": {tail}" if tail else ""))
+                raise AppFailed(f"the app {why} while starting" + (f": {tail}" if tail else ""))
             return self._app_url(info)
 
         return wait_http(step, timeout, out=out,

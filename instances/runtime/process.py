@@ -95,9 +95,9 @@ from django.conf import settings
 from instances.otree_project import IGNORED, INTROSPECT, BuildFailed, explain_pip, parse_introspection, start_argv
 
 from .base import (
-    CANDIDATE, COMPONENTS, INSTANCE_NAME, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppSpec, ComponentState, Health,
-    InstanceSpec, InstanceState, Protection, RuntimeError_, check_name, free_port, last_lines, user_errors,
-    wait_http, wait_services,
+    CANDIDATE, COMPONENTS, INSTANCE_NAME, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppFailed, AppSpec,
+    ComponentState, Health, InstanceSpec, InstanceState, Protection, RuntimeError_, check_name, free_port,
+    last_lines, user_errors, wait_http, wait_services,
 )
 from .limits import NICE, Amounts, Limits
 from .tenantfs import (
@@ -928,7 +928,7 @@ class ProcessRuntime:
         info = self._state(name).get("processes", {}).get(role)
         if info and info.get("key") == spec_key(process) and (info.get("restarts") or (info.get("last_exit") is not None and not info.get("running"))):
             tail = last_lines(self.logs(name, role, tail=40), 4)
-            raise RuntimeError_(f"the app exited with code {info.get('last_exit')} while starting"
+            raise AppFailed(f"the app exited with code {info.get('last_exit')} while starting"
                                 + (f": {tail}" if tail else ""))
         return ""
 
