@@ -28,8 +28,7 @@ from django.conf import global_settings
 
 from instances import proxy
 from instances.models import Instance
-from manager.accounts.models import User
-from tests.conftest import CHROMIUM, need
+from tests.conftest import BOSS_PASSWORD, CHROMIUM, make_persona, need
 from tests.e2e.test_e2e_notifications import CHROMIUM_ARGS, TIMEOUT_MS
 from tests.http_helpers import StandIn
 from tests.labserver_helpers import Daphne
@@ -38,7 +37,6 @@ from tests.db_helpers import database_url
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
-PASSWORD = "Harbour-lantern-2024"
 SET_UPS = {
     "loopback": {"manager": "127.0.0.1", "instances": "localhost"},
     "one-domain": {"manager": "manager.lab.test", "instances": "inst.lab.test"},
@@ -112,8 +110,7 @@ def lab(request, settings, monkeypatch, transactional_db, tmp_path_factory):
     app.socket_url = neighbour.socket_url = f"ws://{hosts['manager']}:{manager_port}/ws/live/"
     # The manager process checks the password with its own (default) hashers.
     settings.PASSWORD_HASHERS = global_settings.PASSWORD_HASHERS
-    boss = User.objects.create_user("boss", "boss@lab.test", PASSWORD, name="Bea Boss", is_superuser=True,
-                                    is_staff=True)
+    boss = make_persona("boss")  # (made after that line: its hash is one the manager process checks)
     Instance.objects.create(name="ann-study", owner=boss, public_port=instance_port, status="running",
                             runtime="process")
 
@@ -153,7 +150,7 @@ def lab(request, settings, monkeypatch, transactional_db, tmp_path_factory):
 def _log_in(page, base):
     page.goto(base + "/accounts/login/")
     page.fill("input[name=login]", "boss")
-    page.fill("input[name=password]", PASSWORD)
+    page.fill("input[name=password]", BOSS_PASSWORD)
     page.click("main form button[type=submit]")
     page.wait_for_url(base + "/")
 

@@ -680,10 +680,8 @@ def report(story: Story) -> None:
 
 
 def test_a_hostile_project_reaches_nothing_but_its_own(runtime, hosts, manager_sockets, run, tmp_path, settings,
-                                                      client):
-    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
-    owners = (User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567"),
-              User.objects.create_user("mallory", "mallory@lab.test", "pw-mallory-1234"))
+                                                      client, boss, ann):
+    owners = (ann, User.objects.create_user("mallory", "mallory@lab.test", "pw-mallory-1234"))
     story = Story(runtime=runtime, hosts=hosts, sockets=manager_sockets, run=run, tmp_path=tmp_path, boss=boss)
     datadir.encryption_key()  # the manager's secrets exist, as in any running lab
     already = (len(hosts.everywhere.connections), len(hosts.loopback.connections), len(hosts.metadata.hits()))

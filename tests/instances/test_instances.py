@@ -15,11 +15,6 @@ from manager.jobs.models import Job
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture
-def ann():
-    return User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567", name="Ann A")
-
-
 def login(user):
     client = Client()
     client.force_login(user)

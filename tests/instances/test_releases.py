@@ -20,7 +20,6 @@ from instances import otree_project, reconciler, releases
 from instances.git.repos import repo_path
 from instances.models import Instance, Release
 from instances.runtime.base import Health
-from manager.accounts.models import User
 from manager.accounts.services import Conflict
 from manager.jobs.models import Job
 from tests.job_helpers import record_jobs, run_recorded
@@ -99,9 +98,7 @@ def run_jobs(kind):
 
 
 @pytest.fixture
-def lab(runtime, tmp_path):
-    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
-    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
+def lab(runtime, tmp_path, boss, ann):
     return boss, ann
 
 
@@ -373,13 +370,12 @@ def test_pip_failure_is_explained():
         "Could not find a version that satisfies the requirement otree==99 (from versions: 5.0, 6.0.15)")
 
 
-def test_builds_of_different_instances_run_in_parallel(lab, tmp_path):
+def test_builds_of_different_instances_run_in_parallel(lab, tmp_path, bob):
     """Two experimenters push at the same time: neither build waits for the other (two
     workers, here two threads running the real task)."""
     import threading
 
     boss, ann = lab
-    bob = User.objects.create_user("bob", "bob@lab.test", "pw-bob-1234567")
     pushed = []
     for owner, name, extra in ((ann, "rel-par-a", ""), (bob, "rel-par-b", "six\n")):
         instance, checkout = new_instance(owner, name, tmp_path)

@@ -876,18 +876,15 @@ def test_an_unprivileged_manager_refuses_users_isolation_and_runs_with_none(tmp_
 
 
 @pytest.mark.django_db
-def test_without_root_creating_a_process_instance_is_refused_with_what_to_do(settings, monkeypatch):
+def test_without_root_creating_a_process_instance_is_refused_with_what_to_do(settings, monkeypatch, boss, ann):
     """What a lab manager sees (the form and the API) when the manager is not root and
     the lab did not choose LAB_PROCESS_ISOLATION=none: the refusal and what to do; with
     auto and no Docker engine the same, never an instance without isolation."""
     from django.test import Client
 
     from instances.models import Instance
-    from manager.accounts.models import User
     from manager.accounts.services import create_token
 
-    boss = User.objects.create_user("boss", "boss@lab.test", "pw-boss-123456", is_superuser=True, is_staff=True)
-    User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
     token = create_token(boss, name="t")[1]
     settings.LAB_IS_ROOT = False
     settings.LAB_PROCESS_ISOLATION = "users"

@@ -219,11 +219,9 @@ def test_file_names_are_safe_and_distinct():
     assert launchers.safe_name("seat01") == "seat01"
 
 
-@pytest.mark.django_db
-def test_view_explains_when_launchers_cannot_be_made(settings, client, django_user_model):
+def test_view_explains_when_launchers_cannot_be_made(settings, client, ann):
     from tests.lobby_helpers import lobby_instance
 
-    ann = django_user_model.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
     lobby_instance(ann)
     client.force_login(ann)
     settings.LAB_PUBLIC_URL = 'http://lab"&calc&:8000'
