@@ -1,3 +1,4 @@
+import copy
 import os
 import shutil
 import subprocess
@@ -88,6 +89,69 @@ def ann(db):
 @pytest.fixture
 def bob(db):
     return make_persona("bob")
+
+
+# --- ann's instance and its live release ---------------------------------------------------
+# What settings.py of the live release holds, as the deploy's introspection records it.
+LIVE_SESSION_CONFIGS = [{"name": "guess", "display_name": "Guess", "num_demo_participants": 3}]
+LIVE_ROOMS = [{"name": "lab", "display_name": "Lab", "participant_labels": ["seat01", "seat02"]}]
+
+
+@pytest.fixture(scope="session")
+def _new_instance_backend():
+    """The backend this machine gives a new instance (LAB_RUNTIME=auto asks the Docker
+    engine each time, a tenth of a second): asked once per run. None when there is none
+    (creating an instance then fails or records none, as it would anyway)."""
+    from instances.runtime import RuntimeError_, default_backend
+
+    try:
+        return default_backend()
+    except RuntimeError_:
+        return None
+
+
+@pytest.fixture
+def instance(boss, ann, settings, _new_instance_backend):
+    """ann's instance ann-study, created by boss as the product creates one
+    (instances.services.create_instance: a port, the backend, an audit entry and the create
+    job). Nothing runs it: the job is enqueued only on commit, which a `db` test never
+    reaches (a transactional test would send it to the broker). LAB_RUNTIME names the
+    backend auto found, for the test, so the engine is not asked again."""
+    from instances import services
+
+    if _new_instance_backend:
+        settings.LAB_RUNTIME = _new_instance_backend
+    return services.create_instance(boss, name="ann-study", owner=ann)
+
+
+def make_live_release(instance, commit: str = "b" * 40):
+    """The next release of `instance`, live, as the product leaves one: a push by its owner
+    (the fields releases.record_push writes), then what the deploy writes once the app
+    answered (the session configs, rooms and language read from settings.py, status live)
+    and the instance running. Nothing is built (no image) and nothing is started."""
+    from django.db import transaction
+    from django.utils import timezone
+
+    from instances import state
+    from instances.models import Instance, Release
+    from instances.selectors import next_number
+
+    now = timezone.now()
+    with transaction.atomic():
+        release = Release.objects.create(
+            instance=instance, number=next_number(instance, Release), commit=commit, branch="main",
+            author=f"{instance.owner.username} <{instance.owner.email}>", message="the study",
+            pushed_by=instance.owner, status=Release.Status.LIVE, started_at=now, finished_at=now,
+            session_configs=copy.deepcopy(LIVE_SESSION_CONFIGS), rooms=copy.deepcopy(LIVE_ROOMS),
+            language_code="en")
+    state.set_status(instance, Instance.Status.RUNNING, "", notify=False)  # (no page is open to tell)
+    return release
+
+
+@pytest.fixture
+def live_release(instance):
+    """Release #1 of `instance`, live (make_live_release)."""
+    return make_live_release(instance)
 
 
 @pytest.fixture(autouse=True)

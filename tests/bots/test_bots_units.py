@@ -17,7 +17,7 @@ from bots import llm, policy, services
 from bots.models import Bot, BotRun, Provider
 from bots.page import parse
 from bots.ratelimit import RateLimiter
-from instances.models import Instance, Release
+from instances.models import Instance
 from manager.accounts.services import create_token
 from manager.audit.models import AuditEvent
 from tests.fake_llm import FakeLLM
@@ -203,12 +203,10 @@ async def test_the_rate_limiter_spaces_requests_across_workers():
 # --- runs and providers: rules, pages, API ------------------------------------------------------
 
 @pytest.fixture
-def lab(boss, ann, bob, monkeypatch):
+def lab(boss, ann, bob, instance, live_release, monkeypatch):
+    """ann's instance with its live release (session config guess, 3 participants)."""
     enqueued = []
     monkeypatch.setattr(services, "enqueue", lambda run: enqueued.append(run.pk))
-    instance = Instance.objects.create(name="ann-bots", owner=ann, public_port=18600)
-    Release.objects.create(instance=instance, number=1, commit="c" * 40, status="live", session_configs=[
-        {"name": "guess", "display_name": "Guess", "num_demo_participants": 3}])
     provider = Provider.objects.create(name="Fake", base_url="http://127.0.0.1:9/v1", api_key=SECRET,
                                        offered_models=[{"name": "fake-1", "input_per_million": 2,
                                                         "output_per_million": 4}])
@@ -223,7 +221,7 @@ def api(user, method, path, body=None):
 
 
 def test_api_starts_lists_and_stops_runs_and_explains_bad_input(lab):
-    url = "/api/v1/instances/ann-bots/bot-runs"
+    url = "/api/v1/instances/ann-study/bot-runs"
     body = {"session_config": "guess", "num_participants": 3, "num_bots": 2, "model": "fake-1", "provider": "Fake",
             "temperature": 0.5, "instructions": "Be brief.", "rate_limit": 30, "concurrency": 2}
     response = api(lab["ann"], "post", url, body)
@@ -260,22 +258,22 @@ def test_api_starts_lists_and_stops_runs_and_explains_bad_input(lab):
 def test_the_new_run_form_shows_configs_models_and_errors(lab):
     client = Client()
     client.force_login(lab["ann"])
-    page = client.get("/instances/ann-bots/bot-runs/").content.decode()
+    page = client.get("/instances/ann-study/bot-runs/").content.decode()
     assert "guess — Guess" in page and "Fake · fake-1" in page and "offline random policy" in page
-    response = client.post("/instances/ann-bots/bot-runs/", {
+    response = client.post("/instances/ann-study/bot-runs/", {
         "session_config": "guess", "num_participants": 3, "num_bots": 5, "model": f"{lab['provider'].pk}:fake-1",
         "temperature": 1, "memory": "summary", "rate_limit": 60, "concurrency": 5, "time_limit_minutes": 10})
     assert response.status_code == 422 and "at most the number of participants (3)" in response.content.decode()
-    response = client.post("/instances/ann-bots/bot-runs/", {
+    response = client.post("/instances/ann-study/bot-runs/", {
         "session_config": "guess", "num_participants": 3, "num_bots": 3, "model": f"{lab['provider'].pk}:fake-1",
         "temperature": 0.2, "memory": "history", "rate_limit": 60, "concurrency": 5, "time_limit_minutes": 10,
         "instructions": "Play fair."})
-    assert response.status_code == 302 and response["Location"] == "/instances/ann-bots/bot-runs/1/"
+    assert response.status_code == 302 and response["Location"] == "/instances/ann-study/bot-runs/1/"
     run = BotRun.objects.get()
     assert (run.model, run.provider, run.memory, run.temperature, run.instructions) == (
         "fake-1", lab["provider"], "history", 0.2, "Play fair.")
     assert (run.price_input, run.price_output) == (2, 4)
-    page = client.get("/instances/ann-bots/bot-runs/1/").content.decode()
+    page = client.get("/instances/ann-study/bot-runs/1/").content.decode()
     assert "Stop all bots" in page and "Fake" in page and "Play fair." in page
     event = AuditEvent.objects.filter(action="bots.run_start").get()
     assert "bot run #1" in event.summary and SECRET not in event.summary

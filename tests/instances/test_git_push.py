@@ -348,13 +348,11 @@ def test_oversize_push_is_refused_naming_the_limit(lab, transport):
     assert lab.refs() == "" and not Release.objects.exists()
 
 
-def test_follow_prints_each_line_once_and_the_outcome_once(db):
+def test_follow_prints_each_line_once_and_the_outcome_once(instance):
     import io
 
     from instances.git.hooks import follow
 
-    ann = User.objects.create_user("ann", "ann@lab.test", "pw-ann-1234567")
-    instance = Instance.objects.create(name="ann-study", owner=ann, public_port=INSTANCE_PORT)
     release = Release.objects.create(instance=instance, number=1, commit="a" * 40, status="failed",
                                      status_reason="boom", log="step 1\nstep 2\nDeploy failed: boom")
     out = io.StringIO()

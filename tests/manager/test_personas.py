@@ -19,9 +19,10 @@ from django.test import Client
 from django.urls import URLResolver, get_resolver
 
 from bots.models import BotRun, Provider
-from instances.models import Backup, Instance, Release
+from instances.models import Backup, Release
 from manager.accounts import services
 from manager.accounts.models import SSHKey, User
+from tests.conftest import make_live_release
 
 PERSONAS = ("anon", "boss", "ann", "bob")
 LOGIN = "/accounts/login/"
@@ -48,7 +49,7 @@ class World:
 
 
 @pytest.fixture
-def world(boss, ann, bob):
+def world(boss, ann, bob, instance):
     w = World(boss=boss, ann=ann, bob=bob)
     for user in (boss, ann, bob):
         token, raw = services.create_token(user, name="harness")
@@ -57,11 +58,9 @@ def world(boss, ann, bob):
             w.ann_token_id = token.pk
     w.ann_key = services.add_ssh_key(ann, title="ann laptop", key=new_public_key("ann"))
     w.bob_key = services.add_ssh_key(bob, title="bob laptop", key=new_public_key("bob"))
-    w.instance = Instance.objects.create(name="ann-study", owner=ann, public_port=18500)
+    w.instance = instance
     Release.objects.create(instance=w.instance, number=1, commit="a" * 40, status="failed", log="build log")
-    Release.objects.create(instance=w.instance, number=2, commit="b" * 40, status="live", language_code="en",
-                           rooms=[{"name": "lab", "display_name": "Lab", "participant_labels": ["seat01", "seat02"]}],
-                           session_configs=[{"name": "guess", "display_name": "Guess", "num_demo_participants": 3}])
+    make_live_release(w.instance)  # #2: session config guess, room lab (seat01, seat02)
     # bot runs: a lab-configured provider and a finished run on ann's instance
     w.provider = Provider.objects.create(name="Local", base_url="http://127.0.0.1:9/v1", api_key="sk-harness",
                                          offered_models=[{"name": "tiny", "input_per_million": 1}])
