@@ -7,6 +7,7 @@ It is safe to run at any time, any number of times.
 
 import logging
 import secrets as pysecrets
+import time
 from datetime import datetime, timezone as dt_timezone
 from decimal import Decimal
 
@@ -19,7 +20,7 @@ from instances.backups import backup_dir
 from instances.git import archive
 from instances.models import Backup, Instance
 from instances.runtime import available_runtimes, get_runtime
-from instances.runtime.base import AppFailed, Health, RuntimeError_
+from instances.runtime.base import AppFailed, Health, RuntimeError_, http_problem, last_lines
 from instances.state import deleted_event, push_event, set_status
 from instances.spec import app_spec, current_app, instance_spec, with_settings
 from manager import locks
@@ -79,16 +80,57 @@ def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Insta
         fields = {}
         if app is None:
             status, reason = Instance.Status.READY_FOR_CODE, "database and Redis are up; push your oTree project"
-        elif state.app.health == Health.RUNNING:
-            status, reason = Instance.Status.RUNNING, refused
-            fields["applied_settings"] = view.app_settings()
         else:
-            status, reason = Instance.Status.FAILED, f"the oTree app is {state.app.health.value} {state.app.detail}"
+            status, reason = _app_status(runtime, instance.name, state)
+            if status == Instance.Status.RUNNING:
+                fields["applied_settings"] = view.app_settings()
+            reason = " ".join(part for part in (refused, reason) if part)
         set_status(instance, status, reason, runtime=runtime.name,
                    observed_generation=generation, observed_restart_generation=restart_generation, **fields)
         if refused:
             raise SettingsNotApplied(refused)
         return instance
+
+
+APP_ANSWER_WAIT = 30  # seconds an app that runs but does not answer HTTP yet gets (it may be starting)
+
+
+def _app_status(runtime, name: str, state) -> tuple[str, str]:
+    """(status, reason) of an instance whose app should run: `running` only while the app
+    answers HTTP; `failed` with what a user can act on when it exited and is being started
+    again (in a crash loop, the runtime's own restarts would hide it), has stopped, or
+    runs without answering — each with the app's last output. An app that runs but does not
+    answer yet gets up to APP_ANSWER_WAIT seconds (it may be starting), unless it exits
+    meanwhile."""
+    deadline = time.monotonic() + min(APP_ANSWER_WAIT, settings.LAB_START_TIMEOUT)
+    restarts = state.app.restarts
+    while True:
+        app = state.app
+        if app.health == Health.STARTING or (app.health == Health.RUNNING and app.restarts > restarts):
+            return Instance.Status.FAILED, _with_output(
+                runtime, name, f"the oTree app exited and is being started again ({app.detail or 'crashing'})")
+        if app.health != Health.RUNNING:
+            what = "is missing" if app.health == Health.MISSING else f"has stopped ({app.detail or 'exited'})"
+            return Instance.Status.FAILED, _with_output(runtime, name, f"the oTree app {what}")
+        problem = http_problem(state.app_url) if state.app_url else "it has no address"
+        if not problem:
+            return Instance.Status.RUNNING, ""
+        if time.monotonic() >= deadline:
+            return Instance.Status.FAILED, _with_output(
+                runtime, name, f"the oTree app runs but does not answer HTTP ({problem})")
+        time.sleep(0.5)
+        state = runtime.state(name)
+
+
+def _with_output(runtime, name: str, reason: str) -> str:
+    """`reason`, and the app's last lines of output (what it said before it failed)."""
+    try:
+        lines = [line for line in runtime.logs(name, "app", tail=40).splitlines() if line.strip()]
+    except RuntimeError_:
+        lines = []
+    # A crash loop repeats its last words at every start: each once.
+    tail = last_lines("\n".join(line for n, line in enumerate(lines) if n == 0 or line != lines[n - 1]), 3)
+    return f"{reason}; its last output: {tail}" if tail else f"{reason}."
 
 
 def _apply_settings(instance: Instance, runtime, found: dict, generation: int) -> tuple[Instance, str]:

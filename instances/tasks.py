@@ -33,6 +33,8 @@ def instance_action(job, instance_id, action):
         return f"{name} deleted; its final backup is kept"
     if instance is None:
         return f"{name} no longer exists"
+    if instance.status == Instance.Status.FAILED:  # e.g. its app does not come up: the job says why
+        raise JobFailed(f"{name}: {instance.status_reason}")
     return f"{name}: {instance.get_status_display()}"
 
 

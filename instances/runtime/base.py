@@ -120,6 +120,17 @@ def wait_services(name: str, components, *, answers, crashed, last_words, timeou
         time.sleep(interval)
 
 
+def http_problem(url: str, timeout: float = 10) -> str:
+    """'' when the app at `url` answers `GET /` with a status below 500, else what happened
+    instead ("GET / answered 502", "ConnectionError"). Its body is never read (the app is
+    the tenant's code)."""
+    try:
+        with requests.get(url + "/", timeout=timeout, allow_redirects=False, stream=True) as resp:
+            return "" if resp.status_code < 500 else f"GET / answered {resp.status_code}"
+    except requests.RequestException as exc:
+        return type(exc).__name__
+
+
 def wait_http(step, timeout: float, *, out=None, last_words=lambda: "", interval: float = 0.2) -> str:
     """Until a new app answers HTTP (any status below 500); returns its URL. `step()`
     returns the URL ("" while not known yet) and raises AppFailed when the app crashed;
@@ -194,6 +205,7 @@ class Health(str, Enum):
 class ComponentState:
     health: Health
     detail: str = ""  # e.g. "OOMKilled", "exit code 1"
+    restarts: int = 0  # how often it exited and was started again (a crash loop counts up)
 
 
 @dataclass

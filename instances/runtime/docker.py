@@ -1297,10 +1297,10 @@ class DockerRuntime:
             notes.append(f"restarted {restarts}x")
         if status == "running":
             if component == "app" or self._probe(cname, component):
-                return ComponentState(Health.RUNNING, ", ".join(notes))
-            return ComponentState(Health.STARTING, ", ".join(notes or ["not answering yet"]))
-        if status == "restarting":
-            return ComponentState(Health.STARTING, ", ".join(notes + [f"exit code {st.get('ExitCode')}"]))
+                return ComponentState(Health.RUNNING, ", ".join(notes), restarts)
+            return ComponentState(Health.STARTING, ", ".join(notes or ["not answering yet"]), restarts)
+        if status == "restarting":  # it exited; the restart policy starts it again
+            return ComponentState(Health.STARTING, ", ".join(notes + [f"exit code {st.get('ExitCode')}"]), restarts)
         if status == "created":
             return ComponentState(Health.EXITED, "created, not started")
         if status == "paused":
@@ -1308,7 +1308,7 @@ class DockerRuntime:
         detail = notes + [f"exit code {st.get('ExitCode')}"]
         if st.get("Error"):
             detail.append(st["Error"][:200])
-        return ComponentState(Health.EXITED, ", ".join(detail))
+        return ComponentState(Health.EXITED, ", ".join(detail), restarts)
 
     def _app_url(self, info: dict) -> str:
         port = self._host_port(info)

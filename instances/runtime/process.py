@@ -1237,10 +1237,13 @@ class ProcessRuntime:
                     found[component] = ComponentState(Health.EXITED, squatter)
                     continue
                 found[component] = ComponentState(Health.RUNNING if answers else Health.STARTING,
-                                                  note or ("" if answers else "not answering yet"))
-            else:
-                found[component] = ComponentState(Health.STARTING if info.get("restarts") else Health.EXITED,
-                                                  f"exit code {info.get('last_exit')}")
+                                                  note or ("" if answers else "not answering yet"),
+                                                  int(info.get("restarts") or 0))
+            else:  # it exited; with restarts, the supervisor starts it again after a back-off
+                restarts = int(info.get("restarts") or 0)
+                found[component] = ComponentState(Health.STARTING if restarts else Health.EXITED,
+                                                  ", ".join(([f"restarted {restarts}x"] if restarts else [])
+                                                            + [f"exit code {info.get('last_exit')}"]), restarts)
         app = spec.get("app")
         url = f"http://127.0.0.1:{app['port']}" if app and processes.get("app") else ""
         return InstanceState(db=found["db"], redis=found["redis"], app=found["app"], app_url=url)
