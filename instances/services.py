@@ -5,6 +5,7 @@ commit, enqueues a job that runs the reconciler. Whatever happens to that job, t
 periodic sweep reconciles again, so the runtime always converges to the database.
 """
 
+import contextlib
 import logging
 import re
 import subprocess
@@ -279,6 +280,15 @@ def create_instance(actor, *, name: str, owner, request=None) -> Instance:
     return instance
 
 
+def _restart_budget(actor, instance: Instance):
+    """A change that restarts the app (settings, limits, the admin password, once a release
+    runs) counts against the restart budget, as *Restart* does (`LAB_THROTTLE_RESTART`);
+    before the first deploy nothing restarts and nothing is counted."""
+    if instance.releases.filter(status="live").exists():
+        return throttle.take("restart", actor, instance)
+    return contextlib.nullcontext()
+
+
 def update_settings(actor, instance: Instance, *, auth_level=None, production=None, env=None,
                     memory_mb=None, cpus=None, request=None) -> Instance:
     """Change oTree settings (owner) and limits (lab managers). The app restarts with the new
@@ -305,7 +315,7 @@ def update_settings(actor, instance: Instance, *, auth_level=None, production=No
     changes = {k: v for k, v in changes.items() if getattr(instance, k) != v}
     if not changes:
         return instance
-    with transaction.atomic():
+    with _restart_budget(actor, instance), transaction.atomic():
         for key, value in changes.items():
             setattr(instance, key, value)
         instance.generation += 1
@@ -338,7 +348,7 @@ def set_admin_password(actor, instance: Instance, password: str | None = None, r
         password = generate_secret(12)
     else:
         check_admin_password(password)
-    with transaction.atomic():
+    with _restart_budget(actor, instance), transaction.atomic():
         instance.admin_password = password
         instance.generation += 1
         instance.save(update_fields=["admin_password", "generation", "updated_at"])

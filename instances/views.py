@@ -69,7 +69,14 @@ def _form_post(request, instance, form, form_key, service, values, done):
                                     request=request) is not None:
         messages.success(request, done.format(instance=instance))
         return redirect("instance_detail", name=instance.name)
-    return render(request, "instances/detail.html", _detail_context(instance, **{form_key: form}), status=422)
+    return _refused(request, instance, form, form_key)
+
+
+def _refused(request, instance, form, form_key):
+    """The page again with the form's errors: 422, or 429 with Retry-After when a rate limit
+    refused it (nothing was done)."""
+    page = render(request, "instances/detail.html", _detail_context(instance, **{form_key: form}), status=422)
+    return refused_page(page, form.throttled) if form.throttled else page
 
 
 @login_required
@@ -92,8 +99,7 @@ def instance_admin_password(request, name):
     password = form.is_valid() and form.run(services.set_admin_password, request.user, instance,
                                             form.cleaned_data["password"] or None, request=request)
     if not password:
-        return render(request, "instances/detail.html",
-                      _detail_context(instance, password_form=form), status=422)
+        return _refused(request, instance, form, "password_form")
     # Shown once, in this response only (never stored in a message or session).
     return render(request, "instances/detail.html", _detail_context(instance, new_admin_password=password))
 

@@ -172,10 +172,13 @@ def get_instance(request: HttpRequest, name: str):
     return serialize(get_visible_instance(request.auth, name))
 
 
-@router.patch("/{name}", summary="Change settings", response=responses({200: InstanceOut}, 400, 403, 404, 422))
+@router.patch("/{name}", summary="Change settings",
+              response=responses({200: InstanceOut}, 400, 403, 404, 422, 429))
 def update_instance(request: HttpRequest, name: str, payload: InstancePatch):
     """Change `auth_level`, `production`, `env` (owner, lab managers) and `memory_mb`, `cpus`
-    (lab managers). The app restarts with the new settings; the database is untouched."""
+    (lab managers). The app restarts with the new settings (applied as a deploy is: if it does
+    not come up with them, the previous ones come back); the database is untouched. A change
+    that restarts the app counts against the restart budget (429 over it)."""
     instance = get_visible_instance(request.auth, name)
     services.update_settings(request.auth, instance, request=request, **payload.dict(exclude_unset=True))
     return serialize(instance)
@@ -199,8 +202,10 @@ def reset_database(request: HttpRequest, name: str):
 
 
 @router.post("/{name}/admin-password", summary="Set or generate the oTree admin password",
-             response=responses({200: PasswordOut}, 404, 422))
+             response=responses({200: PasswordOut}, 404, 422, 429))
 def admin_password(request: HttpRequest, name: str, payload: PasswordIn | None = None):
+    """The app restarts with it once a release runs: that counts against the restart budget
+    (429 over it)."""
     instance = get_visible_instance(request.auth, name)
     password = services.set_admin_password(request.auth, instance, payload.password if payload else None,
                                            request=request)

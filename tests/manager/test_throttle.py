@@ -58,6 +58,11 @@ def alerts(response) -> list[str]:
     return [" ".join(html.unescape(re.sub(r"<[^>]+>", " ", text)).split()) for text in found]
 
 
+def text(response) -> str:
+    """A page's text, as a reader sees it."""
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", response.content.decode())).split())
+
+
 def jobs(kind) -> int:
     return Job.objects.filter(kind=kind).count()
 
@@ -127,6 +132,49 @@ def test_the_restart_button_shows_the_reason(lab, settings):
     assert alerts(response) and alerts(response)[0].startswith(
         "Too many restarts of ann-study: at most 1 per hour. Try again in")
     assert jobs("instance.restart") == 1
+
+
+def patch(lab, who, name, body):
+    client = Client(HTTP_AUTHORIZATION=f"Bearer {lab['tokens'][who]}")
+    return client.patch(f"/api/v1/instances/{name}", data=json.dumps(body), content_type="application/json")
+
+
+def test_settings_changes_that_restart_the_app_spend_the_restart_budget(lab, settings):
+    """A settings change restarts the app as *Restart* does: the same budget, the same 429
+    with Retry-After, the same words on the page and in the API; nothing is stored then."""
+    settings.LAB_THROTTLE_RESTART = "3/h/instance"
+    assert patch(lab, "ann", "ann-study", {"env": {"ROUND": "1"}}).status_code == 200
+    assert api(lab, "ann", "ann-study/restart").status_code == 202
+    assert patch(lab, "ann", "ann-study", {"env": {"ROUND": "1"}}).status_code == 200  # no change: no restart
+    assert api(lab, "ann", "ann-study/admin-password", {"password": "a-new-password"}).status_code == 200
+    refused = patch(lab, "ann", "ann-study", {"env": {"ROUND": "2"}})
+    assert refused.status_code == 429 and refused["Content-Type"].startswith("application/json")
+    assert 3500 < int(refused["Retry-After"]) <= 3600
+    sentence = refused.json()["detail"]
+    assert re.fullmatch(r"Too many restarts of ann-study: at most 3 per hour\. Try again in (1 hour|59 minutes)\.",
+                        sentence), sentence
+    assert api(lab, "ann", "ann-study/restart").json()["detail"] == sentence  # one budget
+    password = api(lab, "ann", "ann-study/admin-password", {"password": "another-password"})
+    assert password.status_code == 429 and password.json()["detail"] == sentence
+    boss = patch(lab, "boss", "ann-study", {"memory_mb": 1024})  # an instance's budget binds lab managers too
+    assert boss.status_code == 429 and boss.json()["detail"] == sentence
+    # The page: the form again with the same sentence, HTTP 429, Retry-After.
+    page = web(lab, "ann").post("/instances/ann-study/settings/", {"auth_level": "DEMO", "env": "ROUND=3"})
+    assert page.status_code == 429 and int(page["Retry-After"]) > 3500
+    assert text(page).count(sentence) == 1
+    page = web(lab, "ann").post("/instances/ann-study/admin-password/", {"password": "a-third-password"})
+    assert page.status_code == 429 and int(page["Retry-After"]) > 3500 and text(page).count(sentence) == 1
+    page = web(lab, "boss").post("/instances/ann-study/limits/", {"memory_mb": "1024", "cpus": "1"})
+    assert page.status_code == 429 and text(page).count(sentence) == 1
+    # Nothing of the refused changes was stored or queued.
+    study = Instance.objects.get(name="ann-study")
+    assert study.config_vars == {"ROUND": "1"} and study.auth_level == "STUDY" and study.memory_mb == 512
+    assert study.admin_password == "a-new-password"
+    assert jobs("instance.apply") == 2 and jobs("instance.restart") == 1
+    assert AuditEvent.objects.filter(action__in=["instance.settings", "instance.admin_password"]).count() == 2
+    # Before the first deploy nothing restarts: a change of an instance without an app is not counted.
+    for n in range(5):
+        assert patch(lab, "ann", "ann-pilot", {"env": {"ROUND": str(n)}}).status_code == 200
 
 
 BOT_RUN = {"session_config": "guess", "num_participants": 3, "num_bots": 2, "model": "random", "provider": None}
