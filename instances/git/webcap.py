@@ -5,7 +5,7 @@ daphne hands the request to Django, and daphne then queues all of it in memory a
 without a cap, an HTTPS `git push` of any size — or any POST from anyone, before a login
 is checked — was read whole into the web process. `install()` replaces daphne's request
 class with one that counts the body as it arrives and, past the cap, answers 413 with a
-message, stops passing the body on and closes the connection (what the client still sends
+message (JSON in the API's error shape under /api/), stops passing the body on and closes the connection (what the client still sends
 is read and dropped, at most the cap again, so it reads the 413 instead of a reset); a `Content-Length` above the cap is refused before the
 body is sent at all (curl waits for `100 Continue`, which then never comes).
 
@@ -58,10 +58,22 @@ def body_cap(method: bytes, path: bytes) -> int:
     return OTHER_MAX_BYTES
 
 
-def too_large_body(cap: int) -> bytes:
-    text = (f"Request refused: its body is larger than this server takes ({cap // (1024 * 1024)} MB). "
-            f"A git push may be at most {settings.LAB_PUSH_MAX_MB} MB (LAB_PUSH_MAX_MB); nothing was stored.\n")
-    return text.encode()
+API_TOO_LARGE = "The request body is too large."  # the API's own words (manager.api.errors)
+
+
+def too_large(cap: int, method: bytes = b"", path: bytes = b"") -> bytes:
+    """The whole 413 answer to a body over `cap`: JSON in the API's error shape under /api/,
+    the push limit for a git push, a sentence elsewhere."""
+    path = path or b""
+    if path.startswith(b"/api/"):
+        body, kind = json.dumps({"detail": API_TOO_LARGE}).encode(), b"application/json"
+    else:
+        text = f"Request refused: its body is larger than this server takes ({cap // (1024 * 1024)} MB)."
+        if method == b"POST" and GIT_POST.match(path):
+            text += f" A git push may be at most {settings.LAB_PUSH_MAX_MB} MB (LAB_PUSH_MAX_MB); nothing was stored."
+        body, kind = (text + "\n").encode(), b"text/plain; charset=utf-8"
+    return (b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: %s\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+            % (kind, len(body)) + body)
 
 
 def bounded_request_class(base):
@@ -102,14 +114,12 @@ def bounded_request_class(base):
 
         def _lab_refuse(self):
             self.lab_refused = True
-            body = too_large_body(self.lab_cap)
             transport = self.channel.transport if self.channel is not None else None
             if transport is None:
                 return
-            log.warning("request body over %d bytes refused (%s)", self.lab_cap,
-                        getattr(self.channel, "_path", b"?")[:200])
-            answer = (b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                      b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            path = getattr(self.channel, "_path", b"") or b""
+            log.warning("request body over %d bytes refused (%s)", self.lab_cap, path[:200] or b"?")
+            answer = too_large(self.lab_cap, getattr(self.channel, "_command", b""), path)
             send = getattr(self.channel, "lab_answer_and_drain", None)
             if send is None:
                 transport.write(answer)

@@ -1,7 +1,8 @@
 """Requests the web server refuses before the app sees them get a real answer (not a closed
 connection or an empty page), directly from daphne and through Caddy in front of it: header
-fields over 16 KB (431), a URL over 16 KB (414), a malformed request (400), and a multipart
-POST without a boundary (the API: a JSON 400; the pages: the 400 page). A real labserver with
+fields over 16 KB (431), a URL over 16 KB (414), a malformed request (400), a body over its
+cap (413: under /api/ the API's JSON), and a multipart POST without a boundary (the API: a
+JSON 400; the pages: the 400 page). A real labserver with
 subdomain routing, spoken to over plain sockets."""
 
 import json
@@ -125,3 +126,39 @@ def test_a_multipart_post_without_boundary_gets_a_clear_400(lab, via):
         "/accounts/login/", f"Cookie: csrftoken={cookie}", f"X-CSRFToken: {cookie}", f"Origin: http://{HOST}"))
     assert status == 400 and headers["content-type"].startswith("text/html"), (status, body[:500])
     assert b"The server could not read what was sent" in body
+
+
+@pytest.mark.parametrize("via", ["daphne", "caddy"])
+def test_a_body_over_the_cap_gets_a_413_in_the_apis_words_under_api(lab, via):
+    """Under /api/ the web server's 413 is the API's JSON with the API's own sentence (it
+    said text/plain and talked about git pushes); pages get a sentence about the size."""
+    port = lab.ports[via]
+    api_error = {"detail": "The request body is too large."}
+
+    def post(path: str, *fields: str) -> bytes:
+        return (f"POST {path} HTTP/1.1\r\nHost: {HOST}\r\n" + "".join(f"{f}\r\n" for f in fields)
+                + "Connection: close\r\n\r\n").encode()
+
+    auth, json_type = f"Authorization: Bearer {lab.token}", "Content-Type: application/json"
+    # A declared length over the cap (16 MB): answered before the body is sent.
+    status, headers, body = exchange(port, post("/api/v1/instances", auth, json_type, "Content-Length: 20000000"))
+    assert status == 413 and headers["content-type"] == "application/json", (status, headers, body[:300])
+    assert json.loads(body) == api_error
+    # A chunked body (64 MB), cut off once past the cap (what follows is read and dropped,
+    # at most as much again, so the client reads the answer), never read to its end.
+    chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
+    answer, sent = raw_exchange(port, post("/api/v1/me/ssh-keys", auth, json_type, "Transfer-Encoding: chunked"),
+                                (chunk for _ in range(1024)))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and b"application/json" in head, answer[:300]
+    assert json.loads(body) == api_error and sent < 48 * 1024 * 1024
+    # Under the web server's cap but over what Django reads (2.5 MB): the same words.
+    big = b'{"title": "' + b"x" * 3_000_000 + b'"}'
+    status, headers, body = exchange(port, post("/api/v1/me/ssh-keys", auth, json_type,
+                                                f"Content-Length: {len(big)}") + big)
+    assert status == 413 and json.loads(body) == api_error, (status, body[:300])
+    # A page: a sentence about the size, nothing about git pushes.
+    status, headers, body = exchange(port, post("/accounts/login/", "Content-Length: 20000000"))
+    assert status == 413 and headers["content-type"].startswith("text/plain"), (status, headers)
+    assert body == b"Request refused: its body is larger than this server takes (16 MB).\n"
+    assert exchange(port, get("/healthz/"))[0] == 200  # the server took no harm
