@@ -92,10 +92,11 @@ class InstancePatch(InputSchema):
                                        "maxLength": services.MAX_CONFIG_VALUE}))
     memory_mb: Whole | None = Field(None, description="MiB; lab managers only (403 for others)",
                                   **rules(minimum=services.MEMORY_RANGE[0], maximum=services.MEMORY_RANGE[1]))
-    cpus: float | None = Field(None, description="CPUs, at most two decimals (never rounded); lab managers only "
-                               "(403 for others)",
-                               **rules(minimum=float(services.CPU_RANGE[0]), maximum=float(services.CPU_RANGE[1]),
-                                       multiple_of=0.01))
+    # At most two decimals, said in words and checked by the services: as `multipleOf: 0.01`
+    # validators that divide in floating point would refuse 0.29 (0.29 / 0.01 = 28.999…).
+    cpus: float | None = Field(None, description="CPUs, taking at most two decimals (0.29 or 2; 0.295 is "
+                               "422, never rounded); lab managers only (403 for others)",
+                               **rules(minimum=float(services.CPU_RANGE[0]), maximum=float(services.CPU_RANGE[1])))
 
 
 _PASSWORD_LOW, _PASSWORD_HIGH = services.ADMIN_PASSWORD_LENGTH

@@ -38,6 +38,7 @@ from tests.labserver_helpers import Daphne, free_port
 from tests.db_helpers import database_url
 
 MAX_EXAMPLES = 10
+HOOKS = Path(__file__).with_name("api_schema_hooks.py")  # what the document says in words only
 SEED = 20261202
 SCHEMATHESIS_TIMEOUT = 600  # seconds: a bound, far above the run's usual length (see the README)
 
@@ -136,7 +137,7 @@ def fuzz(lab, authorization: str | None, name: str, *, examples: int = MAX_EXAMP
     ]
     if authorization:
         command += ["--header", f"Authorization: {authorization}"]
-    env = dict(os.environ, SCHEMATHESIS_HOOKS="", NO_COLOR="1", COLUMNS="160")
+    env = dict(os.environ, SCHEMATHESIS_HOOKS=str(HOOKS), NO_COLOR="1", COLUMNS="160")
     result = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True,
                             timeout=SCHEMATHESIS_TIMEOUT)
     entries = json.loads(har.read_text())["log"]["entries"] if har.exists() else []
@@ -295,7 +296,7 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBm6V6HmrXk1H7+gZ5d5xH1cXZ0b8pKq1xR5n
     ("BotRunIn", {**RUN, "model": "random", "instructions": "line one\nline two"}, True),
     ("BotRunIn", {**RUN, "model": "random\n"}, False),
     ("InstancePatch", {"cpus": 0.25}, True), ("InstancePatch", {"cpus": 1}, True),
-    ("InstancePatch", {"cpus": 0.099}, False), ("InstancePatch", {"cpus": 0.255}, False),
+    ("InstancePatch", {"cpus": 0.099}, False), ("InstancePatch", {"cpus": 0.29}, True),
     ("InstancePatch", {"cpus": 16.5}, False), ("InstancePatch", {"cpus": "1"}, False),
     ("InstancePatch", {"memory_mb": 127}, False), ("InstancePatch", {"memory_mb": "512"}, False),
     ("InstancePatch", {"memory_mb": 512}, True), ("InstancePatch", {"production": 0}, False),
@@ -323,8 +324,57 @@ def test_document_states_the_rules(component, body, valid):
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("body", [{"cpus": 0.099}, {"cpus": 0.255}, {"memory_mb": 127}, {"auth_level": "study"},
+@pytest.mark.parametrize("body", [{"cpus": 0.099}, {"memory_mb": 127}, {"auth_level": "study"},
                                   {"env": {"LD_PRELOAD": "x"}}, {"env": {"X\n": "x"}}, {"env": {"S": "a\x00b"}}])
 def test_what_the_document_refuses_the_server_refuses(patch_study, body):
     assert not _validator("InstancePatch").is_valid(body)
     assert patch_study(body).status_code == 422
+
+
+def _keys(node):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield key
+            yield from _keys(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _keys(value)
+
+
+@pytest.mark.django_db
+def test_cpus_decimals_are_said_in_words_and_checked_by_the_server(patch_study, client):
+    """`multipleOf: 0.01` broke validators that divide in floating point (0.29 / 0.01 is
+    28.999…, so 0.29 was "invalid" in JS and Python validators). The document now says the
+    rule in words; the server checks it, with the same sentence for the API and the page."""
+    from manager.api.api import api
+
+    document = api.get_openapi_schema()
+    assert "multipleOf" not in set(_keys(document))
+    cpus = document["components"]["schemas"]["InstancePatch"]["properties"]["cpus"]
+    assert "at most two decimals" in cpus["description"] and (cpus["minimum"], cpus["maximum"]) == (0.1, 16.0)
+    assert 0.29 / 0.01 != 29  # (what such a validator computes)
+    for value in (0.29, 0.1, 15.99, 3):
+        assert _validator("InstancePatch").is_valid({"cpus": value})
+        response = patch_study({"cpus": value})
+        assert response.status_code == 200 and response.json()["cpus"] == value, response.content
+    refused = patch_study({"cpus": 0.295})
+    sentence = "CPUs take at most two decimals, e.g. 0.25 (this is 0.295); nothing is rounded."
+    assert refused.status_code == 422 and refused.json()["detail"] == f"cpus: {sentence}"
+    client.force_login(User.objects.get(username="boss"))
+    page = client.post("/instances/study/limits/", {"memory_mb": "512", "cpus": "0.295"})
+    assert page.status_code == 422 and sentence in page.content.decode()
+    assert str(Instance.objects.get(name="study").cpus) == "3.00"  # the last accepted value, nothing rounded in
+
+
+def test_every_operation_with_a_body_documents_413():
+    """The web server answers a body over its cap (and Django one over 2.5 MB) with the API's
+    JSON 413 (tests/manager/test_http_edges.py): every operation that takes a body says so."""
+    from manager.api.api import api
+
+    with_body = [(path, method, operation) for path, methods in api.get_openapi_schema()["paths"].items()
+                 for method, operation in methods.items() if "requestBody" in operation]
+    assert len(with_body) >= 6
+    for path, method, operation in with_body:
+        answer = operation["responses"].get("413")
+        assert answer and answer["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}, \
+            (method, path)
