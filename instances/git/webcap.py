@@ -27,6 +27,12 @@ a short text elsewhere):
 - Twisted no longer parses form bodies itself (daphne never used what it parsed): a
   multipart POST without a boundary got Twisted's empty 400; Django now reads the body and
   answers as everywhere else (the API: a JSON 400, the pages: the 400 page).
+- a request whose head (request line and header fields) is not complete HEADER_TIMEOUT
+  seconds after its first byte: 408 (a client trickling a byte every few seconds, a
+  slowloris, kept a connection for ever: Twisted's idle timeout starts again with every
+  byte); a connection that sends nothing for IDLE_TIMEOUT seconds is closed (Twisted's own
+  idle timeout, set here: older versions waited 12 hours). A request's body and its answer
+  are not timed, but by the idle timeout (a slow push keeps going while bytes arrive).
 After such an answer the connection is closed for writing and what the client still sends
 is read and dropped (at most DRAIN_BYTES, for at most DRAIN_SECONDS), so the client reads
 the answer instead of a connection reset.
@@ -139,6 +145,8 @@ HEADERS_MAX_BYTES = 16384  # request line and header fields together (and the lo
 MAX_HEADER_FIELDS = 500
 DRAIN_BYTES = 1024 * 1024
 DRAIN_SECONDS = 5
+HEADER_TIMEOUT = 20  # seconds from a request's first byte to the end of its header fields
+IDLE_TIMEOUT = 60  # seconds a connection may send nothing (between requests, or mid-request)
 
 REFUSALS = {
     400: ("Bad Request",
@@ -147,6 +155,8 @@ REFUSALS = {
     414: ("URI Too Long",
           "Request refused: its address (URL) is longer than this server takes "
           f"({HEADERS_MAX_BYTES // 1024} KB)."),
+    408: ("Request Timeout",
+          f"Request refused: its request line and header fields did not arrive within {HEADER_TIMEOUT} seconds."),
     431: ("Request Header Fields Too Large",
           "Request refused: its header fields are larger than this server takes "
           f"({HEADERS_MAX_BYTES // 1024} KB in all, at most {MAX_HEADER_FIELDS} fields). "
@@ -181,9 +191,44 @@ def bounded_channel_class(base):
         lab_refused = False
         lab_drained = 0
         lab_drain_limit = DRAIN_BYTES
+        lab_head_timer = None
 
         def _lab_in_request_line(self) -> bool:
             return bool(getattr(self, "_HTTPChannel__first_line", 0))
+
+        # A request's head (request line and header fields) must be complete within
+        # HEADER_TIMEOUT of its first byte: Twisted's idle timeout starts again with every
+        # byte, so a client sending one every few seconds (slowloris) held a connection
+        # for as long as it liked.
+        def _lab_head_started(self):
+            if self.lab_head_timer is None and not self.lab_refused:
+                self.lab_head_timer = self.callLater(HEADER_TIMEOUT, self._lab_head_too_slow)
+
+        def _lab_head_done(self):
+            timer, self.lab_head_timer = self.lab_head_timer, None
+            if timer is not None and timer.active():
+                timer.cancel()
+
+        def _lab_head_too_slow(self):
+            self.lab_head_timer = None
+            if self.lab_refused or self.transport is None:
+                return
+            in_line = self._lab_in_request_line()
+            path = _request_line_path(bytes(getattr(self, "_buffer", b""))) if in_line else getattr(self, "_path", b"")
+            self._lab_refuse(408, path)
+
+        def setLineMode(self, extra=b""):
+            if extra:  # the next request's first bytes, sent while the last one was answered
+                self._lab_head_started()
+            return super().setLineMode(extra)
+
+        def allHeadersReceived(self):
+            self._lab_head_done()
+            super().allHeadersReceived()
+
+        def connectionLost(self, reason):
+            self._lab_head_done()
+            super().connectionLost(reason)
 
         def lineReceived(self, line):
             if self.lab_refused:
@@ -214,6 +259,8 @@ def bounded_channel_class(base):
 
         def dataReceived(self, data):
             if not self.lab_refused:
+                if data and self.line_mode:  # (a request's head; its body comes in raw mode)
+                    self._lab_head_started()
                 return super().dataReceived(data)
             self.lab_drained += len(data)  # read and dropped: the client gets to read the answer
             if self.lab_drained > self.lab_drain_limit and self.transport is not None:
@@ -267,6 +314,9 @@ def install() -> bool:
         channel_class = bounded_channel_class(http.HTTPChannel)
 
         def protocol(self):
+            # Read by the factory's buildProtocol right after this, for the new channel:
+            # Twisted's idle timeout (12 hours in older versions) is ours.
+            self.timeOut = IDLE_TIMEOUT
             return http._GenericHTTPChannelProtocol(channel_class())
 
         factory.protocol = protocol

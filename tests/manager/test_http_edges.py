@@ -7,12 +7,15 @@ subdomain routing, spoken to over plain sockets."""
 
 import json
 import re
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
-from instances.git.webcap import HEADERS_MAX_BYTES
+from instances.git.webcap import HEADER_TIMEOUT, HEADERS_MAX_BYTES
 from tests.http_helpers import raw_exchange
 from tests.labserver_helpers import BASE_DIR, LabServer, child_env, free_port, migrate, new_data_dir, remove_data_dir
 
@@ -162,3 +165,73 @@ def test_a_body_over_the_cap_gets_a_413_in_the_apis_words_under_api(lab, via):
     assert status == 413 and headers["content-type"].startswith("text/plain"), (status, headers)
     assert body == b"Request refused: its body is larger than this server takes (16 MB).\n"
     assert exchange(port, get("/healthz/"))[0] == 200  # the server took no harm
+
+
+def slow_client(port: int, head: bytes, *, trickle: bytes, every: float, bound: float) -> tuple[bytes, int]:
+    """Send `head`, then one byte of `trickle` every `every` seconds (none when it is empty),
+    reading whatever comes back, until the server closes the connection. Returns (the
+    answer, the bytes trickled). Fails after `bound` seconds with the connection still open."""
+    deadline = time.monotonic() + bound
+    answer, sent = b"", 0
+    with socket.create_connection(("127.0.0.1", port), timeout=every) as sock:
+        sock.sendall(head)
+        while True:
+            assert time.monotonic() < deadline, f"still open after {bound} s (answer so far: {answer[:200]!r})"
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                if trickle:
+                    try:
+                        sock.sendall(trickle[sent % len(trickle):][:1])
+                        sent += 1
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                continue
+            except ConnectionResetError:
+                return answer, sent
+            if not data:
+                return answer, sent
+            answer += data
+
+
+def test_a_request_head_that_does_not_arrive_in_time_is_answered_and_closed(lab):
+    """Slowloris: a client that sends a request's head a byte at a time (each byte starts
+    Twisted's idle timeout again) or stops half-way used to hold its connection for as long
+    as it liked. The head must be complete within HEADER_TIMEOUT of its first byte: after
+    that, 408 with a sentence (JSON under /api/), and the connection is closed."""
+    port = lab.ports["daphne"]
+    bound = HEADER_TIMEOUT + 40  # the timeout, the drain after the answer, and a margin
+    results = {}
+    clients = {
+        # A header field trickled, one byte a second, forever.
+        "trickled": (f"GET /api/v1/me HTTP/1.1\r\nHost: {HOST}\r\nX-Slow: ".encode(), b"abcdefgh", 1.0),
+        # Half a request, then nothing at all.
+        "half-sent": (f"GET /healthz/ HTTP/1.1\r\nHost: {HOST}\r\n".encode(), b"", 1.0),
+        # The request line itself trickled.
+        "request line": (b"GET /lobby/", b"abcdefgh", 1.0),
+    }
+
+    def run(name, head, trickle, every):
+        try:
+            results[name] = slow_client(port, head, trickle=trickle, every=every, bound=bound)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            results[name] = exc
+
+    threads = [threading.Thread(target=run, args=(name, *spec)) for name, spec in clients.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(bound + 10)
+    for name in clients:
+        assert not isinstance(results.get(name), BaseException), (name, results.get(name))
+    sentence = f"Request refused: its request line and header fields did not arrive within {HEADER_TIMEOUT} seconds."
+    answer, trickled = results["trickled"]
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 Request Timeout") and b"application/json" in head, answer[:300]
+    assert json.loads(body) == {"detail": sentence} and trickled >= 2  # (it kept sending: still cut off)
+    for name in ("half-sent", "request line"):
+        answer, _ = results[name]
+        assert answer.startswith(b"HTTP/1.1 408 Request Timeout"), (name, answer[:300])
+        assert answer.endswith(sentence.encode() + b"\n"), (name, answer[:300])
+    status, _, body = exchange(port, get("/healthz/"))
+    assert (status, body) == (200, b"ok")  # the server took no harm
