@@ -35,6 +35,7 @@ from instances.spec import app_of, app_spec, instance_spec
 from instances.runtime import get_runtime
 from instances.runtime.base import RuntimeError_
 from manager import locks
+from manager.texts import storable
 from manager.accounts.services import Conflict, NotAllowed
 from manager.audit.services import record
 from manager.jobs import services as jobs
@@ -150,7 +151,7 @@ class LogWriter:
             self.last = time.monotonic()
         if not chunk or self.written >= self.limit:
             return
-        chunk = chunk[: self.limit - self.written]
+        chunk = storable(chunk[: self.limit - self.written])  # (pip's or the app's output may hold a NUL)
         self.written += len(chunk)
         Release.objects.filter(pk=self.release_id).update(log=Concat(F("log"), Value(chunk)))
 
@@ -163,7 +164,7 @@ def _fail(release: Release, reason: str, out: LogWriter | None = None) -> None:
         out(f"\nDeploy failed: {reason}\n")
         out.flush()
     Release.objects.filter(pk=release.pk, status__in=ACTIVE).update(
-        status=Release.Status.FAILED, status_reason=reason[:500], finished_at=timezone.now())
+        status=Release.Status.FAILED, status_reason=storable(reason[:500]), finished_at=timezone.now())
     release.refresh_from_db()
 
 

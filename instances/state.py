@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from instances.models import Instance
 from manager.realtime.services import send_to_group, user_group
+from manager.texts import storable
 
 ALL_GROUP = "instances.all"  # every instance's status, for the lab managers' dashboard
 REASON_MAX = 500  # characters of status_reason
@@ -23,8 +24,10 @@ def instance_group(instance_pk: int) -> str:
 def set_status(instance: Instance, status: str, reason: str = "", *, notify: bool = True, **fields) -> Instance:
     """Write the instance's status, its reason and any other `fields` in one UPDATE, reload
     `instance` and (unless `notify=False`: the caller pushes once its transaction is
-    done) tell every open page of it."""
-    Instance.objects.filter(pk=instance.pk).update(status=status, status_reason=reason[:REASON_MAX], **fields)
+    done) tell every open page of it. The reason may quote a program (a crashed app's last
+    lines): made storable."""
+    Instance.objects.filter(pk=instance.pk).update(status=status, status_reason=storable(reason[:REASON_MAX]),
+                                                   **fields)
     instance.refresh_from_db()
     if notify:
         push_state(instance)

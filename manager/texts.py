@@ -15,6 +15,10 @@ words:
 
 Each refusal is a `ValidationError({field: [message]})`: shown on the form's field by
 `ServiceForm`, and as `422 {"detail": "field: message"}` by the API.
+
+Text the manager did not accept but received (a program's output: a build log, a failed
+deploy's or a crashed app's reason, a job's message) is not refused: `storable()` makes
+it fit for the database.
 """
 
 from __future__ import annotations
@@ -47,6 +51,13 @@ def problem(value: str, *, max_length: int | None = None, single_line: bool = Fa
     if max_length is not None and len(value) > max_length:
         return f"is too long ({len(value)} characters, at most {max_length})"
     return None
+
+
+def storable(text: str) -> str:
+    """`text` as every database can store it: each NUL becomes U+FFFD, the mark a byte
+    that is not UTF-8 gets when a program's output is decoded (PostgreSQL's text and jsonb
+    cannot hold a NUL; SQLite can)."""
+    return text.replace("\x00", "\ufffd")
 
 
 def check_text(value, *, field: str, max_length: int | None = None, label: str = "The text",

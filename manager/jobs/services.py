@@ -13,6 +13,7 @@ from django.utils import timezone
 from manager.celery import app as celery_app
 from manager.jobs.models import Job
 from manager.realtime.services import notify_user
+from manager.texts import storable
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def task(name: str):
 
 def _finish(job_id, status, message, link=None):
     now = timezone.now()
-    updates = {"status": status, "message": message[:2000], "finished_at": now}
+    updates = {"status": status, "message": storable(message[:2000]), "finished_at": now}
     if link is not None:
         updates["link"] = link
     # Only a job that has not ended yet is ended (a redelivered task cannot flip a result).

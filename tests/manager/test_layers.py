@@ -97,7 +97,7 @@ def test_the_layers_of_instances_and_bots():
     the reconciler, never the other way; state and spec sit on the models; the bots'
     engine and services never import their tasks."""
     module, modules, edges = _import_graph()
-    assert set(edges["instances.state"]) <= {"instances.models", "manager.realtime.services"}
+    assert set(edges["instances.state"]) <= {"instances.models", "manager.realtime.services", "manager.texts"}
     for lower in ("instances.services", "instances.releases", "instances.reconciler"):
         assert "instances.tasks" not in edges[lower], f"{lower} imports the tasks"
     assert "instances.releases" not in edges["instances.reconciler"]

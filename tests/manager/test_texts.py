@@ -2,10 +2,10 @@
 message, which the JSON API (422 "field: message") and the web form show alike; nothing is
 stored, and the refusal comes before the database.
 
-The suite runs on SQLite, which stores a NUL; PostgreSQL (production) cannot. Every test
-here runs with `postgres_text_rules`: a query whose parameters hold a NUL or a lone
+SQLite stores a NUL; PostgreSQL cannot (the suite runs on either, see LAB_TEST_DB). Every
+test here runs with `postgres_text_rules`: a query whose parameters hold a NUL or a lone
 surrogate fails as it does on PostgreSQL, so a check that came after a query would fail
-these tests (as an error, not as the expected message)."""
+these tests on SQLite too (as an error, not as the expected message)."""
 
 import html
 import re
@@ -18,12 +18,14 @@ from django.db import connection
 from django.test import Client
 
 from bots.models import BotRun
-from instances import services
+from instances import releases, services, state
 from instances.models import Instance, Release
 from lobby import services as lobby
 from manager import texts
 from manager.accounts import services as accounts
 from manager.accounts.models import AccessToken, SSHKey, User
+from manager.jobs import services as jobs
+from manager.jobs.models import Job
 
 pytestmark = pytest.mark.django_db
 
@@ -352,6 +354,37 @@ def test_paths_with_a_nul_are_not_found_without_a_query(lab):
                  "/lobby/hostile%00/"):
         response = api.get(path)
         assert response.status_code == 404, (path, response.status_code)
+
+
+# --- what programs print: stored, with a mark where a NUL was ----------------------------------
+
+@jobs.job_task("tests.texts.quotes_a_program")
+def quotes_a_program(job):
+    raise jobs.JobFailed("pip said: no such\x00package")
+
+
+def test_a_programs_output_with_a_nul_is_stored_with_a_mark_in_its_place(lab):
+    """What pip, a setup.py or the app print is the experimenter's to choose, a NUL too: the
+    build log, a failed deploy's reason, the instance's status reason and a job's message
+    quoting it are stored with U+FFFD in its place (on PostgreSQL the write failed, and the
+    deploy or status change with it)."""
+    boss, ann, instance = lab
+    release = Release.objects.create(instance=instance, number=1, commit="a" * 40)
+    out = releases.LogWriter(release.pk)
+    out("Collecting evil\x00pkg\n")
+    out.flush()
+    release.refresh_from_db()
+    assert release.log == "Collecting evil\ufffdpkg\n"
+    releases._fail(release, "the app exited: boom\x00", out)
+    assert release.status == Release.Status.FAILED and release.status_reason == "the app exited: boom\ufffd"
+    assert release.log.endswith("\nDeploy failed: the app exited: boom\ufffd\n")
+    state.set_status(instance, Instance.Status.FAILED, "the app exited: \x00\x00", notify=False)
+    assert instance.status_reason == "the app exited: \ufffd\ufffd"
+    job = jobs.start(quotes_a_program, user=ann, kind="tests.texts", label="Deploy", args=[])
+    quotes_a_program.apply(args=[str(job.id)])
+    job.refresh_from_db()
+    assert job.status == Job.Status.FAILED and job.message == "Deploy: pip said: no such\ufffdpackage"
+    assert texts.storable("a\x00b\ufffd") == "a\ufffdb\ufffd" and texts.storable("plain") == "plain"
 
 
 def test_check_text_messages():
