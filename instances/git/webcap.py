@@ -48,6 +48,7 @@ import json
 import logging
 import re
 import sys
+from http import HTTPStatus
 
 from django.conf import settings
 
@@ -82,8 +83,15 @@ def too_large(cap: int, method: bytes = b"", path: bytes = b"") -> bytes:
             % (kind, len(body)) + body)
 
 
+def http_responses() -> dict:
+    """Twisted's reason phrases by status."""
+    from twisted.web import http
+
+    return http.RESPONSES
+
+
 def bounded_request_class(base):
-    """daphne's WebRequest with a body cap."""
+    """daphne's WebRequest with a body cap (and the standard reason phrase of every status)."""
 
     class BoundedWebRequest(base):
         lab_cap = OTHER_MAX_BYTES
@@ -117,6 +125,16 @@ def bounded_request_class(base):
             if self.lab_refused:
                 return
             super().requestReceived(command, path, version)
+
+        def setResponseCode(self, code, message=None):
+            # Twisted knows no reason phrase for 422, 429, 431 …: "429 Unknown Status". The
+            # standard's phrase instead ("429 Too Many Requests").
+            if message is None and code not in http_responses():
+                try:
+                    message = HTTPStatus(code).phrase.encode()
+                except ValueError:
+                    pass
+            super().setResponseCode(code, message)
 
         def _lab_refuse(self):
             self.lab_refused = True

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+from http import HTTPStatus
+from urllib.parse import urlencode
 
 import pytest
 
@@ -235,3 +237,27 @@ def test_a_request_head_that_does_not_arrive_in_time_is_answered_and_closed(lab)
         assert answer.endswith(sentence.encode() + b"\n"), (name, answer[:300])
     status, _, body = exchange(port, get("/healthz/"))
     assert (status, body) == (200, b"ok")  # the server took no harm
+
+
+def test_every_status_line_has_its_reason_phrase(lab):
+    """Twisted knows no reason phrase for 422 or 429: daphne sent "429 Unknown Status"."""
+    port = lab.ports["daphne"]
+
+    def status_line(request: bytes) -> bytes:
+        answer, _ = raw_exchange(port, request)
+        return answer.split(b"\r\n", 1)[0]
+
+    body = b'{"key": "not a key"}'
+    line = status_line(f"POST /api/v1/me/ssh-keys HTTP/1.1\r\nHost: {HOST}\r\nAuthorization: Bearer {lab.token}\r\n"
+                       f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                       .encode() + body)
+    assert line == b"HTTP/1.1 422 " + HTTPStatus(422).phrase.encode(), line
+    # Password resets of one address over the limit (5 a minute): 429.
+    _, headers, _ = exchange(port, get("/accounts/password/reset/"))
+    cookie = re.search(r"csrftoken=([A-Za-z0-9]+)", headers["set-cookie"]).group(1)
+    form = urlencode({"csrfmiddlewaretoken": cookie, "email": "someone@lab.test"}).encode()
+    attempt = (f"POST /accounts/password/reset/ HTTP/1.1\r\nHost: {HOST}\r\nCookie: csrftoken={cookie}\r\n"
+               f"Origin: http://{HOST}\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+               f"Content-Length: {len(form)}\r\nConnection: close\r\n\r\n").encode() + form
+    lines = [status_line(attempt) for _ in range(7)]
+    assert lines[-1] == b"HTTP/1.1 429 Too Many Requests", lines
