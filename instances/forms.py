@@ -16,13 +16,15 @@ class InstanceCreateForm(ServiceForm):
 class SettingsForm(ServiceForm):
     auth_level = forms.ChoiceField(label="Auth level", choices=Instance.AuthLevel.choices, required=False)
     production = forms.BooleanField(label="Production mode (OTREE_PRODUCTION=1: no debug pages)", required=False)
-    env = forms.CharField(label="Config vars", required=False, widget=forms.Textarea(attrs={
+    env = forms.CharField(label="Config vars", required=False, strip=False, widget=forms.Textarea(attrs={
         "rows": 5, "class": "font-monospace", "spellcheck": "false", "placeholder": "SENTRY_DSN=https://...\nLAB_ROOM=econ-lab"}),
         help_text="One NAME=value per line; set as environment variables of the oTree app.")
 
     def clean_env(self):
-        """NAME=value lines (spaces and tabs around the '=' are layout) into a dict the
-        service checks; a name set on two lines is refused, never merged."""
+        """NAME=value lines into a dict the service checks. The name is everything before the
+        '=', exactly as the API takes it (never trimmed: `X =1` is refused as the API refuses
+        "X ", with the same sentence); spaces and tabs around the value are layout. A name
+        set on two lines is refused, never merged."""
         values, lines = {}, {}
         for number, line in enumerate(self.cleaned_data["env"].splitlines(), 1):
             if not line.strip(" \t") or line.strip(" \t").startswith("#"):
@@ -30,7 +32,6 @@ class SettingsForm(ServiceForm):
             key, sep, value = line.partition("=")
             if not sep:
                 raise forms.ValidationError(f"Line {number} has no '=': write NAME=value.")
-            key = key.strip(" \t")
             if key in lines:
                 raise forms.ValidationError(f"Line {number} sets {key} again (line {lines[key]} set it already).")
             lines[key] = number

@@ -197,7 +197,7 @@ def test_config_vars_form(boss, ann):
                                                          "env": "COLOR=blue\nno equals sign"})
     assert response.status_code == 422 and "Line 2 has no" in response.content.decode()
     response = client.post("/instances/vars/settings/", {"auth_level": "STUDY", "production": "on",
-                                                         "env": "COLOR=blue\n# comment\nSIZE = 3"})
+                                                         "env": "COLOR=blue\n# comment\nSIZE= 3"})
     assert response.status_code == 302
     assert Instance.objects.get(name="vars").config_vars == {"COLOR": "blue", "SIZE": "3"}
 

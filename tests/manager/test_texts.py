@@ -148,9 +148,28 @@ def test_hostile_config_vars_are_refused_alike_by_the_api_and_the_form(lab, body
 
 def test_the_form_refuses_a_name_set_twice_instead_of_merging(lab):
     boss, ann, instance = lab
-    page = web_client(ann).post("/instances/hostile/settings/", {"auth_level": "STUDY", "env": "X=1\n X =2"})
+    page = web_client(ann).post("/instances/hostile/settings/", {"auth_level": "STUDY", "env": "X=1\nX=2"})
     assert page.status_code == 422 and "Line 2 sets X again (line 1 set it already)." in page_text(page)
     assert stored(instance)[0] == {}
+
+
+@pytest.mark.parametrize("name", ["X ", " X", "X\t"])
+def test_a_name_with_blanks_around_it_is_refused_alike_by_the_api_and_the_form(lab, name):
+    """The form took `X =1` as X (it trimmed names) while the API refused "X ": now both refuse
+    it, with the same sentence (names are taken exactly as given)."""
+    boss, ann, instance = lab
+    message = services.config_name_refusal(name)
+    assert message.startswith(f"{name!r} is not a valid variable name: it contains ")
+    response = api_client(ann).patch("/api/v1/instances/hostile", {"env": {name: "1"}},
+                                     content_type="application/json")
+    assert response.status_code == 422 and response.json()["detail"] == f"env: {message}"
+    page = web_client(ann).post("/instances/hostile/settings/", {"auth_level": "STUDY", "env": f"{name}=1"})
+    assert page.status_code == 422 and message in page_text(page)
+    assert stored(instance)[0] == {}
+    # Blanks around the value are layout on the page (a line `X= 1` sets X to "1").
+    assert web_client(ann).post("/instances/hostile/settings/", {"auth_level": "STUDY", "env": "X= 1 "}).status_code \
+        == 302
+    assert stored(instance)[0] == {"X": "1"}
 
 
 def test_names_are_stored_exactly_as_given_and_allowed_ones_pass(lab):
