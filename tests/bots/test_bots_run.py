@@ -34,10 +34,11 @@ from manager import locks
 from manager.accounts.models import User
 from tests import bots_otree
 from tests.conftest import need
-from tests.docker_helpers import engine_ok, images_present, wait_for
+from tests.docker_helpers import engine_ok, images_present
 from tests.fake_llm import FakeLLM
 from tests.http_helpers import StandIn
 from tests.db_helpers import database_url
+from tests.waits import wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 
@@ -250,7 +251,7 @@ def test_a_redirect_out_of_the_instance_stops_that_bot_with_the_reason(lab, fake
 def test_human_seats_play_beside_the_bots(lab):
     run = start(lab, config="guess", participants=3, bots=2, model="random")
     worker = in_background(run)
-    wait_for(lambda: BotRun.objects.get(pk=run.pk).session_code, 60, "the session")
+    wait_until(lambda: BotRun.objects.get(pk=run.pk).session_code, 60, 0.2, "the session")
     client = Client()
     client.force_login(lab["ann"])
     page = client.get(f"/instances/{NAME}/bot-runs/{run.number}/").content.decode()
@@ -265,7 +266,7 @@ def test_human_seats_play_beside_the_bots(lab):
     for _round in range(3):
         assert "/Guess/" in str(response.url), response.url
         response = human.post(str(response.url), data={"guess": "10"})
-        response = wait_for(lambda r=response: _next_page(human, r), 60, "the results page")
+        response = wait_until(lambda r=response: _next_page(human, r), 60, 0.2, "the results page")
         response = human.post(str(response.url), data={})
     assert "OutOfRangeNotification" in str(response.url)
     worker.join(timeout=90)
@@ -287,8 +288,8 @@ def _next_page(client, response):
 def test_stop_stops_every_bot(lab):
     run = start(lab, config="guess", participants=3, bots=2, model="random")
     worker = in_background(run)
-    wait_for(lambda: Bot.objects.filter(run=run, status="wait_page").count() == 2, 60,
-             "both bots waiting for the human who never comes")
+    wait_until(lambda: Bot.objects.filter(run=run, status="wait_page").count() == 2, 60, 0.2,
+               "both bots waiting for the human who never comes")
     client = Client()
     client.force_login(lab["ann"])
     response = client.post(f"/instances/{NAME}/bot-runs/{run.number}/stop/")
@@ -347,7 +348,7 @@ def test_a_worker_killed_mid_run_is_resumed_and_nothing_is_answered_twice(lab, f
     answered_before = Answer.objects.filter(run=run, status__in=["accepted", "pending"]).count()
     assert answered_before >= 3
     # The lock of the dead worker expires (LAB_LOCK_TTL); the sweep sees the stale heartbeat.
-    wait_for(lambda: not locks.held(f"botrun:{run.pk}"), 30, "the dead worker's lock to expire")
+    wait_until(lambda: not locks.held(f"botrun:{run.pk}"), 30, 0.2, "the dead worker's lock to expire")
     monkeypatch.setattr(services, "STALE_SECONDS", 0)
     assert services.sweep()["resumed"] == [run.pk] and lab["enqueued"][-1] == [run.pk]
     run = run_task(run)

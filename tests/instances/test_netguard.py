@@ -30,6 +30,7 @@ from instances.runtime.docker import APP_USER, LABEL_COMPONENT, LABEL_MANAGER, D
 from tests import docker_helpers as dh
 from tests.conftest import need
 from tests.netns_helpers import host_addresses, host_listener, netns_available, outside_host
+from tests.waits import wait_until
 
 PG, REDIS, PY = django_settings.LAB_IMAGE_POSTGRES, django_settings.LAB_IMAGE_REDIS, django_settings.LAB_IMAGE_PYTHON
 RNG = random.Random(os.getpid() ^ int.from_bytes(os.urandom(4), "big"))
@@ -345,7 +346,7 @@ def test_apps_and_builds_reach_no_service_of_this_machine_nor_metadata(rt, api, 
     try:
         api.start(other["Id"])
         published = api.inspect_container(other["Id"])["NetworkSettings"]["Ports"]["8080/tcp"][0]["HostPort"]
-        dh.wait_for(lambda: dh.http_get(f"http://127.0.0.1:{published}/")[0] == 200, 30, "the published service")
+        wait_until(lambda: dh.http_get(f"http://127.0.0.1:{published}/")[0] == 200, 30, 0.2, "the published service")
         targets = host_targets(everywhere.port, gateways(api, app), gateways(api, builder)) + [f"{METADATA}:80"]
         assert len(targets) >= 5  # eth0, docker0, the app's two gateways, the build's, metadata
         targets += [f"{a}:{published}" for a in host_addresses(4, lasting=True) if not a.startswith("127.")]
@@ -376,7 +377,7 @@ def test_other_instances_and_their_builds_are_unreachable(rt, api):
     build_b = build_container(rt, "fw-b", ["python", "-m", "http.server", "8080"])  # two builds at the same time
     try:
         (b_build_ip,) = addresses(api, build_b)
-        dh.wait_for(lambda: dh.http_get(f"http://{b_build_ip}:8080/")[0] == 200, 30, "the second build's server")
+        wait_until(lambda: dh.http_get(f"http://{b_build_ip}:8080/")[0] == 200, 30, 0.2, "the second build's server")
         b_targets = [f"{b_build_ip}:8080"]
         b_targets += [f"{ip}:8000" for ip in addresses(api, rt.container_name("fw-b", "app"))]
         b_targets += [f"{ip}:5432" for ip in addresses(api, rt.container_name("fw-b", "db"))]

@@ -37,6 +37,7 @@ from instances.runtime.docker import (
 from tests import docker_helpers as dh
 from tests.conftest import need
 from tests.netns_helpers import netns_available, outside_host
+from tests.waits import wait_until
 
 pytestmark = pytest.mark.docker
 
@@ -109,7 +110,7 @@ def wait_http(url: str, timeout: float = 20) -> bytes:
         status, body = dh.http_get(url)
         return body if status == 200 else None
 
-    return dh.wait_for(answer, timeout, f"HTTP 200 from {url}")
+    return wait_until(answer, timeout, 0.2, f"HTTP 200 from {url}")
 
 
 def probe(api, container: str, host: str, port: int) -> str:
@@ -320,7 +321,7 @@ def _kill_when(script: str, predicate, what: str, *, must_kill: bool = True) -> 
     """Run `script` in a child process and SIGKILL it as soon as `predicate` holds."""
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        dh.wait_for(lambda: predicate() or proc.poll() is not None, 60, what, interval=0.02)
+        wait_until(lambda: predicate() or proc.poll() is not None, 60, 0.02, what)
         if must_kill:
             assert proc.poll() is None, f"finished before it could be killed: {proc.stdout.read().decode()}"
         if proc.poll() is None:
@@ -496,7 +497,7 @@ def test_builds_install_once_share_and_add_only_the_project(rt, api, package_hos
         "os.stat('/app/settings.py').st_uid, flush=True); http.server.test(port=8000, bind='0.0.0.0')")],
         release_id="fw", user=APP_USER))
     state = rt.ensure(spec)
-    dh.wait_for(lambda: "installed 10001 10001 10001" in rt.logs("fw-run"), 30, "the app's output")
+    wait_until(lambda: "installed 10001 10001 10001" in rt.logs("fw-run"), 30, 0.2, "the app's output")
     assert state.app_url
 
     # The introspection container cannot write the image (read-only, no network).
@@ -574,13 +575,12 @@ def test_out_of_memory_app_is_killed_alone(rt, api):
 
     def oom_seen():
         info = api.inspect_container(hog_name)
-        return info["State"]["OOMKilled"] or info["RestartCount"] > 0
+        if info["State"]["OOMKilled"] or info["RestartCount"] > 0:
+            return True
+        assert dh.http_get(neighbour.app_url + "/")[0] == 200  # meanwhile the neighbour answers
+        return False
 
-    deadline = time.monotonic() + 60
-    while not oom_seen():
-        assert time.monotonic() < deadline, "the memory hog was not killed within 60 s"
-        assert dh.http_get(neighbour.app_url + "/")[0] == 200
-        time.sleep(0.3)
+    wait_until(oom_seen, 60, 0.3, "the memory hog killed")
     info = api.inspect_container(hog_name)
     # Killed (137) and restarted by its policy: by now it may be running again (flags reset).
     assert info["State"]["OOMKilled"] or info["State"]["ExitCode"] == 137 or info["RestartCount"] > 0
