@@ -5,8 +5,6 @@ restart, admin password, reset with a backup, the lobby, an offline bot run; aft
 manager is killed outright and started again, the instance is re-adopted (one supervisor,
 served again through the proxy)."""
 
-import time
-
 import psutil
 import pytest
 
@@ -15,18 +13,9 @@ from tests.labserver_helpers import (LabServer, free_port, migrate, new_data_dir
                                      remove_instances)
 from tests.otree_projects import Checkout, valid_project
 from tests.e2e.test_e2e_deploy import api, git_push, http_status, instance_ready_for_code
+from tests.waits import wait_until
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(fetch, done, what, timeout=120):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if done(value):
-            return value
-        assert time.monotonic() < deadline, f"{what}: {value}"
-        time.sleep(0.5)
 
 
 def supervisors(data_dir, name):
@@ -67,11 +56,21 @@ def test_without_docker_the_whole_workflow_runs_on_processes(tmp_path):
                              {"password": "a-new-admin-password"})
         assert status == 200 and answer["password"] == "a-new-admin-password"
         assert api(server, token, "POST", "/api/v1/instances/nodock/reset-database")[0] == 202
-        backups = wait_for(lambda: api(server, token, "GET", "/api/v1/instances/nodock/backups")[1],
-                           lambda b: any(x["status"] == "done" for x in b), "a backup before the reset")
+        # (Each wait below asserts what it waits for: "not yet" is a failed assertion, the
+        # last one is in the message when the wait gives up.)
+        def backup_done():
+            backups = api(server, token, "GET", "/api/v1/instances/nodock/backups")[1]
+            assert any(x["status"] == "done" for x in backups), backups
+            return backups
+
+        def otree_answers():
+            status = http_status(f"http://localhost:{public_port}/")[0]
+            assert status is not None and status < 500, status
+            return True
+
+        backups = wait_until(backup_done, 120, 0.5, "a backup before the reset", ignore=(AssertionError,))
         assert backups[0]["filename"].endswith(".dump")  # pg_dump of its own PostgreSQL
-        wait_for(lambda: http_status(f"http://localhost:{public_port}/")[0],
-                 lambda s: s is not None and s < 500, "oTree answers after the reset")
+        wait_until(otree_answers, 120, 0.5, "oTree answers after the reset", ignore=(AssertionError,))
 
         # The lobby of its room, and an offline bot run in its session.
         status, page = http_status(f"http://127.0.0.1:{port}/lobby/nodock/")
@@ -79,8 +78,14 @@ def test_without_docker_the_whole_workflow_runs_on_processes(tmp_path):
         status, run = api(server, token, "POST", "/api/v1/instances/nodock/bot-runs",
                           {"session_config": "hello_game", "num_participants": 2, "num_bots": 2, "model": "random"})
         assert status in (200, 201, 202), run
-        run = wait_for(lambda: api(server, token, "GET", f"/api/v1/instances/nodock/bot-runs/{run['id']}")[1],
-                       lambda r: r["status"] in ("finished", "failed", "stopped"), "the bot run ends", 180)
+        run_url = f"/api/v1/instances/nodock/bot-runs/{run['id']}"
+
+        def run_ended():
+            current = api(server, token, "GET", run_url)[1]
+            assert current["status"] in ("finished", "failed", "stopped"), current
+            return current
+
+        run = wait_until(run_ended, 180, 0.5, "the bot run ends", ignore=(AssertionError,))
         assert run["status"] == "finished", run
 
         # The manager dies outright (its instances do not) and starts again: re-adopted.
@@ -94,8 +99,7 @@ def test_without_docker_the_whole_workflow_runs_on_processes(tmp_path):
         assert supervisors(data_dir, "nodock")[0].pid == first[0].pid  # the instance lives on
         server = LabServer(data_dir, port, **extra)
         server.wait_ready(timeout=180)
-        wait_for(lambda: http_status(f"http://localhost:{public_port}/")[0],
-                 lambda s: s is not None and s < 500, "served through the restarted proxy")
+        wait_until(otree_answers, 120, 0.5, "served through the restarted proxy", ignore=(AssertionError,))
         assert [p.pid for p in supervisors(data_dir, "nodock")] == [first[0].pid]
     finally:
         server.terminate()

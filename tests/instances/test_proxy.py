@@ -250,10 +250,6 @@ def get(port: int, path: str = "/", host: str | None = None, timeout: float = 5)
     return resp.status, resp.text
 
 
-def wait_for(check, timeout: float, what: str):
-    return wait_until(check, timeout, 0.05, what, ignore=(OSError,))
-
-
 def websocket_roundtrip(port: int, message: str, timeout: float = 5) -> str:
     key = base64.b64encode(os.urandom(16)).decode()
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
@@ -380,7 +376,7 @@ def test_a_restarted_caddy_gets_every_route_back_on_start(caddy, backends, runti
     # As labserver starts it: the initial config has only the admin socket, and a thread
     # loads the routes from the database as soon as the socket answers.
     caddy.start(sync_on_start=True)
-    assert wait_for(lambda: get(p1)[1].startswith("B "), 20, "route of delta not back")
+    assert wait_until(lambda: get(p1)[1].startswith("B "), 20, 0.05, "route of delta back", ignore=(OSError,))
     status, body = get(p2)
     assert status == 503 and "(status: stopped)" in body
     assert websocket_roundtrip(p1, "again") == "B:again"
@@ -510,14 +506,15 @@ def test_labserver_runs_caddy_and_restores_the_routes_when_caddy_dies():
         server.wait_ready()
         assert "started caddy (pid" in server.output
         expected = "This oTree instance has no app running yet (status: ready for code)"
-        wait_for(lambda: expected in get(iport)[1], 20, "the instance's port does not answer")
+        wait_until(lambda: expected in get(iport)[1], 20, 0.05, "the instance's port answering", ignore=(OSError,))
 
         caddy_proc = server.child("caddy", "run")
         assert caddy_proc is not None, server.output
         mark = server.mark()
         caddy_proc.kill()
         server.wait_for(r"caddy restarted \(pid \d+", 30, since=mark)
-        wait_for(lambda: expected in get(iport)[1], 20, "the route is not back after Caddy's restart")
+        wait_until(lambda: expected in get(iport)[1], 20, 0.05, "the route back after Caddy's restart",
+                   ignore=(OSError,))
         assert server.terminate() == 0
         assert not (data_dir / "caddy" / "admin.sock").exists()
     finally:

@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -40,6 +39,7 @@ from instances.runtime.tenantfs import processes_of
 from tests import backends, file_helpers, otree_projects
 from tests.conftest import need
 from tests.docker_helpers import http_get
+from tests.waits import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -76,13 +76,6 @@ def script_app(runtime, name, code: str) -> AppSpec:
     return AppSpec(image=app["image"], command=["python", "-c", code, "8000"], port=8000, release_id="s")
 
 
-def wait_until(predicate, what, timeout=30):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} (not within {timeout} s)"
-        time.sleep(0.1)
-
-
 def alive(pid) -> bool:
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
@@ -94,7 +87,7 @@ def started(runtime, name, app=True, **kw):
     runtime.ensure(spec(name, **kw))  # the folder first: the fake app's release lives in it
     state = runtime.ensure(spec(name, app=http_app(runtime, name) if app else None, **kw))
     if app:
-        wait_until(lambda: http_get(state.app_url + "/", timeout=2)[0] == 200, "the app answers")
+        wait_until(lambda: http_get(state.app_url + "/", timeout=2)[0] == 200, 30, message="the app answers")
     return state
 
 
@@ -119,7 +112,8 @@ def test_a_process_that_dies_is_restarted_by_the_supervisor(rt):
     old = rt._state("p-restart")["processes"]["app"]["pid"]
     os.kill(old, signal.SIGKILL)
     wait_until(lambda: (rt._state("p-restart")["processes"]["app"].get("pid") not in (None, old)
-                        and http_get(state.app_url + "/", timeout=2)[0] == 200), "a new app process answers")
+                        and http_get(state.app_url + "/", timeout=2)[0] == 200), 30,
+               message="a new app process answers")
     after = rt.state("p-restart")
     assert after.app.health == Health.RUNNING and "restarted 1x" in after.app.detail
     assert after.app_url == state.app_url  # the same port: the proxy's route still fits
@@ -147,11 +141,11 @@ def test_a_killed_supervisor_takes_its_processes_along_and_ensure_brings_all_bac
     pids = [info["supervisor"]] + [p["pid"] for p in info["processes"].values()]
     children = [c.pid for c in psutil.Process(info["supervisor"]).children(recursive=True)]
     os.kill(info["supervisor"], signal.SIGKILL)
-    wait_until(lambda: not any(alive(pid) for pid in pids + children), "every process of the instance ends")
+    wait_until(lambda: not any(alive(pid) for pid in pids + children), 30, message="every process of the instance ends")
     assert rt.state("p-sup").app.health != Health.RUNNING
     restored = rt.ensure(spec("p-sup", app=http_app(rt, "p-sup")))
     assert restored.services_ready and restored.app_url == state.app_url
-    wait_until(lambda: http_get(restored.app_url + "/", timeout=2)[0] == 200, "the app answers again")
+    wait_until(lambda: http_get(restored.app_url + "/", timeout=2)[0] == 200, 30, message="the app answers again")
     assert backends.stray_processes(rt, "p-sup") == []
 
 
@@ -487,7 +481,7 @@ while True:
 def check_bomb_and_spin(runtime, name, neighbour_url, flag):
     """While `name` holds as many processes as it may, the neighbour answers; then its
     busy loop runs."""
-    wait_until(lambda: "forks made=" in runtime.logs(name, "app"), "the fork bomb ends", timeout=180)
+    wait_until(lambda: "forks made=" in runtime.logs(name, "app"), 180, message="the fork bomb ends")
     line = [ln for ln in runtime.logs(name, "app").splitlines() if "forks made=" in ln][-1]
     made, failed = (int(part.split("=")[1]) for part in line.split()[1:3])
     assert failed > 0 and made < PIDS  # capped: not 2000 forks
@@ -495,7 +489,7 @@ def check_bomb_and_spin(runtime, name, neighbour_url, flag):
     assert len(processes_of(uid)) <= PIDS
     assert http_get(neighbour_url + "/", timeout=10)[0] == 200  # the neighbour answers meanwhile
     assert as_tenant(runtime, name, "touch", str(flag)).returncode == 0
-    wait_until(lambda: "spinning" in runtime.logs(name, "app"), "the busy loop starts", timeout=120)
+    wait_until(lambda: "spinning" in runtime.logs(name, "app"), 120, message="the busy loop starts")
     assert http_get(neighbour_url + "/", timeout=10)[0] == 200
 
 
@@ -511,7 +505,7 @@ def test_a_fork_bomb_and_a_busy_loop_hurt_only_their_instance(rt):
     cgroups = rt._meta("p-bomb")["cgroups"]
     app_pid = rt._state("p-bomb")["processes"]["app"]["pid"]
     assert app_pid in rt.limits.members(cgroups)
-    wait_until(lambda: (rt.limits.throttled(cgroups) or 0) > 0, "the CPU limit holds the busy loop back")
+    wait_until(lambda: (rt.limits.throttled(cgroups) or 0) > 0, 30, message="the CPU limit holds the busy loop back")
     protections = {p.what: p for p in rt.protections("p-bomb")}
     assert protections["CPU"].holds and f"cgroup {rt.limits.kind}" in protections["CPU"].detail
     assert protections["Processes"].holds and str(PIDS) in protections["Processes"].detail
@@ -599,7 +593,7 @@ def test_remove_leaves_no_process_folder_cgroup_or_user(rt):
     if uid is not None:  # a daemon of the app, outside its process group
         subprocess.run(["runuser", "-u", user, "--", "setsid", "-f", "sleep", "600"], stdin=subprocess.DEVNULL,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=True)
-        wait_until(lambda: len(processes_of(uid)) > len(pids), "the daemon runs")
+        wait_until(lambda: len(processes_of(uid)) > len(pids), 30, message="the daemon runs")
     rt.remove("p-gone")
     assert not any(alive(pid) for pid in pids)
     assert not rt.dir("p-gone").exists() and "p-gone" not in rt.owned_instances()
@@ -643,7 +637,7 @@ def test_sqlite_when_postgresql_programs_are_missing(settings, tmp_path):
         runtime.retire_app("p-lite")
         assert http_get(url + "/", timeout=5)[0] in (200, 302)
         database = runtime.tenant_dir("p-lite") / "data" / "db.sqlite3"
-        wait_until(database.exists, "oTree created its database in the instance's data folder")
+        wait_until(database.exists, 30, message="oTree created its database in the instance's data folder")
         request = urllib.request.Request(f"{url}/api/sessions", method="POST", data=json.dumps(
             {"session_config_name": "hello_game", "num_participants": 2}).encode(),
             headers={"otree-rest-key": "rk", "Content-Type": "application/json"})
@@ -659,7 +653,8 @@ def test_sqlite_when_postgresql_programs_are_missing(settings, tmp_path):
         runtime.reset_database("p-lite", spec("p-lite"))
         assert not database.exists()
         runtime.restart_app("p-lite")
-        wait_until(lambda: http_get(url + "/", timeout=2)[0] in (200, 302), "the app answers after the reset")
+        wait_until(lambda: http_get(url + "/", timeout=2)[0] in (200, 302), 30,
+                   message="the app answers after the reset")
         with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as fresh:
             assert fresh.execute("SELECT count(*) FROM otree_session").fetchone()[0] == 0
     finally:
@@ -689,7 +684,7 @@ def test_an_instance_of_the_previous_version_is_migrated_with_its_data(rt):
     old._chown(release, old._ids(name), recursive=True)
     app = AppSpec(image=f"{name}/r1", command=["python", "-m", "http.server", "8000"], port=8000, release_id="t")
     state = old.ensure(spec(name, app=app))
-    wait_until(lambda: http_get(state.app_url + "/", timeout=2)[0] == 200, "the old app answers")
+    wait_until(lambda: http_get(state.app_url + "/", timeout=2)[0] == 200, 30, message="the old app answers")
     password = spec(name).db_password
     with psycopg.connect(host=str(old.dir(name) / "run"), user="otree", dbname="otree", password=password,
                          autocommit=True) as conn:
@@ -704,7 +699,7 @@ def test_an_instance_of_the_previous_version_is_migrated_with_its_data(rt):
 
     migrated = rt.ensure(spec(name, app=app))
     assert migrated.services_ready
-    wait_until(lambda: http_get(migrated.app_url + "/", timeout=2)[0] == 200, "the migrated app answers")
+    wait_until(lambda: http_get(migrated.app_url + "/", timeout=2)[0] == 200, 30, message="the migrated app answers")
     # (Other test runs on this host may be given the freed uid at once: the old processes are checked by start.)
     assert not [pid for pid, ticks in old_processes.items() if alive(pid) and proc_start_ticks(pid) == ticks]
     with pytest.raises(KeyError):
