@@ -21,6 +21,8 @@ from pathlib import Path
 
 import psutil
 
+from tests.waits import wait_until
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 READY_LINE = r"oTree Lab Manager is running on "
 
@@ -225,18 +227,23 @@ class Daphne:
             [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "manager.asgi:application"],
             cwd=BASE_DIR, env=env, stdin=subprocess.DEVNULL, stdout=self.log,
             stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def healthy() -> bool:
             try:
                 with urllib.request.urlopen(f"{self.url}/healthz/", timeout=2) as response:
                     if response.status == 200:
-                        return
+                        return True
             except OSError:
                 pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"daphne did not come up:\n{self.output()}")
-            time.sleep(0.1)
+            if self.proc.poll() is not None:
+                raise AssertionError("daphne exited")
+            return False
+
+        try:
+            wait_until(healthy, timeout, 0.1, "daphne's health check")
+        except AssertionError:
+            self.stop()
+            raise AssertionError(f"daphne did not come up:\n{self.output()}") from None
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")

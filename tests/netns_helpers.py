@@ -25,12 +25,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.http_helpers import StandIn
+from tests.waits import wait_until
 
 # The recording server: standard library only, run inside the namespace with `ip netns exec`.
 RECORDER = r'''
@@ -69,18 +69,6 @@ def _ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.
 def netns_available() -> bool:
     """Whether this process may make network namespaces (root with iproute2)."""
     return os.geteuid() == 0 and shutil.which("ip") is not None
-
-
-def _wait_port(connect, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            connect()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 @dataclass
@@ -157,7 +145,8 @@ def outside_host(address: str, port: int = 80):
             with socket.create_connection((address, port), timeout=1):
                 pass
 
-        _wait_port(probe)
+        wait_until(lambda: probe() or True, 10, 0.05, f"the test host's server on {address}:{port}",
+                   ignore=(OSError,))
         log.unlink(missing_ok=True)  # the readiness probe is not a hit
         yield TestHost(address=address, port=port, log=log, files=work / "files", netns=ns,
                        extra={"link": (host_ip, ns_ip), "interface": host_if})

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +33,7 @@ from tests.http_helpers import StandIn
 from tests.labserver_helpers import Daphne
 from tests.instances.test_proxy import Caddy, FakeRuntime, free_ports
 from tests.db_helpers import database_url
+from tests.waits import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -164,10 +164,8 @@ def _socket_events(page) -> list[str]:
 
 
 def _wait_logged(daphne, mark, origin):
-    deadline = time.monotonic() + 10
-    while f"refused: origin {origin} is not the manager's" not in daphne.output()[mark:]:
-        assert time.monotonic() < deadline, daphne.output()[-3000:]
-        time.sleep(0.1)
+    wait_until(lambda: f"refused: origin {origin} is not the manager's" in daphne.output()[mark:], 10,
+               message=lambda: f"daphne logging the refusal of {origin} (its log ends: {daphne.output()[-3000:]})")
 
 
 def test_an_opened_instance_never_sees_the_managers_cookies_nor_uses_its_socket(lab, browser):

@@ -8,7 +8,6 @@ import contextlib
 import json
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -19,6 +18,7 @@ from tests.docker_helpers import engine_ok, images_present
 from tests.labserver_helpers import (BASE_DIR, LabServer, child_env, free_port, migrate, new_data_dir,
                                      remove_data_dir, remove_instances)
 from tests.otree_projects import Checkout, broken, valid_project
+from tests.waits import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
@@ -95,11 +95,12 @@ def instance_ready_for_code(server, extra, name):
                            timeout=60, check=True).stdout.strip()
     status, body = api(server, token, "POST", "/api/v1/instances", {"name": name, "owner": "admin"})
     assert status == 201, body
-    for _ in range(120):  # ready for code within seconds (bounded)
-        status, body = api(server, token, "GET", f"/api/v1/instances/{name}")
-        if body["status"] in {"ready_for_code", "failed"}:
-            break
-        time.sleep(0.5)
+    def settled():  # ready for code (or failed) within seconds; "not yet" says where it is
+        current = api(server, token, "GET", f"/api/v1/instances/{name}")[1]
+        assert current["status"] in {"ready_for_code", "failed"}, current
+        return current
+
+    body = wait_until(settled, 60, 0.5, f"instance {name} set up", ignore=(AssertionError,))
     assert body["status"] == "ready_for_code", body
     return token, body
 

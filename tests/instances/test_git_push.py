@@ -27,6 +27,7 @@ from manager.accounts.models import SSHKey, User
 from tests.http_helpers import raw_exchange
 from tests.labserver_helpers import BASE_DIR, free_port
 from tests.db_helpers import database_url
+from tests.waits import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -39,16 +40,14 @@ INSTANCE_PORT = 18777
 def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 60) -> None:
     import socket
 
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def listening() -> bool:
         if proc.poll() is not None:
             raise AssertionError(f"{what} exited with {proc.returncode}:\n{proc.stdout.read().decode()}")
         with socket.socket() as sock:
             sock.settimeout(0.5)
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"{what} did not listen on {port} within {timeout} s")
+            return sock.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_until(listening, timeout, 0.1, f"{what} listening on {port}")
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -197,15 +196,18 @@ def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
 def play_build(lab: Lab, proc: subprocess.Popen, *, outcome: str = "live", reason: str = "",
                timeout: float = 60) -> Release:
     """Be the build worker: wait for the queued release, write its log in steps, finish it."""
-    deadline = time.monotonic() + timeout
-    release = None
-    while release is None:
+
+    def git_said() -> str:
+        code, out = finish(proc)
+        return f"git exited {code}:\n{out}"
+
+    def recorded():
         release = Release.objects.filter(instance=lab.instance).order_by("-number").first()
-        if release is None:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                code, out = finish(proc)
-                raise AssertionError(f"no release was recorded (git exited {code}):\n{out}")
-            time.sleep(0.1)
+        if release is None and proc.poll() is not None:
+            raise AssertionError(f"no release was recorded ({git_said()})")
+        return release
+
+    release = wait_until(recorded, timeout, 0.1, lambda: f"a release recorded ({git_said()})")
     assert release.status == Release.Status.QUEUED
     Release.objects.filter(pk=release.pk).update(status=Release.Status.BUILDING, log="Step 1/2: installing otree\n")
     time.sleep(0.8)  # the hook prints while the build goes on
@@ -416,10 +418,13 @@ def test_a_pusher_who_leaves_does_not_stop_the_deploy_or_the_service(lab):
     """Ctrl-C during the build: the release goes on; the service answers the next push."""
     lab.project()
     proc = lab.push(lab.https_url("ann"))
-    deadline = time.monotonic() + 60
-    while not Release.objects.filter(instance=lab.instance).exists():
-        assert time.monotonic() < deadline and proc.poll() is None, "no release recorded"
-        time.sleep(0.1)
+    def recorded() -> bool:
+        if Release.objects.filter(instance=lab.instance).exists():
+            return True
+        assert proc.poll() is None, "no release recorded"  # git ended without one
+        return False
+
+    wait_until(recorded, 60, 0.1, "a release recorded")
     os.killpg(proc.pid, signal.SIGINT)  # the pusher's terminal
     try:
         proc.communicate(timeout=30)

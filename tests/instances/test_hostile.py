@@ -53,7 +53,6 @@ import shutil
 import stat
 import subprocess
 import threading
-import time
 import types
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +74,7 @@ from manager.accounts.models import User
 from tests import backends, file_helpers, hostile, otree_projects
 from tests.conftest import need
 from tests.netns_helpers import host_addresses, host_listener, netns_available, outside_host
+from tests.waits import wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 
@@ -217,13 +217,17 @@ def hostile_call(runtime, path, targets=None, timeout=180) -> list[dict]:
 def while_answering(runtime, fn, what: str) -> tuple[object, list[bool]]:
     """Run `fn` (an attack) while the victim is asked every half second whether it answers."""
     answered = []
+
+    def attack_over(future) -> bool:
+        if future.done():
+            return True
+        answered.append(answers(runtime, VICTIM))
+        return False
+
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(fn)
-        deadline = time.monotonic() + 300
-        while not future.done() and time.monotonic() < deadline:
-            answered.append(answers(runtime, VICTIM))
-            time.sleep(0.5)
-        result = future.result(timeout=max(1, deadline - time.monotonic()))
+        wait_until(lambda: attack_over(future), 300, 0.5, f"the end of {what}")
+        result = future.result()
     answered.append(answers(runtime, VICTIM))
     assert all(answered), f"the victim stopped answering during {what}: {answered}"
     return result, answered

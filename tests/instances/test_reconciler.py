@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from django.conf import settings
@@ -270,16 +269,19 @@ def test_worker_killed_mid_way_is_healed_by_the_next_pass(runtime, people, setti
         assert run_job("instance.create").status == "succeeded"
         services.delete_instance(boss, instance)
     proc = _reconcile_in_subprocess(instance.pk)
-    deadline = time.monotonic() + 60
+
+    def started_or_ended() -> str | None:
+        if proc.poll() is not None:
+            return "ended"
+        owned = name in runtime.owned_instances()
+        if (phase == "create" and owned) or (phase == "delete" and Backup.objects.filter(
+                instance_name=name, kind="final").exists()):
+            return "started"
+        return None
+
     started = alive_when_killed = False
     try:  # kill it as soon as it has started changing the world
-        while time.monotonic() < deadline and proc.poll() is None:
-            owned = name in runtime.owned_instances()
-            if (phase == "create" and owned) or (phase == "delete" and Backup.objects.filter(
-                    instance_name=name, kind="final").exists()):
-                started = True
-                break
-            time.sleep(0.02)
+        started = wait_until(started_or_ended, 60, 0.02, "the worker changing the world") == "started"
         alive_when_killed = proc.poll() is None
     finally:
         proc.send_signal(signal.SIGKILL)

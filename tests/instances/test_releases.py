@@ -297,11 +297,16 @@ def test_worker_and_app_killed_mid_deploy_come_back_with_the_live_release(runtim
     assert first.status == "live", first.status_reason
     second = push(instance, checkout, otree_projects.valid_project("v2"), "second", ann)
     worker = _deploy_in_subprocess(second.pk)
-    deadline = time.monotonic() + 300
+
+    def starting():
+        if Release.objects.get(pk=second.pk).status == "starting":
+            return True
+        assert worker.poll() is None, Release.objects.get(pk=second.pk).log[-2000:]  # the worker died early
+        return False
+
     try:
-        while Release.objects.get(pk=second.pk).status != "starting":
-            assert time.monotonic() < deadline and worker.poll() is None, Release.objects.get(pk=second.pk).log[-2000:]
-            time.sleep(0.05)
+        wait_until(starting, 300, 0.05,
+                   lambda: f"#2 starting (its log ends: {Release.objects.get(pk=second.pk).log[-2000:]})")
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=10)
@@ -318,13 +323,12 @@ def test_worker_and_app_killed_mid_deploy_come_back_with_the_live_release(runtim
     instance.refresh_from_db()
     assert instance.status == "running", instance.status_reason
     assert running_release(runtime, "rel-kill") == first.image
-    deadline = time.monotonic() + 60
-    while True:  # the restarted app answers with the live release's page
+    def live_page():  # "not yet" says what the app answered
         code, body = answers(runtime, "rel-kill")
-        if code in (200, 302):
-            break
-        assert time.monotonic() < deadline, (code, body[:300])
-        time.sleep(0.3)
+        assert code in (200, 302), (code, body[:300])
+        return True
+
+    wait_until(live_page, 60, 0.3, "the restarted app answering with the live release's page", ignore=(AssertionError,))
     assert_only_the_live_app(runtime, "rel-kill")
 
 

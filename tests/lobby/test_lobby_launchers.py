@@ -10,7 +10,6 @@ else may run. cmd.exe is not available here: its two parsing phases that matter
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -19,6 +18,7 @@ import pytest
 from lobby import launchers
 from lobby.launchers import BROWSERS, UnsafeArgument
 from tests.conftest import need
+from tests.waits import wait_until
 
 HOSTILE_LABELS = [
     'a"&calc&', 'a & calc.exe', "x|calc", "a>b<c", "^&^|", "!COMSPEC!", "%COMSPEC%", "%1", "%", "100%",
@@ -133,10 +133,8 @@ def fake_program(folder: Path, name: str, record: Path) -> None:
 
 
 def recorded(record: Path, timeout: float = 10.0) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while not record.exists() or not record.read_bytes().endswith(b"\0"):
-        assert time.monotonic() < deadline, "the fake browser was not started"
-        time.sleep(0.05)
+    wait_until(lambda: record.exists() and record.read_bytes().endswith(b"\0"), timeout, 0.05,
+               "the fake browser started")
     return record.read_bytes().decode().split("\0")[:-1]
 
 
