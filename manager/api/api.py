@@ -97,6 +97,7 @@ api = LabAPI(
     urls_namespace="api",
     auth=BearerToken(),
     docs=Swagger(settings={"persistAuthorization": False}),
+    parser=errors.StrictJSONParser(),
 )
 errors.install(api)
 api.add_router("/instances", instances.router)

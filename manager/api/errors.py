@@ -3,7 +3,9 @@
 401 missing or bad token, 403 not allowed, 404 not visible, 405 wrong method,
 409 conflict (`services.Conflict`), 422 invalid input (request validation and the
 services' `ValidationError`s, flattened to "field: message"), 400 unparsable body,
-429 a rate limit (`manager.throttle.Throttled`, with `Retry-After` in seconds).
+429 a rate limit (`manager.throttle.Throttled`, with `Retry-After` in seconds); a body
+whose JSON object names a key twice is 422 too (`StrictJSONParser`: never the last one
+silently).
 """
 
 import json
@@ -14,6 +16,7 @@ from django.core.exceptions import NON_FIELD_ERRORS, PermissionDenied, RequestDa
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404, HttpResponseNotAllowed, JsonResponse
 from ninja import NinjaAPI
+from ninja.parser import Parser
 from ninja.errors import HttpError
 from ninja.errors import ValidationError as NinjaValidationError
 
@@ -93,6 +96,31 @@ def _body_error(request, exc: HttpError) -> str:
     return text
 
 
+class DuplicateKey(ValueError):
+    """A JSON object of the body names a key twice (which one counts would be a guess)."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _one_of_each(pairs: list) -> dict:
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+class StrictJSONParser(Parser):
+    """ninja's parser, but a body whose object names a key twice is refused (json.loads
+    keeps the last one silently): 422 naming the key."""
+
+    def parse_body(self, request):
+        return json.loads(request.body, object_pairs_hook=_one_of_each)
+
+
 def error_response(status: int, detail: str, **headers) -> JsonResponse:
     response = JsonResponse({"detail": detail}, status=status)
     for key, value in headers.items():
@@ -110,6 +138,10 @@ def install(api: NinjaAPI) -> None:
 
     @handles(HttpError)  # ninja's own: auth (401/403), unparsable body (400), throttling; ours: 404
     def http_error(request, exc):
+        if isinstance(exc.__cause__, DuplicateKey):
+            key = json.dumps(exc.__cause__.key, ensure_ascii=False)
+            return error_response(422, f"The request body gives the key {key} twice in one object; send each key "
+                                       "once.")
         if exc.status_code == 400 and exc.__cause__ is not None:
             return error_response(400, _body_error(request, exc))
         headers = {}

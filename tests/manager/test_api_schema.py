@@ -378,3 +378,29 @@ def test_every_operation_with_a_body_documents_413():
         answer = operation["responses"].get("413")
         assert answer and answer["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}, \
             (method, path)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("body, key", [
+    ('{"production": true, "production": false}', '"production"'),
+    ('{"env": {"X": "1"}, "env": {"Y": "2"}}', '"env"'),
+    ('{"env": {"COLOR": "blue", "COLOR": "red"}}', '"COLOR"'),
+    ('{"env": {"\\u00e9": "1", "é": "2"}}', '"é"'),  # the same key, spelled two ways
+])
+def test_a_key_given_twice_is_refused_naming_it(patch_study, client, body, key):
+    """json.loads keeps the last of two equal keys: a body could say one thing to a reader (or
+    a proxy, a log) and another to the server. Refused, naming the key; nothing changes."""
+    before = Instance.objects.get(name="study")
+    token = create_token(User.objects.get(username="boss"), name="dup", throttled=False)[1]
+    response = client.generic("PATCH", "/api/v1/instances/study", body, content_type="application/json",
+                              headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 422, response.content
+    assert response.json() == {"detail": f"The request body gives the key {key} twice in one object; send each key "
+                                         "once."}
+    after = Instance.objects.get(name="study")
+    assert (after.generation, after.config_vars, after.production) == (before.generation, before.config_vars,
+                                                                        before.production)
+    created = client.post("/api/v1/instances", '{"name": "one", "owner": "alice", "name": "two"}',
+                          content_type="application/json", headers={"Authorization": f"Bearer {token}"})
+    assert created.status_code == 422 and '"name"' in created.json()["detail"]
+    assert not Instance.objects.filter(name__in=["one", "two"]).exists()
