@@ -5,6 +5,8 @@ restart, admin password, reset with a backup, the lobby, an offline bot run; aft
 manager is killed outright and started again, the instance is re-adopted (one supervisor,
 served again through the proxy)."""
 
+import json
+
 import psutil
 import pytest
 
@@ -22,6 +24,15 @@ def supervisors(data_dir, name):
     folder = str(data_dir / "instances" / name)
     return [p for p in psutil.process_iter(["cmdline"])
             if "procsup.py" in " ".join(p.info["cmdline"] or []) and folder in " ".join(p.info["cmdline"] or [])]
+
+
+def app_process(data_dir, name):
+    """(pid, start ticks) of the instance's app as its supervisor recorded it; None while unknown."""
+    try:
+        app = json.loads((data_dir / "instances" / name / "state.json").read_text())["processes"]["app"]
+        return (app["pid"], app["start_ticks"]) if app.get("pid") else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def test_without_docker_the_whole_workflow_runs_on_processes(tmp_path):
@@ -51,7 +62,11 @@ def test_without_docker_the_whole_workflow_runs_on_processes(tmp_path):
         assert {r["name"] for r in detail["rooms"]} == {"lab", "online"}
 
         # Restart, admin password, reset (a backup first).
+        before = app_process(data_dir, "nodock")
+        assert before is not None
         assert api(server, token, "POST", "/api/v1/instances/nodock/restart")[0] == 202
+        wait_until(lambda: app_process(data_dir, "nodock") not in (None, before), 120, 0.5,
+                   "the app started again (a new process) after the restart")
         status, answer = api(server, token, "POST", "/api/v1/instances/nodock/admin-password",
                              {"password": "a-new-admin-password"})
         assert status == 200 and answer["password"] == "a-new-admin-password"
