@@ -305,6 +305,14 @@ def _upstreams(instances, only: str | None = None) -> dict[str, str]:
     return found
 
 
+# Every listener of Caddy (the instances' ports, and in subdomain routing the manager's host
+# too): a request's header fields must arrive within this (a slowloris trickling a byte at a
+# time holds no connection; daphne's own limit is instances.git.webcap.HEADER_TIMEOUT), and
+# a kept-alive connection that sends nothing is closed after a minute. Websockets and
+# request bodies are not timed by these.
+EDGE_TIMEOUTS = {"read_header_timeout": "20s", "idle_timeout": "60s"}
+
+
 def build_config(only: str | None = None) -> tuple[dict, dict[Path, str]]:
     """Caddy's whole config, and the upstream and status files it reads, from the database
     (and the runtime: about every instance that may run an app, or about `only`)."""
@@ -334,7 +342,7 @@ def build_config(only: str | None = None) -> tuple[dict, dict[Path, str]]:
         routes.append({"handle": [_text(404, "No oTree instance at this address.\n")]})
         servers["instances"] = {
             "listen": [listen_address()], "routes": routes, "errors": errors,
-            "automatic_https": {"disable": True},
+            "automatic_https": {"disable": True}, **EDGE_TIMEOUTS,
         }
         if settings.LAB_BEHIND_PROXY:
             # The TLS proxy in front: its X-Forwarded-For goes on (Caddy appends the proxy's
@@ -356,7 +364,7 @@ def build_config(only: str | None = None) -> tuple[dict, dict[Path, str]]:
                     {"handle": [_to_instance_host(instance.public_port)]},
                 ],
                 "errors": errors,
-                "automatic_https": {"disable": True},
+                "automatic_https": {"disable": True}, **EDGE_TIMEOUTS,
             }
     config = base_config()
     if servers:
