@@ -19,8 +19,8 @@ Per runtime, one story (builds are slow; ~1.5 min each):
 4. the victim gets data; the attacker probes again with everything now known, forks 2000
    processes and spins busy loops while the victim must keep answering, allocates past its
    memory limit;
-5. its SQLite file becomes a link to the manager's database, then "Back up now": the
-   backup must not be the manager's database;
+5. its SQLite file becomes a link to the manager's database (on PostgreSQL: the file of
+   its users table), then "Back up now": the backup must not be the manager's database;
 6. it rewrites the process runtime's files about it (instance.json says root, state.json
    points its log at the manager's key and its pids at the victim's, spec.json, links where
    root writes temporary files) and the manager does what reads them: shows its logs and
@@ -71,7 +71,7 @@ from instances.git.repos import git_root, hook_socket_path, repo_path
 from instances.models import Backup, Instance, Release
 from manager import datadir
 from manager.accounts.models import User
-from tests import backends, file_helpers, hostile, otree_projects
+from tests import backends, db_helpers, file_helpers, hostile, otree_projects
 from tests.conftest import need
 from tests.netns_helpers import host_addresses, host_listener, netns_available, outside_host
 from tests.waits import wait_until
@@ -294,7 +294,7 @@ def targets(runtime, victim: Instance, attacker: Instance, hosts, sockets: dict,
     key_file = Path(datadir.data_dir()) / "secrets" / "encryption.key"
     from django.db import connection
 
-    manager_db = Path(connection.settings_dict["NAME"])  # the database this manager runs on now
+    manager_db = db_helpers.database_path()  # what it runs on now: SQLite's file or PostgreSQL's folder
     files = []
 
     def add(path, read="blocked", write="blocked", what=""):
@@ -356,6 +356,10 @@ def targets(runtime, victim: Instance, attacker: Instance, hosts, sockets: dict,
                 "what": "a service of the host on 127.0.0.1 (as the manager's web and SSH ports)"})
     tcp.append({"host": METADATA_ADDRESS, "port": 80, "proto": "http", "http_path": f"/latest/meta-data/{run}",
                 "what": "the metadata address"})
+    db = connection.settings_dict
+    if connection.vendor == "postgresql" and db["HOST"] in ("127.0.0.1", "localhost", "::1"):
+        tcp.append({"host": db["HOST"], "port": int(db["PORT"]), "proto": "pg", "user": db["USER"],
+                    "dbname": db["NAME"], "what": "the manager's PostgreSQL"})
     if runtime.name == "docker":
         for component, port, proto in (("db", 5432, "pg"), ("redis", 6379, "redis"), ("app", 8000, "http")):
             try:
@@ -389,7 +393,7 @@ def targets(runtime, victim: Instance, attacker: Instance, hosts, sockets: dict,
                                "app": "allowed" if EGRESS[runtime.name] == "open" else "blocked"}},
         "neighbour": {"match": str(runtime.dir(VICTIM)) if runtime.name == "process" else "postgres",
                       "dir": str(runtime.dir(VICTIM)) if runtime.name == "process" else ""},
-        "manager": {"key_file": str(key_file), "db": str(manager_db)},
+        "manager": {"key_file": str(key_file), "db": str(db_helpers.users_file())},  # (its SQLite file's link)
         "own_metadata": own_metadata,
         "plant_links": plant_links,
         "own_files": ["settings.py"],

@@ -36,7 +36,7 @@ from instances.runtime.base import AppSpec, Health, InstanceSpec, RuntimeError_
 from instances.runtime.process import PIDS, ProcessRuntime, process_refusal
 from instances.runtime.procsup import proc_start_ticks
 from instances.runtime.tenantfs import processes_of
-from tests import backends, file_helpers, otree_projects
+from tests import backends, db_helpers, file_helpers, otree_projects
 from tests.conftest import need
 from tests.docker_helpers import http_get
 from tests.waits import wait_until
@@ -170,13 +170,11 @@ def test_memory_is_capped_and_each_instance_has_its_own_user(rt):
     assert os.stat(tenant_a).st_uid == entry.pw_uid and os.stat(tenant_a).st_mode & 0o777 == 0o700
     assert os.stat(tenant_a).st_uid != os.stat(tenant_b).st_uid
     # A's code cannot read B's files, the manager's secrets or database, or change an environment.
-    from django.db import connection
-
     venv = rt.venvs_root / "testhttp"
     (rt.data_root / "logs").mkdir(exist_ok=True)  # (whatever the manager keeps there)
     rt._prepare_root()
     for target in (rt.dir("p-iso-b") / "instance.json", tenant_b / "data", rt.data_root / "secrets" / "encryption.key",
-                   rt.data_root / "secrets", Path(connection.settings_dict["NAME"]), rt.data_root / "logs"):
+                   rt.data_root / "secrets", db_helpers.database_path(), rt.data_root / "logs"):
         assert target.exists(), target
         denied = as_tenant(rt, "p-iso-a", "cat" if target.is_file() else "ls", str(target))
         assert denied.returncode != 0, target
@@ -227,7 +225,9 @@ def test_the_tenant_cannot_touch_what_the_manager_reads_or_its_supervisor(rt):
 def test_links_planted_in_an_sqlite_tenant_tree_make_the_manager_touch_nothing_outside(settings, tmp_path):
     """data/db.sqlite3 -> the manager's database: the backup is of an empty database, nothing leaks;
     data -> a folder of root's: the reset deletes nothing there, the removal neither;
-    run -> elsewhere: the readiness probe connects to nothing."""
+    run -> elsewhere: the readiness probe connects to nothing. (With the manager's database on
+    PostgreSQL, whose files change whenever its server writes, a file of root's with the
+    manager's tables stands for it.)"""
     from django.db import connection
 
     backends.require("process")
@@ -245,7 +245,7 @@ def test_links_planted_in_an_sqlite_tenant_tree_make_the_manager_touch_nothing_o
     try:
         assert runtime.ensure(spec(name)).services_ready
         data = runtime.tenant_dir(name) / "data"
-        manager_db = Path(connection.settings_dict["NAME"])
+        manager_db = db_helpers.database_path() if connection.vendor == "sqlite" else stand_in_database(tmp_path)
         before = digest(manager_db)
         assert as_tenant(runtime, name, "ln", "-sf", str(manager_db), str(data / "db.sqlite3")).returncode == 0
         dest = tmp_path / "backup.sqlite3"  # the link is not followed: an empty database, never the manager's
@@ -278,6 +278,20 @@ def test_links_planted_in_an_sqlite_tenant_tree_make_the_manager_touch_nothing_o
         listener.close()
         runtime.remove(name)
         subprocess.run(["rm", "-rf", str(outside)], check=False)
+
+
+def stand_in_database(folder: Path) -> Path:
+    """An SQLite file of root's (0600) with the manager's tables and a user in them."""
+    from django.db import connection
+
+    path = folder / "manager-stand-in.sqlite3"
+    with sqlite3.connect(path) as db:
+        for table in connection.introspection.table_names():
+            db.execute(f'CREATE TABLE "{table}" (id INTEGER PRIMARY KEY, data TEXT)')
+        db.execute("INSERT INTO accounts_user (data) VALUES ('boss')")
+    db.close()
+    os.chmod(path, 0o600)
+    return path
 
 
 def test_links_planted_in_a_postgresql_tenant_tree_reach_no_other_instance(rt, tmp_path):
