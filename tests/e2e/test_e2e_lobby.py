@@ -7,7 +7,7 @@ restarted under the kiosks' feet.
 "The oTree room" here is a small HTTP server in this test standing at the instance's
 public address (the instance's release rows, with its rooms, are written into the
 labserver's database), so the test can see exactly where every browser lands.
-`test_e2e_lobby_otree.py` does the same walk into a real oTree room of a deployed instance.
+`test_e2e_deploy.py` does the same walk into a real oTree room of a deployed instance.
 The labserver runs with LAB_RUNTIME=process, so nothing tries to run this instance.
 """
 
