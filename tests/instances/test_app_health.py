@@ -36,15 +36,6 @@ http.server.HTTPServer(("", int(sys.argv[1])), http.server.SimpleHTTPRequestHand
 """
 
 
-@pytest.fixture(scope="module", params=backends.BACKENDS)
-def runtime(request):
-    backends.require(request.param)
-    rt = backends.make(request.param)
-    yield rt
-    for name in rt.owned_instances():
-        rt.remove(name)
-
-
 queued = {}
 
 

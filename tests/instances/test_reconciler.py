@@ -30,15 +30,6 @@ from tests.db_helpers import database_url
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 
 
-@pytest.fixture(scope="module", params=backends.BACKENDS)
-def runtime(request):
-    backends.require(request.param)
-    rt = backends.make(request.param)
-    yield rt
-    for name in rt.owned_instances():  # whatever a failed test left behind
-        rt.remove(name)
-
-
 @pytest.fixture(autouse=True)
 def clean_engine(runtime, settings):
     """New instances get this backend; each test starts and ends with none of this run's

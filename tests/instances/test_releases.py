@@ -32,15 +32,6 @@ pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 REUSED = {"docker": "Using cache", "process": "reusing the environment"}  # a code-only push installs nothing
 
 
-@pytest.fixture(scope="module", params=backends.BACKENDS)
-def runtime(request):
-    backends.require(request.param)
-    rt = backends.make(request.param)
-    yield rt
-    for name in rt.owned_instances():
-        rt.remove(name)
-
-
 @pytest.fixture(autouse=True)
 def clean_engine(runtime, settings):
     settings.LAB_RUNTIME = runtime.name

@@ -42,15 +42,6 @@ def project() -> dict[str, str]:
     return files
 
 
-@pytest.fixture(scope="module", params=backends.BACKENDS)
-def runtime(request):
-    backends.require(request.param)
-    rt = backends.make(request.param)
-    yield rt
-    for name in rt.owned_instances():
-        rt.remove(name)
-
-
 queued = {}
 
 
