@@ -38,7 +38,10 @@ def _socket_unused(path) -> bool:
     return False
 
 
-def test_first_start_prints_password_restarts_dead_worker_and_stops_cleanly(lab_dir):
+def test_first_start_prints_password_restarts_dead_worker_and_stops_cleanly_then_a_second_start_keeps_it(lab_dir):
+    """The first start (its one-time password, a worker restarted, SIGTERM stops all), then
+    a second start on the same data dir: no new password, and a third labserver on its port
+    refuses to start while the second keeps serving."""
     port = free_port()
     migrate(lab_dir, port)
     server = LabServer(lab_dir, port)
@@ -82,18 +85,6 @@ def test_first_start_prints_password_restarts_dead_worker_and_stops_cleanly(lab_
             server.get("/healthz/", timeout=2)
     finally:
         server.kill_everything()
-
-
-def test_second_start_keeps_the_password_and_a_busy_port_is_refused(lab_dir):
-    port = free_port()
-    migrate(lab_dir, port)
-    first = LabServer(lab_dir, port)
-    try:
-        first_superuser(first)
-        first.wait_ready()
-        assert first.terminate() == 0
-    finally:
-        first.kill_everything()
 
     second = LabServer(lab_dir, port)
     try:
