@@ -272,7 +272,8 @@ _MAY_HAVE_APP = {"running", "deploying", "failed"}
 
 def _upstreams(instances, only: str | None = None) -> dict[str, str]:
     """name -> dial address ("127.0.0.1:PORT") of every instance whose app runs. With
-    `only`, the runtime is asked about that instance alone; the others keep what their
+    `only`, the runtime is asked about that instance alone, whatever its status says (a
+    release's switch syncs before the status says running); the others keep what their
     upstream file says (the last sync's answer)."""
     found = {}
     if only is not None:
@@ -284,8 +285,9 @@ def _upstreams(instances, only: str | None = None) -> dict[str, str]:
                     continue
                 if dial:
                     found[instance.name] = dial
-        instances = [i for i in instances if i.name == only]
-    candidates = [i for i in instances if i.status in _MAY_HAVE_APP and not i.delete_requested]
+        candidates = [i for i in instances if i.name == only and not i.delete_requested]
+    else:
+        candidates = [i for i in instances if i.status in _MAY_HAVE_APP and not i.delete_requested]
     if not candidates:
         return found
     from instances.runtime import RuntimeError_, get_runtime

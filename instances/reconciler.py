@@ -18,7 +18,7 @@ from django.db.models import F
 from instances import netguard, proxy
 from instances.backups import backup_dir
 from instances.git import archive
-from instances.models import Backup, Instance
+from instances.models import Backup, Instance, Release
 from instances.runtime import available_runtimes, get_runtime
 from instances.runtime.base import AppFailed, Health, RuntimeError_, http_problem, last_lines
 from instances.state import deleted_event, push_event, set_status
@@ -79,7 +79,17 @@ def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Insta
             raise ReconcileError(reason)
         fields = {}
         if app is None:
-            status, reason = Instance.Status.READY_FOR_CODE, "database and Redis are up; push your oTree project"
+            # A first release being built or started (its worker holds no instance lock while
+            # it builds): the instance is deploying, not ready for code — and the route sync
+            # of that release's switch must see it so.
+            building = (Release.objects.filter(instance=instance, status__in=(Release.Status.BUILDING,
+                                                                              Release.Status.STARTING))
+                        .order_by("-number").first())
+            if building is not None:
+                status, reason = (Instance.Status.DEPLOYING,
+                                  f"deploying #{building.number} ({building.commit[:8]})")
+            else:
+                status, reason = Instance.Status.READY_FOR_CODE, "database and Redis are up; push your oTree project"
         else:
             status, reason = _app_status(runtime, instance.name, state)
             if status == Instance.Status.RUNNING:

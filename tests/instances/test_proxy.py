@@ -560,6 +560,20 @@ def test_a_sync_for_one_instance_asks_the_runtime_about_that_one_only(caddy, bac
 
 
 @pytest.mark.django_db
+def test_a_switchs_sync_routes_the_new_app_whatever_the_status_says(caddy, backends, runtime, owner, settings):
+    """A deploy syncs the routes of its instance before it marks the release live; the
+    instance's status may still say "ready for code" then (a first deploy): the runtime is
+    asked all the same, and the app is served from then on."""
+    (port,), settings.LAB_INSTANCE_PORTS = free_ports(1)
+    make_instance(owner, "xi", port, status="ready_for_code")
+    assert proxy.sync_routes()["loaded"]
+    assert get(port)[0] == 503  # nothing runs yet
+    runtime.apps.update(xi=backends[0].url)
+    proxy.sync_routes("xi")
+    assert get(port)[1].startswith("A ")
+
+
+@pytest.mark.django_db
 def test_subdomain_routing_passes_the_front_proxys_forwarded_for_only_behind_a_proxy(caddy, backends, runtime,
                                                                                      settings):
     """TLS proxy -> Caddy -> manager: behind LAB_BEHIND_PROXY Caddy appends to the X-Forwarded-For

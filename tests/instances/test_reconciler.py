@@ -17,7 +17,7 @@ from django.conf import settings
 from django.test import Client
 
 from instances import reconciler, services
-from instances.models import Backup, Instance
+from instances.models import Backup, Instance, Release
 from instances.runtime.base import Health
 from instances.tasks import instance_action
 from manager import locks
@@ -108,6 +108,18 @@ def test_create_is_ready_for_code_with_its_own_database(runtime, people):
     state = runtime.state("rc-create")
     assert state.db.health == Health.RUNNING and state.redis.health == Health.RUNNING
     assert sql(runtime, "rc-create", "SELECT 1") == (0, "1")
+    # The first push is being built when the minute's sweep comes: the instance stays
+    # deploying (it said "ready for code", and the switch's route sync then gave it no app).
+    first = Release.objects.create(instance=instance, number=1, commit="a" * 40, status="building")
+    instance.status = "deploying"
+    instance.save(update_fields=["status"])
+    reconciler.reconcile(instance.pk)
+    instance.refresh_from_db()
+    assert instance.status == "deploying" and "#1" in instance.status_reason, instance.status_reason
+    Release.objects.filter(pk=first.pk).update(status="failed")  # the build failed: nothing runs
+    reconciler.reconcile(instance.pk)
+    instance.refresh_from_db()
+    assert instance.status == "ready_for_code", instance.status_reason
 
 
 def test_settings_change_restarts_the_app_and_keeps_the_data(runtime, people, fake_app):
