@@ -712,7 +712,9 @@ def test_a_repository_left_by_an_earlier_version_is_never_served_to_a_new_namesa
     # 2. an instance row made while the old repository was there (the earlier version did that):
     # the repository is older than the instance, so the first clone archives it
     old = leave_repository("reused-two")
-    time.sleep(2.5)
+    made = time.time() - 10  # its files dated 10 s before the instance (instead of waiting for it)
+    for entry in ("description", "HEAD", "config", "objects"):
+        os.utime(repo_path("reused-two") / entry, (made, made))
     lab.instance = Instance.objects.create(name="reused-two", owner=User.objects.get(username="bob"))
     url = lab.https_url("bob").replace("ann-study", "reused-two")
     result = _clone(lab, url, lab.tmp / "two")
