@@ -196,36 +196,48 @@ def slow_client(port: int, head: bytes, *, trickle: bytes, every: float, bound: 
             answer += data
 
 
+SLOW_CLIENTS = {
+    # A header field trickled, one byte a second, forever.
+    "trickled": (f"GET /api/v1/me HTTP/1.1\r\nHost: {HOST}\r\nX-Slow: ".encode(), b"abcdefgh", 1.0),
+    # Half a request, then nothing at all.
+    "half-sent": (f"GET /healthz/ HTTP/1.1\r\nHost: {HOST}\r\n".encode(), b"", 1.0),
+    # The request line itself trickled.
+    "request line": (b"GET /lobby/", b"abcdefgh", 1.0),
+}
+
+
+@pytest.fixture(scope="module")
+def slow_clients(lab) -> dict[str, dict[str, object]]:
+    """Every slow client against daphne and through Caddy at once (each is cut off only
+    after HEADER_TIMEOUT, so both servers' tests wait that long once): via -> name -> the
+    answer and the bytes trickled, or the exception."""
+    bound = HEADER_TIMEOUT + 40  # the timeout, the drain after the answer, and a margin
+    results: dict[str, dict[str, object]] = {via: {} for via in lab.ports}
+
+    def run(via, name, head, trickle, every):
+        try:
+            results[via][name] = slow_client(lab.ports[via], head, trickle=trickle, every=every, bound=bound)
+        except BaseException as exc:  # noqa: BLE001 - reported by the tests
+            results[via][name] = exc
+
+    threads = [threading.Thread(target=run, args=(via, name, *spec))
+               for via in lab.ports for name, spec in SLOW_CLIENTS.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(bound + 10)
+    return results
+
+
 @pytest.mark.parametrize("via", ["daphne", "caddy"])
-def test_a_request_head_that_does_not_arrive_in_time_is_answered_and_closed(lab, via):
+def test_a_request_head_that_does_not_arrive_in_time_is_answered_and_closed(lab, slow_clients, via):
     """Slowloris: a client that sends a request's head a byte at a time (each byte starts
     Twisted's idle timeout again) or stops half-way used to hold its connection for as long
     as it liked. The head must be complete within HEADER_TIMEOUT of its first byte: after
     that, daphne answers 408 with a sentence (JSON under /api/) and closes the connection;
     Caddy in front (its read_header_timeout, the same 20 s) closes it."""
     port = lab.ports[via]
-    bound = HEADER_TIMEOUT + 40  # the timeout, the drain after the answer, and a margin
-    results = {}
-    clients = {
-        # A header field trickled, one byte a second, forever.
-        "trickled": (f"GET /api/v1/me HTTP/1.1\r\nHost: {HOST}\r\nX-Slow: ".encode(), b"abcdefgh", 1.0),
-        # Half a request, then nothing at all.
-        "half-sent": (f"GET /healthz/ HTTP/1.1\r\nHost: {HOST}\r\n".encode(), b"", 1.0),
-        # The request line itself trickled.
-        "request line": (b"GET /lobby/", b"abcdefgh", 1.0),
-    }
-
-    def run(name, head, trickle, every):
-        try:
-            results[name] = slow_client(port, head, trickle=trickle, every=every, bound=bound)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            results[name] = exc
-
-    threads = [threading.Thread(target=run, args=(name, *spec)) for name, spec in clients.items()]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(bound + 10)
+    results, clients = slow_clients[via], SLOW_CLIENTS
     for name in clients:
         assert not isinstance(results.get(name), BaseException), (name, results.get(name))
     sentence = f"Request refused: its request line and header fields did not arrive within {HEADER_TIMEOUT} seconds."
