@@ -76,7 +76,7 @@ def app_identity(runtime, name: str) -> str:
 def break_service(runtime, name: str, component: str) -> None:
     """What an admin or a crash might do by hand: the component is gone."""
     if runtime.name == "docker":
-        runtime.api.remove_container(runtime.container_name(name, component), force=True)
+        runtime.api.remove_container(runtime.container_name(name, component), force=True, v=True)
         return
     supervisor = runtime._state(name)["supervisor"]
     os.kill(supervisor, signal.SIGKILL)  # and its children die with it

@@ -80,7 +80,7 @@ def purge(manager_id: str, timeout: float = 60) -> None:
     def removed() -> bool:
         found = labelled(manager_id, client=client)
         for c in found["containers"]:
-            _quietly(client.remove_container, c["Id"], force=True)
+            _quietly(client.remove_container, c["Id"], force=True, v=True)
         for n in found["networks"]:
             _quietly(_remove_network, client, n["Id"])
         for v in found["volumes"]:

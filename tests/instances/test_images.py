@@ -217,7 +217,7 @@ def test_postgres_on_a_named_volume_from_another_container(dock):
                           environment={"PGPASSWORD": PASSWORD}, network=net.name)
         assert out.strip() == "otree"
         # The same volume in a new container: the data and password are kept.
-        pg.remove(force=True)
+        pg.remove(force=True, v=True)
         pg = dock.start(image, LEAN, environment={"POSTGRES_PASSWORD": "ignored now"}, network=net.name,
                         volumes={volume.name: {"bind": "/var/lib/postgresql/data", "mode": "rw"}})
         up(lambda: exec_out(pg, ["pg_isready", "-q", "-h", "127.0.0.1"])[0] == 0, "pg_isready")

@@ -363,7 +363,7 @@ def test_apps_and_builds_reach_no_service_of_this_machine_nor_metadata(rt, api, 
         assert results[targets[-1]] == "open", results  # the published service, through DNAT
         assert len(everywhere.connections) > seen[0] and len(metadata.hits()) > seen[1]
     finally:
-        api.remove_container(other["Id"], force=True)
+        api.remove_container(other["Id"], force=True, v=True)
         rt.remove_build_leftovers("fw-host")
         rt._guard()
     assert rt.protections("fw-host")[1].holds
@@ -490,7 +490,7 @@ def test_a_manager_in_a_container_does_not_claim_to_guard_the_host(mid, api):
         assert api.wait(container["Id"], timeout=60)["StatusCode"] == 0, api.logs(container["Id"])
         state = json.loads(api.logs(container["Id"], stderr=False).decode().strip().splitlines()[-1])
     finally:
-        api.remove_container(container["Id"], force=True)
+        api.remove_container(container["Id"], force=True, v=True)
     assert state["enforced"] is False and "on the host as root" in state["detail"], state
 
 

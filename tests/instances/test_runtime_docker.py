@@ -241,7 +241,7 @@ def test_ensure_is_idempotent_and_repairs_drift(rt, mid, api):
     assert ids() == first
 
     # Removed by hand: recreated, exactly one.
-    api.remove_container(rt.container_name(name, "redis"), force=True)
+    api.remove_container(rt.container_name(name, "redis"), force=True, v=True)
     assert rt.state(name).redis.health == Health.MISSING
     assert rt.ensure(spec).services_ready
     now = ids()
