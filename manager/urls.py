@@ -5,12 +5,16 @@ from bots import urls as bot_urls
 from instances import views as instance_views
 from manager.accounts import views as accounts
 from manager.audit import views as audit
+from manager.dashboard import tls as dashboard_tls
 from manager.dashboard import views as dashboard
 from manager.jobs import views as jobs
 
 urlpatterns = [
     path("", dashboard.dashboard, name="dashboard"),
     path("healthz/", dashboard.healthz, name="healthz"),
+    # LAB_TLS=internal: the CA's root certificate for the lab computers (public: no login)
+    path("tls/", dashboard_tls.ca_page, name="tls_ca"),
+    path("tls/root.crt", dashboard_tls.ca_download, name="tls_root_crt"),
     # accounts: allauth (login, logout, password change/reset, two-factor) + ours
     path("accounts/welcome/<uidb64>/<token>/", accounts.InvitationAcceptView.as_view(), name="invitation_accept"),
     # E-mail addresses are managed by lab managers (no unverified self-service changes).

@@ -256,3 +256,27 @@ def test_tls_off_builds_the_config_of_before(settings):
     config, _files = proxy.build_config()
     assert "tls" not in config.get("apps", {}) and "pki" not in config.get("apps", {})
     assert "manager" not in config.get("apps", {}).get("http", {}).get("servers", {})
+
+
+@pytest.mark.django_db
+def test_the_ca_page_offers_the_root_to_anyone_only_with_the_internal_ca(settings, client, tmp_path):
+    settings.LAB_CADDY_DIR = str(tmp_path)
+    settings.LAB_TLS = "off"
+    assert client.get("/tls/").status_code == 404 and client.get("/tls/root.crt").status_code == 404
+    assert "/tls/" not in client.get("/accounts/login/").content.decode()
+    settings.LAB_TLS = "internal"
+    assert client.get("/tls/").status_code == 404  # Caddy has not made its CA yet
+    root, _key = make_ca()
+    path = proxy.root_certificate_path()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(pem(root))
+    page = client.get("/tls/")  # no login: lab computers fetch it
+    assert page.status_code == 200
+    expected = root.fingerprint(hashes.SHA256()).hex().upper()
+    assert ":".join(expected[i:i + 2] for i in range(0, 64, 2)) in page.content.decode()
+    download = client.get("/tls/root.crt")
+    assert download.status_code == 200 and download["Content-Type"] == "application/x-x509-ca-cert"
+    assert download.content == pem(root)
+    assert 'href="/tls/"' in client.get("/accounts/login/").content.decode()
+    settings.LAB_TLS = "files"
+    assert client.get("/tls/root.crt").status_code == 404

@@ -109,6 +109,9 @@ ENTRANCE = {"anon": 200, "boss": 302, "ann": 302, "bob": 302}
 ROUTES = [
     Route("dashboard", "/", all_ok()),
     Route("healthz", "/healthz/", all_ok(200)),
+    # LAB_TLS=internal only (tests/instances/test_tls.py: public there); 404 with LAB_TLS=off, as here
+    Route("tls_ca", "/tls/", {"anon": 404, "boss": 404, "ann": 404, "bob": 404}),
+    Route("tls_root_crt", "/tls/root.crt", {"anon": 404, "boss": 404, "ann": 404, "bob": 404}),
     Route("recent_jobs", "/jobs/recent/", all_ok()),
     # invitation links: an unknown or used token shows "this link no longer works" to anyone
     Route("invitation_accept", "/accounts/welcome/MQ/set-password/", all_ok(200)),
