@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import http.client
 import ipaddress
+import os
 import socket
 import ssl
 import subprocess
@@ -280,3 +281,119 @@ def test_the_ca_page_offers_the_root_to_anyone_only_with_the_internal_ca(setting
     assert 'href="/tls/"' in client.get("/accounts/login/").content.decode()
     settings.LAB_TLS = "files"
     assert client.get("/tls/root.crt").status_code == 404
+
+
+# --- bad configuration: a clear message at start ------------------------------------------------------
+
+def manage_check(tmp_path, **env) -> subprocess.CompletedProcess:
+    from tests.labserver_helpers import child_env, free_port
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, "manage.py", "check"], cwd=BASE_DIR,
+                          env=child_env(data_dir, free_port(), **env), capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"LAB_TLS": "maybe"}, ["LAB_TLS must be off, acme, files or internal"]),
+    ({"LAB_TLS": "acme"}, ["LAB_TLS=acme needs LAB_PUBLIC_HOST"]),
+    ({"LAB_TLS": "files", "LAB_TLS_CERT": "/x.pem", "LAB_TLS_KEY": "/y.pem"}, ["LAB_TLS=files needs LAB_PUBLIC_HOST"]),
+    ({"LAB_TLS": "acme", "LAB_PUBLIC_HOST": "192.0.2.7", "LAB_INSTANCE_HOST": "exp.example.edu"},
+     ["LAB_PUBLIC_HOST=192.0.2.7", "no certificate for an IP address"]),
+    ({"LAB_TLS": "acme", "LAB_PUBLIC_HOST": "localhost"}, ["LAB_PUBLIC_HOST=localhost", "public DNS name"]),
+    ({"LAB_TLS": "acme", "LAB_PUBLIC_HOST": "lab.example.edu", "LAB_INSTANCE_HOST": "192.0.2.8"},
+     ["LAB_INSTANCE_HOST=192.0.2.8"]),
+    ({"LAB_TLS": "files", "LAB_PUBLIC_HOST": "lab.example.edu", "LAB_INSTANCE_HOST": "exp.example.edu"},
+     ["LAB_TLS=files needs LAB_TLS_CERT and LAB_TLS_KEY"]),
+    ({"LAB_TLS": "internal", "LAB_HOST": "0.0.0.0"}, ["LAB_HOST=0.0.0.0", "loopback"]),
+    ({"LAB_TLS": "internal", "LAB_HTTPS_PORT": "70000"}, ["LAB_HTTPS_PORT must be a port number"]),
+])
+def test_a_tls_setting_that_cannot_work_stops_start_up_saying_what_to_do(tmp_path, env, words):
+    result = manage_check(tmp_path, **env)
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    for word in words:
+        assert word in result.stderr, result.stderr
+
+
+@pytest.fixture
+def files_settings(settings, tmp_path):
+    settings.LAB_TLS = "files"
+    settings.LAB_ROUTING = "port"
+    settings.LAB_PUBLIC_HOST, settings.LAB_INSTANCE_HOST = "lab.example.edu", "exp.example.edu"
+    ca = make_ca()
+    leaf, key = make_leaf(ca, ["lab.example.edu", "exp.example.edu"])
+    settings.LAB_TLS_CERT, settings.LAB_TLS_KEY = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    Path(settings.LAB_TLS_CERT).write_bytes(pem(leaf) + pem(ca[0]))
+    Path(settings.LAB_TLS_KEY).write_bytes(key_pem(key))
+    assert proxy.certificate_problems() == []  # the control: these files serve
+    return settings, ca, leaf, key
+
+
+def test_an_unreadable_certificate_or_key_is_named(files_settings, tmp_path):
+    settings, *_ = files_settings
+    settings.LAB_TLS_CERT = str(tmp_path / "missing.pem")
+    (problem,) = proxy.certificate_problems()
+    assert problem.startswith(f"LAB_TLS_CERT={tmp_path}/missing.pem cannot be read (No such file or directory)")
+    settings.LAB_TLS_CERT = str(tmp_path / "cert.pem")
+    Path(settings.LAB_TLS_KEY).write_bytes(b"")
+    (problem,) = proxy.certificate_problems()
+    assert problem == f"LAB_TLS_KEY={settings.LAB_TLS_KEY} is not a PEM private key (-----BEGIN ... PRIVATE KEY-----)"
+    if os.geteuid() != 0:  # (root reads any file)
+        Path(settings.LAB_TLS_KEY).chmod(0)
+        (problem,) = proxy.certificate_problems()
+        assert problem.startswith(f"LAB_TLS_KEY={settings.LAB_TLS_KEY} cannot be read (Permission denied)")
+
+
+def test_a_file_that_is_no_pem_certificate_is_named(files_settings):
+    settings, _ca, leaf, _key = files_settings
+    Path(settings.LAB_TLS_CERT).write_bytes(leaf.public_bytes(serialization.Encoding.DER))
+    (problem,) = proxy.certificate_problems()
+    assert problem.startswith(f"LAB_TLS_CERT={settings.LAB_TLS_CERT} is not a PEM certificate")
+
+
+def test_a_key_that_is_not_the_certificates_is_named_and_stops_manage_check(files_settings, tmp_path):
+    settings, _ca, _leaf, _key = files_settings
+    Path(settings.LAB_TLS_KEY).write_bytes(key_pem(ec.generate_private_key(ec.SECP256R1())))
+    (problem,) = proxy.certificate_problems()
+    assert problem == (f"LAB_TLS_KEY={settings.LAB_TLS_KEY} is not the key of the certificate in "
+                       f"LAB_TLS_CERT={settings.LAB_TLS_CERT}: give the private key the certificate was issued for")
+    # `manage.py check` (and so labserver, which runs the checks first) stops with it.
+    result = manage_check(tmp_path, LAB_TLS="files", LAB_PUBLIC_HOST="lab.example.edu",
+                          LAB_INSTANCE_HOST="exp.example.edu", LAB_TLS_CERT=settings.LAB_TLS_CERT,
+                          LAB_TLS_KEY=settings.LAB_TLS_KEY)
+    assert result.returncode != 0 and "is not the key of the certificate" in result.stderr, result.stderr
+
+
+def test_a_certificate_that_does_not_cover_a_host_name_says_which(files_settings, tmp_path):
+    settings, ca, _leaf, key = files_settings
+    leaf, _ = make_leaf(ca, ["lab.example.edu"], key=key)
+    Path(settings.LAB_TLS_CERT).write_bytes(pem(leaf))
+    (problem,) = proxy.certificate_problems()
+    assert problem.startswith(f"LAB_TLS_CERT={settings.LAB_TLS_CERT} does not cover exp.example.edu "
+                              "(LAB_INSTANCE_HOST)"), problem
+    wildcard, _ = make_leaf(ca, ["*.example.edu"], key=key)  # a wildcard covers both
+    Path(settings.LAB_TLS_CERT).write_bytes(pem(wildcard))
+    assert proxy.certificate_problems() == []
+    expired, _ = make_leaf(ca, ["lab.example.edu", "exp.example.edu"], key=key, days=-1)
+    Path(settings.LAB_TLS_CERT).write_bytes(pem(expired))
+    (problem,) = proxy.certificate_problems()
+    assert " expired on " in problem
+
+
+def test_a_taken_https_or_http_port_is_named_before_caddy_starts(settings):
+    settings.LAB_TLS = "internal"
+    settings.LAB_ROUTING = "port"
+    settings.LAB_PUBLIC_HOST, settings.LAB_INSTANCE_HOST, settings.LAB_PROXY_BIND = MANAGER, INSTANCES, None
+    (settings.LAB_HTTPS_PORT, settings.LAB_HTTP_PORT), _range = free_ports(2)
+    assert proxy.tls_problems() == []
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", settings.LAB_HTTP_PORT))
+        other.listen()
+        (problem,) = proxy.tls_problems()
+        assert problem.startswith(f"LAB_HTTP_PORT={settings.LAB_HTTP_PORT}: port {settings.LAB_HTTP_PORT} is "
+                                  "already in use by another program")
+        with pytest.raises(proxy.TLSConfigError, match="LAB_HTTP_PORT"):
+            proxy.check_tls()
+        with pytest.raises(proxy.TLSConfigError, match="LAB_HTTP_PORT"):
+            proxy.launch_caddy(sync_on_start=False)  # nothing started
