@@ -81,12 +81,14 @@ class Instance(models.Model):
         so the manager's session would travel to the experimenter's code. Port routing:
         LAB_INSTANCE_HOST (the proxy redirects any other name there); subdomain routing:
         <name>.LAB_DOMAIN (the manager's cookies are host-only)."""
+        tls = settings.LAB_TLS != "off"  # Caddy serves the instances with TLS (instances.proxy)
         if settings.LAB_ROUTING == "subdomain":
-            return f"https://{self.name}.{settings.LAB_DOMAIN}/"
+            port = f":{settings.LAB_HTTPS_PORT}" if tls and settings.LAB_HTTPS_PORT != 443 else ""
+            return f"https://{self.name}.{settings.LAB_DOMAIN}{port}/"
         if self.public_port:
             host = settings.LAB_INSTANCE_HOST
             host = f"[{host}]" if ":" in host and not host.startswith("[") else host
-            return f"http://{host}:{self.public_port}/"
+            return f"{'https' if tls else 'http'}://{host}:{self.public_port}/"
         return ""
 
     @property
