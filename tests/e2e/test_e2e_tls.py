@@ -160,3 +160,25 @@ def test_internal_ca_login_cookies_hsts_instance_port_and_git_push_over_https(tm
         server.kill_everything()
         remove_instances(data_dir, port, **extra)
         remove_data_dir(data_dir)
+
+
+def test_labserver_refuses_to_start_when_the_https_port_is_taken(tmp_path):
+    import socket
+
+    data_dir, port, https_port, http_port = new_data_dir(), free_port(), free_port(), free_port()
+    extra = {"LAB_TLS": "internal", "LAB_PUBLIC_HOST": "localhost", "LAB_INSTANCE_HOST": "127.0.0.1",
+             "LAB_HTTPS_PORT": str(https_port), "LAB_HTTP_PORT": str(http_port)}
+    migrate(data_dir, port)
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", https_port))
+        other.listen()
+        server = LabServer(data_dir, port, **extra)
+        try:
+            server.wait_for(re.escape(f"LAB_HTTPS_PORT={https_port}: port {https_port} is already in use by another "
+                                      "program"), 120)
+            assert server.proc.wait(timeout=60) != 0
+            assert "oTree Lab Manager is running" not in server.output
+        finally:
+            server.terminate()
+            server.kill_everything()
+            remove_data_dir(data_dir)
