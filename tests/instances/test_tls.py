@@ -397,3 +397,29 @@ def test_a_taken_https_or_http_port_is_named_before_caddy_starts(settings):
             proxy.check_tls()
         with pytest.raises(proxy.TLSConfigError, match="LAB_HTTP_PORT"):
             proxy.launch_caddy(sync_on_start=False)  # nothing started
+
+
+@pytest.mark.django_db
+def test_subdomain_routing_serves_each_instance_name_with_tls(tls_settings, backends, runtime, owner):
+    settings, _p1 = tls_settings
+    app, _daphne = backends
+    settings.LAB_ROUTING, settings.LAB_DOMAIN, settings.LAB_PUBLIC_HOST = "subdomain", "lab.test", "manager.lab.test"
+    Instance = __import__("instances.models", fromlist=["Instance"]).Instance
+    Instance.objects.create(name="alpha", owner=owner, status="running")
+    runtime.apps["alpha"] = app.url
+    server = start_caddy(settings, "internal")
+    try:
+        synced(server)
+        root = proxy.root_certificate_path()
+        port = settings.LAB_HTTPS_PORT
+        resp = wait_until(lambda: https(port, "/x", host="alpha.lab.test", cafile=root), 30, 0.2,
+                          "the instance's name over HTTPS", ignore=(ssl.SSLError, OSError))
+        assert resp.status == 200 and resp.text.startswith("A /x") and resp.getheader("Strict-Transport-Security")
+        resp = https(port, "/y", host="manager.lab.test", cafile=root)
+        assert resp.status == 200 and resp.text.startswith("B /y")
+        assert resp.getheader("Strict-Transport-Security") is None  # the manager's own: Django's business
+        resp = plain(settings.LAB_HTTP_PORT, "/z", host="alpha.lab.test")
+        assert resp.status == 308 and resp.getheader("Location") == f"https://alpha.lab.test:{port}/z"
+        assert Instance.objects.get(name="alpha").url == f"https://alpha.lab.test:{port}/"
+    finally:
+        server.cleanup()
