@@ -25,6 +25,15 @@ def apply_firewall() -> str:
     return f"firewall: {status.detail}" if status.enforced else f"WARNING firewall {status.detail}"
 
 
+def caddy_preflight() -> None:
+    """The checks before Caddy starts, for labserver and the compose install's caddy
+    service (`manage.py labservice caddy`) alike: the TLS settings, certificate and key
+    files and ports (`instances.proxy.check_tls`, once it exists; until then nothing)."""
+    check = getattr(proxy, "check_tls", None)
+    if check is not None:
+        check()
+
+
 def caddy_spec() -> ChildSpec:
     """Caddy in front of the instances (instances.proxy): admin API on a unix socket under
     LAB_DATA_DIR; once it answers, the routes are loaded from the database."""
