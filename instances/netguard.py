@@ -40,7 +40,9 @@ Our chains are named per manager (`LAB-<LAB_MANAGER_ID>-IN|FWD|OUT`), so two man
 (or test runs) on one host coexist; each jump carries a comment with the manager's data
 dir, and a manager whose data dir no longer exists (a finished test run, an uninstalled
 manager) has its chains removed by the next `ensure()` of any manager. `remove()` takes
-one manager's chains away (tests, uninstall: `manage.py firewall --remove`).
+one manager's chains away (tests, uninstall: `manage.py firewall --remove`). A manager
+in the manager image (the compose install) records its data dir as `container:<path>`:
+managers on the host never judge it, and it judges no one's (see `_remove_stale`).
 """
 
 from __future__ import annotations
@@ -66,6 +68,12 @@ COMMENT = "otree-lab"
 CHAIN = re.compile(r"LAB-([a-z0-9]{1,16})-(IN|FWD|OUT)")
 TOOLS = {4: ("iptables-save", "iptables-restore"), 6: ("ip6tables-save", "ip6tables-restore")}
 TIMEOUT = 30  # seconds for one iptables call (it waits up to 10 s for the xtables lock)
+CONTAINER_PREFIX = "container:"  # a data dir in the manager image's own file system (see _remove_stale)
+
+
+def in_manager_image() -> bool:
+    """The manager runs in its own image (Dockerfile, the compose install)."""
+    return bool(os.environ.get("OTREE_LAB_IMAGE"))
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,7 @@ class Policy:
             app_uids=tuple(settings.LAB_PROCESS_APP_UIDS),
             builder_uids=tuple(settings.LAB_PROCESS_BUILDER_UIDS),
             egress=settings.LAB_EGRESS,
-            data_dir=str(settings.DATA_DIR),
+            data_dir=(CONTAINER_PREFIX if in_manager_image() else "") + str(settings.DATA_DIR),
         )
 
     def chain(self, role: str) -> str:
@@ -507,7 +515,15 @@ def _removal(version: int, table: Table, manager_ids: set[str]) -> list[str]:
 
 def _remove_stale(version: int, table: Table, *, keep: str) -> bool:
     """Chains of managers whose data dir (named in their jumps' comment) no longer exists;
-    True when some were removed."""
+    True when some were removed.
+
+    A data dir is only judged where it can be seen: a manager in the manager image (the
+    compose install, on the host's network) records its data dir as `container:<path>`
+    (a path in its own volume, which no other manager may judge), and judges no one else's
+    (the host's paths are not in its file system). Such chains go with `manage.py firewall
+    --remove`, run in the compose project before `down -v`."""
+    if in_manager_image():
+        return False
     stale = set()
     for rules in table.chains.values():
         for rule in rules:

@@ -165,6 +165,29 @@ def test_two_managers_coexist_and_a_gone_one_is_cleaned_up(firewall, tmp_path):
     assert netguard.status(one).enforced
 
 
+def test_a_manager_in_its_image_and_one_on_the_host_keep_each_others_chains(firewall, tmp_path, monkeypatch):
+    """The compose install's manager (the manager image, on the host's network) and a
+    manager run on the host see different file systems: neither takes the other's data dir
+    for gone."""
+    monkeypatch.setenv("OTREE_LAB_IMAGE", "manager")
+    assert netguard.Policy.from_settings().data_dir == "container:" + str(django_settings.DATA_DIR)
+    in_image = firewall(data_dir="container:/var/lib/otree-lab-not-on-this-host")
+    on_host = firewall(data_dir=str(tmp_path / "gone"))  # a host path the image cannot see
+    assert netguard.ensure(in_image).enforced
+    monkeypatch.delenv("OTREE_LAB_IMAGE")
+    (tmp_path / "gone").mkdir()
+    assert netguard.ensure(on_host).enforced
+    (tmp_path / "gone").rmdir()
+    monkeypatch.setenv("OTREE_LAB_IMAGE", "manager")
+    assert netguard.ensure(in_image).enforced
+    assert ours(on_host.manager_id), "the manager in its image removed a host manager's chains"
+    monkeypatch.delenv("OTREE_LAB_IMAGE")
+    assert netguard.ensure(on_host.__class__(**{**on_host.__dict__, "manager_id": firewall().manager_id,
+                                                 "data_dir": str(tmp_path)})).enforced
+    assert ours(in_image.manager_id), "a host manager removed the chains of the manager in its image"
+    assert not ours(on_host.manager_id)  # its data dir is gone: the host manager cleaned it up, as before
+
+
 def test_without_root_the_status_says_so_and_what_to_do(firewall):
     """A real unprivileged process (another uid) asks for the firewall."""
     p = firewall()
