@@ -381,11 +381,14 @@ def _tls_app(names: list[str]) -> dict:
         issuer = {"module": "acme", "ca": settings.LAB_ACME_CA}
         if settings.LAB_ACME_EMAIL:
             issuer["email"] = settings.LAB_ACME_EMAIL
+        if settings.LAB_ACME_CA_ROOT:
+            issuer["trusted_roots_pem_files"] = [settings.LAB_ACME_CA_ROOT]
         challenges = {}
         if settings.LAB_HTTP_PORT != 80:  # a port forwarding 80 -> LAB_HTTP_PORT in front
             challenges["http"] = {"alternate_port": settings.LAB_HTTP_PORT}
         if settings.LAB_HTTPS_PORT != 443:
-            challenges["tls-alpn"] = {"alternate_port": settings.LAB_HTTPS_PORT}
+            # the CA validates TLS-ALPN on port 443 only, which is not ours: HTTP-01 alone
+            challenges["tls-alpn"] = {"disabled": True}
         if challenges:
             issuer["challenges"] = challenges
     else:
@@ -494,8 +497,11 @@ def build_config(only: str | None = None) -> tuple[dict, dict[Path, str]]:
         if tls:
             config["apps"]["http"].update(http_port=settings.LAB_HTTP_PORT, https_port=settings.LAB_HTTPS_PORT)
             config["apps"]["tls"] = _tls_app(names)
-            if settings.LAB_TLS == "internal":
-                # never into this machine's trust store: the lab computers get it from the CA page
+            if settings.LAB_TLS != "files":
+                # Caddy's own CA (LAB_TLS=internal; with acme the tls app's default policy for names
+                # such as localhost makes it too) never goes into this machine's trust store (Caddy
+                # would run update-ca-certificates as root): lab computers get it from the CA page.
+                # (files: no automation at all, so no CA is made.)
                 config["apps"]["pki"] = {"certificate_authorities": {"local": {"install_trust": False}}}
     return config, files
 

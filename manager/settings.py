@@ -63,6 +63,9 @@ LAB_TLS_CERT = env_str("LAB_TLS_CERT", "")
 LAB_TLS_KEY = env_str("LAB_TLS_KEY", "")
 LAB_ACME_EMAIL = env_str("LAB_ACME_EMAIL", "")
 LAB_ACME_CA = env_str("LAB_ACME_CA", "https://acme-v02.api.letsencrypt.org/directory")
+# A private ACME CA (the university's step-ca, a test CA) whose root is not in the system's
+# trust store: the PEM file of that root.
+LAB_ACME_CA_ROOT = env_str("LAB_ACME_CA_ROOT", "")
 LAB_HTTPS_PORT = env_int("LAB_HTTPS_PORT", 443)
 LAB_HTTP_PORT = env_int("LAB_HTTP_PORT", 80)
 LAB_HSTS_SECONDS = env_int("LAB_HSTS_SECONDS", 31536000)

@@ -141,6 +141,14 @@ def start_caddy(settings, mode, **extra):
     return server
 
 
+TRUST_DIR = Path("/usr/local/share/ca-certificates")
+
+
+def trust_store():
+    """The local certificates this machine trusts (Caddy would add its CA's root here)."""
+    return sorted(p.name for p in TRUST_DIR.glob("*")) if TRUST_DIR.is_dir() else []
+
+
 def synced(server):
     result = proxy.sync_routes()
     assert result.get("loaded") or result.get("reason") == "unchanged", (result, server.output())
@@ -155,6 +163,7 @@ def test_internal_ca_serves_manager_and_instances_over_https_and_redirects_plain
     app, daphne = backends
     make_instance(owner, "alpha", p1)
     runtime.apps["alpha"] = app.url
+    trusted_before = trust_store()
     server = start_caddy(settings, "internal")
     try:
         synced(server)
@@ -193,6 +202,7 @@ def test_internal_ca_serves_manager_and_instances_over_https_and_redirects_plain
         resp = https(p1, "/page", host=MANAGER, cafile=root)
         assert resp.status == 307 and resp.getheader("Location") == f"https://{INSTANCES}:{p1}/page"
         assert all(path != "/page" or h != f"{MANAGER}:{p1}" for path, h, _c in app.seen)
+        assert trust_store() == trusted_before  # this machine's trust store untouched
     finally:
         server.cleanup()
 
@@ -210,6 +220,7 @@ def test_files_mode_serves_the_given_certificate_and_fetches_nothing(tls_setting
     (tmp_path / "cert.pem").write_bytes(pem(leaf) + pem(ca[0]))
     (tmp_path / "key.pem").write_bytes(key_pem(key))
     assert proxy.certificate_problems() == []  # (LAB_TLS is still off here)
+    trusted_before = trust_store()
     server = start_caddy(settings, "files", LAB_TLS_CERT=str(tmp_path / "cert.pem"),
                          LAB_TLS_KEY=str(tmp_path / "key.pem"))
     try:
@@ -227,6 +238,7 @@ def test_files_mode_serves_the_given_certificate_and_fetches_nothing(tls_setting
         assert "automation" not in config["apps"]["tls"] and "automate" not in config["apps"]["tls"]["certificates"]
         assert not proxy.root_certificate_path().exists()
         assert "acme" not in server.output().lower(), server.output()
+        assert trust_store() == trusted_before
     finally:
         server.cleanup()
 
@@ -245,7 +257,12 @@ def test_acme_mode_config_asks_the_given_ca_for_both_names(settings):
     assert tls["certificates"] == {"automate": ["lab.example.edu", "experiments.example.edu"]}
     (policy,) = tls["automation"]["policies"]
     assert policy["issuers"] == [{"module": "acme", "ca": settings.LAB_ACME_CA, "email": "it@example.edu"}]
-    assert "pki" not in config["apps"] and "internal" not in str(config)
+    assert "internal" not in str(config)
+    assert config["apps"]["pki"] == {"certificate_authorities": {"local": {"install_trust": False}}}
+    # a CA validates TLS-ALPN on 443 only: on another HTTPS port, HTTP-01 alone
+    settings.LAB_HTTPS_PORT = 8443
+    (policy,) = proxy.build_config()[0]["apps"]["tls"]["automation"]["policies"]
+    assert policy["issuers"][0]["challenges"] == {"tls-alpn": {"disabled": True}}
     servers = config["apps"]["http"]["servers"]
     assert servers["http-redirect"]["listen"] == [":80"] and servers["manager"]["listen"] == [":443"]
     assert config["apps"]["http"]["http_port"] == 80 and config["apps"]["http"]["https_port"] == 443
@@ -423,3 +440,74 @@ def test_subdomain_routing_serves_each_instance_name_with_tls(tls_settings, back
         assert Instance.objects.get(name="alpha").url == f"https://alpha.lab.test:{port}/"
     finally:
         server.cleanup()
+
+
+# --- acme: a real ACME run against a second Caddy acting as the ACME CA ---------------------------------
+
+def _port_free(port):
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+@pytest.mark.django_db
+def test_acme_mode_gets_its_certificates_from_the_acme_ca_over_http_01(tls_settings, backends, runtime, owner,
+                                                                       tmp_path):
+    """The ACME CA (Caddy's acme_server handler, with its own root) validates over HTTP-01
+    on port 80 of 127.0.0.1, so this runs only where the test may bind port 80 (root, port free)."""
+    import json
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0 or not _port_free(80):
+        if os.environ.get("CI"):
+            pytest.fail("the ACME test needs root and a free port 80 on 127.0.0.1 in CI")
+        pytest.skip("needs root and a free port 80 on 127.0.0.1 (HTTP-01 validates on port 80)")
+    settings, p1 = tls_settings
+    app, _daphne = backends
+    make_instance(owner, "alpha", p1)
+    runtime.apps["alpha"] = app.url
+    # The ACME CA: a Caddy of its own (its own storage), acme_server on plain HTTP on loopback.
+    ca_dir = Path(tempfile.mkdtemp(prefix="acme-", dir="/tmp"))
+    (ca_port,), _range = free_ports(1)
+    ca_config = {"admin": {"disabled": True}, "storage": {"module": "file_system", "root": str(ca_dir / "data")},
+                 "apps": {"pki": {"certificate_authorities": {"local": {"install_trust": False}}},
+                          "tls": {"certificates": {"automate": ["127.0.0.1"]},
+                                  "automation": {"policies": [{"issuers": [{"module": "internal"}]}]}},
+                          "http": {"servers": {"acme": {"listen": [f"127.0.0.1:{ca_port}"],
+                                                        "routes": [{"handle": [{"handler": "acme_server"}]}],
+                                                        "tls_connection_policies": [{"default_sni": "127.0.0.1"}],
+                                                        "automatic_https": {"disable": True}}}}}}
+    (ca_dir / "caddy.json").write_text(json.dumps(ca_config))
+    with open(ca_dir / "log", "wb") as out:
+        ca = subprocess.Popen([proxy.caddy_binary(), "run", "--config", str(ca_dir / "caddy.json")],
+                              stdout=out, stderr=subprocess.STDOUT, env=proxy.caddy_env() | {"HOME": str(ca_dir)},
+                              start_new_session=True)
+    server = None
+    try:
+        directory = f"https://127.0.0.1:{ca_port}/acme/local/directory"
+        ca_root = ca_dir / "data" / "pki" / "authorities" / "local" / "root.crt"
+        wait_until(lambda: https(ca_port, "/acme/local/directory", host="127.0.0.1", cafile=ca_root).status == 200,
+                   30, 0.2, "the ACME CA answers", ignore=(OSError, ssl.SSLError))
+        trusted_before = trust_store()
+        server = start_caddy(settings, "acme", LAB_ACME_CA=directory, LAB_ACME_EMAIL="it@example.edu",
+                             LAB_ACME_CA_ROOT=str(ca_root), LAB_HTTP_PORT=80)
+        synced(server)
+        resp = wait_until(lambda: https(settings.LAB_HTTPS_PORT, "/", host=MANAGER, cafile=ca_root), 90, 0.5,
+                          "the manager's certificate from the ACME CA", ignore=(ssl.SSLError, OSError))
+        assert resp.status == 200 and resp.text.startswith("B /")
+        resp = wait_until(lambda: https(p1, "/", host=INSTANCES, cafile=ca_root), 90, 0.5,
+                          "the instances' certificate from the ACME CA", ignore=(ssl.SSLError, OSError))
+        assert resp.status == 200 and resp.text.startswith("A /")
+        assert "http-01" in server.output().lower(), server.output()[-3000:]
+        assert trust_store() == trusted_before  # this machine's trust store untouched
+    finally:
+        if server is not None:
+                server.cleanup()
+        ca.kill()
+        ca.wait(timeout=10)
+        shutil.rmtree(ca_dir, ignore_errors=True)
