@@ -52,6 +52,23 @@ def fetch(op, url, data=None, headers=None):
         return exc.code, exc.headers, exc.read()
 
 
+def websocket_status(port, cafile, origin, session) -> int:
+    """The status of a websocket handshake to wss://localhost:port/ws/live/ from `origin`."""
+    import base64
+    import os
+    import socket
+
+    context = ssl.create_default_context(cafile=str(cafile))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as sock:
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall((f"GET /ws/live/ HTTP/1.1\r\nHost: localhost:{port}\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                      f"Origin: {origin}\r\nCookie: __Host-sessionid={session}\r\n\r\n").encode())
+        status_line = sock.makefile("rb").readline().decode()
+    return int(status_line.split()[1])
+
+
 def test_internal_ca_login_cookies_hsts_instance_port_and_git_push_over_https(tmp_path):
     backends.require("process")
     data_dir, port = new_data_dir(), free_port()
@@ -109,6 +126,10 @@ def test_internal_ca_login_cookies_hsts_instance_port_and_git_push_over_https(tm
             "Content-Type": "application/x-www-form-urlencoded"})
         assert status == 302, body[:500]
         assert {c.name: c for c in jar}["__Host-sessionid"].secure
+        # The live updates' websocket through Caddy (wss://, the https origin accepted).
+        session = {c.name: c for c in jar}["__Host-sessionid"].value
+        assert websocket_status(https_port, root_file, base, session) == 101
+        assert websocket_status(https_port, root_file, f"https://127.0.0.1:{public_port}", session) == 403
         with sqlite3.connect(data_dir / "manager.sqlite3") as db:
             ips = [row[0] for row in db.execute(
                 "SELECT ip FROM audit_auditevent WHERE action = 'auth.login'")]
