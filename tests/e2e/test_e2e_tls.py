@@ -198,7 +198,10 @@ def test_labserver_refuses_to_start_when_the_https_port_is_taken(tmp_path):
             server.wait_for(re.escape(f"LAB_HTTPS_PORT={https_port}: port {https_port} is already in use by another "
                                       "program"), 120)
             assert server.proc.wait(timeout=60) != 0
+            server._reader.join(timeout=10)
             assert "oTree Lab Manager is running" not in server.output
+            assert "started web" not in server.output  # refused before anything started
+            assert "Password:" not in server.output  # and before the first account is made
         finally:
             server.terminate()
             server.kill_everything()

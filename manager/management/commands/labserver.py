@@ -28,10 +28,9 @@ def apply_firewall() -> str:
 def caddy_preflight() -> None:
     """The checks before Caddy starts, for labserver and the compose install's caddy
     service (`manage.py labservice caddy`) alike: the TLS settings, certificate and key
-    files and ports (`instances.proxy.check_tls`, once it exists; until then nothing)."""
-    check = getattr(proxy, "check_tls", None)
-    if check is not None:
-        check()
+    files and ports (`instances.proxy.check_tls`; raises proxy.TLSConfigError, a
+    CommandError whose message names the variable and what to do)."""
+    proxy.check_tls()
 
 
 def caddy_spec() -> ChildSpec:
@@ -55,6 +54,7 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         self._check_migrated()
         self._check_free()
+        caddy_preflight()  # LAB_TLS: certificate files and LAB_HTTPS_PORT/LAB_HTTP_PORT, before anything starts
         created = self._first_superuser()
         connections.close_all()  # the supervisor itself keeps no database connection open
         self.stdout.write(apply_firewall() + "\n")
