@@ -2,7 +2,7 @@
 would try it: the manager on https://localhost:<port>, the instances on 127.0.0.1 (Caddy's
 internal CA issues IP certificates), high free ports instead of 443/80. The root
 certificate is taken from the manager's own page; everything after is verified against it
-alone: the login page, Secure cookies, HSTS, the redirect of plain HTTP, the client's real
+alone: the login page (also in headless Chromium), Secure cookies, HSTS, the redirect of plain HTTP, the client's real
 address in the audit log, an instance port over TLS (and plain HTTP to it redirected), and
 a real `git push` over HTTPS with GIT_SSL_CAINFO (refused without it)."""
 
@@ -21,7 +21,6 @@ import urllib.request
 import pytest
 
 from tests import backends
-from tests.e2e.test_e2e_deploy import api as _api_unused  # noqa: F401  (the same helpers' module)
 from tests.labserver_helpers import (BASE_DIR, LabServer, child_env, first_superuser, free_port, migrate,
                                      new_data_dir, remove_data_dir, remove_instances)
 from tests.otree_projects import Checkout, valid_project
@@ -67,6 +66,56 @@ def websocket_status(port, cafile, origin, session) -> int:
                       f"Origin: {origin}\r\nCookie: __Host-sessionid={session}\r\n\r\n").encode())
         status_line = sock.makefile("rb").readline().decode()
     return int(status_line.split()[1])
+
+
+def browser_login(base, intermediate_pem, username, password):
+    """Log in with headless Chromium. Chromium has no trust store this test may write to
+    (no NSS tools), so the CA is trusted by pinning its key: the pin flag matches keys of the
+    chain the server sends (the certificate and Caddy's intermediate, not the root), hence
+    the intermediate's key."""
+    import base64
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from playwright.sync_api import Error as PlaywrightError
+    from playwright.sync_api import sync_playwright
+
+    from tests.conftest import CHROMIUM, need
+    from tests.e2e.test_e2e_notifications import CHROMIUM_ARGS, TIMEOUT_MS
+
+    need(CHROMIUM.exists(), f"chromium ({CHROMIUM})")
+    spki = x509.load_pem_x509_certificate(intermediate_pem).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pin = base64.b64encode(__import__("hashlib").sha256(spki).digest()).decode()
+    with sync_playwright() as pw:
+        # Without the root: Chromium refuses the certificate (nothing is trusted blindly).
+        plain_browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            with pytest.raises(PlaywrightError, match="ERR_CERT_AUTHORITY_INVALID"):
+                plain_browser.new_page().goto(base + "/accounts/login/")
+        finally:
+            plain_browser.close()
+        # With the CA trusted (as on a lab computer that installed root.crt).
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                                     args=[*CHROMIUM_ARGS, f"--ignore-certificate-errors-spki-list={pin}"])
+        try:
+            context = browser.new_context()
+            context.set_default_timeout(TIMEOUT_MS)
+            page = context.new_page()
+            page.goto(base + "/accounts/login/")
+            assert page.get_by_role("link", name="the lab's root certificate").get_attribute("href") == "/tls/"
+            page.fill("input[name=login]", username)
+            page.fill("input[name=password]", password)
+            page.click("main form button[type=submit]")
+            page.wait_for_url(lambda url: "/accounts/login/" not in url)
+            assert page.url.startswith(base + "/")
+            cookies = {c["name"]: c for c in context.cookies()}
+            for name in ("__Host-sessionid", "__Host-csrftoken"):
+                assert cookies[name]["secure"] is True and cookies[name]["domain"] == "localhost", cookies
+            page.wait_for_function("document.getElementById('live-status')?.textContent === 'live'",
+                                   timeout=TIMEOUT_MS)  # the websocket over wss://
+        finally:
+            browser.close()
 
 
 def test_internal_ca_login_cookies_hsts_instance_port_and_git_push_over_https(tmp_path):
@@ -162,6 +211,11 @@ def test_internal_ca_login_cookies_hsts_instance_port_and_git_push_over_https(tm
         assert headers["Strict-Transport-Security"] == "max-age=900"
         status, headers, _ = fetch(opener(), f"http://127.0.0.1:{public_port}/room/lab")
         assert status in (301, 302, 307, 308) and headers["Location"] == f"https://127.0.0.1:{public_port}/room/lab"
+
+        # A real browser that trusts that root (and only it): the login over HTTPS, the
+        # manager's cookies Secure and __Host- as Chromium itself keeps them, the live socket.
+        intermediate = (data_dir / "caddy" / "data" / "pki" / "authorities" / "local" / "intermediate.crt").read_bytes()
+        browser_login(base, intermediate, username, password)
 
         # git push over HTTPS with the same certificate (a branch: stored, nothing built).
         checkout = Checkout(tmp_path / "work")

@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 
 from instances import proxy
 from tests.instances.test_proxy import (  # noqa: F401  (fixtures)
-    Caddy, backends, caddy, free_ports, make_instance, owner, runtime,
+    Caddy, backends, free_ports, make_instance, owner, runtime,
 )
 from tests.waits import wait_until
 
