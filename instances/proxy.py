@@ -31,6 +31,17 @@ Routing (`LAB_ROUTING`):
   the instance, anything else gets a 404. The manager's cookies are host-only. Behind
   LAB_BEHIND_PROXY, X-Forwarded-For from LAB_PROXY_TRUSTED_IPS is passed on (appended to).
   Plain HTTP: TLS is terminated in front (Caddy must never try to fetch certificates).
+HTTPS (`LAB_TLS` = acme | files | internal; README "HTTPS"): Caddy is also the manager's front
+door: a server on LAB_HTTPS_PORT proxies every request to daphne (LAB_HOST:LAB_PORT, loopback),
+one on LAB_HTTP_PORT redirects plain HTTP to https (ACME HTTP-01 challenges are answered there
+by Caddy before any route); each instance port speaks TLS for LAB_INSTANCE_HOST, plain HTTP
+to it redirected by the `http_redirect` listener wrapper (subdomain routing: the one HTTPS
+server has every <name>.LAB_DOMAIN). Certificates: the `tls` app, with the names listed
+explicitly (automatic HTTPS stays off everywhere): an ACME issuer (LAB_ACME_CA, _EMAIL,
+_CA_ROOT), Caddy's internal CA (its root, root_certificate_path(), is offered on /tls/ and
+never installed into this machine's trust store), or LAB_TLS_CERT/KEY loaded as they are
+(no issuer at all). check_tls() / tls_problems() say before Caddy starts what cannot work
+(certificate files, ports); labserver, `labservice caddy` and launch_caddy call it.
 Each route forwards to the live app's loopback port (websockets pass through; Caddy adds
 `X-Forwarded-For/-Proto/-Host`). An instance without a running app answers 503 with a
 sentence saying why, so its public URL explains itself.
