@@ -6,7 +6,8 @@ labserver's Caddy), so `make run` and the compose install never drift apart: a c
 given by a command line is exec'd (it becomes this process: signals and exit code are
 its own); Caddy (started by `instances.proxy.launch_caddy`, which loads the routes from
 the database once it answers) runs as a child that gets this process's SIGTERM/SIGINT
-and whose exit code this command returns.
+and whose exit code this command returns (launch_caddy first checks the TLS settings,
+certificate files and ports: a bad configuration stops the service with the reason).
 """
 
 import os
@@ -16,7 +17,7 @@ import sys
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from manager.management.commands.labserver import caddy_preflight, caddy_spec
+from manager.management.commands.labserver import caddy_spec
 from manager.supervisor import ChildSpec, SupervisorError, default_specs
 
 
@@ -57,8 +58,6 @@ class Command(BaseCommand):
             sys.stdout.flush()
             sys.stderr.flush()
             os.execvpe(spec.argv[0], spec.argv, env)  # never returns
-        if name == "caddy":
-            caddy_preflight()
         try:
             proc = spec.launch(env=env)
         except SupervisorError as exc:
