@@ -1,14 +1,17 @@
 # oTree Lab Manager: the two commands of the README.
 #   make run    set up .venv, migrate, start the whole manager (Ctrl-C stops it)
 #   make test   set up .venv, run the test suite (extra pytest options: PYTEST_ARGS="-k foo -x")
+#   make images build the local container images (Debian base, postgres, redis, python) without a
+#               registry, as root: sudo make images [CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt]
 
 PYTHON ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+CA_BUNDLE ?=
 
-.PHONY: run test venv check-python
+.PHONY: run test venv images check-python
 
 run: $(STAMP)
 	$(VPY) manage.py migrate --noinput
@@ -18,6 +21,11 @@ test: $(STAMP)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 venv: $(STAMP)
+
+# The images the instances and the Docker Compose install use (existing ones are skipped;
+# see README, "Container images"); CA_BUNDLE: extra CA certificates for TLS-intercepting networks.
+images: $(STAMP)
+	$(VPY) manage.py build_images $(if $(CA_BUNDLE),--ca-bundle $(CA_BUNDLE))
 
 # Requirements are (re)installed only when requirements.txt is newer than the stamp.
 $(STAMP): requirements.txt | $(VPY)
