@@ -41,6 +41,8 @@ def test_the_compose_file_is_valid_with_the_example_settings():
         assert service["command"][3] in children, name
         assert service["network_mode"] == "host" and service["restart"] == "unless-stopped"
         assert service["environment"]["LAB_PUBLIC_HOST"] == "lab.example.edu"
+        # A key without a value would hide the env file's value (docker-compose 1.29 unsets it).
+        assert all(value is not None for value in service["environment"].values()), service["environment"]
         assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     for name in ("db", "redis"):  # no network at all: reachable through their sockets only
         assert services[name]["network_mode"] == "none"
