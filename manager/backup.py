@@ -67,7 +67,9 @@ def pg_program(name: str) -> str:
     found = shutil.which(name)
     if found:
         return found
-    folders = [os.environ.get("LAB_PG_BIN", "")]
+    from django.conf import settings
+
+    folders = [settings.LAB_PG_BIN]
     folders += sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]) if
                       p.split("/")[-2].isdigit() else 0, reverse=True)
     for folder in folders:
@@ -190,7 +192,7 @@ def write_backup(fileobj, *, outputs: tuple[Path, ...] = ()) -> dict:
     data_dir = Path(settings.DATA_DIR)
     kind = engine()
     manifest = {"format": FORMAT, "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                "database": kind, "manager_id": os.environ.get("LAB_MANAGER_ID") or settings.LAB_MANAGER_ID,
+                "database": kind, "manager_id": settings.LAB_MANAGER_ID,
                 "data_dir": str(data_dir)}
     excluded = _sqlite_files() if kind == "sqlite" else set()
     with tempfile.TemporaryDirectory(prefix="lab-backup-") as tmp:

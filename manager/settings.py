@@ -118,9 +118,14 @@ DEBUG = env_bool("LAB_DEBUG", False)
 
 # Every container, network and volume this manager creates on a Docker engine carries
 # LAB_MANAGER_ID, so two managers (or a test run) sharing an engine never touch each
-# other's; default: derived from LAB_DATA_DIR. Instance networks take /28 subnets out of
+# other's; default: the id stored in LAB_DATA_DIR/manager-id (the compose install's image
+# makes one, deploy/docker-entrypoint.sh: its data dir's path is the same in every project),
+# else derived from LAB_DATA_DIR. Instance networks take /28 subnets out of
 # LAB_DOCKER_SUBNETS (Docker's default address pools run out after about 15 instances).
-LAB_MANAGER_ID = env_str("LAB_MANAGER_ID", "") or hashlib.sha256(str(DATA_DIR).encode()).hexdigest()[:10]
+_manager_id_file = DATA_DIR / "manager-id"
+LAB_MANAGER_ID = (env_str("LAB_MANAGER_ID", "")
+                  or (_manager_id_file.read_text().strip() if _manager_id_file.is_file() else "")
+                  or hashlib.sha256(str(DATA_DIR).encode()).hexdigest()[:10])
 if not re.fullmatch(r"[a-z0-9]{1,16}", LAB_MANAGER_ID):
     raise ConfigError(f"LAB_MANAGER_ID must be 1-16 lowercase letters or digits, got {LAB_MANAGER_ID!r}")
 LAB_DOCKER_SUBNETS = env_str("LAB_DOCKER_SUBNETS", "10.213.0.0/16")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -58,3 +59,20 @@ def test_a_missing_host_name_stops_compose_with_what_to_do(tmp_path):
     result = compose(env_file, "config", "-q")
     assert result.returncode != 0
     assert "set LAB_PUBLIC_HOST" in result.stderr and "deploy/lab.env.example" in result.stderr
+
+
+def test_the_images_manager_id_is_made_once_and_used_without_the_entrypoint_too(tmp_path):
+    """The manager image's entrypoint makes a random LAB_MANAGER_ID once into the data dir
+    (the data dir's path is the same in every compose project); a command run with
+    `docker compose exec` (no entrypoint) reads the same id from there."""
+    env = {k: v for k, v in os.environ.items() if k != "LAB_MANAGER_ID"}
+    env.update(LAB_DATA_DIR=str(tmp_path), DJANGO_SETTINGS_MODULE="manager.settings")
+    show = ["python3", "-c", "import os; print(os.environ['LAB_MANAGER_ID'])"]
+    ids = {subprocess.run([str(BASE_DIR / "deploy" / "docker-entrypoint.sh"), *show], env=env, capture_output=True,
+                          text=True, timeout=30, check=True).stdout.strip() for _ in range(2)}
+    assert len(ids) == 1 and len(ids.pop()) == 10
+    stored = (tmp_path / "manager-id").read_text().strip()
+    read = subprocess.run([sys.executable, "-c", "import django; django.setup(); from django.conf import settings; "
+                           "print(settings.LAB_MANAGER_ID)"], cwd=BASE_DIR, env=env, capture_output=True, text=True,
+                          timeout=60, check=True).stdout.strip()
+    assert read == stored
