@@ -4,6 +4,7 @@ command line labserver's supervisor gives that child (one definition for both)."
 import json
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 import pytest
@@ -72,3 +73,37 @@ def test_an_unknown_service_is_refused_with_the_names(lab):
     assert result.returncode == 1
     assert "unknown service 'webb'" in result.stderr
     assert "web, worker, bots, beat, sshd, caddy" in result.stderr
+
+
+def test_caddy_is_exec_d_and_loads_the_routes_once_it_answers(lab):
+    """The caddy service is Caddy itself (no Python beside it), and the instances' routes
+    are back as soon as it answers: an instance's port serves Caddy's page for it."""
+    data_dir, port, env = lab
+    migrate(data_dir, port)
+    instance_port = free_port()
+    subprocess.run([sys.executable, "-c",
+                    "import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'manager.settings'); "
+                    "django.setup(); from manager.accounts.models import User; from instances.models import Instance; "
+                    "ann = User.objects.create_user(username='ann', email='ann@lab.test', password='x' * 20, name='A'); "
+                    f"Instance.objects.create(name='story', owner=ann, public_port={instance_port}, "
+                    "status='ready_for_code')"], cwd=BASE_DIR, env=env, check=True, timeout=120)
+    proc = subprocess.Popen([sys.executable, "manage.py", "labservice", "caddy"], cwd=BASE_DIR, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: cmdline(proc.pid)[1:2] == ["run"] and cmdline(proc.pid)[0].endswith("caddy"),
+                   timeout=60, message=lambda: f"labservice caddy exec'd Caddy: {cmdline(proc.pid)}")
+
+        def instance_page():
+            try:
+                with urllib.request.urlopen(f"http://localhost:{instance_port}/", timeout=5) as response:
+                    return response.read().decode()
+            except urllib.error.HTTPError as exc:
+                return exc.read().decode()
+            except OSError:
+                return ""
+
+        page = wait_until(instance_page, timeout=60, message="the instance's port answers through Caddy")
+        assert "no app running yet" in page
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) is not None

