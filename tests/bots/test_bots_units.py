@@ -389,7 +389,7 @@ def test_bot_runs_have_their_own_queue_and_labserver_worker(settings):
     assert app.amqp.router.route({}, "instances.build_release")["queue"].name == "celery"
     specs = {spec.name: spec for spec in default_specs()}
     bots = specs["bots"].argv
-    assert bots[bots.index("-Q") + 1] == "bots" and bots[bots.index("--concurrency") + 1] == "3"
+    assert bots[bots.index("-Q") + 1] == "bots" and bots[bots.index("--autoscale") + 1] == "3,0"
     assert "-Q" not in specs["worker"].argv  # the main worker keeps the default queue: deploys, backups
 
 
