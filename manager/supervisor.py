@@ -415,18 +415,21 @@ def default_specs() -> list[ChildSpec]:
         ))
     # The workers' prefork pools (hard time limits need processes) shrink when idle: a
     # process is forked from the worker's main process (Django and the tasks already
-    # imported) when a task arrives, up to the maximum, and goes after 30 s without work
-    # (Celery's autoscaler); an idle manager keeps only the main processes (compose, idle:
-    # worker 199 -> 110 MiB, bots 182 -> 109 MiB, bench/compose_up.py).
+    # imported) when a task arrives, up to the maximum, and goes 10-20 s after the last
+    # task (Celery's autoscaler, checking every AUTOSCALE_KEEPALIVE s; with its default of
+    # 30 s the beat's sweeps every 60 s kept the worker's pool up most of the time); an idle
+    # manager keeps only the main processes (compose, idle: worker 199 -> 110 MiB, bots
+    # 182 -> 109 MiB, bench/compose_up.py).
+    worker_env = {**env, "AUTOSCALE_KEEPALIVE": "10"}
     specs += [
         ChildSpec("web", [py, "-m", "daphne", "-b", host, "-p", str(port), "manager.asgi:application"],
                   env=env, ready=http_ok(f"http://{url_host}:{port}/healthz/"), stop_order=0),
         ChildSpec("worker", [py, "-m", "celery", "-A", "manager", "worker", "-l", "INFO",
                              "--autoscale", "2,0", "-n", "worker@%h"],
-                  env=env, ready=output_matches(r"\bready\.$"), stop_order=1),
+                  env=worker_env, ready=output_matches(r"\bready\.$"), stop_order=1),
         ChildSpec("bots", [py, "-m", "celery", "-A", "manager", "worker", "-l", "INFO", "-Q", "bots",
                            "--autoscale", f"{settings.LAB_BOT_RUNS},0", "-n", "bots@%h"],
-                  env=env, ready=output_matches(r"\bready\.$"), stop_order=1),
+                  env=worker_env, ready=output_matches(r"\bready\.$"), stop_order=1),
         ChildSpec("beat", [py, "-m", "celery", "-A", "manager", "beat", "-l", "INFO",
                            "-s", str(settings.CELERY_BEAT_SCHEDULE_FILENAME)],
                   env=env, ready=output_matches(r"beat: Starting"), stop_order=1),
