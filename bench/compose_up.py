@@ -174,6 +174,7 @@ def main() -> int:
     parser.add_argument("--port-base", type=int, default=29000)
     parser.add_argument("--build", action="store_true", help="docker-compose build first")
     parser.add_argument("--no-times", action="store_true", help="only the idle memory (one cold start)")
+    parser.add_argument("--no-memory", action="store_true", help="only the start times")
     parser.add_argument("--verbose", action="store_true", help="show compose's output")
     args = parser.parse_args()
 
@@ -220,18 +221,19 @@ def main() -> int:
             restart.append(timed_up(project, url, args.timeout, "--force-recreate"))
             print(f"restart {i + 1}: up -d returned {restart[-1][0]:.1f} s, login page {restart[-1][1]:.1f} s",
                   flush=True)
-        healthy = wait_healthy(project, args.health_timeout)
-        print(f"all healthy after {healthy:.0f} s more; settling {args.settle:.0f} s", flush=True)
-        time.sleep(args.settle)
-        for _ in range(args.samples):
-            total = 0.0
-            for service, cid in project.containers().items():
-                used, resident = memory(cid)
-                samples.setdefault(service, []).append(used / MIB)
-                rss.setdefault(service, []).append(resident / MIB)
-                total += used / MIB
-            totals.append(total)
-            time.sleep(args.interval)
+        if not args.no_memory:
+            healthy = wait_healthy(project, args.health_timeout)
+            print(f"all healthy after {healthy:.0f} s more; settling {args.settle:.0f} s", flush=True)
+            time.sleep(args.settle)
+            for _ in range(args.samples):
+                total = 0.0
+                for service, cid in project.containers().items():
+                    used, resident = memory(cid)
+                    samples.setdefault(service, []).append(used / MIB)
+                    rss.setdefault(service, []).append(resident / MIB)
+                    total += used / MIB
+                totals.append(total)
+                time.sleep(args.interval)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -251,6 +253,8 @@ def main() -> int:
             if rows:
                 print(f"| {label} | {len(rows)} | {median([r[0] for r in rows]):.1f} s | "
                       f"{median([r[1] for r in rows]):.1f} s | {max(r[1] for r in rows):.1f} s |")
+    if not totals:
+        return 0
     print()
     print(f"Idle memory, all healthy, no instance, {args.settle:.0f} s settle, median of {len(totals)} samples:")
     print()
