@@ -1,8 +1,9 @@
 # oTree Lab Manager: the two commands of the README.
 #   make run    set up .venv, migrate, start the whole manager (Ctrl-C stops it)
 #   make test   set up .venv, run the test suite (extra pytest options: PYTEST_ARGS="-k foo -x")
-#   make images build the local container images (Debian base, postgres, redis, python) without a
-#               registry, as root: sudo make images [CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt]
+#   make images build the local container images (Debian base, postgres, redis, python; the swarm
+#               runtime's registry) without access to a registry, as root:
+#               sudo make images [CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt]
 
 PYTHON ?= python3
 VENV := .venv

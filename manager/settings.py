@@ -48,6 +48,10 @@ if LAB_ROUTING == "subdomain" and not LAB_DOMAIN:
 LAB_IMAGE_POSTGRES = env_str("LAB_IMAGE_POSTGRES", "postgres:15")
 LAB_IMAGE_REDIS = env_str("LAB_IMAGE_REDIS", "redis:7")
 LAB_IMAGE_PYTHON = env_str("LAB_IMAGE_PYTHON", "python:3.11-slim")
+# The container registry the swarm runtime (LAB_RUNTIME=swarm) runs to carry release images
+# to the swarm's nodes: only built locally (`manage.py build_images`, Debian's
+# docker-registry, distribution 2.8; non-root, data in the volume /var/lib/docker-registry).
+LAB_IMAGE_REGISTRY = env_str("LAB_IMAGE_REGISTRY", "otree-lab/registry:2.8")
 
 # --- HTTPS by Caddy (instances.proxy; README "HTTPS") ----------------------------------
 # off: plain HTTP as always (TLS, if any, terminated in front). acme: certificates from an

@@ -3,7 +3,9 @@
 By default an instance runs the official `postgres`, `redis` and `python` images (names in
 settings: LAB_IMAGE_POSTGRES, LAB_IMAGE_REDIS, LAB_IMAGE_PYTHON). `manage.py build_images`
 builds equivalent images from a Debian mirror instead and tags them with those same names,
-so the defaults work without any further configuration:
+so the defaults work without any further configuration. It also builds `registry`
+(LAB_IMAGE_REGISTRY, Debian's docker-registry), the container registry through which the
+swarm runtime carries release images to the swarm's nodes:
 
 1. debootstrap (variant minbase) one Debian root file system into a temporary directory,
    add the extra CA bundle to its trust store when one is given, apply the suite's
@@ -12,7 +14,7 @@ so the defaults work without any further configuration:
 2. `docker build` (the classic builder: no BuildKit, no registry) the small Dockerfiles
    beside this module FROM that base;
 3. start each new image once and check that it works (for postgres: the time from
-   `docker run` until `pg_isready` answers).
+   `docker run` until `pg_isready` answers; for registry: until `GET /v2/` answers 200).
 
 Images that exist already are skipped; `force` rebuilds them, base included.
 """
@@ -41,12 +43,12 @@ import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
 HERE = Path(__file__).resolve().parent
-IMAGES = ("postgres", "redis", "python")
+IMAGES = ("postgres", "redis", "python", "registry")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
 DEFAULT_SUITE = "bookworm"
 BASE_REPOSITORY = "otree-lab/debian-base"
-LABEL = "org.otree-lab.image"  # on every image built here: postgres, redis, python, debian-base
+LABEL = "org.otree-lab.image"  # on every image built here: postgres, redis, python, registry, debian-base
 LABEL_CA = "org.otree-lab.extra-ca"  # sha256 prefix of the extra CA bundle, or "none"
 CHECK_LABEL = "org.otree-lab.build-check"  # on the throw-away containers of the checks
 CA_FILE = "/etc/ssl/certs/ca-certificates.crt"  # the trust store's bundle inside the images
@@ -90,6 +92,7 @@ def configured_names() -> dict[str, str]:
         "postgres": settings.LAB_IMAGE_POSTGRES,
         "redis": settings.LAB_IMAGE_REDIS,
         "python": settings.LAB_IMAGE_PYTHON,
+        "registry": settings.LAB_IMAGE_REGISTRY,
     }
 
 
@@ -415,6 +418,8 @@ def check_image(client: docker.DockerClient, image: str, tag: str) -> str:
         env = {"POSTGRES_PASSWORD": secrets.token_urlsafe(12), "POSTGRES_USER": "check", "POSTGRES_DB": "check"}
         command = ["-c", "shared_buffers=16MB", "-c", "max_connections=30"]
         probe = ["pg_isready", "-q", "-h", "127.0.0.1"]
+    elif image == "registry":
+        env, command, probe = {}, None, ["healthcheck.sh"]  # GET /v2/ answers 200
     else:
         env, command, probe = {}, None, ["redis-cli", "ping"]
     os.sync()  # the build's own writeback is no part of a start
@@ -422,7 +427,7 @@ def check_image(client: docker.DockerClient, image: str, tag: str) -> str:
     for _ in range(3):
         seconds, user = _first_start(client, image, tag, command, env, probe, labels)
         times.append(seconds)
-    probe_name = "pg_isready" if image == "postgres" else "redis-cli ping"
+    probe_name = {"postgres": "pg_isready", "registry": "GET /v2/ 200"}.get(image, "redis-cli ping")
     return (f"first start: docker run -> {probe_name} in {sorted(times)[1]:.2f} s median of 3 "
             f"({', '.join(f'{t:.2f}' for t in times)}), runs as {user}")
 

@@ -1,6 +1,6 @@
 """`python manage.py build_images`: local postgres, redis and python images for labs
-without access to a container registry (and for CI). The logic is in
-instances/images/builder.py."""
+without access to a container registry (and for CI), and the registry image of the swarm
+runtime. The logic is in instances/images/builder.py."""
 
 from pathlib import Path
 
@@ -13,8 +13,9 @@ class Command(BaseCommand):
     help = (
         "Build local equivalents of the official postgres, redis and python images from a "
         "Debian mirror (debootstrap + docker import + docker build), tagged with the names "
-        "of LAB_IMAGE_POSTGRES, LAB_IMAGE_REDIS and LAB_IMAGE_PYTHON. Images that exist "
-        "already are skipped. Needs root, debootstrap and a Docker engine."
+        "of LAB_IMAGE_POSTGRES, LAB_IMAGE_REDIS and LAB_IMAGE_PYTHON, and a container "
+        "registry (Debian's docker-registry) for the swarm runtime, tagged LAB_IMAGE_REGISTRY. "
+        "Images that exist already are skipped. Needs root, debootstrap and a Docker engine."
     )
 
     def add_arguments(self, parser):
@@ -30,7 +31,7 @@ class Command(BaseCommand):
                             help="extra CA certificates (PEM) to trust, for networks that "
                                  "intercept TLS; kept in the images (pip, git, apt use them)")
         parser.add_argument("--only", nargs="+", action="extend", choices=builder.IMAGES, metavar="IMAGE",
-                            help="build only these images (postgres, redis, python)")
+                            help="build only these images (postgres, redis, python, registry)")
         parser.add_argument("--force", action="store_true",
                             help="rebuild even images that exist (the Debian base too)")
 
