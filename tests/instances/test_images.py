@@ -1,6 +1,7 @@
 """The container images of an instance (LAB_IMAGE_POSTGRES / _REDIS / _PYTHON) behave as
 the manager relies on: those built by `manage.py build_images` (CI builds them before
-the suite; the tests never build) or the official ones under the same names.
+the suite; the tests never build) or the official ones under the same names. The swarm
+runtime's registry image (LAB_IMAGE_REGISTRY): test_registry_image.py.
 
 Every container and network a test creates carries this run's label and is removed at
 the end; the tests talk only to containers they created. Waits are bounded.
@@ -300,12 +301,12 @@ def test_python_pip_reaches_pypi(dock):
 
 @pytest.mark.docker
 def test_build_images_skips_existing_images(engine):
-    for tag in (PG, REDIS, PY):
+    for tag in (PG, REDIS, PY, settings.LAB_IMAGE_REGISTRY):
         need(builder.image_exists(engine, tag), f"the image {tag} (python manage.py build_images)")
     stdout = io.StringIO()
     call_command("build_images", stdout=stdout)
     out = stdout.getvalue()
-    for tag in (PG, REDIS, PY):
+    for tag in (PG, REDIS, PY, settings.LAB_IMAGE_REGISTRY):
         assert f"{tag} exists, skipped" in out
     assert "building" not in out
 
