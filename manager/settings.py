@@ -38,7 +38,7 @@ LAB_INSTANCE_PORTS = env_str("LAB_INSTANCE_PORTS", "18000-18999")
 if not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", LAB_RUNTIME):
     # Its form here; that a backend of this name exists is checked at start-up by the one
     # place that knows the backends (instances.runtime.check_setting, InstancesConfig.ready).
-    raise ConfigError(f"LAB_RUNTIME must be auto or the name of a runtime backend (docker, process), got {LAB_RUNTIME!r}")
+    raise ConfigError(f"LAB_RUNTIME must be auto or the name of a runtime backend (docker, process, swarm), got {LAB_RUNTIME!r}")
 if LAB_ROUTING not in {"port", "subdomain"}:
     raise ConfigError(f"LAB_ROUTING must be port or subdomain, got {LAB_ROUTING!r}")
 if LAB_ROUTING == "subdomain" and not LAB_DOMAIN:
@@ -52,6 +52,15 @@ LAB_IMAGE_PYTHON = env_str("LAB_IMAGE_PYTHON", "python:3.11-slim")
 # to the swarm's nodes: only built locally (`manage.py build_images`, Debian's
 # docker-registry, distribution 2.8; non-root, data in the volume /var/lib/docker-registry).
 LAB_IMAGE_REGISTRY = env_str("LAB_IMAGE_REGISTRY", "otree-lab/registry:2.8")
+# The swarm runtime (LAB_RUNTIME=swarm; README "Docker Swarm"). LAB_SWARM_REGISTRY: the
+# registry address the swarm's nodes pull release images from (host:port); empty: the
+# manager runs one (LAB_IMAGE_REGISTRY) on its own node and nodes pull from
+# <this node's swarm address>:<its port> (plain HTTP: each node lists it in the engine's
+# "insecure-registries"). LAB_SWARM_SUBNETS: the instances' overlay networks (a /27 each).
+LAB_SWARM_REGISTRY = env_str("LAB_SWARM_REGISTRY", "")
+if LAB_SWARM_REGISTRY and not re.fullmatch(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[a-z0-9._/-]+)?", LAB_SWARM_REGISTRY):
+    raise ConfigError(f"LAB_SWARM_REGISTRY must be host[:port][/path] of a registry, got {LAB_SWARM_REGISTRY!r}")
+LAB_SWARM_SUBNETS = env_str("LAB_SWARM_SUBNETS", "10.216.0.0/16")
 
 # --- HTTPS by Caddy (instances.proxy; README "HTTPS") ----------------------------------
 # off: plain HTTP as always (TLS, if any, terminated in front). acme: certificates from an

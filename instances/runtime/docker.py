@@ -1353,7 +1353,10 @@ class DockerRuntime:
     @_user_errors
     def backup_database(self, name: str, spec: InstanceSpec, dest: Path) -> int:
         check_name(name)
-        cname = self._running_db(name)
+        return self._dump_from(self._running_db(name), name, spec, dest)
+
+    def _dump_from(self, cname: str, name: str, spec: InstanceSpec, dest: Path) -> int:
+        """`pg_dump -Fc` by `docker exec` in the database container `cname` (a name or an id) into `dest`."""
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.partial")

@@ -1,5 +1,6 @@
 """The runtime seam: each backend is self-contained (importing one imports no other
-backend, nor what only another backend uses) and the interface speaks oTree, not Docker
+backend, nor what only another backend uses — except what it declares it builds on: swarm
+extends docker, Swarm being Docker's engine in swarm mode) and the interface speaks oTree, not Docker
 (a third backend implements `base.Runtime` and nothing else)."""
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ MODULES = {name: f"instances.runtime.{name}" for name in backend_names()}  # a b
 ONLY = {
     "docker": {"docker"},  # the Docker SDK
     "process": {"instances.runtime.procsup", "instances.runtime.tenantfs", "instances.runtime.limits"},
+    "swarm": set(),
 }
+EXTENDS = {"swarm": "docker"}  # a backend built on another one (its builds, images, engine client)
 OWN = {name: {module, *ONLY.get(name, ())} for name, module in MODULES.items()}
 DOCKER_WORDS = ("image", "container", "docker", "volume", "dockerfile")
 
@@ -38,7 +41,7 @@ def loaded_by(module: str) -> set[str]:
 
 
 def test_every_backend_has_its_module():
-    assert set(ONLY) == set(backend_names())  # docker and process, nothing else (no helper module counts)
+    assert set(ONLY) == set(backend_names())  # docker, process and swarm, nothing else (no helper module counts)
     for name, module in MODULES.items():
         assert backend_class(name).__module__ == module
 
@@ -52,13 +55,13 @@ def test_a_new_backend_is_its_file_alone(tmp_path):
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "manager.settings", "LAB_RUNTIME": "fakeengine"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [["docker", "fakeengine", "process"], "fakeengine",
-                                                                 "fakeengine"]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == [["docker", "fakeengine", "process", "swarm"],
+                                                                 "fakeengine", "fakeengine"]
     # Without the file the same setting stops start-up with one sentence naming what exists.
     proc = subprocess.run([sys.executable, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0
-    assert proc.stderr.strip() == ("error: LAB_RUNTIME must be auto or one of docker, process "
+    assert proc.stderr.strip() == ("error: LAB_RUNTIME must be auto or one of docker, process, swarm "
                                    "(a backend is a module of instances/runtime/), got 'fakeengine'")
 
 
@@ -67,7 +70,7 @@ def test_a_backend_imports_no_other_backend(backend):
     loaded = loaded_by(MODULES[backend])
     assert MODULES[backend] in loaded
     for other, modules in OWN.items():
-        if other != backend:
+        if other != backend and other != EXTENDS.get(backend):
             assert not (modules & loaded), f"{backend} imports {sorted(modules & loaded)} of the {other} backend"
     # Nor the release pipeline, the database or a page: a backend takes specs, not rows.
     assert "instances.build" not in loaded and "instances.models" not in loaded and "instances.releases" not in loaded
