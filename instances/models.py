@@ -55,6 +55,10 @@ class Instance(models.Model):
     cpus = models.DecimalField(max_digits=4, decimal_places=2, default=1)
     public_port = models.PositiveIntegerField(null=True, blank=True, unique=True)
     runtime = models.CharField(max_length=20, blank=True)  # which backend runs it
+    # The node it lives on, for runtimes with nodes (swarm; '' for docker and process), as the
+    # reconciler last found it, so no page asks the swarm: the node's id and its hostname then.
+    node = models.CharField(max_length=64, blank=True)
+    node_name = models.CharField(max_length=255, blank=True)
     # The settings the app last came up healthy with (`app_settings()`; {} before the first
     # app): a change is applied like a deploy and, should the app not come up with it, these
     # are restored (instances.reconciler).
@@ -67,6 +71,13 @@ class Instance(models.Model):
 
     def __str__(self):
         return self.name
+
+    @property
+    def node_label(self) -> str:
+        """'hostname (id[:12])' of its node, '' when it has none."""
+        if not self.node:
+            return ""
+        return f"{self.node_name} ({self.node[:12]})" if self.node_name else self.node[:12]
 
     @property
     def status_color(self):

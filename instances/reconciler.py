@@ -65,6 +65,7 @@ def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Insta
                 view, refused = _apply_settings(instance, runtime, found, generation)
             app = app_spec(view, found)
             state = runtime.ensure(instance_spec(view, app))
+            placement = _placement(runtime, instance)
             if not locks.held(f"build:{instance.pk}"):  # no build runs: a dead one's leftovers go
                 runtime.remove_build_leftovers(instance.name)
             if app is not None and (restart or restart_generation > instance.observed_restart_generation):
@@ -75,9 +76,9 @@ def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Insta
             raise ReconcileError(str(exc)) from exc
         if not state.services_ready:
             reason = f"database {state.db.health.value}, redis {state.redis.health.value}"
-            set_status(instance, Instance.Status.FAILED, reason)
+            set_status(instance, Instance.Status.FAILED, reason, **placement)
             raise ReconcileError(reason)
-        fields = {}
+        fields = dict(placement)
         if app is None:
             # A first release being built or started (its worker holds no instance lock while
             # it builds): the instance is deploying, not ready for code — and the route sync
@@ -100,6 +101,30 @@ def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Insta
         if refused:
             raise SettingsNotApplied(refused)
         return instance
+
+
+def _node_of(runtime, name: str) -> str:
+    """The node instance `name` lives on, for runtimes that have nodes (swarm); '' for the
+    others. RuntimeError_ when the runtime does not answer."""
+    node_of = getattr(runtime, "node_of", None)
+    return node_of(name) if node_of is not None else ""
+
+
+def _placement(runtime, instance: Instance) -> dict:
+    """The `node` and `node_name` fields to record (what the pages show, so no page asks the
+    swarm): the node's hostname is looked up only when the node is new to this row. {} when
+    the swarm does not answer (what was recorded stays)."""
+    try:
+        node = _node_of(runtime, instance.name)
+    except RuntimeError_:
+        return {}
+    hostname = instance.node_name if node == instance.node else ""
+    if node and not hostname:
+        try:
+            hostname = next((n["hostname"] for n in runtime.nodes() if n["id"] == node), "")
+        except RuntimeError_:
+            hostname = ""
+    return {"node": node, "node_name": hostname}
 
 
 APP_ANSWER_WAIT = 30  # seconds an app that runs but does not answer HTTP yet gets (it may be starting)

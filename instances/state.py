@@ -22,7 +22,8 @@ def instance_group(instance_pk: int) -> str:
 
 
 def set_status(instance: Instance, status: str, reason: str = "", *, notify: bool = True, **fields) -> Instance:
-    """Write the instance's status, its reason and any other `fields` in one UPDATE, reload
+    """Write the instance's status, its reason and any other `fields` (the reconciler's
+    `runtime`, `node` and `node_name`: where it runs, as the pages show it) in one UPDATE, reload
     `instance` and (unless `notify=False`: the caller pushes once its transaction is
     done) tell every open page of it. The reason may quote a program (a crashed app's last
     lines): made storable."""
