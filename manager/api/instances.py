@@ -43,7 +43,10 @@ class InstanceOut(Schema):
     env: dict[str, str] = Field(description="config vars")
     memory_mb: int
     cpus: float
-    runtime: str
+    runtime: str = Field(description="the backend that runs it: docker, process or swarm; \"\" while it is set up")
+    node: str | None = Field(description="the id of the swarm node it runs on (runtime swarm), as last recorded "
+                             "by the manager; null for runtimes without nodes (docker, process) and before it "
+                             "is placed")
 
 
 # services.validate_name's rules: NAME_RE (a lowercase letter first, a letter or digit
@@ -147,7 +150,7 @@ def serialize(instance: Instance) -> dict:
                   "production": instance.production},
         "release": {"commit": live.commit, "status": live.status, "number": live.number} if live else None,
         "rooms": _rooms(instance, live), "env": instance.config_vars, "memory_mb": instance.memory_mb,
-        "cpus": float(instance.cpus), "runtime": instance.runtime,
+        "cpus": float(instance.cpus), "runtime": instance.runtime, "node": instance.node or None,
     }
 
 
