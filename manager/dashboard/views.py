@@ -4,6 +4,7 @@ from django.http import HttpResponse
 from django.shortcuts import render
 
 from instances.selectors import visible_instances, with_live_release
+from manager.dashboard.nodes import swarm_nodes
 from manager.accounts.models import User
 from manager.jobs.models import Job
 
@@ -25,6 +26,7 @@ def dashboard(request):
             invited=Count("id", filter=Q(password__startswith="!")),
         )
         context["by_status"] = dict(visible_instances(user).order_by().values_list("status").annotate(n=Count("id")))
+        context["swarm"] = swarm_nodes()  # None without a swarm; cached a few seconds
     return render(request, "dashboard/index.html", context)
 
 
