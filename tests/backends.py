@@ -1,5 +1,5 @@
-"""Backend-neutral helpers, so one behavioural test runs on every runtime (docker and
-process) and a behaviour cannot drift between them."""
+"""Backend-neutral helpers, so one behavioural test runs on every runtime (docker, process
+and swarm) and a behaviour cannot drift between them."""
 
 from __future__ import annotations
 
@@ -13,15 +13,20 @@ from instances.runtime import backend_class
 from tests.conftest import need
 from tests.docker_helpers import engine_ok, images_present
 
-BACKENDS = ["docker", "process"]
+BACKENDS = ["docker", "process", "swarm"]
 
 
 def require(name: str) -> None:
     """Skip (fail under CI) when backend `name` cannot run here."""
-    if name == "docker":
+    if name in ("docker", "swarm"):
         need(engine_ok() and images_present(settings.LAB_IMAGE_POSTGRES, settings.LAB_IMAGE_REDIS,
                                             settings.LAB_IMAGE_PYTHON),
              "a Docker engine with the images (python manage.py build_images)")
+        if name == "swarm":
+            from tests.swarm_helpers import ensure_swarm
+
+            need(ensure_swarm(), "a Docker engine in swarm mode (docker swarm init)")
+            place_on_this_node()
     else:
         runtime = backend_class("process")()
         need(runtime.available() and runtime.pg_bin is not None,
@@ -32,13 +37,36 @@ def make(name: str, **kwargs):
     return backend_class(name)(**kwargs)
 
 
+SWARM_CHOOSE_NODE = None  # the swarm runtime's own placement (the placement tests use it)
+
+
+def place_on_this_node() -> None:
+    """The behavioural tests place swarm instances on this machine's node (the one they
+    exec into), whatever other node a placement test has joined meanwhile; the placement
+    over several nodes has its own tests (SWARM_CHOOSE_NODE)."""
+    global SWARM_CHOOSE_NODE
+    cls = backend_class("swarm")
+    if SWARM_CHOOSE_NODE is None:
+        SWARM_CHOOSE_NODE = cls._choose_node
+        cls._choose_node = lambda self, memory_mb: self.local_node
+
+
+def _task(runtime, instance_name: str, component: str) -> dict:
+    service = runtime._service(instance_name, component)
+    assert service is not None, f"no {component} service of {instance_name}"
+    task, _ = runtime._current_task(service["ID"])
+    return task or {}
+
+
 def sql(runtime, instance_name: str, statement: str) -> tuple[int, str]:
     """Run SQL in the instance's own database as the app's user: (0, output) or
     (non-zero, the error)."""
     from instances.models import Instance
 
-    if runtime.name == "docker":
-        container = runtime.api.inspect_container(runtime.container_name(instance_name, "db"))
+    if runtime.name in ("docker", "swarm"):
+        container = runtime.api.inspect_container(
+            runtime._task_container(_task(runtime, instance_name, "db")) if runtime.name == "swarm"
+            else runtime.container_name(instance_name, "db"))
         exec_id = runtime.api.exec_create(container["Id"], ["psql", "-U", "otree", "-d", "otree", "-tAc", statement],
                                           user="postgres")
         out = runtime.api.exec_start(exec_id).decode()
@@ -61,6 +89,9 @@ def app_env(runtime, name: str) -> dict:
     if runtime.name == "docker":
         info = runtime.api.inspect_container(runtime.container_name(name, "app"))
         return dict(item.split("=", 1) for item in info["Config"]["Env"])
+    if runtime.name == "swarm":
+        service = runtime._service(name, "app")
+        return dict(item.split("=", 1) for item in service["Spec"]["TaskTemplate"]["ContainerSpec"].get("Env") or [])
     return dict(runtime._spec(name)["processes"]["app"]["env"])
 
 
@@ -69,6 +100,8 @@ def app_identity(runtime, name: str) -> str:
     if runtime.name == "docker":  # a restarted container keeps its id: its start time tells
         info = runtime.api.inspect_container(runtime.container_name(name, "app"))
         return f"{info['Id']}:{info['State']['StartedAt']}"
+    if runtime.name == "swarm":  # a restart or a crash makes a new task
+        return _task(runtime, name, "app").get("ID", "")
     info = runtime._state(name)["processes"]["app"]
     return f"{info['pid']}:{info['start_ticks']}"
 
@@ -78,6 +111,9 @@ def break_service(runtime, name: str, component: str) -> None:
     if runtime.name == "docker":
         runtime.api.remove_container(runtime.container_name(name, component), force=True, v=True)
         return
+    if runtime.name == "swarm":
+        runtime.api.remove_service(runtime._service(name, component)["ID"])
+        return
     supervisor = runtime._state(name)["supervisor"]
     os.kill(supervisor, signal.SIGKILL)  # and its children die with it
 
@@ -86,6 +122,8 @@ def kill_app(runtime, name: str) -> None:
     """The instance's oTree process dies (SIGKILL), as in a crash."""
     if runtime.name == "docker":
         pid = runtime.api.inspect_container(runtime.container_name(name, "app"))["State"]["Pid"]
+    elif runtime.name == "swarm":
+        pid = runtime.api.inspect_container(runtime._task_container(_task(runtime, name, "app")))["State"]["Pid"]
     else:
         pid = runtime._state(name)["processes"]["app"]["pid"]
     os.kill(pid, signal.SIGKILL)
@@ -93,7 +131,7 @@ def kill_app(runtime, name: str) -> None:
 
 def fake_app(runtime, name: str) -> dict:
     """A tiny HTTP app standing in for a release (`reconciler.current_app`'s answer)."""
-    if runtime.name == "docker":
+    if runtime.name in ("docker", "swarm"):
         return {"image": settings.LAB_IMAGE_PYTHON, "port": 8000, "release": "test",
                 "command": ["python", "-m", "http.server", "8000"]}
     release = runtime.dir(name) / "releases" / "r1"
@@ -143,5 +181,26 @@ def stray_processes(runtime, name: str) -> list[str]:
     return strays
 
 
-__all__ = ["BACKENDS", "app_env", "app_identity", "break_service", "fake_app", "kill_app", "make", "require", "sql",
+def swarm_components(runtime, name: str) -> list[str]:
+    """The components of a swarm instance's services (app, app-next, app-old, db, redis), sorted."""
+    return sorted(svc["Spec"]["Labels"]["org.otree-lab.component"] for svc in runtime._services(name))
+
+
+def running_release(runtime, name: str) -> str:
+    """The release (image or release folder) the instance's app runs now."""
+    if runtime.name == "docker":
+        return runtime.api.inspect_container(runtime.container_name(name, "app"))["Config"]["Image"]
+    if runtime.name == "swarm":
+        return runtime._service(name, "app")["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+    return runtime._spec(name)["processes"]["app"]["image"]
+
+
+def app_user(runtime, name: str) -> str:
+    """The user the app runs as, as its container (service) says (docker, swarm)."""
+    if runtime.name == "swarm":
+        return runtime._service(name, "app")["Spec"]["TaskTemplate"]["ContainerSpec"].get("User", "")
+    return runtime.api.inspect_container(runtime.container_name(name, "app"))["Config"]["User"]
+
+
+__all__ = ["BACKENDS", "app_user", "running_release", "swarm_components", "app_env", "app_identity", "break_service", "fake_app", "kill_app", "make", "require", "sql",
            "stray_processes"]

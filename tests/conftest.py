@@ -70,7 +70,8 @@ def redis_server():
 def _no_firewall_left():
     """The firewall chains this run applied (instances/netguard.py: every instance start
     and sweep applies them) go at its end, with those of the labservers it started; so do
-    the Docker images of this run's manager (releases, cached dependencies)."""
+    the Docker images of this run's manager (releases, cached dependencies), its swarm
+    services, networks and volumes, and the swarm itself when this run made it."""
     yield
     from instances import netguard
 
@@ -82,6 +83,11 @@ def _no_firewall_left():
     from tests import docker_helpers
 
     if docker_helpers.engine_ok():
+        from tests import swarm_helpers
+
+        if swarm_helpers.swarm_state().get("ControlAvailable"):
+            swarm_helpers.purge(settings.LAB_MANAGER_ID)  # the swarm runtime's leftovers, its registry too
+        swarm_helpers.leave_if_ours()  # the single-node swarm this run made for the swarm tests
         docker_helpers.remove_images(docker_helpers.api(), settings.LAB_MANAGER_ID)
 
 

@@ -88,6 +88,12 @@ JOB_OUTPUT_MB = 512  # a job's base64 output (a pg_dump of another node) is read
 _user_errors = user_errors(_docker_error)
 
 
+def _sortable(stamp: str) -> str:
+    """An RFC 3339 time of the engine's logs, sortable as text (fraction padded)."""
+    head, _, frac = stamp.rstrip("Z").partition(".")
+    return f"{head}.{frac.ljust(9, '0')}"
+
+
 def _nanos(seconds: float) -> int:
     return int(seconds * 1_000_000_000)
 
@@ -221,6 +227,8 @@ class SwarmRuntime(DockerRuntime):
         return f"{self._prefix(name)}-{component}"
 
     def network_name(self, name: str, role: str) -> str:
+        if role not in NETWORKS:  # a build's network: the docker backend's (builds run on this engine)
+            return super().network_name(name, role)
         return f"{self._prefix(name)}-{NETWORKS[role]}"
 
     def _swarm_labels(self, name: str, component: str, **extra: str) -> dict[str, str]:
@@ -327,7 +335,7 @@ class SwarmRuntime(DockerRuntime):
             # The app: its edge network first (the published port), then the instance's own.
             "Networks": [{"Target": networks[role], "Aliases": desired["networks"][role]} for role in roles],
         }
-        endpoint = {"Mode": "vip"}
+        endpoint = {"Mode": "dnsrr"}  # no virtual IP: IPVS is not in every kernel (this machine has none)
         if component == "app":
             endpoint["Ports"] = [{"Protocol": "tcp", "TargetPort": int(desired["port"]),
                                   "PublishedPort": int(port), "PublishMode": "host"}]
@@ -459,8 +467,21 @@ class SwarmRuntime(DockerRuntime):
         port = int(port) if port.isdigit() else self._pick_port(node)
         template, endpoint = self._task_template(spec, "app", node, networks, port)
         sname = current["Spec"]["Name"] if current else self._app_service_name(name)
-        return self._ensure_service(name, "app", sname, template, endpoint, node,
-                                    **{LABEL_PORT: str(port), LABEL_RELEASE: spec.app.release_id})
+        service = self._ensure_service(name, "app", sname, template, endpoint, node,
+                                       **{LABEL_PORT: str(port), LABEL_RELEASE: spec.app.release_id})
+        if service:
+            self._wait_started(service["ID"], self.ready_timeout)
+        return service
+
+    def _wait_started(self, service_id: str, timeout: float) -> None:
+        """Until the service's task runs or has ended (as a container's start returns once it
+        runs); at most `timeout` seconds (the state then says where it is)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            task, _ = self._current_task(service_id)
+            if (task or {}).get("Status", {}).get("State") in ("running", "complete", *TASK_FAILED):
+                return
+            time.sleep(0.1)
 
     def _app_service_name(self, name: str) -> str:
         return self.service_name(name, f"app-{secrets.token_hex(3)}")
@@ -645,11 +666,17 @@ class SwarmRuntime(DockerRuntime):
         """A service's output (stdout and stderr, each line once); with `sink`, stdout's
         base64 lines decoded into it and only stderr returned."""
         chunks = self.api.service_logs(service_id, stdout=True, stderr=sink is None, tail=tail, follow=False,
-                                       is_tty=False)
+                                       is_tty=False, timestamps=sink is None)
         if isinstance(chunks, (bytes, str)):
             chunks = [chunks]
         if sink is None:
-            return b"".join(c if isinstance(c, bytes) else c.encode() for c in chunks).decode(errors="replace")
+            # The tasks' lines in the order they were written (the swarm gives them per task).
+            text = b"".join(c if isinstance(c, bytes) else c.encode() for c in chunks).decode(errors="replace")
+            lines = [line.partition(" ") for line in text.splitlines()]
+            lines = sorted(((stamp, rest) for stamp, _, rest in lines), key=lambda item: _sortable(item[0]))
+            if isinstance(tail, int):
+                lines = lines[-tail:]
+            return "".join(f"{rest}\n" for _, rest in lines)
         buffer = b""
         for chunk in chunks:
             buffer += chunk if isinstance(chunk, bytes) else chunk.encode()
@@ -708,10 +735,14 @@ class SwarmRuntime(DockerRuntime):
 
         def step():
             task, ended = self._current_task(service_id)
+            if ended:  # the task that ended tells why (the current one is its replacement)
+                task = next((t for t in self._tasks(service_id)
+                             if (t.get("Status") or {}).get("State") in (*TASK_FAILED, "complete")), task)
             status = (task or {}).get("Status") or {}
             if ended or status.get("State") in TASK_FAILED:
                 tail = last_lines(self._service_output(service_id, tail=40), 4) or status.get("Err", "")
-                why = status.get("Err") or f"exited with code {(status.get('ContainerStatus') or {}).get('ExitCode')}"
+                code = (status.get("ContainerStatus") or {}).get("ExitCode")
+                why = f"exited with code {code}" if code is not None else (status.get("Err") or "could not start")
                 raise AppFailed(f"the app {why} while starting" + (f": {tail}" if tail else ""))
             if status.get("State") != "running":
                 return ""
@@ -972,6 +1003,34 @@ class SwarmRuntime(DockerRuntime):
                     found.add(labels[LABEL_INSTANCE])
         return found
 
+    @_user_errors
+    def prune_releases(self, name: str, keep_releases: set[str]) -> list[str]:
+        """The docker backend's pruning, after the containers of the instance's removed
+        services are gone (a node keeps a task's container a while; its image would count
+        as in use) and with the images' registry names (pushed for other nodes) too."""
+        check_name(name)
+        services = {s["ID"] for s in self._services(name)}
+        for container in self._call("listing containers", self.api.containers, all=True,
+                                    filters=self._swarm_filters(name)):
+            if (container.get("Labels") or {}).get("com.docker.swarm.service.id") not in services:
+                try:
+                    self.api.remove_container(container["Id"], force=True, v=True)
+                except (NotFound, APIError):
+                    pass  # being removed by the engine itself
+        local = image_tag(self.manager_id, name, 0).rsplit(":", 1)[0]
+        removed = []
+        for image in self._call("listing images", self.api.images, filters=self._filters(name)):
+            for ref in image.get("RepoTags") or []:
+                repository, _, tag = ref.rpartition(":")
+                m = RELEASE_TAG.search(ref)
+                if repository.endswith(f"/lab-{self.manager_id}/{local}") and m and m.group(1) not in keep_releases:
+                    try:
+                        self.api.remove_image(ref, force=False, noprune=False)
+                        removed.append(ref)
+                    except (NotFound, APIError):
+                        pass
+        return removed + super().prune_releases(name, keep_releases)
+
     # --- the registry -------------------------------------------------------------------------------
 
     def registry_service_name(self) -> str:
@@ -1004,7 +1063,7 @@ class SwarmRuntime(DockerRuntime):
             "Placement": {"Constraints": [f"node.id=={node}"]},
             "LogDriver": {"Name": "json-file", "Options": {"max-size": "5m", "max-file": "2"}},
         }
-        endpoint = {"Mode": "vip", "Ports": [{"Protocol": "tcp", "TargetPort": 5000, "PublishedPort": port,
+        endpoint = {"Mode": "dnsrr", "Ports": [{"Protocol": "tcp", "TargetPort": 5000, "PublishedPort": port,
                                               "PublishMode": "host"}]}
         labels = {LABEL_SWARM: self.manager_id, LABEL_COMPONENT: "registry", LABEL_PORT: str(port),
                   LABEL_CONFIG: self._spec_hash(template, endpoint)}

@@ -23,15 +23,25 @@ from tests.waits import wait_until
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 
-# Serves on its first start; exits with a message on every later one (a file it leaves in
-# its own temporary folder tells).
+# Serves on its first start; exits with a message on every later one: a key it sets in its
+# own Redis tells (a file would not do: the swarm starts a new container, with a new /tmp).
 ONCE = """
-import http.server, os, sys
-flag = os.path.join(os.environ.get("TMPDIR") or "/tmp", "lab-test-started-once")
-if os.path.exists(flag):
+import http.server, os, socket, sys, urllib.parse
+url = urllib.parse.urlparse(os.environ["REDIS_URL"])
+if url.scheme == "unix":
+    conn = socket.socket(socket.AF_UNIX)
+    conn.connect(url.path)
+else:
+    conn = socket.create_connection((url.hostname, url.port or 6379), timeout=10)
+def command(*args):
+    conn.sendall(("*%d\\r\\n" % len(args) + "".join("$%d\\r\\n%s\\r\\n" % (len(a), a) for a in args)).encode())
+    return conn.recv(1024)
+if url.password:
+    command("AUTH", urllib.parse.unquote(url.password))
+if command("SETNX", "lab-test-started-once", "1").startswith(b":0"):
     print("settings.py: cannot start twice, the once-only resource is gone", flush=True)
     sys.exit(3)
-open(flag, "w").close()
+conn.close()
 http.server.HTTPServer(("", int(sys.argv[1])), http.server.SimpleHTTPRequestHandler).serve_forever()
 """
 

@@ -85,7 +85,8 @@ def capture_jobs(monkeypatch):
 def created(boss, owner, name):
     """A new instance whose create job has run (and succeeded)."""
     instance = services.create_instance(boss, name=name, owner=owner)
-    assert run_job("instance.create").status == "succeeded"
+    job = run_job("instance.create")
+    assert job.status == "succeeded", job.message
     return instance
 
 
@@ -300,6 +301,8 @@ def test_worker_killed_mid_way_is_healed_by_the_next_pass(runtime, people, setti
         if runtime.name == "docker":
             containers = runtime.api.containers(all=True, filters={"label": [f"org.otree-lab.instance={name}"]})
             assert sorted(c["Labels"]["org.otree-lab.component"] for c in containers) == ["db", "redis"]
+        elif runtime.name == "swarm":
+            assert backends.swarm_components(runtime, name) == ["db", "redis"]
         else:  # one supervisor, its database and Redis; nothing else of the instance runs
             assert sorted(runtime._state(name)["processes"]) == ["db", "redis"]
             assert len(runtime.processes(name)) == 3 and backends.stray_processes(runtime, name) == []

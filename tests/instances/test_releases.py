@@ -29,7 +29,7 @@ from tests.waits import wait_until
 from tests.db_helpers import database_url
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
-REUSED = {"docker": "Using cache", "process": "reusing the environment"}  # a code-only push installs nothing
+REUSED = {"docker": "Using cache", "swarm": "Using cache", "process": "reusing the environment"}  # a code-only push installs nothing
 
 
 @pytest.fixture(autouse=True)
@@ -38,16 +38,12 @@ def clean_engine(runtime, settings):
     yield
     for name in runtime.owned_instances():
         runtime.remove(name)  # containers or processes, data, and the instance's release images/folders
-    if runtime.name == "docker":
+    if runtime.name in ("docker", "swarm"):
         for image in runtime.api.images(filters={"label": [f"org.otree-lab.manager={runtime.manager_id}"]}):
             runtime.api.remove_image(image["Id"], force=True)
 
 
-def running_release(runtime, name) -> str:
-    """The release (image or release folder) the instance's app runs now."""
-    if runtime.name == "docker":
-        return runtime.api.inspect_container(runtime.container_name(name, "app"))["Config"]["Image"]
-    return runtime._spec(name)["processes"]["app"]["image"]
+running_release = backends.running_release
 
 
 def assert_only_the_live_app(runtime, name) -> None:
@@ -57,6 +53,8 @@ def assert_only_the_live_app(runtime, name) -> None:
         names = {c["Names"][0] for c in runtime.api.containers(all=True, filters={"label": [
             f"org.otree-lab.manager={runtime.manager_id}", f"org.otree-lab.instance={name}"]})}
         assert names == {f"/{runtime.container_name(name, c)}" for c in ("app", "db", "redis")}
+    elif runtime.name == "swarm":
+        assert backends.swarm_components(runtime, name) == ["app", "db", "redis"]
     else:
         assert sorted(runtime._state(name)["processes"]) == ["app", "db", "redis"]
         assert backends.stray_processes(runtime, name) == []
@@ -64,7 +62,7 @@ def assert_only_the_live_app(runtime, name) -> None:
 
 def kept_releases(runtime, name) -> set[str]:
     """Numbers of the release builds still kept."""
-    if runtime.name == "docker":
+    if runtime.name in ("docker", "swarm"):
         return {tag.rsplit(":r", 1)[1]
                 for i in runtime.api.images(filters={"label": [
                     f"org.otree-lab.manager={runtime.manager_id}", f"org.otree-lab.instance={name}"]})
@@ -148,11 +146,11 @@ def test_deploy_broken_pushes_and_rollback(runtime, lab, tmp_path, capsys):
     assert backends.app_identity(runtime, "rel-story") == app_id
     for secret in (instance.admin_password, instance.rest_key, instance.db_password):
         assert secret not in first.log  # nothing secret went into the build or its log
-    if runtime.name == "docker":
+    if runtime.name in ("docker", "swarm"):
         # The image is labelled and holds no secret; the app runs unprivileged.
         labels = runtime.api.inspect_image(first.image)["Config"]["Labels"]
         assert labels["org.otree-lab.instance"] == "rel-story" and first.image.endswith(":r1")
-        assert runtime.api.inspect_container(runtime.container_name("rel-story", "app"))["Config"]["User"] == "10001:10001"
+        assert backends.app_user(runtime, "rel-story") == "10001:10001"
         env = "\n".join(runtime.api.inspect_image(first.image)["Config"]["Env"])
         assert not any(secret in env for secret in (instance.admin_password, instance.rest_key, instance.db_password))
     else:

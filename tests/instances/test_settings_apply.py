@@ -54,7 +54,7 @@ def clean_engine(runtime, settings, monkeypatch):
     queued.clear()
     for name in runtime.owned_instances():
         runtime.remove(name)
-    if runtime.name == "docker":
+    if runtime.name in ("docker", "swarm"):
         for image in runtime.api.images(filters={"label": [f"org.otree-lab.manager={runtime.manager_id}"]}):
             runtime.api.remove_image(image["Id"], force=True)
     else:  # a later test's first build of the same project must install, not reuse this one
@@ -72,6 +72,8 @@ def only_the_live_app(runtime) -> list[str]:
     if runtime.name == "docker":
         return sorted(c["Names"][0].rsplit("-", 1)[1] for c in runtime.api.containers(all=True, filters={"label": [
             f"org.otree-lab.manager={runtime.manager_id}", f"org.otree-lab.instance={NAME}"]}))
+    if runtime.name == "swarm":
+        return backends.swarm_components(runtime, NAME)
     return sorted(runtime._state(NAME)["processes"])
 
 
