@@ -6,7 +6,8 @@ their own: a container reaches every service the host binds on 0.0.0.0 through a
 address (its own networks' gateways included, "internal" ones too), and a process
 tenant reaches everything on loopback. So the manager keeps a few iptables rules:
 
-- Docker (sources in LAB_DOCKER_SUBNETS, the apps, and LAB_DOCKER_BUILD_SUBNETS, the
+- Docker (sources in LAB_DOCKER_SUBNETS, the apps — with the swarm runtime also this
+  node's docker_gwbridge, through which its apps leave — and LAB_DOCKER_BUILD_SUBNETS, the
   builds). INPUT, i.e. packets to the host itself, from any bridge: only replies
   (ESTABLISHED,RELATED), and DNS to a resolver that is an address of this machine when
   /etc/resolv.conf names one (Docker 20.10's embedded DNS forwards a container's
@@ -63,7 +64,8 @@ from pathlib import Path
 
 LINK_LOCAL = {4: ("169.254.0.0/16",), 6: ("fe80::/10", "fd00:ec2::254/128")}  # the latter: EC2's IPv6 metadata
 REJECT = {4: "REJECT --reject-with icmp-admin-prohibited", 6: "REJECT --reject-with icmp6-adm-prohibited"}
-DOCKER_BRIDGES = ("docker0", "br-+")  # the default bridge and every user-defined bridge network
+SWARM_BRIDGE = "docker_gwbridge"  # a swarm node's bridge: its tasks' way out and their published ports
+DOCKER_BRIDGES = ("docker0", "br-+", SWARM_BRIDGE)  # the default bridge, every user-defined bridge, the swarm's
 COMMENT = "otree-lab"
 CHAIN = re.compile(r"LAB-([a-z0-9]{1,16})-(IN|FWD|OUT)")
 TOOLS = {4: ("iptables-save", "iptables-restore"), 6: ("ip6tables-save", "ip6tables-restore")}
@@ -95,7 +97,7 @@ class Policy:
 
         return cls(
             manager_id=settings.LAB_MANAGER_ID,
-            app_pools=(settings.LAB_DOCKER_SUBNETS,),
+            app_pools=(settings.LAB_DOCKER_SUBNETS, *swarm_pools(settings.LAB_SWARM_SUBNETS)),
             build_pools=(settings.LAB_DOCKER_BUILD_SUBNETS,),
             app_uids=tuple(settings.LAB_PROCESS_APP_UIDS),
             builder_uids=tuple(settings.LAB_PROCESS_BUILDER_UIDS),
@@ -105,6 +107,22 @@ class Policy:
 
     def chain(self, role: str) -> str:
         return f"LAB-{self.manager_id}-{role}"
+
+
+def swarm_pools(overlays: str = "") -> tuple[str, ...]:
+    """When this machine is a swarm node: the subnet of its docker_gwbridge, through which
+    the swarm runtime's apps leave (their instance networks are overlays), read from the
+    interface (no engine call) — every container there is the swarm's: the apps, and the
+    lab's registry, which needs nothing of this machine either — and `overlays`
+    (LAB_SWARM_SUBNETS): nothing on this machine may address an instance's overlay (a
+    packet to it would leave by the default route)."""
+    import psutil
+
+    for addr in psutil.net_if_addrs().get(SWARM_BRIDGE, []):
+        if addr.family == socket.AF_INET and addr.netmask:
+            bridge = str(ipaddress.ip_interface(f"{addr.address}/{addr.netmask}").network)
+            return (bridge, *([overlays] if overlays else []))
+    return ()
 
 
 @dataclass(frozen=True)

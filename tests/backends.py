@@ -181,6 +181,13 @@ def stray_processes(runtime, name: str) -> list[str]:
     return strays
 
 
+def container_of(runtime, name: str, component: str) -> str:
+    """The container (name or id) of an instance's component on this machine (docker, swarm)."""
+    if runtime.name == "swarm":
+        return runtime._task_container(_task(runtime, name, component))
+    return runtime.container_name(name, component)
+
+
 def swarm_components(runtime, name: str) -> list[str]:
     """The components of a swarm instance's services (app, app-next, app-old, db, redis), sorted."""
     return sorted(svc["Spec"]["Labels"]["org.otree-lab.component"] for svc in runtime._services(name))
@@ -202,5 +209,5 @@ def app_user(runtime, name: str) -> str:
     return runtime.api.inspect_container(runtime.container_name(name, "app"))["Config"]["User"]
 
 
-__all__ = ["BACKENDS", "app_user", "running_release", "swarm_components", "app_env", "app_identity", "break_service", "fake_app", "kill_app", "make", "require", "sql",
+__all__ = ["BACKENDS", "app_user", "container_of", "running_release", "swarm_components", "app_env", "app_identity", "break_service", "fake_app", "kill_app", "make", "require", "sql",
            "stray_processes"]

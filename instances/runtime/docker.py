@@ -379,7 +379,7 @@ class DockerRuntime:
         from instances import netguard
 
         base = netguard.Policy.from_settings()
-        return dataclasses.replace(base, manager_id=self.manager_id, app_pools=(self.subnets,),
+        return dataclasses.replace(base, manager_id=self.manager_id, app_pools=(self.subnets, *netguard.swarm_pools(settings.LAB_SWARM_SUBNETS)),
                                    build_pools=(self.build_subnets,))
 
     def _guard(self):

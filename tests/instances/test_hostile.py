@@ -1,5 +1,5 @@
 """Issue 11's acceptance test: a hostile experimenter's oTree project (tests/hostile) pushed
-to real instances on both runtimes — Docker, and the process runtime as root — beside a
+to real instances on every runtime — Docker, the process runtime as root, and Swarm — beside a
 neighbour instance with data in its database. Its build (setup.py of a requirement), its
 settings reader and its app each try every escape; every attempt must fail, the controls
 must succeed (proof that the probes work), and the neighbour and the manager keep working
@@ -34,8 +34,8 @@ Per runtime, one story (builds are slow; ~1.5 min each):
    nothing was written through a planted link, a manager page loads;
 10. no listener of the host or the metadata address saw a connection; the controls
    reached what they must.
-The process runtime runs with LAB_EGRESS=deny (the app must not reach the outside host;
-its build must), Docker with LAB_EGRESS=open (the app must reach it).
+The process runtime and Swarm run with LAB_EGRESS=deny (the app must not reach the outside
+host; its build must), Docker with LAB_EGRESS=open (the app must reach it).
 
 Every escape that worked is collected and reported together (stage, probe, target,
 detail), so one run shows everything that is still open.
@@ -80,7 +80,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
 
 VICTIM, ATTACKER = "hv-victim", "hv-attacker"
 ATTACKER_MEMORY_MB = 512
-EGRESS = {"docker": "open", "process": "deny"}  # one mode each: both are exercised
+EGRESS = {"docker": "open", "process": "deny", "swarm": "deny"}  # both modes exercised (swarm: through docker_gwbridge)
 OUTSIDE_ADDRESS = f"198.51.100.{10 + os.getpid() % 200}"  # TEST-NET-2; per run (parallel runs)
 METADATA_ADDRESS = "169.254.169.254"
 
@@ -140,7 +140,7 @@ def runtime(request, settings):
     for name in (ATTACKER, VICTIM):
         with contextlib.suppress(Exception):
             rt.remove(name)
-    if rt.name == "docker":
+    if rt.name in ("docker", "swarm"):
         for image in rt.api.images(filters={"label": [f"org.otree-lab.manager={rt.manager_id}"]}):
             with contextlib.suppress(Exception):
                 rt.api.remove_image(image["Id"], force=True)
@@ -259,7 +259,7 @@ def victim_tree(runtime, limit: int = 90) -> tuple[list[str], list[str]]:
 
 def victim_sql(runtime, victim: Instance, statement: str) -> tuple[int, str]:
     """SQL in the victim's own database, as its app's user: (0, output) or (1, the error)."""
-    if runtime.name == "docker":
+    if runtime.name in ("docker", "swarm"):
         return backends.sql(runtime, VICTIM, statement)
     import psycopg
 
@@ -360,10 +360,10 @@ def targets(runtime, victim: Instance, attacker: Instance, hosts, sockets: dict,
     if connection.vendor == "postgresql" and db["HOST"] in ("127.0.0.1", "localhost", "::1"):
         tcp.append({"host": db["HOST"], "port": int(db["PORT"]), "proto": "pg", "user": db["USER"],
                     "dbname": db["NAME"], "what": "the manager's PostgreSQL"})
-    if runtime.name == "docker":
+    if runtime.name in ("docker", "swarm"):
         for component, port, proto in (("db", 5432, "pg"), ("redis", 6379, "redis"), ("app", 8000, "http")):
             try:
-                info = runtime.api.inspect_container(runtime.container_name(VICTIM, component))
+                info = runtime.api.inspect_container(backends.container_of(runtime, VICTIM, component))
             except Exception:  # noqa: BLE001 - no app before its first deploy
                 continue
             for network in (info["NetworkSettings"].get("Networks") or {}).values():
@@ -401,7 +401,7 @@ def targets(runtime, victim: Instance, attacker: Instance, hosts, sockets: dict,
         "forks": int(os.environ.get("HOSTILE_FORKS", 2000)),
         "allocate_mb": ATTACKER_MEMORY_MB * 2 + 256,
         # Docker: the environment is the container's own copy; the process runtime shares it.
-        "pth_expect": "info" if runtime.name == "docker" else "blocked",
+        "pth_expect": "info" if runtime.name in ("docker", "swarm") else "blocked",
     }
 
 
@@ -591,7 +591,7 @@ def nothing_ran_in_the_victim(story: Story) -> None:
                 dirs[:] = []
             markers += [os.path.join(folder, f) for f in files if f.startswith(f"hostile-pth-{run}-")]
     else:
-        container = runtime.api.inspect_container(runtime.container_name(VICTIM, "app"))["Id"]
+        container = runtime.api.inspect_container(backends.container_of(runtime, VICTIM, "app"))["Id"]
         exec_id = runtime.api.exec_create(container, ["sh", "-c", "ls /tmp $HOME 2>/dev/null"])
         markers = [m for m in runtime.api.exec_start(exec_id).decode().split() if m.startswith(f"hostile-pth-{run}")]
     if markers:
