@@ -88,6 +88,8 @@ class Policy:
     app_uids: tuple[int, int]  # process runtime: the instances' users (first, last)
     builder_uids: tuple[int, int]  # process runtime: the venv builders
     egress: str = "open"  # open | deny: the apps' new connections to the outside
+    swarm_bridge: bool = False  # a swarm node: its apps' published ports answer only this machine
+    registry_port: int = 5000  # the lab registry's port in its container (other nodes pull from it)
     data_dir: str = ""  # recorded with the jumps: a manager whose data dir is gone is cleaned up
     resolv_conf: str = "/etc/resolv.conf"
 
@@ -98,6 +100,7 @@ class Policy:
         return cls(
             manager_id=settings.LAB_MANAGER_ID,
             app_pools=(settings.LAB_DOCKER_SUBNETS, *swarm_pools(settings.LAB_SWARM_SUBNETS)),
+            swarm_bridge=bool(swarm_pools()),
             build_pools=(settings.LAB_DOCKER_BUILD_SUBNETS,),
             app_uids=tuple(settings.LAB_PROCESS_APP_UIDS),
             builder_uids=tuple(settings.LAB_PROCESS_BUILDER_UIDS),
@@ -230,6 +233,12 @@ def desired_chains(policy: Policy, version: int, resolvers: list[str]) -> dict[s
         forward += [_rule(src=p, dst=d, target=reject) for p in pools for d in (*LINK_LOCAL[4], *pools)]
         if policy.egress == "deny":
             forward += [_rule(src=p, target=reject) for p in policy.app_pools]
+        if policy.swarm_bridge:
+            # Swarm publishes an app's port on every address of its node: from another machine
+            # (forwarded, address-translated to a task on docker_gwbridge) only the lab's
+            # registry answers; the manager reaches its apps over loopback (not forwarded).
+            forward.append(f"-o {SWARM_BRIDGE} -p tcp -m conntrack --ctstate DNAT -m tcp ! --dport "
+                           f"{policy.registry_port} -j {reject}")
         chains[policy.chain("FWD")] = forward
     outbound = []
 

@@ -88,6 +88,19 @@ JOB_OUTPUT_MB = 512  # a job's base64 output (a pg_dump of another node) is read
 _user_errors = user_errors(_docker_error)
 
 
+def _tar(files: dict[str, bytes]) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for member, data in files.items():
+            info = tarfile.TarInfo(member)
+            info.size, info.mode, info.mtime = len(data), 0o644, int(time.time())
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
 def _sortable(stamp: str) -> str:
     """An RFC 3339 time of the engine's logs, sortable as text (fraction padded)."""
     head, _, frac = stamp.rstrip("Z").partition(".")
@@ -311,6 +324,8 @@ class SwarmRuntime(DockerRuntime):
         }
         if desired["user"]:
             container["User"] = desired["user"]
+        if self._no_new_privileges():
+            container["Privileges"] = {"NoNewPrivileges": True}
         if "volume" in desired:
             container["Mounts"] = [{
                 "Type": "volume", "Source": desired["volume"], "Target": PGDATA,
@@ -377,12 +392,14 @@ class SwarmRuntime(DockerRuntime):
         if spec.app is not None:
             self._check_image(spec.app.image, service=False)
 
-    def _ensure_services(self, spec: InstanceSpec) -> tuple[dict[str, str], str]:
+    def _ensure_services(self, spec: InstanceSpec, node: str = "") -> tuple[dict[str, str], str]:
         """Firewall, networks, PostgreSQL and Redis created or repaired, and answering;
-        returns (network ids by role, the instance's node)."""
+        returns (network ids by role, the instance's node: `node`, else where its database
+        is, else the emptiest)."""
         name = spec.name
         self._guard()
-        node = self.node_of(name) or self._choose_node(spec.memory_mb + spec.db_memory_mb + spec.redis_memory_mb)
+        node = node or self.node_of(name) or self._choose_node(spec.memory_mb + spec.db_memory_mb
+                                                                + spec.redis_memory_mb)
         networks = {role: self._ensure_overlay(name, role) for role in NETWORKS}
         for component in ("db", "redis"):
             template, endpoint = self._task_template(spec, component, node, networks)
@@ -619,7 +636,7 @@ class SwarmRuntime(DockerRuntime):
     # --- jobs: a command on the instance's network and node -------------------------------------
 
     def _job(self, name: str, node: str, image: str, argv: list[str], *, env: dict | None = None,
-             timeout: float = 60, sink=None) -> tuple[int | None, str]:
+             timeout: float = 60, sink=None, user: str = "") -> tuple[int | None, str]:
         """Run `argv` in a one-off task on node `node`, on the instance's internal network,
         as a replicated job; (exit code, output). With `sink`, the output is base64 lines
         (see `backup_database`) decoded into `sink(bytes)` instead of returned."""
@@ -629,7 +646,7 @@ class SwarmRuntime(DockerRuntime):
             "ContainerSpec": {"Image": self._image_on(image, node), "Command": argv,
                               "Env": [f"{k}={v}" for k, v in (env or {}).items()],
                               "Labels": self._swarm_labels(name, "job"), "CapabilityDrop": ["ALL"],
-                              "User": "postgres" if image == self.images["db"] else "redis"},
+                              "User": user or ("postgres" if image == self.images["db"] else "redis")},
             "Resources": {"Limits": {"MemoryBytes": 256 * 2**20, "Pids": 64}},
             "RestartPolicy": {"Condition": "none"},
             "Placement": {"Constraints": [f"node.id=={node}"]},
@@ -1031,6 +1048,165 @@ class SwarmRuntime(DockerRuntime):
                         pass
         return removed + super().prune_releases(name, keep_releases)
 
+    # --- moving an instance to another node -------------------------------------------------------
+
+    @_user_errors
+    def move_instance(self, name: str, spec: InstanceSpec, target: str, *, dump: Path, out=None) -> dict:
+        """Move the instance to node `target`: its app stops, its database is dumped into
+        `dump` (nothing is written after: the app is down), PostgreSQL and Redis start on
+        the target with a new volume, the dump is restored there, the app starts there, and
+        the old volume goes. The instance is down from the app's stop to its start there.
+        A failure before the app runs on the target puts everything back on the old node
+        (its volume was kept until then) and raises RuntimeError_ with the reason. Redis'
+        contents (oTree's live pages) are not moved. Returns {source, target, seconds}."""
+        check_name(name)
+        say = out or (lambda text: None)
+        started = time.monotonic()
+        self._check_spec(spec)
+        source = self.node_of(name)
+        if not source:
+            raise RuntimeError_(f"{name} has no database on any node: nothing to move")
+        if target == source:
+            raise RuntimeError_(f"{name} is on that node already")
+        info = self._node_info(target)
+        if info is None:
+            raise RuntimeError_(f"no node {target} in the swarm")
+        if info["state"] != "ready" or info["availability"] != "active":
+            raise RuntimeError_(f"node {info['hostname']} is {info['state']} and {info['availability']}: "
+                                "an instance can only move to a ready, active node")
+        needed = spec.memory_mb + spec.db_memory_mb + spec.redis_memory_mb
+        free = info["memory_mb"] - info["reserved_mb"]
+        if free < min(needed, self.db_reserve_mb + self.redis_reserve_mb + max(64, int(spec.memory_mb
+                                                                                        * self.app_reserve_share))):
+            raise RuntimeError_(f"node {info['hostname']} has only {free} MB of memory left to reserve")
+        say(f"Stopping the app of {name} on its node\n")
+        for service in self._services(name):
+            if (service["Spec"].get("Labels") or {}).get(LABEL_COMPONENT) in ("app", CANDIDATE, RETIRED):
+                self._remove_service(service)
+        self._wait_no_tasks(name, ("app", CANDIDATE, RETIRED))
+        say("Backing up its database\n")
+        size = self.backup_database(name, spec, dump)
+        say(f"Backup done ({size} bytes); starting PostgreSQL and Redis on {info['hostname']}\n")
+        try:
+            self._remove_volume_on(name, target)  # a leftover of an earlier stay there holds old data
+            for component in ("db", "redis"):
+                service = self._service(name, component)
+                if service is not None:
+                    self._remove_service(service)
+            self._wait_no_tasks(name, ("db", "redis"))
+            self._ensure_services(spec, node=target)
+            say("Restoring the database there\n")
+            self._restore(name, spec, target, dump)
+            say("Starting the app there\n")
+            self.ensure(spec)
+        except BaseException as exc:
+            say(f"Moving failed ({exc}); going back to the old node\n")
+            self._move_back(name, spec, source)
+            if isinstance(exc, RuntimeError_):
+                raise RuntimeError_(f"moving {name} failed: {exc}; it runs on its old node again") from None
+            raise
+        self._remove_volume_on(name, source)
+        return {"source": source, "target": target, "seconds": round(time.monotonic() - started, 1)}
+
+    def _move_back(self, name: str, spec: InstanceSpec, source: str) -> None:
+        for service in self._services(name):
+            self._remove_service(service)
+        self._wait_no_tasks(name, ("db", "redis", "app", CANDIDATE, RETIRED))
+        node = self.node_of(name)
+        if node and node != source:
+            self._remove_volume_on(name, node)
+        self._ensure_services(spec, node=source)
+        self.ensure(spec)
+
+    def _wait_no_tasks(self, name: str, components: tuple[str, ...], timeout: float = 60) -> None:
+        """Until no task of the instance's services of `components` (removed or being
+        removed) runs any more: a volume is free, a port is free."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            busy = [c for c in self._call("listing containers", self.api.containers,
+                                          filters=self._swarm_filters(name))
+                    if (c.get("Labels") or {}).get(LABEL_COMPONENT) in components]
+            if not busy and not any((s["Spec"].get("Labels") or {}).get(LABEL_COMPONENT) in components
+                                    for s in self._services(name)):
+                return
+            time.sleep(0.2)
+        raise RuntimeError_(f"the old services of {name} did not stop within {timeout:g} s")
+
+    def _remove_volume_on(self, name: str, node: str) -> None:
+        if node == self.local_node:
+            try:
+                vol = self.api.inspect_volume(self.volume_name(name))
+            except NotFound:
+                return
+            if not self._swarm_ours(vol.get("Labels"), name):
+                raise RuntimeError_(f"a volume named {self.volume_name(name)} exists that this manager did not create")
+            self._call(f"removing the volume of {name}", self.api.remove_volume, vol["Name"], force=True)
+        else:
+            self._remove_remote_volume(name, node)
+
+    def _restore(self, name: str, spec: InstanceSpec, node: str, dump: Path) -> None:
+        """pg_restore of `dump` into the instance's new, empty database on `node`: in its
+        container on this machine, or by a job whose image carries the dump (through the
+        lab's registry) elsewhere."""
+        argv = ["pg_restore", "--no-owner", "--no-privileges", "--exit-on-error", "--single-transaction",
+                "-U", spec.db_user, "-d", spec.db_name]
+        env = {"PGPASSWORD": spec.db_password}
+        if node == self.local_node:
+            task = self._running_db(name)
+            cid = self._task_container(task)
+            self._call("copying the dump into the database's container", self.api.put_archive, cid, "/tmp",
+                       _tar({"restore.dump": dump.read_bytes()}))
+            code, output = self._exec(cid, [*argv, "/tmp/restore.dump"], user="postgres", env=env)
+            self._exec(cid, ["rm", "-f", "/tmp/restore.dump"], user="postgres")
+        else:
+            image = self._dump_image(name, dump)
+            try:
+                code, output = self._job(name, node, image, [*argv, "-h", "db", "/restore.dump"], env=env,
+                                         timeout=settings.LAB_BUILD_TIMEOUT, user="postgres")
+            finally:
+                try:
+                    self.api.remove_image(image, force=True)
+                except (NotFound, APIError):
+                    pass
+        if code != 0:
+            raise RuntimeError_(f"restoring the database failed (exit code {code}): {last_lines(output)}")
+
+    def _dump_image(self, name: str, dump: Path) -> str:
+        """A local image of the database's image plus the dump (for a job on another node)."""
+        import io
+        import tarfile
+
+        tag = f"lab-{self.manager_id}-{name}-restore:{secrets.token_hex(4)}"
+        dockerfile = f"FROM {self.images['db']}\nCOPY --chown=postgres:postgres restore.dump /restore.dump\n"
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for member, data in (("Dockerfile", dockerfile.encode()), ("restore.dump", dump.read_bytes())):
+                info = tarfile.TarInfo(member)
+                info.size, info.mode = len(data), 0o600
+                tar.addfile(info, io.BytesIO(data))
+        buf.seek(0)
+        errors = [c.get("error") for c in self.api.build(fileobj=buf, custom_context=True, tag=tag, rm=True,
+                                                          forcerm=True, decode=True, pull=False) if c.get("error")]
+        if errors:
+            raise RuntimeError_(f"preparing the restore on the other node failed: {errors[-1][:300]}")
+        return tag
+
+    @_user_errors
+    def set_node_availability(self, node_id: str, availability: str) -> None:
+        """`active`, `pause` or `drain` (no new instances; a drain also has the swarm stop
+        the node's tasks, so the manager moves its instances first)."""
+        if availability not in ("active", "pause", "drain"):
+            raise RuntimeError_(f"availability must be active, pause or drain, not {availability!r}")
+        node = self._call(f"inspecting node {node_id}", self.api.inspect_node, node_id)
+        spec = dict(node["Spec"], Availability=availability)
+        self._call(f"updating node {node_id}", self.api.update_node, node_id, node["Version"]["Index"], spec)
+
+    def instances_on(self, node_id: str) -> list[str]:
+        """The instances whose database lives on node `node_id`."""
+        return sorted({(s["Spec"].get("Labels") or {}).get(LABEL_INSTANCE, "") for s in self._services()
+                       if (s["Spec"].get("Labels") or {}).get(LABEL_COMPONENT) == "db"
+                       and self._service_node(s) == node_id} - {""})
+
     # --- the registry -------------------------------------------------------------------------------
 
     def registry_service_name(self) -> str:
@@ -1116,9 +1292,64 @@ class SwarmRuntime(DockerRuntime):
     def database_label(self, name: str) -> str:
         return "PostgreSQL (its own Swarm service, on the instance's node)"
 
+    def _no_new_privileges(self) -> bool:
+        """Swarm services take no-new-privileges from Docker 27 on (API 1.46)."""
+        try:
+            major, minor = (int(x) for x in str(self.api.api_version).split(".")[:2])
+        except (ValueError, RuntimeError_):
+            return False
+        return (major, minor) >= (1, 46)
+
     def protections(self, name: str) -> list:
-        found = super().protections(name)
-        return [dataclasses.replace(p, detail=p.detail.replace("container", "Swarm task")) for p in found]
+        """What holds for a swarm instance: the task's own settings; the firewall's part only
+        on the manager's node (netguard runs there), as netguard finds it now."""
+        from instances import netguard
+
+        from .docker import PAGE_STATUS_AGE
+
+        try:
+            node = self.node_of(name)
+            remote = bool(node) and node != self.local_node
+            where = (self._node_info(node) or {}).get("hostname", node[:12]) if remote else "this machine"
+        except RuntimeError_:
+            remote, where = True, "its node (the swarm does not answer)"
+        guard = netguard.status(self.policy, max_age=PAGE_STATUS_AGE)
+        fenced = guard.enforced and not remote
+        why = (f" — its node, {where}, is not the manager's machine: the firewall (instances/netguard.py) runs "
+               "on the manager's machine only" if remote else (f" — {guard.detail}" if not guard.enforced else ""))
+        egress = settings.LAB_EGRESS
+        nnp = self._no_new_privileges()
+        return [
+            Protection("Files", True, "its own Swarm task's file system: no folder of its node, no Docker socket; the "
+                                      "app runs as uid 10001 with every capability dropped"
+                       + ("" if nnp else "; Swarm gives services no-new-privileges only from Docker 27 on, so a "
+                                         "setuid program of the image could become root inside its own container "
+                                         "(still without capabilities)")),
+            Protection("Host and other instances", fenced,
+                       "its own PostgreSQL and Redis (password) on a private overlay network; the firewall keeps it "
+                       "from every service of this machine, from other instances and from link-local/metadata "
+                       "addresses" if fenced else
+                       "other instances' services are on overlay networks it cannot reach, but the firewall is not "
+                       f"in place: services of its node and metadata addresses may answer{why}"),
+            Protection("Outside network", True if egress == "open" else fenced,
+                       "open by the lab's choice (LAB_EGRESS=open): the app may call services outside its node"
+                       if egress == "open" else
+                       "closed (LAB_EGRESS=deny): the app opens no connection out of its node"
+                       if fenced else f"LAB_EGRESS=deny is not enforced{why}"),
+            Protection("Its port", False,
+                       "Swarm publishes the app's port on every address of its node (there is no host-mode "
+                       "publishing on one address): the app answers there without the proxy; let only the "
+                       "manager's machine reach the nodes' ports with the nodes' firewall (README, Docker Swarm)"),
+            Protection("Memory", True, "the instance's memory limit (PostgreSQL and Redis have their own); Swarm sets "
+                                       "no swap limit: where its node has swap, the app may use swap too"),
+            Protection("CPU", True, "the instance's CPU limit (a share of its node's CPUs, enforced by the kernel)"),
+            Protection("Processes", True, f"at most {self.pids_limits['app']} processes in the app's container"),
+            Protection("Builds", guard.enforced,
+                       f"on the manager's machine, as for Docker: pip runs in a container of its own as uid 10001 "
+                       f"without capabilities, with the instance's memory and CPU limits and at most "
+                       f"{self.build_pids} processes, on a network that reaches only the outside"
+                       + ("" if guard.enforced else f"; the firewall is not in place — {guard.detail}")),
+        ]
 
 
 BACKEND = SwarmRuntime  # instances.runtime finds a backend by this name (the module is the backend)
