@@ -153,13 +153,15 @@ class Instance(models.Model):
 class Backup(models.Model):
     """A `pg_dump -Fc` of an instance's database (or, kind `repository`, a `git bundle` of
     the git history of a deleted instance: instances.git.archive), kept under
-    LAB_DATA_DIR/backups/."""
+    LAB_DATA_DIR/backups/. Kind `move`: the dump a move to another swarm node restored
+    there (instances.reconciler.move), kept like any other."""
 
     class Kind(models.TextChoices):
         MANUAL = "manual"
         BEFORE_RESET = "before_reset", "before reset"
         FINAL = "final", "final (instance deleted)"
         REPOSITORY = "repository", "git history (instance deleted)"
+        MOVE = "move", "before a move to another node"
 
     class Status(models.TextChoices):
         PENDING = "pending"

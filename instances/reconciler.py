@@ -19,7 +19,7 @@ from instances import netguard, proxy
 from instances.backups import backup_dir
 from instances.git import archive
 from instances.models import Backup, Instance, Release
-from instances.runtime import available_runtimes, get_runtime
+from instances.runtime import available_runtimes, backend_class, get_runtime
 from instances.runtime.base import AppFailed, Health, RuntimeError_, http_problem, last_lines
 from instances.state import deleted_event, push_event, set_status
 from instances.spec import app_spec, current_app, instance_spec, with_settings
@@ -260,6 +260,127 @@ def backup_only(instance_id: int, actor=None) -> Backup:
     _converge_for_data(instance_id, runtime)
     with locks.lock(f"instance:{instance_id}"):
         return backup(Instance.objects.get(pk=instance_id), Backup.Kind.MANUAL, actor, runtime)
+
+
+# --- moving instances between swarm nodes ------------------------------------------------
+
+MOVED_DUMP = "Backup done"  # the runtime's progress line once the dump is complete (move_instance)
+
+
+def move(instance_id: int, node_id: str, actor=None, *, runtime=None, out=None) -> tuple[Backup, dict]:
+    """Move a swarm instance to node `node_id` (SwarmRuntime.move_instance): under the
+    instance's lock a Backup row (kind `move`) is made first, the runtime stops the app,
+    dumps the database into that backup's file, restores it on the target and starts the
+    app there; the backup is kept like any other. Then the instance is reconciled (status,
+    node recorded) and the proxy's route synced (the app answers at another address).
+    Returns (the backup, the runtime's {source, target, seconds}). On failure the runtime
+    has put everything back on the old node: the instance is reconciled there and
+    ReconcileError carries the runtime's sentence; a dump that was complete is kept."""
+    runtime = runtime or get_runtime(Instance.objects.get(pk=instance_id))
+    lines: list[str] = []
+
+    def progress(text: str) -> None:
+        lines.append(text)
+        log.info("move of instance %s: %s", instance_id, text.strip())
+        if out is not None:
+            out(text)
+
+    failure = ""
+    with locks.lock(f"instance:{instance_id}"):
+        instance = Instance.objects.get(pk=instance_id)
+        if instance.delete_requested:
+            raise ReconcileError(f"{instance.name} is being deleted")
+        target = _node_label(runtime, node_id)
+        set_status(instance, Instance.Status.DEPLOYING,
+                   f"moving to node {target}: the app is down until it starts there")
+        # The settings the app last came up with (new ones are applied by the reconcile after).
+        view = with_settings(instance, instance.applied_settings) if instance.applied_settings else instance
+        spec = instance_spec(view, app_spec(view, current_app(instance)))
+        # We hold the instance's lock: a backup still "pending" belongs to a worker that died.
+        Backup.objects.filter(instance=instance, status=Backup.Status.PENDING).update(status=Backup.Status.FAILED)
+        stamp = datetime.now(dt_timezone.utc).strftime("%Y%m%d-%H%M%S")
+        filename = (f"{instance.name}-{stamp}-{Backup.Kind.MOVE}-{pysecrets.token_hex(3)}"
+                    f"{runtime.backup_suffix(instance.name)}")
+        row = Backup.objects.create(instance=instance, instance_name=instance.name, owner=instance.owner,
+                                    kind=Backup.Kind.MOVE, filename=filename,
+                                    created_by=actor if actor and actor.is_authenticated else None)
+        path = backup_dir() / filename
+        try:
+            result = runtime.move_instance(instance.name, spec, node_id, dump=path, out=progress)
+        except RuntimeError_ as exc:
+            failure = str(exc)
+            result = {}
+        except BaseException:  # a time limit: the runtime went back to the old node; the sweep reconciles
+            _finish_move_backup(row, path, complete=any(line.startswith(MOVED_DUMP) for line in lines))
+            raise
+        _finish_move_backup(row, path, complete=not failure or any(line.startswith(MOVED_DUMP) for line in lines))
+    try:
+        reconcile(instance_id, runtime=runtime)  # status, and the node it is on now
+    except SettingsNotApplied:
+        pass
+    except ReconcileError as exc:
+        if not failure:
+            raise ReconcileError(f"moved to {target}, but {exc}") from exc
+    proxy.sync_routes(instance.name)  # the app answers at another address
+    row.refresh_from_db()
+    if failure:
+        kept = f" (its database dump {row.filename} is kept)" if row.status == Backup.Status.DONE else ""
+        raise ReconcileError(f"{failure}{kept}")
+    return row, result
+
+
+def _finish_move_backup(row: Backup, path, *, complete: bool) -> None:
+    """The move's backup: done with its size when the dump is complete, else failed (a
+    partial file goes)."""
+    if complete and path.exists() and path.stat().st_size > 0:
+        path.chmod(0o600)
+        Backup.objects.filter(pk=row.pk).update(status=Backup.Status.DONE, size=path.stat().st_size)
+        return
+    Backup.objects.filter(pk=row.pk).update(status=Backup.Status.FAILED)
+    path.unlink(missing_ok=True)
+
+
+def _node_label(runtime, node_id: str) -> str:
+    """The node's hostname (its id's start when the swarm does not say)."""
+    try:
+        return next((n["hostname"] for n in runtime.nodes() if n["id"] == node_id and n["hostname"]),
+                    node_id[:12])
+    except RuntimeError_:
+        return node_id[:12]
+
+
+def drain(node_id: str, actor=None, *, runtime=None, out=None) -> dict:
+    """Move every instance on swarm node `node_id` to another node (one after another, each
+    as `move` does it, to the emptiest ready, active node), the node being paused meanwhile
+    (no new instances go there; those on it keep running until they move). Once none is
+    left, a node other than the manager's own is drained (availability `drain`: the swarm
+    stops whatever else runs there); the manager's own node stays paused (the lab's
+    registry runs there). A node where some could not move stays paused, so those keep
+    running. Returns {"node", "hostname", "moved": [(name, target hostname)],
+    "failed": [(name, reason)], "availability"}."""
+    runtime = runtime or backend_class("swarm")()
+    hostname = _node_label(runtime, node_id)
+    moved, failed = [], []
+    for name in runtime.instances_on(node_id):
+        instance = Instance.objects.filter(name=name, delete_requested=False).first()
+        if instance is None:
+            continue  # being deleted, or an orphan the sweep removes
+        try:
+            spec = instance_spec(instance)
+            target = runtime._choose_node(spec.memory_mb + spec.db_memory_mb + spec.redis_memory_mb)
+            if target == node_id:
+                raise ReconcileError("no other node is ready and active")
+            move(instance.pk, target, actor, runtime=runtime, out=out)
+            moved.append((name, _node_label(runtime, target)))
+        except (ReconcileError, RuntimeError_) as exc:
+            failed.append((name, str(exc)))
+        except locks.Busy:
+            failed.append((name, "another action on it was still running"))
+    availability = "pause"
+    if not failed and node_id != runtime.local_node:
+        runtime.set_node_availability(node_id, "drain")
+        availability = "drain"
+    return {"node": node_id, "hostname": hostname, "moved": moved, "failed": failed, "availability": availability}
 
 
 def _delete(instance: Instance, runtime) -> None:

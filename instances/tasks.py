@@ -6,6 +6,7 @@ from django.conf import settings
 
 from instances import proxy, reconciler, releases
 from instances.models import Instance
+from instances.runtime import RuntimeError_
 from manager import locks
 from manager.accounts.models import User
 from manager.jobs.services import JobFailed, job_task
@@ -63,3 +64,49 @@ def build_release(job, release_id):
     if release.status == "queued":
         return f"{name} #{release.number} is queued behind the running deploy"
     raise JobFailed(f"{name} #{release.number} failed: {release.status_reason}")
+
+
+# Seconds. Both stay below the broker's visibility timeout (an hour: a task unacknowledged
+# longer is delivered again). A drain stopped by its limit is continued by draining again.
+MOVE_TIME_LIMIT = 1800  # a dump and a restore of a large database
+DRAIN_TIME_LIMIT = 3300  # the moves of a node's instances, one after another
+
+
+@job_task("instances.move_instance", time_limit=MOVE_TIME_LIMIT)
+def move_instance(job, instance_id, node_id):
+    """Move a swarm instance to another node (services.move_instance enqueues it)."""
+    actor = User.objects.filter(pk=job.user_id).first()
+    name = Instance.objects.filter(pk=instance_id).values_list("name", flat=True).first() or "the instance"
+    try:
+        backup, result = reconciler.move(instance_id, node_id, actor)
+    except reconciler.ReconcileError as exc:
+        raise JobFailed(f"{name}: {exc}") from exc
+    except locks.Busy:
+        raise JobFailed("another action on this instance is still running; try again in a minute") from None
+    instance = Instance.objects.filter(pk=instance_id).first()
+    where = instance.node_label if instance is not None and instance.node_label else node_id[:12]
+    return (f"{name} moved to node {where} in {result['seconds']:g} s; its database was backed up first "
+            f"({backup.filename}, {backup.size} bytes, kept under Backups)")
+
+
+@job_task("instances.drain_node", time_limit=DRAIN_TIME_LIMIT)
+def drain_node(job, node_id):
+    """Move every instance off a swarm node (services.drain_node enqueues it)."""
+    actor = User.objects.filter(pk=job.user_id).first()
+    try:
+        result = reconciler.drain(node_id, actor)
+    except RuntimeError_ as exc:
+        raise JobFailed(f"the swarm did not answer: {exc}") from exc
+    node = result["hostname"]
+    moved = "; ".join(f"{name} to {target}" for name, target in result["moved"])
+    failed = "; ".join(f"{name}: {reason}" for name, reason in result["failed"])
+    if result["failed"]:
+        raise JobFailed(f"node {node}: moved {len(result['moved'])} ({moved or 'none'}); "
+                        f"{len(result['failed'])} could not move ({failed}). The node stays paused (no new "
+                        "instances), so those keep running there; drain it again once the reason is fixed")
+    after = ("it is drained now (availability drain)" if result["availability"] == "drain" else
+             "it stays paused (no new instances; the manager's own node is never drained: the lab's registry "
+             "runs there)")
+    if not result["moved"]:
+        return f"node {node}: no instances of this lab on it, nothing to move; {after}"
+    return f"node {node}: moved {len(result['moved'])} instance(s) ({moved}); {after}"
