@@ -53,3 +53,9 @@ class LimitsForm(ServiceForm):
 
 class TransferForm(ServiceForm):
     owner = forms.ModelChoiceField(label="New owner", queryset=User.objects.filter(is_active=True).order_by("username"))
+
+
+class MoveForm(ServiceForm):
+    # The node's id, checked by the service (a node that does not exist, is not ready or
+    # active, or is the instance's own gets the API's sentence).
+    node = forms.CharField(label="Move to node", required=False, strip=False)

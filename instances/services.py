@@ -409,3 +409,152 @@ def delete_instance(actor, instance: Instance, request=None):
         job = _reconcile_job(actor, instance, f"Delete {instance.name}", "delete")
     state.push_state(instance)
     return job
+
+
+# --- swarm nodes: moving instances, draining nodes (lab managers) ---------------------------
+
+NODE_ID_MAX = 64  # characters of a node id as given (swarm ids have 25)
+AVAILABILITY_WORDS = {"pause": "paused (no new instances: it is being drained, or paused by hand)",
+                      "drain": "drained (for maintenance)"}
+NODES_TIMEOUT = 10  # seconds one engine call of these services may take
+
+
+def _swarm():
+    """This lab's swarm runtime, or None when the engine here is no swarm manager."""
+    from instances.runtime import backend_class
+
+    cls = backend_class("swarm")
+    if cls is None:
+        return None
+    runtime = cls(timeout=NODES_TIMEOUT)
+    return runtime if runtime.available() else None
+
+
+def _swarm_nodes(runtime) -> list[dict]:
+    from instances.runtime import RuntimeError_
+
+    try:
+        return runtime.nodes()
+    except RuntimeError_ as exc:
+        raise Conflict(f"The swarm did not list its nodes ({exc}); nothing was changed.") from None
+
+
+def list_nodes(actor) -> list[dict]:
+    """The swarm's nodes (SwarmRuntime.nodes()), [] when this lab has no swarm."""
+    if not actor.is_superuser:
+        raise NotAllowed("Only lab managers may list the swarm's nodes.")
+    runtime = _swarm()
+    return _swarm_nodes(runtime) if runtime is not None else []
+
+
+def _node(actor, node_id: str, what: str) -> tuple[object, dict]:
+    """(the swarm runtime, node `node_id`) for a lab manager; Http404 when there is none."""
+    from django.http import Http404
+
+    if not actor.is_superuser:
+        raise NotAllowed(f"Only lab managers may {what}.")
+    if not isinstance(node_id, str) or texts.problem(node_id, max_length=NODE_ID_MAX, single_line=True):
+        raise Http404("There is no such node in the swarm.")
+    runtime = _swarm()
+    if runtime is None:
+        raise Http404(f"There is no node {node_id!r}: this lab has no swarm (the Docker engine here is no swarm "
+                      "manager).")
+    node = next((n for n in _swarm_nodes(runtime) if n["id"] == node_id), None)
+    if node is None:
+        raise Http404(f"There is no node {node_id!r} in the swarm (the dashboard's Nodes table and "
+                      "GET /api/v1/nodes list them).")
+    return runtime, node
+
+
+def move_instance(actor, instance: Instance, node_id, request=None):
+    """Move a swarm instance to another node (lab managers): a job backs its database up,
+    restores it on node `node_id` and starts the app there (instances.reconciler.move);
+    the instance is down meanwhile. Refused, with why: another runtime than swarm, a node
+    that does not exist (422), is not ready or not active, or is its own node (409)."""
+    from instances.runtime import RuntimeError_
+
+    if not actor.is_superuser:
+        raise NotAllowed("Only lab managers may move instances.")
+    if instance.delete_requested:
+        raise Conflict(f"{instance.name} is being deleted.")
+    if instance.runtime != "swarm":
+        runtime_name = instance.runtime or "no"
+        raise Conflict(f"{instance.name} runs on the {runtime_name} runtime: only instances of the swarm runtime "
+                       "live on nodes and can move between them.")
+    if not isinstance(node_id, str):
+        raise ValidationError({"node": ["The node must be a node's id (text)."]})
+    node_id = texts.check_text(node_id, field="node", max_length=NODE_ID_MAX, label="The node",
+                               single_line=True).strip()
+    if not node_id:
+        raise ValidationError({"node": ["Choose the node to move it to."]})
+    runtime = _swarm()
+    if runtime is None:
+        raise Conflict("The swarm does not answer (the Docker engine here is unreachable or no swarm manager); "
+                       "nothing was moved.")
+    nodes = {n["id"]: n for n in _swarm_nodes(runtime)}
+    node = nodes.get(node_id)
+    if node is None:
+        raise ValidationError({"node": [f"There is no node {node_id!r} in the swarm (the dashboard's Nodes table "
+                                        "and GET /api/v1/nodes list them)."]})
+    hostname = node["hostname"] or node_id[:12]
+    if node["state"] != "ready":
+        raise Conflict({"node": [f"Node {hostname} is {node['state']}"
+                                 f"{' (' + node['message'] + ')' if node['message'] else ''}: an instance can only "
+                                 "move to a ready node."]})
+    if node["availability"] != "active":
+        availability = AVAILABILITY_WORDS.get(node["availability"], node["availability"])
+        raise Conflict({"node": [f"Node {hostname} is {availability}: no instance may move there until it is "
+                                 "activated again (dashboard, Nodes)."]})
+    try:
+        current = runtime.node_of(instance.name)
+    except RuntimeError_ as exc:
+        raise Conflict(f"The swarm did not say where {instance.name} runs ({exc}); nothing was moved.") from None
+    if not current:
+        raise Conflict(f"{instance.name} has no database on any node yet (it is being set up): nothing to move.")
+    if current == node_id:
+        raise Conflict({"node": [f"{instance.name} runs on node {hostname} already: choose another node."]})
+    source = nodes.get(current, {}).get("hostname") or current[:12]
+    with transaction.atomic():
+        record(actor, "instance.move", instance, f"moved {instance.name} from node {source} to node {hostname}",
+               request, source=current, target=node_id)
+        return jobs.start(jobs.task("instances.move_instance"), user=actor, kind="instance.move",
+                          label=f"Move {instance.name} to node {hostname}", args=[instance.pk, node_id],
+                          link=f"/instances/{instance.name}/")
+
+
+def drain_node(actor, node_id, request=None):
+    """Drain a swarm node for maintenance (lab managers): it is paused at once (no new
+    instance goes there; those on it keep running), then a job moves its instances to
+    other nodes one after another (instances.reconciler.drain) and drains it once none is
+    left. Returns the job."""
+    from instances.runtime import RuntimeError_
+
+    runtime, node = _node(actor, node_id, "drain nodes")
+    hostname = node["hostname"] or node_id[:12]
+    try:
+        if node["availability"] == "active":
+            runtime.set_node_availability(node_id, "pause")
+    except RuntimeError_ as exc:
+        raise Conflict(f"The swarm did not pause node {hostname} ({exc}); nothing was changed.") from None
+    with transaction.atomic():
+        record(actor, "node.drain", None, f"drained node {hostname} (its instances move to other nodes)", request,
+               node=node_id, hostname=hostname)
+        return jobs.start(jobs.task("instances.drain_node"), user=actor, kind="node.drain",
+                          label=f"Drain node {hostname}", args=[node_id], link="/#nodes")
+
+
+def activate_node(actor, node_id, request=None) -> dict:
+    """Make a paused or drained node active again (lab managers): new instances may be
+    placed there. Returns the node as nodes() lists it."""
+    from instances.runtime import RuntimeError_
+
+    runtime, node = _node(actor, node_id, "activate nodes")
+    hostname = node["hostname"] or node_id[:12]
+    if node["availability"] != "active":
+        try:
+            runtime.set_node_availability(node_id, "active")
+        except RuntimeError_ as exc:
+            raise Conflict(f"The swarm did not activate node {hostname} ({exc}).") from None
+        record(actor, "node.activate", None, f"activated node {hostname} (instances may be placed there again)",
+               request, node=node_id, hostname=hostname)
+    return next((n for n in _swarm_nodes(runtime) if n["id"] == node_id), {**node, "availability": "active"})

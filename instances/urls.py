@@ -10,6 +10,7 @@ urlpatterns = [
     path("<slug:name>/admin-password/reveal/", views.instance_reveal_password, name="instance_reveal_password"),
     path("<slug:name>/limits/", views.instance_limits, name="instance_limits"),
     path("<slug:name>/transfer/", views.instance_transfer, name="instance_transfer"),
+    path("<slug:name>/move/", views.instance_move, name="instance_move"),
     path("<slug:name>/logs/", views.instance_logs, name="instance_logs"),
     path("<slug:name>/backups/<int:backup_id>/download/", views.backup_download, name="backup_download"),
     path("<slug:name>/releases/<int:number>/", views.release_detail, name="release_detail"),

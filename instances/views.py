@@ -6,7 +6,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from instances import services
-from instances.forms import AdminPasswordForm, InstanceCreateForm, LimitsForm, SettingsForm, TransferForm
+from instances.forms import AdminPasswordForm, InstanceCreateForm, LimitsForm, MoveForm, SettingsForm, TransferForm
 from instances.models import Backup
 from instances import runtime as runtimes
 from instances.runtime.base import RuntimeError_
@@ -15,6 +15,7 @@ from manager.access import superuser_required
 from manager.accounts.services import NotAllowed
 from manager.throttle import Throttled, refused_page
 from manager.audit.services import record
+from manager.dashboard.nodes import swarm_nodes
 
 
 @superuser_required
@@ -50,9 +51,24 @@ def _detail_context(instance, **forms):
         "password_form": AdminPasswordForm(),
         "limits_form": LimitsForm(initial={"memory_mb": instance.memory_mb, "cpus": instance.cpus}),
         "transfer_form": TransferForm(initial={"owner": instance.owner_id}),
+        "move_form": MoveForm(),
+        # Asked only where the page shows the move form (lab managers, swarm instances).
+        "move_targets": lambda: _move_targets(instance),
     }
     context.update(forms)
     return context
+
+
+def _move_targets(instance) -> dict:
+    """The nodes a swarm instance may move to: ready, active and not its own (the
+    dashboard's cached list, a few seconds old), or why there are none."""
+    swarm = swarm_nodes()
+    if swarm is None:
+        return {"nodes": [], "problem": "This lab has no swarm: the Docker engine here is no swarm manager."}
+    if swarm["problem"]:
+        return {"nodes": [], "problem": swarm["problem"]}
+    return {"nodes": [n for n in swarm["nodes"] if n["ready"] and n["availability"] == "active"
+                      and n["id"] != instance.node], "problem": ""}
 
 
 @login_required
@@ -133,6 +149,18 @@ def instance_transfer(request, name):
         request, instance, TransferForm(request.POST), "transfer_form", services.transfer,
         lambda data: {"new_owner": data["owner"]},
         "{instance.name} now belongs to {instance.owner.username}.",
+    )
+
+
+@superuser_required
+@require_POST
+def instance_move(request, name):
+    instance = get_visible_instance(request.user, name)
+    return _form_post(
+        request, instance, MoveForm(request.POST), "move_form", services.move_instance,
+        lambda data: {"node_id": data["node"]},
+        "Moving {instance.name} to another node: it is down until its app runs there (usually 10–30 seconds); "
+        "you are told when the job ends.",
     )
 
 

@@ -32,6 +32,8 @@ urlpatterns = [
     path("users/<int:user_id>/<str:action>/", accounts.user_action, name="user_action"),
     path("audit/", audit.audit_log, name="audit_log"),
     path("jobs/recent/", jobs.recent_jobs, name="recent_jobs"),
+    path("nodes/<str:node_id>/drain/", dashboard.node_drain, name="node_drain"),
+    path("nodes/<str:node_id>/activate/", dashboard.node_activate, name="node_activate"),
     # the lobby board (owner, lab managers): before instances.urls, whose <name>/<action>/ would take it
     path("instances/<slug:name>/lobby/", include("lobby.board_urls")),
     path("instances/<slug:name>/bot-runs/", include("bots.urls")),  # before the instances' catch-all

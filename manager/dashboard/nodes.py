@@ -34,6 +34,7 @@ def _row(node: dict) -> dict:
         "instances": node["instances"], "local": node["local"],
         "memory": f"{_gib(node['reserved_mb'])} of {_gib(node['memory_mb'])} GiB",
         "full": node["memory_mb"] > 0 and node["reserved_mb"] >= node["memory_mb"],
+        "free": _gib(max(0, node["memory_mb"] - node["reserved_mb"])),  # GiB not yet reserved
     }
 
 
