@@ -7,11 +7,11 @@ Each area has its own router module; add new ones (instances, …) below.
 
 from ninja import NinjaAPI, Swagger
 
-from manager.api import bot_runs, errors, instances, me, users
+from manager.api import bot_runs, errors, instances, me, nodes, users
 from manager.api.auth import BearerToken
 
 DESCRIPTION = """\
-Manage the lab's accounts, your own SSH keys, oTree instances and their bot runs.
+Manage the lab's accounts, your own SSH keys, oTree instances and their bot runs, and the swarm's nodes.
 
 Authenticate every call with `Authorization: Bearer <token>`, using a personal access
 token from *Settings → Access tokens* or `python manage.py create_token USERNAME`.
@@ -103,5 +103,6 @@ errors.install(api)
 api.add_router("/instances", instances.router)
 api.add_router("/instances", bot_runs.router)
 api.add_router("/bot-providers", bot_runs.providers_router)
+api.add_router("/nodes", nodes.router)
 api.add_router("/users", users.router)
 api.add_router("/me", me.router)

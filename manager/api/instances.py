@@ -113,6 +113,13 @@ class PasswordIn(InputSchema):
                 pattern=f"^({SINGLE_LINE.strip('^$').rstrip('*')}{{{_PASSWORD_LOW},{_PASSWORD_HIGH}}})?$"))
 
 
+class MoveIn(InputSchema):
+    node: str = Field(description="the id of the swarm node to move it to (GET /api/v1/nodes lists them). A node "
+                      "that does not exist is 422; one that is not ready, not active (paused or drained) or the "
+                      "instance's own node is 409.",
+                      **text(max_length=services.NODE_ID_MAX, min_length=1, single_line=True))
+
+
 class PasswordOut(Schema):
     admin_username: str
     password: str = Field(description="shown once")
@@ -203,6 +210,21 @@ def reset_database(request: HttpRequest, name: str):
     instance = get_visible_instance(request.auth, name)
     job = services.reset_database(request.auth, instance, request=request)
     return Status(202, {"job": str(job.id), "detail": f"backing up and resetting the database of {name}"})
+
+
+@router.post("/{name}/move", summary="Move to another swarm node (lab managers)",
+             response=responses({202: JobOut}, 403, 404, 409, 422))
+def move_instance(request: HttpRequest, name: str, payload: MoveIn):
+    """A background job moves the instance (runtime `swarm`; others are 409) to the node:
+    its app stops, its database is backed up (the backup stays among its backups, kind
+    `move`), restored on the node and the app starts there; then the old node's copy goes.
+    The instance is down meanwhile (typically 10-30 s; longer for a large database).
+    Nothing in the database is lost; what oTree keeps in Redis (live page state) is not
+    moved. Should the move fail, the instance runs on its old node again and the job says
+    why. Lab managers only (403 for its owner)."""
+    instance = get_visible_instance(request.auth, name)
+    job = services.move_instance(request.auth, instance, payload.node, request=request)
+    return Status(202, {"job": str(job.id), "detail": f"{job.label}: it is down until its app runs there"})
 
 
 @router.post("/{name}/admin-password", summary="Set or generate the oTree admin password",
