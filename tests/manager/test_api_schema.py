@@ -74,9 +74,10 @@ values = {keys}
 # that has no account; a session config the live release lacks, more bots than
 # participants, a provider or model that is not configured; a key whose base64 does not
 # decode to a key of its type; the config vars' total size; a new account's e-mail address
-# that Django's stricter validator refuses.
+# that Django's stricter validator refuses; a swarm node that does not exist (or an
+# instance that is not on the swarm) to move an instance to.
 [[operations]]
-include-operation-id = ["create_instance", "start_bot_run", "add_my_ssh_key"]
+include-operation-id = ["create_instance", "start_bot_run", "add_my_ssh_key", "move_instance"]
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
 """
 

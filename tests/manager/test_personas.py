@@ -178,6 +178,15 @@ ROUTES = [
           method="post", data={"memory_mb": 256, "cpus": "0.5"}),
     Route("instance_transfer", "/instances/ann-study/transfer/", {"anon": 302, "boss": 302, "ann": 403, "bob": 403},
           method="post", data=lambda w: {"owner": w.bob.pk}),
+    # moving an instance to another swarm node: lab managers; ann-study runs on docker (or
+    # process), so the lab manager's move is refused on the form (422) and nothing moves
+    Route("instance_move", "/instances/ann-study/move/", {"anon": 302, "boss": 422, "ann": 403, "bob": 403},
+          method="post", data={"node": "no-such-node"}),
+    # draining / activating a swarm node: lab managers; a node that does not exist is 404
+    Route("node_drain", "/nodes/no-such-node/drain/", {"anon": 302, "boss": 404, "ann": 403, "bob": 403},
+          method="post"),
+    Route("node_activate", "/nodes/no-such-node/activate/", {"anon": 302, "boss": 404, "ann": 403, "bob": 403},
+          method="post"),
     # lobby: kiosk pages are public (lab computers have no login); "I am ready" goes to the oTree room
     Route("lobby_index", "/lobby/ann-study/", all_ok(200)),
     Route("lobby_room", "/lobby/ann-study/lab/", all_ok(200)),
@@ -231,6 +240,14 @@ ROUTES = [
           method="post"),
     Route("api:admin_password", "/api/v1/instances/ann-study/admin-password", API_OWNER, method="post",
           data={}),
+    # ann-study is no swarm instance: the lab manager's move is 409; its owner may not (403)
+    Route("api:move_instance", "/api/v1/instances/ann-study/move", {"anon": 401, "boss": 409, "ann": 403, "bob": 404},
+          method="post", data={"node": "no-such-node"}),
+    Route("api:list_nodes", "/api/v1/nodes", API_MANAGERS),
+    Route("api:drain_node", "/api/v1/nodes/no-such-node/drain", {"anon": 401, "boss": 404, "ann": 403, "bob": 403},
+          method="post"),
+    Route("api:activate_node", "/api/v1/nodes/no-such-node/activate",
+          {"anon": 401, "boss": 404, "ann": 403, "bob": 403}, method="post"),
     Route("api:list_releases", "/api/v1/instances/ann-study/releases", API_OWNER),
     Route("api:get_release", "/api/v1/instances/ann-study/releases/1", API_OWNER),
     Route("api:list_backups", "/api/v1/instances/ann-study/backups", API_OWNER),
