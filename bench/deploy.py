@@ -14,15 +14,18 @@ oTree 6 project over HTTPS with the git client:
    cache) after `--idle` seconds (goal: at most 120 MiB).
 
 `--runtime docker` (default) needs a Docker engine and the images (`python manage.py
-build_images`); `--runtime process` needs PostgreSQL's server programs. Everything it
-created (containers or processes, images or environments, the data dir) is removed at
-the end.
+build_images`); `--runtime swarm` the same engine as a swarm manager (`docker swarm init`;
+the script does not change the swarm), the instance on this machine's node;
+`--runtime process` needs PostgreSQL's server programs. Everything it created (containers,
+services or processes, images or environments, the data dir) is removed at the end. The
+manager id is LAB_MANAGER_ID when set, else the one derived from the temporary data dir.
 
-    .venv/bin/python bench/deploy.py [--runs 5] [--idle 20] [--runtime process]
+    .venv/bin/python bench/deploy.py [--runs 5] [--idle 20] [--runtime process|swarm]
 """
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -81,6 +84,45 @@ def pip_install_seconds(requirements: str, image: str = "python:3.11-slim", runt
             subprocess.run(["docker", "rm", "-f", "bench-pip"], capture_output=True)
 
 
+# Imported first by every Python process of the labserver (PYTHONPATH, `--runtime swarm`
+# only): the swarm runtime normally puts a new instance on the node with the most unreserved
+# memory; this benchmark measures this machine, so here, and only in the processes this
+# script starts, SwarmRuntime._choose_node always returns the local node (another node that
+# has joined the swarm meanwhile, e.g. a docker-in-docker test node, must neither get the
+# instance nor break the run). The class is patched as soon as its module is imported.
+LOCAL_NODE_HOOK = """\
+import importlib.machinery
+import sys
+
+
+class _LocalNode:
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "instances.runtime.swarm":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        load = spec.loader.exec_module
+
+        def exec_module(module):
+            load(module)
+            module.SwarmRuntime._choose_node = lambda self, memory_mb: self.local_node
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _LocalNode())
+"""
+
+
+def local_node_hook(folder: Path) -> str:
+    """A `sitecustomize` in `folder` that installs LOCAL_NODE_HOOK; returns the PYTHONPATH
+    that makes a child import it."""
+    (folder / "sitecustomize.py").write_text(LOCAL_NODE_HOOK)
+    return os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def api(url, token, method="GET", body=None):
     request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body else None,
                                      headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
@@ -101,12 +143,13 @@ def idle_memory_process(data_dir: Path, instance: str) -> dict:
     return result
 
 
-def idle_memory_mib(manager_id: str, instance: str) -> dict:
+def idle_memory_mib(manager_id: str, instance: str, runtime: str = "docker") -> dict:
     import docker
 
     client = docker.APIClient(version="auto")
     result = {}
-    for c in client.containers(filters={"label": [f"org.otree-lab.manager={manager_id}",
+    owner = "org.otree-lab.swarm" if runtime == "swarm" else "org.otree-lab.manager"  # (swarm: the tasks' containers)
+    for c in client.containers(filters={"label": [f"{owner}={manager_id}",
                                                   f"org.otree-lab.instance={instance}"]}):
         stats = client.stats(c["Id"], stream=False)
         mem = stats["memory_stats"]
@@ -119,18 +162,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--idle", type=float, default=20)
-    parser.add_argument("--runtime", choices=["docker", "process"], default="docker")
+    parser.add_argument("--runtime", choices=["docker", "process", "swarm"], default="docker")
     args = parser.parse_args()
 
     data_dir, port, public_port = new_data_dir(), free_port(), free_port()
     extra = {"LAB_INSTANCE_PORTS": f"{public_port}-{public_port}", "LAB_RUNTIME": args.runtime}
+    work = Path(tempfile.mkdtemp(prefix="bench-push-"))
+    if args.runtime == "swarm":
+        hook = work / "hook"
+        hook.mkdir()
+        extra["PYTHONPATH"] = local_node_hook(hook)
     env = child_env(data_dir, port, **extra)
     import hashlib
 
-    manager_id = hashlib.sha256(str(data_dir).encode()).hexdigest()[:10]
+    manager_id = os.environ.get("LAB_MANAGER_ID") or hashlib.sha256(str(data_dir).encode()).hexdigest()[:10]
     migrate(data_dir, port)
     server = LabServer(data_dir, port, **extra)
-    work = Path(tempfile.mkdtemp(prefix="bench-push-"))
     rows = []
     try:
         server.wait_ready(timeout=180)
@@ -167,12 +214,17 @@ def main():
         rows.append(("  pip install -r alone (same reqs)", pips, None))
 
         time.sleep(args.idle)
-        memory = (idle_memory_mib(manager_id, "bench") if args.runtime == "docker"
-                  else idle_memory_process(data_dir, "bench"))
+        memory = (idle_memory_process(data_dir, "bench") if args.runtime == "process"
+                  else idle_memory_mib(manager_id, "bench", args.runtime))
     finally:
         server.terminate()
         server.kill_everything()
         remove_instances(data_dir, port, **extra)
+        if args.runtime == "swarm":  # what `remove` left (a run stopped half-way), the firewall chains included
+            code = ("import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'manager.settings'); "
+                    "django.setup()\nfrom tests import docker_helpers, swarm_helpers\n"
+                    f"swarm_helpers.purge({manager_id!r}); docker_helpers.purge({manager_id!r})\n")
+            subprocess.run([sys.executable, "-c", code], cwd=BASE_DIR, env=env, timeout=300, capture_output=True)
         remove_data_dir(data_dir)
         subprocess.run(["rm", "-rf", str(work)])
 

@@ -9,6 +9,12 @@ removes them and prints a table.
 
     .venv/bin/python bench/instance_create.py                 # 5 instances, 20 s idle
     .venv/bin/python bench/instance_create.py --count 10 --idle 30
+    .venv/bin/python bench/instance_create.py --runtime swarm  # SwarmRuntime.ensure instead
+
+`--runtime swarm` needs the engine to be a swarm manager already (`docker swarm init`; the
+script never changes the swarm): overlay networks and one service each for PostgreSQL and
+Redis, on this machine's node (see `place_on_this_node`), memory read from the tasks'
+containers.
 
 Needs the Docker engine and the images (`python manage.py build_images`). Uses its own
 manager id and a temporary LAB_DATA_DIR, so it touches nothing else on the engine, and it
@@ -63,11 +69,33 @@ def cgroup_memory(api, container_id: str) -> dict[str, int]:
     }
 
 
+def place_on_this_node() -> None:
+    """The swarm runtime normally puts a new instance on the node with the most unreserved
+    memory; the benchmark measures this machine, so only here, in this script, it always
+    chooses the local node (another node that has joined the swarm meanwhile, e.g. a
+    docker-in-docker test node, must neither get the instances nor break the run)."""
+    from instances.runtime.swarm import SwarmRuntime
+
+    SwarmRuntime._choose_node = lambda self, memory_mb: self.local_node
+
+
+def container_id(runtime, api, name: str, component: str) -> str:
+    """The id of the running container of an instance's db or redis (docker or swarm)."""
+    if runtime.name == "swarm":
+        service = runtime._service(name, component)
+        task, _ = runtime._current_task(service["ID"])
+        return runtime._task_container(task)
+    return api.inspect_container(runtime.container_name(name, component))["Id"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=5, help="instances to create (default 5)")
     parser.add_argument("--idle", type=float, default=20, help="seconds idle before memory is read (default 20)")
     parser.add_argument("--budget", type=float, default=300, help="stop creating after this many seconds")
+    parser.add_argument("--runtime", choices=["docker", "swarm"], default="docker",
+                        help="the backend to create the instances on (default docker)")
+    parser.add_argument("--manager-id", default="", help="the manager id its resources carry (default: b + random)")
     args = parser.parse_args()
 
     data_dir = tempfile.mkdtemp(prefix="labbench-")
@@ -90,8 +118,17 @@ def main() -> int:
         print(f"images {images} missing: run `python manage.py build_images`", file=sys.stderr)
         return 2
 
-    manager_id = "b" + dh.new_manager_id()[1:]
-    runtime = DockerRuntime(manager_id=manager_id, ready_timeout=60)
+    manager_id = args.manager_id or "b" + dh.new_manager_id()[1:]
+    if args.runtime == "swarm":
+        from instances.runtime.swarm import SwarmRuntime
+
+        place_on_this_node()
+        runtime = SwarmRuntime(manager_id=manager_id, ready_timeout=60)
+        if not runtime.available():
+            print("the Docker engine is not a swarm manager (docker swarm init)", file=sys.stderr)
+            return 2
+    else:
+        runtime = DockerRuntime(manager_id=manager_id, ready_timeout=60)
     api = dh.api()
     started = time.monotonic()
     rows = []
@@ -115,14 +152,18 @@ def main() -> int:
         time.sleep(args.idle)
         for row in rows:
             for component in ("db", "redis"):
-                cid = api.inspect_container(runtime.container_name(row["name"], component))["Id"]
+                cid = container_id(runtime, api, row["name"], component)
                 row[component] = cgroup_memory(api, cid)
         for row in rows:
             t0 = time.perf_counter()
             runtime.remove(row["name"])
             row["remove"] = time.perf_counter() - t0
     finally:
-        dh.purge(manager_id)
+        if args.runtime == "swarm":
+            from tests.swarm_helpers import purge as swarm_purge
+
+            swarm_purge(manager_id)
+        dh.purge(manager_id)  # (also the firewall chains of `manager_id`)
         shutil.rmtree(data_dir, ignore_errors=True)
 
     if not rows:
@@ -137,7 +178,7 @@ def main() -> int:
         return (m["rss"] + m["shmem"]) / MIB
 
     print()
-    print(f"{len(rows)} instances, {platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, "
+    print(f"{len(rows)} instances on the {args.runtime} runtime, {platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, "
           f"Python {platform.python_version()}, images {', '.join(images)}")
     print()
     print("| instance | create → ready (s) | remove (s) | db MiB | redis MiB | idle MiB (usage − cache) "
