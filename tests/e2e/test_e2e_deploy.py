@@ -79,11 +79,13 @@ def git_push(checkout, files, message, remote, timeout=600):
 
 
 @contextlib.contextmanager
-def docker_labserver():
-    """A labserver whose instances get one public port: yields (server, its extra
-    environment, that port); afterwards removes everything the run made on Docker."""
+def docker_labserver(runtime: str = "docker"):
+    """A labserver whose instances get one public port and run on `runtime` (docker or
+    swarm): yields (server, its extra environment, that port); afterwards removes
+    everything the run made on Docker."""
     data_dir, port, public_port = new_data_dir(), free_port(), free_port()
-    extra = {"LAB_INSTANCE_PORTS": f"{public_port}-{public_port}", "LAB_SSH_PORT": str(free_port())}
+    extra = {"LAB_INSTANCE_PORTS": f"{public_port}-{public_port}", "LAB_SSH_PORT": str(free_port()),
+             "LAB_RUNTIME": runtime}
     migrate(data_dir, port)
     server = LabServer(data_dir, port, **extra)
     try:
@@ -115,13 +117,18 @@ def instance_ready_for_code(server, extra, name):
     return token, body
 
 
-@pytest.fixture(scope="module")
-def deployed(tmp_path_factory):
-    """A docker labserver with the study `e2e-study` made through the API and its first
-    push (the small oTree 6 project, room `lab` with seat01-03) deployed over HTTPS."""
+@pytest.fixture(scope="module", params=["docker", "swarm"])
+def deployed(tmp_path_factory, request):
+    """A labserver (Docker, or Docker Swarm: the same walk, the same pages, API and git
+    remote) with the study `e2e-study` made through the API and its first push (the small
+    oTree 6 project, room `lab` with seat01-03) deployed over HTTPS."""
     need(engine_ok() and images_present("postgres:15", "redis:7", "python:3.11-slim"),
          "a Docker engine with the images (python manage.py build_images)")
-    with docker_labserver() as (server, extra, public_port):
+    if request.param == "swarm":
+        from tests import backends
+
+        backends.require("swarm")
+    with docker_labserver(request.param) as (server, extra, public_port):
         token, made = instance_ready_for_code(server, extra, "e2e-study")
         remote = f"http://admin:{token}@127.0.0.1:{server.port}/git/e2e-study.git"
         checkout = Checkout(tmp_path_factory.mktemp("e2e-deploy") / "work")
@@ -142,6 +149,8 @@ def test_push_build_serve_and_a_broken_push_keeps_the_old_release(deployed):
     assert status is not None and status < 500, page  # oTree answers through Caddy
     status, body = api(server, token, "GET", "/api/v1/instances/e2e-study")
     assert body["status"] == "running" and body["release"]["status"] == "live"
+    assert body["runtime"] == deployed.extra["LAB_RUNTIME"]
+    assert (body["node"] is not None) == (body["runtime"] == "swarm")  # a swarm instance names its node
     rooms = {r["name"]: r for r in body["rooms"]}
     assert rooms["lab"]["participant_labels"] == ["seat01", "seat02", "seat03"]
 
