@@ -15,8 +15,11 @@ be a swarm manager already; its swarm's settings are not touched.
 What the node's dockerd is given (node-entrypoint.sh): storage driver overlay2 on the volume
 at /var/lib/docker (vfs when the kernel refuses an overlay mount there), and
 DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1: a task whose image is present is started without the
-registry pull swarm otherwise tries first (there is no Docker Hub here). Extra dockerd options
-(e.g. --insecure-registry 172.17.0.1:5000) go through start_node(dockerd_args=...).
+registry pull swarm otherwise tries first (there is no Docker Hub here). It also means that
+the node never pulls a task's image: for images from a registry (the swarm runtime's lab
+registry) start it with start_node(prefer_offline=False), and it pulls before each task.
+Extra dockerd options (e.g. --insecure-registry 172.17.0.1:5000) go through
+start_node(dockerd_args=...).
 
 What works between the nodes (tests/instances/test_swarm_node.py): services constrained to
 the node, attachable overlay networks both ways, host-mode published ports at node.address.
@@ -401,11 +404,14 @@ def _remove_container_and_volume(name: str, errors: list[str]) -> None:
 
 
 def start_node(timeout: float = 180, dockerd_args: tuple[str, ...] = (), storage_driver: str = "auto",
-               build: bool = True) -> Node:
+               build: bool = True, prefix: str = PREFIX, prefer_offline: bool = True) -> Node:
     """Build the image (when needed), start a privileged `dind-node-<random>` container with its
     own dockerd, join it to the host's swarm as a worker and wait until the host sees it
     Ready; each wait is bounded by `timeout` altogether (the build is not). On failure
-    everything made so far is removed and NodeError says what, with dockerd's log tail."""
+    everything made so far is removed and NodeError says what, with dockerd's log tail.
+    `prefix` starts the node's name (a test's own prefix; remove_stale finds it by its label).
+    prefer_offline=False: the node's swarm agent pulls each task's image (from a registry)
+    instead of only using what is present (DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=0)."""
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     if build:
@@ -413,7 +419,7 @@ def start_node(timeout: float = 180, dockerd_args: tuple[str, ...] = (), storage
         timings["build"] = time.monotonic() - t0
     manager = manager_address()
     token = _docker("swarm", "join-token", "-q", "worker", timeout=15)
-    name = PREFIX + secrets.token_hex(4)
+    name = prefix + secrets.token_hex(4)
     deadline = time.monotonic() + timeout
     node_id = ""
     try:
@@ -422,6 +428,7 @@ def start_node(timeout: float = 180, dockerd_args: tuple[str, ...] = (), storage
         container_id = _docker(
             "run", "--detach", *run_options(), "--name", name, "--hostname", name, "--label", f"{LABEL}={name}",
             "--volume", f"{name}:/var/lib/docker", "--env", f"NODE_STORAGE_DRIVER={storage_driver}",
+            "--env", f"DOCKER_SERVICE_PREFER_OFFLINE_IMAGE={1 if prefer_offline else 0}",
             IMAGE, *dockerd_args, timeout=60)
         _wait_engine(name, deadline)
         timings["engine"] = time.monotonic() - t
