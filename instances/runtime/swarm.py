@@ -636,26 +636,37 @@ class SwarmRuntime(DockerRuntime):
     # --- jobs: a command on the instance's network and node -------------------------------------
 
     def _job(self, name: str, node: str, image: str, argv: list[str], *, env: dict | None = None,
-             timeout: float = 60, sink=None, user: str = "") -> tuple[int | None, str]:
-        """Run `argv` in a one-off task on node `node`, on the instance's internal network,
-        as a replicated job; (exit code, output). With `sink`, the output is base64 lines
-        (see `backup_database`) decoded into `sink(bytes)` instead of returned."""
+             timeout: float = 60, sink=None, user: str = "", mounts: list | None = None,
+             network: bool = True) -> tuple[int | None, str]:
+        """Run `argv` in a one-off task on node `node` (on the instance's internal network,
+        unless `network` is False); (exit code, output). With `sink`, the output is base64
+        lines (see `backup_database`) decoded into `sink(bytes)` instead of returned.
+
+        A replicated service of one task that is never restarted, removed when it ended
+        (Docker 20.10 leaves the tasks and containers of a removed `ReplicatedJob`,
+        moby/moby#44312); the image's declared volumes are tmpfs (no anonymous volume is
+        left on the node)."""
         sname = self.service_name(name, f"job-{secrets.token_hex(3)}")
-        net = self._ensure_overlay(name, "internal")
+        try:
+            declared = (self.api.inspect_image(image).get("Config") or {}).get("Volumes") or {}
+        except (NotFound, APIError):
+            declared = {}
         template = {
             "ContainerSpec": {"Image": self._image_on(image, node), "Command": argv,
                               "Env": [f"{k}={v}" for k, v in (env or {}).items()],
                               "Labels": self._swarm_labels(name, "job"), "CapabilityDrop": ["ALL"],
-                              "User": user or ("postgres" if image == self.images["db"] else "redis")},
+                              "Mounts": [*(mounts or []), *({"Type": "tmpfs", "Target": path} for path in declared)]},
             "Resources": {"Limits": {"MemoryBytes": 256 * 2**20, "Pids": 64}},
             "RestartPolicy": {"Condition": "none"},
             "Placement": {"Constraints": [f"node.id=={node}"]},
-            "Networks": [{"Target": net}],
             "LogDriver": {"Name": "json-file", "Options": {"max-size": f"{JOB_OUTPUT_MB}m", "max-file": "1"}},
         }
+        if user or not mounts:
+            template["ContainerSpec"]["User"] = user or ("postgres" if image == self.images["db"] else "redis")
+        if network:
+            template["Networks"] = [{"Target": self._ensure_overlay(name, "internal")}]
         created = self._call(f"starting a job on {name}'s node", self.api.create_service, template, name=sname,
-                             labels=self._swarm_labels(name, "job"),
-                             mode={"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}})
+                             labels=self._swarm_labels(name, "job"), mode={"Replicated": {"Replicas": 1}})
         try:
             deadline = time.monotonic() + timeout
             task = None
@@ -951,47 +962,37 @@ class SwarmRuntime(DockerRuntime):
                 raise RuntimeError_(f"could not remove everything of {name}: {left[0]}")
             time.sleep(0.3)
         if node and node != self.local_node:
-            self._remove_remote_volume(name, node)
+            info = self._node_info(node)
+            if info is not None and info["state"] == "ready":
+                self._remove_remote_volume(name, node)
+            else:  # a node that is gone keeps the volume; nothing else of the instance is left
+                log.warning("the database volume of %s stays on node %s (%s): remove it there",
+                            name, (info or {}).get("hostname", node), (info or {}).get("state", "not in the swarm"))
         self.prune_releases(name, set())
 
     def _remove_remote_volume(self, name: str, node: str) -> None:
         """The PostgreSQL volume on another node: removed there by a job that asks that
-        node's engine (its socket, given to this job of the manager's only)."""
+        node's engine (its socket, given to this job of the manager's only), again while
+        the node still stops the old database (409: in use), for at most a minute."""
         volume = self.volume_name(name)
-        script = ("import http.client,socket,sys\n"
+        script = ("import http.client,socket,sys,time\n"
                   "class C(http.client.HTTPConnection):\n"
                   "    def connect(self):\n"
                   "        self.sock=socket.socket(socket.AF_UNIX); self.sock.connect('/var/run/docker.sock')\n"
-                  "c=C('localhost'); c.request('DELETE','/volumes/'+sys.argv[1]); r=c.getresponse()\n"
-                  "print(r.status, r.read()[:200]); sys.exit(0 if r.status in (204,404) else 1)\n")
-        template = {
-            "ContainerSpec": {"Image": self._image_on(settings.LAB_IMAGE_PYTHON, node),
-                              "Command": ["python", "-c", script, volume],
-                              "Labels": self._swarm_labels(name, "job"),
-                              "Mounts": [{"Type": "bind", "Source": "/var/run/docker.sock",
-                                          "Target": "/var/run/docker.sock"}]},
-            "RestartPolicy": {"Condition": "none"},
-            "Placement": {"Constraints": [f"node.id=={node}"]},
-        }
-        sname = self.service_name(name, f"job-{secrets.token_hex(3)}")
-        try:
-            created = self.api.create_service(template, name=sname, labels=self._swarm_labels(name, "job"),
-                                              mode={"ReplicatedJob": {"MaxConcurrent": 1, "TotalCompletions": 1}})
-        except APIError as exc:
-            log.warning("removing the volume of %s on node %s: %s", name, node, _short(exc))
-            return
-        deadline = time.monotonic() + 60
-        try:
-            while time.monotonic() < deadline:
-                task, _ = self._current_task(created["ID"])
-                if (task or {}).get("Status", {}).get("State") in ("complete", "failed", "rejected", "orphaned"):
-                    break
-                time.sleep(0.3)
-        finally:
-            try:
-                self.api.remove_service(created["ID"])
-            except (NotFound, APIError):
-                pass
+                  "for attempt in range(120):\n"
+                  "    c=C('localhost'); c.request('DELETE','/volumes/'+sys.argv[1]); r=c.getresponse()\n"
+                  "    body=r.read()[:300]\n"
+                  "    if r.status in (204,404): sys.exit(0)\n"
+                  "    if r.status!=409: break\n"
+                  "    time.sleep(0.5)\n"
+                  "print(r.status, body.decode(errors='replace')); sys.exit(1)\n")
+        code, output = self._job(name, node, settings.LAB_IMAGE_PYTHON, ["python", "-c", script, volume],
+                                 timeout=90, user="0:0", network=False,
+                                 mounts=[{"Type": "bind", "Source": "/var/run/docker.sock",
+                                          "Target": "/var/run/docker.sock"}])
+        if code != 0:
+            raise RuntimeError_(f"removing the database volume of {name} on its node failed: "
+                                f"{last_lines(output) or 'no answer'}")
 
     @_user_errors
     def logs(self, name: str, component: str = "app", tail: int = 200) -> str:

@@ -12,7 +12,8 @@ plain-HTTP registry on the manager's node.
    node as down; started again, the instance runs again;
 6. placement (the runtime's own `_choose_node`): the node with fewer reservations gets the
    next instance, a drained node none;
-7. `remove` leaves nothing on either node (the PostgreSQL volume on the second node too).
+7. a move to this machine's node and back keeps the data (the old volume goes each time);
+8. `remove` leaves nothing on either node (the PostgreSQL volume on the second node too).
 
 Everything is made under a manager id of its own (`dn...`), instances `dind2-...`, the node
 `dind2-node-...`; the fixtures remove the node, purge the manager id and untag what was
@@ -333,6 +334,45 @@ def test_placement_fewer_reservations_and_drained_node(rt, node):
 
 
 # --- 7. remove -------------------------------------------------------------------------------
+
+
+# --- 7. moves: to this machine's node and back ---------------------------------------------------
+
+
+def test_a_move_to_this_node_and_back_keeps_the_data(rt, node, spec_a, tmp_path):
+    """The lab manager's move (issue 15 item 3): the app stops, the database is dumped, it
+    starts on the target with a new volume and the dump restored, the app starts there, the
+    old volume goes — both ways (the way back restores through a job whose image carries the
+    dump through the registry)."""
+    spec = dataclasses.replace(spec_a, app=fake_app_spec(rt, A))
+    assert wait_until(lambda: all_running(rt, A), timeout=120, interval=1, message=f"{A} running on {node.name}")
+    assert rt.node_of(A) == node.node_id
+    code, out = job_sql(rt, A, "CREATE TABLE moved (name text); INSERT INTO moved VALUES ('travels')")
+    assert code == 0, out
+    here = rt.local_node
+    started = time.monotonic()
+    result = rt.move_instance(A, spec, here, dump=tmp_path / "there.dump")
+    timed("move from the second node to this machine's", started)
+    assert result["source"] == node.node_id and result["target"] == here
+    assert rt.node_of(A) == here
+    state = all_running(rt, A)
+    assert state is not None and state.app_url.startswith("http://127.0.0.1:"), rt.state(A)
+    assert wait_until(lambda: http_ok(state.app_url), timeout=30, interval=0.5, message="the app answers here")
+    assert backends.sql(rt, A, "SELECT name FROM moved") == (0, "travels")
+    assert (tmp_path / "there.dump").read_bytes()[:5] == b"PGDMP"  # the move's backup is kept
+    assert rt.volume_name(A) not in node.docker("volume", "ls", "--quiet").split()  # the old volume went
+
+    code, out = backends.sql(rt, A, "INSERT INTO moved VALUES ('and back')")
+    assert code == 0, out
+    started = time.monotonic()
+    rt.move_instance(A, spec, node.node_id, dump=tmp_path / "here.dump")
+    timed("move from this machine's node to the second node", started)
+    assert rt.node_of(A) == node.node_id
+    state = wait_until(lambda: all_running(rt, A), timeout=60, interval=1, message=f"{A} running on {node.name}")
+    assert state.app_url.startswith(f"http://{node.address}:")
+    assert wait_until(lambda: http_ok(state.app_url), timeout=30, interval=0.5, message="the app answers there")
+    assert job_sql(rt, A, "SELECT name FROM moved ORDER BY name") == (0, "and back\ntravels")
+    assert rt.api.volumes(filters=rt._swarm_filters(A)).get("Volumes") in (None, [])  # none left here
 
 
 def orphaned_tasks(rt: SwarmRuntime) -> list[str]:
