@@ -145,7 +145,8 @@ LAB_DOCKER_SUBNETS = env_str("LAB_DOCKER_SUBNETS", "10.213.0.0/16")
 # Builds (pip and the requirements' setup.py) run in containers on networks of their own
 # (a /28 each) from this pool: egress for pip even when LAB_EGRESS=deny, nothing else.
 LAB_DOCKER_BUILD_SUBNETS = env_str("LAB_DOCKER_BUILD_SUBNETS", "10.214.0.0/20")
-for _name, _value in (("LAB_DOCKER_SUBNETS", LAB_DOCKER_SUBNETS), ("LAB_DOCKER_BUILD_SUBNETS", LAB_DOCKER_BUILD_SUBNETS)):
+for _name, _value in (("LAB_DOCKER_SUBNETS", LAB_DOCKER_SUBNETS), ("LAB_DOCKER_BUILD_SUBNETS", LAB_DOCKER_BUILD_SUBNETS),
+                      ("LAB_SWARM_SUBNETS", LAB_SWARM_SUBNETS)):
     try:
         _net = ipaddress.ip_network(_value)
     except ValueError as _exc:

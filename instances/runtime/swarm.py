@@ -130,9 +130,9 @@ class SwarmRuntime(DockerRuntime):
 
     def __init__(self, *, subnets: str | None = None, registry: str | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.swarm_subnets = subnets or getattr(settings, "LAB_SWARM_SUBNETS", "10.216.0.0/16")
+        self.swarm_subnets = subnets or settings.LAB_SWARM_SUBNETS
         self._overlay_pool = self._parse_pool("LAB_SWARM_SUBNETS", self.swarm_subnets)
-        self.registry_setting = registry if registry is not None else getattr(settings, "LAB_SWARM_REGISTRY", "")
+        self.registry_setting = registry if registry is not None else settings.LAB_SWARM_REGISTRY
         self.jobs_everywhere = False  # tests: use job services even on the manager's node
 
     # --- the swarm -------------------------------------------------------------------------

@@ -698,7 +698,10 @@ def test_get_runtime_follows_lab_runtime_and_the_instances_own(settings, monkeyp
     settings.LAB_RUNTIME = "process"
     assert get_runtime().name == "process"
     settings.LAB_RUNTIME = "swarm"
-    with pytest.raises(RuntimeError_, match="LAB_RUNTIME=swarm: no such runtime here; use auto or one of docker, process"):
+    assert get_runtime().name == "swarm"
+    settings.LAB_RUNTIME = "kubernetes"
+    with pytest.raises(RuntimeError_, match="LAB_RUNTIME=kubernetes: no such runtime here; use auto or one of docker, "
+                                            "process, swarm"):
         get_runtime()
     settings.LAB_RUNTIME = "auto"
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no.sock")

@@ -166,7 +166,23 @@ def statuses(entries: list[dict]) -> Counter:
 RUNS = [("boss", "coverage,fuzzing", MAX_EXAMPLES), ("alice", "coverage,fuzzing", 5), ("anonymous", "fuzzing", 2)]
 
 
-def test_schemathesis_as_each_persona(lab):
+@pytest.fixture
+def nodes_kept():
+    """The lab manager's fuzz may drain (pause) a real swarm node of this machine: it lists
+    the nodes and takes their ids (`POST /api/v1/nodes/{id}/drain` is documented for it). Each
+    node's availability is put back afterwards, so later tests find the node as it was."""
+    from instances.runtime.swarm import SwarmRuntime
+
+    runtime = SwarmRuntime()
+    before = {n["id"]: n["availability"] for n in runtime.nodes()} if runtime.available() else {}
+    yield
+    for node in (runtime.nodes() if before else []):
+        if node["id"] in before and node["availability"] != before[node["id"]]:
+            print(f"node {node['hostname']}: {node['availability']} again {before[node['id']]}")
+            runtime.set_node_availability(node["id"], before[node["id"]])
+
+
+def test_schemathesis_as_each_persona(lab, nodes_kept):
     """One server for all three runs (they share its data: the experimenter's run meets
     what the lab manager's run created and changed)."""
     for persona, phases, examples in RUNS:

@@ -47,7 +47,9 @@ def test_a_well_formed_environment_passes_the_check():
     ("LAB_KEEP_RELEASES", "five"),
     ("LAB_LOCK_TTL", "30s"),
     ("LAB_PROCESS_ISOLATION", "some"),
-    ("LAB_RUNTIME", "swarm"),  # refused here, in one place, until a swarm backend exists
+    ("LAB_RUNTIME", "kubernetes"),  # no such backend file: refused at start-up, in one place
+    ("LAB_SWARM_REGISTRY", "http://registry"),  # host[:port][/path], no scheme
+    ("LAB_SWARM_SUBNETS", "10.216.0.0/99"),
     ("LAB_PROXY_TRUSTED_IPS", "10.0.0.0/33"),
     ("LAB_THROTTLE_RESTART", "lots"),
 ])
