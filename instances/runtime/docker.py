@@ -443,19 +443,22 @@ class DockerRuntime:
     def volume_name(self, name: str) -> str:
         return f"{self._prefix(name)}-pgdata"
 
-    def _labels(self, name: str, component: str, **extra: str) -> dict[str, str]:
-        return {LABEL_MANAGER: self.manager_id, LABEL_INSTANCE: name, LABEL_COMPONENT: component, **extra}
+    # `owner`: the label that carries the manager id (the swarm backend marks its own resources
+    # with another one, so the two backends never take each other's for their own).
 
-    def _filters(self, name: str | None = None, **extra: str) -> dict:
-        labels = [f"{LABEL_MANAGER}={self.manager_id}"]
+    def _labels(self, name: str, component: str, *, owner: str = LABEL_MANAGER, **extra: str) -> dict[str, str]:
+        return {owner: self.manager_id, LABEL_INSTANCE: name, LABEL_COMPONENT: component, **extra}
+
+    def _filters(self, name: str | None = None, *, owner: str = LABEL_MANAGER, **extra: str) -> dict:
+        labels = [f"{owner}={self.manager_id}"]
         if name is not None:
             labels.append(f"{LABEL_INSTANCE}={name}")
         labels += [f"{k}={v}" for k, v in extra.items()]
         return {"label": labels}
 
-    def _ours(self, labels: dict | None, name: str) -> bool:
+    def _ours(self, labels: dict | None, name: str, *, owner: str = LABEL_MANAGER) -> bool:
         labels = labels or {}
-        return labels.get(LABEL_MANAGER) == self.manager_id and labels.get(LABEL_INSTANCE) == name
+        return labels.get(owner) == self.manager_id and labels.get(LABEL_INSTANCE) == name
 
     # --- desired configuration ----------------------------------------------------------
 

@@ -244,19 +244,16 @@ class SwarmRuntime(DockerRuntime):
             return super().network_name(name, role)
         return f"{self._prefix(name)}-{NETWORKS[role]}"
 
+    # The docker backend's labels, with this backend's own owner label (builds keep docker's).
+
     def _swarm_labels(self, name: str, component: str, **extra: str) -> dict[str, str]:
-        return {LABEL_SWARM: self.manager_id, LABEL_INSTANCE: name, LABEL_COMPONENT: component, **extra}
+        return self._labels(name, component, owner=LABEL_SWARM, **extra)
 
     def _swarm_filters(self, name: str | None = None, **extra: str) -> dict:
-        labels = [f"{LABEL_SWARM}={self.manager_id}"]
-        if name is not None:
-            labels.append(f"{LABEL_INSTANCE}={name}")
-        labels += [f"{k}={v}" for k, v in extra.items()]
-        return {"label": labels}
+        return self._filters(name, owner=LABEL_SWARM, **extra)
 
     def _swarm_ours(self, labels: dict | None, name: str) -> bool:
-        labels = labels or {}
-        return labels.get(LABEL_SWARM) == self.manager_id and labels.get(LABEL_INSTANCE) == name
+        return self._ours(labels, name, owner=LABEL_SWARM)
 
     # --- services -------------------------------------------------------------------------------
 
