@@ -26,6 +26,12 @@ tenant reaches everything on loopback. So the manager keeps a few iptables rules
   apps nothing else new out, the builders may (pip). The same in ip6tables when the
   host has IPv6 (loopback ::1 and the host's v6 addresses are local too).
 
+- Swarm: the apps (docker_gwbridge and the overlays) reach no node of the swarm either
+  (`lab_hosts`: their addresses, recorded by the swarm runtime in the data dir); on the
+  swarm's other nodes the same rules are kept by instances/node_guard.py (a global service
+  the swarm runtime runs there), where only the manager's address (`proxy_from`) reaches
+  the apps' published ports and no registry port is open.
+
 Rejections answer at once (ICMP "administratively prohibited": the app's connect fails
 with "No route to host" instead of hanging).
 
@@ -89,7 +95,12 @@ class Policy:
     builder_uids: tuple[int, int]  # process runtime: the venv builders
     egress: str = "open"  # open | deny: the apps' new connections to the outside
     swarm_bridge: bool = False  # a swarm node: its apps' published ports answer only this machine
-    registry_port: int = 5000  # the lab registry's port in its container (other nodes pull from it)
+    registry_port: int = 5000  # the lab registry's port in its container (other nodes pull from it); 0: none here
+    # A swarm's nodes (their addresses): no app on any node reaches one of them (its engine,
+    # the lab's registry, whatever else it serves); on a node that is not the manager's, the
+    # addresses that may reach the apps' published ports (the manager's proxy).
+    lab_hosts: tuple[str, ...] = ()
+    proxy_from: tuple[str, ...] = ()
     data_dir: str = ""  # recorded with the jumps: a manager whose data dir is gone is cleaned up
     resolv_conf: str = "/etc/resolv.conf"
 
@@ -105,6 +116,7 @@ class Policy:
             app_uids=tuple(settings.LAB_PROCESS_APP_UIDS),
             builder_uids=tuple(settings.LAB_PROCESS_BUILDER_UIDS),
             egress=settings.LAB_EGRESS,
+            lab_hosts=read_lab_hosts(Path(settings.DATA_DIR)),
             data_dir=(CONTAINER_PREFIX if in_manager_image() else "") + str(settings.DATA_DIR),
         )
 
@@ -126,6 +138,37 @@ def swarm_pools(overlays: str = "") -> tuple[str, ...]:
             bridge = str(ipaddress.ip_interface(f"{addr.address}/{addr.netmask}").network)
             return (bridge, *([overlays] if overlays else []))
     return ()
+
+
+LAB_HOSTS_FILE = "swarm-nodes"  # in the data dir: the swarm's node addresses, one per line
+
+
+def read_lab_hosts(data_dir: Path) -> tuple[str, ...]:
+    """The swarm's node addresses as the swarm runtime last wrote them (none: not a swarm
+    manager). Only valid addresses count."""
+    try:
+        lines = (data_dir / LAB_HOSTS_FILE).read_text().split()
+    except OSError:
+        return ()
+    hosts = []
+    for line in lines:
+        try:
+            hosts.append(str(ipaddress.ip_address(line)))
+        except ValueError:
+            continue
+    return tuple(sorted(set(hosts)))
+
+
+def write_lab_hosts(data_dir: Path, hosts) -> bool:
+    """Record the swarm's node addresses (atomically); True when they changed."""
+    hosts = tuple(sorted({str(ipaddress.ip_address(h)) for h in hosts}))
+    if read_lab_hosts(data_dir) == hosts:
+        return False
+    path = data_dir / LAB_HOSTS_FILE
+    tmp = path.with_name(f".{LAB_HOSTS_FILE}.{os.getpid()}")
+    tmp.write_text("".join(f"{h}\n" for h in hosts))
+    os.replace(tmp, path)
+    return True
 
 
 @dataclass(frozen=True)
@@ -231,14 +274,21 @@ def desired_chains(policy: Policy, version: int, resolvers: list[str]) -> dict[s
         forward += [_rule(src=p, bridged=True, target="RETURN") for p in pools]  # within one network: Docker's rules
         forward += [_rule(src=p, state="DNAT", target=reject) for p in pools]  # ports published on the host
         forward += [_rule(src=p, dst=d, target=reject) for p in pools for d in (*LINK_LOCAL[4], *pools)]
+        hosts = [h for h in policy.lab_hosts if ipaddress.ip_address(h).version == 4]
+        forward += [_rule(src=p, dst=h, target=reject) for p in pools for h in hosts]  # the swarm's nodes
         if policy.egress == "deny":
             forward += [_rule(src=p, target=reject) for p in policy.app_pools]
         if policy.swarm_bridge:
             # Swarm publishes an app's port on every address of its node: from another machine
-            # (forwarded, address-translated to a task on docker_gwbridge) only the lab's
-            # registry answers; the manager reaches its apps over loopback (not forwarded).
-            forward.append(f"-o {SWARM_BRIDGE} -p tcp -m conntrack --ctstate DNAT -m tcp ! --dport "
-                           f"{policy.registry_port} -j {reject}")
+            # (forwarded, address-translated to a task on docker_gwbridge) only the manager's
+            # proxy (`proxy_from`, on the other nodes) and the lab's registry (on the
+            # manager's node) answer; the manager reaches its own node's apps over loopback.
+            forward += [_rule(src=a, out_if=SWARM_BRIDGE, state="DNAT", target="RETURN") for a in policy.proxy_from]
+            if policy.registry_port:
+                forward.append(f"-o {SWARM_BRIDGE} -p tcp -m conntrack --ctstate DNAT -m tcp ! --dport "
+                               f"{policy.registry_port} -j {reject}")
+            else:
+                forward.append(_rule(out_if=SWARM_BRIDGE, state="DNAT", target=reject))
         chains[policy.chain("FWD")] = forward
     outbound = []
 
@@ -249,6 +299,8 @@ def desired_chains(policy: Policy, version: int, resolvers: list[str]) -> dict[s
         return tcp + [_rule(**kw, target=reject)]
 
     for uids, builder in ((policy.app_uids, False), (policy.builder_uids, True)):
+        if not uids:  # no such users here (a swarm node: no process runtime)
+            continue
         outbound.append(_rule(owner=uids, state="RELATED,ESTABLISHED", target="RETURN"))
         if builder or policy.egress == "open":
             outbound += [_rule(dst=r, proto=p, owner=uids, dport=53, target="RETURN") for r in resolvers
@@ -347,7 +399,7 @@ def _check_namespace() -> None:
         interfaces = os.listdir("/sys/class/net")
     except OSError:
         interfaces = []
-    if not any(i == "docker0" or i.startswith("br-") for i in interfaces):
+    if not any(i in ("docker0", SWARM_BRIDGE) or i.startswith("br-") for i in interfaces):
         raise NetguardError(
             "the manager runs in a container without the host's network, where firewall rules would guard only "
             "that container: run `python manage.py firewall` on the host as root (or the manager with "

@@ -424,6 +424,10 @@ def sweep_leftovers() -> dict:
     known = set(Instance.objects.values_list("name", flat=True))
     orphans = set()
     for runtime in runtimes:
+        try:
+            runtime.ensure_protections()  # e.g. the swarm's other nodes: a node that joined is guarded
+        except RuntimeError_ as exc:
+            log.warning("%s: %s", runtime.name, exc)
         for name in runtime.owned_instances() - known:
             log.warning("removing orphaned %s resources of instance %s", runtime.name, name)
             runtime.remove(name)

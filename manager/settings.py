@@ -52,6 +52,8 @@ LAB_IMAGE_PYTHON = env_str("LAB_IMAGE_PYTHON", "python:3.11-slim")
 # to the swarm's nodes: only built locally (`manage.py build_images`, Debian's
 # docker-registry, distribution 2.8; non-root, data in the volume /var/lib/docker-registry).
 LAB_IMAGE_REGISTRY = env_str("LAB_IMAGE_REGISTRY", "otree-lab/registry:2.8")
+# The swarm runtime's firewall on the other nodes (iptables + Python; `manage.py build_images`).
+LAB_IMAGE_NETGUARD = env_str("LAB_IMAGE_NETGUARD", "otree-lab/netguard:1")
 # The swarm runtime (LAB_RUNTIME=swarm; README "Docker Swarm"). LAB_SWARM_REGISTRY: the
 # registry address the swarm's nodes pull release images from (host:port); empty: the
 # manager runs one (LAB_IMAGE_REGISTRY) on its own node and nodes pull from

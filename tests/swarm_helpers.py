@@ -90,3 +90,8 @@ def purge(manager_id: str) -> None:
                     or (client.volumes(filters=filters).get("Volumes") or []))
 
     wait_until(gone, timeout=60, interval=0.5, message=f"the swarm resources of {manager_id} removed")
+    for config in client.configs(filters=filters):  # the nodes' firewall code (no service names it now)
+        try:
+            client.remove_config(config["ID"])
+        except Exception:  # noqa: BLE001
+            pass

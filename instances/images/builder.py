@@ -5,7 +5,9 @@ settings: LAB_IMAGE_POSTGRES, LAB_IMAGE_REDIS, LAB_IMAGE_PYTHON). `manage.py bui
 builds equivalent images from a Debian mirror instead and tags them with those same names,
 so the defaults work without any further configuration. It also builds `registry`
 (LAB_IMAGE_REGISTRY, Debian's docker-registry), the container registry through which the
-swarm runtime carries release images to the swarm's nodes:
+swarm runtime carries release images to the swarm's nodes, and `netguard`
+(LAB_IMAGE_NETGUARD, Debian's iptables and Python), the instances' firewall on the swarm's
+other nodes:
 
 1. debootstrap (variant minbase) one Debian root file system into a temporary directory,
    add the extra CA bundle to its trust store when one is given, apply the suite's
@@ -43,7 +45,7 @@ import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 
 HERE = Path(__file__).resolve().parent
-IMAGES = ("postgres", "redis", "python", "registry")
+IMAGES = ("postgres", "redis", "python", "registry", "netguard")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
 DEFAULT_SUITE = "bookworm"
@@ -93,6 +95,7 @@ def configured_names() -> dict[str, str]:
         "redis": settings.LAB_IMAGE_REDIS,
         "python": settings.LAB_IMAGE_PYTHON,
         "registry": settings.LAB_IMAGE_REGISTRY,
+        "netguard": settings.LAB_IMAGE_NETGUARD,
     }
 
 
@@ -413,6 +416,19 @@ def check_image(client: docker.DockerClient, image: str, tag: str) -> str:
         if len(found) != 3:
             raise BuildError(f"{tag}: python, pip or git missing:\n{text}")
         return ", ".join(f"{name.split()[0]} {ver}" for name, ver in found)
+
+    if image == "netguard":  # the tools the node guard runs (it needs the node's network to apply rules)
+        try:
+            output = client.containers.run(
+                tag, ["sh", "-c", "iptables-nft --version && iptables-legacy --version && python3 --version && "
+                                  "python3 -c 'import psutil; print(\"psutil\", psutil.__version__)'"],
+                remove=True, labels=labels, stderr=True)
+        except DockerException as exc:
+            raise BuildError(f"{tag} does not work: {exc}") from None
+        text = output.decode(errors="replace")
+        if text.count("iptables v") != 2 or "Python 3" not in text or "psutil" not in text:
+            raise BuildError(f"{tag}: iptables, python3 or psutil missing:\n{text}")
+        return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
     if image == "postgres":  # as an instance uses it
         env = {"POSTGRES_PASSWORD": secrets.token_urlsafe(12), "POSTGRES_USER": "check", "POSTGRES_DB": "check"}

@@ -298,3 +298,7 @@ class Runtime(Protocol):
 
     def owned_instances(self) -> set[str]:
         """Names of the instances this backend has any resource of (for the orphan sweep)."""
+
+    def ensure_protections(self) -> None:
+        """The sweep's pass over what guards the instances beyond this machine's firewall
+        (the swarm's other nodes); nothing for a one-machine backend."""

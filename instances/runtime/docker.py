@@ -1488,6 +1488,9 @@ class DockerRuntime:
             return ""
         return out.decode("utf-8", errors="replace")
 
+    def ensure_protections(self) -> None:
+        """Nothing beyond this machine's firewall (the sweep applies that)."""
+
     @_user_errors
     def owned_instances(self) -> set[str]:
         labelled = [item.get("Labels") for found in self._labelled() for item in found]

@@ -1414,6 +1414,9 @@ class ProcessRuntime:
             return ""
         return "\n".join(data.decode(errors="replace").splitlines()[-max(1, int(lines)):]) + "\n"
 
+    def ensure_protections(self) -> None:
+        """Nothing beyond this machine's firewall (the sweep applies that)."""
+
     @_user_errors
     def owned_instances(self) -> set[str]:
         if not self.instances_root.exists():

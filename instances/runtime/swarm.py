@@ -397,6 +397,7 @@ class SwarmRuntime(DockerRuntime):
         self._guard()
         node = node or self.node_of(name) or self._choose_node(spec.memory_mb + spec.db_memory_mb
                                                                 + spec.redis_memory_mb)
+        self._wait_guarded(node)
         networks = {role: self._ensure_overlay(name, role) for role in NETWORKS}
         for component in ("db", "redis"):
             template, endpoint = self._task_template(spec, component, node, networks)
@@ -1205,6 +1206,151 @@ class SwarmRuntime(DockerRuntime):
                        if (s["Spec"].get("Labels") or {}).get(LABEL_COMPONENT) == "db"
                        and self._service_node(s) == node_id} - {""})
 
+    # --- the firewall on the other nodes -------------------------------------------------------------
+
+    GUARD_TIMEOUT = 90  # seconds a node's firewall may take to be in place before an instance starts there
+    GUARD_OK = "/run/otree-lab-guard.ok"  # see instances/node_guard.py
+
+    def guard_service_name(self) -> str:
+        return f"lab-{self.manager_id}-netguard"
+
+    @staticmethod
+    def _raw_address(node: dict) -> str:
+        """A node's swarm address (a manager's may read 0.0.0.0 there: then its manager address)."""
+        addr = (node.get("Status") or {}).get("Addr") or ""
+        if addr in ("", "0.0.0.0"):
+            addr = ((node.get("ManagerStatus") or {}).get("Addr") or "").rpartition(":")[0]
+        try:
+            return str(ipaddress.ip_address(addr.strip("[]")))
+        except ValueError:
+            return ""
+
+    def _guard(self):
+        """The manager machine's rules (with the swarm's node addresses, which its apps may not
+        reach), and the other nodes' firewall service."""
+        from instances import netguard
+
+        raw = self._call("listing the swarm's nodes", self.api.nodes)
+        hosts = sorted({a for a in map(self._raw_address, raw) if a})
+        netguard.write_lab_hosts(Path(settings.DATA_DIR), hosts)
+        status = super()._guard()
+        if any(n["ID"] != self.local_node for n in raw):
+            try:
+                self._ensure_node_guard(raw, hosts)
+                self._node_guard_error = ""
+            except RuntimeError_ as exc:  # the instances there wait (`_wait_guarded` says why)
+                if str(exc) != self._node_guard_error:
+                    log.warning("the other nodes' firewall: %s", exc)
+                self._node_guard_error = str(exc)
+        return status
+
+    _node_guard_error = ""
+
+    def ensure_protections(self) -> None:
+        """The sweep's pass: a node that joined gets the firewall (and the others its address)."""
+        self._guard()
+
+    def _ensure_node_guard(self, raw: list[dict], hosts: list[str]) -> None:
+        """The global service that keeps netguard's rules on every node but this one
+        (instances/node_guard.py); updated when its image, code or policy changed."""
+        from instances import netguard, node_guard
+
+        sname = self.guard_service_name()
+        me = next((self._raw_address(n) for n in raw if n["ID"] == self.local_node), "")
+        policy = json.dumps({"manager_id": self.manager_id, "overlays": self.swarm_subnets,
+                             "egress": settings.LAB_EGRESS, "lab_hosts": hosts, "proxy_from": [me] if me else []},
+                            sort_keys=True)
+        sources = {"netguard.py": Path(netguard.__file__).read_bytes(),
+                   "node_guard.py": Path(node_guard.__file__).read_bytes()}
+        image = settings.LAB_IMAGE_NETGUARD
+        if not self._image_exists(image):
+            raise RuntimeError_(f"image {image} (the other nodes' firewall) not found: build it with "
+                                "`python manage.py build_images --only netguard`")
+        image_id = self._call(f"inspecting {image}", self.api.inspect_image, image)["Id"]
+        wanted = hashlib.sha256(json.dumps([image_id, policy, {k: hashlib.sha256(v).hexdigest()
+                                                               for k, v in sources.items()}]).encode()).hexdigest()[:16]
+        service = self._inspect_service(sname)
+        if service is not None and (service["Spec"].get("Labels") or {}).get(LABEL_SWARM) != self.manager_id:
+            raise RuntimeError_(f"a swarm service named {sname} exists that this manager did not create")
+        if service is not None and (service["Spec"].get("Labels") or {}).get(LABEL_CONFIG) == wanted:
+            return
+        labels = {LABEL_SWARM: self.manager_id, LABEL_COMPONENT: "netguard"}
+        configs = []
+        for filename, data in sources.items():
+            cname = f"lab-{self.manager_id}-netguard-{filename.removesuffix('.py').replace('_', '-')}-" \
+                    f"{hashlib.sha256(data).hexdigest()[:12]}"
+            found = [c for c in self._call("listing configs", self.api.configs, filters={"name": cname})
+                     if c["Spec"]["Name"] == cname]
+            if found and (found[0]["Spec"].get("Labels") or {}).get(LABEL_SWARM) != self.manager_id:
+                raise RuntimeError_(f"a swarm config named {cname} exists that this manager did not create")
+            config_id = found[0]["ID"] if found else self._call(
+                "creating a swarm config", self.api.create_config, cname, data, labels=labels)["ID"]
+            configs.append({"File": {"Name": f"/guard/{filename}", "UID": "0", "GID": "0", "Mode": 0o444},
+                            "ConfigID": config_id, "ConfigName": cname})
+        host = self._call("inspecting the host network", self.api.inspect_network, "host")["Id"]
+        template = {
+            "ContainerSpec": {"Image": self._pushed(image), "Command": ["python3", "/guard/node_guard.py"],
+                              "Env": [f"LAB_NODE_GUARD={policy}"], "Labels": labels, "Configs": configs,
+                              "CapabilityDrop": ["ALL"], "CapabilityAdd": ["CAP_NET_ADMIN", "CAP_NET_RAW"],
+                              "Healthcheck": {"Test": ["CMD", "test", "-e", self.GUARD_OK], "Interval": _nanos(2),
+                                              "Timeout": _nanos(5), "Retries": 2, "StartPeriod": _nanos(60)}},
+            "Networks": [{"Target": host}],
+            "Resources": {"Limits": {"MemoryBytes": 64 * 2**20, "Pids": 32},
+                          "Reservations": {"MemoryBytes": 16 * 2**20}},
+            "RestartPolicy": {"Condition": "any", "Delay": _nanos(2)},
+            "Placement": {"Constraints": [f"node.id!={self.local_node}"]},
+            "LogDriver": {"Name": "json-file", "Options": {"max-size": "1m", "max-file": "2"}},
+        }
+        if service is None:
+            try:
+                self.api.create_service(template, name=sname, labels={**labels, LABEL_CONFIG: wanted},
+                                        mode={"Global": {}})
+            except APIError as exc:
+                if exc.status_code != 409:
+                    raise RuntimeError_(f"starting the nodes' firewall: {_short(exc)}") from None
+        else:
+            self._update_service(service, template=template, labels={**labels, LABEL_CONFIG: wanted})
+        in_use = {c["ConfigID"] for c in configs}
+        for config in self._call("listing configs", self.api.configs,
+                                 filters={"label": [f"{LABEL_SWARM}={self.manager_id}", f"{LABEL_COMPONENT}=netguard"]}):
+            if config["ID"] not in in_use:
+                try:
+                    self.api.remove_config(config["ID"])
+                except (NotFound, APIError):
+                    pass  # still named by a task being replaced: the next pass
+
+    def node_guarded(self, node: str) -> tuple[bool, str]:
+        """Whether the firewall is in place on `node` (another node than the manager's): its
+        guard task runs (it counts as running only once its rules are in place); else why not."""
+        service = self._inspect_service(self.guard_service_name())
+        if service is None:
+            return False, self._node_guard_error or "the nodes' firewall service is not running"
+        tasks = self._call("listing the firewall's tasks", self.api.tasks,
+                           filters={"service": service["ID"], "node": node})
+        tasks.sort(key=lambda t: t.get("UpdatedAt", ""), reverse=True)
+        if any((t.get("Status") or {}).get("State") == "running" and t.get("DesiredState") == "running" for t in tasks):
+            return True, ""
+        if not tasks:
+            return False, "no firewall task on the node yet"
+        status = tasks[0].get("Status") or {}
+        return False, f"its firewall task is {status.get('State', 'unknown')}" + \
+            (f": {status['Err']}" if status.get("Err") else "")
+
+    def _wait_guarded(self, node: str) -> None:
+        """Wait until the firewall is in place on `node` before an instance starts there."""
+        if node == self.local_node:
+            return
+        deadline = time.monotonic() + self.GUARD_TIMEOUT
+        while True:
+            ok, why = self.node_guarded(node)
+            if ok:
+                return
+            if time.monotonic() >= deadline:
+                where = (self._node_info(node) or {}).get("hostname", node[:12])
+                raise RuntimeError_(f"the firewall of node {where} is not in place ({why}); no instance starts "
+                                    f"there until it is (docker service ps {self.guard_service_name()})")
+            time.sleep(0.5)
+
     # --- the registry -------------------------------------------------------------------------------
 
     def registry_service_name(self) -> str:
@@ -1266,7 +1412,8 @@ class SwarmRuntime(DockerRuntime):
         return push, f"{address}:{port}"
 
     def _pushed(self, image: str) -> str:
-        """`image` (on this engine) pushed to the lab's registry; the reference nodes pull."""
+        """`image` (on this engine) pushed to the lab's registry; the reference nodes pull:
+        `<registry>/<path>@sha256:...`, the digest of what was pushed."""
         push, pull = self._registry()
         repository, _, tag = image.rpartition(":")
         if not repository or "/" in tag:
@@ -1274,16 +1421,21 @@ class SwarmRuntime(DockerRuntime):
         path = f"lab-{self.manager_id}/{repository.replace(':', '-')}"
         local = f"{push}/{path}"
         self._call(f"tagging {image} for the registry", self.api.tag, image, local, tag)
-        errors = []
+        errors, digest = [], ""
         try:
             for chunk in self.api.push(local, tag=tag, stream=True, decode=True):
                 if chunk.get("error"):
                     errors.append(chunk["error"])
+                digest = (chunk.get("aux") or {}).get("Digest") or digest
         except (APIError, requests.RequestException) as exc:
             errors.append(_short(exc))
         if errors:
             raise RuntimeError_(f"pushing {image} to the lab's registry ({push}) failed: {errors[-1][:300]}")
-        return f"{pull}/{path}:{tag}"
+        if not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            raise RuntimeError_(f"pushing {image} to the lab's registry ({push}): the registry named no digest")
+        # By digest: a node runs exactly what was pushed, whatever a tag in the registry
+        # names later (the engine checks the content against the digest).
+        return f"{pull}/{path}@{digest}"
 
     # --- the page -----------------------------------------------------------------------------------
 
@@ -1299,22 +1451,21 @@ class SwarmRuntime(DockerRuntime):
         return (major, minor) >= (1, 46)
 
     def protections(self, name: str) -> list:
-        """What holds for a swarm instance: the task's own settings; the firewall's part only
-        on the manager's node (netguard runs there), as netguard finds it now."""
+        """What holds for a swarm instance: the task's own settings; the firewall's part as
+        netguard finds it on the manager's node, or as the node's firewall task says."""
         from instances import netguard
 
         from .docker import PAGE_STATUS_AGE
 
+        guard = netguard.status(self.policy, max_age=PAGE_STATUS_AGE)
         try:
             node = self.node_of(name)
             remote = bool(node) and node != self.local_node
             where = (self._node_info(node) or {}).get("hostname", node[:12]) if remote else "this machine"
-        except RuntimeError_:
-            remote, where = True, "its node (the swarm does not answer)"
-        guard = netguard.status(self.policy, max_age=PAGE_STATUS_AGE)
-        fenced = guard.enforced and not remote
-        why = (f" — its node, {where}, is not the manager's machine: the firewall (instances/netguard.py) runs "
-               "on the manager's machine only" if remote else (f" — {guard.detail}" if not guard.enforced else ""))
+            fenced, why = self.node_guarded(node) if remote else (guard.enforced, guard.detail)
+        except RuntimeError_ as exc:
+            remote, where, fenced, why = True, "its node", False, f"the swarm does not answer: {exc}"
+        why = f" — on {where}: {why}" if not fenced else ""
         egress = settings.LAB_EGRESS
         nnp = self._no_new_privileges()
         return [
@@ -1324,20 +1475,22 @@ class SwarmRuntime(DockerRuntime):
                                          "setuid program of the image could become root inside its own container "
                                          "(still without capabilities)")),
             Protection("Host and other instances", fenced,
-                       "its own PostgreSQL and Redis (password) on a private overlay network; the firewall keeps it "
-                       "from every service of this machine, from other instances and from link-local/metadata "
+                       "its own PostgreSQL and Redis (password) on a private overlay network; the firewall of its "
+                       f"node ({where}) keeps it from every service of that node, from the swarm's other nodes "
+                       "(the lab's registry included), from other instances and from link-local/metadata "
                        "addresses" if fenced else
                        "other instances' services are on overlay networks it cannot reach, but the firewall is not "
                        f"in place: services of its node and metadata addresses may answer{why}"),
             Protection("Outside network", True if egress == "open" else fenced,
-                       "open by the lab's choice (LAB_EGRESS=open): the app may call services outside its node"
-                       if egress == "open" else
+                       "open by the lab's choice (LAB_EGRESS=open): the app may call services outside the lab's "
+                       "machines" if egress == "open" else
                        "closed (LAB_EGRESS=deny): the app opens no connection out of its node"
                        if fenced else f"LAB_EGRESS=deny is not enforced{why}"),
-            Protection("Its port", False,
-                       "Swarm publishes the app's port on every address of its node (there is no host-mode "
-                       "publishing on one address): the app answers there without the proxy; let only the "
-                       "manager's machine reach the nodes' ports with the nodes' firewall (README, Docker Swarm)"),
+            Protection("Its port", fenced,
+                       "Swarm publishes the app's port on every address of its node; the firewall lets only the "
+                       "manager's machine reach it (participants come through the proxy)" if fenced else
+                       f"Swarm publishes the app's port on every address of its node: without the firewall the app "
+                       f"answers there without the proxy{why}"),
             Protection("Memory", True, "the instance's memory limit (PostgreSQL and Redis have their own); Swarm sets "
                                        "no swap limit: where its node has swap, the app may use swap too"),
             Protection("CPU", True, "the instance's CPU limit (a share of its node's CPUs, enforced by the kernel)"),

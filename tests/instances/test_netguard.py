@@ -147,6 +147,33 @@ def test_ensure_is_idempotent_repairs_drift_and_remove_leaves_nothing(firewall):
     assert not netguard.remove(p)  # nothing left to remove
 
 
+def test_a_swarm_nodes_rules_are_in_place_as_iptables_prints_them(firewall, tmp_path):
+    """The swarm's rule set (the node guard's: no process users, no registry, the proxy's
+    address let through to the published ports; the manager's: the recorded node addresses
+    refused) applied for real: in place afterwards, idempotent; junk in the recorded node
+    list is ignored."""
+    assert netguard.write_lab_hosts(tmp_path, ["172.31.9.9", "172.31.9.8"]) is True
+    assert netguard.write_lab_hosts(tmp_path, ["172.31.9.8", "172.31.9.9"]) is False  # the same set
+    (tmp_path / netguard.LAB_HOSTS_FILE).write_text("172.31.9.9\nnot-an-address\n;iptables -F\n172.31.9.8\n")
+    assert netguard.read_lab_hosts(tmp_path) == ("172.31.9.8", "172.31.9.9")
+    from instances import node_guard
+
+    text = json.dumps({"manager_id": "x", "overlays": "10.216.0.0/16", "egress": "deny",
+                       "lab_hosts": ["172.31.9.8"], "proxy_from": ["172.31.9.1"]})
+    node = node_guard.policy_from_env(text)
+    assert node.app_uids == node.builder_uids == () and node.registry_port == 0 and node.egress == "deny"
+    p = firewall(app_uids=(), builder_uids=(), swarm_bridge=True, registry_port=0,
+                 lab_hosts=netguard.read_lab_hosts(tmp_path), proxy_from=("172.31.9.1",))
+    first = netguard.ensure(p)
+    assert first.enforced and first.changed, first.detail
+    assert netguard.ensure(p).changed is False
+    rules = ours(p.manager_id)
+    assert f"-A LAB-{p.manager_id}-FWD -s {APP_POOL} -d 172.31.9.8/32 -j REJECT" in rules
+    assert f"-A LAB-{p.manager_id}-FWD -s 172.31.9.1/32 -o docker_gwbridge -m conntrack --ctstate DNAT -j RETURN" in rules
+    assert f"-A LAB-{p.manager_id}-FWD -o docker_gwbridge -m conntrack --ctstate DNAT -j REJECT" in rules
+    assert "--uid-owner" not in rules  # no process users on a node
+
+
 def test_two_managers_coexist_and_a_gone_one_is_cleaned_up(firewall, tmp_path):
     one, two = firewall(), firewall(egress="deny", data_dir=str(tmp_path / "data"))
     (tmp_path / "data").mkdir()

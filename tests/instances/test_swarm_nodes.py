@@ -5,7 +5,10 @@ plain-HTTP registry on the manager's node.
 1. an instance placed on the second node (its runtime's placement pinned there);
 2. `ensure`: PostgreSQL and Redis run there (their images reach it through the lab's
    registry), `state()` says running, `node_of` names the node;
-3. `deploy_app`: the app answers HTTP from this machine at the node's address;
+3. `deploy_app`: the app answers HTTP from this machine at the node's address; the node's
+   firewall (a global service, instances/node_guard.py) keeps the app from the lab's
+   registry, this machine's services, the node's own and metadata addresses; the node runs
+   the images by digest, so a tag overwritten in the registry changes nothing;
 4. SQL, `backup_database` (a job on the node, the dump back through its logs: a valid
    PGDMP archive with the row), `reset_database`, `logs(..., "db")`;
 5. node loss: the node's container stopped, the instance's state says EXITED and names the
@@ -24,7 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import secrets
+import socket
 import subprocess
 import time
 import types
@@ -100,8 +105,10 @@ def http_ok(url: str) -> bytes | None:
 def ours_on_node(node: swarm_node.Node) -> dict[str, list[str]]:
     """What of this manager id the second node's own engine still has."""
     label = f"label={LABEL_SWARM}={MID}"
+    containers = node.docker("ps", "--all", "--filter", label, "--format",
+                             "{{.Names}} {{.Status}} {{.Label \"org.otree-lab.component\"}}").splitlines()
     return {
-        "containers": node.docker("ps", "--all", "--filter", label, "--format", "{{.Names}} {{.Status}}").splitlines(),
+        "containers": [c for c in containers if not c.endswith(" netguard")],  # the node's firewall stays
         "volumes": node.docker("volume", "ls", "--quiet", "--filter", label).split(),
         "networks": [n for n in node.docker("network", "ls", "--format", "{{.Name}}").split()
                      if n.startswith(f"lab-{MID}-")],
@@ -122,8 +129,9 @@ def ours_on_host(rt: SwarmRuntime, name: str) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def node():
-    need(dh.engine_ok() and dh.images_present(PG, REDIS, PY, settings.LAB_IMAGE_REGISTRY),
-         f"a Docker engine with {PG}, {REDIS}, {PY}, {settings.LAB_IMAGE_REGISTRY} (manage.py build_images)")
+    need(dh.engine_ok() and dh.images_present(PG, REDIS, PY, settings.LAB_IMAGE_REGISTRY, settings.LAB_IMAGE_NETGUARD),
+         f"a Docker engine with {PG}, {REDIS}, {PY}, {settings.LAB_IMAGE_REGISTRY}, {settings.LAB_IMAGE_NETGUARD} "
+         "(manage.py build_images)")
     from tests.swarm_helpers import ensure_swarm
 
     need(ensure_swarm(), "a Docker engine in swarm mode (docker swarm init)")
@@ -199,8 +207,12 @@ def test_ensure_runs_db_and_redis_on_the_second_node(rt, node, spec_a):
     for line in pulls.splitlines():
         stamp, ref = line.split(" ", 1)
         TIMINGS[f"pulled {ref.rsplit('/', 1)[-1]} (s after ensure began)"] = int(stamp) - since
-    images = node.docker("images", "--format", "{{.Repository}}:{{.Tag}}").split()
-    assert {f"{pull}/lab-{MID}/postgres:15", f"{pull}/lab-{MID}/redis:7"} <= set(images), images
+    # Pulled by digest: what the manager pushed, whatever a tag in the registry says later.
+    images = node.docker("images", "--digests", "--format", "{{.Repository}}@{{.Digest}}").split()
+    for component in ("db", "redis"):
+        ref = rt._service(A, component)["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+        assert re.fullmatch(rf"{re.escape(pull)}/lab-{MID}/(postgres|redis)@sha256:[0-9a-f]{{64}}", ref), ref
+        assert ref in images, (ref, images)
     # The state again, from scratch (the services' tasks, job probes on the node).
     started = time.monotonic()
     again = rt.state(A)
@@ -226,6 +238,97 @@ def test_deploy_answers_at_the_second_nodes_address(rt, node, spec_a):
                       message=f"HTTP 200 from {state.app_url}")
     # A later ensure with the same spec keeps it (same service, same port).
     assert rt.ensure(spec).app_url == url
+
+
+# --- 3b. what the app on the second node reaches, and what it runs ------------------------------
+
+PROBE = ("import socket,sys\n"
+         "for target in sys.argv[1:]:\n"
+         "    host, port = target.rsplit(':', 1)\n"
+         "    try:\n"
+         "        socket.create_connection((host, int(port)), timeout=3).close(); print(target, 'connected')\n"
+         "    except OSError as e:\n"
+         "        print(target, type(e).__name__, e)\n")
+
+
+def app_container_on_node(rt: SwarmRuntime, name: str) -> str:
+    task = backends._task(rt, name, "app")
+    return (task.get("Status") or {}).get("ContainerStatus", {}).get("ContainerID", "")
+
+
+def test_the_app_on_the_second_node_reaches_nothing_of_the_lab(rt, node):
+    """A hostile app on another node than the manager's: the lab's registry (where every
+    release image lies), a service of the manager's machine, the services of its own node
+    and metadata addresses all refuse it at once; the node itself reaches them (so it is
+    the firewall, not the network, that refuses)."""
+    ok, why = rt.node_guarded(node.node_id)
+    assert ok, why
+    rules = swarm_node._docker("exec", node.name, "iptables-save", "-t", "filter")
+    assert f"-j LAB-{MID}-FWD" in rules and f"-A LAB-{MID}-FWD -s {rt.swarm_subnets}" in rules, rules[-3000:]
+    _, pull = rt._registry()
+    manager = swarm_node.manager_address().rpartition(":")[0]
+    with socket.socket() as listener:  # a service of the manager's machine on all its addresses
+        listener.bind(("0.0.0.0", 0))
+        listener.listen(16)
+        service = f"{manager}:{listener.getsockname()[1]}"
+        targets = [pull, service, f"{node.address}:7946", "169.254.169.254:80"]
+        for target in targets[:2]:  # the node itself (its engine pulls from the registry)
+            host, port = target.rsplit(":", 1)
+            reached = swarm_node._docker("exec", node.name, "bash", "-c",
+                                         f"exec 3<>/dev/tcp/{host}/{port} && echo connected", check=False)
+            assert reached == "connected", (target, reached)
+        container = app_container_on_node(rt, A)
+        assert container, backends._task(rt, A, "app")
+        started = time.monotonic()
+        out = node.docker("exec", container, "python", "-c", PROBE, *targets, timeout=60)
+        timed("the app's probes of 4 lab addresses", started)
+        results = dict(line.split(" ", 1) for line in out.splitlines())
+        assert set(results) == set(targets), out
+        for target, result in results.items():
+            assert "No route to host" in result, (target, result)  # refused at once, not timed out
+
+        # Its rules flushed while the guard is paused: the app reaches the registry and the
+        # machine's service; the guard, running again, puts the rules back within seconds.
+        [guard] = node.docker("ps", "--quiet", "--filter", f"label={LABEL_SWARM}={MID}",
+                              "--filter", "label=org.otree-lab.component=netguard").split()
+        node.docker("pause", guard)
+        try:
+            for chain in ("FWD", "IN"):
+                swarm_node._docker("exec", node.name, "iptables", "-F", f"LAB-{MID}-{chain}")
+            out = node.docker("exec", container, "python", "-c", PROBE, *targets[:2], timeout=60)
+            assert out.splitlines() == [f"{t} connected" for t in targets[:2]], out
+        finally:
+            node.docker("unpause", guard)
+        started = time.monotonic()
+        wait_until(lambda: "connected" not in node.docker("exec", container, "python", "-c", PROBE, *targets[:2]),
+                   timeout=30, interval=0.5, message="the node's rules back after the guard resumed")
+        timed("rules flushed on the node -> back (the guard's period is 3 s)", started)
+
+
+def test_a_tag_overwritten_in_the_registry_changes_nothing_on_the_node(rt, node, spec_a):
+    """Whoever reaches the registry could push another image under a release's name and
+    tag; the node runs what the manager pushed (by digest) all the same."""
+    spec = dataclasses.replace(spec_a, app=fake_app_spec(rt, A))
+    push, pull = rt._registry()
+    ref = rt._service(A, "app")["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
+    repository, tag = PY.rsplit(":", 1)
+    assert re.fullmatch(rf"{re.escape(pull)}/lab-{MID}/{re.escape(repository)}@sha256:[0-9a-f]{{64}}", ref), ref
+    poisoned = f"{push}/lab-{MID}/{repository}:{tag}"
+    host_docker("tag", REDIS, poisoned)
+    host_docker("push", poisoned, timeout=180)
+    # The node forgets its copy, so that the app's next start pulls again.
+    rt.stop(A)
+    wait_until(lambda: not node.docker("ps", "--quiet", "--filter", f"label={LABEL_SWARM}={MID}",
+                                       "--filter", f"label=org.otree-lab.instance={A}"),
+               timeout=60, interval=0.5, message=f"{A}'s containers stopped on {node.name}")
+    for image_id in set(node.docker("images", "--quiet", f"{pull}/lab-{MID}/{repository}").split()):
+        node.docker("rmi", "--force", image_id)
+    state = rt.ensure(spec)
+    assert state.app.health == Health.RUNNING, state
+    running = node.docker("inspect", "--format", "{{.Image}}", app_container_on_node(rt, A))
+    assert running == host_docker("image", "inspect", "--format", "{{.Id}}", PY)  # the python image, not redis
+    assert wait_until(lambda: http_ok(state.app_url), timeout=30, interval=0.5,
+                      message=f"HTTP 200 from {state.app_url}")
 
 
 # --- 4. SQL, backup, reset, logs through the job path ------------------------------------------
@@ -333,6 +436,15 @@ def test_placement_fewer_reservations_and_drained_node(rt, node):
     timed("node reactivated -> instance running", started)
 
 
+def test_an_app_on_this_machine_reaches_no_other_node(rt, node):
+    """The manager machine's firewall knows the swarm's nodes (the runtime records their
+    addresses): an app here reaches none of them, though this machine does."""
+    socket.create_connection((node.address, 7946), timeout=5).close()  # the node's swarm gossip port
+    container = backends.container_of(rt, B, "app")
+    out = host_docker("exec", container, "python", "-c", PROBE, f"{node.address}:7946")
+    assert "No route to host" in out, out
+
+
 # --- 7. remove -------------------------------------------------------------------------------
 
 
@@ -407,6 +519,7 @@ def test_remove_leaves_nothing_on_either_node(rt, node):
         assert ours_on_host(rt, name) == {"services": [], "networks": [], "volumes": []}
         assert rt.api.containers(all=True, filters=rt._swarm_filters(name)) == []
     assert rt.owned_instances() == set()
-    # What is left of this manager id: its registry (the fixture's purge removes it).
-    left_services = [s["Spec"]["Name"] for s in rt.api.services(filters=rt._swarm_filters())]
-    assert left_services == [rt.registry_service_name()], left_services
+    # What is left of this manager id: its registry and the nodes' firewall (the fixture's
+    # purge removes them).
+    left_services = sorted(s["Spec"]["Name"] for s in rt.api.services(filters=rt._swarm_filters()))
+    assert left_services == sorted([rt.registry_service_name(), rt.guard_service_name()]), left_services

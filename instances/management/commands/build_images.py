@@ -14,7 +14,8 @@ class Command(BaseCommand):
         "Build local equivalents of the official postgres, redis and python images from a "
         "Debian mirror (debootstrap + docker import + docker build), tagged with the names "
         "of LAB_IMAGE_POSTGRES, LAB_IMAGE_REDIS and LAB_IMAGE_PYTHON, and a container "
-        "registry (Debian's docker-registry) for the swarm runtime, tagged LAB_IMAGE_REGISTRY. "
+        "registry (Debian's docker-registry) for the swarm runtime, tagged LAB_IMAGE_REGISTRY, "
+        "and the swarm nodes' firewall image (Debian's iptables), tagged LAB_IMAGE_NETGUARD. "
         "Images that exist already are skipped. Needs root, debootstrap and a Docker engine."
     )
 
@@ -31,7 +32,7 @@ class Command(BaseCommand):
                             help="extra CA certificates (PEM) to trust, for networks that "
                                  "intercept TLS; kept in the images (pip, git, apt use them)")
         parser.add_argument("--only", nargs="+", action="extend", choices=builder.IMAGES, metavar="IMAGE",
-                            help="build only these images (postgres, redis, python, registry)")
+                            help="build only these images (postgres, redis, python, registry, netguard)")
         parser.add_argument("--force", action="store_true",
                             help="rebuild even images that exist (the Debian base too)")
 
