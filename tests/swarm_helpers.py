@@ -95,3 +95,8 @@ def purge(manager_id: str) -> None:
             client.remove_config(config["ID"])
         except Exception:  # noqa: BLE001
             pass
+    for secret in client.secrets(filters=filters):  # the registry's password file
+        try:
+            client.remove_secret(secret["ID"])
+        except Exception:  # noqa: BLE001
+            pass

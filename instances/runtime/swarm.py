@@ -48,6 +48,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import hmac
 import ipaddress
 import json
 import logging
@@ -83,6 +84,11 @@ TASK_FAILED = ("failed", "rejected", "orphaned")
 # A service's update (new settings, restart): the old task stops first (the same volume,
 # the same host port), nothing is monitored afterwards (the manager checks the app itself).
 UPDATE = {"Parallelism": 1, "Order": "stop-first", "FailureAction": "continue", "Monitor": 0}
+REGISTRY_USER = "lab"  # the built-in registry's one user (pushes and pulls)
+REGISTRY_HTPASSWD = "registry-htpasswd"  # its password file, a swarm secret in /run/secrets
+# The registry answers (401 without the password: it serves; 503: its storage fails).
+REGISTRY_HEALTH = ("exec 3<>/dev/tcp/127.0.0.1/5000; printf 'GET /v2/ HTTP/1.0\\r\\n\\r\\n' >&3; "
+                   "read -r -t 3 _ s _ <&3; [ \"$s\" = 401 ] || [ \"$s\" = 200 ]")
 JOB_OUTPUT_MB = 512  # a job's base64 output (a pg_dump of another node) is read up to this size
 
 _user_errors = user_errors(_docker_error)
@@ -1370,12 +1376,24 @@ class SwarmRuntime(DockerRuntime):
         port = int((service or {}).get("Spec", {}).get("Labels", {}).get(LABEL_PORT, "0") or 0) or free_port()
         image = settings.LAB_IMAGE_REGISTRY
         self._check_image(image, service=True)
+        password = self.registry_password()
+        secret = self._ensure_registry_secret(password)
         template = {
             "ContainerSpec": {"Image": image, "Labels": {LABEL_SWARM: self.manager_id, LABEL_COMPONENT: "registry"},
                               "Mounts": [{"Type": "volume", "Source": f"lab-{self.manager_id}-registry",
                                           "Target": "/var/lib/docker-registry",
                                           "VolumeOptions": {"Labels": {LABEL_SWARM: self.manager_id,
                                                                        LABEL_COMPONENT: "registry"}}}],
+                              # Only with the password (pushes: the manager; pulls: the nodes'
+                              # engines, given it with each service that names an image there).
+                              "Env": ["REGISTRY_AUTH=htpasswd", "REGISTRY_AUTH_HTPASSWD_REALM=otree-lab",
+                                      f"REGISTRY_AUTH_HTPASSWD_PATH=/run/secrets/{REGISTRY_HTPASSWD}"],
+                              "Secrets": [{"File": {"Name": REGISTRY_HTPASSWD, "UID": "999", "GID": "999",
+                                                    "Mode": 0o400},
+                                           "SecretID": secret["ID"], "SecretName": secret["Spec"]["Name"]}],
+                              # The image's check wants 200 from /v2/; with a password it answers 401.
+                              "Healthcheck": {"Test": ["CMD", "bash", "-c", REGISTRY_HEALTH], "Interval": _nanos(5),
+                                              "Timeout": _nanos(3), "Retries": 3},
                               "CapabilityDrop": ["ALL"]},
             "Resources": {"Limits": {"MemoryBytes": 256 * 2**20, "Pids": 128},
                           "Reservations": {"MemoryBytes": 32 * 2**20}},
@@ -1400,7 +1418,7 @@ class SwarmRuntime(DockerRuntime):
         deadline = time.monotonic() + 60
         while True:
             try:
-                if requests.get(f"http://{push}/v2/", timeout=2).status_code == 200:
+                if requests.get(f"http://{push}/v2/", auth=(REGISTRY_USER, password), timeout=2).status_code == 200:
                     break
             except requests.RequestException:
                 pass
@@ -1408,8 +1426,52 @@ class SwarmRuntime(DockerRuntime):
                 raise RuntimeError_(f"the lab's registry ({sname}) does not answer on {push}: "
                                     f"{last_lines(self._service_output(sname, tail=10))}")
             time.sleep(0.2)
-        address = self._call("inspecting this node", self.api.inspect_node, node).get("Status", {}).get("Addr", "")
-        return push, f"{address}:{port}"
+        address = self._raw_address(self._call("inspecting this node", self.api.inspect_node, node))
+        pull = f"{address}:{port}"
+        self._remove_unused_secrets(keep=secret["ID"])
+        # The SDK sends these with pushes and with every service it creates or updates whose
+        # image is there (X-Registry-Auth: the swarm hands it to the node that pulls).
+        from docker import auth as docker_auth
+
+        if not isinstance(self.api._auth_configs, docker_auth.AuthConfig) or self.api._auth_configs.is_empty:
+            self.api._auth_configs = docker_auth.load_config(credstore_env=self.api.credstore_env)
+        for registry in (push, pull):
+            self.api._auth_configs.add_auth(registry, {"username": REGISTRY_USER, "password": password,
+                                                       "serveraddress": registry})
+        return push, pull
+
+    def registry_password(self) -> str:
+        """The built-in registry's password: derived from the manager's secret key (nothing
+        to store; a new key gives a new password, and the registry follows)."""
+        return hmac.new(settings.SECRET_KEY.encode(), f"otree-lab registry {self.manager_id}".encode(),
+                        hashlib.sha256).hexdigest()[:40]
+
+    def _ensure_registry_secret(self, password: str) -> dict:
+        """The registry's htpasswd file (bcrypt) as a swarm secret, named by the password's
+        fingerprint (a secret cannot change; a new password makes a new one)."""
+        import bcrypt
+
+        name = f"lab-{self.manager_id}-registry-htpasswd-{hashlib.sha256(password.encode()).hexdigest()[:12]}"
+        found = [x for x in self._call("listing secrets", self.api.secrets, filters={"name": name})
+                 if x["Spec"]["Name"] == name]
+        if found:
+            if (found[0]["Spec"].get("Labels") or {}).get(LABEL_SWARM) != self.manager_id:
+                raise RuntimeError_(f"a swarm secret named {name} exists that this manager did not create")
+            return found[0]
+        line = f"{REGISTRY_USER}:{bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=10)).decode()}\n"
+        created = self._call("creating the registry's password file", self.api.create_secret, name, line.encode(),
+                             labels={LABEL_SWARM: self.manager_id, LABEL_COMPONENT: "registry-auth"})
+        return {"ID": created["ID"], "Spec": {"Name": name}}
+
+    def _remove_unused_secrets(self, keep: str) -> None:
+        for secret in self._call("listing secrets", self.api.secrets,
+                                 filters={"label": [f"{LABEL_SWARM}={self.manager_id}",
+                                                    f"{LABEL_COMPONENT}=registry-auth"]}):
+            if secret["ID"] != keep:
+                try:
+                    self.api.remove_secret(secret["ID"])
+                except (NotFound, APIError):
+                    pass  # still named by the registry's old task: the next pass
 
     def _pushed(self, image: str) -> str:
         """`image` (on this engine) pushed to the lab's registry; the reference nodes pull:

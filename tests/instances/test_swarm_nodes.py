@@ -305,17 +305,26 @@ def test_the_app_on_the_second_node_reaches_nothing_of_the_lab(rt, node):
         timed("rules flushed on the node -> back (the guard's period is 3 s)", started)
 
 
-def test_a_tag_overwritten_in_the_registry_changes_nothing_on_the_node(rt, node, spec_a):
-    """Whoever reaches the registry could push another image under a release's name and
-    tag; the node runs what the manager pushed (by digest) all the same."""
+def test_the_registry_wants_its_password_and_an_overwritten_tag_changes_nothing(rt, node, spec_a, tmp_path):
+    """The lab's registry serves only with its password (the manager pushes with it, the
+    nodes pull with it); and even whoever has it and pushes another image under a release's
+    name and tag changes nothing: the node runs what the manager pushed (by digest)."""
     spec = dataclasses.replace(spec_a, app=fake_app_spec(rt, A))
     push, pull = rt._registry()
+    for path in ("/v2/_catalog", f"/v2/lab-{MID}/postgres/tags/list"):
+        status, _ = dh.http_get(f"http://{push}{path}", timeout=5)
+        assert status == 401, (path, status)  # nothing to read without the password
     ref = rt._service(A, "app")["Spec"]["TaskTemplate"]["ContainerSpec"]["Image"]
     repository, tag = PY.rsplit(":", 1)
     assert re.fullmatch(rf"{re.escape(pull)}/lab-{MID}/{re.escape(repository)}@sha256:[0-9a-f]{{64}}", ref), ref
     poisoned = f"{push}/lab-{MID}/{repository}:{tag}"
     host_docker("tag", REDIS, poisoned)
-    host_docker("push", poisoned, timeout=180)
+    config = ["--config", str(tmp_path)]  # a docker CLI with no credentials of its own
+    refused = subprocess.run(["docker", *config, "push", poisoned], capture_output=True, text=True, timeout=180)
+    assert refused.returncode != 0 and "no basic auth credentials" in refused.stdout + refused.stderr, refused
+    subprocess.run(["docker", *config, "login", "--username", "lab", "--password-stdin", push],
+                   input=rt.registry_password(), capture_output=True, text=True, timeout=60, check=True)
+    host_docker(*config, "push", poisoned, timeout=180)
     # The node forgets its copy, so that the app's next start pulls again.
     rt.stop(A)
     wait_until(lambda: not node.docker("ps", "--quiet", "--filter", f"label={LABEL_SWARM}={MID}",
