@@ -21,8 +21,9 @@ registry) start it with start_node(prefer_offline=False), and it pulls before ea
 Extra dockerd options (e.g. --insecure-registry 172.17.0.1:5000) go through
 start_node(dockerd_args=...).
 
-What works between the nodes (tests/instances/test_swarm_node.py): services constrained to
-the node, attachable overlay networks both ways, host-mode published ports at node.address.
+What works between the nodes (the swarm runtime through it: tests/instances/test_swarm_nodes.py
+and bench/swarm_move.py): services constrained to the node, overlay networks on it,
+host-mode published ports at node.address, the node stopped and started again.
 What does not, on this kernel (no IPVS): a service's virtual IP for a task on another node
 and the ingress routing mesh; use --endpoint-mode dnsrr and mode=host ports.
 """

@@ -180,28 +180,43 @@ class SwarmRuntime(DockerRuntime):
             res = (service["Spec"]["TaskTemplate"].get("Resources") or {}).get("Reservations") or {}
             reserved[node] = reserved.get(node, 0) + int(res.get("MemoryBytes") or 0)
             placed.setdefault(node, set()).add((service["Spec"].get("Labels") or {}).get(LABEL_INSTANCE, ""))
-        found = []
-        for node in raw:
-            status, spec, desc = node.get("Status") or {}, node.get("Spec") or {}, node.get("Description") or {}
-            resources = desc.get("Resources") or {}
-            found.append({
-                "id": node["ID"],
-                "hostname": desc.get("Hostname", ""),
-                "address": status.get("Addr", ""),
-                "state": status.get("State", "unknown"),
-                "message": status.get("Message", ""),
-                "availability": spec.get("Availability", "active"),
-                "role": spec.get("Role", "worker"),
-                "memory_mb": int(resources.get("MemoryBytes") or 0) // 2**20,
-                "cpus": (resources.get("NanoCPUs") or 0) / 1e9,
-                "reserved_mb": reserved.get(node["ID"], 0) // 2**20,
-                "instances": len(placed.get(node["ID"], set()) - {""}),
-                "local": node["ID"] == self.local_node,
-            })
+        found = [self._node_row(node, reserved.get(node["ID"], 0) // 2**20, len(placed.get(node["ID"], set()) - {""}))
+                 for node in raw]
         return sorted(found, key=lambda n: (not n["local"], n["hostname"], n["id"]))
 
-    def _node_info(self, node_id: str) -> dict | None:
-        return next((n for n in self.nodes() if n["id"] == node_id), None)
+    def _node_row(self, node: dict, reserved_mb: int | None, instances: int | None) -> dict:
+        status, spec, desc = node.get("Status") or {}, node.get("Spec") or {}, node.get("Description") or {}
+        resources = desc.get("Resources") or {}
+        return {
+            "id": node["ID"],
+            "hostname": desc.get("Hostname", ""),
+            "address": status.get("Addr", ""),
+            "state": status.get("State", "unknown"),
+            "message": status.get("Message", ""),
+            "availability": spec.get("Availability", "active"),
+            "role": spec.get("Role", "worker"),
+            "memory_mb": int(resources.get("MemoryBytes") or 0) // 2**20,
+            "cpus": (resources.get("NanoCPUs") or 0) / 1e9,
+            "reserved_mb": reserved_mb,
+            "instances": instances,
+            "local": node["ID"] == self.local_node,
+        }
+
+    def _node_info(self, node_id: str, *, load: bool = False) -> dict | None:
+        """One node as `nodes()` lists it; without `load` from one inspection of the node
+        (reserved_mb and instances None: no listing of every service — the state of each
+        component asks this)."""
+        if load:
+            return next((n for n in self.nodes() if n["id"] == node_id), None)
+        if not node_id:
+            return None
+        try:
+            node = self.api.inspect_node(node_id)
+        except NotFound:
+            return None
+        except (APIError, requests.RequestException) as exc:
+            raise RuntimeError_(f"inspecting node {node_id[:12]}: {_short(exc)}") from None
+        return self._node_row(node, None, None)
 
     def _choose_node(self, memory_mb: int) -> str:
         """The active, ready node with the most memory not yet reserved (then the fewest
@@ -1073,7 +1088,7 @@ class SwarmRuntime(DockerRuntime):
             raise RuntimeError_(f"{name} has no database on any node: nothing to move")
         if target == source:
             raise RuntimeError_(f"{name} is on that node already")
-        info = self._node_info(target)
+        info = self._node_info(target, load=True)
         if info is None:
             raise RuntimeError_(f"no node {target} in the swarm")
         if info["state"] != "ready" or info["availability"] != "active":
@@ -1346,13 +1361,16 @@ class SwarmRuntime(DockerRuntime):
         """Wait until the firewall is in place on `node` before an instance starts there."""
         if node == self.local_node:
             return
+        info = self._node_info(node) or {}
+        if info.get("state") != "ready":
+            return  # nothing starts there now; the instance's state names the node as down
         deadline = time.monotonic() + self.GUARD_TIMEOUT
         while True:
             ok, why = self.node_guarded(node)
             if ok:
                 return
             if time.monotonic() >= deadline:
-                where = (self._node_info(node) or {}).get("hostname", node[:12])
+                where = info.get("hostname", node[:12])
                 raise RuntimeError_(f"the firewall of node {where} is not in place ({why}); no instance starts "
                                     f"there until it is (docker service ps {self.guard_service_name()})")
             time.sleep(0.5)

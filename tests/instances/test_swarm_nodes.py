@@ -263,6 +263,9 @@ def test_the_app_on_the_second_node_reaches_nothing_of_the_lab(rt, node):
     the firewall, not the network, that refuses)."""
     ok, why = rt.node_guarded(node.node_id)
     assert ok, why
+    page = {p.what: p for p in rt.protections(A)}  # what the instance page says
+    assert page["Host and other instances"].holds and node.name in page["Host and other instances"].detail, page
+    assert page["Its port"].holds, page["Its port"].detail
     rules = swarm_node._docker("exec", node.name, "iptables-save", "-t", "filter")
     assert f"-j LAB-{MID}-FWD" in rules and f"-A LAB-{MID}-FWD -s {rt.swarm_subnets}" in rules, rules[-3000:]
     _, pull = rt._registry()

@@ -24,6 +24,8 @@ ALLOWED = {
     "manager/env.py": "the typed readers settings.py uses",
     "manager/datadir.py": "LAB_DATA_DIR: settings.py asks it for the data dir before any setting exists",
     "instances/git/hook_client.py": "LAB_PUSH_TOKEN is no setting: the push's token, inherited by the git hook",
+    "instances/node_guard.py": "LAB_NODE_GUARD is no setting: the policy the swarm runtime gives the firewall "
+                               "service on another node (no Django there)",
 }
 
 
