@@ -153,10 +153,13 @@ for _name, _value in (("LAB_DOCKER_SUBNETS", LAB_DOCKER_SUBNETS), ("LAB_DOCKER_B
         _net = ipaddress.ip_network(_value)
     except ValueError as _exc:
         raise ConfigError(f"{_name} is not an IPv4 network: {_exc}") from None
-    if _net.version != 4 or _net.prefixlen > 28:
-        raise ConfigError(f"{_name}={_value} must be an IPv4 network of at least one /28")
-if ipaddress.ip_network(LAB_DOCKER_SUBNETS).overlaps(ipaddress.ip_network(LAB_DOCKER_BUILD_SUBNETS)):
-    raise ConfigError(f"LAB_DOCKER_BUILD_SUBNETS={LAB_DOCKER_BUILD_SUBNETS} overlaps LAB_DOCKER_SUBNETS={LAB_DOCKER_SUBNETS}")
+    _smallest = 27 if _name == "LAB_SWARM_SUBNETS" else 28  # an overlay network is a /27, a bridge a /28
+    if _net.version != 4 or _net.prefixlen > _smallest:
+        raise ConfigError(f"{_name}={_value} must be an IPv4 network of at least one /{_smallest}")
+for _first, _second in (("LAB_DOCKER_SUBNETS", "LAB_DOCKER_BUILD_SUBNETS"), ("LAB_DOCKER_SUBNETS", "LAB_SWARM_SUBNETS"),
+                        ("LAB_DOCKER_BUILD_SUBNETS", "LAB_SWARM_SUBNETS")):
+    if ipaddress.ip_network(globals()[_first]).overlaps(ipaddress.ip_network(globals()[_second])):
+        raise ConfigError(f"{_second}={globals()[_second]} overlaps {_first}={globals()[_first]}")
 
 # --- tenant isolation (README "Security") --------------------------------------------
 # Instances run code that experimenters pushed. In `port` routing they are served on a

@@ -52,6 +52,8 @@ def test_a_well_formed_environment_passes_the_check():
     ("LAB_RUNTIME", "kubernetes"),  # no such backend file: refused at start-up, in one place
     ("LAB_SWARM_REGISTRY", "http://registry"),  # host[:port][/path], no scheme
     ("LAB_SWARM_SUBNETS", "10.216.0.0/99"),
+    ("LAB_SWARM_SUBNETS", "10.216.0.0/28"),  # smaller than one overlay network (/27)
+    ("LAB_SWARM_SUBNETS", "10.213.4.0/24"),  # inside LAB_DOCKER_SUBNETS' default
     ("LAB_PROXY_TRUSTED_IPS", "10.0.0.0/33"),
     ("LAB_THROTTLE_RESTART", "lots"),
 ])
