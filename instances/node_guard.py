@@ -29,9 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import netguard  # noqa: E402  (beside this file in the guard's container)
+if __package__:  # imported as instances.node_guard (the tests)
+    from instances import netguard
+else:  # run as a script beside netguard.py, the guard's container (its folder is first in sys.path)
+    import netguard
 
 OK_FILE = Path("/run/otree-lab-guard.ok")
 PERIOD = 3  # seconds between two checks of the rules

@@ -1282,7 +1282,7 @@ class SwarmRuntime(DockerRuntime):
     def _ensure_node_guard(self, raw: list[dict], hosts: list[str]) -> None:
         """The global service that keeps netguard's rules on every node but this one
         (instances/node_guard.py); updated when its image, code or policy changed."""
-        from instances import netguard, node_guard
+        from instances import netguard
 
         sname = self.guard_service_name()
         me = next((self._raw_address(n) for n in raw if n["ID"] == self.local_node), "")
@@ -1290,7 +1290,7 @@ class SwarmRuntime(DockerRuntime):
                              "egress": settings.LAB_EGRESS, "lab_hosts": hosts, "proxy_from": [me] if me else []},
                             sort_keys=True)
         sources = {"netguard.py": Path(netguard.__file__).read_bytes(),
-                   "node_guard.py": Path(node_guard.__file__).read_bytes()}
+                   "node_guard.py": Path(netguard.__file__).with_name("node_guard.py").read_bytes()}
         image = settings.LAB_IMAGE_NETGUARD
         if not self._image_exists(image):
             raise RuntimeError_(f"image {image} (the other nodes' firewall) not found: build it with "

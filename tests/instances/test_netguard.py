@@ -174,6 +174,29 @@ def test_a_swarm_nodes_rules_are_in_place_as_iptables_prints_them(firewall, tmp_
     assert "--uid-owner" not in rules  # no process users on a node
 
 
+@pytest.mark.parametrize("policy_text", ["", "{not json", '{"overlays": "10.216.0.0/16"}'])
+def test_the_node_guard_refuses_a_policy_it_cannot_read_and_changes_nothing(policy_text, tmp_path):
+    """instances/node_guard.py as the swarm runs it (beside netguard.py in a folder of their
+    own, python3 node_guard.py): a policy that is not JSON or names no manager stops it at
+    once with the reason (exit 2), no rule touched."""
+    import sys
+
+    from instances import node_guard
+
+    for module in (node_guard, netguard):
+        shutil.copy(module.__file__, tmp_path)
+    def rules() -> list[str]:  # (the chains' packet counters move with any traffic)
+        return [line for line in saved().splitlines() if line.startswith("-A ")] if firewall_ok() else []
+
+    before = rules()
+    proc = subprocess.run([sys.executable, str(tmp_path / "node_guard.py")],
+                          env={"LAB_NODE_GUARD": policy_text, "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2, proc
+    assert proc.stdout.startswith("LAB_NODE_GUARD is not a valid policy: "), proc.stdout
+    assert rules() == before
+
+
 def test_two_managers_coexist_and_a_gone_one_is_cleaned_up(firewall, tmp_path):
     one, two = firewall(), firewall(egress="deny", data_dir=str(tmp_path / "data"))
     (tmp_path / "data").mkdir()
