@@ -963,14 +963,6 @@ class SwarmRuntime(DockerRuntime):
         while True:
             for service in self._services(name):
                 self._remove_service(service)
-            # Their tasks' containers on this machine go at once (everything of the instance
-            # is being deleted: no graceful stop to wait for, up to 10 s each otherwise).
-            for container in self._call("listing containers", self.api.containers, all=True,
-                                        filters=self._swarm_filters(name)):
-                try:
-                    self.api.remove_container(container["Id"], force=True, v=True)
-                except (NotFound, APIError):
-                    pass  # being removed by the engine itself
             left = [s["Spec"]["Name"] for s in self._services(name)]
             for net in self._call("listing networks", self.api.networks, filters=self._swarm_filters(name)):
                 if not self._remove_network_quietly(net["Id"]):
