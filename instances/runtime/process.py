@@ -1379,9 +1379,14 @@ class ProcessRuntime:
         """The recorded cgroups and those where this manager would put them now (nothing
         runs in them any more)."""
         here = self.limits.dirs(name) if self.limits.kind != "rlimit" else []
-        left = Limits.remove(recorded + [d for d in here if d not in recorded])
-        if left:
-            raise RuntimeError_(f"could not remove the cgroups of {name}: {', '.join(left)}")
+        left = recorded + [d for d in here if d not in recorded]
+        # A cgroup is busy until the kernel has reaped its last task (after a fork bomb: a
+        # moment after the kill): again for up to 10 s.
+        deadline = time.monotonic() + 10
+        while left := Limits.remove(left):
+            if time.monotonic() >= deadline:
+                raise RuntimeError_(f"could not remove the cgroups of {name}: {', '.join(left)}")
+            time.sleep(0.1)
 
     def _remove_user_if_ours(self, name: str) -> None:
         if self.own_users and self.is_root:
