@@ -252,8 +252,7 @@ class SwarmRuntime(DockerRuntime):
         """Where the manager reaches a port published on node `node_id`."""
         if node_id == self.local_node:
             return "127.0.0.1"
-        node = self._call(f"inspecting node {node_id}", self.api.inspect_node, node_id)
-        return (node.get("Status") or {}).get("Addr") or ""
+        return self._raw_address(self._call(f"inspecting node {node_id}", self.api.inspect_node, node_id))
 
     # --- names and labels --------------------------------------------------------------------
 
