@@ -63,11 +63,26 @@ class Instance(models.Model):
     # app): a change is applied like a deploy and, should the app not come up with it, these
     # are restored (instances.reconciler).
     applied_settings = EncryptedJSONField(default=dict, blank=True)
+    # Scheduled backups (instances.schedule): None = the lab's LAB_BACKUP_* defaults; an
+    # interval of 0 turns them off for this instance.
+    backup_interval_minutes = models.PositiveIntegerField(null=True, blank=True)
+    backup_keep_daily = models.PositiveIntegerField(null=True, blank=True)
+    backup_keep_weekly = models.PositiveIntegerField(null=True, blank=True)
+    # The oTree sessions as the manager last read them through the app's REST API
+    # (instances.sessions): [{code, config, participants, started, finished, last_activity,
+    # live}], and when; the dashboard and the pages show these without asking the app.
+    otree_sessions = models.JSONField(default=list, blank=True)
+    sessions_checked_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
         ordering = ["name"]
+
+    @property
+    def live_sessions(self) -> list[dict]:
+        """The sessions last read as live (participants active in the last minutes)."""
+        return [s for s in (self.otree_sessions or []) if isinstance(s, dict) and s.get("live")]
 
     def __str__(self):
         return self.name
@@ -162,6 +177,9 @@ class Backup(models.Model):
         FINAL = "final", "final (instance deleted)"
         REPOSITORY = "repository", "git history (instance deleted)"
         MOVE = "move", "before a move to another node"
+        SCHEDULED = "scheduled"
+        BEFORE_RESTORE = "before_restore", "before a restore"
+        UPLOAD = "upload", "uploaded"
 
     class Status(models.TextChoices):
         PENDING = "pending"
@@ -177,6 +195,12 @@ class Backup(models.Model):
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
     filename = models.CharField(max_length=200, blank=True)
     size = models.BigIntegerField(default=0)
+    # oTree's own exports of the data (a zip of CSVs, instances.export) stored beside the
+    # database dump (a reset's and a delete's backup); '' when there is none.
+    data_filename = models.CharField(max_length=200, blank=True)
+    data_size = models.BigIntegerField(default=0)
+    # When the file was copied to LAB_BACKUP_COPY_DIR (null: not copied).
+    copied_at = models.DateTimeField(null=True, blank=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
                                    related_name="+")
     created_at = models.DateTimeField(default=timezone.now)
@@ -207,6 +231,7 @@ class Release(models.Model):
         FAILED = "failed"
         SUPERSEDED = "superseded"
         ROLLED_BACK = "rolled_back", "rolled back"
+        READY = "ready", "ready to switch"  # built and health-checked; waits for a live session to end
 
     instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="releases")
     number = models.PositiveIntegerField()  # 1, 2, 3 ... per instance
