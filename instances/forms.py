@@ -59,3 +59,10 @@ class MoveForm(ServiceForm):
     # The node's id, checked by the service (a node that does not exist, is not ready or
     # active, or is the instance's own gets the API's sentence).
     node = forms.CharField(label="Move to node", required=False, strip=False)
+
+
+class BackupScheduleForm(ServiceForm):
+    # Empty = the lab's default (LAB_BACKUP_*); the ranges are the service's (instances.schedule).
+    backup_interval_minutes = forms.IntegerField(label="Every (minutes; 0 = off)", required=False)
+    backup_keep_daily = forms.IntegerField(label="Keep daily", required=False)
+    backup_keep_weekly = forms.IntegerField(label="Keep weekly", required=False)

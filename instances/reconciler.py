@@ -16,7 +16,7 @@ from django.db import transaction
 from django.db.models import F
 
 from instances import netguard, proxy
-from instances.backups import backup_dir
+from instances.backups import backup_dir, copy_backup
 from instances.git import archive
 from instances.models import Backup, Instance, Release
 from instances.runtime import available_runtimes, backend_class, get_runtime
@@ -228,6 +228,7 @@ def backup(instance: Instance, kind: str, actor=None, runtime=None) -> Backup:
         raise ReconcileError(f"backup failed: {exc}") from exc
     Backup.objects.filter(pk=row.pk).update(status=Backup.Status.DONE, size=size)
     row.refresh_from_db()
+    copy_backup(row)  # to LAB_BACKUP_COPY_DIR when set; a failed copy is logged, retried by the scheduler
     return row
 
 
@@ -335,6 +336,8 @@ def _finish_move_backup(row: Backup, path, *, complete: bool) -> None:
     if complete and path.exists() and path.stat().st_size > 0:
         path.chmod(0o600)
         Backup.objects.filter(pk=row.pk).update(status=Backup.Status.DONE, size=path.stat().st_size)
+        row.refresh_from_db()
+        copy_backup(row)
         return
     Backup.objects.filter(pk=row.pk).update(status=Backup.Status.FAILED)
     path.unlink(missing_ok=True)

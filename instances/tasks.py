@@ -4,7 +4,7 @@ releases; services and releases enqueue them by name through `manager.jobs.servi
 from celery import shared_task
 from django.conf import settings
 
-from instances import proxy, reconciler, releases
+from instances import proxy, reconciler, releases, schedule
 from instances.models import Instance
 from instances.runtime import RuntimeError_
 from manager import locks
@@ -110,3 +110,20 @@ def drain_node(job, node_id):
     if not result["moved"]:
         return f"node {node}: no instances of this lab on it, nothing to move; {after}"
     return f"node {node}: moved {len(result['moved'])} instance(s) ({moved}); {after}"
+
+
+@shared_task(name="instances.backup_schedule", soft_time_limit=120, time_limit=150)
+def backup_schedule():
+    """Every LAB_BACKUP_CHECK_SECONDS (beat): a scheduled-backup job for each instance that
+    is due, and the copies to LAB_BACKUP_COPY_DIR that are missing (instances.schedule)."""
+    return schedule.run_pass()
+
+
+@job_task(schedule.JOB_TASK, time_limit=schedule.JOB_TIME_LIMIT)
+def scheduled_backup(job, instance_id):
+    """One instance's scheduled backup and the retention after it (run_pass starts it)."""
+    try:
+        return schedule.back_up(instance_id)
+    except reconciler.ReconcileError as exc:
+        name = Instance.objects.filter(pk=instance_id).values_list("name", flat=True).first() or "the instance"
+        raise JobFailed(f"{name}: scheduled {exc}") from exc

@@ -1,3 +1,4 @@
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -5,12 +6,13 @@ from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from instances import services
-from instances.forms import AdminPasswordForm, InstanceCreateForm, LimitsForm, MoveForm, SettingsForm, TransferForm
+from instances import schedule, services
+from instances.forms import (AdminPasswordForm, BackupScheduleForm, InstanceCreateForm, LimitsForm, MoveForm,
+                             SettingsForm, TransferForm)
 from instances.models import Backup
 from instances import runtime as runtimes
 from instances.runtime.base import RuntimeError_
-from instances.selectors import get_visible_instance
+from instances.selectors import get_visible_instance, visible_instances
 from manager.access import superuser_required
 from manager.accounts.services import NotAllowed
 from manager.throttle import Throttled, refused_page
@@ -52,6 +54,9 @@ def _detail_context(instance, **forms):
         "limits_form": LimitsForm(initial={"memory_mb": instance.memory_mb, "cpus": instance.cpus}),
         "transfer_form": TransferForm(initial={"owner": instance.owner_id}),
         "move_form": MoveForm(),
+        "schedule_form": BackupScheduleForm(initial={field: getattr(instance, field) for field in schedule.FIELDS}),
+        # its schedule, last backup and the overdue flag (as on the Backups page); lazily
+        "backup_status": lambda: schedule.status_of(instance),
         # Asked only where the page shows the move form (lab managers, swarm instances).
         "move_targets": lambda: _move_targets(instance),
     }
@@ -143,6 +148,17 @@ def instance_limits(request, name):
 
 @superuser_required
 @require_POST
+def instance_backup_schedule(request, name):
+    instance = get_visible_instance(request.user, name)
+    return _form_post(
+        request, instance, BackupScheduleForm(request.POST), "schedule_form", schedule.update,
+        lambda data: {field: data[field] for field in schedule.FIELDS},
+        "Backup schedule of {instance.name} saved (nothing restarts).",
+    )
+
+
+@superuser_required
+@require_POST
 def instance_transfer(request, name):
     instance = get_visible_instance(request.user, name)
     return _form_post(
@@ -227,11 +243,18 @@ def _send_backup(request, backup, audited):
                         content_type="application/octet-stream")
 
 
-@superuser_required
+@login_required
 def backup_list(request):
-    """Every backup of the lab, including the final backups of deleted instances."""
-    backups = Backup.objects.select_related("instance", "owner", "created_by").all()[:500]
-    return render(request, "instances/backups.html", {"backups": backups})
+    """Per instance the user may see: its backup schedule, last finished backup (flagged
+    when overdue or when the last scheduled try failed) and copies; then the backups —
+    for lab managers every backup of the lab, including the final backups of deleted
+    instances; for others those of their instances."""
+    backups = Backup.objects.select_related("instance", "owner", "created_by")
+    if not request.user.is_superuser:
+        backups = backups.filter(instance__in=visible_instances(request.user))
+    return render(request, "instances/backups.html", {
+        "backups": backups[:500], "statuses": schedule.overview(request.user),
+        "copy_dir": settings.LAB_BACKUP_COPY_DIR, "lab_schedule": schedule.lab_schedule()})
 
 
 @superuser_required

@@ -14,7 +14,7 @@ import dj_database_url
 from django.utils.http import is_same_domain
 
 from manager import datadir
-from manager.env import ConfigError, env_bool, env_int, env_list, env_str
+from manager.env import ConfigError, env_bool, env_duration, env_int, env_list, env_str
 
 BASE_DIR = datadir.BASE_DIR
 DATA_DIR = datadir.data_dir()
@@ -475,10 +475,30 @@ LAB_BOT_RUNS = env_int("LAB_BOT_RUNS", 2)  # bot runs played at the same time; m
 if LAB_BOT_RUNS < 1:
     raise ConfigError(f"LAB_BOT_RUNS must be at least 1, got {LAB_BOT_RUNS}")
 CELERY_TASK_ROUTES = {"bots.run": {"queue": "bots"}}
+# Scheduled backups (instances.schedule; README "Scheduled backups"): how often each instance
+# is backed up (0 = no schedule, unless an instance sets its own), how many of the scheduled
+# backups are kept (the newest of each of the last N days and M ISO weeks that have one), a
+# second folder every finished backup file is copied to (a mounted network share; empty =
+# none), and how often the scheduler looks for due backups.
+LAB_BACKUP_INTERVAL = env_duration("LAB_BACKUP_INTERVAL", "24h")  # seconds
+LAB_BACKUP_KEEP_DAILY = env_int("LAB_BACKUP_KEEP_DAILY", 7)
+LAB_BACKUP_KEEP_WEEKLY = env_int("LAB_BACKUP_KEEP_WEEKLY", 4)
+LAB_BACKUP_COPY_DIR = env_str("LAB_BACKUP_COPY_DIR", "")
+LAB_BACKUP_CHECK_SECONDS = env_int("LAB_BACKUP_CHECK_SECONDS", 60)
+for _name, _keep in (("LAB_BACKUP_KEEP_DAILY", LAB_BACKUP_KEEP_DAILY), ("LAB_BACKUP_KEEP_WEEKLY", LAB_BACKUP_KEEP_WEEKLY)):
+    if not 0 <= _keep <= 1000:
+        raise ConfigError(f"{_name} must be a whole number from 0 to 1000 (how many are kept), got {_keep}")
+if LAB_BACKUP_COPY_DIR and not os.path.isabs(LAB_BACKUP_COPY_DIR):
+    raise ConfigError(f"LAB_BACKUP_COPY_DIR must be an absolute path (a folder such as a mounted network share), "
+                      f"got {LAB_BACKUP_COPY_DIR!r}")
+if not 1 <= LAB_BACKUP_CHECK_SECONDS <= 3600:
+    raise ConfigError(f"LAB_BACKUP_CHECK_SECONDS must be a number of seconds from 1 to 3600, got {LAB_BACKUP_CHECK_SECONDS}")
 CELERY_BEAT_SCHEDULE = {
     "jobs-sweep": {"task": "manager.jobs.tasks.sweep_jobs", "schedule": 60.0},
     "instances-sweep": {"task": "instances.sweep", "schedule": 60.0, "options": {"expires": 55}},
     "bots-sweep": {"task": "bots.sweep", "schedule": 60.0, "options": {"expires": 55}},
+    "backup-schedule": {"task": "instances.backup_schedule", "schedule": float(LAB_BACKUP_CHECK_SECONDS),
+                        "options": {"expires": LAB_BACKUP_CHECK_SECONDS}},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 

@@ -7,7 +7,7 @@ from ninja import Path, Router, Schema, Status
 from ninja.errors import HttpError
 from pydantic import Field
 
-from instances import services
+from instances import schedule, services
 from instances.models import Instance, Release
 from instances.selectors import get_visible_instance, visible_instances, with_live_release
 from manager.accounts.models import User
@@ -47,6 +47,14 @@ class InstanceOut(Schema):
     node: str | None = Field(description="the id of the swarm node it runs on (runtime swarm), as last recorded "
                              "by the manager; null for runtimes without nodes (docker, process) and before it "
                              "is placed")
+    backup_interval_minutes: int | None = Field(description="its own backup schedule: minutes between scheduled "
+                                                "backups (0 = off); null = the lab's LAB_BACKUP_INTERVAL")
+    backup_keep_daily: int | None = Field(description="scheduled backups kept, one per day; null = the lab's "
+                                          "LAB_BACKUP_KEEP_DAILY")
+    backup_keep_weekly: int | None = Field(description="scheduled backups kept, one per ISO week; null = the lab's "
+                                           "LAB_BACKUP_KEEP_WEEKLY")
+    backup_schedule: dict = Field(description="the schedule in effect: {interval_seconds (0 = off), keep_daily, "
+                                  "keep_weekly}")
 
 
 # services.validate_name's rules: NAME_RE (a lowercase letter first, a letter or digit
@@ -100,6 +108,15 @@ class InstancePatch(InputSchema):
     cpus: float | None = Field(None, description="CPUs, taking at most two decimals (0.29 or 2; 0.295 is "
                                "422, never rounded); lab managers only (403 for others)",
                                **rules(minimum=float(services.CPU_RANGE[0]), maximum=float(services.CPU_RANGE[1])))
+    backup_interval_minutes: Whole | None = Field(
+        None, description="minutes between scheduled backups (0 = off), null = the lab's default; lab managers only "
+        "(403 for others); nothing restarts", **rules(minimum=0, maximum=schedule.INTERVAL_MAX_MINUTES))
+    backup_keep_daily: Whole | None = Field(
+        None, description="scheduled backups kept, the newest of each of this many most recent days; null = the lab's "
+        "default; lab managers only (403 for others)", **rules(minimum=0, maximum=schedule.KEEP_MAX))
+    backup_keep_weekly: Whole | None = Field(
+        None, description="scheduled backups kept, the newest of each of this many most recent ISO weeks; null = the "
+        "lab's default; lab managers only (403 for others)", **rules(minimum=0, maximum=schedule.KEEP_MAX))
 
 
 _PASSWORD_LOW, _PASSWORD_HIGH = services.ADMIN_PASSWORD_LENGTH
@@ -149,6 +166,7 @@ def _rooms(instance: Instance, live) -> list[dict]:
 
 def serialize(instance: Instance) -> dict:
     live = instance.live_release
+    effective = schedule.schedule_of(instance)
     return {
         "name": instance.name, "owner": instance.owner.username, "status": instance.status,
         "status_reason": instance.status_reason, "url": instance.url,
@@ -158,6 +176,9 @@ def serialize(instance: Instance) -> dict:
         "release": {"commit": live.commit, "status": live.status, "number": live.number} if live else None,
         "rooms": _rooms(instance, live), "env": instance.config_vars, "memory_mb": instance.memory_mb,
         "cpus": float(instance.cpus), "runtime": instance.runtime, "node": instance.node or None,
+        **{field: getattr(instance, field) for field in schedule.FIELDS},
+        "backup_schedule": {"interval_seconds": effective.interval, "keep_daily": effective.keep_daily,
+                            "keep_weekly": effective.keep_weekly},
     }
 
 
@@ -189,9 +210,15 @@ def update_instance(request: HttpRequest, name: str, payload: InstancePatch):
     """Change `auth_level`, `production`, `env` (owner, lab managers) and `memory_mb`, `cpus`
     (lab managers). The app restarts with the new settings (applied as a deploy is: if it does
     not come up with them, the previous ones come back); the database is untouched. A change
-    that restarts the app counts against the restart budget (429 over it)."""
+    that restarts the app counts against the restart budget (429 over it). The backup
+    schedule (`backup_interval_minutes`, `backup_keep_daily`, `backup_keep_weekly`; null =
+    the lab's default) is lab managers' too, and restarts nothing."""
     instance = get_visible_instance(request.auth, name)
-    services.update_settings(request.auth, instance, request=request, **payload.dict(exclude_unset=True))
+    values = payload.dict(exclude_unset=True)
+    own_schedule = schedule.clean(request.auth, **{k: values.pop(k) for k in schedule.FIELDS if k in values})
+    if values or not own_schedule:
+        services.update_settings(request.auth, instance, request=request, **values)
+    schedule.update(request.auth, instance, request=request, **own_schedule)  # checked above: cannot fail now
     return serialize(instance)
 
 

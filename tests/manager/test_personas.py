@@ -158,7 +158,8 @@ ROUTES = [
     Route("audit_log", "/audit/", MANAGERS_ONLY),
     # instances: ann's instance is visible to ann and lab managers; to bob it does not exist (404)
     Route("instance_create", "/instances/new/", MANAGERS_ONLY),
-    Route("backup_list", "/backups/", MANAGERS_ONLY),
+    # every user: the schedules and backups of the instances they may see (lab managers: all)
+    Route("backup_list", "/backups/", all_ok()),
     Route("backup_download_any", lambda w: f"/backups/{w.backup.pk}/download/", MANAGERS_ONLY),
     Route("instance_detail", "/instances/ann-study/", OWNER_VIEW),
     Route("instance_logs", "/instances/ann-study/logs/", OWNER_VIEW),
@@ -176,6 +177,10 @@ ROUTES = [
     Route("instance_reveal_password", "/instances/ann-study/admin-password/reveal/", OWNER_VIEW, method="post"),
     Route("instance_limits", "/instances/ann-study/limits/", {"anon": 302, "boss": 302, "ann": 403, "bob": 403},
           method="post", data={"memory_mb": 256, "cpus": "0.5"}),
+    # the backup schedule of an instance: lab managers (nothing restarts)
+    Route("instance_backup_schedule", "/instances/ann-study/backup-schedule/",
+          {"anon": 302, "boss": 302, "ann": 403, "bob": 403}, method="post",
+          data={"backup_interval_minutes": "60", "backup_keep_daily": "", "backup_keep_weekly": "2"}),
     Route("instance_transfer", "/instances/ann-study/transfer/", {"anon": 302, "boss": 302, "ann": 403, "bob": 403},
           method="post", data=lambda w: {"owner": w.bob.pk}),
     # moving an instance to another swarm node: lab managers; ann-study runs on docker (or
