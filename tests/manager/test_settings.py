@@ -16,7 +16,7 @@ from tests.labserver_helpers import BASE_DIR, child_env, free_port, new_data_dir
 
 CODE_DIRS = ("manager", "instances", "lobby", "bots")
 ENV_NAMES = ("LAB_", "REDIS_URL", "DATABASE_URL")
-ENV_HELPERS = {"env_str", "env_int", "env_bool", "env_list"}
+ENV_HELPERS = {"env_str", "env_int", "env_bool", "env_list", "env_duration"}
 
 # Where reading the environment directly is right, and why.
 ALLOWED = {
@@ -37,7 +37,8 @@ def _manage_check(**env: str) -> subprocess.CompletedProcess:
 
 def test_a_well_formed_environment_passes_the_check():
     """The control of the test below: the same command with good values starts."""
-    result = _manage_check(LAB_PORT="8123", LAB_EGRESS="deny", LAB_RUNTIME="process", LAB_KEEP_RELEASES="3")
+    result = _manage_check(LAB_PORT="8123", LAB_EGRESS="deny", LAB_RUNTIME="process", LAB_KEEP_RELEASES="3",
+                           LAB_BACKUP_INTERVAL="12h", LAB_BACKUP_COPY_DIR="/mnt/lab-share", LAB_BACKUP_KEEP_WEEKLY="0")
     assert result.returncode == 0, result.stderr
     assert "System check identified no issues" in result.stdout
 
@@ -56,6 +57,10 @@ def test_a_well_formed_environment_passes_the_check():
     ("LAB_SWARM_SUBNETS", "10.213.4.0/24"),  # inside LAB_DOCKER_SUBNETS' default
     ("LAB_PROXY_TRUSTED_IPS", "10.0.0.0/33"),
     ("LAB_THROTTLE_RESTART", "lots"),
+    ("LAB_BACKUP_INTERVAL", "1 day"),  # a number and a unit s, m, h or d
+    ("LAB_BACKUP_KEEP_DAILY", "-1"),
+    ("LAB_BACKUP_COPY_DIR", "backups/copy"),  # not an absolute path
+    ("LAB_BACKUP_CHECK_SECONDS", "0"),
 ])
 def test_a_malformed_environment_value_stops_start_up_naming_the_variable(name, value):
     result = _manage_check(**{name: value})
