@@ -15,11 +15,10 @@ from pathlib import Path
 from django.conf import settings
 from django.utils import timezone
 
-from instances.models import Backup
-
 log = logging.getLogger(__name__)
 
 COPY_CHUNK = 1024 * 1024
+DONE = "done"  # Backup.Status.DONE (the models import this module: `row` is an instances.models.Backup)
 
 
 def backup_dir() -> Path:
@@ -34,7 +33,7 @@ def _plain(name: str) -> bool:
     return bool(name) and "/" not in name and "\0" not in name and name not in (".", "..")
 
 
-def files_of(row: Backup) -> list[str]:
+def files_of(row) -> list[str]:
     """The backup's files in LAB_DATA_DIR/backups: the dump and the data export beside it."""
     return [name for name in (row.filename, row.data_filename) if _plain(name)]
 
@@ -94,11 +93,11 @@ def _copy_into(source: Path, folder: int, name: str) -> None:
         pass
 
 
-def copy_backup(row: Backup) -> bool:
+def copy_backup(row) -> bool:
     """Copy a finished backup's files to LAB_BACKUP_COPY_DIR/<instance>/ and record when
     (`copied_at`). False (and a log line saying why) when there is no copy folder, the
     backup is not finished, or the copy failed; never raises for a failed copy."""
-    if not settings.LAB_BACKUP_COPY_DIR or row.status != Backup.Status.DONE or not files_of(row):
+    if not settings.LAB_BACKUP_COPY_DIR or row.status != DONE or not files_of(row):
         return False
     try:
         folder = _instance_folder(row.instance_name, create=True)
@@ -112,11 +111,11 @@ def copy_backup(row: Backup) -> bool:
                     settings.LAB_BACKUP_COPY_DIR, exc)
         return False
     row.copied_at = timezone.now()
-    Backup.objects.filter(pk=row.pk).update(copied_at=row.copied_at)
+    type(row).objects.filter(pk=row.pk).update(copied_at=row.copied_at)
     return True
 
 
-def remove_files(row: Backup) -> None:
+def remove_files(row) -> None:
     """Remove a backup's files, here and in the copy folder (the row is the caller's)."""
     for name in files_of(row):
         (backup_dir() / name).unlink(missing_ok=True)

@@ -267,3 +267,11 @@ def test_api_patch_of_the_schedule_lab_managers_only(instance, boss, ann):
     assert instance.production is True and instance.backup_keep_daily is None
     response = patch(boss, {"backup_interval_minutes": None})
     assert response.status_code == 200 and response.json()["backup_interval_minutes"] is None
+
+
+def test_the_readmes_example():
+    """One backup a day since November, keep 7 daily and 4 weekly, on Wednesday 2026-12-23."""
+    pairs = [(day, at("2026-11-01 03:00") + timedelta(days=day)) for day in range(53)]
+    kept = schedule.to_keep(pairs, 7, 4, UTC)
+    assert sorted(f"{when:%a %d}" for key, when in pairs if key in kept) == sorted(
+        ["Thu 17", "Fri 18", "Sat 19", "Sun 20", "Mon 21", "Tue 22", "Wed 23", "Sun 13", "Sun 06"])
