@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 JOB_KIND = "instance.scheduled_backup"
 JOB_TASK = "instances.scheduled_backup"
 JOB_TIME_LIMIT = 900  # seconds one scheduled backup may take (a large database's dump)
+MAX_IN_FLIGHT = 1  # scheduled backups queued or running in the lab at a time (the worker has two processes)
 RETRY_AFTER_MAX = 3600  # seconds: a failed scheduled backup is tried again after at most this
 COPY_BUDGET = 30  # seconds of copies retried per pass (the rest: the next pass)
 OVERDUE_GRACE = 0.10  # of the interval, plus one check period, before a backup counts as overdue
@@ -228,32 +229,45 @@ def _candidates():
 
 
 def due_instances(now: datetime | None = None) -> list[Instance]:
+    """The instances due for a scheduled backup, the longest without one first."""
     now = now or timezone.now()
-    return [i for i in _annotated(_candidates()).order_by("pk") if _is_due(i, now)]
+    due = [i for i in _annotated(_candidates()) if _is_due(i, now)]
+    return sorted(due, key=lambda i: (i.last_done or i.created_at, i.pk))
 
 
 def _job_link(instance: Instance) -> str:
     return reverse("instance_detail", args=[instance.name])
 
 
-def _job_pending(instance: Instance) -> bool:
-    return Job.objects.filter(kind=JOB_KIND, link=_job_link(instance),
-                              status__in=[Job.Status.QUEUED, Job.Status.RUNNING]).exists()
+def _jobs_in_flight(now: datetime) -> set[str]:
+    """The instance pages (links) of the scheduled-backup jobs queued or running. A job
+    older than its time limit and a minute is not counted: its message was lost or its
+    worker killed (should it run after all, it finds the lock taken or nothing due)."""
+    fresh = now - timedelta(seconds=JOB_TIME_LIMIT + 60)
+    return set(Job.objects.filter(kind=JOB_KIND, status__in=[Job.Status.QUEUED, Job.Status.RUNNING],
+                                  created_at__gt=fresh).values_list("link", flat=True))
 
 
 def run_pass(now: datetime | None = None) -> dict:
-    """One pass of the scheduler: a job for each due instance that has none queued or
-    running, then copies that are missing. One pass at a time (another running = this one
-    returns {"skipped": ...})."""
+    """One pass of the scheduler: a job for the due instances (the longest without a backup
+    first; at most MAX_IN_FLIGHT scheduled backups queued or running in the lab at a time,
+    so the workers stay free for what users ask; never two for one instance), then the
+    copies that are missing. One pass at a time (another running = this one returns
+    {"skipped": ...})."""
+    now = now or timezone.now()
     try:
         with locks.lock("backup-schedule", wait=0):
+            in_flight = _jobs_in_flight(now)
             started = []
             for instance in due_instances(now):
-                if _job_pending(instance):
+                if len(in_flight) >= MAX_IN_FLIGHT:
+                    break
+                link = _job_link(instance)
+                if link in in_flight:
                     continue
                 jobs.start(jobs.task(JOB_TASK), user=None, kind=JOB_KIND,
-                           label=f"Scheduled backup of {instance.name}", args=[instance.pk],
-                           link=_job_link(instance))
+                           label=f"Scheduled backup of {instance.name}", args=[instance.pk], link=link)
+                in_flight.add(link)
                 started.append(instance.name)
             return {"started": started, **retry_copies()}
     except locks.Busy:

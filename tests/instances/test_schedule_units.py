@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from instances import backups, schedule
 from instances.models import Backup
+from manager import locks
 from manager.accounts.services import NotAllowed, create_token
 from manager.env import parse_duration
 
@@ -275,3 +276,39 @@ def test_the_readmes_example():
     kept = schedule.to_keep(pairs, 7, 4, UTC)
     assert sorted(f"{when:%a %d}" for key, when in pairs if key in kept) == sorted(
         ["Thu 17", "Fri 18", "Sat 19", "Sun 20", "Mon 21", "Tue 22", "Wed 23", "Sun 13", "Sun 06"])
+
+
+def test_the_pass_starts_one_job_at_a_time_the_longest_waiting_first(boss, ann, settings):
+    """Jobs recorded, not sent (a `db` test never commits): what run_pass starts and skips."""
+    from instances import services, state
+    from manager.jobs.models import Job
+
+    settings.LAB_BACKUP_INTERVAL = 3600
+    now = timezone.now()
+    names = ["sp-a", "sp-b", "sp-c", "sp-off", "sp-new", "sp-gone", "sp-tried"]
+    made = {}
+    for name in names:
+        made[name] = services.create_instance(boss, name=name, owner=ann)
+        if name != "sp-new":  # still provisioning: no database to back up yet
+            state.set_status(made[name], "running", notify=False)
+    done_backup(made["sp-a"], "sp-a.dump", when=now - timedelta(hours=2))
+    done_backup(made["sp-b"], "sp-b.dump", when=now - timedelta(hours=5))  # waited longest
+    done_backup(made["sp-c"], "sp-c.dump", when=now - timedelta(minutes=5), kind=Backup.Kind.MANUAL)  # not due
+    schedule.update(boss, made["sp-off"], backup_interval_minutes=0)
+    made["sp-gone"].delete_requested = True
+    made["sp-gone"].save()
+    Backup.objects.create(instance=made["sp-tried"], instance_name="sp-tried", kind=Backup.Kind.SCHEDULED,
+                          status=Backup.Status.FAILED, created_at=now - timedelta(minutes=10))  # retried after 1 h
+    for name in ("sp-off", "sp-new", "sp-gone", "sp-tried"):
+        done_backup(made[name], f"{name}.dump", when=now - timedelta(days=3), kind=Backup.Kind.MANUAL)
+    assert [i.name for i in schedule.due_instances(now)] == ["sp-b", "sp-a"]
+
+    assert schedule.run_pass(now)["started"] == ["sp-b"]
+    assert schedule.run_pass(now)["started"] == []  # one in flight at a time
+    Job.objects.filter(kind=schedule.JOB_KIND).update(status="succeeded")
+    assert schedule.run_pass(now)["started"] == ["sp-b"]  # still due: its job was skipped (busy lock)
+    # a job queued longer than its time limit and a minute (its message lost) is not waited for
+    Job.objects.filter(kind=schedule.JOB_KIND, status="queued").update(created_at=now - timedelta(minutes=20))
+    assert schedule.run_pass(now)["started"] == ["sp-b"]
+    with locks.lock("backup-schedule"):
+        assert schedule.run_pass(now) == {"skipped": "another pass is running"}
