@@ -145,6 +145,10 @@ def test_the_page_form_saves_the_schedule_without_a_restart(instance, boss):
     assert instance.generation == generation  # no settings change: nothing restarts
     page = client.get(f"/instances/{instance.name}/").content.decode()
     assert "every 12 h" in page and "set for this instance" in page
+    owner = Client()
+    owner.force_login(instance.owner)
+    page = owner.get(f"/instances/{instance.name}/").content.decode()
+    assert "Scheduled backups: <strong>every 12 h</strong>" in page and "Save schedule" not in page
     response = client.post(f"/instances/{instance.name}/backup-schedule/",
                            {"backup_interval_minutes": "-5", "backup_keep_daily": "", "backup_keep_weekly": ""})
     assert response.status_code == 422 and "must be a whole number from 0 to" in response.content.decode()
