@@ -73,6 +73,9 @@ class Instance(models.Model):
     # live}], and when; the dashboard and the pages show these without asking the app.
     otree_sessions = models.JSONField(default=list, blank=True)
     sessions_checked_at = models.DateTimeField(null=True, blank=True)
+    # Why the last read failed ('' when it succeeded): the sessions above are then stale and
+    # the manager knows of no live session (an app that does not answer blocks nothing).
+    sessions_problem = models.CharField(max_length=300, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -81,7 +84,10 @@ class Instance(models.Model):
 
     @property
     def live_sessions(self) -> list[dict]:
-        """The sessions last read as live (participants active in the last minutes)."""
+        """The sessions last read as live (participants active in the last minutes); none
+        while the app does not answer (the last read is stale then)."""
+        if self.sessions_problem:
+            return []
         return [s for s in (self.otree_sessions or []) if isinstance(s, dict) and s.get("live")]
 
     def __str__(self):

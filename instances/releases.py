@@ -9,6 +9,14 @@ release keeps serving.
   instance lock (never at the same time as a reconcile).
 - `rollback()` redeploys a previous live release's image as a new release.
 - `sweep()` fails releases whose worker died.
+
+While an oTree session of the instance is live (instances.sessions), a deploy builds and
+health-checks the release but does not switch to it: the release becomes READY ("ready to
+switch"), its candidate app is stopped and the previous release keeps serving.
+`switch_ready()` (the minute sweep) switches it once no session is live; `switch_now()`
+(the owner, lab managers) switches it at once. Either re-enqueues the deploy, which finds
+the release's image built and only starts, health-checks and switches. A newer push (or a
+rollback) supersedes a READY release.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from django.db.models import F, Value
 from django.db.models.functions import Concat
 from django.utils import timezone
 
-from instances import build, proxy, reconciler, state
+from instances import build, proxy, reconciler, sessions, state
 from instances.git.repos import repo_path
 from instances.models import Instance, Release
 from instances.selectors import next_number
@@ -61,9 +69,22 @@ def keep_releases() -> int:
 
 # --- recording ---------------------------------------------------------------------------
 
-def _enqueue(release: Release, user, label: str):
-    return jobs.start(jobs.task("instances.build_release"), user=user, kind="instance.deploy", label=label, args=[release.pk],
+def _enqueue(release: Release, user, label: str, *, force: bool = False):
+    args = [release.pk, True] if force else [release.pk]
+    return jobs.start(jobs.task("instances.build_release"), user=user, kind="instance.deploy", label=label, args=args,
                       link=f"/instances/{release.instance.name}/")
+
+
+class WaitForIdle(Exception):
+    """Raised before the switch while an oTree session is live: the release waits as READY."""
+
+    def __init__(self, live: list[dict]):
+        super().__init__(sessions.describe(live))
+        self.live = live
+
+
+def release_url(release: Release) -> str:
+    return f"{settings.LAB_PUBLIC_URL}/instances/{release.instance.name}/releases/{release.number}/"
 
 
 def _next_number(instance: Instance) -> int:
@@ -83,7 +104,7 @@ def record_push(instance: Instance, *, commit: str, branch: str = "main", pushed
             pass  # the build reports a missing repository or commit
     with transaction.atomic():
         number = _next_number(instance)
-        Release.objects.filter(instance=instance, status=Release.Status.QUEUED).update(
+        Release.objects.filter(instance=instance, status__in=(Release.Status.QUEUED, Release.Status.READY)).update(
             status=Release.Status.SUPERSEDED, status_reason=f"superseded by the newer push #{number}",
             finished_at=timezone.now())
         release = Release.objects.create(
@@ -95,9 +116,11 @@ def record_push(instance: Instance, *, commit: str, branch: str = "main", pushed
     return release
 
 
-def rollback(actor, release: Release) -> Release:
+def rollback(actor, release: Release, *, force: bool = False) -> Release:
     """Redeploy `release`'s image (a previous release that was live, image still kept) as
-    a new release with `rollback_of` set."""
+    a new release with `rollback_of` set. It supersedes a release that is ready to switch.
+    While an oTree session is live, SessionLive (409) unless `force` (the switch then does
+    not wait either)."""
     instance = release.instance
     if actor is not None and not (actor.is_superuser or instance.owner_id == actor.pk):
         raise NotAllowed("Only the owner or a lab manager may roll back this instance.")
@@ -111,17 +134,65 @@ def rollback(actor, release: Release) -> Release:
                                     f"{keep_releases()} releases are)."]})
     if Release.objects.filter(instance=instance, status__in=ACTIVE).exists():
         raise Conflict({"release": ["a deploy is running; roll back when it has finished."]})
+    forced = sessions.require_idle(instance, f"rolling back to #{release.number} (the app restarts)", force)
     with transaction.atomic():
         number = _next_number(instance)
+        Release.objects.filter(instance=instance, status=Release.Status.READY).update(
+            status=Release.Status.SUPERSEDED, status_reason=f"superseded by the rollback #{number}",
+            finished_at=timezone.now())
         new = Release.objects.create(
             instance=instance, number=number, commit=release.commit, branch=release.branch, author=release.author,
             message=f"rollback to #{release.number}: {release.message}"[:500], rollback_of=release,
             pushed_by=actor if actor is not None and actor.is_authenticated else None, image=release.image,
             session_configs=release.session_configs, rooms=release.rooms, language_code=release.language_code,
         )
-        record(actor, "instance.rollback", instance, f"rolled {instance.name} back to #{release.number}")
-        _enqueue(new, new.pushed_by, f"Roll {instance.name} back to #{release.number}")
+        record(actor, "instance.rollback", instance, f"rolled {instance.name} back to #{release.number}{forced}")
+        _enqueue(new, new.pushed_by, f"Roll {instance.name} back to #{release.number}", force=force)
     return new
+
+
+def switch_now(actor, release: Release) -> object:
+    """Switch to a release that is ready to switch at once, live session or not (the owner,
+    lab managers): its deploy is enqueued again (the image is built: start, health check,
+    switch). Returns the job."""
+    instance = release.instance
+    if actor is not None and not (actor.is_superuser or instance.owner_id == actor.pk):
+        raise NotAllowed("Only the owner or a lab manager may switch this instance's release.")
+    with transaction.atomic():
+        claimed = Release.objects.filter(pk=release.pk, status=Release.Status.READY).update(
+            status=Release.Status.QUEUED, status_reason="switching now (Switch now)")
+        if not claimed:
+            release.refresh_from_db()
+            raise Conflict({"release": [f"#{release.number} is {release.get_status_display()}, not ready to switch: "
+                                        "only a release that waits for a live session to end can be switched."]})
+        live = instance.live_sessions
+        note = f" (while {sessions.describe(live)})" if live else ""
+        record(actor, "instance.switch_release", instance, f"switched {instance.name} to #{release.number} now{note}")
+        return _enqueue(release, actor, f"Switch {instance.name} to #{release.number} now", force=True)
+
+
+def switch_ready(now=None) -> int:
+    """The minute sweep: a release ready to switch whose instance has no live session any
+    more (its sessions were read this minute; an app that does not answer has none the
+    manager knows of) is switched to. Returns how many were enqueued."""
+    switched = 0
+    for release in (Release.objects.filter(status=Release.Status.READY, instance__delete_requested=False)
+                    .select_related("instance", "pushed_by").order_by("-number")):
+        instance = release.instance
+        try:
+            sessions.fresh(instance)
+        except Exception:  # noqa: BLE001 - read again next minute
+            log.warning("reading the sessions of %s", instance.name, exc_info=True)
+            continue
+        if instance.live_sessions:
+            continue
+        with transaction.atomic():
+            if Release.objects.filter(pk=release.pk, status=Release.Status.READY).update(
+                    status=Release.Status.QUEUED, status_reason="switching: no session is live any more"):
+                _enqueue(release, release.pushed_by,
+                         f"Switch {instance.name} to #{release.number} (the session is idle)")
+                switched += 1
+    return switched
 
 
 # --- the build log --------------------------------------------------------------------------
@@ -168,13 +239,16 @@ def _fail(release: Release, reason: str, out: LogWriter | None = None) -> None:
     release.refresh_from_db()
 
 
-def deploy(release_id: int) -> Release:
+def deploy(release_id: int, force: bool = False) -> Release:
     """Build (unless it is a rollback), start, health-check and switch to the release.
 
     Builds of one instance never overlap (its build lock). A release whose build lock is
     taken stays queued and this worker is free at once (another instance's build can use
     it): the running deploy, when done, enqueues the newest queued release of its
-    instance; the sweep re-enqueues a queued release whose lock holder died."""
+    instance; the sweep re-enqueues a queued release whose lock holder died.
+
+    While an oTree session is live at the moment of the switch (unless `force`), the
+    release becomes READY instead: built and health-checked, not switched to."""
     release = Release.objects.select_related("instance").filter(pk=release_id).first()
     if release is None or release.status != Release.Status.QUEUED:
         return release
@@ -189,7 +263,9 @@ def deploy(release_id: int) -> Release:
                 return release
             out = LogWriter(release.pk)
             try:
-                _deploy(release, instance, out)
+                _deploy(release, instance, out, force=force)
+            except WaitForIdle as exc:
+                _ready(release, instance, exc.live, out)
             except (build.BuildFailed, RuntimeError_, locks.Busy) as exc:
                 reason = str(exc) if not isinstance(exc, locks.Busy) else "the instance stayed busy; push again"
                 _fail(release, reason, out)
@@ -209,14 +285,20 @@ def deploy(release_id: int) -> Release:
     return release
 
 
-def _deploy(release: Release, instance: Instance, out: LogWriter) -> None:
+def _deploy(release: Release, instance: Instance, out: LogWriter, *, force: bool = False) -> None:
     runtime = get_runtime(instance)
     state.set_status(instance, Instance.Status.DEPLOYING, f"deploying #{release.number} ({release.commit[:8]})")
     if release.rollback_of_id:
         out(f"Rollback to #{release.rollback_of.number}: reusing its image {release.image}\n")
         if not runtime.release_exists(release.image):
             raise build.BuildFailed(f"the image {release.image} is no longer kept")
-        _start_and_switch(release, instance, runtime, out, introspection=None)
+        _start_and_switch(release, instance, runtime, out, introspection=None, force=force)
+        return
+    if release.image:  # built before, it waited as ready to switch: start, check and switch only
+        out(f"\nSwitching to #{release.number}: its image {release.image} is built\n")
+        if not runtime.release_exists(release.image):
+            raise build.BuildFailed(f"the image {release.image} is no longer kept; push again")
+        _start_and_switch(release, instance, runtime, out, introspection=None, force=force)
         return
     repo = repo_path(instance)
     out(f"Building {instance.name} #{release.number} from {release.commit[:12]} ({release.branch})\n")
@@ -235,7 +317,7 @@ def _deploy(release: Release, instance: Instance, out: LogWriter) -> None:
     # Read beside the app's start (its own runtime object): neither waits for the other.
     with ThreadPoolExecutor(1, thread_name_prefix="introspect") as pool:
         found = pool.submit(get_runtime(instance).introspect, instance.name, tag)
-        _start_and_switch(release, instance, runtime, out, introspection=found)
+        _start_and_switch(release, instance, runtime, out, introspection=found, force=force)
 
 
 def _record_introspection(release: Release, found: dict, out: LogWriter) -> None:
@@ -251,10 +333,11 @@ def _record_introspection(release: Release, found: dict, out: LogWriter) -> None
 
 
 def _start_and_switch(release: Release, instance: Instance, runtime, out: LogWriter, *,
-                      introspection: Future | None) -> None:
+                      introspection: Future | None, force: bool = False) -> None:
     """Start the release's app beside the live one, health-check it, and switch to it once
     the introspection (a future, None for a rollback) has been recorded; an introspection
-    failure fails the release even when the app answered."""
+    failure fails the release even when the app answered. While an oTree session is live
+    (read now; unless `force`), WaitForIdle instead of the switch: the candidate is stopped."""
     Release.objects.filter(pk=release.pk).update(status=Release.Status.STARTING)
     out(f"Starting the app (health check for up to {start_timeout()} s)\n")
     out.flush()
@@ -263,6 +346,10 @@ def _start_and_switch(release: Release, instance: Instance, runtime, out: LogWri
     def introspected():
         if introspection is not None:
             _record_introspection(release, introspection.result(), out)
+        if not force and Release.objects.filter(instance=instance, status=Release.Status.LIVE).exists():
+            live = sessions.idle_now(instance)  # the old app's sessions, read now
+            if live:
+                raise WaitForIdle(live)
 
     with locks.lock(f"instance:{instance.pk}", wait=120):
         instance.refresh_from_db()
@@ -294,6 +381,21 @@ def _start_and_switch(release: Release, instance: Instance, runtime, out: LogWri
     _prune(instance, runtime)
 
 
+def _ready(release: Release, instance: Instance, live: list[dict], out: LogWriter) -> None:
+    """The release is built and answered its health check, but a session is live: it waits."""
+    reason = (f"ready to switch: {sessions.describe(live)}; it switches when the session is idle, or click "
+              f"Switch now on {release_url(release)}")
+    out(f"\n{reason[:1].upper()}{reason[1:]}\n")
+    out.flush()
+    Release.objects.filter(pk=release.pk, status__in=ACTIVE).update(
+        status=Release.Status.READY, status_reason=storable(reason[:500]))
+    release.refresh_from_db()
+    instance.refresh_from_db()
+    if instance.status == Instance.Status.DEPLOYING:
+        state.set_status(instance, Instance.Status.RUNNING,
+                         f"release #{release.number} is ready to switch: {sessions.describe(live)}"[:500])
+
+
 def _after_failure(instance: Instance, release: Release) -> None:
     """The previous release keeps serving: the instance's status is what runs."""
     try:
@@ -312,6 +414,9 @@ def _after_failure(instance: Instance, release: Release) -> None:
 def _prune(instance: Instance, runtime) -> None:
     keep = [str(n) for n in Release.objects.filter(instance=instance, status__in=WAS_LIVE, rollback_of=None)
             .exclude(image="").order_by("-number").values_list("number", flat=True)[: keep_releases()]]
+    # A release ready to switch (or switching) keeps its image.
+    keep += [str(n) for n in Release.objects.filter(instance=instance, rollback_of=None)
+             .exclude(status__in=(*WAS_LIVE, Release.Status.FAILED)).exclude(image="").values_list("number", flat=True)]
     # Rollbacks reuse an older release's image: that one stays while its rollback is live.
     live = Release.objects.filter(instance=instance, status=Release.Status.LIVE).select_related("rollback_of").first()
     if live is not None:

@@ -16,7 +16,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import F
 
-from instances import build, otree_project, state
+from instances import build, otree_project, sessions, state
 from instances.git import archive
 from instances.git.repos import repo_path
 from instances.models import Instance, generate_secret
@@ -290,9 +290,10 @@ def _restart_budget(actor, instance: Instance):
 
 
 def update_settings(actor, instance: Instance, *, auth_level=None, production=None, env=None,
-                    memory_mb=None, cpus=None, request=None) -> Instance:
+                    memory_mb=None, cpus=None, request=None, force: bool = False) -> Instance:
     """Change oTree settings (owner) and limits (lab managers). The app restarts with the new
-    settings; the database is never touched."""
+    settings; the database is never touched. While an oTree session is live, SessionLive
+    (409) unless `force`."""
     if (memory_mb is not None or cpus is not None) and not actor.is_superuser:
         raise NotAllowed("Only lab managers may change memory and CPU limits.")
     changes = {}
@@ -315,6 +316,7 @@ def update_settings(actor, instance: Instance, *, auth_level=None, production=No
     changes = {k: v for k, v in changes.items() if getattr(instance, k) != v}
     if not changes:
         return instance
+    forced = sessions.require_idle(instance, "changing the settings (the app restarts)", force)
     with _restart_budget(actor, instance), transaction.atomic():
         for key, value in changes.items():
             setattr(instance, key, value)
@@ -322,7 +324,7 @@ def update_settings(actor, instance: Instance, *, auth_level=None, production=No
         instance.save(update_fields=[*changes, "generation", "updated_at"])
         # Config var values are secrets: the audit log names only the keys that changed.
         summary = ", ".join(sorted("config vars" if k == "config_vars" else k for k in changes))
-        record(actor, "instance.settings", instance, f"changed {summary} of {instance.name}", request,
+        record(actor, "instance.settings", instance, f"changed {summary} of {instance.name}{forced}", request,
                changed=sorted(changes))
         _reconcile_job(actor, instance, f"Apply new settings to {instance.name}", "apply")
     return instance
@@ -343,35 +345,39 @@ def check_admin_password(password: str) -> str:
     return password
 
 
-def set_admin_password(actor, instance: Instance, password: str | None = None, request=None) -> str:
+def set_admin_password(actor, instance: Instance, password: str | None = None, request=None,
+                       force: bool = False) -> str:
     if password is None or password == "":
         password = generate_secret(12)
     else:
         check_admin_password(password)
+    forced = sessions.require_idle(instance, "setting the admin password (the app restarts)", force)
     with _restart_budget(actor, instance), transaction.atomic():
         instance.admin_password = password
         instance.generation += 1
         instance.save(update_fields=["admin_password", "generation", "updated_at"])
-        record(actor, "instance.admin_password", instance, f"set the oTree admin password of {instance.name}",
+        record(actor, "instance.admin_password", instance, f"set the oTree admin password of {instance.name}{forced}",
                request)
         _reconcile_job(actor, instance, f"Apply new admin password to {instance.name}", "apply")
     return password
 
 
-def restart(actor, instance: Instance, request=None):
+def restart(actor, instance: Instance, request=None, force: bool = False):
+    forced = sessions.require_idle(instance, "restarting", force)
     with throttle.take("restart", actor, instance), transaction.atomic():
         Instance.objects.filter(pk=instance.pk).update(restart_generation=F("restart_generation") + 1,
                                                        desired_running=True)
         instance.refresh_from_db()
-        record(actor, "instance.restart", instance, f"restarted {instance.name}", request)
+        record(actor, "instance.restart", instance, f"restarted {instance.name}{forced}", request)
         return _reconcile_job(actor, instance, f"Restart {instance.name}", "restart")
 
 
-def reset_database(actor, instance: Instance, request=None):
+def reset_database(actor, instance: Instance, request=None, force: bool = False):
     if instance.delete_requested:
         raise NotAllowed(f"{instance.name} is being deleted.")
+    forced = sessions.require_idle(instance, "resetting the database (its data are backed up, then emptied)", force)
     with throttle.take("reset", actor, instance), transaction.atomic():
-        record(actor, "instance.reset_database", instance, f"reset the database of {instance.name}", request)
+        record(actor, "instance.reset_database", instance, f"reset the database of {instance.name}{forced}", request)
         return _reconcile_job(actor, instance, f"Back up and reset the database of {instance.name}", "reset")
 
 
@@ -398,13 +404,14 @@ def transfer(actor, instance: Instance, new_owner, request=None) -> Instance:
     return instance
 
 
-def delete_instance(actor, instance: Instance, request=None):
+def delete_instance(actor, instance: Instance, request=None, force: bool = False):
     if not actor.is_superuser:
         raise NotAllowed("Only lab managers may delete instances.")
+    forced = sessions.require_idle(instance, "deleting the instance (it ends the data collection)", force)
     with transaction.atomic():
         state.set_status(instance, Instance.Status.DELETING, "final backup, then removal", notify=False,
                          delete_requested=True, generation=F("generation") + 1)
-        record(actor, "instance.delete", instance, f"deleted instance {instance.name} (a final backup is kept)",
+        record(actor, "instance.delete", instance, f"deleted instance {instance.name} (a final backup is kept){forced}",
                request)
         job = _reconcile_job(actor, instance, f"Delete {instance.name}", "delete")
     state.push_state(instance)

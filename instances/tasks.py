@@ -4,7 +4,7 @@ releases; services and releases enqueue them by name through `manager.jobs.servi
 from celery import shared_task
 from django.conf import settings
 
-from instances import proxy, reconciler, releases, schedule
+from instances import proxy, reconciler, releases, schedule, sessions
 from instances.models import Instance
 from instances.runtime import RuntimeError_
 from manager import locks
@@ -50,10 +50,20 @@ def sweep():
     return {**result, **reconciler.reconcile_all(), "stuck_releases_failed": stuck}
 
 
+@shared_task(name="instances.sessions_sweep", soft_time_limit=50, time_limit=58)
+def sessions_sweep():
+    """Every minute: the oTree sessions of every running instance read again, and releases
+    that wait as ready to switch switched to where no session is live any more."""
+    result = sessions.refresh_running()
+    return {**result, "ready_releases_switched": releases.switch_ready()}
+
+
 @job_task("instances.build_release", time_limit=settings.LAB_BUILD_TIMEOUT)
-def build_release(job, release_id):
-    """Build, start and switch to a release (record_push / rollback enqueue it)."""
-    release = releases.deploy(release_id)
+def build_release(job, release_id, force=False):
+    """Build, start and switch to a release (record_push / rollback enqueue it; Switch now
+    and the sessions sweep for a release ready to switch). `force`: switch even while an
+    oTree session is live."""
+    release = releases.deploy(release_id, force=bool(force))
     if release is None:
         return "the release no longer exists"
     name = release.instance.name
@@ -63,6 +73,8 @@ def build_release(job, release_id):
         return f"{name} #{release.number} was superseded by a newer push"
     if release.status == "queued":
         return f"{name} #{release.number} is queued behind the running deploy"
+    if release.status == "ready":
+        return f"{name} #{release.number} is {release.status_reason}"
     raise JobFailed(f"{name} #{release.number} failed: {release.status_reason}")
 
 

@@ -453,6 +453,17 @@ LAB_LOCK_TTL = env_int("LAB_LOCK_TTL", 30)  # seconds a killed worker's instance
 LAB_BUILD_TIMEOUT = env_int("LAB_BUILD_TIMEOUT", 900)
 LAB_START_TIMEOUT = env_int("LAB_START_TIMEOUT", 120)
 LAB_KEEP_RELEASES = env_int("LAB_KEEP_RELEASES", 5)
+# Live oTree sessions (instances.sessions): a session is live while a participant who has
+# not finished started or completed a page in the last LAB_SESSION_LIVE_MINUTES (decimals
+# allowed, e.g. 0.5); restarts, resets, settings changes, rollbacks and switches to a new
+# release then wait for an explicit confirmation.
+_raw_live = env_str("LAB_SESSION_LIVE_MINUTES", "10")
+try:
+    LAB_SESSION_LIVE_MINUTES = float(_raw_live)
+except ValueError:
+    raise ConfigError(f"LAB_SESSION_LIVE_MINUTES must be a number of minutes, got {_raw_live!r}") from None
+if not 0 < LAB_SESSION_LIVE_MINUTES <= 1440:  # (also refuses nan and inf)
+    raise ConfigError(f"LAB_SESSION_LIVE_MINUTES must be more than 0 and at most 1440 (a day), got {_raw_live!r}")
 # The reverse proxy (Caddy): port mode binds each instance's port on LAB_PROXY_BIND (when
 # set; else LAB_INSTANCE_HOST if it is a local address, else all interfaces); subdomain mode
 # listens on LAB_PROXY_LISTEN.
@@ -496,6 +507,7 @@ if not 1 <= LAB_BACKUP_CHECK_SECONDS <= 3600:
 CELERY_BEAT_SCHEDULE = {
     "jobs-sweep": {"task": "manager.jobs.tasks.sweep_jobs", "schedule": 60.0},
     "instances-sweep": {"task": "instances.sweep", "schedule": 60.0, "options": {"expires": 55}},
+    "sessions-sweep": {"task": "instances.sessions_sweep", "schedule": 60.0, "options": {"expires": 55}},
     "bots-sweep": {"task": "bots.sweep", "schedule": 60.0, "options": {"expires": 55}},
     "backup-schedule": {"task": "instances.backup_schedule", "schedule": float(LAB_BACKUP_CHECK_SECONDS),
                         "options": {"expires": LAB_BACKUP_CHECK_SECONDS}},

@@ -40,6 +40,8 @@ ZERO = "0" * 40
 POLL_INTERVAL = 0.1
 FINAL_OK = {Release.Status.LIVE}
 FINAL_BAD = {Release.Status.FAILED, Release.Status.SUPERSEDED, Release.Status.ROLLED_BACK}
+# Built and health-checked, waiting for a live oTree session to end: the push succeeded.
+FINAL_WAITING = {Release.Status.READY}
 SIZE_CHECK_TIMEOUT = 300  # seconds for the size checks of one push
 MiB = 1024 * 1024
 
@@ -282,16 +284,19 @@ def follow(release: Release, out, *, poll: float = POLL_INTERVAL, timeout: float
         for line in lines:
             say(line, out)
             last = line
-        if row["status"] != status and row["status"] not in FINAL_OK | FINAL_BAD:
+        if row["status"] != status and row["status"] not in FINAL_OK | FINAL_BAD | FINAL_WAITING:
             status = row["status"]
             say(f"[release #{release.number}: {Release.Status(status).label}]", out)
-        if row["status"] in FINAL_OK | FINAL_BAD:
+        if row["status"] in FINAL_OK | FINAL_BAD | FINAL_WAITING:
             if pending:
                 say(pending, out)
                 last = pending
             if row["status"] in FINAL_OK:
                 instance = Instance.objects.get(pk=release.instance_id)
                 final, code = f"Deployed: {instance.url or instance.name}", 0
+            elif row["status"] in FINAL_WAITING:  # the build logged the same words (releases._ready)
+                reason = row["status_reason"] or "ready to switch"
+                final, code = f"{reason[:1].upper()}{reason[1:]}", 0
             else:
                 final, code = f"Deploy failed: {row['status_reason'] or Release.Status(row['status']).label}", 1
             if last.strip() != final:  # the build may have logged the same words last

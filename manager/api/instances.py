@@ -3,11 +3,11 @@
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
-from ninja import Path, Router, Schema, Status
+from ninja import Path, Query, Router, Schema, Status
 from ninja.errors import HttpError
 from pydantic import Field
 
-from instances import schedule, services
+from instances import releases, schedule, services, sessions
 from instances.models import Instance, Release
 from instances.selectors import get_visible_instance, visible_instances, with_live_release
 from manager.accounts.models import User
@@ -156,6 +156,23 @@ class BackupOut(Schema):
     created_at: str
 
 
+FORCE = Query(False, description="true: do it even while an oTree session is live (without it, a live session "
+              "makes this 409 naming the session and its active participants)")
+LIVE_409 = ("409 while an oTree session of the instance is live (participants active in the last "
+            "LAB_SESSION_LIVE_MINUTES): the detail names the session(s) and how many participants are active; the same "
+            "call with `?force=true` does it anyway.")
+
+
+class SessionOut(Schema):
+    code: str
+    config: str = Field(description="the session config's name")
+    participants: int
+    started: int = Field(description="participants who opened their link")
+    finished: int | None = Field(description="participants past the last page; null when not known yet")
+    last_activity: str | None = Field(description="ISO time of the last page started or completed, or null")
+    live: bool
+
+
 def _rooms(instance: Instance, live) -> list[dict]:
     if live is None:
         return []
@@ -205,37 +222,43 @@ def get_instance(request: HttpRequest, name: str):
 
 
 @router.patch("/{name}", summary="Change settings",
-              response=responses({200: InstanceOut}, 400, 403, 404, 422, 429))
-def update_instance(request: HttpRequest, name: str, payload: InstancePatch):
+              response=responses({200: InstanceOut}, 400, 403, 404, 409, 422, 429))
+def update_instance(request: HttpRequest, name: str, payload: InstancePatch, force: bool = FORCE):
     """Change `auth_level`, `production`, `env` (owner, lab managers) and `memory_mb`, `cpus`
     (lab managers). The app restarts with the new settings (applied as a deploy is: if it does
     not come up with them, the previous ones come back); the database is untouched. A change
     that restarts the app counts against the restart budget (429 over it). The backup
     schedule (`backup_interval_minutes`, `backup_keep_daily`, `backup_keep_weekly`; null =
-    the lab's default) is lab managers' too, and restarts nothing."""
+    the lab's default) is lab managers' too, and restarts nothing. 409 while an oTree session
+    is live (participants active in the last LAB_SESSION_LIVE_MINUTES) and the change restarts
+    the app: the detail names the session(s) and how many participants are active; the same
+    call with `?force=true` does it anyway."""
     instance = get_visible_instance(request.auth, name)
     values = payload.dict(exclude_unset=True)
     own_schedule = schedule.clean(request.auth, **{k: values.pop(k) for k in schedule.FIELDS if k in values})
     if values or not own_schedule:
-        services.update_settings(request.auth, instance, request=request, **values)
+        services.update_settings(request.auth, instance, request=request, force=force, **values)
     schedule.update(request.auth, instance, request=request, **own_schedule)  # checked above: cannot fail now
     return serialize(instance)
 
 
-@router.post("/{name}/restart", summary="Restart", response=responses({202: JobOut}, 404, 429))
-def restart_instance(request: HttpRequest, name: str):
+@router.post("/{name}/restart", summary="Restart", response=responses({202: JobOut}, 404, 409, 429),
+             description=LIVE_409)
+def restart_instance(request: HttpRequest, name: str, force: bool = FORCE):
     instance = get_visible_instance(request.auth, name)
-    job = services.restart(request.auth, instance, request=request)
+    job = services.restart(request.auth, instance, request=request, force=force)
     return Status(202, {"job": str(job.id), "detail": f"restarting {name}"})
 
 
 @router.post("/{name}/reset-database", summary="Back up, then reset the database",
-             response=responses({202: JobOut}, 403, 404, 429))
-def reset_database(request: HttpRequest, name: str):
+             response=responses({202: JobOut}, 403, 404, 409, 429))
+def reset_database(request: HttpRequest, name: str, force: bool = FORCE):
     """A backup (`pg_dump -Fc`) is written first; if it fails, nothing is reset. The backup
-    is listed by `GET /api/v1/instances/{name}/backups` when the job ends."""
+    is listed by `GET /api/v1/instances/{name}/backups` when the job ends. 409 while an oTree session is live
+    (participants active in the last LAB_SESSION_LIVE_MINUTES): the detail names the session(s) and how
+    many participants are active; the same call with `?force=true` does it anyway."""
     instance = get_visible_instance(request.auth, name)
-    job = services.reset_database(request.auth, instance, request=request)
+    job = services.reset_database(request.auth, instance, request=request, force=force)
     return Status(202, {"job": str(job.id), "detail": f"backing up and resetting the database of {name}"})
 
 
@@ -255,13 +278,15 @@ def move_instance(request: HttpRequest, name: str, payload: MoveIn):
 
 
 @router.post("/{name}/admin-password", summary="Set or generate the oTree admin password",
-             response=responses({200: PasswordOut}, 404, 422, 429))
-def admin_password(request: HttpRequest, name: str, payload: PasswordIn | None = None):
+             response=responses({200: PasswordOut}, 404, 409, 422, 429))
+def admin_password(request: HttpRequest, name: str, payload: PasswordIn | None = None, force: bool = FORCE):
     """The app restarts with it once a release runs: that counts against the restart budget
-    (429 over it)."""
+    (429 over it). 409 while an oTree session is live
+    (participants active in the last LAB_SESSION_LIVE_MINUTES): the detail names the session(s) and how
+    many participants are active; the same call with `?force=true` does it anyway."""
     instance = get_visible_instance(request.auth, name)
     password = services.set_admin_password(request.auth, instance, payload.password if payload else None,
-                                           request=request)
+                                           request=request, force=force)
     return {"admin_username": instance.admin_username, "password": password}
 
 
@@ -279,7 +304,8 @@ class ReleaseOut(Schema):
     author: str
     message: str
     pushed_by: str | None
-    status: str = Field(description="queued, building, starting, live, failed, superseded, rolled_back",
+    status: str = Field(description="queued, building, starting, live, failed, superseded, rolled_back, ready "
+                        "(built and health-checked; waits for a live oTree session to end)",
                         **rules(enum=Release.Status.values))
     status_reason: str
     created_at: str
@@ -310,6 +336,39 @@ def list_releases(request: HttpRequest, name: str):
     return [_release(r) for r in instance.releases.select_related("pushed_by", "rollback_of")]
 
 
+@router.post("/{name}/releases/{number}/switch", summary="Switch now to a release that is ready to switch",
+             response=responses({202: JobOut}, 403, 404, 409))
+def switch_release(request: HttpRequest, name: str, number: int = Path(..., ge=1, le=MAX_ID)):
+    """A push during a live oTree session waits as `ready` (built and health-checked); this
+    switches to it at once, live session or not (the app restarts with it). 409 when the
+    release is not ready to switch."""
+    instance = get_visible_instance(request.auth, name)
+    release = instance.releases.filter(number=number).first()
+    if release is None:
+        raise HttpError(404, f"{name} has no release #{number}.")
+    job = releases.switch_now(request.auth, release)
+    return Status(202, {"job": str(job.id), "detail": f"switching {name} to #{number}"})
+
+
+@router.get("/{name}/sessions", summary="The oTree sessions, and whether one is live",
+            response=responses({200: list[SessionOut]}, 404))
+def list_sessions(request: HttpRequest, name: str, response: HttpResponse):
+    """Read through the app's REST API (at most a few seconds old). A session is live while a
+    participant who has not finished started or completed a page in the last
+    LAB_SESSION_LIVE_MINUTES. When the app does not answer, the last read is returned with
+    the header `X-Sessions-Stale` saying why (and `live` false everywhere: the manager knows of
+    no live session then); `X-Sessions-Checked-At` is the time of the read."""
+    instance = get_visible_instance(request.auth, name)
+    sessions.fresh(instance)
+    if instance.sessions_problem:
+        response["X-Sessions-Stale"] = instance.sessions_problem.encode("ascii", "replace").decode()
+    if instance.sessions_checked_at:
+        response["X-Sessions-Checked-At"] = instance.sessions_checked_at.isoformat()
+    stale = bool(instance.sessions_problem)
+    return [{**sessions.public(s), "live": bool(s.get("live")) and not stale}
+            for s in instance.otree_sessions or [] if isinstance(s, dict)]
+
+
 @router.get("/{name}/releases/{number}", summary="One release with its build log",
             response=responses({200: ReleaseDetailOut}, 404))
 def get_release(request: HttpRequest, name: str, number: int = Path(..., ge=1, le=MAX_ID)):
@@ -320,11 +379,12 @@ def get_release(request: HttpRequest, name: str, number: int = Path(..., ge=1, l
     return _release(release, with_log=True)
 
 
-@router.delete("/{name}", summary="Delete (a final backup is kept)", response=responses({202: JobOut}, 403, 404))
-def delete_instance(request: HttpRequest, name: str):
+@router.delete("/{name}", summary="Delete (a final backup is kept)",
+               response=responses({202: JobOut}, 403, 404, 409), description=LIVE_409)
+def delete_instance(request: HttpRequest, name: str, force: bool = FORCE):
     instance = get_visible_instance(request.auth, name)
     if not request.auth.is_superuser:
         raise HttpError(403, "Only lab managers may delete instances.")
-    job = services.delete_instance(request.auth, instance, request=request)
+    job = services.delete_instance(request.auth, instance, request=request, force=force)
     return Status(202, {"job": str(job.id), "detail": f"deleting {name}; a final backup is kept"})
 

@@ -61,6 +61,9 @@ def test_a_well_formed_environment_passes_the_check():
     ("LAB_BACKUP_KEEP_DAILY", "-1"),
     ("LAB_BACKUP_COPY_DIR", "backups/copy"),  # not an absolute path
     ("LAB_BACKUP_CHECK_SECONDS", "0"),
+    ("LAB_SESSION_LIVE_MINUTES", "ten"),
+    ("LAB_SESSION_LIVE_MINUTES", "0"),
+    ("LAB_SESSION_LIVE_MINUTES", "nan"),
 ])
 def test_a_malformed_environment_value_stops_start_up_naming_the_variable(name, value):
     result = _manage_check(**{name: value})
