@@ -16,5 +16,6 @@ urlpatterns = [
     path("<slug:name>/backups/<int:backup_id>/download/", views.backup_download, name="backup_download"),
     path("<slug:name>/releases/<int:number>/", views.release_detail, name="release_detail"),
     path("<slug:name>/releases/<int:number>/rollback/", views.release_rollback, name="release_rollback"),
+    path("<slug:name>/releases/<int:number>/switch/", views.release_switch, name="release_switch"),
     path("<slug:name>/<slug:action>/", views.instance_action, name="instance_action"),
 ]

@@ -6,7 +6,7 @@ from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from instances import schedule, services
+from instances import schedule, services, sessions
 from instances.forms import (AdminPasswordForm, BackupScheduleForm, InstanceCreateForm, LimitsForm, MoveForm,
                              SettingsForm, TransferForm)
 from instances.models import Backup
@@ -46,6 +46,8 @@ def _detail_context(instance, **forms):
         "releases": releases,
         "live": live,
         "backups": instance.backups.all()[:20],
+        "otree_sessions": [sessions.public(s) for s in instance.otree_sessions or [] if isinstance(s, dict)],
+        "live_minutes": sessions.live_minutes(),
         "settings_form": SettingsForm(initial={
             "auth_level": instance.auth_level, "production": instance.production,
             "env": "\n".join(f"{k}={v}" for k, v in sorted(instance.config_vars.items())),
@@ -76,6 +78,20 @@ def _move_targets(instance) -> dict:
                       and n["id"] != instance.node], "problem": ""}
 
 
+def _forced(request) -> bool:
+    """The confirmation page's "Do it anyway" sends force=1 with the original form."""
+    return request.POST.get("force") == "1"
+
+
+def _live_confirm(request, instance, exc):
+    """A live oTree session refused the action: a confirmation naming the session(s) and the
+    active participants, whose "Do it anyway" posts the same form again with force (409)."""
+    fields = [(key, value) for key in request.POST if key not in ("csrfmiddlewaretoken", "force")
+              for value in request.POST.getlist(key)]
+    return render(request, "instances/live_confirm.html",
+                  {"instance": instance, "refusal": exc, "fields": fields, "action_url": request.path}, status=409)
+
+
 @login_required
 def instance_detail(request, name):
     instance = get_visible_instance(request.user, name)
@@ -87,7 +103,7 @@ def _form_post(request, instance, form, form_key, service, values, done):
     data))`; on success the message `done` (formatted with the changed instance) and back to
     the page, else the page again with the form (as `form_key`) and its errors."""
     if form.is_valid() and form.run(service, request.user, instance, **values(form.cleaned_data),
-                                    request=request) is not None:
+                                    request=request, force=_forced(request)) is not None:
         messages.success(request, done.format(instance=instance))
         return redirect("instance_detail", name=instance.name)
     return _refused(request, instance, form, form_key)
@@ -95,7 +111,9 @@ def _form_post(request, instance, form, form_key, service, values, done):
 
 def _refused(request, instance, form, form_key):
     """The page again with the form's errors: 422, or 429 with Retry-After when a rate limit
-    refused it (nothing was done)."""
+    refused it (nothing was done); a live oTree session asks for a confirmation (409)."""
+    if form.confirm is not None:
+        return _live_confirm(request, instance, form.confirm)
     page = render(request, "instances/detail.html", _detail_context(instance, **{form_key: form}), status=422)
     return refused_page(page, form.throttled) if form.throttled else page
 
@@ -118,7 +136,8 @@ def instance_admin_password(request, name):
     instance = get_visible_instance(request.user, name)
     form = AdminPasswordForm(request.POST)
     password = form.is_valid() and form.run(services.set_admin_password, request.user, instance,
-                                            form.cleaned_data["password"] or None, request=request)
+                                            form.cleaned_data["password"] or None, request=request,
+                                            force=_forced(request))
     if not password:
         return _refused(request, instance, form, "password_form")
     # Shown once, in this response only (never stored in a message or session).
@@ -146,12 +165,19 @@ def instance_limits(request, name):
     )
 
 
+def _no_force(service):
+    """A service the session guard does not concern (it takes no `force`)."""
+    def call(*args, force=False, **kwargs):
+        return service(*args, **kwargs)
+    return call
+
+
 @superuser_required
 @require_POST
 def instance_backup_schedule(request, name):
     instance = get_visible_instance(request.user, name)
     return _form_post(
-        request, instance, BackupScheduleForm(request.POST), "schedule_form", schedule.update,
+        request, instance, BackupScheduleForm(request.POST), "schedule_form", _no_force(schedule.update),
         lambda data: {field: data[field] for field in schedule.FIELDS},
         "Backup schedule of {instance.name} saved (nothing restarts).",
     )
@@ -162,7 +188,7 @@ def instance_backup_schedule(request, name):
 def instance_transfer(request, name):
     instance = get_visible_instance(request.user, name)
     return _form_post(
-        request, instance, TransferForm(request.POST), "transfer_form", services.transfer,
+        request, instance, TransferForm(request.POST), "transfer_form", _no_force(services.transfer),
         lambda data: {"new_owner": data["owner"]},
         "{instance.name} now belongs to {instance.owner.username}.",
     )
@@ -173,7 +199,7 @@ def instance_transfer(request, name):
 def instance_move(request, name):
     instance = get_visible_instance(request.user, name)
     return _form_post(
-        request, instance, MoveForm(request.POST), "move_form", services.move_instance,
+        request, instance, MoveForm(request.POST), "move_form", _no_force(services.move_instance),
         lambda data: {"node_id": data["node"]},
         "Moving {instance.name} to another node: it is down until its app runs there (usually 10–30 seconds); "
         "you are told when the job ends.",
@@ -181,9 +207,10 @@ def instance_move(request, name):
 
 
 ACTIONS = {
-    # action: (service, needs confirmation page, lab managers only, message)
+    # action: (service, needs confirmation page, lab managers only, message); all but the
+    # backup take `force` (the session guard)
     "restart": (services.restart, False, False, "Restarting {name}…"),
-    "backup": (services.backup_now, False, False, "Backing up {name}…"),
+    "backup": (_no_force(services.backup_now), False, False, "Backing up {name}…"),
     "reset-database": (services.reset_database, True, False,
                        "Backing up {name}, then emptying its database. You will be notified when it is done."),
     "delete": (services.delete_instance, True, True, "Deleting {name}; its final backup is kept."),
@@ -203,7 +230,9 @@ def instance_action(request, name, action):
             return render(request, "instances/confirm.html", {"instance": instance, "action": action})
         return redirect("instance_detail", name=name)
     try:
-        service(request.user, instance, request=request)
+        service(request.user, instance, request=request, force=_forced(request))
+    except sessions.SessionLive as exc:
+        return _live_confirm(request, instance, exc)
     except NotAllowed as exc:
         messages.error(request, str(exc))
         return redirect("instance_detail", name=name)
@@ -278,7 +307,9 @@ def release_rollback(request, name, number):
     instance = get_visible_instance(request.user, name)
     release = get_object_or_404(instance.releases, number=number)
     try:
-        new = releases.rollback(request.user, release)
+        new = releases.rollback(request.user, release, force=_forced(request))
+    except sessions.SessionLive as exc:
+        return _live_confirm(request, instance, exc)
     except NotAllowed as exc:
         messages.error(request, str(exc))
         return redirect("release_detail", name=name, number=number)
@@ -287,3 +318,23 @@ def release_rollback(request, name, number):
         return redirect("release_detail", name=name, number=number)
     messages.info(request, f"Rolling back to release #{release.number} ({release.commit[:8]}) as release #{new.number}.")
     return redirect("release_detail", name=name, number=new.number)
+
+
+@login_required
+@require_POST
+def release_switch(request, name, number):
+    """Switch now to a release that waits as ready to switch (live session or not)."""
+    from instances import releases
+
+    instance = get_visible_instance(request.user, name)
+    release = get_object_or_404(instance.releases, number=number)
+    try:
+        releases.switch_now(request.user, release)
+    except NotAllowed as exc:
+        messages.error(request, str(exc))
+    except ValidationError as exc:
+        messages.error(request, "Cannot switch: " + " ".join(exc.messages))
+    else:
+        messages.info(request, f"Switching {name} to release #{number} now: its app starts, is health-checked and "
+                               "then serves.")
+    return redirect("release_detail", name=name, number=number)

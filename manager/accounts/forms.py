@@ -11,6 +11,8 @@ class ServiceForm(forms.Form):
     (`Throttled`) is shown as the form's error and kept as `throttled` (the page answers 429)."""
 
     throttled = None
+    confirm = None  # a refusal the user may override (e.g. a live oTree session): ask, then send force
+
 
     def __init__(self, *args, **kwargs):
         # Text fields leave NUL characters and lengths to the service (manager.texts), so
@@ -30,6 +32,10 @@ class ServiceForm(forms.Form):
             self.add_error(None, exc.detail)
             return None
         except ValidationError as exc:
+            if getattr(exc, "needs_confirmation", False):
+                self.confirm = exc
+                self.add_error(None, getattr(exc, "page_text", None) or exc.messages)
+                return None
             if hasattr(exc, "error_dict"):
                 for field, errors in exc.message_dict.items():
                     self.add_error(field if field in self.fields else None, errors)

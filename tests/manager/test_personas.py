@@ -167,6 +167,9 @@ ROUTES = [
     # rolling back to a release that never went live is refused with a message (redirect)
     Route("release_rollback", "/instances/ann-study/releases/1/rollback/",
           {"anon": 302, "boss": 302, "ann": 302, "bob": 404}, method="post"),
+    # switching now to a release that is not ready to switch is refused with a message (redirect)
+    Route("release_switch", "/instances/ann-study/releases/1/switch/",
+          {"anon": 302, "boss": 302, "ann": 302, "bob": 404}, method="post"),
     Route("backup_download", lambda w: f"/instances/ann-study/backups/{w.backup.pk}/download/", OWNER_VIEW),
     Route("instance_action", "/instances/ann-study/reset-database/", OWNER_VIEW),  # the confirmation page
     Route("instance_action", "/instances/ann-study/delete/", {"anon": 302, "boss": 200, "ann": 403, "bob": 404}),
@@ -256,6 +259,11 @@ ROUTES = [
     Route("api:list_releases", "/api/v1/instances/ann-study/releases", API_OWNER),
     Route("api:get_release", "/api/v1/instances/ann-study/releases/1", API_OWNER),
     Route("api:list_backups", "/api/v1/instances/ann-study/backups", API_OWNER),
+    # the oTree sessions (ann-study's app does not run here: the stored read, marked stale)
+    Route("api:list_sessions", "/api/v1/instances/ann-study/sessions", API_OWNER),
+    # release #1 failed: it is not ready to switch (409)
+    Route("api:switch_release", "/api/v1/instances/ann-study/releases/1/switch",
+          {"anon": 401, "boss": 409, "ann": 409, "bob": 404}, method="post"),
     Route("api:list_bot_runs", "/api/v1/instances/ann-study/bot-runs", API_OWNER),
     Route("api:start_bot_run", "/api/v1/instances/ann-study/bot-runs", {**API_OWNER, "boss": 201, "ann": 201},
           method="post", data={"session_config": "guess", "num_participants": 3, "num_bots": 2, "model": "random"}),
