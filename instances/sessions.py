@@ -92,13 +92,16 @@ def _listed(instance, base: str) -> list[dict]:
 
 
 class _PageTimes:
-    """A sink for the page-times CSV: per (session, participant id) the latest epoch seen."""
+    """A sink for the page-times CSV: per (session, participant id) the latest epoch seen,
+    and per session how many rows (a page completed in the same second as the last one
+    still changes it)."""
 
     def __init__(self, codes: set[str]):
         self.codes = codes
         self.pending = b""
         self.header: dict[str, int] | None = None
         self.last: dict[tuple[str, int], int] = {}
+        self.rows: dict[str, int] = {}
 
     def __call__(self, chunk: bytes) -> None:
         lines = (self.pending + chunk).split(b"\n")
@@ -129,17 +132,18 @@ class _PageTimes:
         except (KeyError, IndexError):
             return
         if code in self.codes and pid is not None and epoch is not None:
+            self.rows[code] = self.rows.get(code, 0) + 1
             key = (code, pid)
             if epoch > self.last.get(key, -1):
                 self.last[key] = epoch
 
 
-def _page_times(instance, base: str, codes: set[str]) -> dict[tuple[str, int], int]:
+def _page_times(instance, base: str, codes: set[str]) -> _PageTimes:
     sink = _PageTimes(codes)
     otree_api.stream(instance, "/api/export_page_times", sink=sink, limit=PAGE_TIMES_LIMIT, base_url=base,
                      timeout=READ_TIMEOUT)
     sink.close()
-    return sink.last
+    return sink
 
 
 def _flag(value: str) -> bool:
@@ -185,14 +189,15 @@ def read(instance, previous: list[dict] | None = None, now: datetime | None = No
     before = {s.get("code"): s for s in (previous or []) if isinstance(s, dict)}
     base = otree_api.app_url(instance)
     listed = _listed(instance, base)
-    last = _page_times(instance, base, {s["code"] for s in listed}) if listed else {}
+    times = _page_times(instance, base, {s["code"] for s in listed}) if listed else _PageTimes(set())
+    last, rows = times.last, times.rows
     window = now.timestamp() - live_minutes() * 60
     by_session: dict[str, dict[int, int]] = {}
     for (code, pid), epoch in last.items():
         by_session.setdefault(code, {})[pid] = epoch
     # The wide export only where the activity changed since the last read, newest first.
     changed = [s for s in listed if by_session.get(s["code"]) and (
-        before.get(s["code"], {}).get("last_epoch") != max(by_session[s["code"]].values())
+        before.get(s["code"], {}).get("rows") != rows.get(s["code"])
         or "finished_ids" not in before.get(s["code"], {}))]
     changed.sort(key=lambda s: -max(by_session[s["code"]].values()))
     wide = {s["code"]: _wide(instance, base, s["code"]) for s in changed[:WIDE_PER_READ]}
@@ -204,7 +209,7 @@ def read(instance, previous: list[dict] | None = None, now: datetime | None = No
         found = wide.get(s["code"])
         if found is not None:
             started, finished_ids = found
-        elif "finished_ids" in old and old.get("last_epoch") == last_epoch:
+        elif "finished_ids" in old and old.get("rows") == rows.get(s["code"]):
             started, finished_ids = old.get("started", len(seen)), old["finished_ids"]
         else:  # not read (yet): who was seen started; who finished is not known
             started, finished_ids = len(seen), None
@@ -212,6 +217,7 @@ def read(instance, previous: list[dict] | None = None, now: datetime | None = No
         active = sum(1 for pid, epoch in seen.items() if epoch >= window and pid not in done)
         entry = {**s, "started": max(started, len(seen)), "finished": len(done) if finished_ids is not None else None,
                  "active": active, "last_activity": _iso(last_epoch), "last_epoch": last_epoch,
+                 "rows": rows.get(s["code"], 0),
                  "live": active > 0}
         if finished_ids is not None:
             entry["finished_ids"] = finished_ids

@@ -242,7 +242,7 @@ def update_instance(request: HttpRequest, name: str, payload: InstancePatch, for
     return serialize(instance)
 
 
-@router.post("/{name}/restart", summary="Restart", response=responses({202: JobOut}, 404, 409, 429),
+@router.post("/{name}/restart", summary="Restart", response=responses({202: JobOut}, 404, 409, 422, 429),
              description=LIVE_409)
 def restart_instance(request: HttpRequest, name: str, force: bool = FORCE):
     instance = get_visible_instance(request.auth, name)
@@ -251,7 +251,7 @@ def restart_instance(request: HttpRequest, name: str, force: bool = FORCE):
 
 
 @router.post("/{name}/reset-database", summary="Back up, then reset the database",
-             response=responses({202: JobOut}, 403, 404, 409, 429))
+             response=responses({202: JobOut}, 403, 404, 409, 422, 429))
 def reset_database(request: HttpRequest, name: str, force: bool = FORCE):
     """A backup (`pg_dump -Fc`) is written first; if it fails, nothing is reset. The backup
     is listed by `GET /api/v1/instances/{name}/backups` when the job ends. 409 while an oTree session is live
@@ -380,7 +380,7 @@ def get_release(request: HttpRequest, name: str, number: int = Path(..., ge=1, l
 
 
 @router.delete("/{name}", summary="Delete (a final backup is kept)",
-               response=responses({202: JobOut}, 403, 404, 409), description=LIVE_409)
+               response=responses({202: JobOut}, 403, 404, 409, 422), description=LIVE_409)
 def delete_instance(request: HttpRequest, name: str, force: bool = FORCE):
     instance = get_visible_instance(request.auth, name)
     if not request.auth.is_superuser:
