@@ -361,3 +361,47 @@ def test_an_app_that_does_not_answer_holds_nothing_back(lab):
         runtime.api.unpause(app)
     expire_cache(instance)
     assert api.post(f"/api/v1/instances/{NAME}/restart").status_code == 409  # it answers again: live
+
+
+def test_the_confirmation_page_in_a_browser(lab, live_server, monkeypatch):
+    """Headless Chromium: Restart during a live session shows the confirmation naming the
+    session; "Do it anyway" (POST with CSRF and force) restarts; Cancel leaves it alone."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.conftest import CHROMIUM
+    from tests.e2e.test_e2e_notifications import CHROMIUM_ARGS
+
+    need(CHROMIUM.exists(), f"chromium ({CHROMIUM})")
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "1")  # the ORM beside Playwright's loop, in this thread
+    instance = lab["instance"]
+    code, participants = new_session(lab)
+    start(lab, participants[0])
+    sessions_sweep.apply()  # (the minute sweep: the pages show the stored read)
+    login = Client()
+    login.force_login(lab["ann"])
+    cookie = login.cookies[settings.SESSION_COOKIE_NAME].value
+    base = live_server.url.replace("localhost", "127.0.0.1")  # (Chromium may try ::1 first)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context()
+            context.add_cookies([{"name": settings.SESSION_COOKIE_NAME, "value": cookie, "url": base}])
+            page = context.new_page()
+            page.goto(f"{base}/instances/{NAME}/")
+            assert page.locator(f'tr.otree-session[data-code="{code}"]').inner_text().count("live · 1 active") == 1
+            page.click("button:has-text('Restart')")
+            page.wait_for_selector("#live-confirm")
+            said = page.inner_text("#live-confirm")
+            assert f"session {code} ({CONFIG}) is live with 1 active participant" in said and "Do it anyway" in said
+            page.click("text=Cancel")
+            page.wait_for_selector("#otree-sessions")
+            instance.refresh_from_db()
+            assert instance.restart_generation == 0
+            page.click("button:has-text('Restart')")
+            page.click("#do-it-anyway")
+            page.wait_for_selector("#otree-sessions")
+            assert "Restarting guard-live" in page.content()
+        finally:
+            browser.close()
+    instance.refresh_from_db()
+    assert instance.restart_generation == 1
