@@ -83,6 +83,15 @@ class WaitForIdle(Exception):
         self.live = live
 
 
+SWITCH_NOW = "switching now (Switch now)"  # the reason of a release Switch now queued again
+
+
+def _forced(release: Release) -> bool:
+    """A queued release that Switch now queued switches even while a session is live,
+    whoever enqueues it (the handover, the sweep)."""
+    return release.status_reason == SWITCH_NOW
+
+
 def release_url(release: Release) -> str:
     return f"{settings.LAB_PUBLIC_URL}/instances/{release.instance.name}/releases/{release.number}/"
 
@@ -160,7 +169,7 @@ def switch_now(actor, release: Release) -> object:
         raise NotAllowed("Only the owner or a lab manager may switch this instance's release.")
     with transaction.atomic():
         claimed = Release.objects.filter(pk=release.pk, status=Release.Status.READY).update(
-            status=Release.Status.QUEUED, status_reason="switching now (Switch now)")
+            status=Release.Status.QUEUED, status_reason=SWITCH_NOW)
         if not claimed:
             release.refresh_from_db()
             raise Conflict({"release": [f"#{release.number} is {release.get_status_display()}, not ready to switch: "
@@ -280,7 +289,8 @@ def deploy(release_id: int, force: bool = False) -> Release:
     except locks.Busy:
         return release  # still queued: the running deploy hands it on
     if waiting is not None:
-        _enqueue(waiting, waiting.pushed_by, f"Deploy {instance.name} #{waiting.number} ({waiting.commit[:8]})")
+        _enqueue(waiting, waiting.pushed_by, f"Deploy {instance.name} #{waiting.number} ({waiting.commit[:8]})",
+                 force=_forced(waiting))
     release.refresh_from_db()
     return release
 
@@ -449,5 +459,6 @@ def sweep(now=None) -> int:
               and not held):
             with transaction.atomic():
                 _enqueue(release, release.pushed_by,
-                         f"Deploy {release.instance.name} #{release.number} ({release.commit[:8]})")
+                         f"Deploy {release.instance.name} #{release.number} ({release.commit[:8]})",
+                         force=_forced(release))
     return failed

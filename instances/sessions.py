@@ -29,6 +29,7 @@ import re
 from datetime import datetime, timedelta, timezone as dt_timezone
 
 from django.conf import settings
+from django.db.models import F
 from django.utils import timezone
 
 from instances import otree_api, state
@@ -280,11 +281,17 @@ def fresh(instance: Instance) -> Instance:
 
 
 def refresh_running() -> dict:
-    """The minute sweep: the sessions of every running instance read again."""
+    """The minute sweep: the sessions of every running instance read again (those read
+    longest ago first: a sweep cut short by its time limit goes on with the others next)."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
     read_ok = failed = 0
-    for instance in Instance.objects.filter(status=Instance.Status.RUNNING, delete_requested=False):
+    for instance in (Instance.objects.filter(status=Instance.Status.RUNNING, delete_requested=False)
+                     .order_by(F("sessions_checked_at").asc(nulls_first=True))):
         try:
             ok = refresh(instance)
+        except SoftTimeLimitExceeded:
+            raise
         except Exception:  # noqa: BLE001 - one instance never stops the sweep of the others
             log.warning("reading the sessions of %s", instance.name, exc_info=True)
             ok = False
