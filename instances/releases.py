@@ -180,7 +180,7 @@ def switch_now(actor, release: Release) -> object:
         return _enqueue(release, actor, f"Switch {instance.name} to #{release.number} now", force=True)
 
 
-def switch_ready(now=None) -> int:
+def switch_ready() -> int:
     """The minute sweep: a release ready to switch whose instance has no live session any
     more (its sessions were read this minute; an app that does not answer has none the
     manager knows of) is switched to. Returns how many were enqueued."""
