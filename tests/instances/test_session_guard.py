@@ -405,3 +405,29 @@ def test_the_confirmation_page_in_a_browser(lab, live_server, monkeypatch):
             browser.close()
     instance.refresh_from_db()
     assert instance.restart_generation == 1
+
+
+def test_a_rollback_during_a_live_session_asks_first(lab):
+    """Roll back (page) while a session is live: the confirmation; "Do it anyway" queues the
+    rollback, which supersedes a release that waits as ready to switch and switches without
+    waiting."""
+    instance = lab["instance"]
+    Release.objects.filter(instance=instance, number=1).update(status=Release.Status.SUPERSEDED)
+    Release.objects.create(instance=instance, number=2, commit=lab["deployed"].commit, status=Release.Status.LIVE,
+                           image=lab["deployed"].image)
+    waiting = Release.objects.create(instance=instance, number=3, commit=lab["deployed"].commit,
+                                     status=Release.Status.READY, image=lab["deployed"].image)
+    code, participants = new_session(lab)
+    start(lab, participants[0])
+    page = Client()
+    page.force_login(lab["ann"])
+    asked = page.post(f"/instances/{NAME}/releases/1/rollback/")
+    assert asked.status_code == 409 and code in asked.content.decode() and "Do it anyway" in asked.content.decode()
+    assert not Release.objects.filter(instance=instance, rollback_of__isnull=False).exists()
+    done = page.post(f"/instances/{NAME}/releases/1/rollback/", {"force": "1"})
+    assert done.status_code == 302
+    rollback = Release.objects.get(instance=instance, rollback_of__number=1)
+    waiting.refresh_from_db()
+    assert waiting.status == Release.Status.SUPERSEDED and f"#{rollback.number}" in waiting.status_reason
+    [(task, args)] = queued.values()
+    assert args == (rollback.pk, True)  # the switch does not wait for the session either
