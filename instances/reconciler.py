@@ -95,6 +95,11 @@ def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Insta
             status, reason = _app_status(runtime, instance.name, state)
             if status == Instance.Status.RUNNING:
                 fields["applied_settings"] = view.app_settings()
+            waiting = (Release.objects.filter(instance=instance, status=Release.Status.READY)
+                       .order_by("-number").values_list("number", flat=True).first())
+            if waiting is not None:  # (instances.releases: a push that waits for a live session to end)
+                reason = f"{reason}; " if reason else ""
+                reason += f"release #{waiting} is ready to switch (it waits for the live session to end)"
             reason = " ".join(part for part in (refused, reason) if part)
         set_status(instance, status, reason, runtime=runtime.name,
                    observed_generation=generation, observed_restart_generation=restart_generation, **fields)

@@ -25,7 +25,7 @@ import requests
 from django.conf import settings
 from django.test import Client
 
-from instances import releases, sessions
+from instances import reconciler, releases, sessions
 from instances.git import hooks
 from instances.git.repos import repo_path
 from instances.models import Instance, Release
@@ -273,8 +273,13 @@ def test_a_push_during_a_live_session_waits_until_the_session_is_idle(lab, setti
     instance.refresh_from_db()
     assert instance.status == Instance.Status.RUNNING and "ready to switch" in instance.status_reason
 
-    # The minute sweep leaves it while the session is live; the stuck-release sweep too.
+    # The minute sweeps leave it while the session is live (the stuck-release sweep too);
+    # the instance says it waits.
     assert releases.sweep() == 0
+    reconciler.reconcile(instance.pk)
+    instance.refresh_from_db()
+    assert instance.status == Instance.Status.RUNNING
+    assert f"release #{release.number} is ready to switch" in instance.status_reason
     sessions_sweep.apply()
     assert run_deploys() == []
     release.refresh_from_db()
