@@ -205,6 +205,9 @@ class Backup(models.Model):
     # database dump (a reset's and a delete's backup); '' when there is none.
     data_filename = models.CharField(max_length=200, blank=True)
     data_size = models.BigIntegerField(default=0)
+    # Why the data export of a reset's or a delete's backup could not be stored ('' when it
+    # was, or when none was attempted): the job's result and the Backups page say it.
+    data_problem = models.CharField(max_length=500, blank=True)
     # When the file was copied to LAB_BACKUP_COPY_DIR (null: not copied).
     copied_at = models.DateTimeField(null=True, blank=True)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
@@ -222,6 +225,13 @@ class Backup(models.Model):
         from instances.backups import backup_dir
 
         return backup_dir() / self.filename
+
+    @property
+    def data_path(self):
+        """The data export's zip beside the dump (None when there is none)."""
+        from instances.backups import backup_dir
+
+        return backup_dir() / self.data_filename if self.data_filename else None
 
 
 class Release(models.Model):

@@ -15,7 +15,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 
-from instances import netguard, proxy
+from instances import export, netguard, proxy
 from instances.backups import backup_dir, copy_backup
 from instances.git import archive
 from instances.models import Backup, Instance, Release
@@ -215,8 +215,10 @@ def _restore(instance: Instance, applied: dict, generation: int, wanted: dict) -
            "the previous ones are back", changed=changed)
 
 
-def backup(instance: Instance, kind: str, actor=None, runtime=None) -> Backup:
-    """Dump the instance's database into LAB_DATA_DIR/backups (caller holds the lock)."""
+def backup(instance: Instance, kind: str, actor=None, runtime=None, *, data: bool = False) -> Backup:
+    """Dump the instance's database into LAB_DATA_DIR/backups (caller holds the lock).
+    With `data`, oTree's own data export (instances.export) is stored beside the dump, or
+    the backup records why it could not be (the dump alone is the authoritative copy)."""
     runtime = runtime or get_runtime(instance)
     # We hold the instance's lock: a backup still "pending" belongs to a worker that died.
     Backup.objects.filter(instance=instance, status=Backup.Status.PENDING).update(status=Backup.Status.FAILED)
@@ -233,6 +235,8 @@ def backup(instance: Instance, kind: str, actor=None, runtime=None) -> Backup:
         raise ReconcileError(f"backup failed: {exc}") from exc
     Backup.objects.filter(pk=row.pk).update(status=Backup.Status.DONE, size=size)
     row.refresh_from_db()
+    if data:  # before the copy: the data export goes to the second folder with the dump
+        export.store_beside(row, instance, runtime.backup_suffix(instance.name))
     copy_backup(row)  # to LAB_BACKUP_COPY_DIR when set; a failed copy is logged, retried by the scheduler
     return row
 
@@ -251,7 +255,8 @@ def backup_and_reset(instance_id: int, actor=None) -> Backup:
     _converge_for_data(instance_id, runtime)  # the database must be up to be dumped
     with locks.lock(f"instance:{instance_id}"):
         instance = Instance.objects.get(pk=instance_id)
-        row = backup(instance, Backup.Kind.BEFORE_RESET, actor, runtime)  # no backup, no reset
+        # No backup, no reset; the data export beside it is made while the app still answers.
+        row = backup(instance, Backup.Kind.BEFORE_RESET, actor, runtime, data=True)
         try:
             runtime.reset_database(instance.name, instance_spec(instance))
         except RuntimeError_ as exc:
@@ -399,8 +404,8 @@ def _delete(instance: Instance, runtime) -> None:
         if runtime.state(instance.name).db.health != Health.RUNNING:
             runtime.ensure(instance_spec(instance))  # bring the database up for its dump
         already = instance.backups.filter(kind=Backup.Kind.FINAL, status=Backup.Status.DONE).exists()
-        if not already:
-            backup(instance, Backup.Kind.FINAL, runtime=runtime)
+        if not already:  # with oTree's data export, while the app still answers
+            backup(instance, Backup.Kind.FINAL, runtime=runtime, data=True)
         runtime.remove(instance.name)
     _archive_repository(instance)
     name, owner_id, pk = instance.name, instance.owner_id, instance.pk

@@ -4,8 +4,8 @@ releases; services and releases enqueue them by name through `manager.jobs.servi
 from celery import shared_task
 from django.conf import settings
 
-from instances import proxy, reconciler, releases, schedule, sessions
-from instances.models import Instance
+from instances import export, proxy, reconciler, releases, schedule, sessions
+from instances.models import Backup, Instance
 from instances.runtime import RuntimeError_
 from manager import locks
 from manager.accounts.models import User
@@ -19,7 +19,9 @@ def instance_action(job, instance_id, action):
     try:
         if action == "reset":
             row = reconciler.backup_and_reset(instance_id, actor)
-            return f"{name}: database reset; the backup {row.filename} ({row.size} bytes) was kept"
+            data = export.data_sentence(row)
+            return f"{name}: database reset; the backup {row.filename} ({row.size} bytes) was kept" + (
+                f"; {data}" if data else "")
         if action == "backup":
             row = reconciler.backup_only(instance_id, actor)
             return f"{name}: backup {row.filename} written ({row.size} bytes)"
@@ -31,7 +33,10 @@ def instance_action(job, instance_id, action):
     if action in ("create", "delete"):
         proxy.sync_routes()  # its public port answers (503 until a release is live) / is closed
     if action == "delete":
-        return f"{name} deleted; its final backup is kept"
+        final = (Backup.objects.filter(instance_name=name, kind=Backup.Kind.FINAL, status=Backup.Status.DONE)
+                 .order_by("-created_at", "-pk").first())
+        data = export.data_sentence(final) if final is not None else ""
+        return f"{name} deleted; its final backup is kept" + (f"; {data}" if data else "")
     if instance is None:
         return f"{name} no longer exists"
     if instance.status == Instance.Status.FAILED:  # e.g. its app does not come up: the job says why

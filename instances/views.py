@@ -6,7 +6,7 @@ from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from instances import schedule, services, sessions
+from instances import export, schedule, services, sessions
 from instances.forms import (AdminPasswordForm, BackupScheduleForm, InstanceCreateForm, LimitsForm, MoveForm,
                              SettingsForm, TransferForm)
 from instances.models import Backup
@@ -257,10 +257,51 @@ def instance_logs(request, name):
 
 
 @login_required
+def instance_data(request, name):
+    """Download data: oTree's exports of the instance as one zip, made now (instances.export)."""
+    instance = get_visible_instance(request.user, name)
+    try:
+        handle, filename = export.download(request.user, instance, request=request)
+    except export.ExportFailed as exc:
+        messages.error(request, f"Could not export the data of {name}: {exc}.")
+        return redirect("instance_detail", name=name)
+    except Throttled as exc:  # nothing was done: the page again, with why and when to retry
+        messages.error(request, exc.detail)
+        return refused_page(render(request, "instances/detail.html", _detail_context(instance)), exc)
+    return send_data_zip(handle, filename)
+
+
+def send_data_zip(handle, filename):
+    """A data zip as a download that no cache keeps (participants' data)."""
+    response = FileResponse(handle, as_attachment=True, filename=filename, content_type="application/zip")
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+@login_required
 def backup_download(request, name, backup_id):
     instance = get_visible_instance(request.user, name)
     backup = get_object_or_404(instance.backups, pk=backup_id, status=Backup.Status.DONE)
     return _send_backup(request, backup, instance)
+
+
+@login_required
+def backup_data_download(request, name, backup_id):
+    """The data export stored beside a backup (a reset's, a delete's)."""
+    instance = get_visible_instance(request.user, name)
+    backup = get_object_or_404(instance.backups, pk=backup_id, status=Backup.Status.DONE)
+    return _send_backup_data(request, backup, instance)
+
+
+def _send_backup_data(request, backup, audited):
+    path = backup.data_path
+    if path is None:
+        raise Http404("This backup has no data export beside it.")
+    if not path.exists():
+        raise Http404("The data export is missing from LAB_DATA_DIR/backups.")
+    record(request.user, "instance.backup_download", audited, f"downloaded the data export {backup.data_filename}",
+           request)
+    return send_data_zip(path.open("rb"), backup.data_filename)
 
 
 def _send_backup(request, backup, audited):
@@ -290,6 +331,12 @@ def backup_list(request):
 def backup_download_any(request, backup_id):
     backup = get_object_or_404(Backup, pk=backup_id, status=Backup.Status.DONE)
     return _send_backup(request, backup, backup)
+
+
+@superuser_required
+def backup_data_download_any(request, backup_id):
+    backup = get_object_or_404(Backup, pk=backup_id, status=Backup.Status.DONE)
+    return _send_backup_data(request, backup, backup)
 
 
 @login_required

@@ -464,6 +464,12 @@ except ValueError:
     raise ConfigError(f"LAB_SESSION_LIVE_MINUTES must be a number of minutes, got {_raw_live!r}") from None
 if not 0 < LAB_SESSION_LIVE_MINUTES <= 1440:  # (also refuses nan and inf)
     raise ConfigError(f"LAB_SESSION_LIVE_MINUTES must be more than 0 and at most 1440 (a day), got {_raw_live!r}")
+# oTree's data exports as one zip (instances/export.py: "Download data", and beside the
+# backup of a reset and a delete): the most the app's CSVs may add up to, in MB.
+LAB_EXPORT_MAX_MB = env_int("LAB_EXPORT_MAX_MB", 512)
+if LAB_EXPORT_MAX_MB < 1:
+    raise ConfigError(f"LAB_EXPORT_MAX_MB must be at least 1 (MB of oTree's data exports in one zip), "
+                      f"got {LAB_EXPORT_MAX_MB}")
 # The reverse proxy (Caddy): port mode binds each instance's port on LAB_PROXY_BIND (when
 # set; else LAB_INSTANCE_HOST if it is a local address, else all interfaces); subdomain mode
 # listens on LAB_PROXY_LISTEN.
@@ -557,6 +563,7 @@ LAB_THROTTLE_RESTART = env_str("LAB_THROTTLE_RESTART", _throttle.ACTIONS["restar
 LAB_THROTTLE_RESET = env_str("LAB_THROTTLE_RESET", _throttle.ACTIONS["reset"].default)
 LAB_THROTTLE_BACKUP = env_str("LAB_THROTTLE_BACKUP", _throttle.ACTIONS["backup"].default)
 LAB_THROTTLE_BOT_RUN = env_str("LAB_THROTTLE_BOT_RUN", _throttle.ACTIONS["bot_run"].default)
+LAB_THROTTLE_EXPORT = env_str("LAB_THROTTLE_EXPORT", _throttle.ACTIONS["export"].default)
 LAB_THROTTLE_TOKEN = env_str("LAB_THROTTLE_TOKEN", _throttle.ACTIONS["token"].default)
 try:
     _throttle.check_settings({name: value for name, value in globals().items() if name.startswith("LAB_THROTTLE_")})

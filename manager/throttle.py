@@ -1,5 +1,5 @@
 """Rate limits for destructive or costly actions: restart, database reset, backup now,
-starting a bot run, creating an access token.
+starting a bot run, downloading an instance's data, creating an access token.
 
 Each action has a budget per instance and per user, read from a setting in the format of
 LAB_LOGIN_RATE_LIMIT: comma-separated `COUNT/PERIOD/SCOPE`, PERIOD `s`, `m`, `h` or `d`
@@ -64,6 +64,8 @@ ACTIONS = {
                      "backups of {name}", "backups by you"),
     "bot_run": Action("LAB_THROTTLE_BOT_RUN", "20/h/instance,40/h/user",
                       "bot runs started on {name}", "bot runs started by you"),
+    "export": Action("LAB_THROTTLE_EXPORT", "10/10m/instance,30/h/user",
+                     "data downloads of {name}", "data downloads by you"),
     "token": Action("LAB_THROTTLE_TOKEN", "10/h/user", "", "access tokens created for your account",
                     scopes=("user",)),
 }

@@ -41,6 +41,8 @@ urlpatterns = [
     path("instances/", include("instances.urls")),
     path("backups/", instance_views.backup_list, name="backup_list"),
     path("backups/<int:backup_id>/download/", instance_views.backup_download_any, name="backup_download_any"),
+    path("backups/<int:backup_id>/data.zip", instance_views.backup_data_download_any,
+         name="backup_data_download_any"),
     path("api/v1/", include("manager.api.urls")),
     path("git/", include("instances.git.urls")),
     path("lobby/", include("lobby.urls")),  # public kiosk pages (lab computers have no login)

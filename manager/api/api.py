@@ -46,7 +46,8 @@ HEADERS = {
                           "schema": {"type": "integer", "minimum": 0}}},
 }
 # Operations whose success is not JSON: {operationId: content type of the 2xx answer}.
-CONTENT_TYPES = {"bot_run_responses": "text/csv"}
+CONTENT_TYPES = {"bot_run_responses": "text/csv", "instance_data": "application/zip",
+                 "backup_data": "application/zip"}
 
 
 def _error_response(status: int) -> dict:

@@ -7,8 +7,10 @@ from ninja import Path, Query, Router, Schema, Status
 from ninja.errors import HttpError
 from pydantic import Field
 
-from instances import releases, schedule, services, sessions
-from instances.models import Instance, Release
+from instances import export, releases, schedule, services, sessions
+from instances.models import Backup, Instance, Release
+from instances.views import send_data_zip
+from manager.audit.services import record
 from instances.selectors import get_visible_instance, visible_instances, with_live_release
 from manager.accounts.models import User
 from manager.api.auth import managers_only
@@ -154,6 +156,12 @@ class BackupOut(Schema):
     size: int
     filename: str
     created_at: str
+    data_size: int = Field(description="bytes of oTree's data export stored beside the dump (a reset's and a "
+                           "delete's backup); 0 when there is none")
+    data_url: str | None = Field(description="where to download that data export (a zip of oTree's CSVs) with "
+                                 "this API; null when there is none")
+    data_problem: str = Field(description="why the data export could not be stored beside this backup; \"\" "
+                              "when it was, or when none was attempted")
 
 
 FORCE = Query(False, description="true: do it even while an oTree session is live (without it, a live session "
@@ -292,9 +300,46 @@ def admin_password(request: HttpRequest, name: str, payload: PasswordIn | None =
 
 @router.get("/{name}/backups", summary="Backups of the database", response=responses({200: list[BackupOut]}, 404))
 def list_backups(request: HttpRequest, name: str):
+    """A reset's and a delete's backup carry oTree's data export beside the dump
+    (`data_size`, `data_url`), or say why it could not be stored (`data_problem`)."""
     instance = get_visible_instance(request.auth, name)
+    base = f"{settings.LAB_PUBLIC_URL}/api/v1/instances/{instance.name}/backups"
     return [{"id": b.id, "kind": b.kind, "status": b.status, "size": b.size, "filename": b.filename,
-             "created_at": b.created_at.isoformat()} for b in instance.backups.all()]
+             "created_at": b.created_at.isoformat(), "data_size": b.data_size if b.data_filename else 0,
+             "data_url": f"{base}/{b.id}/data.zip" if b.data_filename and b.status == Backup.Status.DONE else None,
+             "data_problem": b.data_problem} for b in instance.backups.all()]
+
+
+@router.get("/{name}/backups/{backup_id}/data.zip", summary="The data export stored beside a backup",
+            response=responses({200: str}, 404, 422))
+def backup_data(request: HttpRequest, name: str, backup_id: int = Path(..., ge=1, le=MAX_ID)):
+    """The zip of oTree's CSVs stored beside a reset's or a delete's backup (see `GET
+    .../data.zip` for its contents); 404 when the backup has none."""
+    instance = get_visible_instance(request.auth, name)
+    backup = instance.backups.filter(pk=backup_id, status=Backup.Status.DONE).first()
+    path = backup.data_path if backup is not None else None
+    if path is None or not path.exists():
+        raise HttpError(404, f"{name} has no backup #{backup_id} with a data export.")
+    record(request.auth, "instance.backup_download", instance, f"downloaded the data export {backup.data_filename}",
+           request)
+    return send_data_zip(path.open("rb"), backup.data_filename)
+
+
+@router.get("/{name}/data.zip", summary="Download the experiment's data (oTree's exports, one zip)",
+            response=responses({200: str}, 404, 409, 429))
+def instance_data(request: HttpRequest, name: str):
+    """oTree's own exports, made now through the instance's app: `all_apps_wide.csv`, one
+    `<app>.csv` per app, `<app>_custom.csv` where the app has a `custom_export`,
+    `PageTimes.csv`, `ChatMessages.csv` and `manifest.json` (instance, live release,
+    time, oTree version, files, notes). 409 with the reason when the app is not running or
+    does not answer, or the data exceed LAB_EXPORT_MAX_MB; 429 over the download budget
+    (LAB_THROTTLE_EXPORT; every attempt counts)."""
+    instance = get_visible_instance(request.auth, name)
+    try:
+        handle, filename = export.download(request.auth, instance, request=request)
+    except export.ExportFailed as exc:
+        raise HttpError(409, f"Could not export the data of {name}: {exc}") from None
+    return send_data_zip(handle, filename)
 
 
 class ReleaseOut(Schema):

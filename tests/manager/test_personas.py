@@ -66,9 +66,11 @@ def world(boss, ann, bob, instance):
                                          offered_models=[{"name": "tiny", "input_per_million": 1}])
     BotRun.objects.create(instance=w.instance, number=1, session_config="guess", num_participants=3, num_bots=3,
                           model="random", status="finished", session_code="abcd1234")
-    w.backup = Backup.objects.create(instance=w.instance, instance_name="ann-study", kind="manual", status="done",
-                                     filename="ann-study-harness.dump", size=5)
+    w.backup = Backup.objects.create(instance=w.instance, instance_name="ann-study", kind="before_reset",
+                                     status="done", filename="ann-study-harness.dump", size=5,
+                                     data_filename="ann-study-harness-data.zip", data_size=22)
     w.backup.path.write_bytes(b"PGDMP")
+    w.backup.data_path.write_bytes(b"PK\x05\x06" + b"\0" * 18)  # an empty zip
     return w
 
 
@@ -171,6 +173,11 @@ ROUTES = [
     Route("release_switch", "/instances/ann-study/releases/1/switch/",
           {"anon": 302, "boss": 302, "ann": 302, "bob": 404}, method="post"),
     Route("backup_download", lambda w: f"/instances/ann-study/backups/{w.backup.pk}/download/", OWNER_VIEW),
+    Route("backup_data_download", lambda w: f"/instances/ann-study/backups/{w.backup.pk}/data.zip", OWNER_VIEW),
+    Route("backup_data_download_any", lambda w: f"/backups/{w.backup.pk}/data.zip", MANAGERS_ONLY),
+    # Download data: ann-study's app does not run here, so the owner and lab managers are sent back to
+    # the instance page with the reason (tests/instances/test_data_export.py downloads from a real app)
+    Route("instance_data", "/instances/ann-study/data.zip", {"anon": 302, "boss": 302, "ann": 302, "bob": 404}),
     Route("instance_action", "/instances/ann-study/reset-database/", OWNER_VIEW),  # the confirmation page
     Route("instance_action", "/instances/ann-study/delete/", {"anon": 302, "boss": 200, "ann": 403, "bob": 404}),
     Route("instance_settings", "/instances/ann-study/settings/", {"anon": 302, "boss": 302, "ann": 302, "bob": 404},
@@ -264,6 +271,9 @@ ROUTES = [
     # release #1 failed: it is not ready to switch (409)
     Route("api:switch_release", "/api/v1/instances/ann-study/releases/1/switch",
           {"anon": 401, "boss": 409, "ann": 409, "bob": 404}, method="post"),
+    Route("api:backup_data", lambda w: f"/api/v1/instances/ann-study/backups/{w.backup.pk}/data.zip", API_OWNER),
+    # the app does not run here: 409 with the reason (a real download: tests/instances/test_data_export.py)
+    Route("api:instance_data", "/api/v1/instances/ann-study/data.zip", {**API_OWNER, "boss": 409, "ann": 409}),
     Route("api:list_bot_runs", "/api/v1/instances/ann-study/bot-runs", API_OWNER),
     Route("api:start_bot_run", "/api/v1/instances/ann-study/bot-runs", {**API_OWNER, "boss": 201, "ann": 201},
           method="post", data={"session_config": "guess", "num_participants": 3, "num_bots": 2, "model": "random"}),
