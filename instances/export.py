@@ -299,9 +299,12 @@ def data_filename(dump_filename: str, suffix: str) -> str:
 def store_beside(row, instance, suffix: str) -> None:
     """Write the data export beside backup `row`'s dump and record it on the row
     (data_filename, data_size), or record why it could not be (data_problem). Never raises
-    for the app's sake: the dump is the authoritative copy."""
+    for the app's sake: the dump is the authoritative copy. Nothing is tried for an
+    instance without a live release (no app has ever run: there are no data of oTree's)."""
     from instances.models import Backup
 
+    if instance.live_release is None:  # no oTree app has run yet: no data of it to export
+        return
     name = data_filename(row.filename, suffix)
     try:
         manifest = write_data_zip(instance, backup_dir() / name)

@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from instances.runtime import RuntimeError_, get_runtime
+from instances.runtime.base import Health
 
 REST_KEY_HEADER = "otree-rest-key"
 TIMEOUT = 20  # seconds per request (connect and each read)
@@ -61,16 +62,21 @@ def _excerpt(data: bytes) -> str:
 def app_url(instance) -> str:
     """Where the instance's app answers on this machine (OTreeUnavailable when it does not run)."""
     try:
-        url = get_runtime(instance).state(instance.name).app_url
+        state = get_runtime(instance).state(instance.name)
     except RuntimeError_ as exc:
         raise OTreeUnavailable(f"the runtime of {instance.name} does not answer: {exc}") from None
-    if not url:
-        raise OTreeUnavailable(f"the oTree app of {instance.name} is not running")
-    return url.rstrip("/")
+    app = state.app
+    if app.health != Health.RUNNING or not state.app_url:
+        how = {Health.MISSING: "there is none", Health.STARTING: "it is starting",
+               Health.EXITED: f"it has stopped{f': {app.detail}' if app.detail else ''}"}.get(app.health, "")
+        raise OTreeUnavailable(f"the oTree app of {instance.name} is not running" + (f" ({how})" if how else ""))
+    return state.app_url.rstrip("/")
 
 
-def _cut(sock) -> None:
-    """The total time is up: shut the socket down, so a read blocked on it returns."""
+def _cut(sock, cut: threading.Event) -> None:
+    """The total time is up: shut the socket down, so a read blocked on it returns (an
+    answer read until then is incomplete, whatever it looks like: `cut` says so)."""
+    cut.set()
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
@@ -96,10 +102,10 @@ def stream(instance, path: str, *, params: dict | None = None, sink, limit: int,
         raise OTreeUnavailable(f"no time was left to ask the oTree app for {path}", kind="slow")
     connection_class = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
     conn = connection_class(url.hostname, url.port, timeout=min(timeout, remaining))
-    watchdog = None
+    watchdog, cut = None, threading.Event()
     try:
         conn.connect()
-        watchdog = threading.Timer(max(0.0, end - time.monotonic()), _cut, args=(conn.sock,))
+        watchdog = threading.Timer(max(0.0, end - time.monotonic()), _cut, args=(conn.sock, cut))
         watchdog.daemon = True
         watchdog.start()
         conn.request("GET", target, headers={REST_KEY_HEADER: instance.rest_key, "Accept-Encoding": "identity"})
@@ -123,13 +129,15 @@ def stream(instance, path: str, *, params: dict | None = None, sink, limit: int,
                 sink(chunk)
             except BaseException as exc:  # noqa: BLE001 - re-raised as is below
                 raise _SinkFailed(exc) from None
+        if cut.is_set():
+            raise OTreeUnavailable(slow, kind="slow")
         if resp.length:  # a Content-Length the body did not reach
             raise OTreeUnavailable(f"the oTree app's answer to {path} was cut short", kind="connection")
         return size
     except _SinkFailed as failed:
         raise failed.exc from None
     except (OSError, http.client.HTTPException) as exc:
-        if time.monotonic() >= end - 0.05:
+        if cut.is_set() or time.monotonic() >= end:
             raise OTreeUnavailable(slow, kind="slow") from None
         raise OTreeUnavailable(f"the oTree app did not answer {path} ({type(exc).__name__})",
                                kind="connection") from None
