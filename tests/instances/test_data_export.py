@@ -34,7 +34,7 @@ from instances import releases, services
 from instances.git.repos import repo_path
 from instances.models import Backup, Instance, Release
 from instances.runtime import backend_class
-from manager import throttle
+from manager import locks, throttle
 from manager.accounts import services as accounts
 from manager.accounts.models import User
 from tests import backends, otree_projects
@@ -261,6 +261,16 @@ def test_downloads_are_rate_limited(live, settings):
     page = page_client(owner).get(f"/instances/{NAME}/data.zip")
     assert page.status_code == 429 and b"Too many data downloads" in page.content
     throttle._redis()[0].delete(throttle.key("export", "instance", live["pk"]))
+
+
+def test_one_download_per_instance_at_a_time(live):
+    owner = owner_of(live)
+    with locks.lock(f"export:{live['pk']}"):  # as a download being prepared holds it
+        busy = api_client(owner).get(f"/api/v1/instances/{NAME}/data.zip")
+    assert busy.status_code == 409
+    assert busy.json()["detail"] == (f"Could not export the data of {NAME}: a data download of {NAME} is being "
+                                     "prepared already; try again when it is done.")
+    assert api_client(owner).get(f"/api/v1/instances/{NAME}/data.zip").status_code == 200  # free again
 
 
 def test_an_app_that_is_not_running_gives_409_with_the_reason(live):
