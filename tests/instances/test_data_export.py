@@ -31,6 +31,7 @@ from django.test import Client
 
 from bots.page import parse
 from instances import releases, services
+from instances.backups import remove_files
 from instances.git.repos import repo_path
 from instances.models import Backup, Instance, Release
 from instances.runtime import backend_class
@@ -300,7 +301,9 @@ def _answers(runtime) -> bool:
         return False
 
 
-def test_a_reset_stores_the_data_beside_its_dump(live, jobs, boss):
+def test_a_reset_stores_the_data_beside_its_dump(live, jobs, boss, settings, tmp_path):
+    settings.LAB_BACKUP_COPY_DIR = str(tmp_path / "second-folder")  # the lab's second folder (a share)
+    (tmp_path / "second-folder").mkdir()
     owner = owner_of(live)
     code, participants = play_session(live, [25])
     services.reset_database(owner, Instance.objects.get(pk=live["pk"]))
@@ -335,6 +338,12 @@ def test_a_reset_stores_the_data_beside_its_dump(live, jobs, boss):
     assert from_page["Content-Disposition"] == f'attachment; filename="{backup.data_filename}"'
     assert f'href="/backups/{backup.pk}/data.zip"' in page_client(boss).get("/backups/").content.decode()
     assert page_client(owner).get(f"/backups/{backup.pk}/data.zip").status_code == 403  # lab managers' page
+    # The zip travels with its backup: copied to the second folder with the dump, removed with it.
+    copies = tmp_path / "second-folder" / NAME
+    assert (copies / backup.data_filename).read_bytes() == stored and (copies / backup.filename).exists()
+    remove_files(backup)  # what retention does with a backup it drops
+    assert not backup.data_path.exists() and not (copies / backup.data_filename).exists()
+    assert not backup.path.exists()
 
 
 def test_a_reset_whose_data_cannot_be_exported_still_resets_and_says_why(live, jobs, settings):
