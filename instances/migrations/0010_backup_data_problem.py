@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('instances', '0008_data_safety'),
+        ('instances', '0009_session_guard'),
     ]
 
     operations = [
