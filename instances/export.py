@@ -162,6 +162,23 @@ def _version(instance, base: str, deadline: float, notes: list[str]) -> str | No
     return version
 
 
+def _not_running(instance) -> str:
+    """Why the app did not answer, when its runtime says it is not running (a stopped
+    container keeps its address): '' when it runs or the runtime does not say."""
+    from instances.runtime import RuntimeError_, get_runtime
+    from instances.runtime.base import Health
+
+    try:
+        app = get_runtime(instance).state(instance.name).app
+    except RuntimeError_:
+        return ""
+    if app.health == Health.RUNNING:
+        return ""
+    how = {Health.MISSING: "there is none", Health.STARTING: "it is being started",
+           Health.EXITED: f"it has stopped{f': {app.detail}' if app.detail else ''}"}.get(app.health, "")
+    return f"the oTree app of {instance.name} is not running" + (f" ({how})" if how else "")
+
+
 def _release(instance) -> dict | None:
     live = instance.live_release
     return {"number": live.number, "commit": live.commit} if live is not None else None
@@ -200,7 +217,10 @@ def write_data_zip(instance, dest_path, *, base_url: str = "", max_bytes: int | 
                     _optional(out, "PageTimes.csv", "/api/export_page_times", None, notes)
                     _optional(out, "ChatMessages.csv", "/api/export_chat", None, notes)
                 except OTreeUnavailable as exc:
-                    raise ExportFailed(_too_large(max_bytes) if exc.kind == "too_large" else str(exc)) from None
+                    if exc.kind == "too_large":
+                        raise ExportFailed(_too_large(max_bytes)) from None
+                    stopped = _not_running(instance) if exc.kind == "connection" and not base_url else ""
+                    raise ExportFailed(stopped or str(exc)) from None
                 manifest = {
                     "instance": instance.name,
                     "release": _release(instance),

@@ -25,7 +25,6 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 from instances.runtime import RuntimeError_, get_runtime
-from instances.runtime.base import Health
 
 REST_KEY_HEADER = "otree-rest-key"
 TIMEOUT = 20  # seconds per request (connect and each read)
@@ -62,15 +61,12 @@ def _excerpt(data: bytes) -> str:
 def app_url(instance) -> str:
     """Where the instance's app answers on this machine (OTreeUnavailable when it does not run)."""
     try:
-        state = get_runtime(instance).state(instance.name)
+        url = get_runtime(instance).state(instance.name).app_url
     except RuntimeError_ as exc:
         raise OTreeUnavailable(f"the runtime of {instance.name} does not answer: {exc}") from None
-    app = state.app
-    if app.health != Health.RUNNING or not state.app_url:
-        how = {Health.MISSING: "there is none", Health.STARTING: "it is starting",
-               Health.EXITED: f"it has stopped{f': {app.detail}' if app.detail else ''}"}.get(app.health, "")
-        raise OTreeUnavailable(f"the oTree app of {instance.name} is not running" + (f" ({how})" if how else ""))
-    return state.app_url.rstrip("/")
+    if not url:
+        raise OTreeUnavailable(f"the oTree app of {instance.name} is not running")
+    return url.rstrip("/")
 
 
 def _cut(sock, cut: threading.Event) -> None:
