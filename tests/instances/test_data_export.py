@@ -337,7 +337,9 @@ def test_a_reset_stores_the_data_beside_its_dump(live, jobs, boss, settings, tmp
     assert from_page.status_code == 200 and content(from_page) == stored
     assert from_page["Content-Disposition"] == f'attachment; filename="{backup.data_filename}"'
     assert f'href="/backups/{backup.pk}/data.zip"' in page_client(boss).get("/backups/").content.decode()
-    assert page_client(owner).get(f"/backups/{backup.pk}/data.zip").status_code == 403  # lab managers' page
+    assert page_client(owner).get(f"/backups/{backup.pk}/data.zip").status_code == 403  # lab managers' URL
+    # The owner's Backups page links to the instance's own download.
+    assert f'href="/instances/{NAME}/backups/{backup.pk}/data.zip"' in page_client(owner).get("/backups/").content.decode()
     # The zip travels with its backup: copied to the second folder with the dump, removed with it.
     copies = tmp_path / "second-folder" / NAME
     assert (copies / backup.data_filename).read_bytes() == stored and (copies / backup.filename).exists()
