@@ -135,3 +135,48 @@ def remove_files(row) -> None:
             os.close(folder)
     except OSError as exc:
         log.warning("removing the copy of backup %s from LAB_BACKUP_COPY_DIR failed: %s", row.filename, exc)
+
+
+# --- restoring and uploading (README "Restore") ------------------------------------------------
+
+SUFFIX_LABEL = {".dump": "a PostgreSQL dump (pg_dump -Fc)", ".sqlite3": "an SQLite database"}
+DATABASE_LABEL = {".dump": "a PostgreSQL database", ".sqlite3": "an SQLite database"}
+
+
+def file_format(path: Path) -> str:
+    """".dump" or ".sqlite3" by the file's first bytes (read by the manager, no link
+    followed; the file is never opened as a database here), "" for anything else."""
+    from instances.runtime.base import backup_format
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as fh:
+        return backup_format(fh.read(16))
+
+
+def restore_problem(backup, suffix: str | None) -> str:
+    """Why `backup` cannot be restored into an instance whose backups end in `suffix`
+    (None: any database backup will do, the instance being made for it), or ""."""
+    if backup.kind == "repository":  # (by value: the models import this module)
+        return (f"{backup.filename} is the git history of a deleted instance, not a database backup: "
+                "it cannot be restored into a database")
+    if backup.status != DONE:
+        return (f"the backup {backup.filename or backup.pk} is {backup.get_status_display()}: only a complete "
+                "backup can be restored")
+    if not backup.filename or not _plain(backup.filename) or not backup.path.is_file():
+        return f"the file of the backup {backup.filename or backup.pk} is missing from LAB_DATA_DIR/backups"
+    found = file_format(backup.path)
+    if not found:
+        return f"{backup.filename} is neither a PostgreSQL dump (pg_dump -Fc) nor an SQLite database"
+    if suffix is not None and found != suffix:
+        return (f"{backup.filename} is {SUFFIX_LABEL[found]}, but the instance has "
+                f"{DATABASE_LABEL.get(suffix, suffix)}: only {SUFFIX_LABEL.get(suffix, suffix)} can be restored into it")
+    return ""
+
+
+def upload_name(instance_name: str, suffix: str) -> str:
+    """A generated name for an uploaded backup (never the uploaded file's own name)."""
+    stamp = timezone.now().strftime("%Y%m%d-%H%M%S")
+    return f"{instance_name}-{stamp}-upload-{secrets.token_hex(3)}{suffix}"

@@ -66,3 +66,26 @@ class BackupScheduleForm(ServiceForm):
     backup_interval_minutes = forms.IntegerField(label="Every (minutes; 0 = off)", required=False)
     backup_keep_daily = forms.IntegerField(label="Keep daily", required=False)
     backup_keep_weekly = forms.IntegerField(label="Keep weekly", required=False)
+
+
+class BackupUploadForm(ServiceForm):
+    # Checked by the service (its first bytes, the instance's database, the size while it arrives).
+    file = forms.FileField(label="Backup file", required=False,
+                           help_text="A pg_dump -Fc archive (PostgreSQL instances) or an SQLite database file "
+                                     "(SQLite instances), made elsewhere.")
+
+
+class BackupUploadAnyForm(BackupUploadForm):
+    instance = forms.ModelChoiceField(label="Instance", queryset=Instance.objects.order_by("name"),
+                                      to_field_name="name")
+
+
+class RestoreNewForm(ServiceForm):
+    name = forms.CharField(max_length=40, label="New instance's name",
+                           widget=forms.TextInput(attrs={"placeholder": "public-goods-copy", "autocomplete": "off"}))
+    owner = forms.ModelChoiceField(queryset=User.objects.filter(is_active=True).order_by("username"))
+
+
+class RestoreIntoForm(ServiceForm):
+    instance = forms.ModelChoiceField(label="Into the instance", queryset=Instance.objects.order_by("name"),
+                                      to_field_name="name")

@@ -16,7 +16,7 @@ from django.db import transaction
 from django.db.models import F
 
 from instances import export, netguard, proxy
-from instances.backups import backup_dir, copy_backup
+from instances.backups import backup_dir, copy_backup, restore_problem
 from instances.git import archive
 from instances.models import Backup, Instance, Release
 from instances.runtime import available_runtimes, backend_class, get_runtime
@@ -263,6 +263,57 @@ def backup_and_reset(instance_id: int, actor=None) -> Backup:
             raise ReconcileError(f"reset failed (the backup {row.filename} was kept): {exc}") from exc
         Instance.objects.filter(pk=instance_id).update(restart_generation=F("restart_generation") + 1)
     reconcile(instance_id, restart=True, runtime=runtime)
+    return row
+
+
+def restore(instance_id: int, backup_id: int, actor=None) -> Backup:
+    """Replace the instance's database with backup `backup_id`: under the instance's lock
+    the backup is validated (its kind, its file, its content read in the instance's own
+    sandbox) before anything changes, then a fresh backup of what is there now is taken
+    (kind `before_restore`: no backup, no restore), then the runtime restores (aside
+    first; the live database is replaced only once that succeeded), then the app restarts.
+    Returns the fresh backup. On failure ReconcileError says why; the database is as it was
+    and the app runs again as before."""
+    runtime = get_runtime(Instance.objects.get(pk=instance_id))
+    _converge_for_data(instance_id, runtime)  # the database must be up (a new instance's made)
+    failure = None
+    with locks.lock(f"instance:{instance_id}"):
+        instance = Instance.objects.get(pk=instance_id)
+        if instance.delete_requested:
+            raise ReconcileError(f"{instance.name} is being deleted")
+        source = Backup.objects.filter(pk=backup_id).first()
+        if source is None:
+            raise ReconcileError("restore refused: the backup no longer exists")
+        spec = instance_spec(instance)
+        problem = restore_problem(source, runtime.backup_suffix(instance.name))
+        if problem:
+            raise ReconcileError(f"restore refused ({instance.name} was not changed): {problem}")
+        try:
+            runtime.check_restore(instance.name, spec, source.path)
+        except RuntimeError_ as exc:
+            raise ReconcileError(f"restore refused ({instance.name} was not changed): {source.filename}: {exc}") \
+                from exc
+        row = backup(instance, Backup.Kind.BEFORE_RESTORE, actor, runtime)  # no backup, no restore
+        try:
+            runtime.restore_database(instance.name, spec, source.path)
+        except RuntimeError_ as exc:
+            failure = exc
+        else:
+            Instance.objects.filter(pk=instance_id).update(restart_generation=F("restart_generation") + 1)
+    if failure is not None:
+        try:
+            reconcile(instance_id, runtime=runtime)  # the app runs again as before
+        except (ReconcileError, RuntimeError_) as exc:
+            log.warning("reconciling %s after its failed restore: %s", instance.name, exc)
+        raise ReconcileError(f"restore failed; {instance.name} is as it was (the backup {row.filename} of its "
+                             f"current data is kept): {failure}") from failure
+    record(actor if actor and actor.is_authenticated else None, "instance.restored", instance,
+           f"restored {source.filename} into {instance.name}; the data before are in {row.filename}",
+           backup=source.filename, before=row.filename)
+    try:
+        reconcile(instance_id, restart=True, runtime=runtime)
+    except SettingsNotApplied:
+        pass
     return row
 
 

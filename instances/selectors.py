@@ -41,3 +41,27 @@ def next_number(instance: Instance, model) -> int:
     creations never take the same number (PostgreSQL; SQLite serializes writes anyway)."""
     Instance.objects.select_for_update().filter(pk=instance.pk).first()
     return (model.objects.filter(instance=instance).aggregate(n=Max("number"))["n"] or 0) + 1
+
+
+def visible_backups(user):
+    """Backups `user` may see and restore: lab managers all; an experimenter those of their
+    instances and those made while an instance was theirs (a deleted one's included)."""
+    from django.db.models import Q
+
+    from instances.models import Backup
+
+    if not user.is_authenticated or not user.is_active:
+        return Backup.objects.none()
+    qs = Backup.objects.select_related("instance", "owner")
+    return qs if user.is_superuser else qs.filter(Q(owner=user) | Q(instance__owner=user))
+
+
+def get_visible_backup(user, backup_id) -> "Backup":  # noqa: F821
+    try:
+        backup_id = int(backup_id)
+    except (TypeError, ValueError):
+        raise Http404("There is no such backup.") from None
+    backup = visible_backups(user).filter(pk=backup_id).first()
+    if backup is None:
+        raise Http404(f"There is no backup {backup_id} that you may see.")
+    return backup

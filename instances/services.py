@@ -261,7 +261,8 @@ def _archive_old_repository(name: str) -> None:
         logging.getLogger(__name__).warning("archiving the old repository of %s failed", name, exc_info=True)
 
 
-def create_instance(actor, *, name: str, owner, request=None) -> Instance:
+def create_instance(actor, *, name: str, owner, request=None, then=None) -> Instance:
+    """`then(instance)`: instead of the usual creation job (e.g. a restore's job, which creates it)."""
     name = validate_name(name)
     owner = _user(owner)
     if owner is None:
@@ -274,7 +275,10 @@ def create_instance(actor, *, name: str, owner, request=None) -> Instance:
         with transaction.atomic():
             instance = Instance.objects.create(name=name, owner=owner, public_port=_allocate_port(), runtime=backend)
             record(actor, "instance.create", instance, f"created instance {name} for {owner.username}", request)
-            _reconcile_job(actor, instance, f"Create instance {name}", "create")
+            if then is not None:
+                then(instance)
+            else:
+                _reconcile_job(actor, instance, f"Create instance {name}", "create")
     except IntegrityError:
         raise Conflict({"name": [f"An instance named {name!r} already exists."]}) from None
     return instance
@@ -385,6 +389,111 @@ def backup_now(actor, instance: Instance, request=None):
     with throttle.take("backup", actor, instance), transaction.atomic():
         record(actor, "instance.backup", instance, f"backed up {instance.name}", request)
         return _reconcile_job(actor, instance, f"Back up {instance.name}", "backup")
+
+
+# --- restoring and uploading backups --------------------------------------------------------
+
+def restore_backup(actor, instance: Instance, backup, request=None, force: bool = False):
+    """Restore `backup` into `instance` (its owner, lab managers; a backup the actor may see:
+    selectors.get_visible_backup). Checked before anything is queued: the kind of backup, its
+    file, that it fits the instance's database (a ValidationError says why); the job checks
+    its content in the instance's sandbox, takes a fresh backup, restores, restarts the app.
+    Counts against the reset budget. `force`: go ahead even if a session is live (the guard
+    that reads it is another part of the manager)."""
+    from instances.backups import restore_problem
+    from instances.runtime import RuntimeError_, get_runtime
+    from instances.selectors import can_see
+
+    from instances.selectors import visible_backups
+
+    if not can_see(actor, instance) or not visible_backups(actor).filter(pk=backup.pk).exists():
+        raise NotAllowed("You may not restore this backup into this instance.")
+    if instance.delete_requested:
+        raise NotAllowed(f"{instance.name} is being deleted.")
+    try:
+        suffix = get_runtime(instance).backup_suffix(instance.name) if instance.runtime else None
+    except RuntimeError_:
+        suffix = None  # the job checks again once the runtime answers
+    problem = restore_problem(backup, suffix)
+    if problem:
+        raise ValidationError({"backup": [problem]})
+    with throttle.take("reset", actor, instance), transaction.atomic():
+        record(actor, "instance.restore", instance, f"restore {backup.filename} into {instance.name}", request,
+               backup=backup.filename, force=bool(force))
+        return jobs.start(jobs.task("instances.restore"), user=actor, kind="instance.restore",
+                          label=f"Restore {backup.filename} into {instance.name}", args=[instance.pk, backup.pk],
+                          link=f"/instances/{instance.name}/")
+
+
+def restore_into_new(actor, backup, *, name: str, owner, request=None):
+    """A new instance `name` for `owner`, made with the data of `backup`, in one job (lab
+    managers): its database is created, then the backup restored into it. Returns (instance, job)."""
+    from instances.backups import restore_problem
+
+    if not actor.is_superuser:
+        raise NotAllowed("Only lab managers may restore a backup into a new instance.")
+    problem = restore_problem(backup, None)
+    if problem:
+        raise ValidationError({"backup": [problem]})
+    holder = {}
+
+    def made(instance):
+        holder["job"] = jobs.start(jobs.task("instances.restore"), user=actor, kind="instance.restore",
+                                   label=f"Create {instance.name} with the data of {backup.filename}",
+                                   args=[instance.pk, backup.pk, True], link=f"/instances/{instance.name}/")
+        record(actor, "instance.restore", instance, f"restore {backup.filename} into the new {instance.name}",
+               request, backup=backup.filename)
+
+    instance = create_instance(actor, name=name, owner=owner, request=request, then=made)
+    return instance, holder["job"]
+
+
+def upload_backup(actor, instance: Instance, upload, request=None):
+    """Keep an uploaded backup file (`upload`: instances.uploads.LimitedFile, on disk) among
+    the instance's backups (kind `upload`) under a generated name, 0600, once its first
+    bytes say it is a backup this instance can restore: a `pg_dump -Fc` archive (PGDMP) for
+    PostgreSQL, an SQLite database for SQLite. The file's content is checked in the
+    instance's sandbox when it is restored. Anything else: ValidationError, nothing kept."""
+    import os
+
+    from instances.backups import DATABASE_LABEL, SUFFIX_LABEL, backup_dir, file_format, upload_name
+    from instances.models import Backup
+    from instances.runtime import RuntimeError_, get_runtime
+    from instances.selectors import can_see
+
+    try:
+        if not can_see(actor, instance):
+            raise NotAllowed("You may not upload backups to this instance.")
+        if upload is None or not getattr(upload, "path", None):
+            raise ValidationError({"file": ["Choose a backup file to upload."]})
+        found = file_format(upload.path)
+        if not found:
+            raise ValidationError({"file": ["This is neither a PostgreSQL dump made with pg_dump -Fc (it starts with "
+                                            "PGDMP) nor an SQLite database file; nothing was stored."]})
+        try:
+            suffix = get_runtime(instance).backup_suffix(instance.name) if instance.runtime else ".dump"
+        except RuntimeError_:
+            suffix = ".dump"
+        if found != suffix:
+            raise ValidationError({"file": [f"This is {SUFFIX_LABEL[found]}, but {instance.name} has "
+                                            f"{DATABASE_LABEL[suffix]}: upload {SUFFIX_LABEL[suffix]}; nothing was stored."]})
+        with throttle.take("backup", actor, instance):
+            filename = upload_name(instance.name, suffix)
+            dest = backup_dir() / filename
+            os.chmod(upload.path, 0o600)
+            os.replace(upload.path, dest)  # the same folder: a rename
+            size = dest.stat().st_size
+            with transaction.atomic():
+                row = Backup.objects.create(instance=instance, instance_name=instance.name, owner=instance.owner,
+                                            kind=Backup.Kind.UPLOAD, status=Backup.Status.DONE, filename=filename,
+                                            size=size, created_by=actor if actor.is_authenticated else None)
+                record(actor, "instance.backup_upload", instance,
+                       f"uploaded a backup of {size} bytes to {instance.name} as {filename}", request,
+                       filename=filename, size=size)
+            return row
+    finally:
+        if upload is not None and hasattr(upload, "discard"):
+            upload.discard()
 
 
 def transfer(actor, instance: Instance, new_owner, request=None) -> Instance:

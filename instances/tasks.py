@@ -44,6 +44,26 @@ def instance_action(job, instance_id, action):
     return f"{name}: {instance.get_status_display()}"
 
 
+@job_task("instances.restore", time_limit=settings.LAB_BUILD_TIMEOUT * 2 + 300)
+def restore(job, instance_id, backup_id, new_instance=False):
+    """A backup into an instance (services.restore_backup): a fresh backup of what is there,
+    then the restore, then the app restarts. `new_instance`: the instance was made for it
+    (its database and Redis are created first by the restore's own reconcile)."""
+    actor = User.objects.filter(pk=job.user_id).first()
+    name = Instance.objects.filter(pk=instance_id).values_list("name", flat=True).first() or "the instance"
+    try:
+        row = reconciler.restore(instance_id, backup_id, actor)
+    except reconciler.ReconcileError as exc:
+        raise JobFailed(str(exc)) from exc
+    except locks.Busy:
+        raise JobFailed("another action on this instance is still running; try again in a minute") from None
+    finally:
+        if new_instance:
+            proxy.sync_routes()  # its public port answers (503 until a release is live)
+    source = reconciler.Backup.objects.filter(pk=backup_id).values_list("filename", flat=True).first()
+    return f"{name}: {source} restored; the data it had before are in {row.filename}"
+
+
 @shared_task(name="instances.sweep", soft_time_limit=240, time_limit=270)
 def sweep():
     """Every minute: leftovers of deleted instances removed, releases whose worker died

@@ -7,12 +7,15 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
 from instances import export, schedule, services, sessions
-from instances.forms import (AdminPasswordForm, BackupScheduleForm, InstanceCreateForm, LimitsForm, MoveForm,
-                             SettingsForm, TransferForm)
+from instances.forms import (
+    AdminPasswordForm, BackupScheduleForm, BackupUploadAnyForm, BackupUploadForm, InstanceCreateForm, LimitsForm,
+    MoveForm, RestoreIntoForm, RestoreNewForm, SettingsForm, TransferForm,
+)
 from instances.models import Backup
+from manager.accounts.forms import ServiceForm
 from instances import runtime as runtimes
 from instances.runtime.base import RuntimeError_
-from instances.selectors import get_visible_instance, visible_instances
+from instances.selectors import get_visible_backup, get_visible_instance, visible_instances
 from manager.access import superuser_required
 from manager.accounts.services import NotAllowed
 from manager.throttle import Throttled, refused_page
@@ -59,6 +62,7 @@ def _detail_context(instance, **forms):
         "schedule_form": BackupScheduleForm(initial={field: getattr(instance, field) for field in schedule.FIELDS}),
         # its schedule, last backup and the overdue flag (as on the Backups page); lazily
         "backup_status": lambda: schedule.status_of(instance),
+        "upload_form": BackupUploadForm(),
         # Asked only where the page shows the move form (lab managers, swarm instances).
         "move_targets": lambda: _move_targets(instance),
     }
@@ -319,12 +323,16 @@ def backup_list(request):
     when overdue or when the last scheduled try failed) and copies; then the backups —
     for lab managers every backup of the lab, including the final backups of deleted
     instances; for others those of their instances."""
+    return render(request, "instances/backups.html", _backup_list_context(request))
+
+
+def _backup_list_context(request, **extra) -> dict:
     backups = Backup.objects.select_related("instance", "owner", "created_by")
     if not request.user.is_superuser:
         backups = backups.filter(instance__in=visible_instances(request.user))
-    return render(request, "instances/backups.html", {
-        "backups": backups[:500], "statuses": schedule.overview(request.user),
-        "copy_dir": settings.LAB_BACKUP_COPY_DIR, "lab_schedule": schedule.lab_schedule()})
+    return {"backups": backups[:500], "statuses": schedule.overview(request.user),
+            "copy_dir": settings.LAB_BACKUP_COPY_DIR, "lab_schedule": schedule.lab_schedule(),
+            "upload_form": BackupUploadAnyForm() if request.user.is_superuser else None, **extra}
 
 
 @superuser_required
@@ -337,6 +345,126 @@ def backup_download_any(request, backup_id):
 def backup_data_download_any(request, backup_id):
     backup = get_object_or_404(Backup, pk=backup_id, status=Backup.Status.DONE)
     return _send_backup_data(request, backup, backup)
+
+
+# --- restoring and uploading backups ---------------------------------------------------------
+
+def _forced(request) -> bool:
+    return request.POST.get("force", "") in ("1", "true", "on")
+
+
+@login_required
+def instance_backup_restore(request, name, backup_id):
+    """GET: what a restore of the backup into the instance does, and a button; POST: do it."""
+    instance = get_visible_instance(request.user, name)
+    backup = get_visible_backup(request.user, backup_id)
+    form = ServiceForm(request.POST if request.method == "POST" else None)
+    if request.method == "POST" and form.is_valid():
+        job = form.run(services.restore_backup, request.user, instance, backup, request=request, force=_forced(request))
+        if job is not None:
+            messages.info(request, f"Restoring {backup.filename} into {instance.name}: a fresh backup of its data "
+                                   "first, then the app restarts. You are told when the job ends.")
+            return redirect("instance_detail", name=instance.name)
+        page = render(request, "instances/restore.html", {"instance": instance, "backup": backup, "form": form},
+                      status=422)
+        return refused_page(page, form.throttled) if form.throttled else page
+    return render(request, "instances/restore.html", {"instance": instance, "backup": backup, "form": form})
+
+
+@superuser_required
+def backup_restore_any(request, backup_id):
+    """The Backups page's restore: into an instance (chosen), or into a new one."""
+    backup = get_visible_backup(request.user, backup_id)
+    into = RestoreIntoForm(initial={"instance": backup.instance.name if backup.instance else None})
+    new = RestoreNewForm(initial={"owner": backup.owner_id})
+    if request.method == "POST":
+        if request.POST.get("target") == "new":
+            new = RestoreNewForm(request.POST)
+            done = new.is_valid() and new.run(services.restore_into_new, request.user, backup,
+                                              name=new.cleaned_data["name"], owner=new.cleaned_data["owner"],
+                                              request=request)
+            if done:
+                messages.info(request, f"Creating {done[0].name} with the data of {backup.filename}; you are told "
+                                       "when the job ends.")
+                return redirect("instance_detail", name=done[0].name)
+            form = new
+        else:
+            into = RestoreIntoForm(request.POST)
+            done = into.is_valid() and into.run(services.restore_backup, request.user, into.cleaned_data["instance"],
+                                                backup, request=request, force=_forced(request))
+            if done:
+                messages.info(request, f"Restoring {backup.filename} into {into.cleaned_data['instance'].name}: a "
+                                       "fresh backup of its data first, then the app restarts.")
+                return redirect("instance_detail", name=into.cleaned_data["instance"].name)
+            form = into
+        page = render(request, "instances/restore.html", {"backup": backup, "into_form": into, "new_form": new},
+                      status=422)
+        return refused_page(page, form.throttled) if form.throttled else page
+    return render(request, "instances/restore.html", {"backup": backup, "into_form": into, "new_form": new})
+
+
+def _upload_refused(request, form, render_page):
+    """413 with the limit's sentence when the file was over LAB_BACKUP_UPLOAD_MAX_MB (its
+    rest was dropped as it arrived), else None."""
+    refused = getattr(request, "upload_refused", "")
+    if not refused:
+        return None
+    form.add_error("file", refused)
+    return render_page(status=413)
+
+
+@login_required
+@require_POST
+def instance_backup_upload(request, name):
+    instance = get_visible_instance(request.user, name)
+    form = BackupUploadForm(request.POST, request.FILES)
+
+    def page(status):
+        response = render(request, "instances/detail.html", _detail_context(instance, upload_form=form), status=status)
+        return refused_page(response, form.throttled) if form.throttled else response
+
+    refused = _upload_refused(request, form, page)
+    if refused is not None:
+        return refused
+    row = form.is_valid() and form.run(services.upload_backup, request.user, instance, request.FILES.get("file"),
+                                       request=request)
+    _discard_files(request)
+    if row:
+        messages.success(request, f"Uploaded as {row.filename} ({row.size} bytes); restore it from the list of "
+                                  "backups.")
+        return redirect("instance_detail", name=instance.name)
+    return page(422)
+
+
+@superuser_required
+def backup_upload_any(request):
+    form = BackupUploadAnyForm(request.POST or None, request.FILES or None)
+
+    def page(status=200):
+        response = render(request, "instances/backups.html", _backup_list_context(request, upload_form=form),
+                          status=status)
+        return refused_page(response, form.throttled) if form.throttled else response
+
+    if request.method != "POST":
+        return redirect("backup_list")
+    refused = _upload_refused(request, form, page)
+    if refused is not None:
+        return refused
+    row = form.is_valid() and form.run(services.upload_backup, request.user, form.cleaned_data["instance"],
+                                       request.FILES.get("file"), request=request)
+    _discard_files(request)
+    if row:
+        messages.success(request, f"Uploaded as {row.filename} ({row.size} bytes) among the backups of "
+                                  f"{row.instance_name}.")
+        return redirect("backup_list")
+    return page(422)
+
+
+def _discard_files(request) -> None:
+    """Uploaded files nobody kept (a form refused before the service ran) go."""
+    for upload in request.FILES.values():
+        if hasattr(upload, "discard"):
+            upload.discard()
 
 
 @login_required

@@ -25,6 +25,13 @@ LAB_PORT = env_int("LAB_PORT", 8000)
 LAB_PUBLIC_HOST = env_str("LAB_PUBLIC_HOST", LAB_HOST)
 LAB_SSH_PORT = env_int("LAB_SSH_PORT", 2222)
 LAB_PUSH_MAX_MB = env_int("LAB_PUSH_MAX_MB", 200)  # a git push larger than this is refused
+# An uploaded backup file (instance page, Backups page, API) larger than this is refused (HTTP 413)
+LAB_BACKUP_UPLOAD_MAX_MB = env_int("LAB_BACKUP_UPLOAD_MAX_MB", 1024)
+if LAB_BACKUP_UPLOAD_MAX_MB < 1:
+    raise ConfigError("LAB_BACKUP_UPLOAD_MAX_MB must be at least 1")
+# Uploaded files go to a temporary file as they arrive, never into memory, and stop past
+# LAB_BACKUP_UPLOAD_MAX_MB (instances.uploads).
+FILE_UPLOAD_HANDLERS = ["instances.uploads.LimitedUploadHandler"]
 # pre-receive refuses a pushed file (blob) larger than this, and a main/master tree whose files add up
 # to more than LAB_DEPLOY_MAX_MB (what a build unpacks; a pack of zeros compresses ~1000:1)
 LAB_PUSH_MAX_BLOB_MB = env_int("LAB_PUSH_MAX_BLOB_MB", 50)

@@ -43,6 +43,8 @@ urlpatterns = [
     path("backups/<int:backup_id>/download/", instance_views.backup_download_any, name="backup_download_any"),
     path("backups/<int:backup_id>/data.zip", instance_views.backup_data_download_any,
          name="backup_data_download_any"),
+    path("backups/<int:backup_id>/restore/", instance_views.backup_restore_any, name="backup_restore_any"),
+    path("backups/upload/", instance_views.backup_upload_any, name="backup_upload_any"),
     path("api/v1/", include("manager.api.urls")),
     path("git/", include("instances.git.urls")),
     path("lobby/", include("lobby.urls")),  # public kiosk pages (lab computers have no login)

@@ -12,7 +12,8 @@ body is sent at all (curl waits for `100 Continue`, which then never comes).
 Caps: git's smart-HTTP POSTs get LAB_PUSH_MAX_MB plus a quarter (and a MiB) — a push a
 little over the limit still reaches git, whose receive.maxInputSize refuses it with the
 usual message; far over it, the pusher sees HTTP 413. Every other request gets
-OTHER_MAX_BYTES (the manager takes no uploads; Django refuses bodies over 2.5 MB anyway).
+OTHER_MAX_BYTES (Django refuses other bodies over 2.5 MB anyway); an uploaded backup file
+(UPLOAD_POST) LAB_BACKUP_UPLOAD_MAX_MB and a MiB.
 
 Requests Twisted cannot or will not read get a real answer, never a silently closed
 connection or an empty page (`bounded_channel_class`; JSON `{"detail": ...}` under /api/,
@@ -55,6 +56,9 @@ from django.conf import settings
 log = logging.getLogger(__name__)
 OTHER_MAX_BYTES = 16 * 1024 * 1024
 GIT_POST = re.compile(rb"^/git/[^/?]+\.git/git-(receive|upload)-pack(\?|$)")
+# Uploads of backup files (the API, the instance page, the Backups page).
+UPLOAD_POST = re.compile(rb"^(/api/v1/instances/[^/?]+/backups|/instances/[^/?]+/backups/upload/|/backups/upload/)"
+                         rb"(\?|$)")
 
 
 def body_cap(method: bytes, path: bytes) -> int:
@@ -62,6 +66,8 @@ def body_cap(method: bytes, path: bytes) -> int:
     if method == b"POST" and GIT_POST.match(path or b""):
         limit = settings.LAB_PUSH_MAX_MB * 1024 * 1024
         return limit + limit // 4 + 1024 * 1024
+    if method == b"POST" and UPLOAD_POST.match(path or b""):  # the file and a form's few fields
+        return settings.LAB_BACKUP_UPLOAD_MAX_MB * 1024 * 1024 + 1024 * 1024
     return OTHER_MAX_BYTES
 
 
@@ -78,6 +84,9 @@ def too_large(cap: int, method: bytes = b"", path: bytes = b"") -> bytes:
         text = f"Request refused: its body is larger than this server takes ({cap // (1024 * 1024)} MB)."
         if method == b"POST" and GIT_POST.match(path):
             text += f" A git push may be at most {settings.LAB_PUSH_MAX_MB} MB (LAB_PUSH_MAX_MB); nothing was stored."
+        elif method == b"POST" and UPLOAD_POST.match(path):
+            text += (f" An uploaded backup may be at most {settings.LAB_BACKUP_UPLOAD_MAX_MB} MB "
+                     "(LAB_BACKUP_UPLOAD_MAX_MB); nothing was stored.")
         body, kind = (text + "\n").encode(), b"text/plain; charset=utf-8"
     return (b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: %s\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
             % (kind, len(body)) + body)

@@ -43,6 +43,127 @@ POSTGRES_TUNING = {
 }
 
 
+PG_MAGIC = b"PGDMP"  # the start of a `pg_dump -Fc` archive
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the start of an SQLite database file
+
+
+def backup_format(head: bytes) -> str:
+    """".dump" (pg_dump's custom format) or ".sqlite3" for a file starting with `head`, "" for neither."""
+    if head.startswith(PG_MAGIC):
+        return ".dump"
+    if head.startswith(SQLITE_MAGIC):
+        return ".sqlite3"
+    return ""
+
+
+def restore_names(db: str, user: str) -> dict[str, str]:
+    """The environment of PG_RESTORE_SCRIPT for database `db` of `user`: the scratch
+    database the backup is restored into and the name the live one gets while it is
+    replaced (all checked SQL identifiers)."""
+    names = {"LAB_DB": db, "LAB_SCRATCH": f"{db[:50]}_restore", "LAB_OLD": f"{db[:50]}_replaced", "PGUSER": user}
+    for value in names.values():
+        if not SQL_IDENTIFIER.fullmatch(value or ""):
+            raise RuntimeError_(f"{value!r} is not a lowercase SQL identifier")
+    return names
+
+
+# Restores a `pg_dump -Fc` archive ($1) so that a failure leaves the database as it was:
+# into a scratch database first (a leftover of an earlier attempt dropped), and only when
+# that succeeded the live database is closed to connections, its sessions ended, and the
+# two swapped by renaming in one transaction; the old one is dropped last. `$2 = check`:
+# only read the archive's table of contents. Run where PostgreSQL's tools are (the database's
+# container, a job with its image, the instance's user); connection by PG* variables, names
+# by restore_names() (validated identifiers). Exit codes: 3 not an archive, 4 scratch not
+# made, 5 restore failed, 6 swap failed (the live database untouched).
+PG_RESTORE_SCRIPT = r"""
+file="$1"
+if ! out=$(pg_restore -l -- "$file" 2>&1 >/dev/null); then
+  echo "not a backup PostgreSQL can restore: $out" >&2; exit 3
+fi
+[ "${2:-}" = check ] && exit 0
+q() { psql -X -q -v ON_ERROR_STOP=1 -d template1 "$@"; }
+q -c "DROP DATABASE IF EXISTS \"$LAB_SCRATCH\" WITH (FORCE)" -c "DROP DATABASE IF EXISTS \"$LAB_OLD\" WITH (FORCE)" \
+  -c "CREATE DATABASE \"$LAB_SCRATCH\" OWNER \"$PGUSER\"" || exit 4
+if ! pg_restore --no-owner --no-privileges --exit-on-error --single-transaction -d "$LAB_SCRATCH" -- "$file"; then
+  q -c "DROP DATABASE IF EXISTS \"$LAB_SCRATCH\" WITH (FORCE)"; exit 5
+fi
+if ! q -c "ALTER DATABASE \"$LAB_DB\" ALLOW_CONNECTIONS false" -c "DO \$\$ BEGIN
+  FOR i IN 1..300 LOOP
+    PERFORM pg_stat_clear_snapshot();
+    PERFORM pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '$LAB_DB' AND pid <> pg_backend_pid();
+    PERFORM pg_stat_clear_snapshot();
+    EXIT WHEN NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = '$LAB_DB' AND pid <> pg_backend_pid());
+    PERFORM pg_sleep(0.05);
+  END LOOP;
+END \$\$" -c "ALTER DATABASE \"$LAB_DB\" RENAME TO \"$LAB_OLD\"; ALTER DATABASE \"$LAB_SCRATCH\" RENAME TO \"$LAB_DB\";"; then
+  q -c "ALTER DATABASE \"$LAB_DB\" ALLOW_CONNECTIONS true"
+  q -c "DROP DATABASE IF EXISTS \"$LAB_SCRATCH\" WITH (FORCE)"
+  exit 6
+fi
+q -c "DROP DATABASE IF EXISTS \"$LAB_OLD\" WITH (FORCE)" || echo "the replaced database $LAB_OLD is left (dropped by the next restore)" >&2
+exit 0
+"""
+
+
+def restore_failure(name: str, code, output: str) -> "RuntimeError_":
+    """The error for PG_RESTORE_SCRIPT's exit `code` and `output`."""
+    what = {3: "", 4: "making the scratch database failed: ", 5: "pg_restore failed: ",
+            6: "swapping the restored database in failed: "}.get(code, f"the restore failed (exit code {code}): ")
+    return RuntimeError_(f"{what}{last_lines(output)}" if what else last_lines(output, 2))
+
+
+class TarStream:
+    """A tar archive of files read from disk while it is sent (put_archive, a build
+    context): never all in memory. `members`: (name in the archive, bytes or a Path, mode,
+    uid, gid). Has a length (so requests sends a Content-Length) and `read(n)`."""
+
+    def __init__(self, members):
+        import tarfile
+
+        self._parts = []
+        total = 0
+        for member, data, mode, uid, gid in members:
+            size = len(data) if isinstance(data, bytes) else Path(data).stat().st_size
+            info = tarfile.TarInfo(member)
+            info.size, info.mode, info.uid, info.gid, info.mtime = size, mode, uid, gid, int(time.time())
+            header = info.tobuf(format=tarfile.GNU_FORMAT)
+            pad = (-size) % 512
+            self._parts += [header, data, b"\0" * pad]
+            total += len(header) + size + pad
+        self._parts.append(b"\0" * 1024)
+        total += 1024
+        self._length = total
+        self._fh = None
+
+    def __len__(self):
+        return self._length
+
+    def read(self, n: int = -1) -> bytes:
+        n = 1 << 20 if n is None or n < 0 else n
+        while self._parts:
+            part = self._parts[0]
+            if isinstance(part, bytes):
+                if not part:
+                    self._parts.pop(0)
+                    continue
+                chunk, self._parts[0] = part[:n], part[n:]
+                return chunk
+            if self._fh is None:
+                self._fh = open(part, "rb")
+            chunk = self._fh.read(n)
+            if chunk:
+                return chunk
+            self._fh.close()
+            self._fh = None
+            self._parts.pop(0)
+        return b""
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
 class RuntimeError_(Exception):
     """A backend failed; the message is shown to the user as the status reason."""
 
@@ -271,6 +392,17 @@ class Runtime(Protocol):
 
     def reset_database(self, name: str, spec: InstanceSpec) -> None:
         """Empty the database (drop and recreate it); the app is restarted afterwards."""
+
+    def check_restore(self, name: str, spec: InstanceSpec, src: Path) -> None:
+        """Whether backup file `src` (of this runtime's `backup_suffix`) can be restored
+        into the instance: read in the instance's own sandbox (the database's container,
+        the instance's user), never by the manager. Raises RuntimeError_ with the reason;
+        changes nothing."""
+
+    def restore_database(self, name: str, spec: InstanceSpec, src: Path) -> None:
+        """Replace the instance's database with the backup file `src`, so that a failure
+        leaves the database as it was (restored aside first, swapped in only once
+        complete). The app is restarted afterwards by the caller."""
 
     def remove(self, name: str) -> None:
         """Remove every resource of the instance, data included. Idempotent."""

@@ -73,9 +73,9 @@ from instances.otree_project import (
 )
 
 from .base import (
-    CANDIDATE, COMPONENTS, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppFailed, AppSpec, ComponentState, Health,
-    InstanceSpec, InstanceState, RuntimeError_, check_name, free_port, last_lines, user_errors, wait_http,
-    wait_services,
+    CANDIDATE, COMPONENTS, PG_RESTORE_SCRIPT, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppFailed, AppSpec,
+    ComponentState, Health, InstanceSpec, InstanceState, RuntimeError_, TarStream, check_name, free_port, last_lines,
+    restore_failure, restore_names, user_errors, wait_http, wait_services,
 )
 
 LABEL_MANAGER = "org.otree-lab.manager"
@@ -1416,6 +1416,61 @@ class DockerRuntime:
         if code != 0:
             raise RuntimeError_(f"resetting the database of {name} failed: {last_lines(out)}")
         # The app is not restarted here: the caller does that (the reconciler's restart).
+
+    @_user_errors
+    def check_restore(self, name: str, spec: InstanceSpec, src: Path) -> None:
+        check_name(name)
+        self._restore_in(self._running_db(name), name, spec, Path(src), check=True)
+
+    @_user_errors
+    def restore_database(self, name: str, spec: InstanceSpec, src: Path) -> None:
+        check_name(name)
+        self._restore_in(self._running_db(name), name, spec, Path(src))
+        # The app is not restarted here: the caller does that (the reconciler's restart).
+
+    def _restore_in(self, cname: str, name: str, spec: InstanceSpec, src: Path, *, check: bool = False) -> None:
+        """PG_RESTORE_SCRIPT in the database container `cname` (a name or an id), the
+        backup streamed into its /tmp first (never read whole into memory here)."""
+        env = {**restore_names(spec.db_name, spec.db_user), "PGPASSWORD": spec.db_password}
+        member = f"lab-restore-{uuid.uuid4().hex[:12]}.dump"
+        stream = TarStream([(member, src, 0o640, 0, self._postgres_gid(cname))])
+        try:
+            self._call("copying the backup into the database's container", self.api.put_archive, cname, "/tmp",
+                       stream)
+        finally:
+            stream.close()
+        try:
+            code, out = self._long_exec(cname, ["bash", "-c", PG_RESTORE_SCRIPT, "restore", f"/tmp/{member}",
+                                                "check" if check else "restore"], user="postgres", env=env,
+                                        timeout=settings.LAB_BUILD_TIMEOUT)
+        except (APIError, requests.RequestException) as exc:
+            raise RuntimeError_(f"restoring the database of {name} failed: {_short(exc)}") from None
+        finally:
+            try:
+                self._exec(cname, ["rm", "-f", "--", f"/tmp/{member}"])
+            except (APIError, requests.RequestException):
+                pass
+        if code != 0:
+            raise restore_failure(name, code, out)
+
+    def _postgres_gid(self, cname: str) -> int:
+        """The group id of the user `postgres` in the database container (the backup is
+        readable by it, not by others there)."""
+        code, out = self._exec(cname, ["id", "-g", "postgres"])
+        if code != 0 or not out.strip().isdigit():
+            raise RuntimeError_(f"the database container has no user postgres: {last_lines(out)}")
+        return int(out.strip())
+
+    def _long_exec(self, cname: str, cmd: list[str], *, user: str, env: dict, timeout: float) -> tuple[int | None, str]:
+        """`_exec` for a command that may run long (a restore): a client of its own whose
+        requests wait up to `timeout` seconds."""
+        client = docker.APIClient(version=self.api.api_version, timeout=timeout, **self._client_kwargs)
+        try:
+            eid = client.exec_create(cname, cmd, user=user, environment=env)["Id"]
+            out = client.exec_start(eid)
+            return self._exit_code(eid, tries=100, pause=0.05), (out or b"").decode(errors="replace")
+        finally:
+            client.close()
 
     @_user_errors
     def remove(self, name: str) -> None:

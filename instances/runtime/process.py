@@ -95,9 +95,9 @@ from django.conf import settings
 from instances.otree_project import IGNORED, INTROSPECT, BuildFailed, explain_pip, parse_introspection, start_argv
 
 from .base import (
-    CANDIDATE, COMPONENTS, INSTANCE_NAME, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppFailed, AppSpec,
-    ComponentState, Health, InstanceSpec, InstanceState, Protection, RuntimeError_, check_name, free_port,
-    last_lines, user_errors, wait_http, wait_services,
+    CANDIDATE, COMPONENTS, INSTANCE_NAME, PG_RESTORE_SCRIPT, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppFailed,
+    AppSpec, ComponentState, Health, InstanceSpec, InstanceState, Protection, RuntimeError_, check_name, free_port,
+    last_lines, restore_failure, restore_names, user_errors, wait_http, wait_services,
 )
 from .limits import NICE, Amounts, Limits
 from .tenantfs import (
@@ -149,6 +149,64 @@ try:
         shutil.copyfileobj(fh, sys.stdout.buffer)
 finally:
     os.unlink(scratch)
+'''
+
+# Run as the instance's user, the backup on stdin: copied into the tenant's tmp (a new file,
+# no link followed), checked as an SQLite database (header, PRAGMA integrity_check) and, with
+# `restore`, renamed over data/db.sqlite3 (its journal files removed first). The manager
+# itself never opens the file with SQLite (a crafted database is the experimenter's input).
+SQLITE_RESTORE = r'''
+import os, shutil, sqlite3, sys, uuid
+data, tmp, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+scratch = os.path.join(tmp, f".restore-{uuid.uuid4().hex[:12]}.sqlite3")
+flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+try:
+    with os.fdopen(os.open(scratch, flags, 0o600), "wb") as fh:
+        shutil.copyfileobj(sys.stdin.buffer, fh, 1 << 20)
+        fh.flush(); os.fsync(fh.fileno())
+    with open(scratch, "rb") as fh:
+        if fh.read(16) != b"SQLite format 3\x00":
+            sys.exit("not an SQLite database (its header is not SQLite's)")
+    try:
+        con = sqlite3.connect(f"file:{scratch}?mode=ro&immutable=1", uri=True)
+        try:
+            rows = con.execute("PRAGMA integrity_check").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        sys.exit(f"not a usable SQLite database: {exc}")
+    if rows != [("ok",)]:
+        sys.exit("the SQLite database is damaged: " + "; ".join(str(r[0]) for r in rows[:3]))
+    if mode != "restore":
+        sys.exit(0)
+    target = os.path.join(data, "db.sqlite3")
+    for suffix in ("-journal", "-wal", "-shm"):
+        try:
+            os.unlink(target + suffix)
+        except FileNotFoundError:
+            pass
+    try:
+        os.replace(scratch, target)  # a link planted there is replaced, not followed
+    except OSError:  # another file system: copied beside the target first
+        near = os.path.join(data, f".restore-{uuid.uuid4().hex[:12]}.sqlite3")
+        with open(scratch, "rb") as src, os.fdopen(os.open(near, flags, 0o600), "wb") as fh:
+            shutil.copyfileobj(src, fh, 1 << 20)
+            fh.flush(); os.fsync(fh.fileno())
+        os.replace(near, target)
+finally:
+    try:
+        os.unlink(scratch)
+    except FileNotFoundError:
+        pass
+'''
+# Run as the instance's user with the backup on stdin: copied into its tmp, then
+# PG_RESTORE_SCRIPT ($1: check or restore) on it; the copy is removed at the end.
+PG_RESTORE_WRAPPER = r'''
+umask 077
+f="$TMPDIR/.restore-$LAB_TOKEN.dump"
+(set -C; cat > "$f") || exit 7
+trap 'rm -f -- "$f"' EXIT
+bash -c "$LAB_SCRIPT" restore "$f" "$1"
 '''
 
 
@@ -442,10 +500,12 @@ class ProcessRuntime:
                               nice=NICE if fallback else 0, cwd=cwd, own_stdin=own_stdin)
 
     def _run_tenant(self, name: str, argv: list[str], *, env=None, timeout: float = 60, cwd=None, input=None,
-                    stdout=None, memory_mb=None) -> subprocess.CompletedProcess:
-        launcher = self._tenant_launcher(name, argv, cwd=cwd, memory_mb=memory_mb, own_stdin=input is not None)
+                    stdout=None, memory_mb=None, stdin=None) -> subprocess.CompletedProcess:
+        launcher = self._tenant_launcher(name, argv, cwd=cwd, memory_mb=memory_mb,
+                                         own_stdin=input is not None or stdin is not None)
         return subprocess.run(launcher,
                               env=env if env is not None else self._base_env(name), input=input,
+                              **({"stdin": stdin} if stdin is not None else {}),
                               stdout=stdout if stdout is not None else subprocess.PIPE, stderr=subprocess.PIPE,
                               timeout=timeout, start_new_session=True)
 
@@ -1352,6 +1412,57 @@ class ProcessRuntime:
                 raise RuntimeError_(f"resetting the database of {name} failed: "
                                     f"{last_lines(result.stderr.decode(errors='replace'))}")
         # The app is not restarted here: the caller does that (the reconciler's restart).
+
+    @_user_errors
+    def check_restore(self, name: str, spec: InstanceSpec, src: Path) -> None:
+        check_name(name)
+        self._restore_as_tenant(name, spec, Path(src), check=True)
+
+    @_user_errors
+    def restore_database(self, name: str, spec: InstanceSpec, src: Path) -> None:
+        """PostgreSQL: PG_RESTORE_SCRIPT as the instance's user. SQLite: the app stops
+        first (no write may reach the old file's journal meanwhile), then the checked copy
+        replaces data/db.sqlite3; the caller's restart starts the app again."""
+        check_name(name)
+        if self.database_kind(name) != "postgresql":
+            current = self._spec(name)
+            processes = dict(current.get("processes") or {})
+            if processes.pop("app", None) is not None:
+                self._write_spec(name, {**{k: v for k, v in current.items() if k != "serial"},
+                                        "processes": processes})
+        self._restore_as_tenant(name, spec, Path(src), check=False)
+        # The app is (re)started by the caller (the reconciler's restart).
+
+    def _restore_as_tenant(self, name: str, spec: InstanceSpec, src: Path, *, check: bool) -> None:
+        """The backup `src` (opened here by the manager as a plain file, no link followed)
+        on the stdin of the restore, run as the instance's user."""
+        mode = "check" if check else "restore"
+        tenant = self.tenant_dir(name)
+        try:
+            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise RuntimeError_(f"the backup file cannot be read: {exc.strerror}") from None
+        with os.fdopen(fd, "rb") as fh:
+            if self.database_kind(name) == "postgresql":
+                if self.pg_bin is None or not os.access(self.pg_bin / "pg_restore", os.X_OK):
+                    raise RuntimeError_("PostgreSQL's pg_restore is not found beside its other programs (LAB_PG_BIN)")
+                if not check and not self._db_ready(name, spec):
+                    raise RuntimeError_(f"the database of {name} is not running")
+                env = {**self._base_env(name), **restore_names(spec.db_name, spec.db_user),
+                       "PGPASSWORD": spec.db_password, "PGHOST": str(tenant / "run"),
+                       "PATH": f"{self.pg_bin}:/usr/bin:/bin", "LAB_SCRIPT": PG_RESTORE_SCRIPT,
+                       "LAB_TOKEN": uuid.uuid4().hex[:12]}
+                result = self._run_tenant(name, ["/bin/bash", "-c", PG_RESTORE_WRAPPER, "restore", mode], env=env,
+                                          stdin=fh, timeout=settings.LAB_BUILD_TIMEOUT)
+                if result.returncode != 0:
+                    raise restore_failure(name, result.returncode, result.stdout.decode(errors="replace") + "\n"
+                                          + result.stderr.decode(errors="replace"))
+                return
+            result = self._run_tenant(name, [self.python, "-I", "-S", "-c", SQLITE_RESTORE, str(tenant / "data"),
+                                             str(tenant / "tmp"), mode], stdin=fh, timeout=settings.LAB_BUILD_TIMEOUT)
+        if result.returncode != 0:
+            raise RuntimeError_(last_lines(result.stderr.decode(errors="replace"), 2)
+                                or f"the SQLite restore failed (exit code {result.returncode})")
 
     @_user_errors
     def remove(self, name: str) -> None:

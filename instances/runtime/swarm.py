@@ -64,8 +64,9 @@ from django.conf import settings
 from docker.errors import APIError, NotFound
 
 from .base import (
-    CANDIDATE, RETIRED, SQL_IDENTIFIER, AppFailed, ComponentState, Health, InstanceSpec, InstanceState,
-    Protection, RuntimeError_, check_name, free_port, last_lines, user_errors, wait_http, wait_services,
+    CANDIDATE, PG_RESTORE_SCRIPT, RETIRED, SQL_IDENTIFIER, AppFailed, ComponentState, Health, InstanceSpec,
+    InstanceState, Protection, RuntimeError_, TarStream, check_name, free_port, last_lines, restore_failure,
+    restore_names, user_errors, wait_http, wait_services,
 )
 from .docker import (
     LABEL_COMPONENT, LABEL_CONFIG, LABEL_INSTANCE, LABEL_MANAGER, LABEL_NETWORK, LABEL_RELEASE, PGDATA,
@@ -1173,42 +1174,72 @@ class SwarmRuntime(DockerRuntime):
         if node == self.local_node:
             task = self._running_db(name)
             cid = self._task_container(task)
-            self._call("copying the dump into the database's container", self.api.put_archive, cid, "/tmp",
-                       _tar({"restore.dump": dump.read_bytes()}))
-            code, output = self._exec(cid, [*argv, "/tmp/restore.dump"], user="postgres", env=env)
+            stream = TarStream([("restore.dump", Path(dump), 0o640, 0, self._postgres_gid(cid))])
+            try:
+                self._call("copying the dump into the database's container", self.api.put_archive, cid, "/tmp",
+                           stream)
+            finally:
+                stream.close()
+            code, output = self._long_exec(cid, [*argv, "/tmp/restore.dump"], user="postgres", env=env,
+                                           timeout=settings.LAB_BUILD_TIMEOUT)
             self._exec(cid, ["rm", "-f", "/tmp/restore.dump"], user="postgres")
         else:
-            image = self._dump_image(name, dump)
-            try:
-                code, output = self._job(name, node, image, [*argv, "-h", "db", "/restore.dump"], env=env,
-                                         timeout=settings.LAB_BUILD_TIMEOUT, user="postgres")
-            finally:
-                try:
-                    self.api.remove_image(image, force=True)
-                except (NotFound, APIError):
-                    pass
+            code, output = self._job_with_file(name, node, dump, [*argv, "-h", "db", "/restore.dump"], env=env)
         if code != 0:
             raise RuntimeError_(f"restoring the database failed (exit code {code}): {last_lines(output)}")
 
-    def _dump_image(self, name: str, dump: Path) -> str:
-        """A local image of the database's image plus the dump (for a job on another node)."""
-        import io
-        import tarfile
+    def _job_with_file(self, name: str, node: str, src: Path, argv: list[str], *, env: dict) -> tuple[int | None, str]:
+        """`_job` on `node` in the database's image with file `src` at /restore.dump."""
+        image = self._dump_image(name, src)
+        try:
+            return self._job(name, node, image, argv, env=env, timeout=settings.LAB_BUILD_TIMEOUT, user="postgres")
+        finally:
+            try:
+                self.api.remove_image(image, force=True)
+            except (NotFound, APIError):
+                pass
 
+    def _dump_image(self, name: str, dump: Path) -> str:
+        """A local image of the database's image plus the dump (for a job on another node);
+        the build context is streamed from the file."""
         tag = f"lab-{self.manager_id}-{name}-restore:{secrets.token_hex(4)}"
         dockerfile = f"FROM {self.images['db']}\nCOPY --chown=postgres:postgres restore.dump /restore.dump\n"
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
-            for member, data in (("Dockerfile", dockerfile.encode()), ("restore.dump", dump.read_bytes())):
-                info = tarfile.TarInfo(member)
-                info.size, info.mode = len(data), 0o600
-                tar.addfile(info, io.BytesIO(data))
-        buf.seek(0)
-        errors = [c.get("error") for c in self.api.build(fileobj=buf, custom_context=True, tag=tag, rm=True,
-                                                          forcerm=True, decode=True, pull=False) if c.get("error")]
+        context = TarStream([("Dockerfile", dockerfile.encode(), 0o600, 0, 0), ("restore.dump", Path(dump), 0o600, 0, 0)])
+        try:
+            errors = [c.get("error") for c in self.api.build(fileobj=context, custom_context=True, tag=tag, rm=True,
+                                                              forcerm=True, decode=True, pull=False) if c.get("error")]
+        finally:
+            context.close()
         if errors:
             raise RuntimeError_(f"preparing the restore on the other node failed: {errors[-1][:300]}")
         return tag
+
+    @_user_errors
+    def check_restore(self, name: str, spec: InstanceSpec, src: Path) -> None:
+        check_name(name)
+        self._restore_on_node(name, spec, Path(src), check=True)
+
+    @_user_errors
+    def restore_database(self, name: str, spec: InstanceSpec, src: Path) -> None:
+        check_name(name)
+        self._restore_on_node(name, spec, Path(src), check=False)
+
+    def _restore_on_node(self, name: str, spec: InstanceSpec, src: Path, *, check: bool) -> None:
+        """PG_RESTORE_SCRIPT where the database runs: in its task's container on this
+        machine, else by a job on its node whose image carries the backup."""
+        task = self._running_db(name)
+        if task.get("NodeID") == self.local_node and not self.jobs_everywhere:
+            self._restore_in(self._task_container(task), name, spec, src, check=check)
+            return
+        env = {**restore_names(spec.db_name, spec.db_user), "PGPASSWORD": spec.db_password, "PGHOST": "db"}
+        try:
+            code, out = self._job_with_file(name, task["NodeID"], src,
+                                            ["bash", "-c", PG_RESTORE_SCRIPT, "restore", "/restore.dump",
+                                             "check" if check else "restore"], env=env)
+        except (APIError, requests.RequestException) as exc:
+            raise RuntimeError_(f"restoring the database of {name} failed: {_short(exc)}") from None
+        if code != 0:
+            raise restore_failure(name, code, out)
 
     @_user_errors
     def set_node_availability(self, node_id: str, availability: str) -> None:

@@ -3,7 +3,7 @@
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
-from ninja import Path, Query, Router, Schema, Status
+from ninja import File, Path, Query, Router, Schema, Status, UploadedFile
 from ninja.errors import HttpError
 from pydantic import Field
 
@@ -11,7 +11,7 @@ from instances import export, releases, schedule, services, sessions
 from instances.models import Backup, Instance, Release
 from instances.views import send_data_zip
 from manager.audit.services import record
-from instances.selectors import get_visible_instance, visible_instances, with_live_release
+from instances.selectors import get_visible_backup, get_visible_instance, visible_instances, with_live_release
 from manager.accounts.models import User
 from manager.api.auth import managers_only
 from manager.api.errors import responses
@@ -303,11 +303,15 @@ def list_backups(request: HttpRequest, name: str):
     """A reset's and a delete's backup carry oTree's data export beside the dump
     (`data_size`, `data_url`), or say why it could not be stored (`data_problem`)."""
     instance = get_visible_instance(request.auth, name)
-    base = f"{settings.LAB_PUBLIC_URL}/api/v1/instances/{instance.name}/backups"
-    return [{"id": b.id, "kind": b.kind, "status": b.status, "size": b.size, "filename": b.filename,
-             "created_at": b.created_at.isoformat(), "data_size": b.data_size if b.data_filename else 0,
-             "data_url": f"{base}/{b.id}/data.zip" if b.data_filename and b.status == Backup.Status.DONE else None,
-             "data_problem": b.data_problem} for b in instance.backups.all()]
+    return [_backup_out(b) for b in instance.backups.all()]
+
+
+def _backup_out(b) -> dict:
+    base = f"{settings.LAB_PUBLIC_URL}/api/v1/instances/{b.instance_name}/backups"
+    return {"id": b.id, "kind": b.kind, "status": b.status, "size": b.size, "filename": b.filename,
+            "created_at": b.created_at.isoformat(), "data_size": b.data_size if b.data_filename else 0,
+            "data_url": f"{base}/{b.id}/data.zip" if b.data_filename and b.status == Backup.Status.DONE else None,
+            "data_problem": b.data_problem}
 
 
 @router.get("/{name}/backups/{backup_id}/data.zip", summary="The data export stored beside a backup",
@@ -340,6 +344,46 @@ def instance_data(request: HttpRequest, name: str):
     except export.ExportFailed as exc:
         raise HttpError(409, f"Could not export the data of {name}: {exc}") from None
     return send_data_zip(handle, filename)
+
+
+class RestoreIn(InputSchema):
+    backup: int = Field(description="the id of the backup (GET /api/v1/instances/{name}/backups lists an instance's; "
+                        "a backup the caller may not see, or none, is 404)", ge=1, le=MAX_ID)
+
+
+@router.post("/{name}/restore", summary="Restore a backup into the instance",
+             response=responses({202: JobOut}, 403, 404, 409, 422, 429))
+def restore_backup(request: HttpRequest, name: str, payload: RestoreIn, force: bool = Query(
+        False, description="go ahead even while an oTree session is live (where that is checked)")):
+    """A background job restores the backup: its content is checked first (in the instance's
+    own sandbox), then a fresh backup of the data there now is taken (kind `before_restore`;
+    no backup, no restore), then the database is replaced and the app restarts. The data
+    written since the chosen backup are replaced (they stay in that fresh backup). A failure
+    leaves the instance as it was; the job says why. A backup of the wrong kind for the
+    instance (an SQLite file for PostgreSQL or the other way round, a git history, a failed
+    backup, a missing file) is 422 with the reason. Counts against the reset budget (429).
+    The owner's backups (a deleted instance's included) and, for lab managers, any backup."""
+    instance = get_visible_instance(request.auth, name)
+    backup = get_visible_backup(request.auth, payload.backup)
+    job = services.restore_backup(request.auth, instance, backup, request=request, force=force)
+    return Status(202, {"job": str(job.id), "detail": f"restoring {backup.filename} into {name}: a fresh backup "
+                        "first, then the app restarts"})
+
+
+@router.post("/{name}/backups", summary="Upload a backup file", response=responses({201: BackupOut}, 404, 413, 422, 429))
+def upload_backup(request: HttpRequest, name: str, file: UploadedFile = File(None, description=(
+        "a `pg_dump -Fc` archive (PostgreSQL instances) or an SQLite database file (SQLite instances)"))):
+    """Multipart, field `file`: a backup made elsewhere, kept among the instance's backups
+    (kind `upload`) to be restored with `POST /api/v1/instances/{name}/restore`. At most
+    LAB_BACKUP_UPLOAD_MAX_MB (413 over it, nothing kept); a file that is not a backup for
+    this instance's database is 422. Counts against the backup budget (429)."""
+    instance = get_visible_instance(request.auth, name)
+    refused = getattr(request, "upload_refused", "")
+    if refused:
+        raise HttpError(413, refused)
+    row = services.upload_backup(request.auth, instance, file, request=request)
+    return Status(201, _backup_out(row))
+
 
 
 class ReleaseOut(Schema):
