@@ -178,6 +178,20 @@ ROUTES = [
     # Download data: ann-study's app does not run here, so the owner and lab managers are sent back to
     # the instance page with the reason (tests/instances/test_data_export.py downloads from a real app)
     Route("instance_data", "/instances/ann-study/data.zip", {"anon": 302, "boss": 302, "ann": 302, "bob": 404}),
+    # restoring a backup: the confirmation page, then the job (owner, lab managers); bob sees neither
+    Route("instance_backup_restore", lambda w: f"/instances/ann-study/backups/{w.backup.pk}/restore/", OWNER_VIEW),
+    Route("instance_backup_restore", lambda w: f"/instances/ann-study/backups/{w.backup.pk}/restore/",
+          {"anon": 302, "boss": 302, "ann": 302, "bob": 404}, method="post"),
+    # an upload without a file: the page again with the form's error
+    Route("instance_backup_upload", "/instances/ann-study/backups/upload/",
+          {"anon": 302, "boss": 422, "ann": 422, "bob": 404}, method="post"),
+    # the Backups page's restore (into an instance, or a new one) and upload: lab managers
+    Route("backup_restore_any", lambda w: f"/backups/{w.backup.pk}/restore/", MANAGERS_ONLY),
+    Route("backup_restore_any", lambda w: f"/backups/{w.backup.pk}/restore/",
+          {"anon": 302, "boss": 302, "ann": 403, "bob": 403}, method="post",
+          data=lambda w: {"target": "new", "name": "ann-copy", "owner": w.ann.pk}),
+    Route("backup_upload_any", "/backups/upload/", {"anon": 302, "boss": 422, "ann": 403, "bob": 403},
+          method="post", data={"instance": "ann-study"}),
     Route("instance_action", "/instances/ann-study/reset-database/", OWNER_VIEW),  # the confirmation page
     Route("instance_action", "/instances/ann-study/delete/", {"anon": 302, "boss": 200, "ann": 403, "bob": 404}),
     Route("instance_settings", "/instances/ann-study/settings/", {"anon": 302, "boss": 302, "ann": 302, "bob": 404},
@@ -274,6 +288,11 @@ ROUTES = [
     Route("api:backup_data", lambda w: f"/api/v1/instances/ann-study/backups/{w.backup.pk}/data.zip", API_OWNER),
     # the app does not run here: 409 with the reason (a real download: tests/instances/test_data_export.py)
     Route("api:instance_data", "/api/v1/instances/ann-study/data.zip", {**API_OWNER, "boss": 409, "ann": 409}),
+    Route("api:restore_backup", "/api/v1/instances/ann-study/restore", {**API_OWNER, "boss": 202, "ann": 202},
+          method="post", data=lambda w: {"backup": w.backup.pk}),
+    # no file: 422 (tests/instances/test_restore.py uploads real ones)
+    Route("api:upload_backup", "/api/v1/instances/ann-study/backups", {"anon": 401, "boss": 422, "ann": 422, "bob": 404},
+          method="post"),
     Route("api:list_bot_runs", "/api/v1/instances/ann-study/bot-runs", API_OWNER),
     Route("api:start_bot_run", "/api/v1/instances/ann-study/bot-runs", {**API_OWNER, "boss": 201, "ann": 201},
           method="post", data={"session_config": "guess", "num_participants": 3, "num_bots": 2, "model": "random"}),
