@@ -501,8 +501,10 @@ class ProcessRuntime:
 
     def _run_tenant(self, name: str, argv: list[str], *, env=None, timeout: float = 60, cwd=None, input=None,
                     stdout=None, memory_mb=None, stdin=None) -> subprocess.CompletedProcess:
-        launcher = self._tenant_launcher(name, argv, cwd=cwd, memory_mb=memory_mb,
-                                         own_stdin=input is not None or stdin is not None)
+        # `stdin` (an open file, e.g. a backup to restore): read from the inherited
+        # descriptor, never reopened by path, so it is not moved into a pipe (own_stdin is
+        # for small input a program opens as /dev/stdin).
+        launcher = self._tenant_launcher(name, argv, cwd=cwd, memory_mb=memory_mb, own_stdin=input is not None)
         return subprocess.run(launcher,
                               env=env if env is not None else self._base_env(name), input=input,
                               **({"stdin": stdin} if stdin is not None else {}),

@@ -347,7 +347,7 @@ def instance_data(request: HttpRequest, name: str):
 
 
 class RestoreIn(InputSchema):
-    backup: int = Field(description="the id of the backup (GET /api/v1/instances/{name}/backups lists an instance's; "
+    backup: Whole = Field(description="the id of the backup (GET /api/v1/instances/{name}/backups lists an instance's; "
                         "a backup the caller may not see, or none, is 404)", ge=1, le=MAX_ID)
 
 

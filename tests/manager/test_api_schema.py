@@ -75,9 +75,11 @@ values = {keys}
 # participants, a provider or model that is not configured; a key whose base64 does not
 # decode to a key of its type; the config vars' total size; a new account's e-mail address
 # that Django's stricter validator refuses; a swarm node that does not exist (or an
-# instance that is not on the swarm) to move an instance to.
+# instance that is not on the swarm) to move an instance to; an uploaded file that is not a
+# backup of the instance's database; a backup whose kind, status or file does not fit.
 [[operations]]
-include-operation-id = ["create_instance", "start_bot_run", "add_my_ssh_key", "move_instance"]
+include-operation-id = ["create_instance", "start_bot_run", "add_my_ssh_key", "move_instance", "upload_backup",
+                        "restore_backup"]
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
 """
 
