@@ -15,6 +15,7 @@ from functools import wraps
 from django.core.exceptions import NON_FIELD_ERRORS, PermissionDenied, RequestDataTooBig, SuspiciousOperation
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.http import Http404, HttpResponseNotAllowed, JsonResponse
+from django.http.multipartparser import MultiPartParserError
 from ninja import NinjaAPI
 from ninja.parser import Parser
 from ninja.errors import HttpError
@@ -180,6 +181,10 @@ def install(api: NinjaAPI) -> None:
     @handles(RequestDataTooBig)
     def too_big(request, exc):
         return error_response(413, "The request body is too large.")
+
+    @handles(MultiPartParserError)  # an upload's body (e.g. multipart without a boundary)
+    def bad_multipart(request, exc):
+        return error_response(400, "The request body is not a valid multipart/form-data body (with a boundary).")
 
     @handles(SuspiciousOperation)
     def suspicious(request, exc):
