@@ -37,7 +37,8 @@ def lab():
     data_dir = new_data_dir()
     port, caddy_port = free_port(), free_port()
     extra = {"LAB_ROUTING": "subdomain", "LAB_DOMAIN": "lab.test", "LAB_PUBLIC_HOST": HOST,
-             "LAB_PROXY_LISTEN": f"127.0.0.1:{caddy_port}", "LAB_THROTTLE_TOKEN": "off"}
+             "LAB_PROXY_LISTEN": f"127.0.0.1:{caddy_port}", "LAB_THROTTLE_TOKEN": "off",
+             "LAB_BACKUP_UPLOAD_MAX_MB": "2"}
     server = None
     try:
         migrate(data_dir, port)
@@ -282,3 +283,33 @@ def test_every_status_line_has_its_reason_phrase(lab):
                f"Content-Length: {len(form)}\r\nConnection: close\r\n\r\n").encode() + form
     lines = [status_line(attempt) for _ in range(7)]
     assert lines[-1] == b"HTTP/1.1 429 Too Many Requests", lines
+
+
+@pytest.mark.parametrize("via", ["daphne"])
+def test_backup_uploads_through_the_web_server(lab, via):
+    """Through the real web server (LAB_BACKUP_UPLOAD_MAX_MB=2 here): a declared length over
+    the limit is refused before the body is sent; a body between the limit and the web
+    server's cap reaches Django, whose upload handler stops at the limit (413, the limit's
+    sentence); a dump under the limit is stored."""
+    port = lab.ports[via]
+    auth = f"Authorization: Bearer {lab.token}"
+    made = exchange(port, (f"POST /api/v1/instances HTTP/1.1\r\nHost: {HOST}\r\n{auth}\r\n"
+                           "Content-Type: application/json\r\nContent-Length: 37\r\nConnection: close\r\n\r\n"
+                           '{"name": "up-test", "owner": "admin"}').encode())
+    assert made[0] == 201, made
+
+    def upload(content: bytes, declared: int | None = None) -> tuple[int, dict, bytes]:
+        boundary = "lab-test-boundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"s.dump\"\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+        head = (f"POST /api/v1/instances/up-test/backups HTTP/1.1\r\nHost: {HOST}\r\n{auth}\r\n"
+                f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+                f"Content-Length: {declared or len(body)}\r\nConnection: close\r\n\r\n").encode()
+        return exchange(port, head + (b"" if declared else body), timeout=60)
+
+    status, _, body = upload(b"", declared=5 * 1024 * 1024)
+    assert status == 413 and json.loads(body) == {"detail": "The request body is too large."}, (status, body[:300])
+    status, _, body = upload(b"PGDMP" + b"\0" * (2 * 1024 * 1024 + 100))  # over 2 MB, under the server's 3 MB
+    assert status == 413 and "LAB_BACKUP_UPLOAD_MAX_MB" in json.loads(body)["detail"], (status, body[:300])
+    status, _, body = upload(b"PGDMP" + b"\1" * 1_500_000)
+    assert status == 201 and json.loads(body)["size"] == 1_500_005, (status, body[:300])
