@@ -1447,7 +1447,7 @@ class DockerRuntime:
             raise RuntimeError_(f"restoring the database of {name} failed: {_short(exc)}") from None
         finally:
             try:
-                self._exec(cname, ["rm", "-f", "--", f"/tmp/{member}"])
+                self._exec(cname, ["rm", "-f", "--", f"/tmp/{member}"], user="postgres")
             except (APIError, requests.RequestException):
                 pass
         if code != 0:
