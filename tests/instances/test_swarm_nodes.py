@@ -37,7 +37,7 @@ import types
 import pytest
 from django.conf import settings
 
-from instances.runtime.base import AppSpec, Health, InstanceSpec
+from instances.runtime.base import AppSpec, Health, InstanceSpec, RuntimeError_
 from instances.runtime.swarm import LABEL_SWARM, SwarmRuntime
 from tests import backends, swarm_node
 from tests import docker_helpers as dh
@@ -497,6 +497,17 @@ def test_a_move_to_this_node_and_back_keeps_the_data(rt, node, spec_a, tmp_path)
     assert wait_until(lambda: http_ok(state.app_url), timeout=30, interval=0.5, message="the app answers there")
     assert job_sql(rt, A, "SELECT name FROM moved ORDER BY name") == (0, "and back\ntravels")
     assert rt.api.volumes(filters=rt._swarm_filters(A)).get("Volumes") in (None, [])  # none left here
+
+    # A restore on the other node (issue 16: a job whose image carries the backup, through the
+    # registry): a file that is no dump is refused there before anything changes; the dump
+    # taken there first (one row) replaces the two rows.
+    garbage = tmp_path / "garbage.dump"
+    garbage.write_bytes(b"PGDMP" + bytes(range(256)))
+    with pytest.raises(RuntimeError_, match="not a backup PostgreSQL can restore"):
+        rt.check_restore(A, spec, garbage)
+    assert job_sql(rt, A, "SELECT name FROM moved ORDER BY name") == (0, "and back\ntravels")
+    rt.restore_database(A, spec, tmp_path / "there.dump")
+    assert job_sql(rt, A, "SELECT name FROM moved ORDER BY name") == (0, "travels")
 
 
 def orphaned_tasks(rt: SwarmRuntime) -> list[str]:
