@@ -398,8 +398,8 @@ def restore_backup(actor, instance: Instance, backup, request=None, force: bool 
     selectors.get_visible_backup). Checked before anything is queued: the kind of backup, its
     file, that it fits the instance's database (a ValidationError says why); the job checks
     its content in the instance's sandbox, takes a fresh backup, restores, restarts the app.
-    Counts against the reset budget. `force`: go ahead even if a session is live (the guard
-    that reads it is another part of the manager)."""
+    Counts against the reset budget. A live oTree session refuses it (sessions.SessionLive,
+    409) unless `force`."""
     from instances.backups import restore_problem
     from instances.runtime import RuntimeError_, get_runtime
     from instances.selectors import can_see
@@ -417,9 +417,10 @@ def restore_backup(actor, instance: Instance, backup, request=None, force: bool 
     problem = restore_problem(backup, suffix)
     if problem:
         raise ValidationError({"backup": [problem]})
+    forced = sessions.require_idle(instance, "restoring a backup (its data are backed up, then replaced)", force)
     with throttle.take("reset", actor, instance), transaction.atomic():
-        record(actor, "instance.restore", instance, f"restore {backup.filename} into {instance.name}", request,
-               backup=backup.filename, force=bool(force))
+        record(actor, "instance.restore", instance, f"restore {backup.filename} into {instance.name}{forced}",
+               request, backup=backup.filename, force=bool(force))
         return jobs.start(jobs.task("instances.restore"), user=actor, kind="instance.restore",
                           label=f"Restore {backup.filename} into {instance.name}", args=[instance.pk, backup.pk],
                           link=f"/instances/{instance.name}/")

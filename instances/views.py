@@ -349,10 +349,6 @@ def backup_data_download_any(request, backup_id):
 
 # --- restoring and uploading backups ---------------------------------------------------------
 
-def _forced(request) -> bool:
-    return request.POST.get("force", "") in ("1", "true", "on")
-
-
 @login_required
 def instance_backup_restore(request, name, backup_id):
     """GET: what a restore of the backup into the instance does, and a button; POST: do it."""
@@ -365,6 +361,8 @@ def instance_backup_restore(request, name, backup_id):
             messages.info(request, f"Restoring {backup.filename} into {instance.name}: a fresh backup of its data "
                                    "first, then the app restarts. You are told when the job ends.")
             return redirect("instance_detail", name=instance.name)
+        if form.confirm is not None:  # a live oTree session: "Do it anyway" posts again with force
+            return _live_confirm(request, instance, form.confirm)
         page = render(request, "instances/restore.html", {"instance": instance, "backup": backup, "form": form},
                       status=422)
         return refused_page(page, form.throttled) if form.throttled else page
@@ -396,6 +394,8 @@ def backup_restore_any(request, backup_id):
                 messages.info(request, f"Restoring {backup.filename} into {into.cleaned_data['instance'].name}: a "
                                        "fresh backup of its data first, then the app restarts.")
                 return redirect("instance_detail", name=into.cleaned_data["instance"].name)
+            if into.confirm is not None:
+                return _live_confirm(request, into.cleaned_data["instance"], into.confirm)
             form = into
         page = render(request, "instances/restore.html", {"backup": backup, "into_form": into, "new_form": new},
                       status=422)

@@ -148,3 +148,26 @@ def test_the_web_server_lets_uploads_through_up_to_the_limit(settings):
         assert webcap.body_cap(b"POST", path) == cap
     assert webcap.body_cap(b"POST", b"/api/v1/instances/ann-study/restore") == webcap.OTHER_MAX_BYTES
     assert b"LAB_BACKUP_UPLOAD_MAX_MB" in webcap.too_large(cap, b"POST", b"/backups/upload/")
+
+
+def test_a_live_session_asks_first_and_force_goes_ahead(instance, ann):
+    """The session guard (instances.sessions): a restore while a session is live is 409 in
+    the API and a confirmation on the page; forced, the job starts and the audit log says so."""
+    from django.utils import timezone
+
+    Instance.objects.filter(pk=instance.pk).update(sessions_checked_at=timezone.now(), otree_sessions=[
+        {"code": "live1", "config": "guess", "participants": 3, "started": 3, "finished": 0, "active": 2,
+         "last_activity": "2026-12-03T10:00:00+00:00", "live": True}])
+    kept = dump_backup(instance, ann)
+    url = "/api/v1/instances/ann-study/restore"
+    refused = api(ann).post(url, {"backup": kept.pk}, content_type="application/json")
+    assert refused.status_code == 409 and "live1" in refused.json()["detail"], refused.content
+    assert "restoring a backup" in refused.json()["detail"].lower()
+    page = logged_in(ann).post(f"/instances/ann-study/backups/{kept.pk}/restore/")
+    assert page.status_code == 409 and 'id="do-it-anyway"' in page.content.decode()
+    assert not Job.objects.filter(kind="instance.restore").exists()
+    forced = logged_in(ann).post(f"/instances/ann-study/backups/{kept.pk}/restore/", {"force": "1"})
+    assert forced.status_code == 302
+    assert api(ann).post(url + "?force=true", {"backup": kept.pk}, content_type="application/json").status_code == 202
+    assert Job.objects.filter(kind="instance.restore").count() == 2
+    assert AuditEvent.objects.filter(action="instance.restore", summary__contains="forced while").count() == 2
