@@ -100,8 +100,9 @@ def go_live(owner, name, tmp_path, files=None) -> Instance:
 
 
 def play(instance: Instance, answers: list[int]) -> str:
-    """A session of len(answers) participants; each opens its start link and submits its
-    answer on MyPage (a real form POST), reaching Results. Returns the session's code."""
+    """A session of len(answers) participants; each opens its start link, submits its
+    answer on MyPage (a real form POST) and goes on past Results (finished: the session is
+    not live for the session guard). Returns the session's code."""
     base = otree_api.app_url(instance)
     headers = {otree_api.REST_KEY_HEADER: instance.rest_key}
     made = requests.post(f"{base}/api/sessions", json={"session_config_name": "hello_game",
@@ -120,6 +121,11 @@ def play(instance: Instance, answers: list[int]) -> str:
             assert page.field("answer") is not None, (reply.status_code, reply.text[:300])
             reply = browser.post(page.url, data={**page.hidden, "answer": str(answer)}, timeout=30)
             assert reply.status_code == 200 and "Thanks" in reply.text, reply.text[:300]
+            # past the last page: finished (a session whose participants all finished is not live)
+            results = parse(reply.text, url=reply.url, path=requests.utils.urlparse(reply.url).path,
+                            status_code=reply.status_code)
+            reply = browser.post(results.url, data=dict(results.hidden), timeout=30)
+            assert reply.status_code == 200 and "Thanks" not in reply.text, reply.text[:300]
     return code
 
 
