@@ -32,12 +32,18 @@ class LimitedFile(UploadedFile):
     def temporary_file_path(self):
         return self.path
 
-    def discard(self) -> None:
-        self.close()
+    def close(self) -> None:
+        """Also at the end of every request (Django closes its uploaded files): a file no
+        one kept (moved away) goes, whatever view got it (a 404, a form refused)."""
         try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+            super().close()
+        finally:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    discard = close
 
 
 class LimitedUploadHandler(FileUploadHandler):

@@ -354,15 +354,15 @@ class RestoreIn(InputSchema):
 @router.post("/{name}/restore", summary="Restore a backup into the instance",
              response=responses({202: JobOut}, 403, 404, 409, 422, 429))
 def restore_backup(request: HttpRequest, name: str, payload: RestoreIn, force: bool = Query(
-        False, description="go ahead even while an oTree session is live (where that is checked)")):
+        False, description="go ahead even while an oTree session is live (409 otherwise)")):
     """A background job restores the backup: its content is checked first (in the instance's
     own sandbox), then a fresh backup of the data there now is taken (kind `before_restore`;
     no backup, no restore), then the database is replaced and the app restarts. The data
     written since the chosen backup are replaced (they stay in that fresh backup). A failure
     leaves the instance as it was; the job says why. A backup of the wrong kind for the
     instance (an SQLite file for PostgreSQL or the other way round, a git history, a failed
-    backup, a missing file) is 422 with the reason. Counts against the reset budget (429).
-    The owner's backups (a deleted instance's included) and, for lab managers, any backup."""
+    backup, a missing file) is 422 with the reason. While an oTree session is live: 409 (see
+    `force`). Counts against the reset budget (429). The owner's backups (a deleted instance's included) and, for lab managers, any backup."""
     instance = get_visible_instance(request.auth, name)
     backup = get_visible_backup(request.auth, payload.backup)
     job = services.restore_backup(request.auth, instance, backup, request=request, force=force)

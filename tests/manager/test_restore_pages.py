@@ -171,3 +171,15 @@ def test_a_live_session_asks_first_and_force_goes_ahead(instance, ann):
     assert api(ann).post(url + "?force=true", {"backup": kept.pk}, content_type="application/json").status_code == 202
     assert Job.objects.filter(kind="instance.restore").count() == 2
     assert AuditEvent.objects.filter(action="instance.restore", summary__contains="forced while").count() == 2
+
+
+def test_an_upload_nobody_keeps_leaves_no_file(instance, bob):
+    """Posted where it is not kept (bob may not see the instance: 404; an API call that takes
+    no file): the temporary file goes with the request."""
+    dump = io.BytesIO(b"PGDMP" + b"\x02" * 5000)
+    assert api(bob).post("/api/v1/instances/ann-study/backups", {"file": dump}).status_code == 404
+    dump.seek(0)
+    assert logged_in(bob).post("/instances/ann-study/backups/upload/", {"file": dump}).status_code == 404
+    dump.seek(0)
+    assert logged_in(bob).post("/settings/keys/", {"file": dump, "key": "x"}).status_code in (200, 422)
+    assert leftovers() == [] and not Backup.objects.exists()
