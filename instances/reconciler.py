@@ -481,6 +481,9 @@ def sweep_leftovers() -> dict:
     firewall = netguard.ensure()
     if not firewall.enforced:
         log.warning("instances' firewall: %s", firewall.detail)
+    from instances import uploads
+
+    uploads.sweep_stale()  # half-received uploads of a killed web process
     runtimes = available_runtimes()
     if not runtimes:
         return {"skipped": "no runtime available"}

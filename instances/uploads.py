@@ -83,3 +83,23 @@ class LimitedUploadHandler(FileUploadHandler):
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+
+STALE_SECONDS = 24 * 3600
+
+
+def sweep_stale(max_age: float = STALE_SECONDS) -> int:
+    """Temporary upload files older than `max_age` (a web process killed mid-upload): removed
+    by the sweep. Returns how many."""
+    import time
+
+    removed = 0
+    folder = backup_dir()
+    for path in folder.glob(".upload-*.partial"):
+        try:
+            if path.is_file() and not path.is_symlink() and time.time() - path.lstat().st_mtime > max_age:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed

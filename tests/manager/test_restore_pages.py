@@ -183,3 +183,18 @@ def test_an_upload_nobody_keeps_leaves_no_file(instance, bob):
     dump.seek(0)
     assert logged_in(bob).post("/settings/keys/", {"file": dump, "key": "x"}).status_code in (200, 422)
     assert leftovers() == [] and not Backup.objects.exists()
+
+
+def test_the_sweep_removes_uploads_a_killed_web_process_left():
+    import os
+    import time
+
+    from instances import uploads
+
+    stale, fresh = backup_dir() / ".upload-old.partial", backup_dir() / ".upload-new.partial"
+    for path in (stale, fresh):
+        path.write_bytes(b"PGDMP")
+    os.utime(stale, (time.time() - uploads.STALE_SECONDS - 60,) * 2)
+    assert uploads.sweep_stale() == 1
+    assert not stale.exists() and fresh.exists()
+    fresh.unlink()
