@@ -293,7 +293,8 @@ def restore(instance_id: int, backup_id: int, actor=None) -> Backup:
         except RuntimeError_ as exc:
             raise ReconcileError(f"restore refused ({instance.name} was not changed): {source.filename}: {exc}") \
                 from exc
-        row = backup(instance, Backup.Kind.BEFORE_RESTORE, actor, runtime)  # no backup, no restore
+        # No backup, no restore; oTree's data export beside it (as a reset's), while the app answers.
+        row = backup(instance, Backup.Kind.BEFORE_RESTORE, actor, runtime, data=True)
         try:
             runtime.restore_database(instance.name, spec, source.path)
         except RuntimeError_ as exc:
