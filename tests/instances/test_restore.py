@@ -176,6 +176,7 @@ def test_backup_reset_restore_and_what_is_refused(runtime, tmp_path, boss, ann, 
     assert export(instance) == before
     fresh = Backup.objects.filter(instance=instance, kind=Backup.Kind.BEFORE_RESTORE).get()
     assert fresh.status == "done" and fresh.filename in job.message and fresh.size > 0
+    assert fresh.data_filename and not fresh.data_problem  # oTree's export of the replaced data beside it
     instance.refresh_from_db()
     assert instance.status == "running"
 
