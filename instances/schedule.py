@@ -224,7 +224,9 @@ def _is_due(instance, now: datetime) -> bool:
 
 
 def _candidates():
-    return (Instance.objects.filter(delete_requested=False)
+    # A stopped instance's database is stopped too: its data cannot change until it starts
+    # again (then it is due at once when its last backup is older than its interval).
+    return (Instance.objects.filter(delete_requested=False, desired_running=True)
             .exclude(status__in=[Instance.Status.PROVISIONING, Instance.Status.DELETING]))
 
 
@@ -331,6 +333,11 @@ class Status:
     copy_dir: bool
 
     @property
+    def stopped(self) -> bool:
+        """Stopped by its owner: no scheduled backups (its data cannot change meanwhile)."""
+        return not self.instance.desired_running
+
+    @property
     def copy_state(self) -> str:
         if not self.copy_dir:
             return "none"
@@ -360,7 +367,7 @@ def _statuses(queryset, now: datetime | None) -> list[Status]:
     for instance in queryset:
         schedule = schedule_of(instance)
         since = instance.last_done or instance.created_at
-        overdue = (not schedule.off and not instance.delete_requested
+        overdue = (not schedule.off and not instance.delete_requested and instance.desired_running
                    and instance.status != Instance.Status.PROVISIONING
                    and since < now - timedelta(seconds=overdue_after(schedule)))
         failed = instance.last_failed_try is not None and (

@@ -248,6 +248,25 @@ def test_backups_page_flags_overdue_and_failed_and_shows_only_ones_own(instance,
     assert 'data-overdue="false"' in row(boss) and ">off<" in row(boss)
 
 
+def test_a_stopped_instance_is_neither_due_nor_overdue_until_it_starts(instance, live_release, settings, ann):
+    settings.LAB_BACKUP_INTERVAL, settings.LAB_BACKUP_CHECK_SECONDS = 3600, 60
+    now = timezone.now()
+    done_backup(instance, "ann-study-stale.dump", when=now - timedelta(hours=5))
+    assert instance in schedule.due_instances(now)
+    instance.desired_running = False
+    instance.save()
+    assert instance not in schedule.due_instances(now)
+    client = Client()
+    client.force_login(ann)
+    page = client.get("/backups/").content.decode()
+    row = page[page.find('id="schedule-ann-study"'):]
+    row = row[:row.find("</tr>")]
+    assert 'data-overdue="false"' in row and "stopped: not backed up until it starts" in row
+    instance.desired_running = True  # started again: due at once (its last backup is 5 h old)
+    instance.save()
+    assert instance in schedule.due_instances(now)
+
+
 def test_api_patch_of_the_schedule_lab_managers_only(instance, boss, ann):
     def patch(user, body):
         token = create_token(user, name="t")[1]
