@@ -29,6 +29,11 @@ LAB_PUSH_MAX_MB = env_int("LAB_PUSH_MAX_MB", 200)  # a git push larger than this
 LAB_BACKUP_UPLOAD_MAX_MB = env_int("LAB_BACKUP_UPLOAD_MAX_MB", 1024)
 if LAB_BACKUP_UPLOAD_MAX_MB < 1:
     raise ConfigError("LAB_BACKUP_UPLOAD_MAX_MB must be at least 1")
+# Request bodies over 16 MB (git pushes, uploaded backups) the web server receives at
+# once; more get 503 (instances.git.webcap: each takes its size in its memory for a moment).
+LAB_LARGE_BODIES = env_int("LAB_LARGE_BODIES", 2)
+if LAB_LARGE_BODIES < 1:
+    raise ConfigError("LAB_LARGE_BODIES must be at least 1")
 # Uploaded files go to a temporary file as they arrive, never into memory, and stop past
 # LAB_BACKUP_UPLOAD_MAX_MB (instances.uploads).
 FILE_UPLOAD_HANDLERS = ["instances.uploads.LimitedUploadHandler"]

@@ -15,6 +15,14 @@ usual message; far over it, the pusher sees HTTP 413. Every other request gets
 OTHER_MAX_BYTES (Django refuses other bodies over 2.5 MB anyway); an uploaded backup file
 (UPLOAD_POST) LAB_BACKUP_UPLOAD_MAX_MB and a MiB.
 
+Large bodies at once: a body past OTHER_MAX_BYTES (a git push, an uploaded backup) holds
+one of LAB_LARGE_BODIES slots from the moment it is declared or grows past that size until
+its request ends (daphne hands the whole body to Django at once, so each takes its size in
+the web process's memory for a moment; the login is checked only then). When none is free,
+the request is answered 503 with a sentence (JSON under /api/) and Retry-After, before its
+body is sent when its length is declared: the web process holds at most LAB_LARGE_BODIES
+large bodies, whoever sends them.
+
 Requests Twisted cannot or will not read get a real answer, never a silently closed
 connection or an empty page (`bounded_channel_class`; JSON `{"detail": ...}` under /api/,
 a short text elsewhere):
@@ -92,6 +100,25 @@ def too_large(cap: int, method: bytes = b"", path: bytes = b"") -> bytes:
             % (kind, len(body)) + body)
 
 
+def busy_answer(path: bytes = b"") -> bytes:
+    """The whole 503 answer to a large body while LAB_LARGE_BODIES others are received."""
+    text = (f"Request refused: the server is receiving {settings.LAB_LARGE_BODIES} other large "
+            f"upload{'s' if settings.LAB_LARGE_BODIES != 1 else ''} or git push{'es' if settings.LAB_LARGE_BODIES != 1 else ''} "
+            "right now (LAB_LARGE_BODIES); nothing was stored. Try again in a minute.")
+    if (path or b"").startswith(b"/api/"):
+        body, kind = json.dumps({"detail": text}).encode(), b"application/json"
+    else:
+        body, kind = (text + "\n").encode(), b"text/plain; charset=utf-8"
+    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: %s\r\nRetry-After: 60\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % (kind, len(body)) + body)
+
+
+class _Slots:
+    """The large bodies being received (the reactor's thread alone counts them)."""
+
+    taken = 0
+
+
 def http_responses() -> dict:
     """Twisted's reason phrases by status."""
     from twisted.web import http
@@ -106,6 +133,7 @@ def bounded_request_class(base):
         lab_cap = OTHER_MAX_BYTES
         lab_received = 0
         lab_refused = False
+        lab_slot = False
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -120,6 +148,9 @@ def bounded_request_class(base):
             if length is not None and length > self.lab_cap:
                 self.requestHeaders.removeHeader(b"Expect")  # no "100 Continue" after the refusal
                 self._lab_refuse()
+            elif length is not None and length > OTHER_MAX_BYTES and not self._lab_take_slot():
+                self.requestHeaders.removeHeader(b"Expect")
+                self._lab_refuse(busy=True)
 
         def handleContentChunk(self, data):
             if self.lab_refused:
@@ -128,7 +159,32 @@ def bounded_request_class(base):
             if self.lab_received > self.lab_cap:
                 self._lab_refuse()
                 return
+            if self.lab_received > OTHER_MAX_BYTES and not self._lab_take_slot():
+                self._lab_refuse(busy=True)
+                return
             super().handleContentChunk(data)
+
+        def _lab_take_slot(self) -> bool:
+            if self.lab_slot:
+                return True
+            if _Slots.taken >= settings.LAB_LARGE_BODIES:
+                return False
+            _Slots.taken += 1
+            self.lab_slot = True
+            return True
+
+        def _lab_free_slot(self):
+            if self.lab_slot:
+                self.lab_slot = False
+                _Slots.taken -= 1
+
+        def finish(self):
+            self._lab_free_slot()
+            return super().finish()
+
+        def connectionLost(self, reason):
+            self._lab_free_slot()
+            return super().connectionLost(reason)
 
         def requestReceived(self, command, path, version):
             if self.lab_refused:
@@ -145,14 +201,19 @@ def bounded_request_class(base):
                     pass
             super().setResponseCode(code, message)
 
-        def _lab_refuse(self):
+        def _lab_refuse(self, busy: bool = False):
             self.lab_refused = True
+            self._lab_free_slot()  # what it sent is dropped
             transport = self.channel.transport if self.channel is not None else None
             if transport is None:
                 return
             path = getattr(self.channel, "_path", b"") or b""
-            log.warning("request body over %d bytes refused (%s)", self.lab_cap, path[:200] or b"?")
-            answer = too_large(self.lab_cap, getattr(self.channel, "_command", b""), path)
+            if busy:
+                log.warning("large body refused: %d others are received (%s)", _Slots.taken, path[:200] or b"?")
+                answer = busy_answer(path)
+            else:
+                log.warning("request body over %d bytes refused (%s)", self.lab_cap, path[:200] or b"?")
+                answer = too_large(self.lab_cap, getattr(self.channel, "_command", b""), path)
             send = getattr(self.channel, "lab_answer_and_drain", None)
             if send is None:
                 transport.write(answer)

@@ -38,7 +38,7 @@ def lab():
     port, caddy_port = free_port(), free_port()
     extra = {"LAB_ROUTING": "subdomain", "LAB_DOMAIN": "lab.test", "LAB_PUBLIC_HOST": HOST,
              "LAB_PROXY_LISTEN": f"127.0.0.1:{caddy_port}", "LAB_THROTTLE_TOKEN": "off",
-             "LAB_BACKUP_UPLOAD_MAX_MB": "2"}
+             "LAB_BACKUP_UPLOAD_MAX_MB": "2", "LAB_LARGE_BODIES": "1"}
     server = None
     try:
         migrate(data_dir, port)
@@ -313,3 +313,40 @@ def test_backup_uploads_through_the_web_server(lab, via):
     assert status == 413 and "LAB_BACKUP_UPLOAD_MAX_MB" in json.loads(body)["detail"], (status, body[:300])
     status, _, body = upload(b"PGDMP" + b"\1" * 1_500_000)
     assert status == 201 and json.loads(body)["size"] == 1_500_005, (status, body[:300])
+
+
+def test_large_bodies_are_received_one_at_a_time_here(lab):
+    """LAB_LARGE_BODIES=1 here: while one body over 16 MB arrives (a git push; the login is
+    checked only once it is whole), another is answered 503 with the reason — before its
+    body is sent when its length is declared, once past 16 MB when it is chunked — and the
+    slot is free again as soon as the first ends."""
+    port = lab.ports["daphne"]
+
+    def push_head(*fields: str) -> bytes:
+        return (f"POST /git/nothing.git/git-receive-pack HTTP/1.1\r\nHost: {HOST}\r\n"
+                + "".join(f"{f}\r\n" for f in fields) + "Connection: close\r\n\r\n").encode()
+
+    def continued() -> bytes:
+        """The first line the server answers a declared 20 MB push with (100 Continue: it takes it)."""
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(push_head("Content-Length: 20000000", "Expect: 100-continue"))
+            return sock.recv(200).split(b"\r\n", 1)[0]
+
+    holder = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        holder.sendall(push_head("Content-Length: 20000000") + b"\0" * 1_000_000)  # and then it waits
+        status, headers, body = exchange(port, push_head("Content-Length: 20000000"))
+        assert status == 503 and headers.get("retry-after") == "60", (status, headers, body[:300])
+        assert b"receiving 1 other large upload or git push right now (LAB_LARGE_BODIES)" in body, body
+        chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
+        answer, sent = raw_exchange(port, push_head("Transfer-Encoding: chunked"), (chunk for _ in range(512)))
+        assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
+        assert 16 * 1024 * 1024 < sent < 33 * 1024 * 1024  # refused once past 16 MB, not read to its end
+    finally:
+        holder.close()
+    for _ in range(50):  # the server sees the holder's connection end (bounded: 10 s)
+        if continued() == b"HTTP/1.1 100 Continue":
+            break
+        time.sleep(0.2)
+    assert continued() == b"HTTP/1.1 100 Continue"
+    assert exchange(port, get("/healthz/"))[0] == 200
