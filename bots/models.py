@@ -63,8 +63,54 @@ class Provider(models.Model):
         return 0.0, 0.0
 
 
+class BotExperiment(models.Model):
+    """A design of bot runs on one instance: models x temperatures x instruction variants x
+    memory modes x repetitions, expanded into BotRuns (`runs`) that the scheduler releases a
+    few at a time under the providers' shared rate limits. `design` is the normalised design
+    as submitted (what "Run again" repeats); budgets in USD (None: no cap)."""
+
+    class Status(models.TextChoices):
+        RUNNING = "running", "running"
+        STOPPING = "stopping", "stopping"
+        FINISHED = "finished", "finished"
+        STOPPED = "stopped", "stopped"  # on request or at its budget (status_reason says which)
+        FAILED = "failed", "failed"
+
+    ACTIVE = (Status.RUNNING, Status.STOPPING)
+
+    instance = models.ForeignKey("instances.Instance", on_delete=models.CASCADE, related_name="bot_experiments")
+    number = models.PositiveIntegerField()  # 1, 2, 3 ... per instance
+    title = models.CharField(max_length=200, blank=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                   related_name="+")
+    design = models.JSONField(default=dict)
+    budget_usd = models.FloatField(null=True, blank=True)  # whole experiment
+    run_budget_usd = models.FloatField(null=True, blank=True)  # each run
+    max_parallel = models.PositiveIntegerField(default=2)  # runs playing at once
+    use_cache = models.BooleanField(default=False)  # replay cache for every run
+    source = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="reruns")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.RUNNING, db_index=True)
+    status_reason = models.CharField(max_length=500, blank=True)
+    stop_requested = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-number"]
+        constraints = [models.UniqueConstraint(fields=["instance", "number"], name="botexperiment_number_unique")]
+
+    def __str__(self):
+        return f"{self.instance.name} bot experiment #{self.number} [{self.status}]"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+
 class BotRun(models.Model):
     class Status(models.TextChoices):
+        WAITING = "waiting", "waiting for its turn"  # a run of an experiment not yet released
         QUEUED = "queued", "queued"
         STARTING = "starting", "starting"  # creating the oTree session
         RUNNING = "running", "running"
@@ -74,6 +120,7 @@ class BotRun(models.Model):
         FAILED = "failed", "failed"
 
     ACTIVE = (Status.QUEUED, Status.STARTING, Status.RUNNING, Status.STOPPING)
+    NOT_ENDED = (Status.WAITING, *ACTIVE)
 
     class Memory(models.TextChoices):
         SUMMARY = "summary", "running summary (the bot keeps notes)"
@@ -99,6 +146,28 @@ class BotRun(models.Model):
     time_limit_minutes = models.PositiveIntegerField(default=60)
     price_input = models.FloatField(default=0)  # USD per million tokens, copied at creation
     price_output = models.FloatField(default=0)
+    class Purpose(models.TextChoices):
+        PLAY = "play", "bot run"
+        PREFLIGHT = "preflight", "preflight (random policy: which pages can bots play?)"
+
+    purpose = models.CharField(max_length=10, choices=Purpose.choices, default=Purpose.PLAY)
+    report = models.JSONField(default=dict, blank=True)  # preflight: the pages met, their fields, problems
+    # experiments, budgets, reproducibility
+    experiment = models.ForeignKey(BotExperiment, null=True, blank=True, on_delete=models.CASCADE,
+                                   related_name="runs")
+    factors = models.JSONField(default=dict, blank=True)  # the design's cell: {model, temperature, ...}
+    repetition = models.PositiveIntegerField(default=1)
+    budget_usd = models.FloatField(null=True, blank=True)  # cap of this run (None: none)
+    use_cache = models.BooleanField(default=False)  # replay cache: identical requests answered from it
+    seed = models.BigIntegerField(null=True, blank=True)  # sent to providers that take one
+    manifest = models.JSONField(default=dict, blank=True)  # what a reviewer needs (see bots/manifest.py)
+    returned_model = models.CharField(max_length=200, blank=True)  # the model id the provider answered with
+    system_fingerprint = models.CharField(max_length=200, blank=True)
+    source = models.ForeignKey("self", null=True, blank=True, on_delete=models.SET_NULL, related_name="reruns")
+    # a lobby room's empty seats: the bots enter through the room with these labels
+    room = models.ForeignKey("lobby.LobbyRoom", null=True, blank=True, on_delete=models.SET_NULL,
+                             related_name="bot_runs")
+    seat_labels = models.JSONField(default=list, blank=True)  # labels the bots take
     # state
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True)
     status_reason = models.CharField(max_length=500, blank=True)
@@ -140,7 +209,7 @@ class BotRun(models.Model):
 
     @property
     def status_color(self) -> str:
-        return {"queued": "secondary", "starting": "info", "running": "primary", "stopping": "warning",
+        return {"waiting": "light", "queued": "secondary", "starting": "info", "running": "primary", "stopping": "warning",
                 "finished": "success", "stopped": "dark", "failed": "danger"}[self.status]
 
 
@@ -160,6 +229,7 @@ class Bot(models.Model):
     index = models.PositiveIntegerField()  # 1..num_bots
     participant_code = models.CharField(max_length=40)
     id_in_session = models.PositiveIntegerField()
+    label = models.CharField(max_length=200, blank=True)  # participant label (a lobby seat's)
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.WAITING)
     reason = models.CharField(max_length=500, blank=True)  # why it gave up or stopped
     app = models.CharField(max_length=100, blank=True)
@@ -205,10 +275,35 @@ class ModelCall(models.Model):
     prompt_tokens = models.PositiveIntegerField(default=0)
     completion_tokens = models.PositiveIntegerField(default=0)
     latency_ms = models.PositiveIntegerField(default=0)
+    cached = models.BooleanField(default=False)  # answered from the replay cache (no model call)
+    returned_model = models.CharField(max_length=200, blank=True)
+    system_fingerprint = models.CharField(max_length=200, blank=True)
+    cost_usd = models.FloatField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
         ordering = ["id"]
+
+
+class CachedReply(models.Model):
+    """The replay cache: a model's reply to one request (provider, model, parameters,
+    messages; `key` is their hash) and which occurrence of that request it answered, so a
+    re-run gets the same reply for the n-th identical request as the published run did."""
+
+    key = models.CharField(max_length=64)
+    occurrence = models.PositiveIntegerField(default=1)
+    provider_name = models.CharField(max_length=60)
+    model = models.CharField(max_length=100)
+    response = models.TextField()
+    returned_model = models.CharField(max_length=200, blank=True)
+    system_fingerprint = models.CharField(max_length=200, blank=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    run = models.ForeignKey(BotRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["key", "occurrence"], name="cachedreply_unique")]
 
 
 class Answer(models.Model):
@@ -226,6 +321,7 @@ class Answer(models.Model):
     field = models.CharField(max_length=100)
     value = models.TextField(blank=True)
     reason = models.TextField(blank=True)
+    cached = models.BooleanField(default=False)  # the model's answer came from the replay cache
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
     created_at = models.DateTimeField(default=timezone.now)
 

@@ -504,6 +504,15 @@ LAB_BOT_RUNS = env_int("LAB_BOT_RUNS", 2)  # bot runs played at the same time; m
 if LAB_BOT_RUNS < 1:
     raise ConfigError(f"LAB_BOT_RUNS must be at least 1, got {LAB_BOT_RUNS}")
 CELERY_TASK_ROUTES = {"bots.run": {"queue": "bots"}}
+# The default monthly cap (USD, calendar month in UTC) of each experimenter's bot runs; a lab
+# manager may set another per account. Empty: no cap.
+_monthly = env_str("LAB_BOT_MONTHLY_BUDGET_USD", "").strip()
+try:
+    LAB_BOT_MONTHLY_BUDGET_USD = float(_monthly) if _monthly else None
+except ValueError:
+    raise ConfigError(f"LAB_BOT_MONTHLY_BUDGET_USD must be a number of US dollars (or empty), got {_monthly!r}") from None
+if LAB_BOT_MONTHLY_BUDGET_USD is not None and not 0 <= LAB_BOT_MONTHLY_BUDGET_USD < 1e9:
+    raise ConfigError(f"LAB_BOT_MONTHLY_BUDGET_USD must be 0 or more, got {_monthly!r}")
 # Scheduled backups (instances.schedule; README "Scheduled backups"): how often each instance
 # is backed up (0 = no schedule, unless an instance sets its own), how many of the scheduled
 # backups are kept (the newest of each of the last N days and M ISO weeks that have one), a

@@ -24,6 +24,10 @@ class User(AbstractUser):
         default=False, help_text="Set for generated one-time passwords; cleared when the user picks their own."
     )
 
+    # LLM bots: USD this experimenter's bot runs may spend per calendar month (UTC); None:
+    # the lab's default (LAB_BOT_MONTHLY_BUDGET_USD; empty = no cap). Set by lab managers.
+    bot_monthly_budget_usd = models.FloatField(null=True, blank=True)
+
     objects = LabUserManager()
 
     REQUIRED_FIELDS = ["email"]
