@@ -43,7 +43,7 @@ from django.db import close_old_connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from bots import policy
+from bots import policy, seats
 from bots.llm import Attempt, LLMClient, ModelError
 from bots.live import bots_of, run_event
 from bots.models import Answer, Bot, BotRun, ModelCall
@@ -196,9 +196,11 @@ class OTree:
             return None
         return next((s["code"] for s in response.json() if s.get("label") == label), None)
 
-    async def create_session(self, config: str, num_participants: int, label: str) -> str:
-        response = await self.rest("POST", "/api/sessions", {"session_config_name": config,
-                                                             "num_participants": num_participants, "label": label})
+    async def create_session(self, config: str, num_participants: int, label: str, room: str | None = None) -> str:
+        body = {"session_config_name": config, "num_participants": num_participants, "label": label}
+        if room is not None:  # a lobby room's session: its participants arrive through the room
+            body["room_name"] = room
+        response = await self.rest("POST", "/api/sessions", body)
         if response.status_code != 200:
             raise RunFailed(f"oTree did not create the session: {response.text.strip()[:300]}")
         return response.json()["code"]
@@ -258,6 +260,8 @@ class RunContext:
         self.live = Live(dirty=set())
         self.rng = random.Random()
         self.sockets_broken = 0  # wait-page sockets that failed: after 3, bots poll
+        self.room: str | None = None  # a lobby room's run: the bots enter through this oTree room
+        self.board_pushed = 0.0
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, but wake up at once when the run is stopped."""
@@ -280,6 +284,9 @@ class RunContext:
         dirty, self.live.dirty = self.live.dirty, set()
         self.live.run_changed = False
         event = self.snapshot(None if full else dirty)
+        if self.room and (full or time.monotonic() - self.board_pushed >= 1.0):  # the seat board shows the bots
+            self.board_pushed = time.monotonic()
+            await db(seats.push_board)(self.run)
         layer = get_channel_layer()
         if layer is None:
             return
@@ -354,7 +361,14 @@ class BotPlayer:
                      headers=response.headers)
 
     async def _play(self) -> None:
-        page = await self._get(f"/InitializeParticipant/{self.bot.participant_code}")
+        if self.ctx.room and not self.bot.participant_code:  # a lobby seat: in through the room, like a human
+            page = await self._get(seats.entry_path(self.ctx.room, self.bot.label))
+            code = seats.participant_code(page.path)
+            if code:
+                await db(seats.arrived)(self.run, self.bot, code,
+                                        await self.ctx.otree.participants(self.run.session_code))
+        else:
+            page = await self._get(f"/InitializeParticipant/{self.bot.participant_code}")
         poll = WAIT_POLL[0]
         last_index = None
         for _step in range(MAX_STEPS):
@@ -618,15 +632,29 @@ async def _execute(run_id: int, budget: float | None) -> None:
         url, rest_key = await db(app_access)(run)
         otree = OTree(url, rest_key)
         llm = _llm_for(run, limiter)
+        room = await db(seats.room_name)(run) if run.room_id else None
+        if run.room_id and room is None:
+            raise RunFailed("the lobby room of this run no longer exists")
         if not run.session_code:
             code = await otree.find_session(run.session_label)
             if code is None:
-                code = await otree.create_session(run.session_config, run.num_participants, run.session_label)
-            await db(save_session)(run, code, await otree.participants(code))
+                code = await otree.create_session(run.session_config, run.num_participants, run.session_label, room)
+            if room:
+                await db(seats.save_room_session)(run, code)
+            else:
+                await db(save_session)(run, code, await otree.participants(code))
+        if room:  # the session is in the room: the ready humans go in now, beside the bots
+            await db(seats.open_gate)(run)
         if run.status != BotRun.Status.RUNNING:
             await db(set_run)(run, status=BotRun.Status.RUNNING, started_at=run.started_at or timezone.now())
         ctx = RunContext(run, otree, llm)
+        ctx.room = room
         await play_all(ctx, budget)
+        if room:  # which participants the humans got, by their labels
+            try:
+                await db(seats.arrived)(run, None, "", await otree.participants(run.session_code))
+            except (RunFailed, httpx2.HTTPError, ValueError):
+                log.warning("no participants of bot run %s's session", run.pk, exc_info=True)
         try:
             rounds = await otree.page_rounds(run.session_code)
             await db(fix_rounds)(run, rounds)
@@ -644,6 +672,8 @@ async def _execute(run_id: int, budget: float | None) -> None:
 
 async def push_final(run: BotRun) -> None:
     await db(run.refresh_from_db)()
+    if run.room_id:
+        await db(seats.push_board)(run)
     bots = await db(bots_of)(run)
     layer = get_channel_layer()
     if layer is not None:

@@ -46,12 +46,12 @@ def run_detail(request, name, number):
     run = services.get_run(request.user, name, number)
     bots = bots_of(run)
     public = run.instance.url
-    humans = [{**seat, "url": f"{public}InitializeParticipant/{seat['code']}" if public else ""}
+    humans = [{**seat, "url": f"{public}InitializeParticipant/{seat['code']}" if public and seat.get("code") else ""}
               for seat in run.human_seats]
     return render(request, "bots/run.html", {
         "instance": run.instance, "run": run, "bots": bots, "humans": humans, "random_policy": RANDOM_POLICY,
         "monitor_url": f"{public}SessionMonitor/{run.session_code}" if public and run.session_code else "",
-        "event": run_event(run, bots, bots)})
+        "room": run.room.name if run.room_id else "", "event": run_event(run, bots, bots)})
 
 
 @login_required

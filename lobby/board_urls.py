@@ -10,4 +10,5 @@ urlpatterns = [
     path("rooms/<str:room>/", views.board_room, name="lobby_board_room"),
     path("rooms/<str:room>/gate/", views.gate, name="lobby_gate"),
     path("rooms/<str:room>/reset/", views.reset, name="lobby_reset"),
+    path("rooms/<str:room>/bots/", views.fill_with_bots, name="lobby_bots"),
 ]

@@ -346,6 +346,7 @@ class BoardSeat:
     state: str
     page_open: bool
     url: str
+    bot: dict | None = None  # a bot of the room's bot run holds this seat: {run, status, page, index}
 
 
 @dataclass
@@ -355,6 +356,7 @@ class BoardRoom:
     seats: list[BoardSeat]
     counts: dict[str, int]
     url: str
+    bot_run: int | None = None  # number of the room's bot run that has not ended
 
 
 def board_room(ref: RoomRef) -> BoardRoom:
@@ -371,12 +373,17 @@ def board_room(ref: RoomRef) -> BoardRoom:
         room.seats.filter(label__in=stale, state=State.WAITING).update(state=State.OFFLINE, changed_at=timezone.now())
         for lab in stale:
             rows[lab] = State.OFFLINE
-    seats = [BoardSeat(lab, rows.get(lab, State.OFFLINE), pages[lab], lobby_url(ref.instance.name, ref.name, lab))
-             for lab in labels]
+    from bots.seats import bot_seats  # (bots build on the lobby, not the other way round)
+
+    bots = bot_seats(room)
+    seats = [BoardSeat(lab, rows.get(lab, State.OFFLINE), pages[lab], lobby_url(ref.instance.name, ref.name, lab),
+                       bots.get(lab)) for lab in labels]
     counts = {s.value: 0 for s in State}
+    counts["bot"] = 0
     for seat in seats:
-        counts[seat.state] += 1
-    return BoardRoom(ref, room.gate_open, seats, counts, lobby_url(ref.instance.name, ref.name))
+        counts["bot" if seat.bot else seat.state] += 1
+    return BoardRoom(ref, room.gate_open, seats, counts, lobby_url(ref.instance.name, ref.name),
+                     next(iter(bots.values()))["run"] if bots else None)
 
 
 def board(instance: Instance) -> list[BoardRoom]:

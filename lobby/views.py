@@ -15,6 +15,7 @@ from instances.selectors import get_visible_instance
 from lobby import launchers, services
 from lobby import texts as catalogue
 from manager.accounts.services import NotAllowed
+from manager.throttle import refused_page
 
 
 def _not_found(request, exc: services.LobbyNotFound):
@@ -163,3 +164,36 @@ def launchers_zip(request, name):
     # Streamed from its spooled file (closed when sent).
     return FileResponse(body, as_attachment=True, filename=f"{instance.name}-kiosk-launchers.zip",
                         content_type="application/zip")
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def fill_with_bots(request, name, room):
+    """GET: the room's humans and offline seats, and the form; POST (CSRF): fill the empty
+    seats with bots (bots.seats.fill), then the run's page."""
+    from bots import seats
+    from bots import services as bot_services
+    from lobby.forms import FillWithBotsForm
+
+    ref = _board_ref(request, name, room)
+    plan = seats.plan(ref)
+    form = FillWithBotsForm(request.POST or None, ref=ref, seats=plan)
+    if request.method == "POST" and form.is_valid():
+        data = dict(form.cleaned_data)
+        choice = data.pop("model")
+
+        def start():
+            provider, model = bot_services.resolve_model(choice)
+            return seats.fill(request.user, ref, provider=provider, model=model, request=request, **data)
+
+        run = form.run(start)
+        if run is not None:
+            messages.success(request, f"Bot run #{run.number}: {run.num_bots} bots take seats "
+                                      f"{', '.join(run.seat_labels)} of room {ref.name}; the session is created in "
+                                      "the room, then the gate opens and everybody enters.")
+            return redirect("bot_run", name=ref.instance.name, number=run.number)
+        plan = seats.plan(ref)
+    response = render(request, "lobby/bots.html", {"instance": ref.instance, "room": ref, "plan": plan, "form": form,
+                                                   "running": seats.room_run(ref.row)},
+                      status=422 if form.is_bound and form.errors else 200)
+    return refused_page(response, form.throttled) if form.throttled else response

@@ -54,7 +54,8 @@ def attach(deployed: DeployedOTree, owner, public_port: int | None = None) -> In
         name=deployed.name, owner=owner, rest_key=deployed.rest_key, admin_password=deployed.admin_password,
         db_password=deployed.db_password, status=Instance.Status.RUNNING, runtime="docker", public_port=public_port)
     Release.objects.create(instance=instance, number=1, commit="b" * 40, status=Release.Status.LIVE,
-                           image=deployed.image, session_configs=bots_projects.SESSION_CONFIGS)
+                           image=deployed.image, session_configs=bots_projects.SESSION_CONFIGS,
+                           rooms=bots_projects.ROOMS, language_code="en")
     return instance
 
 

@@ -1,5 +1,5 @@
 """The oTree 6 project the bot-run tests and the benchmark deploy: a guessing game with
-wait pages (groups of 3, 3 rounds), the same game with the whole session as one group (for
+wait pages (groups of 3, 3 rounds; a room "lab" with 3 participant labels), the same game with the whole session as one group (for
 50 bots), and a survey with every kind of form field the page reader knows (text,
 integer, float, select, radio, checkbox, button choices) and server-side validation.
 
@@ -30,7 +30,7 @@ SESSION_FIELDS = []
 LANGUAGE_CODE = "en"
 REAL_WORLD_CURRENCY_CODE = "USD"
 USE_POINTS = True
-ROOMS = []
+ROOMS = [dict(name="lab", display_name="Lab room", participant_label_file="_rooms/lab.txt")]
 ADMIN_USERNAME = "admin"
 ADMIN_PASSWORD = environ.get("OTREE_ADMIN_PASSWORD")
 DEMO_PAGE_INTRO_HTML = ""
@@ -200,6 +200,9 @@ AGAIN_HTML = '''\
 '''
 
 
+ROOM_LABELS = ["seat01", "seat02", "seat03"]  # the room "lab" (the lobby's bot seats)
+
+
 def game(name_in_url: str, players: str) -> str:
     return GAME.replace("NAME_IN_URL_VALUE", name_in_url).replace("PLAYERS_VALUE", players)
 
@@ -210,6 +213,7 @@ def bots_project() -> dict[str, str]:
         "settings.py": SETTINGS,
         "requirements.txt": f"{OTREE_REQUIREMENT}\npsycopg2-binary\n",
         "_static/global/empty.css": "",
+        "_rooms/lab.txt": "\n".join(ROOM_LABELS) + "\n",
         "guess/__init__.py": game("guess", "3"),
         "crowd/__init__.py": game("crowd", "None"),
         "survey/__init__.py": SURVEY,
@@ -235,3 +239,5 @@ SESSION_CONFIGS = [
     {"name": "escape", "display_name": "A page that redirects out, then the survey", "num_demo_participants": 3,
      "app_sequence": ["escape", "survey"]},
 ]
+
+ROOMS = [{"name": "lab", "display_name": "Lab room", "participant_labels": ROOM_LABELS}]

@@ -121,7 +121,8 @@ def serialize(run: BotRun) -> dict:
         "started_at": run.started_at.isoformat() if run.started_at else None,
         "finished_at": run.finished_at.isoformat() if run.finished_at else None,
         "monitor_url": f"{public}SessionMonitor/{run.session_code}" if public and run.session_code else "",
-        "human_links": [f"{public}InitializeParticipant/{s['code']}" for s in run.human_seats] if public else [],
+        "human_links": [f"{public}InitializeParticipant/{s['code']}" for s in run.human_seats if s.get("code")]
+        if public else [],
         "tokens": live["totals"]["tokens"], "estimated_cost": live["totals"]["cost"], "bots": live["bots"],
         "downloads": {kind: f"{base}/{kind}" for kind in ("responses.csv", "conversations.json", "summary.json")},
     }

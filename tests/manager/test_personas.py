@@ -230,6 +230,11 @@ ROUTES = [
     Route("lobby_welcome", "/instances/ann-study/lobby/welcome/", {"anon": 302, "boss": 302, "ann": 302, "bob": 404},
           method="post", data={"welcome_text": "Welcome to the lab"}),
     Route("lobby_launchers", "/instances/ann-study/lobby/launchers.zip", OWNER_VIEW),
+    # fill a room's empty seats with bots: the form, and its POST (no ready participant: 422 with the reason)
+    Route("lobby_bots", "/instances/ann-study/lobby/rooms/lab/bots/", OWNER_VIEW),
+    Route("lobby_bots", "/instances/ann-study/lobby/rooms/lab/bots/", {"anon": 302, "boss": 422, "ann": 422, "bob": 404},
+          method="post", data={"session_config": "guess", "num_participants": 2, "model": "random",
+                               "temperature": 1, "memory": "summary", "time_limit_minutes": 5}),
     # bot runs: the instance's owner and lab managers; model providers: lab managers
     Route("bot_runs", "/instances/ann-study/bot-runs/", OWNER_VIEW),
     Route("bot_runs", "/instances/ann-study/bot-runs/", {"anon": 302, "boss": 422, "ann": 422, "bob": 404},
