@@ -244,6 +244,13 @@ def mark_ready(ref: RoomRef, label: str) -> tuple[str, str | None]:
     never stay ready behind an open gate."""
     url = room_url(ref.instance, ref.name, label)
     room = ref.row
+    from bots.seats import room_run
+
+    held = room_run(room)
+    if held is not None and label in (held.seat_labels or []):
+        # A bot plays at this seat: in the room this label is the bot's participant. The
+        # kiosk waits (the board shows the seat as the bot's); nothing is written.
+        return State.READY, None
     seat, _ = Seat.objects.get_or_create(room=room, label=label)
     if seat.state == State.ENTERED:  # back from the room (e.g. the browser was restarted): in again
         return State.ENTERED, url

@@ -30,6 +30,7 @@ from instances.models import Instance
 from lobby import services as lobby
 from lobby.models import LobbyRoom, Seat
 from manager.accounts.models import User
+from manager.audit.models import AuditEvent
 from tests import bots_otree, bots_projects
 from tests.conftest import need
 from tests.docker_helpers import engine_ok, images_present
@@ -171,66 +172,77 @@ def test_a_human_and_two_bots_play_one_session_through_the_room(lab):
     assert run.room.name == "lab" and run.seat_labels == ["seat02", "seat03"] and run.num_bots == 2
     assert run.num_participants == 3 and [h["label"] for h in run.human_seats] == ["seat01"]
     assert lab["enqueued"] == [[run.pk]]
+    assert AuditEvent.objects.filter(action="lobby.bots", actor=lab["ann"]).count() == 1
     # the board: the two bot seats, distinct, linked to the run; the human still ready behind the gate
     board = lab["owner"].get(f"/instances/{NAME}/lobby/rooms/lab/").content.decode()
     assert board.count('data-state="bot"') == 2 and 'data-seat="seat01" data-state="ready"' in board
     assert f"/instances/{NAME}/bot-runs/{run.number}/" in board and "Fill empty seats with bots" not in board
+    # a kiosk opened at a bot's seat waits: it never enters the room as the bot's label
+    assert kiosk_ready("seat02") == {"state": "ready", "url": None}
+    assert not Seat.objects.filter(room=run.room, label="seat02").exclude(state="offline").exists()
 
     worker = threading.Thread(target=lambda: (run_bots.apply(args=[run.pk]), connection.close()), daemon=True)
     worker.start()
-    # the session is created in the room, then the gate opens: the human's seat enters
-    wait_until(lambda: Seat.objects.get(room=run.room, label="seat01").state == "entered", 60, 0.2,
-               "the gate opened for the ready human")
-    run.refresh_from_db()
-    assert run.session_code
-    rooms = httpx2.get(f"{lab['app_url']}/api/rooms", headers={"otree-rest-key": lab["rest_key"]}, timeout=30).json()
-    assert {"name": "lab", "session_code": run.session_code}.items() <= rooms[0].items()
-    # the human's kiosk goes to the room (as its page does when told "go"), and into the session
-    entered = Client().post(f"/lobby/{NAME}/lab/seat01/", HTTP_ACCEPT="application/json").json()
-    assert entered["state"] == "entered" and "/room/lab/?participant_label=seat01&welcome_page_ok=1" in entered["url"]
-    human = httpx2.Client(follow_redirects=True, timeout=30)
-    response = human.get(lab["app_url"] + "/" + entered["url"].split("/", 3)[3])
-    assert "/guess/Guess/" in str(response.url), response.url
-    human_code = urlsplit(str(response.url)).path.split("/")[2]
-    board = wait_until(lambda: (b := lab["owner"].get(f"/instances/{NAME}/lobby/rooms/lab/").content.decode())
-                       .count("Guess") + b.count("Results") >= 2 and b, 60, 0.2, "the bots' pages on the board")
-    assert board.count('data-state="bot"') == 2 and "bot 1:" in board and "bot 2:" in board
-    for _round in range(3):
-        assert "/Guess/" in str(response.url), response.url
-        response = human.post(str(response.url), data={"guess": "10"})
-        response = wait_until(lambda r=response: _next_page(human, r), 60, 0.2, "the results page")
-        response = human.post(str(response.url), data={})
-    assert "OutOfRangeNotification" in str(response.url)
-    worker.join(timeout=120)
-    assert not worker.is_alive()
-    run.refresh_from_db()
-    assert run.status == "finished" and run.status_reason == "2 of 2 bots finished", run.status_reason
+    try:
+        # the session is created in the room, then the gate opens: the human's seat enters
+        wait_until(lambda: Seat.objects.get(room=run.room, label="seat01").state == "entered", 60, 0.2,
+                   "the gate opened for the ready human")
+        run.refresh_from_db()
+        assert run.session_code
+        rooms = httpx2.get(f"{lab['app_url']}/api/rooms", headers={"otree-rest-key": lab["rest_key"]},
+                           timeout=30).json()
+        assert {"name": "lab", "session_code": run.session_code}.items() <= rooms[0].items()
+        # the human's kiosk goes to the room (as its page does when told "go"), and into the session
+        entered = Client().post(f"/lobby/{NAME}/lab/seat01/", HTTP_ACCEPT="application/json").json()
+        assert entered["state"] == "entered"
+        assert "/room/lab/?participant_label=seat01&welcome_page_ok=1" in entered["url"]
+        human = httpx2.Client(follow_redirects=True, timeout=30)
+        response = human.get(lab["app_url"] + "/" + entered["url"].split("/", 3)[3])
+        assert "/guess/Guess/" in str(response.url), response.url
+        human_code = urlsplit(str(response.url)).path.split("/")[2]
+        assert not Seat.objects.filter(room=run.room, label="seat02").exclude(state="offline").exists()  # not sent in
+        board = wait_until(lambda: (b := lab["owner"].get(f"/instances/{NAME}/lobby/rooms/lab/").content.decode())
+                           .count("Guess") + b.count("Results") >= 2 and b, 60, 0.2, "the bots' pages on the board")
+        assert board.count('data-state="bot"') == 2 and "bot 1:" in board and "bot 2:" in board
+        for _round in range(3):
+            assert "/Guess/" in str(response.url), response.url
+            response = human.post(str(response.url), data={"guess": "10"})
+            response = wait_until(lambda r=response: _next_page(human, r), 60, 0.2, "the results page")
+            response = human.post(str(response.url), data={})
+        assert "OutOfRangeNotification" in str(response.url)
+        worker.join(timeout=120)
+        assert not worker.is_alive()
+        run.refresh_from_db()
+        assert run.status == "finished" and run.status_reason == "2 of 2 bots finished", run.status_reason
 
-    # ONE oTree session with the 3 labels; the human's participant is seat01, the bots' are theirs
-    session = otree_session(lab, run.session_code)
-    by_label = {p["label"]: p for p in session["participants"]}
-    assert sorted(by_label) == ["seat01", "seat02", "seat03"] and len(session["participants"]) == 3
-    assert by_label["seat01"]["code"] == human_code
-    bots = list(Bot.objects.filter(run=run).order_by("index"))
-    assert [b.label for b in bots] == ["seat02", "seat03"]
-    for bot in bots:
-        assert bot.participant_code == by_label[bot.label]["code"]
-        assert bot.id_in_session == by_label[bot.label]["id_in_session"]
-        assert bot.status == "finished" and bot.answers == 3
-    assert Answer.objects.filter(run=run, status="accepted", field="guess").count() == 6
-    assert run.human_seats == [{"label": "seat01", "code": human_code,
-                                "id_in_session": by_label["seat01"]["id_in_session"]}]
-    # the run page: the room and which seats are bots and which human
-    page = " ".join(lab["owner"].get(f"/instances/{NAME}/bot-runs/{run.number}/").content.decode().split())
-    assert 'id="run-room"' in page and "bots on <code class=\"run-bot-seat\">seat02</code>, " \
-        "<code class=\"run-bot-seat\">seat03</code> · humans on <code class=\"run-human-seat\">seat01</code>" in page
-    assert "seat <code>seat01</code> (human)" in page
-    # the board was told while the run went on; now the run has ended its seats are seats again
-    while (message := async_to_sync(_receive)(layer, channel)) is not None:
-        board_messages.append(message)
-    assert len(board_messages) >= 3 and all(m["event"]["room"] == "lab" for m in board_messages)
-    board = lab["owner"].get(f"/instances/{NAME}/lobby/rooms/lab/").content.decode()
-    assert 'data-state="bot"' not in board and "Fill empty seats with bots" in board
+        # ONE oTree session with the 3 labels; the human's participant is seat01, the bots' are theirs
+        session = otree_session(lab, run.session_code)
+        by_label = {p["label"]: p for p in session["participants"]}
+        assert sorted(by_label) == ["seat01", "seat02", "seat03"] and len(session["participants"]) == 3
+        assert by_label["seat01"]["code"] == human_code
+        bots = list(Bot.objects.filter(run=run).order_by("index"))
+        assert [b.label for b in bots] == ["seat02", "seat03"]
+        for bot in bots:
+            assert bot.participant_code == by_label[bot.label]["code"]
+            assert bot.id_in_session == by_label[bot.label]["id_in_session"]
+            assert bot.status == "finished" and bot.answers == 3
+        assert Answer.objects.filter(run=run, status="accepted", field="guess").count() == 6
+        assert run.human_seats == [{"label": "seat01", "code": human_code,
+                                    "id_in_session": by_label["seat01"]["id_in_session"]}]
+        # the run page: the room and which seats are bots and which human
+        page = " ".join(lab["owner"].get(f"/instances/{NAME}/bot-runs/{run.number}/").content.decode().split())
+        assert ('bots on <code class="run-bot-seat">seat02</code>, <code class="run-bot-seat">seat03</code> · '
+                'humans on <code class="run-human-seat">seat01</code>') in page
+        assert "seat <code>seat01</code> (human)" in page
+        # the board was told while the run went on; now the run has ended its seats are seats again
+        while (message := async_to_sync(_receive)(layer, channel)) is not None:
+            board_messages.append(message)
+        assert len(board_messages) >= 3 and all(m["event"]["room"] == "lab" for m in board_messages)
+        board = lab["owner"].get(f"/instances/{NAME}/lobby/rooms/lab/").content.decode()
+        assert 'data-state="bot"' not in board and "Fill empty seats with bots" in board
+    finally:  # a failure above: the bots stop, the worker ends before the database is emptied
+        BotRun.objects.filter(pk=run.pk).update(stop_requested=True)
+        worker.join(timeout=60)
 
     # the room still holds that session in oTree: a second fill says so
     hold_gate(lab)
