@@ -32,7 +32,8 @@ from lobby.models import LobbyRoom, Seat
 from manager.accounts.models import User
 from manager.audit.models import AuditEvent
 from tests import bots_otree, bots_projects
-from tests.conftest import need
+from tests.conftest import CHROMIUM, need
+from tests.e2e.test_e2e_notifications import CHROMIUM_ARGS, TIMEOUT_MS
 from tests.docker_helpers import engine_ok, images_present
 from tests.lobby_helpers import lobby_instance
 from tests.waits import wait_until
@@ -99,14 +100,6 @@ def otree_session(lab, code: str) -> dict:
     return response.json()
 
 
-def _next_page(client, response):
-    """The page after a wait page (None while oTree still waits)."""
-    if response.headers.get("otree-wait-page") != "1":
-        return response
-    again = client.get(str(response.url))
-    return again if again.headers.get("otree-wait-page") != "1" else None
-
-
 def test_refusals_say_why(lab):
     """Each refusal of "Fill empty seats with bots", with its message; nothing is recorded."""
     hold_gate(lab)
@@ -151,32 +144,78 @@ def test_refusals_of_a_room_without_labels_and_an_app_that_is_not_running(lab, b
     assert not BotRun.objects.filter(instance=off).exists()
 
 
-def test_a_human_and_two_bots_play_one_session_through_the_room(lab):
+@pytest.mark.browser
+def test_a_human_and_two_bots_play_one_session_through_the_room(lab, live_server, monkeypatch):
+    """Headless Chromium is the lab computer at seat01 (its kiosk page, then oTree's pages)
+    and the experimenter's browser on the new form; the bots' worker is the real task."""
+    from playwright.sync_api import sync_playwright
+
+    need(CHROMIUM.exists(), f"chromium ({CHROMIUM})")
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "1")  # the ORM beside Playwright's loop, in this thread
+    base = live_server.url.replace("localhost", "127.0.0.1")  # (Chromium may try ::1 first)
+    cookie = lab["owner"].cookies[settings.SESSION_COOKIE_NAME].value
     hold_gate(lab)
-    assert kiosk_ready("seat01") == {"state": "ready", "url": None}
-    page = lab["owner"].get(BOTS_URL).content.decode()
-    humans = re.search(r'id="plan-humans">(.*?)</span>', page).group(1)
-    offline = re.search(r'id="plan-offline">(.*?)</span>', page).group(1)
-    assert "seat01" in humans and "seat02" not in humans
-    assert "seat02" in offline and "seat03" in offline
-    assert 'value="guess" selected' in page  # the config whose 3 participants fit the room
-    board_messages = []
     layer = get_channel_layer()
     channel = async_to_sync(layer.new_channel)()
     async_to_sync(layer.group_add)(lobby.board_group(lab["instance"].pk), channel)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            run, worker = _play_with_bots(lab, browser, base, cookie)
+        finally:
+            browser.close()
+    board_messages = []
+    while (message := async_to_sync(_receive)(layer, channel)) is not None:
+        board_messages.append(message)
+    assert len(board_messages) >= 3 and all(m["event"]["room"] == "lab" for m in board_messages)
+    board = lab["owner"].get(f"/instances/{NAME}/lobby/rooms/lab/").content.decode()
+    assert 'data-state="bot"' not in board and "Fill empty seats with bots" in board  # the run ended
 
+    # the room still holds that session in oTree: a second fill says so
+    hold_gate(lab)
+    lobby.reset(lab["ann"], lobby.find_room(NAME, "lab"))
+    kiosk_ready("seat03")
     response = lab["owner"].post(BOTS_URL, FORM)
-    assert response.status_code == 302, response.content.decode()[:2000]
+    assert response.status_code == 422
+    text = " ".join(response.content.decode().split())
+    assert f"oTree&#x27;s room “lab” already has session {run.session_code}: close the room" in text
+    assert BotRun.objects.count() == 1
+
+
+def _play_with_bots(lab, browser, base, cookie):
+    # seat01's kiosk: "I am ready" behind the held gate
+    kiosk = browser.new_page()
+    kiosk.goto(f"{base}/lobby/{NAME}/lab/seat01/")
+    kiosk.click("#ready-button")
+    kiosk.wait_for_selector("#view-wait", state="visible", timeout=TIMEOUT_MS)
+    wait_until(lambda: Seat.objects.filter(label="seat01", state="ready").exists(), 30, 0.1, "seat01 ready")
+
+    # the experimenter's browser: the form shows the room, its defaults fit; fill
+    context = browser.new_context()
+    context.add_cookies([{"name": settings.SESSION_COOKIE_NAME, "value": cookie, "url": base}])
+    page = context.new_page()
+    page.goto(base + BOTS_URL)
+    assert "seat01" in page.inner_text("#plan-humans") and "seat02" not in page.inner_text("#plan-humans")
+    assert page.inner_text("#plan-offline").split(", ") == ["seat02", "seat03"]
+    assert page.input_value("select[name=session_config]") == "guess"  # the config whose 3 fit the room
+    assert page.input_value("input[name=num_participants]") == "3"
+    page.select_option("select[name=model]", "random")
+    page.fill("input[name=time_limit_minutes]", "10")
+    page.click("#fill-with-bots button[type=submit]")
+    page.wait_for_selector("#run-room", timeout=TIMEOUT_MS)  # the run's page
     run = BotRun.objects.get()
-    assert response["Location"] == f"/instances/{NAME}/bot-runs/{run.number}/"
+    assert page.url == f"{base}/instances/{NAME}/bot-runs/{run.number}/"
     assert run.room.name == "lab" and run.seat_labels == ["seat02", "seat03"] and run.num_bots == 2
     assert run.num_participants == 3 and [h["label"] for h in run.human_seats] == ["seat01"]
     assert lab["enqueued"] == [[run.pk]]
     assert AuditEvent.objects.filter(action="lobby.bots", actor=lab["ann"]).count() == 1
     # the board: the two bot seats, distinct, linked to the run; the human still ready behind the gate
-    board = lab["owner"].get(f"/instances/{NAME}/lobby/rooms/lab/").content.decode()
-    assert board.count('data-state="bot"') == 2 and 'data-seat="seat01" data-state="ready"' in board
-    assert f"/instances/{NAME}/bot-runs/{run.number}/" in board and "Fill empty seats with bots" not in board
+    page.goto(f"{base}/instances/{NAME}/#lobby")
+    assert page.locator('tr[data-state="bot"] .lobby-bot').count() == 2
+    assert page.get_attribute('tr[data-seat="seat02"] a.lobby-bot-status', "href") == \
+        f"/instances/{NAME}/bot-runs/{run.number}/"
+    assert page.get_attribute('tr[data-seat="seat01"]', "data-state") == "ready"
+    assert page.locator(".lobby-fill-bots").count() == 0 and page.locator(".lobby-bot-run").count() == 1
     # a kiosk opened at a bot's seat waits: it never enters the room as the bot's label
     assert kiosk_ready("seat02") == {"state": "ready", "url": None}
     assert not Seat.objects.filter(room=run.room, label="seat02").exclude(state="offline").exists()
@@ -192,67 +231,57 @@ def test_a_human_and_two_bots_play_one_session_through_the_room(lab):
         rooms = httpx2.get(f"{lab['app_url']}/api/rooms", headers={"otree-rest-key": lab["rest_key"]},
                            timeout=30).json()
         assert {"name": "lab", "session_code": run.session_code}.items() <= rooms[0].items()
-        # the human's kiosk goes to the room (as its page does when told "go"), and into the session
-        entered = Client().post(f"/lobby/{NAME}/lab/seat01/", HTTP_ACCEPT="application/json").json()
-        assert entered["state"] == "entered"
-        assert "/room/lab/?participant_label=seat01&welcome_page_ok=1" in entered["url"]
-        human = httpx2.Client(follow_redirects=True, timeout=30)
-        response = human.get(lab["app_url"] + "/" + entered["url"].split("/", 3)[3])
-        assert "/guess/Guess/" in str(response.url), response.url
-        human_code = urlsplit(str(response.url)).path.split("/")[2]
-        assert not Seat.objects.filter(room=run.room, label="seat02").exclude(state="offline").exists()  # not sent in
+        # The kiosk goes into the room. (This test's web server has no websockets, so the kiosk is
+        # not told "go": reloaded, its seat is "entered" and "I am ready" sends it in; the push
+        # itself is tested in tests/e2e/test_e2e_lobby.py.)
+        kiosk.reload()
+        kiosk.click("#ready-button")
+        kiosk.wait_for_url(re.compile(r"/p/[^/]+/guess/Guess/1$"), timeout=TIMEOUT_MS)
+        human_code = urlsplit(kiosk.url).path.split("/")[2]
         board = wait_until(lambda: (b := lab["owner"].get(f"/instances/{NAME}/lobby/rooms/lab/").content.decode())
                            .count("Guess") + b.count("Results") >= 2 and b, 60, 0.2, "the bots' pages on the board")
         assert board.count('data-state="bot"') == 2 and "bot 1:" in board and "bot 2:" in board
-        for _round in range(3):
-            assert "/Guess/" in str(response.url), response.url
-            response = human.post(str(response.url), data={"guess": "10"})
-            response = wait_until(lambda r=response: _next_page(human, r), 60, 0.2, "the results page")
-            response = human.post(str(response.url), data={})
-        assert "OutOfRangeNotification" in str(response.url)
+        assert not Seat.objects.filter(room=run.room, label="seat02").exclude(state="offline").exists()
+        # the human plays 3 rounds in the browser; oTree's wait page moves on by itself
+        for round_number in (1, 2, 3):
+            kiosk.wait_for_url(re.compile(r"/guess/Guess/\d+$"), timeout=TIMEOUT_MS)
+            assert f"Round {round_number} of 3" in kiosk.inner_text("body")
+            kiosk.fill("input[name=guess]", "10")
+            kiosk.click("button.otree-btn-next")
+            kiosk.wait_for_url(re.compile(r"/guess/Results/\d+$"), timeout=60_000)
+            assert "You guessed 10." in kiosk.inner_text("body")
+            kiosk.click("button.otree-btn-next")
+        kiosk.wait_for_url(re.compile(r"/OutOfRangeNotification"), timeout=TIMEOUT_MS)
         worker.join(timeout=120)
         assert not worker.is_alive()
-        run.refresh_from_db()
-        assert run.status == "finished" and run.status_reason == "2 of 2 bots finished", run.status_reason
-
-        # ONE oTree session with the 3 labels; the human's participant is seat01, the bots' are theirs
-        session = otree_session(lab, run.session_code)
-        by_label = {p["label"]: p for p in session["participants"]}
-        assert sorted(by_label) == ["seat01", "seat02", "seat03"] and len(session["participants"]) == 3
-        assert by_label["seat01"]["code"] == human_code
-        bots = list(Bot.objects.filter(run=run).order_by("index"))
-        assert [b.label for b in bots] == ["seat02", "seat03"]
-        for bot in bots:
-            assert bot.participant_code == by_label[bot.label]["code"]
-            assert bot.id_in_session == by_label[bot.label]["id_in_session"]
-            assert bot.status == "finished" and bot.answers == 3
-        assert Answer.objects.filter(run=run, status="accepted", field="guess").count() == 6
-        assert run.human_seats == [{"label": "seat01", "code": human_code,
-                                    "id_in_session": by_label["seat01"]["id_in_session"]}]
-        # the run page: the room and which seats are bots and which human
-        page = " ".join(lab["owner"].get(f"/instances/{NAME}/bot-runs/{run.number}/").content.decode().split())
-        assert ('bots on <code class="run-bot-seat">seat02</code>, <code class="run-bot-seat">seat03</code> · '
-                'humans on <code class="run-human-seat">seat01</code>') in page
-        assert "seat <code>seat01</code> (human)" in page
-        # the board was told while the run went on; now the run has ended its seats are seats again
-        while (message := async_to_sync(_receive)(layer, channel)) is not None:
-            board_messages.append(message)
-        assert len(board_messages) >= 3 and all(m["event"]["room"] == "lab" for m in board_messages)
-        board = lab["owner"].get(f"/instances/{NAME}/lobby/rooms/lab/").content.decode()
-        assert 'data-state="bot"' not in board and "Fill empty seats with bots" in board
     finally:  # a failure above: the bots stop, the worker ends before the database is emptied
         BotRun.objects.filter(pk=run.pk).update(stop_requested=True)
         worker.join(timeout=60)
+    run.refresh_from_db()
+    assert run.status == "finished" and run.status_reason == "2 of 2 bots finished", run.status_reason
 
-    # the room still holds that session in oTree: a second fill says so
-    hold_gate(lab)
-    lobby.reset(lab["ann"], lobby.find_room(NAME, "lab"))
-    kiosk_ready("seat03")
-    response = lab["owner"].post(BOTS_URL, FORM)
-    assert response.status_code == 422
-    text = " ".join(response.content.decode().split())
-    assert f"oTree&#x27;s room “lab” already has session {run.session_code}: close the room" in text
-    assert BotRun.objects.count() == 1
+    # ONE oTree session with the 3 labels; the human's participant is seat01, the bots' are theirs
+    session = otree_session(lab, run.session_code)
+    by_label = {p["label"]: p for p in session["participants"]}
+    assert sorted(by_label) == ["seat01", "seat02", "seat03"] and len(session["participants"]) == 3
+    assert by_label["seat01"]["code"] == human_code
+    bots = list(Bot.objects.filter(run=run).order_by("index"))
+    assert [b.label for b in bots] == ["seat02", "seat03"]
+    for bot in bots:
+        assert bot.participant_code == by_label[bot.label]["code"]
+        assert bot.id_in_session == by_label[bot.label]["id_in_session"]
+        assert bot.status == "finished" and bot.answers == 3
+    assert Answer.objects.filter(run=run, status="accepted", field="guess").count() == 6
+    assert run.human_seats == [{"label": "seat01", "code": human_code,
+                                "id_in_session": by_label["seat01"]["id_in_session"]}]
+    # the run page: the room and which seats are bots and which human
+    page.goto(f"{base}/instances/{NAME}/bot-runs/{run.number}/")
+    said = " ".join(page.inner_text("#run-room").split())
+    assert said == "Lobby room lab: bots on seat02, seat03 · humans on seat01", said
+    assert "seat seat01 (human)" in " ".join(page.inner_text("#human-seats").split())
+    assert [" ".join(t.split()) for t in page.locator("#bots tr[data-bot] td:nth-child(2)").all_inner_texts()] == \
+        [f"{b.participant_code} seat {b.label}" for b in bots]
+    return run, worker
 
 
 async def _receive(layer, channel):
