@@ -43,7 +43,7 @@ from django.db import close_old_connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from bots import policy, seats
+from bots import policy, preflight, seats
 from bots.llm import Attempt, LLMClient, ModelError
 from bots.live import bots_of, run_event
 from bots.models import Answer, Bot, BotRun, ModelCall
@@ -355,8 +355,9 @@ class BotPlayer:
         finally:
             self.submitting = False
 
-    @staticmethod
-    def _page(response: Reply) -> Page:
+    def _page(self, response: Reply) -> Page:
+        if self.run.purpose == BotRun.Purpose.PREFLIGHT:
+            self.html = response.text  # bots/preflight.py reads the page's scripts and inputs
         return parse(response.text, url=str(response.url), path=response.url.path, status_code=response.status_code,
                      headers=response.headers)
 
@@ -389,6 +390,8 @@ class BotPlayer:
                 await self.save(status=Bot.Status.WAIT_PAGE if page.is_wait else Bot.Status.PLAYING, app=page.app,
                                 page=page.name, page_index=page.index, answers=self.bot.answers + accepted,
                                 round_number=infer_round(self.bot.state, page.app, page.name, page.index))
+                if self.run.purpose == BotRun.Purpose.PREFLIGHT:
+                    await preflight.observe(self, page, self.html)
             if page.is_wait:
                 if not await self.wait_for_ready(page):
                     await self.ctx.sleep(poll)
@@ -396,7 +399,10 @@ class BotPlayer:
                 page = await self._get(page.url)
             elif not page.fields:
                 self.remember(page)
-                page = await self._post(page.url, dict(page.hidden))
+                shown_page, page = page, await self._post(page.url, dict(page.hidden))
+                if page.index == shown_page.index and page.redisplayed_with_errors:  # a field it does not show
+                    raise GiveUp(f"oTree refused {page.name} without answers (a field the page does not show?): "
+                                 + "; ".join(page.all_errors or ["no message"])[:300])
             else:
                 page = await self.answer(page)
         raise GiveUp(f"stopped after {MAX_STEPS} pages without reaching the end")

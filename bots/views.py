@@ -6,10 +6,10 @@ from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from bots import exports, services
+from bots import exports, preflight, services
 from bots.live import bots_of, run_event
 from bots.forms import BotRunForm, ProviderForm
-from bots.models import RANDOM_POLICY, Provider
+from bots.models import RANDOM_POLICY, BotRun, Provider
 from instances.selectors import get_visible_instance
 from manager.access import superuser_required
 from manager.throttle import refused_page
@@ -51,7 +51,8 @@ def run_detail(request, name, number):
     return render(request, "bots/run.html", {
         "instance": run.instance, "run": run, "bots": bots, "humans": humans, "random_policy": RANDOM_POLICY,
         "monitor_url": f"{public}SessionMonitor/{run.session_code}" if public and run.session_code else "",
-        "room": run.room.name if run.room_id else "", "event": run_event(run, bots, bots)})
+        "room": run.room.name if run.room_id else "", "event": run_event(run, bots, bots),
+        "preflight": preflight.report(run) if run.purpose == BotRun.Purpose.PREFLIGHT else None})
 
 
 @login_required

@@ -23,6 +23,8 @@ SESSION_CONFIGS = [
     dict(name="survey", display_name="The survey alone", app_sequence=["survey"], num_demo_participants=1),
     dict(name="escape", display_name="A page that redirects out, then the survey", app_sequence=["escape", "survey"],
          num_demo_participants=3),
+    dict(name="checks", display_name="A plain page, a live page, a field set by JavaScript", app_sequence=["checks"],
+         num_demo_participants=2),
 ]
 SESSION_CONFIG_DEFAULTS = dict(real_world_currency_per_point=1.00, participation_fee=0.00, doc="")
 PARTICIPANT_FIELDS = []
@@ -202,6 +204,64 @@ AGAIN_HTML = '''\
 
 ROOM_LABELS = ["seat01", "seat02", "seat03"]  # the room "lab" (the lobby's bot seats)
 
+# For preflight: a plain page, a live page (live_method, liveSend) and a slider whose value a
+# script copies into a hidden input (the IntegerField `slider`: bots cannot answer it).
+CHECKS = otree_projects.APP.split("class Player(BasePlayer):")[0].replace('"hello"', '"checks"') + '''\
+class Player(BasePlayer):
+    slider = models.IntegerField(min=0, max=100)
+
+
+class Intro(Page):
+    pass
+
+
+class Chat(Page):
+    @staticmethod
+    def live_method(player, data):
+        return {player.id_in_group: data}
+
+
+class Slide(Page):
+    form_model = "player"
+    form_fields = ["slider"]
+
+
+page_sequence = [Intro, Chat, Slide]
+'''
+
+INTRO_HTML = '''\
+{{ block title }}Welcome{{ endblock }}
+{{ block content }}
+<p>Two short tasks follow.</p>
+{{ next_button }}
+{{ endblock }}
+'''
+
+CHAT_HTML = '''\
+{{ block title }}Say hello{{ endblock }}
+{{ block content }}
+<p>Say hello to the others.</p>
+<button type="button" id="hello" onclick="liveSend('hello')">Say hello</button>
+<script>function liveRecv(data) { document.getElementById("hello").textContent = "said"; }</script>
+{{ next_button }}
+{{ endblock }}
+'''
+
+SLIDE_HTML = '''\
+{{ block title }}Move the slider{{ endblock }}
+{{ block content }}
+<p>How much do you agree? Move the slider.</p>
+<input type="range" id="slider-ui" min="0" max="100" value="50">
+<input type="hidden" name="slider" id="id_slider">
+<script>
+  document.getElementById("slider-ui").addEventListener("input", function (e) {
+    document.getElementById("id_slider").value = e.target.value;
+  });
+</script>
+{{ next_button }}
+{{ endblock }}
+'''
+
 
 def game(name_in_url: str, players: str) -> str:
     return GAME.replace("NAME_IN_URL_VALUE", name_in_url).replace("PLAYERS_VALUE", players)
@@ -221,6 +281,10 @@ def bots_project() -> dict[str, str]:
         "survey/Again.html": AGAIN_HTML,
         "escape/__init__.py": ESCAPE,
         "escape/Leave.html": LEAVE_HTML,
+        "checks/__init__.py": CHECKS,
+        "checks/Intro.html": INTRO_HTML,
+        "checks/Chat.html": CHAT_HTML,
+        "checks/Slide.html": SLIDE_HTML,
     }
     for app in ("guess", "crowd"):
         files[f"{app}/Guess.html"] = GUESS_HTML
@@ -238,6 +302,8 @@ SESSION_CONFIGS = [
     {"name": "survey", "display_name": "The survey alone", "num_demo_participants": 1, "app_sequence": ["survey"]},
     {"name": "escape", "display_name": "A page that redirects out, then the survey", "num_demo_participants": 3,
      "app_sequence": ["escape", "survey"]},
+    {"name": "checks", "display_name": "A plain page, a live page, a field set by JavaScript",
+     "num_demo_participants": 2, "app_sequence": ["checks"]},
 ]
 
 ROOMS = [{"name": "lab", "display_name": "Lab room", "participant_labels": ROOM_LABELS}]

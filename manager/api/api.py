@@ -7,7 +7,7 @@ Each area has its own router module; add new ones (instances, …) below.
 
 from ninja import NinjaAPI, Swagger
 
-from manager.api import bot_runs, errors, instances, me, nodes, users
+from manager.api import bot_results, bot_runs, errors, instances, me, nodes, users
 from manager.api.auth import BearerToken
 
 DESCRIPTION = """\
@@ -46,7 +46,7 @@ HEADERS = {
                           "schema": {"type": "integer", "minimum": 0}}},
 }
 # Operations whose success is not JSON: {operationId: content type of the 2xx answer}.
-CONTENT_TYPES = {"bot_run_responses": "text/csv", "instance_data": "application/zip",
+CONTENT_TYPES = {"bot_run_responses": "text/csv", **bot_results.CONTENT_TYPES, "instance_data": "application/zip",
                  "backup_data": "application/zip"}
 
 
@@ -103,6 +103,7 @@ api = LabAPI(
 errors.install(api)
 api.add_router("/instances", instances.router)
 api.add_router("/instances", bot_runs.router)
+api.add_router("/instances", bot_results.router)
 api.add_router("/bot-providers", bot_runs.providers_router)
 api.add_router("/nodes", nodes.router)
 api.add_router("/users", users.router)

@@ -7,7 +7,7 @@ from django.http import HttpRequest, HttpResponse
 from ninja import Path, Router, Schema, Status
 from pydantic import ConfigDict, Field
 
-from bots import services
+from bots import preflight, services
 from bots.live import bots_of, run_event
 from bots.models import RANDOM_POLICY, BotRun, Provider
 from bots.views import download
@@ -96,6 +96,8 @@ class BotRunOut(Schema):
     estimated_cost: float = Field(description="USD, from the provider's prices")
     bots: list[BotOut]
     downloads: dict[str, str]
+    purpose: str = Field(description='"play", or "preflight" (POST .../bot-preflight)')
+    report: dict | None = Field(description="a preflight's report: pages met (fields), problems (kind, detail, page)")
 
 
 class ProviderOut(Schema):
@@ -124,7 +126,10 @@ def serialize(run: BotRun) -> dict:
         "human_links": [f"{public}InitializeParticipant/{s['code']}" for s in run.human_seats if s.get("code")]
         if public else [],
         "tokens": live["totals"]["tokens"], "estimated_cost": live["totals"]["cost"], "bots": live["bots"],
-        "downloads": {kind: f"{base}/{kind}" for kind in ("responses.csv", "conversations.json", "summary.json")},
+        "downloads": {kind: f"{base}/{kind}" for kind in ("responses.csv", "conversations.json", "summary.json",
+                                                          "results.csv", "results.parquet", "manifests.json",
+                                                          "results.zip")},
+        "purpose": run.purpose, "report": preflight.report(run) if run.purpose == BotRun.Purpose.PREFLIGHT else None,
     }
 
 

@@ -1,0 +1,322 @@
+"""Analysis-ready results of bot runs: one tidy table, one row per accepted answered field,
+with the design's factors of its run and oTree's own data for the same participant.
+
+For a set of runs (one run, or every run of a BotExperiment):
+
+- the bot data: experiment and run numbers, the factors (`run.factors`, falling back to
+  the run's own parameters: model, provider, temperature, instructions, memory,
+  repetition; other factor keys as `factor_<key>`), the model id the provider returned,
+  the seed, session and participant codes, bot index and participant label, app, round,
+  page, field, the answer, the model's reason, whether it came from the replay cache;
+- joined from oTree's wide export of the run's session (`/api/export_wide?session_code=`,
+  read through the instance's REST API, instances/otree_api.py): `otree_participant_payoff`,
+  `otree_player_payoff` and `otree_field_value` (the player's stored value of the row's own
+  field) for the row's app and round, and `otree_player_<field>` for every player field of
+  the apps the answers are in (empty where the row's app has no such field);
+- `otree_note`: empty when joined, else why oTree's data is missing for the row (the app
+  does not run, it did not answer, the participant is not in its export, ...). The bot
+  data are always there.
+
+Downloads (`render`): results.csv, results.parquet (typed columns: numbers as numbers,
+the cached flag as a boolean; answers as text), manifests.json (each run's manifest, or
+its parameters when it recorded none, with the oTree note) and results.zip with all three.
+
+oTree's export is the tenant's code's output: read with a size limit (WIDE_LIMIT per
+session) and a time limit (JOIN_SECONDS for all runs together); a table over MAX_ROWS
+answers is refused with the reason (download the runs one by one).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+import zipfile
+from dataclasses import dataclass, field
+
+from django.http import Http404
+
+from bots.models import Answer, BotExperiment, BotRun
+from instances import otree_api
+from instances.otree_api import OTreeUnavailable
+
+MAX_ROWS = 200_000  # accepted answers in one table
+WIDE_LIMIT = 50 * 2**20  # bytes of one session's wide export
+JOIN_SECONDS = 120  # reading oTree's exports of all runs together
+KINDS = ("results.csv", "results.parquet", "manifests.json", "results.zip")
+
+FACTORS = ("model", "provider", "temperature", "instructions", "memory", "repetition")
+BASE = ["experiment", "run", *FACTORS, "returned_model", "seed", "session", "participant", "bot", "label", "app",
+        "round", "page", "field", "answer", "reason", "cached"]
+JOINED = ["otree_participant_payoff", "otree_player_payoff", "otree_field_value", "otree_note"]
+INTEGERS = {"experiment", "run", "repetition", "seed", "bot", "round"}
+FLOATS = {"temperature", "otree_participant_payoff", "otree_player_payoff"}
+
+
+class ResultsTooLarge(Exception):
+    """More answers than MAX_ROWS; the message says what to do."""
+
+
+@dataclass
+class Results:
+    name: str  # file name stem: <instance>-bot-experiment-3 / <instance>-bot-run-7
+    columns: list[str]
+    rows: list[dict]
+    manifests: list[dict]
+    notes: dict[int, str] = field(default_factory=dict)  # run number -> why oTree's data is missing
+
+
+# --- which runs ------------------------------------------------------------------------------
+
+def get_experiment(user, name: str, number: int) -> BotExperiment:
+    """Experiment `number` of instance `name`, if the user may see the instance (else Http404)."""
+    from instances.selectors import get_visible_instance
+
+    instance = get_visible_instance(user, name)
+    experiment = instance.bot_experiments.select_related("instance").filter(number=number).first()
+    if experiment is None:
+        raise Http404(f"{name} has no bot experiment #{number}.")
+    return experiment
+
+
+def for_run(run: BotRun) -> Results:
+    return build([run], f"{run.instance.name}-bot-run-{run.number}")
+
+
+def for_experiment(experiment: BotExperiment) -> Results:
+    runs = list(experiment.runs.select_related("instance", "experiment", "created_by").order_by("number"))
+    return build(runs, f"{experiment.instance.name}-bot-experiment-{experiment.number}")
+
+
+# --- oTree's side ----------------------------------------------------------------------------
+
+def _wide(instance, base: str, code: str, deadline: float) -> dict[str, dict[str, str]]:
+    """participant code -> its row of oTree's wide export of session `code`."""
+    data = otree_api.get_bytes(instance, "/api/export_wide", params={"session_code": code}, limit=WIDE_LIMIT,
+                               base_url=base, deadline=deadline)
+    text = data.decode("utf-8-sig", errors="replace")
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None) or []
+    if "participant.code" not in header:
+        raise OTreeUnavailable("oTree's wide export of the session has no participant.code column")
+    found = {}
+    for row in reader:
+        item = dict(zip(header, row))
+        if item.get("participant.code"):
+            found[item["participant.code"]] = item
+    return found
+
+
+def otree_data(runs: list[BotRun]) -> tuple[dict[int, dict], dict[int, str]]:
+    """run pk -> {participant code -> wide row}, and run pk -> the note when not read."""
+    tables, notes = {}, {}
+    deadline = time.monotonic() + JOIN_SECONDS
+    bases: dict[int, str | OTreeUnavailable] = {}
+    for run in runs:
+        if not run.session_code:
+            notes[run.pk] = "oTree's data not joined: the run has no oTree session"
+            continue
+        instance = run.instance
+        if instance.pk not in bases:
+            try:
+                bases[instance.pk] = otree_api.app_url(instance)
+            except OTreeUnavailable as exc:
+                bases[instance.pk] = exc
+        base = bases[instance.pk]
+        if isinstance(base, OTreeUnavailable):
+            notes[run.pk] = f"oTree's data could not be read: {base}"
+            continue
+        try:
+            tables[run.pk] = _wide(instance, base, run.session_code, deadline)
+        except OTreeUnavailable as exc:
+            notes[run.pk] = f"oTree's data could not be read: {exc}"
+    return tables, notes
+
+
+# --- the table -------------------------------------------------------------------------------
+
+def _factors(run: BotRun) -> dict:
+    given = run.factors if isinstance(run.factors, dict) else {}
+    own = {"model": run.model, "provider": run.provider_name, "temperature": run.temperature,
+           "instructions": run.instructions, "memory": run.memory, "repetition": run.repetition}
+    values = {k: given.get(k, own[k]) for k in FACTORS}
+    extra = {f"factor_{k}": v for k, v in given.items() if k not in FACTORS}
+    return {**values, **extra}
+
+
+def manifest_of(run: BotRun, note: str) -> dict:
+    from bots import exports
+
+    entry = {"experiment": run.experiment.number if run.experiment_id else None, "run": run.number,
+             "session": run.session_code}
+    if run.manifest:
+        entry["manifest"] = run.manifest
+    else:
+        entry["manifest"] = exports.summary(run)
+        entry["manifest_note"] = "the run recorded no manifest: its parameters and summary instead"
+    entry["otree_data"] = note or "joined from oTree's wide export of the session"
+    return entry
+
+
+def build(runs: list[BotRun], name: str) -> Results:
+    total = Answer.objects.filter(run__in=runs, status=Answer.Status.ACCEPTED).count()
+    if total > MAX_ROWS:
+        raise ResultsTooLarge(f"{total} answers are more than one table holds ({MAX_ROWS}): download the runs' "
+                              "results one by one")
+    tables, notes = otree_data(runs)
+    rows: list[dict] = []
+    player_fields: list[str] = []
+    seen_fields: set[str] = set()
+    extra_factors: list[str] = []
+    for run in runs:
+        factors = _factors(run)
+        for key in factors:
+            if key.startswith("factor_") and key not in extra_factors:
+                extra_factors.append(key)
+        wide = tables.get(run.pk)
+        answers = (Answer.objects.filter(run=run, status=Answer.Status.ACCEPTED).select_related("bot")
+                   .order_by("bot__index", "page_index", "id"))
+        for a in answers.iterator(chunk_size=2000):
+            row = {"experiment": run.experiment.number if run.experiment_id else None, "run": run.number,
+                   **factors, "returned_model": run.returned_model, "seed": run.seed, "session": run.session_code,
+                   "participant": a.bot.participant_code, "bot": a.bot.index, "label": a.bot.label,
+                   "app": a.app, "round": a.round_number, "page": a.page, "field": a.field, "answer": a.value,
+                   "reason": a.reason, "cached": a.cached}
+            note = notes.get(run.pk, "")
+            item = wide.get(a.bot.participant_code) if wide is not None else None
+            if wide is not None and item is None:
+                note = "oTree's data not joined: the participant is not in oTree's export of the session"
+            if item is not None:
+                prefix = f"{a.app}.{a.round_number}.player."
+                row["otree_participant_payoff"] = item.get("participant.payoff", "")
+                row["otree_player_payoff"] = item.get(f"{prefix}payoff", "")
+                row["otree_field_value"] = item.get(prefix + a.field, "")
+                if f"{a.app}.{a.round_number}.subsession.round_number" not in item and prefix + "id_in_group" not in item:
+                    note = f"oTree's export has no round {a.round_number} of {a.app}"
+                for key in item:
+                    if key.startswith(prefix):
+                        column = "otree_player_" + key[len(prefix):]
+                        row[column] = item[key]
+                        if column not in seen_fields:
+                            seen_fields.add(column)
+                            player_fields.append(column)
+            row["otree_note"] = note
+            rows.append(row)
+    columns = BASE[:8] + extra_factors + BASE[8:] + JOINED + [
+        c for c in player_fields if c not in ("otree_player_payoff",)]
+    manifests = [manifest_of(run, notes.get(run.pk, "")) for run in runs]
+    return Results(name=name, columns=columns, rows=rows, manifests=manifests,
+                   notes={run.number: notes[run.pk] for run in runs if run.pk in notes})
+
+
+# --- files -----------------------------------------------------------------------------------
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def to_csv(results: Results) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(results.columns)
+    for row in results.rows:
+        writer.writerow([_cell(row.get(c)) for c in results.columns])
+    return buffer.getvalue().encode("utf-8")
+
+
+def _number(text):
+    """int or float of an oTree export cell; None when empty; ValueError when not a number."""
+    if text is None or text == "":
+        return None
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return text
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in str(text) and "e" not in str(text).lower() else value
+
+
+def _otree_type(values: list) -> str:
+    """'int', 'float' or 'string' for a joined oTree column (whatever all its cells are)."""
+    kind = "int"
+    for v in values:
+        if v in (None, ""):
+            continue
+        try:
+            number = _number(v)
+        except (TypeError, ValueError):
+            return "string"
+        if isinstance(number, float):
+            kind = "float"
+    return kind
+
+
+def to_parquet(results: Results) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    arrays, fields = [], []
+    for column in results.columns:
+        values = [row.get(column) for row in results.rows]
+        if column == "cached":
+            kind = pa.bool_()
+            data = [bool(v) for v in values]
+        elif column in INTEGERS:
+            kind = pa.int64()
+            data = [None if v in (None, "") else int(v) for v in values]
+        elif column in FLOATS:
+            kind = pa.float64()
+            data = [None if v in (None, "") else float(v) for v in values] if _otree_type(values) != "string" \
+                else None
+            if data is None:
+                kind, data = pa.string(), [None if v is None else str(v) for v in values]
+        elif column.startswith("otree_player_") or column == "otree_field_value":
+            found = _otree_type(values)
+            if found == "int":
+                kind, data = pa.int64(), [_number(v) for v in values]
+            elif found == "float":
+                kind, data = pa.float64(), [None if v in (None, "") else float(v) for v in values]
+            else:
+                kind, data = pa.string(), [None if v in (None, "") else str(v) for v in values]
+        else:
+            kind = pa.string()
+            data = [None if v is None else _cell(v) for v in values]
+        arrays.append(pa.array(data, type=kind))
+        fields.append(pa.field(column, kind))
+    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def to_manifests(results: Results) -> bytes:
+    return json.dumps({"name": results.name, "runs": results.manifests}, indent=1, default=str).encode("utf-8")
+
+
+def to_zip(results: Results) -> bytes:
+    sink = io.BytesIO()
+    with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("results.csv", to_csv(results))
+        zf.writestr("results.parquet", to_parquet(results))
+        zf.writestr("manifests.json", to_manifests(results))
+    return sink.getvalue()
+
+
+CONTENT_TYPES = {
+    "results.csv": ("text/csv; charset=utf-8", to_csv),
+    "results.parquet": ("application/vnd.apache.parquet", to_parquet),
+    "manifests.json": ("application/json", to_manifests),
+    "results.zip": ("application/zip", to_zip),
+}
+
+
+def render(results: Results, kind: str) -> tuple[bytes, str, str]:
+    """(content, content type, file name) of download `kind` (Http404 for another name)."""
+    if kind not in CONTENT_TYPES:
+        raise Http404(f"No such download: {', '.join(KINDS)}.")
+    content_type, make = CONTENT_TYPES[kind]
+    stem, _, ext = kind.partition(".")
+    return make(results), content_type, f"{results.name}-{stem}.{ext}"
