@@ -79,7 +79,7 @@ values = {keys}
 # backup of the instance's database; a backup whose kind, status or file does not fit.
 [[operations]]
 include-operation-id = ["create_instance", "start_bot_run", "add_my_ssh_key", "move_instance", "upload_backup",
-                        "restore_backup"]
+                        "restore_backup", "start_bot_preflight"]
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
 """
 

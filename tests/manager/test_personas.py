@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from django.test import Client
 from django.urls import URLResolver, get_resolver
 
-from bots.models import BotRun, Provider
+from bots.models import BotExperiment, BotRun, Provider
 from instances.models import Backup, Release
 from manager.accounts import services
 from manager.accounts.models import SSHKey, User
@@ -66,6 +66,7 @@ def world(boss, ann, bob, instance):
                                          offered_models=[{"name": "tiny", "input_per_million": 1}])
     BotRun.objects.create(instance=w.instance, number=1, session_config="guess", num_participants=3, num_bots=3,
                           model="random", status="finished", session_code="abcd1234")
+    BotExperiment.objects.get_or_create(instance=w.instance, number=1, defaults={"design": {}, "status": "finished"})
     w.backup = Backup.objects.create(instance=w.instance, instance_name="ann-study", kind="before_reset",
                                      status="done", filename="ann-study-harness.dump", size=5,
                                      data_filename="ann-study-harness-data.zip", data_size=22)
@@ -244,6 +245,15 @@ ROUTES = [
           method="post"),
     Route("bot_run_download", "/instances/ann-study/bot-runs/1/responses.csv", OWNER_VIEW),
     Route("bot_run_download", "/instances/ann-study/bot-runs/1/summary.json", OWNER_VIEW),
+    # results (ann-study's app does not run here: the bot data with the note) and preflight
+    Route("bot_run_results", "/instances/ann-study/bot-runs/1/results.csv", OWNER_VIEW),
+    Route("bot_run_results", "/instances/ann-study/bot-runs/1/results.parquet", OWNER_VIEW),
+    Route("bot_run_results", "/instances/ann-study/bot-runs/1/manifests.json", OWNER_VIEW),
+    Route("bot_run_results", "/instances/ann-study/bot-runs/1/results.zip", OWNER_VIEW),
+    Route("bot_experiment_results", "/instances/ann-study/bot-runs/experiments/1/results.csv", OWNER_VIEW),
+    Route("bot_experiment_results", "/instances/ann-study/bot-runs/experiments/1/results.zip", OWNER_VIEW),
+    Route("bot_preflight", "/instances/ann-study/bot-runs/preflight/", {"anon": 302, "boss": 302, "ann": 302, "bob": 404},
+          method="post", data={"session_config": "guess", "num_participants": 2}),
     Route("bot_providers", "/bot-providers/", MANAGERS_ONLY),
     Route("bot_provider", lambda w: f"/bot-providers/{w.provider.pk}/", MANAGERS_ONLY),
     Route("bot_provider_delete", lambda w: f"/bot-providers/{w.provider.pk}/delete/",
@@ -308,6 +318,17 @@ ROUTES = [
     Route("api:bot_run_conversations", "/api/v1/instances/ann-study/bot-runs/1/conversations.json", API_OWNER),
     Route("api:bot_run_summary", "/api/v1/instances/ann-study/bot-runs/1/summary.json", API_OWNER),
     Route("api:list_bot_providers", "/api/v1/bot-providers", API_ANY),
+    Route("api:bot_run_results_csv", "/api/v1/instances/ann-study/bot-runs/1/results.csv", API_OWNER),
+    Route("api:bot_run_results_parquet", "/api/v1/instances/ann-study/bot-runs/1/results.parquet", API_OWNER),
+    Route("api:bot_run_manifests", "/api/v1/instances/ann-study/bot-runs/1/manifests.json", API_OWNER),
+    Route("api:bot_run_results_zip", "/api/v1/instances/ann-study/bot-runs/1/results.zip", API_OWNER),
+    Route("api:bot_experiment_results_csv", "/api/v1/instances/ann-study/bot-experiments/1/results.csv", API_OWNER),
+    Route("api:bot_experiment_results_parquet", "/api/v1/instances/ann-study/bot-experiments/1/results.parquet",
+          API_OWNER),
+    Route("api:bot_experiment_manifests", "/api/v1/instances/ann-study/bot-experiments/1/manifests.json", API_OWNER),
+    Route("api:bot_experiment_results_zip", "/api/v1/instances/ann-study/bot-experiments/1/results.zip", API_OWNER),
+    Route("api:start_bot_preflight", "/api/v1/instances/ann-study/bot-preflight", {**API_OWNER, "boss": 201, "ann": 201},
+          method="post", data={"session_config": "guess", "num_participants": 2}),
     Route("api:delete_instance", "/api/v1/instances/ann-study", {"anon": 401, "boss": 202, "ann": 403, "bob": 404},
           method="delete"),
     Route("api:delete_my_ssh_key", lambda w: f"/api/v1/me/ssh-keys/{w.ann_key.pk}",
