@@ -125,7 +125,8 @@ def analyse(page, html: str) -> list[dict]:
         elif value == "":
             problems.append(("javascript", f"the field {name} is a hidden input without a value (filled in by "
                                            "JavaScript?): bots cannot answer it"))
-    if page.has_form and ADDS_INPUTS.search(code):
+    own = ("timeout_happened",)  # oTree's timer adds this input when the time is up: not the page's
+    if page.has_form and any(ADDS_INPUTS.search(c) and not any(o in c for o in own) for c in scan.scripts):
         problems.append(("javascript", "a script adds inputs to the form: bots cannot see or answer them"))
     for widget in dict.fromkeys(scan.custom):
         problems.append(("widget", f"a custom widget {widget}: the bots' page reader does not understand it"))

@@ -41,7 +41,7 @@ from bots.models import Answer, BotExperiment, BotRun
 from instances import otree_api
 from instances.otree_api import OTreeUnavailable
 
-MAX_ROWS = 200_000  # accepted answers in one table
+MAX_ROWS = 100_000  # accepted answers in one table (about 150 MB of memory while it is built)
 WIDE_LIMIT = 50 * 2**20  # bytes of one session's wide export
 JOIN_SECONDS = 120  # reading oTree's exports of all runs together
 KINDS = ("results.csv", "results.parquet", "manifests.json", "results.zip")
@@ -91,47 +91,62 @@ def for_experiment(experiment: BotExperiment) -> Results:
 
 # --- oTree's side ----------------------------------------------------------------------------
 
-def _wide(instance, base: str, code: str, deadline: float) -> dict[str, dict[str, str]]:
-    """participant code -> its row of oTree's wide export of session `code`."""
+def _wide(instance, base: str, code: str, deadline: float) -> dict[str, dict]:
+    """participant code -> {"payoff": participant.payoff, "players": {(app, round): {field:
+    value}}} from oTree's wide export of session `code` (columns `<app>.<round>.player.<field>`)."""
     data = otree_api.get_bytes(instance, "/api/export_wide", params={"session_code": code}, limit=WIDE_LIMIT,
                                base_url=base, deadline=deadline)
     text = data.decode("utf-8-sig", errors="replace")
+    del data
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None) or []
     if "participant.code" not in header:
         raise OTreeUnavailable("oTree's wide export of the session has no participant.code column")
+    code_at = header.index("participant.code")
+    payoff_at = header.index("participant.payoff") if "participant.payoff" in header else None
+    player_columns = []  # (position, (app, round), field)
+    for position, name in enumerate(header):
+        parts = name.split(".", 3)
+        if len(parts) == 4 and parts[2] == "player" and parts[1].isdigit():
+            player_columns.append((position, (parts[0], int(parts[1])), parts[3]))
     found = {}
     for row in reader:
-        item = dict(zip(header, row))
-        if item.get("participant.code"):
-            found[item["participant.code"]] = item
+        if len(row) <= code_at or not row[code_at]:
+            continue
+        players: dict[tuple[str, int], dict[str, str]] = {}
+        for position, key, name in player_columns:
+            if position < len(row):
+                players.setdefault(key, {})[name] = row[position]
+        found[row[code_at]] = {"payoff": row[payoff_at] if payoff_at is not None and payoff_at < len(row) else "",
+                               "players": players}
     return found
 
 
-def otree_data(runs: list[BotRun]) -> tuple[dict[int, dict], dict[int, str]]:
-    """run pk -> {participant code -> wide row}, and run pk -> the note when not read."""
-    tables, notes = {}, {}
-    deadline = time.monotonic() + JOIN_SECONDS
-    bases: dict[int, str | OTreeUnavailable] = {}
-    for run in runs:
+class OTreeSide:
+    """Reads oTree's wide export one session at a time (only one is held in memory), with
+    one time limit for all of them; `read(run)` -> ({participant code -> wide row} or None,
+    the note when not read)."""
+
+    def __init__(self):
+        self.deadline = time.monotonic() + JOIN_SECONDS
+        self.bases: dict[int, str | OTreeUnavailable] = {}
+
+    def read(self, run: BotRun) -> tuple[dict | None, str]:
         if not run.session_code:
-            notes[run.pk] = "oTree's data not joined: the run has no oTree session"
-            continue
+            return None, "oTree's data not joined: the run has no oTree session"
         instance = run.instance
-        if instance.pk not in bases:
+        if instance.pk not in self.bases:
             try:
-                bases[instance.pk] = otree_api.app_url(instance)
+                self.bases[instance.pk] = otree_api.app_url(instance)
             except OTreeUnavailable as exc:
-                bases[instance.pk] = exc
-        base = bases[instance.pk]
+                self.bases[instance.pk] = exc
+        base = self.bases[instance.pk]
         if isinstance(base, OTreeUnavailable):
-            notes[run.pk] = f"oTree's data could not be read: {base}"
-            continue
+            return None, f"oTree's data could not be read: {base}"
         try:
-            tables[run.pk] = _wide(instance, base, run.session_code, deadline)
+            return _wide(instance, base, run.session_code, self.deadline), ""
         except OTreeUnavailable as exc:
-            notes[run.pk] = f"oTree's data could not be read: {exc}"
-    return tables, notes
+            return None, f"oTree's data could not be read: {exc}"
 
 
 # --- the table -------------------------------------------------------------------------------
@@ -164,7 +179,8 @@ def build(runs: list[BotRun], name: str) -> Results:
     if total > MAX_ROWS:
         raise ResultsTooLarge(f"{total} answers are more than one table holds ({MAX_ROWS}): download the runs' "
                               "results one by one")
-    tables, notes = otree_data(runs)
+    side = OTreeSide()
+    notes: dict[int, str] = {}
     rows: list[dict] = []
     player_fields: list[str] = []
     seen_fields: set[str] = set()
@@ -174,7 +190,7 @@ def build(runs: list[BotRun], name: str) -> Results:
         for key in factors:
             if key.startswith("factor_") and key not in extra_factors:
                 extra_factors.append(key)
-        wide = tables.get(run.pk)
+        wide, notes[run.pk] = side.read(run)
         answers = (Answer.objects.filter(run=run, status=Answer.Status.ACCEPTED).select_related("bot")
                    .order_by("bot__index", "page_index", "id"))
         for a in answers.iterator(chunk_size=2000):
@@ -183,31 +199,32 @@ def build(runs: list[BotRun], name: str) -> Results:
                    "participant": a.bot.participant_code, "bot": a.bot.index, "label": a.bot.label,
                    "app": a.app, "round": a.round_number, "page": a.page, "field": a.field, "answer": a.value,
                    "reason": a.reason, "cached": a.cached}
-            note = notes.get(run.pk, "")
+            note = notes[run.pk]
             item = wide.get(a.bot.participant_code) if wide is not None else None
             if wide is not None and item is None:
                 note = "oTree's data not joined: the participant is not in oTree's export of the session"
             if item is not None:
-                prefix = f"{a.app}.{a.round_number}.player."
-                row["otree_participant_payoff"] = item.get("participant.payoff", "")
-                row["otree_player_payoff"] = item.get(f"{prefix}payoff", "")
-                row["otree_field_value"] = item.get(prefix + a.field, "")
-                if f"{a.app}.{a.round_number}.subsession.round_number" not in item and prefix + "id_in_group" not in item:
-                    note = f"oTree's export has no round {a.round_number} of {a.app}"
-                for key in item:
-                    if key.startswith(prefix):
-                        column = "otree_player_" + key[len(prefix):]
-                        row[column] = item[key]
+                row["otree_participant_payoff"] = item["payoff"]
+                player = item["players"].get((a.app, a.round_number))
+                if player is None:
+                    note = f"oTree's export has no round {a.round_number} of {a.app} for the participant"
+                else:
+                    row["otree_player_payoff"] = player.get("payoff", "")
+                    row["otree_field_value"] = player.get(a.field, "")
+                    for key, value in player.items():
+                        column = "otree_player_" + key
+                        row[column] = value
                         if column not in seen_fields:
                             seen_fields.add(column)
                             player_fields.append(column)
             row["otree_note"] = note
             rows.append(row)
+        wide = None  # the next session's export replaces it
     columns = BASE[:8] + extra_factors + BASE[8:] + JOINED + [
         c for c in player_fields if c not in ("otree_player_payoff",)]
-    manifests = [manifest_of(run, notes.get(run.pk, "")) for run in runs]
+    manifests = [manifest_of(run, notes[run.pk]) for run in runs]
     return Results(name=name, columns=columns, rows=rows, manifests=manifests,
-                   notes={run.number: notes[run.pk] for run in runs if run.pk in notes})
+                   notes={run.number: notes[run.pk] for run in runs if notes[run.pk]})
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -241,10 +258,11 @@ def _number(text):
 
 def _otree_type(values: list) -> str:
     """'int', 'float' or 'string' for a joined oTree column (whatever all its cells are)."""
-    kind = "int"
+    kind = "string"  # no value at all: text
     for v in values:
         if v in (None, ""):
             continue
+        kind = "int" if kind == "string" else kind
         try:
             number = _number(v)
         except (TypeError, ValueError):
@@ -254,37 +272,42 @@ def _otree_type(values: list) -> str:
     return kind
 
 
+def _column(column: str, values: list):
+    """(pyarrow type, values) of one column: the declared type (INTEGERS, FLOATS, `cached`),
+    the joined oTree columns numeric when every value is a number; text otherwise (a value
+    that does not fit the declared type makes the column text, never an error)."""
+    import pyarrow as pa
+
+    def text():
+        return pa.string(), [None if v is None or (v == "" and column.startswith("otree_")) else _cell(v)
+                             for v in values]
+
+    if column == "cached":
+        return pa.bool_(), [bool(v) for v in values]
+    if column in INTEGERS or column in FLOATS or column.startswith("otree_player_") or column == "otree_field_value":
+        found = _otree_type(values)
+        if all(v in (None, "") for v in values) and (column in INTEGERS or column in FLOATS):
+            found = "float" if column in FLOATS else "int"  # no value: the declared type, all null
+        if found == "string" or (column in INTEGERS and found == "float"):
+            return text()
+        if found == "int" and column not in FLOATS:
+            return pa.int64(), [_number(v) for v in values]
+        return pa.float64(), [None if v in (None, "") else float(v) for v in values]
+    return text()
+
+
 def to_parquet(results: Results) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     arrays, fields = [], []
     for column in results.columns:
-        values = [row.get(column) for row in results.rows]
-        if column == "cached":
-            kind = pa.bool_()
-            data = [bool(v) for v in values]
-        elif column in INTEGERS:
-            kind = pa.int64()
-            data = [None if v in (None, "") else int(v) for v in values]
-        elif column in FLOATS:
-            kind = pa.float64()
-            data = [None if v in (None, "") else float(v) for v in values] if _otree_type(values) != "string" \
-                else None
-            if data is None:
-                kind, data = pa.string(), [None if v is None else str(v) for v in values]
-        elif column.startswith("otree_player_") or column == "otree_field_value":
-            found = _otree_type(values)
-            if found == "int":
-                kind, data = pa.int64(), [_number(v) for v in values]
-            elif found == "float":
-                kind, data = pa.float64(), [None if v in (None, "") else float(v) for v in values]
-            else:
-                kind, data = pa.string(), [None if v in (None, "") else str(v) for v in values]
-        else:
+        kind, data = _column(column, [row.get(column) for row in results.rows])
+        try:
+            arrays.append(pa.array(data, type=kind))
+        except (pa.ArrowInvalid, OverflowError):  # e.g. an integer beyond int64: as text
             kind = pa.string()
-            data = [None if v is None else _cell(v) for v in values]
-        arrays.append(pa.array(data, type=kind))
+            arrays.append(pa.array([None if v is None else _cell(v) for v in data], type=kind))
         fields.append(pa.field(column, kind))
     table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
     sink = io.BytesIO()

@@ -212,7 +212,7 @@ class Player(BasePlayer):
 
 
 class Intro(Page):
-    pass
+    timeout_seconds = 600  # oTree's timer script adds an input when the time is up: not a problem
 
 
 class Chat(Page):

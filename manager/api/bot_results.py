@@ -41,7 +41,7 @@ def bot_experiment_results_csv(request: HttpRequest, name: str, number: int = Pa
     from oTree's wide export of each run's session: `otree_participant_payoff`, `otree_player_payoff`,
     `otree_field_value` (oTree's stored value of the row's field) and `otree_player_<field>` for the
     row's app and round; `otree_note` says why they are empty when oTree's data could not be read
-    (the bot data are there all the same). 409 over 200000 answers."""
+    (the bot data are there all the same). 409 over 100000 answers."""
     return _results(lambda: _experiment(request, name, number), "results.csv")
 
 

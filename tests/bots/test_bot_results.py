@@ -21,7 +21,7 @@ import pytest
 from django.conf import settings
 from django.test import Client
 
-from bots import llm, services
+from bots import llm, results, services
 from bots.models import Answer, Bot, BotExperiment, BotRun, Provider
 from bots.tasks import run_bots
 from instances.models import Instance
@@ -267,3 +267,22 @@ def test_preflight_of_plain_pages_finds_nothing(lab):
     assert "Preflight not started" in response.content.decode() and BotRun.objects.count() == 1
     assert page_client(lab["bob"]).post(f"/instances/{NAME}/bot-runs/preflight/",
                                         {"session_config": "survey", "num_participants": "1"}).status_code == 404
+
+
+def test_parquet_columns_keep_their_types_whatever_the_values():
+    """No database or app needed: the table's typing rules on awkward values."""
+    columns = ["experiment", "run", "temperature", "seed", "cached", "answer", "otree_player_payoff",
+               "otree_player_role", "otree_player_mixed", "otree_player_big"]
+    rows = [{"experiment": None, "run": 1, "temperature": "0.7", "seed": None, "cached": True, "answer": "12",
+             "otree_player_payoff": "100", "otree_player_role": "", "otree_player_mixed": "3",
+             "otree_player_big": str(2**70)},
+            {"experiment": None, "run": 2, "temperature": "warm", "seed": 7, "cached": False, "answer": "x",
+             "otree_player_payoff": "2.5", "otree_player_role": "", "otree_player_mixed": "three",
+             "otree_player_big": "1"}]
+    table = pq.read_table(io.BytesIO(results.to_parquet(results.Results("t", columns, rows, []))))
+    types = {f.name: str(f.type) for f in table.schema}
+    assert types == {"experiment": "int64", "run": "int64", "temperature": "string", "seed": "int64",
+                     "cached": "bool", "answer": "string", "otree_player_payoff": "double",
+                     "otree_player_role": "string", "otree_player_mixed": "string", "otree_player_big": "string"}
+    assert table.column("otree_player_payoff").to_pylist() == [100.0, 2.5]
+    assert table.column("seed").to_pylist() == [None, 7] and table.column("otree_player_role").to_pylist() == [None] * 2
