@@ -213,7 +213,8 @@ def test_without_the_app_the_bot_data_download_with_the_reason(lab, ann):
     assert [(r["participant"], r["field"], r["answer"], r["reason"]) for r in rows] == \
         [("gh0stpar", "guess", "17", "a hunch")]
     assert rows[0]["otree_participant_payoff"] == "" and rows[0]["otree_field_value"] == ""
-    assert rows[0]["otree_note"].startswith("oTree's data could not be read: ") and "results-ghost" in rows[0]["otree_note"]
+    note = rows[0]["otree_note"]
+    assert note.startswith("oTree's data could not be read: ") and "results-ghost" in note
     manifests = json.loads(client.get("/instances/results-ghost/bot-runs/1/manifests.json").content)
     assert manifests["runs"][0]["otree_data"] == rows[0]["otree_note"]
 
