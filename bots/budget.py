@@ -8,6 +8,8 @@ in it, whichever month their run started in."""
 
 from __future__ import annotations
 
+from datetime import timezone as dt_timezone
+
 from django.conf import settings
 from django.db.models import Sum
 from django.utils import timezone
@@ -32,7 +34,7 @@ def experiment_spent(experiment: BotExperiment) -> float:
 
 
 def month_start(now=None):
-    now = (now or timezone.now()).astimezone(timezone.utc)
+    now = (now or timezone.now()).astimezone(dt_timezone.utc)
     return now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
 
