@@ -43,7 +43,7 @@ from django.db import close_old_connections, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from bots import policy, preflight, seats
+from bots import budget, cache, manifest, policy, preflight, seats
 from bots.llm import Attempt, LLMClient, ModelError
 from bots.live import bots_of, run_event
 from bots.models import Answer, Bot, BotRun, ModelCall
@@ -262,6 +262,36 @@ class RunContext:
         self.sockets_broken = 0  # wait-page sockets that failed: after 3, bots poll
         self.room: str | None = None  # a lobby room's run: the bots enter through this oTree room
         self.board_pushed = 0.0
+        self.spent = 0.0  # USD this run spent (its calls so far; kept up to date by every call)
+        self.codes: dict[str, str] = {}  # the run's participant and session codes -> placeholders (cache keys)
+        self.returned_models: list[str] = list((run.manifest or {}).get("returned_models", []))
+        self.fingerprints: list[str] = list((run.manifest or {}).get("system_fingerprints", []))
+
+    def halt(self, reason: str) -> None:
+        """Stop the run (like a stop request) with `reason`; play_all ends it."""
+        if not self.stop_reason:
+            self.stop_reason = reason
+        self.stop.set()
+
+    def over_budget(self) -> str:
+        """The run's own cap, from what it spent so far (no query; the experiment's and the
+        monthly caps are checked against the database at every heartbeat)."""
+        cap = self.run.budget_usd
+        if cap is not None and self.spent >= cap:
+            return f"the run's budget of ${cap:g} was reached (${self.spent:.4f} spent)"
+        return ""
+
+    async def saw(self, attempt: Attempt) -> None:
+        """Record a model id or fingerprint the provider answered with, the first time."""
+        new_model = attempt.returned_model and attempt.returned_model not in self.returned_models
+        new_print = attempt.system_fingerprint and attempt.system_fingerprint not in self.fingerprints
+        if not (new_model or new_print):
+            return
+        if new_model:
+            self.returned_models.append(attempt.returned_model)
+        if new_print:
+            self.fingerprints.append(attempt.system_fingerprint)
+        await db(note_models)(self.run, self.returned_models, self.fingerprints)
 
     async def sleep(self, seconds: float) -> None:
         """Sleep, but wake up at once when the run is stopped."""
@@ -320,6 +350,7 @@ class BotPlayer:
         self.run = ctx.run
         self.submitting = False  # a form is on its way: not cancelled when stopping
         self.previous: dict | None = None  # the answers oTree rejected last
+        self.from_cache = False  # the last decision came from the replay cache
         bot.run = ctx.run  # the same object: prices for the cost
 
     # --- state, saved and pushed
@@ -444,10 +475,11 @@ class BotPlayer:
         rejections = 0
         while True:
             if choices is None:
+                self.from_cache = False
                 choices = await self.decide(page, rejected)
                 if self.ctx.stop.is_set():
                     return page
-                await db(record_pending)(self.bot, page, choices)
+                await db(record_pending)(self.bot, page, choices, self.from_cache)
             result = await self._post(page.url, policy.form_data(page, choices))
             if result.index == page.index and result.name == page.name and result.redisplayed_with_errors:
                 await db(settle)(self.bot, before_index=page.index + 1, status=Answer.Status.REJECTED)
@@ -478,19 +510,9 @@ class BotPlayer:
         kind = ModelCall.Kind.RESUBMIT if rejected else ModelCall.Kind.ANSWER
         corrections = 0
         while True:
-            async def record(attempt: Attempt, kind=kind, sent=list(messages)):
-                await db(record_call)(self.bot, page, kind, sent, attempt)
-                self.bot.prompt_tokens += attempt.prompt_tokens
-                self.bot.completion_tokens += attempt.completion_tokens
-                if attempt.number > 1:
-                    self.bot.retries += 1
-                self.ctx.changed(self.bot)
-
-            async with self.ctx.semaphore:
-                if self.ctx.stop.is_set():
-                    return []
-                await self.save(status=Bot.Status.THINKING)
-                attempt = await self.ctx.llm.complete(messages, schema=schema, on_attempt=record)
+            attempt = await self.ask(page, kind, list(messages), schema)
+            if attempt is None:  # stopped (on request, at the time limit or at a budget)
+                return []
             choices, memory, problems = policy.parse_output(attempt.text, page, with_memory)
             if not problems:
                 break
@@ -508,8 +530,58 @@ class BotPlayer:
         else:
             self.bot.history = self.bot.history + [{"role": "user", "content": user},
                                                    {"role": "assistant", "content": attempt.text}]
+        self.from_cache = attempt.cached
         await self.save(status=Bot.Status.PLAYING)
         return choices
+
+    async def ask(self, page: Page, kind: str, messages: list[dict], schema: dict) -> Attempt | None:
+        """The model's reply to `messages`: from the replay cache when the run uses it and
+        has it (no request, no rate-limit slot, no cost), else from the model — unless a
+        budget is reached (the run stops) or the run is stopping (None)."""
+        ctx = self.ctx
+        cache_key = occurrence = None
+        if self.run.use_cache:
+            cache_key = cache.key(ctx.llm.request_parameters(schema), self.bot.index, messages, ctx.codes)
+            counts = self.bot.state.setdefault("cache", {})
+            occurrence = counts[cache_key] = counts.get(cache_key, 0) + 1
+            hit = await db(cache.lookup)(cache_key, occurrence)
+            if hit is not None:
+                attempt = Attempt(number=1, text=hit.response, prompt_tokens=hit.prompt_tokens,
+                                  completion_tokens=hit.completion_tokens, returned_model=hit.returned_model,
+                                  system_fingerprint=hit.system_fingerprint, cached=True)
+                await self.record(page, kind, messages, attempt)
+                return attempt
+        reason = ctx.over_budget()
+        if reason:
+            ctx.halt(reason)
+            return None
+
+        async def on_attempt(attempt: Attempt) -> None:
+            await self.record(page, kind, messages, attempt)
+
+        async with ctx.semaphore:
+            if ctx.stop.is_set():
+                return None
+            await self.save(status=Bot.Status.THINKING)
+            attempt = await ctx.llm.complete(messages, schema=schema, on_attempt=on_attempt)
+        if cache_key is not None and attempt.text and not attempt.error:
+            await db(cache.store)(cache_key, occurrence, run=self.run, attempt=attempt)
+        return attempt
+
+    async def record(self, page: Page, kind: str, messages: list[dict], attempt: Attempt) -> None:
+        """One model call (or cached answer): recorded with its cost, counted for the budget."""
+        run = self.run
+        cost = 0.0 if attempt.cached else budget.call_cost(attempt.prompt_tokens, attempt.completion_tokens,
+                                                           run.price_input, run.price_output)
+        await db(record_call)(self.bot, page, kind, messages, attempt, cost)
+        self.ctx.spent += cost
+        if not attempt.cached:  # the bot's tokens are what it was charged for
+            self.bot.prompt_tokens += attempt.prompt_tokens
+            self.bot.completion_tokens += attempt.completion_tokens
+        if attempt.number > 1:
+            self.bot.retries += 1
+        self.ctx.changed(self.bot)
+        await self.ctx.saw(attempt)
 
 
 # --- database steps (run in the database thread) ----------------------------------------------
@@ -531,10 +603,10 @@ def resumed(page: Page, rows: list[tuple[str, str, str]]) -> list[policy.Choice]
     return choices or None
 
 
-def record_pending(bot: Bot, page: Page, choices: list[policy.Choice]) -> None:
+def record_pending(bot: Bot, page: Page, choices: list[policy.Choice], cached: bool = False) -> None:
     Answer.objects.bulk_create([
         Answer(run_id=bot.run_id, bot=bot, app=page.app, round_number=bot.round_number or 1, page=page.name,
-               page_index=page.index, field=c.field, value=c.value, reason=c.reason)
+               page_index=page.index, field=c.field, value=c.value, reason=c.reason, cached=cached)
         for c in choices])
 
 
@@ -544,11 +616,53 @@ def settle(bot: Bot, *, before_index: int, status: str = Answer.Status.ACCEPTED)
         status=status)
 
 
-def record_call(bot: Bot, page: Page, kind: str, messages: list, attempt: Attempt) -> None:
+def record_call(bot: Bot, page: Page, kind: str, messages: list, attempt: Attempt, cost: float = 0.0) -> None:
     ModelCall.objects.create(run_id=bot.run_id, bot=bot, page_index=page.index, page=page.name, kind=kind,
                              attempt=attempt.number, prompt=messages, response=attempt.text, error=attempt.error,
                              prompt_tokens=attempt.prompt_tokens, completion_tokens=attempt.completion_tokens,
-                             latency_ms=attempt.latency_ms)
+                             latency_ms=attempt.latency_ms, cached=attempt.cached,
+                             returned_model=attempt.returned_model, system_fingerprint=attempt.system_fingerprint,
+                             cost_usd=cost)
+
+
+def note_models(run: BotRun, models: list[str], fingerprints: list[str]) -> None:
+    """The model ids and fingerprints the provider answered with, in the run and its manifest."""
+    data = dict(run.manifest or {})
+    data["returned_models"], data["system_fingerprints"] = list(models), list(fingerprints)
+    set_run(run, manifest=data, returned_model=models[-1] if models else run.returned_model,
+            system_fingerprint=fingerprints[-1] if fingerprints else run.system_fingerprint)
+
+
+def record_manifest(run: BotRun) -> None:
+    """The manifest, once the run's session exists (a resumed run keeps the one it has)."""
+    if not run.manifest:
+        set_run(run, manifest=manifest.build(run))
+
+
+def close_manifest(run: BotRun) -> None:
+    run.refresh_from_db(fields=["manifest", "finished_at", "status"])
+    if run.manifest and run.finished_at:
+        set_run(run, manifest={**run.manifest, "ended_at": run.finished_at.isoformat()})
+
+
+def budget_reason(run: BotRun) -> str:
+    """budget.exhausted with the caps as they are now (a lab manager may change them)."""
+    if run.created_by_id:
+        run.created_by.refresh_from_db(fields=["bot_monthly_budget_usd"])
+    if run.experiment_id:
+        run.experiment.refresh_from_db(fields=["budget_usd"])
+    return budget.exhausted(run)
+
+
+def cache_codes(run: BotRun) -> dict[str, str]:
+    """The run's codes (session, participants) and the placeholders cache keys use instead."""
+    codes = {run.session_code: "<session>"} if run.session_code else {}
+    for bot in run.bots.all():
+        codes[bot.participant_code] = f"<participant {bot.id_in_session}>"
+    for seat in run.human_seats or []:
+        codes[seat.get("code", "")] = f"<participant {seat.get('id_in_session')}>"
+    codes.pop("", None)
+    return codes
 
 
 def load_run(run_id: int) -> BotRun | None:
@@ -609,7 +723,7 @@ def _llm_for(run: BotRun, limiter: RateLimiter) -> LLMClient | None:
         raise RunFailed(f"the provider {provider.name} is disabled")
     return LLMClient(base_url=provider.base_url, api_key=provider.api_key, model=run.model,
                      temperature=run.temperature, response_format=provider.response_format,
-                     timeout=provider.timeout_seconds, limiter=limiter)
+                     timeout=provider.timeout_seconds, limiter=limiter, seed=run.seed)
 
 
 async def execute(run_id: int, *, budget: float | None = None) -> None:
@@ -621,7 +735,7 @@ async def execute(run_id: int, *, budget: float | None = None) -> None:
         await db(close_old_connections)()
 
 
-async def _execute(run_id: int, budget: float | None) -> None:
+async def _execute(run_id: int, time_budget: float | None) -> None:
     run = await db(begin)(run_id)
     if run is None:
         return
@@ -629,6 +743,12 @@ async def _execute(run_id: int, budget: float | None) -> None:
         await db(finish)(run, stop_text(run))
         await push_final(run)
         return
+    if not run.is_random:  # a cap already reached: no session, no call
+        reason = await db(budget_reason)(run)
+        if reason:
+            await db(finish)(run, reason)
+            await push_final(run)
+            return
     otree = None
     limiter = RateLimiter([(run_key(run.pk), run.rate_limit)]
                           + ([(provider_key(run.provider_id), run.provider.requests_per_minute)]
@@ -653,9 +773,12 @@ async def _execute(run_id: int, budget: float | None) -> None:
             await db(seats.open_gate)(run)
         if run.status != BotRun.Status.RUNNING:
             await db(set_run)(run, status=BotRun.Status.RUNNING, started_at=run.started_at or timezone.now())
+        await db(record_manifest)(run)
         ctx = RunContext(run, otree, llm)
         ctx.room = room
-        await play_all(ctx, budget)
+        ctx.spent = await db(budget.run_spent)(run)
+        ctx.codes = await db(cache_codes)(run)
+        await play_all(ctx, time_budget)
         if room:  # which participants the humans got, by their labels
             try:
                 await db(seats.arrived)(run, None, "", await otree.participants(run.session_code))
@@ -673,6 +796,7 @@ async def _execute(run_id: int, budget: float | None) -> None:
         for closing in (otree, llm, limiter):
             if closing is not None:
                 await closing.close()
+    await db(close_manifest)(run)
     await push_final(run)
 
 
@@ -689,15 +813,16 @@ async def push_final(run: BotRun) -> None:
             log.warning("final live update of bot run %s failed", run.pk, exc_info=True)
 
 
-async def play_all(ctx: RunContext, budget: float | None) -> None:
+async def play_all(ctx: RunContext, time_budget: float | None) -> None:
     run = ctx.run
     for bot in await db(bots_of)(run):
         ctx.players[bot.pk] = BotPlayer(ctx, bot)
     tasks = {asyncio.ensure_future(p.play()): p for p in ctx.players.values() if p.bot.status not in Bot.DONE}
-    deadline = time.monotonic() + budget if budget else None
+    deadline = time.monotonic() + time_budget if time_budget else None
     run_deadline = run.deadline
     await ctx.push(full=True)
     last_beat = 0.0
+    halted = False
     pending = set(tasks)
     while pending:
         done, pending = await asyncio.wait(pending, timeout=PUSH_INTERVAL)
@@ -711,11 +836,15 @@ async def play_all(ctx: RunContext, budget: float | None) -> None:
                     ctx.stop_reason = "stopped on request"
                 elif timezone.now() >= run_deadline or (deadline and now >= deadline):
                     ctx.stop_reason = f"the time limit of {run.time_limit_minutes} min was reached"
-                if ctx.stop_reason:
-                    ctx.stop.set()
-                    await db(set_run)(run, status=BotRun.Status.STOPPING, status_reason=ctx.stop_reason)
-                    ctx.live.run_changed = True
-                    pending = await stop_bots(ctx, pending, tasks)
+                elif ctx.llm is not None and pending:  # the experiment's and the monthly cap (other runs spend too)
+                    ctx.stop_reason = ctx.over_budget() or await db(budget_reason)(run)
+        if ctx.stop_reason and not halted:  # from above, or a bot that met a budget
+            halted = True
+            ctx.stop.set()
+            await db(set_run)(run, status=BotRun.Status.STOPPING, status_reason=ctx.stop_reason[:500])
+            ctx.live.run_changed = True
+            if pending:
+                pending = await stop_bots(ctx, pending, tasks)
     await ctx.push()
 
 

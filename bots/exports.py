@@ -7,10 +7,11 @@ from __future__ import annotations
 import csv
 import io
 
+from bots import budget, manifest
 from bots.live import bots_of
 from bots.models import Answer, BotRun
 
-CSV_COLUMNS = ["session", "participant", "app", "round", "page", "field", "answer", "reason"]
+CSV_COLUMNS = ["session", "participant", "app", "round", "page", "field", "answer", "reason", "cached"]
 
 
 def responses_csv(run: BotRun) -> str:
@@ -21,7 +22,7 @@ def responses_csv(run: BotRun) -> str:
             .order_by("bot__index", "page_index", "id"))
     for a in rows:
         writer.writerow([run.session_code, a.bot.participant_code, a.app, a.round_number, a.page, a.field, a.value,
-                         a.reason])
+                         a.reason, "true" if a.cached else "false"])
     return buffer.getvalue()
 
 
@@ -34,7 +35,9 @@ def conversations(run: BotRun) -> dict:
             "calls": [{"time": c.created_at.isoformat(), "page_index": c.page_index, "page": c.page, "kind": c.kind,
                        "attempt": c.attempt, "messages": c.prompt, "response": c.response, "error": c.error,
                        "prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-                       "latency_ms": c.latency_ms} for c in bot.calls.all()],
+                       "latency_ms": c.latency_ms, "cached": c.cached, "returned_model": c.returned_model,
+                       "system_fingerprint": c.system_fingerprint, "cost_usd": c.cost_usd}
+                      for c in bot.calls.all()],
         })
     return {"run": run.number, "instance": run.instance.name, "session": run.session_code, "bots": bots}
 
@@ -64,10 +67,13 @@ def summary(run: BotRun) -> dict:
         "worker_deliveries": run.deliveries,
         "tokens": {"prompt": sum(b.prompt_tokens for b in bots), "completion": sum(b.completion_tokens for b in bots)},
         "estimated_cost_usd": round(sum(b.cost for b in bots), 6),
-        "model_calls": calls.count(), "failed_model_calls": failed_calls.count(),
+        "spent_usd": round(budget.run_spent(run), 6), "budget_usd": run.budget_usd,
+        "model_calls": calls.filter(cached=False).count(), "failed_model_calls": failed_calls.count(),
+        "cached_answers": calls.filter(cached=True).count(),
         "answers": Answer.objects.filter(run=run, status=Answer.Status.ACCEPTED).count(),
         "rejected_answers": Answer.objects.filter(run=run, status=Answer.Status.REJECTED).count(),
         "bots_by_status": {s: sum(b.status == s for b in bots) for s in sorted({b.status for b in bots})},
         "errors": errors,
         "call_errors": list(failed_calls.values_list("error", flat=True)[:100]),
+        "manifest": manifest.for_export(run),
     }

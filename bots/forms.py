@@ -50,6 +50,16 @@ class BotRunForm(ServiceForm):
     concurrency = forms.IntegerField(label="Concurrency (model requests at once)", min_value=1, max_value=200,
                                      initial=10)
     time_limit_minutes = forms.IntegerField(label="Stop after (minutes)", min_value=1, max_value=24 * 60, initial=60)
+    budget_usd = forms.FloatField(label="Budget (USD)", required=False, min_value=0.000001,
+                                  max_value=services.MAX_BUDGET,
+                                  help_text="The run stops when its model calls cost this much (empty: no cap "
+                                  "of its own; your monthly bot budget still applies).")
+    seed = forms.IntegerField(required=False, min_value=0, max_value=services.MAX_SEED,
+                              help_text="Sent to the provider (OpenAI-compatible APIs take a seed for more "
+                              "repeatable answers) and recorded in the manifest.")
+    use_cache = forms.BooleanField(label="Use the replay cache", required=False,
+                                   help_text="Identical requests are answered from the lab's cache of earlier "
+                                   "replies (no cost), and new replies are stored, so this run can be replayed.")
 
     def __init__(self, *args, instance=None, **kwargs):
         super().__init__(*args, **kwargs)

@@ -41,6 +41,9 @@ class Attempt:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_ms: int = 0
+    returned_model: str = ""  # the `model` the provider answered with
+    system_fingerprint: str = ""
+    cached: bool = False  # from the replay cache: no request was made
 
 
 def _retry_after(exc: openai.APIStatusError) -> float | None:
@@ -75,9 +78,11 @@ class LLMClient:
     """One per run: the SDK client (one connection pool) shared by the run's bots."""
 
     def __init__(self, *, base_url: str, api_key: str, model: str, temperature: float, response_format: str,
-                 timeout: float, limiter: RateLimiter):
+                 timeout: float, limiter: RateLimiter, seed: int | None = None):
+        self.base_url = base_url
         self.model = model
         self.temperature = temperature
+        self.seed = seed
         self.response_format = response_format
         self.limiter = limiter
         self.http = httpx2.AsyncClient(timeout=timeout, limits=httpx2.Limits(max_connections=100,
@@ -95,6 +100,13 @@ class LLMClient:
             return {"type": "json_object"}
         return openai.NOT_GIVEN
 
+    def request_parameters(self, schema: dict | None) -> dict:
+        """What, besides the messages, decides the model's reply (the replay cache's key)."""
+        response_format = self._format(schema)
+        return {"base_url": self.base_url, "model": self.model, "temperature": self.temperature, "seed": self.seed,
+                "response_format": None if response_format is openai.NOT_GIVEN else response_format,
+                "max_tokens": MAX_TOKENS}
+
     async def complete(self, messages: list[dict], *, schema: dict | None = None, on_attempt=None) -> Attempt:
         """The model's reply to `messages`; ModelError after the retries are used up or on a
         permanent error. `on_attempt(attempt)` is awaited after every attempt."""
@@ -108,8 +120,11 @@ class LLMClient:
             try:
                 response = await self.client.chat.completions.create(
                     model=self.model, messages=messages, temperature=self.temperature,
-                    response_format=self._format(schema), max_tokens=MAX_TOKENS)
+                    response_format=self._format(schema), max_tokens=MAX_TOKENS,
+                    seed=self.seed if self.seed is not None else openai.NOT_GIVEN)
                 attempt.latency_ms = int((time.monotonic() - t0) * 1000)
+                attempt.returned_model = str(getattr(response, "model", "") or "")[:200]
+                attempt.system_fingerprint = str(getattr(response, "system_fingerprint", "") or "")[:200]
                 choice = response.choices[0] if response.choices else None
                 attempt.text = (choice.message.content or "") if choice is not None else ""
                 if response.usage is not None:

@@ -19,6 +19,12 @@ from dataclasses import dataclass
 
 from bots.page import CHECKBOX, CHOICE, FLOAT, NUMBER, Field, Page
 
+# The version of the prompts below (SYSTEM, MEMORY_KEY, page_message, correction_message),
+# recorded in every run's manifest. Bump it with any change to what the model is sent —
+# wording, order, the fields' JSON — so a reviewer knows which prompts a run used (and the
+# replay cache, keyed on the messages themselves, no longer hits for the old ones).
+TEMPLATE_VERSION = "2026-12-1"
+
 SYSTEM = """\
 You take part in an economics experiment as one of its participants. The experiment runs \
 in oTree: you see one page at a time, with its text and the form fields to fill in. Read \

@@ -11,6 +11,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from bots import budget
 from bots.live import bots_of, run_event
 from bots.models import RANDOM_POLICY, Bot, BotRun, Provider
 from bots.realtime import run_group
@@ -37,6 +38,8 @@ MAX_INSTRUCTIONS = 4000
 STALE_SECONDS = 60  # a running run whose heartbeat is older than this lost its worker
 QUEUED_PATIENCE = timedelta(minutes=2)  # a queued run not picked up by then is enqueued again
 MAX_DELIVERIES = 20  # a run whose worker died this often is failed
+MAX_BUDGET = 100000.0  # USD, a run's cap at most
+MAX_SEED = 2**63 - 1
 
 
 # --- providers ------------------------------------------------------------------------------
@@ -162,8 +165,11 @@ def _check(actor, instance: Instance) -> None:
 def create_run(actor, instance: Instance, *, session_config: str, num_participants: int, num_bots: int,
                provider: Provider | None, model: str, temperature: float = 1.0, instructions: str = "",
                memory: str = BotRun.Memory.SUMMARY, rate_limit: int = 60, concurrency: int = 10,
-               time_limit_minutes: int = 60, request=None) -> BotRun:
-    """Record a run (queued) and enqueue its worker task once the transaction commits."""
+               time_limit_minutes: int = 60, budget_usd: float | None = None, use_cache: bool = False,
+               seed: int | None = None, source: BotRun | None = None, request=None) -> BotRun:
+    """Record a run (queued) and enqueue its worker task once the transaction commits.
+    `budget_usd`: the run's cap (None: none); `use_cache`: the replay cache; `seed`: sent to
+    the provider; `source`: the run this one runs again."""
     _check(actor, instance)
     check_text(session_config, field="session_config", max_length=100, label="The session config", single_line=True)
     check_text(model, field="model", max_length=100, label="The model", single_line=True)
@@ -189,20 +195,32 @@ def create_run(actor, instance: Instance, *, session_config: str, num_participan
         errors["temperature"] = [f"must be a number from {low} to {high}"]
     if memory not in BotRun.Memory.values:
         errors["memory"] = [f"must be one of {', '.join(BotRun.Memory.values)}"]
+    if budget_usd is not None and (not isinstance(budget_usd, (int, float)) or isinstance(budget_usd, bool)
+                                   or not 0 < budget_usd <= MAX_BUDGET or budget_usd != budget_usd):
+        errors["budget_usd"] = [f"must be a positive number of US dollars (at most {MAX_BUDGET:g}), or empty"]
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED):
+        errors["seed"] = [f"must be a whole number from 0 to {MAX_SEED}, or empty"]
     if errors:
         raise ValidationError(errors)
+    if provider is not None:  # the offline policy costs nothing
+        spent_reason = monthly_refusal(actor)
+        if spent_reason:
+            raise ValidationError({"budget_usd": [spent_reason]})
     price_in, price_out = provider.price(model) if provider else (0.0, 0.0)
     with throttle.take("bot_run", actor, instance):  # a run not recorded gives its slot back
         return _record_run(actor, instance, request, session_config=session_config,
                            num_participants=num_participants, num_bots=num_bots, provider=provider, model=model,
                            temperature=temperature, instructions=instructions, memory=memory,
                            rate_limit=rate_limit, concurrency=concurrency, time_limit_minutes=time_limit_minutes,
-                           price_in=price_in, price_out=price_out)
+                           price_in=price_in, price_out=price_out,
+                           extra={"budget_usd": float(budget_usd) if budget_usd is not None else None,
+                                  "use_cache": bool(use_cache), "seed": seed, "source": source})
 
 
 def _record_run(actor, instance, request, *, session_config, num_participants, num_bots, provider, model,
                 temperature, instructions, memory, rate_limit, concurrency, time_limit_minutes, price_in,
-                price_out) -> BotRun:
+                price_out, extra=None) -> BotRun:
+    extra = extra or {}
     for _attempt in range(5):
         try:
             with transaction.atomic():
@@ -213,16 +231,56 @@ def _record_run(actor, instance, request, *, session_config, num_participants, n
                     provider_name=provider.name if provider else "", model=model, temperature=float(temperature),
                     instructions=instructions or "", memory=memory, rate_limit=rate_limit, concurrency=concurrency,
                     time_limit_minutes=time_limit_minutes, price_input=price_in, price_output=price_out,
-                    session_label=f"lab-bots-{instance.name}-{number}-{secrets.token_hex(4)}")
+                    session_label=f"lab-bots-{instance.name}-{number}-{secrets.token_hex(4)}", **extra)
+                source = extra.get("source")
                 record(actor, "bots.run_start", instance,
                        f"started bot run #{number} on {instance.name}: {session_config}, {num_bots} of "
                        f"{num_participants} participants as bots, {run.provider_name or 'random policy'} "
-                       f"{model if provider else ''}".strip(), request)
+                       f"{model if provider else ''}".strip()
+                       + (f" (running #{source.number} again)" if source is not None else ""), request)
                 enqueue(run)
             return run
         except IntegrityError:  # two runs numbered at once: take the next number
             continue
     raise ValidationError("could not number the run; try again")
+
+
+def monthly_refusal(user) -> str:
+    """Why `user` may not start a model run now ("" when they may): their monthly cap is spent."""
+    cap = budget.monthly_cap(user)
+    if cap is None:
+        return ""
+    spent = budget.month_spent(user.pk)
+    if spent < cap:
+        return ""
+    return (f"{user.username}'s monthly bot budget of ${cap:g} is spent (${spent:.4f} this month); "
+            "a lab manager can raise it on the account's page")
+
+
+def rerun(actor, run: BotRun, *, use_cache: bool | None = None, request=None) -> BotRun:
+    """A new run with `run`'s parameters, seed, instructions, provider, model and budget (a
+    standalone run: its manifest says which run it runs again). `use_cache` None keeps the
+    source's setting."""
+    _check(actor, run.instance)
+    if run.purpose != BotRun.Purpose.PLAY:
+        raise ValidationError("only bot runs can be run again (a preflight is started from its own page)")
+    if run.is_random:
+        provider, model = None, RANDOM_POLICY
+    else:
+        if run.provider is None:
+            raise ValidationError({"provider": [f"the provider {run.provider_name!r} of run #{run.number} no "
+                                                "longer exists"]})
+        provider, model = resolve_model(run.model, provider_name=run.provider.name)
+    new = create_run(actor, run.instance, session_config=run.session_config, num_participants=run.num_participants,
+                     num_bots=run.num_bots, provider=provider, model=model, temperature=run.temperature,
+                     instructions=run.instructions, memory=run.memory, rate_limit=run.rate_limit,
+                     concurrency=run.concurrency, time_limit_minutes=run.time_limit_minutes,
+                     budget_usd=run.budget_usd, use_cache=run.use_cache if use_cache is None else bool(use_cache),
+                     seed=run.seed, source=run, request=request)
+    if run.factors:
+        BotRun.objects.filter(pk=new.pk).update(factors=run.factors)
+        new.factors = run.factors
+    return new
 
 
 def task_limits(run: BotRun) -> tuple[int, int]:

@@ -26,6 +26,7 @@ urlpatterns = [
     path("<int:number>/stop/", views.run_stop, name="bot_run_stop"),
     path("<int:number>/<results:kind>", results_views.run_results, name="bot_run_results"),
     path("experiments/<int:number>/<results:kind>", results_views.experiment_results, name="bot_experiment_results"),
+    path("<int:number>/rerun/", views.run_rerun, name="bot_run_rerun"),
     path("<int:number>/<str:kind>", views.run_download, name="bot_run_download"),
 ]
 

@@ -2,17 +2,18 @@ import json
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
 from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from bots import exports, preflight, services
+from bots import budget, exports, manifest, preflight, services
 from bots.live import bots_of, run_event
 from bots.forms import BotRunForm, ProviderForm
 from bots.models import RANDOM_POLICY, BotRun, Provider
 from instances.selectors import get_visible_instance
 from manager.access import superuser_required
-from manager.throttle import refused_page
+from manager.throttle import Throttled, refused_page
 
 
 @login_required
@@ -35,8 +36,11 @@ def run_list(request, name):
                                       "the bots play.")
             return redirect("bot_run", name=instance.name, number=run.number)
     runs = instance.bot_runs.select_related("created_by").all()[:50]
+    cap = budget.monthly_cap(request.user)
     response = render(request, "bots/runs.html", {"instance": instance, "form": form, "runs": runs,
-                                                  "has_providers": Provider.objects.filter(enabled=True).exists()},
+                                                  "has_providers": Provider.objects.filter(enabled=True).exists(),
+                                                  "month_spent": budget.month_spent(request.user.pk),
+                                                  "month_cap": cap},
                       status=422 if form.is_bound and form.errors else 200)
     return refused_page(response, form.throttled) if form.throttled else response
 
@@ -67,17 +71,36 @@ def run_stop(request, name, number):
     return redirect("bot_run", name=name, number=number)
 
 
+@login_required
+@require_POST
+def run_rerun(request, name, number):
+    """Run again: a new run with this run's manifest (parameters, seed, model, budget)."""
+    run = services.get_run(request.user, name, number)
+    try:
+        new = services.rerun(request.user, run, use_cache=bool(request.POST.get("use_cache")), request=request)
+    except ValidationError as exc:
+        messages.error(request, f"Bot run #{run.number} cannot run again: " + "; ".join(exc.messages))
+        return redirect("bot_run", name=name, number=number)
+    except Throttled as exc:
+        messages.error(request, str(exc))
+        return redirect("bot_run", name=name, number=number)
+    messages.success(request, f"Bot run #{new.number} runs #{run.number} again"
+                              + (" from the replay cache where it can." if new.use_cache else "."))
+    return redirect("bot_run", name=name, number=new.number)
+
+
 DOWNLOADS = {
     "responses.csv": ("text/csv; charset=utf-8", lambda run: exports.responses_csv(run)),
     "conversations.json": ("application/json", lambda run: json.dumps(exports.conversations(run), indent=1)),
     "summary.json": ("application/json", lambda run: json.dumps(exports.summary(run), indent=1)),
+    "manifest.json": ("application/json", lambda run: json.dumps(manifest.for_export(run), indent=1)),
 }
 
 
 def download(run, kind: str) -> HttpResponse:
     """One of the run's downloads as an attachment (shared with the JSON API)."""
     if kind not in DOWNLOADS:
-        raise Http404("No such download: responses.csv, conversations.json or summary.json.")
+        raise Http404("No such download: " + ", ".join(DOWNLOADS) + ".")
     content_type, make = DOWNLOADS[kind]
     response = HttpResponse(make(run), content_type=content_type)
     stem, _, ext = kind.partition(".")

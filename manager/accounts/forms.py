@@ -53,6 +53,13 @@ class UserForm(ServiceForm):
                             widget=forms.EmailInput(attrs={"placeholder": "ada@university.edu"}))
 
 
+class UserEditForm(UserForm):
+    bot_monthly_budget_usd = forms.FloatField(
+        label="Monthly bot budget (USD)", required=False, min_value=0,
+        help_text="What this account's bot runs may spend on model calls per calendar month (UTC); "
+                  "empty: the lab's default (LAB_BOT_MONTHLY_BUDGET_USD).")
+
+
 class UserCreateForm(UserForm):
     is_superuser = forms.BooleanField(label="Lab manager (superuser)", required=False,
                                       help_text="Lab managers manage accounts and see every instance.")

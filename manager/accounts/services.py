@@ -112,8 +112,25 @@ def send_invitation(actor, user: User):
                       args=[user.pk], link=f"/users/{user.pk}/")
 
 
-def update_user(actor, user: User, *, username: str, email: str, name: str, request=None) -> User:
+KEEP = object()
+MAX_BOT_BUDGET = 1_000_000.0  # USD a month
+
+
+def clean_bot_budget(value) -> float | None:
+    """A monthly bot budget in USD: a number >= 0, or None (the lab's default)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or not 0 <= value <= MAX_BOT_BUDGET:
+        raise ValidationError({"bot_monthly_budget_usd": [
+            f"must be a number of US dollars from 0 to {MAX_BOT_BUDGET:g}, or empty for the lab's default"]})
+    return float(value)
+
+
+def update_user(actor, user: User, *, username: str, email: str, name: str, bot_monthly_budget_usd=KEEP,
+                request=None) -> User:
     fields = _clean_user_fields(username=username, email=email, name=name, instance=user)
+    if bot_monthly_budget_usd is not KEEP:
+        fields["bot_monthly_budget_usd"] = clean_bot_budget(bot_monthly_budget_usd)
     changed = {k: v for k, v in fields.items() if getattr(user, k) != v}
     if not changed:
         return user
@@ -122,6 +139,21 @@ def update_user(actor, user: User, *, username: str, email: str, name: str, requ
             setattr(user, key, value)
         user.save(update_fields=list(changed))
         record(actor, "user.update", user, "changed " + ", ".join(sorted(changed)), request, changed=sorted(changed))
+    return user
+
+
+def set_bot_budget(actor, user: User, value, request=None) -> User:
+    """The user's monthly bot budget (USD; None: the lab's default). Lab managers only."""
+    if actor is None or not actor.is_superuser:
+        raise NotAllowed("Only lab managers may set bot budgets.")
+    value = clean_bot_budget(value)
+    if user.bot_monthly_budget_usd != value:
+        with transaction.atomic():
+            user.bot_monthly_budget_usd = value
+            user.save(update_fields=["bot_monthly_budget_usd"])
+            record(actor, "user.update", user, f"set {user.username}'s monthly bot budget to "
+                   + (f"${value:g}" if value is not None else "the lab's default"), request,
+                   changed=["bot_monthly_budget_usd"])
     return user
 
 

@@ -8,9 +8,10 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse, reverse_lazy
 from django.views.decorators.http import require_POST
 
+from bots import budget as bot_budget
 from manager.access import superuser_required
 from manager.accounts import services
-from manager.accounts.forms import ProfileForm, SSHKeyForm, TokenForm, UserCreateForm, UserForm
+from manager.accounts.forms import ProfileForm, SSHKeyForm, TokenForm, UserCreateForm, UserEditForm
 from manager.accounts.models import User
 from manager.audit.models import AuditEvent
 from manager.audit.services import record
@@ -151,8 +152,9 @@ def user_create(request):
 @superuser_required
 def user_detail(request, user_id):
     account = get_object_or_404(User, pk=user_id)
-    form = UserForm(request.POST or None, initial={"name": account.name, "username": account.username,
-                                                   "email": account.email})
+    form = UserEditForm(request.POST or None, initial={"name": account.name, "username": account.username,
+                                                       "email": account.email,
+                                                       "bot_monthly_budget_usd": account.bot_monthly_budget_usd})
     if request.method == "POST" and form.is_valid():
         form.run(services.update_user, request.user, account, request=request, **form.cleaned_data)
         if form.is_valid():
@@ -163,6 +165,7 @@ def user_detail(request, user_id):
         "account": account, "form": form, "events": events,
         "keys": account.ssh_keys.all(), "tokens": account.access_tokens.all(),
         "mfa_on": account.authenticator_set.exists(),
+        "bot_spent": bot_budget.month_spent(account.pk), "bot_cap": bot_budget.monthly_cap(account),
     })
 
 

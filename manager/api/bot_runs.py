@@ -6,8 +6,9 @@ from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse
 from ninja import Path, Router, Schema, Status
 from pydantic import ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
 
-from bots import preflight, services
+from bots import budget, preflight, services
 from bots.live import bots_of, run_event
 from bots.models import RANDOM_POLICY, BotRun, Provider
 from bots.views import download
@@ -52,6 +53,18 @@ class BotRunIn(InputSchema):
     concurrency: Whole = Field(10, description="model requests in flight at once", **_limits("concurrency"))
     time_limit_minutes: Whole = Field(60, description="the run stops after this many minutes",
                                     **_limits("time_limit_minutes"))
+    budget_usd: float | None = Field(None, description="the run stops when its model calls cost this much "
+                                     "(USD; > 0; none: no cap of its own). A run is refused (422) while its "
+                                     "starter's monthly bot budget is spent.",
+                                     **rules(exclusive_minimum=0, maximum=services.MAX_BUDGET))
+    seed: Whole | None = Field(None, description="sent to the provider as `seed` and recorded in the manifest",
+                               **rules(minimum=0, maximum=services.MAX_SEED))
+    use_cache: bool = Field(False, description="answer identical requests from the lab's replay cache (no cost) "
+                            "and store new replies")
+
+
+class RerunIn(InputSchema):
+    use_cache: bool | None = Field(None, description="the replay cache for the new run (default: as the run had it)")
 
 
 class BotOut(Schema):
@@ -98,6 +111,13 @@ class BotRunOut(Schema):
     downloads: dict[str, str]
     purpose: str = Field(description='"play", or "preflight" (POST .../bot-preflight)')
     report: dict | None = Field(description="a preflight's report: pages met (fields), problems (kind, detail, page)")
+    budget_usd: float | None = Field(description="the run's cap (USD)")
+    spent_usd: float = Field(description="what its model calls cost (cached answers cost nothing)")
+    use_cache: bool
+    seed: int | None
+    returned_model: str = Field(description="the model id the provider answered with (last seen)")
+    system_fingerprint: str
+    rerun_of: int | None = Field(description="the run this one runs again")
 
 
 class ProviderOut(Schema):
@@ -128,8 +148,11 @@ def serialize(run: BotRun) -> dict:
         "tokens": live["totals"]["tokens"], "estimated_cost": live["totals"]["cost"], "bots": live["bots"],
         "downloads": {kind: f"{base}/{kind}" for kind in ("responses.csv", "conversations.json", "summary.json",
                                                           "results.csv", "results.parquet", "manifests.json",
-                                                          "results.zip")},
+                                                          "results.zip", "manifest.json")},
         "purpose": run.purpose, "report": preflight.report(run) if run.purpose == BotRun.Purpose.PREFLIGHT else None,
+        "budget_usd": run.budget_usd, "spent_usd": round(budget.run_spent(run), 6), "use_cache": run.use_cache,
+        "seed": run.seed, "returned_model": run.returned_model, "system_fingerprint": run.system_fingerprint,
+        "rerun_of": run.source.number if run.source_id and run.source else None,
     }
 
 
@@ -170,10 +193,40 @@ def stop_bot_run(request: HttpRequest, name: str, number: int = Path(..., ge=1, 
     return Status(202, serialize(run))
 
 
+@router.post("/{name}/bot-runs/{number}/rerun", summary="Run a bot run again",
+             response=responses({201: BotRunOut}, 400, 403, 404, 422, 429),
+             openapi_extra={"requestBody": {"required": False, "content": {
+                 "application/json": {"schema": RerunIn.model_json_schema()}}}})
+def rerun_bot_run(request: HttpRequest, name: str, response: HttpResponse, number: int = Path(..., ge=1, le=MAX_ID)):
+    """A new run with the same manifest: session config, participants, provider, model,
+    temperature, instructions, memory, limits, seed and budget. The body is optional:
+    `{"use_cache": true}` answers identical requests from the replay cache (default: as
+    the run had it)."""
+    run = services.get_run(request.auth, name, number)
+    payload = RerunIn()
+    if request.body.strip():
+        try:
+            payload = RerunIn.model_validate_json(request.body)
+        except PydanticValidationError as exc:
+            raise ValidationError({"use_cache": [f"send an empty body or {{\"use_cache\": true|false}} "
+                                                 f"({exc.errors()[0]['msg']})"]}) from None
+    new = services.rerun(request.auth, run, use_cache=payload.use_cache, request=request)
+    response["Location"] = f"/api/v1/instances/{name}/bot-runs/{new.number}"
+    return Status(201, serialize(new))
+
+
+@router.get("/{name}/bot-runs/{number}/manifest.json", summary="What a reviewer needs to run it again",
+            response=responses({200: dict}, 404))
+def bot_run_manifest(request: HttpRequest, name: str, number: int = Path(..., ge=1, le=MAX_ID)):
+    """Product version, provider (never its key), requested and returned models, parameters,
+    seed, prompt templates, oTree release and session config, times, cache, budgets."""
+    return download(services.get_run(request.auth, name, number), "manifest.json")
+
+
 @router.get("/{name}/bot-runs/{number}/responses.csv", summary="Answers as CSV (one row per answered field)",
             response=responses({200: str}, 404))
 def bot_run_responses(request: HttpRequest, name: str, number: int = Path(..., ge=1, le=MAX_ID)):
-    """Columns: session, participant, app, round, page, field, answer, reason."""
+    """Columns: session, participant, app, round, page, field, answer, reason, cached."""
     return download(services.get_run(request.auth, name, number), "responses.csv")
 
 

@@ -90,6 +90,8 @@ class UserOut(Schema):
     is_active: bool
     date_joined: datetime
     last_login: datetime | None
+    bot_monthly_budget_usd: float | None = Field(description="what the account's bot runs may spend per calendar "
+                                                 "month (USD); null: the lab's default (LAB_BOT_MONTHLY_BUDGET_USD)")
 
 
 USERNAME = UnicodeUsernameValidator.regex.replace(r"\Z", "$")  # Python's \w: Unicode letters and digits
@@ -103,6 +105,11 @@ class UserIn(InputSchema):
     name: str = Field("", description="Full name (optional).", **text(max_length=column(User, "name"),
                                                                       single_line=True))
     is_superuser: bool = Field(False, description="Make the new account a lab manager.")
+
+
+class UserBudgetIn(InputSchema):
+    bot_monthly_budget_usd: float | None = Field(description="USD per calendar month (UTC), >= 0; null: the lab's "
+                                                 "default", **rules(minimum=0))
 
 
 # --- SSH keys -------------------------------------------------------------------------

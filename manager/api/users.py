@@ -8,7 +8,7 @@ from manager.accounts import services
 from manager.accounts.models import User
 from manager.api.auth import managers_only
 from manager.api.errors import responses
-from manager.api.schemas import UserIn, UserOut
+from manager.api.schemas import UserBudgetIn, UserIn, UserOut
 from manager.texts import problem
 
 router = Router(tags=["users"])
@@ -50,3 +50,15 @@ def get_user(request: HttpRequest, username: str):
     if user is None:
         raise HttpError(404, f"There is no account with the username {username!r}.")
     return user
+
+
+@router.patch(
+    "/{username}", summary="Change an account's monthly bot budget", response=responses({200: UserOut}, 403, 404, 422),
+    auth=managers_only("change accounts"),
+)
+def update_user(request: HttpRequest, username: str, payload: UserBudgetIn):
+    """`{"bot_monthly_budget_usd": 20}` caps what the account's bot runs spend per calendar
+    month (UTC); `null` gives it the lab's default. Runs over the cap stop; new ones are
+    refused until the month ends."""
+    user = get_user(request, username)
+    return services.set_bot_budget(request.auth, user, payload.bot_monthly_budget_usd, request=request)
