@@ -405,6 +405,9 @@ class BotPlayer:
         last_index = None
         for _step in range(MAX_STEPS):
             if self.ctx.stop.is_set():
+                if page.is_end or (page.name and page.index != last_index):  # oTree took a form just before
+                    accepted = await db(settle)(self.bot, before_index=10**9 if page.is_end else page.index)
+                    await self.save(answers=self.bot.answers + accepted)
                 return
             if page.is_end:
                 accepted = await db(settle)(self.bot, before_index=10**9)

@@ -14,6 +14,9 @@ with a reason and, when asked for, updated notes ("memory"). Faults are scripted
 - `hold(at)`: request number `at` (0-based) is not answered until `release()` (a worker
   can be killed while it waits);
 - a number in `script` ("401", "404", …): that HTTP error (a refused key, an unknown model).
+
+Its replies name the model `model_id` ("fake" unless set: not the model asked for, as
+providers that route to a dated snapshot do) and carry `system_fingerprint` when one is set.
 """
 
 from __future__ import annotations
@@ -58,7 +61,9 @@ def cooperative_answer(messages: list[dict], want_memory: bool, serial: int) -> 
 
 
 class FakeLLM:
-    def __init__(self, slow_seconds: float = 3.0):
+    def __init__(self, slow_seconds: float = 3.0, model_id: str = "fake", fingerprint: str | None = None):
+        self.model_id = model_id
+        self.fingerprint = fingerprint
         self.requests: list[dict] = []
         self.faults: deque[str] = deque()
         self.slow_seconds = slow_seconds
@@ -167,11 +172,12 @@ class FakeLLM:
             text = json.dumps(data)
         return 200, self.completion(text, messages), {}
 
-    @staticmethod
-    def completion(text: str, messages: list[dict]) -> dict:
+    def completion(self, text: str, messages: list[dict]) -> dict:
         prompt_tokens = sum(len(m["content"]) for m in messages) // 4
+        extra = {"system_fingerprint": self.fingerprint} if self.fingerprint else {}
         return {
-            "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": "fake",
+            **extra,
+            "id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": self.model_id,
             "choices": [{"index": 0, "finish_reason": "stop",
                          "message": {"role": "assistant", "content": text}}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(text) // 4,

@@ -186,7 +186,7 @@ def test_three_llm_bots_finish_the_game_through_every_kind_of_fault(lab, fake):
     # Downloads: one CSV row per answered field with the reason; conversations; summary.
     rows = list(csv.DictReader(io.StringIO(download(lab, run, "responses.csv"))))
     assert len(rows) == 30 and list(rows[0]) == ["session", "participant", "app", "round", "page", "field", "answer",
-                                                 "reason"]
+                                                 "reason", "cached"]
     first = bots[0].participant_code
     assert sorted(r["round"] for r in rows if r["field"] == "guess" and r["participant"] == first) == ["1", "2", "3"]
     assert all(r["reason"].startswith("because ") for r in rows) and {r["session"] for r in rows} == {run.session_code}
