@@ -8,7 +8,6 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse, reverse_lazy
 from django.views.decorators.http import require_POST
 
-from bots import budget as bot_budget
 from manager.access import superuser_required
 from manager.accounts import services
 from manager.accounts.forms import ProfileForm, SSHKeyForm, TokenForm, UserCreateForm, UserEditForm
@@ -165,7 +164,6 @@ def user_detail(request, user_id):
         "account": account, "form": form, "events": events,
         "keys": account.ssh_keys.all(), "tokens": account.access_tokens.all(),
         "mfa_on": account.authenticator_set.exists(),
-        "bot_spent": bot_budget.month_spent(account.pk), "bot_cap": bot_budget.monthly_cap(account),
     })
 
 
