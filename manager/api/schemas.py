@@ -18,7 +18,7 @@ from ninja import Schema
 from pydantic import BeforeValidator, ConfigDict, Field
 
 from manager.accounts.models import SSHKey, User
-from manager.accounts.services import MAX_SSH_KEY
+from manager.accounts.services import MAX_BOT_BUDGET, MAX_SSH_KEY
 from manager.accounts.sshkeys import ACCEPTED_TYPES
 
 # What `manager.texts` lets through, as JSON Schema patterns (tests/manager/test_api_schema.py
@@ -109,7 +109,7 @@ class UserIn(InputSchema):
 
 class UserBudgetIn(InputSchema):
     bot_monthly_budget_usd: float | None = Field(description="USD per calendar month (UTC), >= 0; null: the lab's "
-                                                 "default", **rules(minimum=0))
+                                                 "default", **rules(minimum=0, maximum=MAX_BOT_BUDGET))
 
 
 # --- SSH keys -------------------------------------------------------------------------

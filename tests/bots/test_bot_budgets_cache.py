@@ -151,17 +151,18 @@ def test_a_run_stops_at_its_budget(lab, fake):
 @docker
 def test_the_monthly_budget_refuses_new_runs_and_stops_a_running_one(lab, fake):
     ann = lab["ann"]
-    ann.bot_monthly_budget_usd = 0.01
-    ann.save()
-    fake.hold(at=3)  # round 2 of the first bot: the run is busy while the month's spending passes the cap
+    fake.hold(at=3)  # round 2 of the first bot: the run is busy while a lab manager sets the cap
     run = start(lab)
     worker = in_background(run)
     assert fake.held.wait(timeout=90), "the run never reached the held request"
+    assert budget.month_spent(ann.pk) > 0.01  # round 1 cost more than the cap about to be set
+    User.objects.filter(pk=ann.pk).update(bot_monthly_budget_usd=0.01)
     wait_until(lambda: BotRun.objects.get(pk=run.pk).status in ("stopping", "stopped"), 30, 0.2,
                "the heartbeat to see the monthly budget spent")
     fake.release()
     worker.join(timeout=60)
     run.refresh_from_db()
+    ann.refresh_from_db()
     spent = budget.month_spent(ann.pk)
     assert run.status == "stopped", run.status_reason
     match = re.fullmatch(r"ann's monthly bot budget of \$0\.01 was reached \(\$([0-9.]+) spent this month\)",

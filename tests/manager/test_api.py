@@ -183,7 +183,8 @@ def test_user_who_must_change_password_can_still_use_a_token(client, alice):
 
 # --- /users ---------------------------------------------------------------------------
 
-USER_FIELDS = {"id", "username", "email", "name", "is_superuser", "is_active", "date_joined", "last_login"}
+USER_FIELDS = {"id", "username", "email", "name", "is_superuser", "is_active", "date_joined", "last_login",
+               "bot_monthly_budget_usd"}
 
 
 @pytest.mark.parametrize("persona,status", [("superuser", 200), ("alice", 403), ("bob", 403)])
