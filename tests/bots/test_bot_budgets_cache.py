@@ -186,6 +186,10 @@ def test_the_monthly_budget_refuses_new_runs_and_stops_a_running_one(lab, fake):
                         content_type="application/json")
     assert response.status_code == 422 and "monthly bot budget of $0.01 is spent" in response.json()["detail"]
     response = api.post(f"/api/v1/instances/{NAME}/bot-runs", {"session_config": "guess", "num_participants": 3,
+                                                               "num_bots": 3, "model": "random", "budget_usd": 0},
+                        content_type="application/json")
+    assert response.status_code == 422 and "budget_usd: must be a positive number" in response.json()["detail"]
+    response = api.post(f"/api/v1/instances/{NAME}/bot-runs", {"session_config": "guess", "num_participants": 3,
                                                                "num_bots": 3, "model": "random"},
                         content_type="application/json")
     assert response.status_code == 201
@@ -193,6 +197,12 @@ def test_the_monthly_budget_refuses_new_runs_and_stops_a_running_one(lab, fake):
     page.force_login(ann)
     text = page.get(f"/instances/{NAME}/bot-runs/").content.decode()
     assert f"${spent:.4f} of $0.01 spent this month" in text and "new model runs are refused" in text
+    response = page.post(f"/instances/{NAME}/bot-runs/", {
+        "session_config": "guess", "num_participants": 3, "num_bots": 3, "model": f"{lab['provider'].pk}:fake-1",
+        "temperature": 1, "memory": "summary", "rate_limit": 60, "concurrency": 10, "time_limit_minutes": 5,
+        "budget_usd": "2", "use_cache": "on"})
+    assert response.status_code == 422 and "monthly bot budget of $0.01 is spent" in response.content.decode()
+    assert BotRun.objects.filter(instance=lab["instance"], provider__isnull=False).count() == 1  # nothing new
 
 
 @docker
