@@ -50,7 +50,7 @@ from bots.models import Answer, Bot, BotRun, ModelCall
 from bots.page import Page, parse
 from bots.realtime import run_group
 from bots.ratelimit import RateLimiter, provider_key, run_key
-from bots.services import finish, set_run, stop_text
+from bots.services import finish, run_ended, set_run, stop_text
 
 log = logging.getLogger(__name__)
 
@@ -807,6 +807,7 @@ async def push_final(run: BotRun) -> None:
     await db(run.refresh_from_db)()
     if run.room_id:
         await db(seats.push_board)(run)
+    await db(run_ended)(run)  # an experiment's next runs
     bots = await db(bots_of)(run)
     layer = get_channel_layer()
     if layer is not None:

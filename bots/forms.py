@@ -72,3 +72,56 @@ class BotRunForm(ServiceForm):
             first = configs[0]
             self.initial.setdefault("num_participants", first.get("num_demo_participants") or 1)
             self.initial.setdefault("num_bots", first.get("num_demo_participants") or 1)
+
+
+class BotExperimentForm(ServiceForm):
+    """A design of bot runs; the lists are parsed by `experiment_views.design_from_form`
+    and checked by `experiments.normalise_design` (its errors land on these fields)."""
+
+    title = forms.CharField(required=False, max_length=200,
+                            widget=forms.TextInput(attrs={"placeholder": "Temperature and framing, pilot"}))
+    session_config = forms.ChoiceField(label="Session config")
+    num_participants = forms.IntegerField(label="Participants per session", min_value=1, max_value=500)
+    num_bots = forms.IntegerField(label="Of them bots", min_value=1, max_value=200)
+    models = forms.MultipleChoiceField(widget=forms.CheckboxSelectMultiple,
+                                       help_text="One run per model (and per temperature, variant, memory mode and "
+                                       "repetition); any providers.")
+    temperatures = forms.CharField(initial="1.0", max_length=500,
+                                   help_text="Comma-separated, e.g. <code>0, 0.7</code>.")
+    instructions = forms.CharField(label="Instruction variants", required=False, max_length=40000,
+                                   widget=forms.Textarea(attrs={"rows": 3, "placeholder":
+                                                                "plain:\nrisk: You are a risk-averse student."}),
+                                   help_text="One per line: <code>name: extra instructions</code> (the text may be "
+                                   "empty). Empty: one variant without extra instructions.")
+    memory = forms.MultipleChoiceField(label="Memory modes", choices=BotRun.Memory.choices,
+                                       initial=[BotRun.Memory.SUMMARY], widget=forms.CheckboxSelectMultiple)
+    repetitions = forms.IntegerField(min_value=1, max_value=100, initial=1,
+                                     help_text="Runs of every combination.")
+    max_parallel = forms.IntegerField(label="Runs at once", min_value=1, initial=2)
+    rate_limit = forms.IntegerField(label="Rate limit of each run (requests per minute)", min_value=1,
+                                    max_value=6000, initial=60)
+    concurrency = forms.IntegerField(label="Concurrency of each run", min_value=1, max_value=200, initial=10)
+    time_limit_minutes = forms.IntegerField(label="Each run stops after (minutes)", min_value=1, max_value=24 * 60,
+                                            initial=60)
+    budget_usd = forms.FloatField(label="Experiment budget (USD)", required=False, min_value=0,
+                                  help_text="Empty: no cap. At the cap no further run starts.")
+    run_budget_usd = forms.FloatField(label="Budget of each run (USD)", required=False, min_value=0)
+    use_cache = forms.BooleanField(label="Replay cache", required=False,
+                                   help_text="Identical requests are answered from the cache.")
+
+    def __init__(self, *args, instance=None, **kwargs):
+        from django.conf import settings
+
+        super().__init__(*args, **kwargs)
+        live = instance.live_release if instance is not None else None
+        configs = live.session_configs if live else []
+        self.fields["session_config"].choices = [(c["name"], f"{c['name']} — {c.get('display_name', '')}")
+                                                 for c in configs]
+        self.fields["models"].choices = services.model_options()
+        self.fields["max_parallel"].help_text = (f"At most {settings.LAB_BOT_RUNS} (LAB_BOT_RUNS, the runs the lab "
+                                                 "plays at once); runs share each provider's lab-wide rate limit.")
+        self.fields["max_parallel"].initial = min(2, settings.LAB_BOT_RUNS)
+        if configs and not self.is_bound:
+            first = configs[0]
+            self.initial.setdefault("num_participants", first.get("num_demo_participants") or 1)
+            self.initial.setdefault("num_bots", first.get("num_demo_participants") or 1)

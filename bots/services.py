@@ -359,6 +359,20 @@ def push_run(run: BotRun) -> None:
     run.refresh_from_db()
     bots = bots_of(run)
     send_to_group(run_group(run.pk), run_event(run, bots, bots))
+    run_ended(run)
+
+
+def run_ended(run: BotRun) -> None:
+    """A run ended (or was pushed whole): its experiment's scheduler releases the next runs.
+    Never raises: a failed pass is redone by the minute sweep."""
+    if run.experiment_id is None or run.is_active:
+        return
+    from bots import experiments
+
+    try:
+        experiments.schedule(run.experiment_id)
+    except Exception:  # noqa: BLE001
+        log.exception("scheduler pass of bot experiment %s failed", run.experiment_id)
 
 
 def sweep(now=None) -> dict:
@@ -391,6 +405,9 @@ def sweep(now=None) -> dict:
                 BotRun.objects.filter(pk=run.pk).update(heartbeat_at=now)  # not enqueued twice by the next sweep
                 enqueue(run)
             result["resumed"].append(run.pk)
+    from bots import experiments
+
+    result["experiments"] = experiments.sweep()  # release, stop or end what a lost pass left
     return result
 
 

@@ -2,7 +2,7 @@
 
 from django.urls import path, register_converter
 
-from bots import results_views, views
+from bots import experiment_views, results_views, views
 
 
 class ResultsKind:
@@ -22,6 +22,10 @@ register_converter(ResultsKind, "results")
 urlpatterns = [
     path("", views.run_list, name="bot_runs"),
     path("preflight/", results_views.preflight_start, name="bot_preflight"),
+    path("experiments/", experiment_views.experiment_list, name="bot_experiments"),
+    path("experiments/<int:number>/", experiment_views.experiment_detail, name="bot_experiment"),
+    path("experiments/<int:number>/stop/", experiment_views.experiment_stop, name="bot_experiment_stop"),
+    path("experiments/<int:number>/rerun/", experiment_views.experiment_rerun, name="bot_experiment_rerun"),
     path("<int:number>/", views.run_detail, name="bot_run"),
     path("<int:number>/stop/", views.run_stop, name="bot_run_stop"),
     path("<int:number>/<results:kind>", results_views.run_results, name="bot_run_results"),

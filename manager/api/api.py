@@ -7,7 +7,7 @@ Each area has its own router module; add new ones (instances, …) below.
 
 from ninja import NinjaAPI, Swagger
 
-from manager.api import bot_results, bot_runs, errors, instances, me, nodes, users
+from manager.api import bot_experiments, bot_results, bot_runs, errors, instances, me, nodes, users
 from manager.api.auth import BearerToken
 
 DESCRIPTION = """\
@@ -104,6 +104,7 @@ errors.install(api)
 api.add_router("/instances", instances.router)
 api.add_router("/instances", bot_runs.router)
 api.add_router("/instances", bot_results.router)
+api.add_router("/instances", bot_experiments.router)
 api.add_router("/bot-providers", bot_runs.providers_router)
 api.add_router("/nodes", nodes.router)
 api.add_router("/users", users.router)
