@@ -342,17 +342,17 @@ def _pass(experiment_id: int) -> bool:
                         services.enqueue(run)
                         changed = True
     if not runs.filter(status__in=BotRun.NOT_ENDED).exists():
-        counts = dict(runs.values_list("status").annotate(n=Count("id")))
+        counts = status_counts(experiment)
         total = sum(counts.values())
-        finished, failed, stopped = (counts.get(s, 0) for s in ENDED)
+        finished, stopped, failed = (counts.get(s, 0) for s in ENDED)
         summary = f"{finished} of {total} runs finished"
         if failed:
             summary += f", {failed} failed"
         if stopped:
             summary += f", {stopped} stopped"
-        stopping = experiment.status == BotExperiment.Status.STOPPING
+        stopping = bool(reason) or experiment.status == BotExperiment.Status.STOPPING
         if stopping:
-            summary = f"{experiment.status_reason}: {summary}"
+            summary = f"{reason or experiment.status_reason}: {summary}"
         status = BotExperiment.Status.STOPPED if stopping else (
             BotExperiment.Status.FINISHED if finished or not failed else BotExperiment.Status.FAILED)
         BotExperiment.objects.filter(pk=experiment.pk, status__in=BotExperiment.ACTIVE).update(
@@ -390,10 +390,14 @@ def stop_experiment(actor, experiment: BotExperiment, request=None) -> BotExperi
 
 # --- progress ---------------------------------------------------------------------------------
 
+def status_counts(experiment: BotExperiment) -> dict[str, int]:
+    return dict(experiment.runs.order_by().values_list("status").annotate(n=Count("id")))
+
+
 def progress(experiment: BotExperiment) -> dict:
     """Counts by status, tokens, cost so far, and the time left (estimated from the mean
     duration of the finished runs; None before the first one)."""
-    counts = dict(experiment.runs.values_list("status").annotate(n=Count("id")))
+    counts = status_counts(experiment)
     total = sum(counts.values())
     tokens = Bot.objects.filter(run__experiment=experiment).aggregate(
         p=Sum("prompt_tokens"), c=Sum("completion_tokens"))
@@ -402,7 +406,7 @@ def progress(experiment: BotExperiment) -> dict:
     durations = [(end - start).total_seconds() for start, end in done]
     waiting = counts.get(BotRun.Status.WAITING, 0)
     active = sum(counts.get(s, 0) for s in BotRun.ACTIVE)
-    left = None
+    left = None if experiment.is_active else 0
     if experiment.is_active and durations:
         mean = sum(durations) / len(durations)
         remaining = waiting + active

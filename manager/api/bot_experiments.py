@@ -42,7 +42,9 @@ class BotExperimentIn(InputSchema):
     num_bots: Whole = Field(description="how many of them are bots", **_limits("num_bots"))
     models: list[ModelIn] = Field(description="one or more models, any providers")
     temperatures: list[float] = Field([1.0], description="one run per temperature (and per other factor)")
-    instructions: list[VariantIn] = Field([{"name": "default", "text": ""}], description="instruction variants")
+    instructions: list[VariantIn] = Field(default_factory=lambda: [VariantIn(name="default", text="")],
+                                          description="instruction variants: one run per variant (and per other "
+                                          "factor)")
     memory: list[str] = Field([BotRun.Memory.SUMMARY.value], description='memory modes: "summary", "history"')
     repetitions: Whole = Field(1, description="runs of every combination", **rules(minimum=1, maximum=100))
     max_parallel: Whole = Field(2, description="runs playing at once (at most LAB_BOT_RUNS)", **rules(minimum=1))

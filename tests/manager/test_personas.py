@@ -66,7 +66,8 @@ def world(boss, ann, bob, instance):
                                          offered_models=[{"name": "tiny", "input_per_million": 1}])
     BotRun.objects.create(instance=w.instance, number=1, session_config="guess", num_participants=3, num_bots=3,
                           model="random", status="finished", session_code="abcd1234")
-    BotExperiment.objects.get_or_create(instance=w.instance, number=1, defaults={"design": {}, "status": "finished"})
+    BotExperiment.objects.get_or_create(instance=w.instance, number=1,
+                                        defaults={"design": EXPERIMENT_DESIGN, "status": "finished"})
     w.backup = Backup.objects.create(instance=w.instance, instance_name="ann-study", kind="before_reset",
                                      status="done", filename="ann-study-harness.dump", size=5,
                                      data_filename="ann-study-harness-data.zip", data_size=22)
@@ -83,6 +84,14 @@ def client_for(world: World, persona: str, api: bool) -> Client:
         return Client(HTTP_AUTHORIZATION=f"Bearer {world.tokens[persona]}")
     client.force_login(getattr(world, persona))
     return client
+
+
+# a bot experiment's design (random policy: nothing to pay, no provider needed)
+EXPERIMENT_DESIGN = {"title": "", "session_config": "guess", "num_participants": 3, "num_bots": 2,
+                     "models": [{"provider": "", "model": "random"}], "temperatures": [1.0],
+                     "instructions": [{"name": "default", "text": ""}], "memory": ["summary"], "repetitions": 1,
+                     "rate_limit": 60, "concurrency": 10, "time_limit_minutes": 60, "max_parallel": 1,
+                     "budget_usd": None, "run_budget_usd": None, "use_cache": False}
 
 
 @dataclass
@@ -257,6 +266,17 @@ ROUTES = [
     Route("bot_run_download", "/instances/ann-study/bot-runs/1/manifest.json", OWNER_VIEW),
     Route("bot_run_rerun", "/instances/ann-study/bot-runs/1/rerun/", {"anon": 302, "boss": 302, "ann": 302, "bob": 404},
           method="post"),
+    Route("bot_experiments", "/instances/ann-study/bot-runs/experiments/", OWNER_VIEW),
+    Route("bot_experiments", "/instances/ann-study/bot-runs/experiments/",
+          {"anon": 302, "boss": 422, "ann": 422, "bob": 404}, method="post",
+          data={"session_config": "guess", "num_participants": 3, "num_bots": 2, "models": ["random"],
+                "temperatures": "1, hot", "memory": ["summary"], "repetitions": 1, "max_parallel": 1,
+                "rate_limit": 60, "concurrency": 10, "time_limit_minutes": 60}),  # the form again, with the errors
+    Route("bot_experiment", "/instances/ann-study/bot-runs/experiments/1/", OWNER_VIEW),
+    Route("bot_experiment_stop", "/instances/ann-study/bot-runs/experiments/1/stop/",
+          {"anon": 302, "boss": 302, "ann": 302, "bob": 404}, method="post"),
+    Route("bot_experiment_rerun", "/instances/ann-study/bot-runs/experiments/1/rerun/",
+          {"anon": 302, "boss": 302, "ann": 302, "bob": 404}, method="post"),
     Route("bot_providers", "/bot-providers/", MANAGERS_ONLY),
     Route("bot_provider", lambda w: f"/bot-providers/{w.provider.pk}/", MANAGERS_ONLY),
     Route("bot_provider_delete", lambda w: f"/bot-providers/{w.provider.pk}/delete/",
@@ -338,6 +358,16 @@ ROUTES = [
     Route("api:bot_experiment_results_zip", "/api/v1/instances/ann-study/bot-experiments/1/results.zip", API_OWNER),
     Route("api:start_bot_preflight", "/api/v1/instances/ann-study/bot-preflight", {**API_OWNER, "boss": 201, "ann": 201},
           method="post", data={"session_config": "guess", "num_participants": 2}),
+    Route("api:list_bot_experiments", "/api/v1/instances/ann-study/bot-experiments", API_OWNER),
+    Route("api:start_bot_experiment", "/api/v1/instances/ann-study/bot-experiments",
+          {**API_OWNER, "boss": 201, "ann": 201}, method="post",
+          data={"session_config": "guess", "num_participants": 3, "num_bots": 2, "models": [{"model": "random"}],
+                "max_parallel": 1}),
+    Route("api:get_bot_experiment", "/api/v1/instances/ann-study/bot-experiments/1", API_OWNER),
+    Route("api:stop_bot_experiment", "/api/v1/instances/ann-study/bot-experiments/1/stop",
+          {**API_OWNER, "boss": 202, "ann": 202}, method="post"),
+    Route("api:rerun_bot_experiment", "/api/v1/instances/ann-study/bot-experiments/1/rerun",
+          {**API_OWNER, "boss": 201, "ann": 201}, method="post"),
     Route("api:delete_instance", "/api/v1/instances/ann-study", {"anon": 401, "boss": 202, "ann": 403, "bob": 404},
           method="delete"),
     Route("api:delete_my_ssh_key", lambda w: f"/api/v1/me/ssh-keys/{w.ann_key.pk}",
