@@ -394,6 +394,9 @@ if _database_url:
         DATABASES = {"default": dj_database_url.parse(_database_url, conn_max_age=60, conn_health_checks=True)}
     except ValueError as exc:
         raise ConfigError(f"DATABASE_URL is not a database URL: {exc}") from None
+    if DATABASES["default"]["ENGINE"].endswith("sqlite3"):  # shared by processes: as the default file below
+        DATABASES["default"]["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE",
+                                           "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"}
 else:
     DATABASES = {
         "default": {

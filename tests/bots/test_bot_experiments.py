@@ -182,7 +182,8 @@ def test_a_2x2x2_design_with_repetitions_made_on_the_page_plays_every_run(lab, f
 
     experiment = ended(experiment, lab)
     runs = list(experiment.runs.order_by("number"))
-    assert experiment.status == "finished" and experiment.status_reason == "16 of 16 runs finished"
+    assert experiment.status == "finished" and experiment.status_reason == "16 of 16 runs finished", [
+        (r.number, r.status, r.status_reason) for r in runs if r.status != "finished"]
     assert [r.status for r in runs] == ["finished"] * 16, [(r.number, r.status, r.status_reason) for r in runs]
     # Every cell of the design, twice, recorded as the run's factors; the seeds are recorded and distinct.
     cells = sorted((r.factors["provider"], r.factors["model"], r.factors["temperature"], r.factors["instructions"],
