@@ -2,6 +2,7 @@
 same access rules as the pages (the instance's owner and lab managers; others get 404).
 `{number}` is the experiment's number within the instance (as bot runs use theirs)."""
 
+from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from ninja import Path, Router, Schema, Status
 from pydantic import Field
@@ -40,20 +41,30 @@ class BotExperimentIn(InputSchema):
     num_participants: Whole = Field(description="participants of each run's oTree session",
                                     **_limits("num_participants"))
     num_bots: Whole = Field(description="how many of them are bots", **_limits("num_bots"))
-    models: list[ModelIn] = Field(description="one or more models, any providers")
-    temperatures: list[float] = Field([1.0], description="one run per temperature (and per other factor)")
+    models: list[ModelIn] = Field(description="one or more models, any providers (each once)",
+                                  **rules(min_items=1, max_items=experiments.MAX_LIST))
+    temperatures: list[float] = Field([1.0], description="one run per temperature (and per other factor)",
+                                      **rules(min_items=1, max_items=experiments.MAX_LIST, unique_items=True,
+                                              items={"type": "number", "minimum": services.TEMPERATURE_RANGE[0],
+                                                     "maximum": services.TEMPERATURE_RANGE[1]}))
     instructions: list[VariantIn] = Field(default_factory=lambda: [VariantIn(name="default", text="")],
                                           description="instruction variants: one run per variant (and per other "
-                                          "factor)")
-    memory: list[str] = Field([BotRun.Memory.SUMMARY.value], description='memory modes: "summary", "history"')
+                                          "factor); names used once",
+                                          **rules(min_items=1, max_items=experiments.MAX_LIST))
+    memory: list[str] = Field([BotRun.Memory.SUMMARY.value], description='memory modes: "summary", "history"',
+                              **rules(min_items=1, unique_items=True,
+                                      items={"type": "string", "enum": BotRun.Memory.values}))
     repetitions: Whole = Field(1, description="runs of every combination", **rules(minimum=1, maximum=100))
-    max_parallel: Whole = Field(2, description="runs playing at once (at most LAB_BOT_RUNS)", **rules(minimum=1))
+    max_parallel: Whole = Field(2, description="runs playing at once (at most LAB_BOT_RUNS)",
+                                **rules(minimum=1, maximum=settings.LAB_BOT_RUNS))
     rate_limit: Whole = Field(60, description="model requests per minute of each run", **_limits("rate_limit"))
     concurrency: Whole = Field(10, description="model requests in flight at once, each run", **_limits("concurrency"))
     time_limit_minutes: Whole = Field(60, description="each run stops after this many minutes",
                                       **_limits("time_limit_minutes"))
-    budget_usd: float | None = Field(None, description="cap of the whole experiment in USD (none: no cap)")
-    run_budget_usd: float | None = Field(None, description="cap of each run in USD (none: no cap)")
+    budget_usd: float | None = Field(None, description="cap of the whole experiment in USD (none: no cap)",
+                                     **rules(exclusive_minimum=0, maximum=1e6))
+    run_budget_usd: float | None = Field(None, description="cap of each run in USD (none: no cap)",
+                                         **rules(exclusive_minimum=0, maximum=1e6))
     use_cache: bool = Field(False, description="the replay cache for every run")
 
 

@@ -76,10 +76,12 @@ values = {keys}
 # decode to a key of its type; the config vars' total size; a new account's e-mail address
 # that Django's stricter validator refuses; a swarm node that does not exist (or an
 # instance that is not on the swarm) to move an instance to; an uploaded file that is not a
-# backup of the instance's database; a backup whose kind, status or file does not fit.
+# backup of the instance's database; a backup whose kind, status or file does not fit; a
+# bot experiment's design with a factor listed twice or more than 500 runs (or, run again,
+# a design the live release or the providers no longer allow).
 [[operations]]
 include-operation-id = ["create_instance", "start_bot_run", "add_my_ssh_key", "move_instance", "upload_backup",
-                        "restore_backup", "start_bot_preflight"]
+                        "restore_backup", "start_bot_preflight", "start_bot_experiment", "rerun_bot_experiment"]
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422", "429"]
 """
 
