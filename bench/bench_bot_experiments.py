@@ -21,7 +21,7 @@ Then, `--repeats` times each:
 Medians of the repeats are printed as a table. Needs a Docker engine with the images
 (`python manage.py build_images`); everything it created is removed at the end.
 
-    .venv/bin/python bench/bench_bot_experiments.py [--repeats 3] [--rate 600]
+    .venv/bin/python bench/bench_bot_experiments.py [--repeats 3] [--rate 240]
 """
 
 import argparse
@@ -146,7 +146,7 @@ def max_overlap(experiment) -> int:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="experiments of each kind")
-    parser.add_argument("--rate", type=int, default=600, help="the provider's lab-wide limit (requests per minute)")
+    parser.add_argument("--rate", type=int, default=240, help="the provider's lab-wide limit (requests per minute)")
     args = parser.parse_args()
 
     sock = datadir.redis_socket_path()

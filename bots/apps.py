@@ -7,4 +7,5 @@ class BotsConfig(AppConfig):
 
     def ready(self):
         from bots import realtime  # noqa: F401  (registers the botrun realtime topic)
+        from bots import experiments  # noqa: F401  (registers the botexperiment topic and the run-end hook)
         from bots import tasks  # noqa: F401  (registers its Celery tasks: services enqueue them by name)

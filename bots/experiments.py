@@ -31,9 +31,10 @@ from django.utils import timezone
 from bots import budget, services
 from bots.models import RANDOM_POLICY, Bot, BotExperiment, BotRun
 from instances.models import Instance
-from instances.selectors import next_number
+from instances.selectors import next_number, visible_instances
 from manager import locks, throttle
 from manager.audit.services import record
+from manager.realtime import topics
 from manager.realtime.services import send_to_group
 from manager.texts import check_text
 
@@ -457,3 +458,26 @@ def get_experiment(user, name: str, number: int) -> BotExperiment:
     if experiment is None:
         raise Http404(f"{name} has no bot experiment #{number}.")
     return experiment
+
+
+# --- wiring -----------------------------------------------------------------------------------
+
+def _visible(user, key):
+    return BotExperiment.objects.filter(pk=int(key), instance__in=visible_instances(user)).first() \
+        if key.isdigit() else None
+
+
+def _topic(user, key):
+    experiment = _visible(user, key)
+    return experiment_group(experiment.pk) if experiment else None
+
+
+def _snapshot(user, key):
+    experiment = _visible(user, key)
+    return event(experiment) if experiment else None
+
+
+# `botexperiment:<id>`: an experiment's page (owner and lab managers); each pass that changed something pushes
+topics.register("botexperiment", _topic, _snapshot)
+# a run of an experiment ended (its worker, a failure, a stop): the next pass at once
+services.on_run_end(lambda run: schedule(run.experiment_id))

@@ -30,28 +30,3 @@ def _run_snapshot(user, key):
 
 
 topics.register("botrun", _run_topic, _run_snapshot)
-
-
-def _visible_experiment(user, key):
-    from bots.models import BotExperiment
-
-    return BotExperiment.objects.filter(pk=int(key), instance__in=visible_instances(user)).first() \
-        if key.isdigit() else None
-
-
-def _experiment_topic(user, key):
-    from bots.experiments import experiment_group
-
-    experiment = _visible_experiment(user, key)
-    return experiment_group(experiment.pk) if experiment else None
-
-
-def _experiment_snapshot(user, key):
-    from bots.experiments import event
-
-    experiment = _visible_experiment(user, key)
-    return event(experiment) if experiment else None
-
-
-# `botexperiment:<id>`: an experiment's page; its scheduler pushes after every pass that changed something
-topics.register("botexperiment", _experiment_topic, _experiment_snapshot)

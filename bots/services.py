@@ -362,17 +362,23 @@ def push_run(run: BotRun) -> None:
     run_ended(run)
 
 
+_run_end_hooks: list = []  # bots.experiments registers its scheduler pass here (it imports this module)
+
+
+def on_run_end(hook) -> None:
+    _run_end_hooks.append(hook)
+
+
 def run_ended(run: BotRun) -> None:
-    """A run ended (or was pushed whole): its experiment's scheduler releases the next runs.
-    Never raises: a failed pass is redone by the minute sweep."""
+    """A run of an experiment ended: its scheduler releases the next runs. Never raises:
+    a failed pass is redone by the minute sweep."""
     if run.experiment_id is None or run.is_active:
         return
-    from bots import experiments
-
-    try:
-        experiments.schedule(run.experiment_id)
-    except Exception:  # noqa: BLE001
-        log.exception("scheduler pass of bot experiment %s failed", run.experiment_id)
+    for hook in _run_end_hooks:
+        try:
+            hook(run)
+        except Exception:  # noqa: BLE001
+            log.exception("after the end of bot run %s", run.pk)
 
 
 def sweep(now=None) -> dict:
@@ -405,9 +411,6 @@ def sweep(now=None) -> dict:
                 BotRun.objects.filter(pk=run.pk).update(heartbeat_at=now)  # not enqueued twice by the next sweep
                 enqueue(run)
             result["resumed"].append(run.pk)
-    from bots import experiments
-
-    result["experiments"] = experiments.sweep()  # release, stop or end what a lost pass left
     return result
 
 

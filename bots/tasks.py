@@ -49,4 +49,8 @@ def _fail(run_id, reason: str) -> None:
 
 @shared_task(name="bots.sweep", soft_time_limit=50, time_limit=60)
 def sweep():
-    return services.sweep()
+    from bots import experiments
+
+    result = services.sweep()
+    result["experiments"] = experiments.sweep()  # release, stop or end what a lost pass left
+    return result

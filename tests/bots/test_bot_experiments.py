@@ -24,6 +24,7 @@ from django.test import Client
 
 from bots import experiments, llm, services
 from bots.models import Answer, Bot, BotExperiment, BotRun, ModelCall, Provider
+from bots.tasks import sweep
 from instances.models import Instance
 from manager import locks
 from manager.accounts.models import User
@@ -233,7 +234,7 @@ def test_a_worker_killed_mid_experiment_is_replaced_and_nothing_is_answered_twic
     # The dead worker's lock expires (LAB_LOCK_TTL=2); the minute sweep sees the stale heartbeat.
     wait_until(lambda: not locks.held(f"botrun:{first.pk}"), 30, 0.2, "the dead worker's lock to expire")
     monkeypatch.setattr(services, "STALE_SECONDS", 0)
-    swept = services.sweep()
+    swept = sweep()  # the beat's task, run here
     assert swept["resumed"] == [first.pk] and swept["experiments"] == [experiment.pk]
     experiment = ended(experiment, lab)
     runs = list(experiment.runs.order_by("number"))
