@@ -6,7 +6,7 @@ runs live to the end, and *Run again*.
 
 The instance's rows are written into the labserver's database with a live release but no
 running app (LAB_RUNTIME=process), so every run fails at once with the reason: the
-scheduler, the worker and the live page are what is exercised here. Real play is in
+scheduler, the worker and the page with its live topic are what is exercised here. Real play is in
 tests/bots/test_bot_experiments.py.
 """
 
@@ -54,6 +54,9 @@ def test_design_on_the_page_follow_it_live_and_run_it_again(lab):
     with headless_chromium() as browser:
         context = browser.new_context()
         context.set_default_timeout(TIMEOUT_MS)
+        # Every live event a page receives (its socket's snapshot on subscribing, then the pushes).
+        context.add_init_script("window.__events = []; document.addEventListener('lab:botexperiment', "
+                                "function (e) { window.__events.push(e.detail); });")
         page = context.new_page()
         page.goto(base + "/accounts/login/")
         page.fill("input[name=login]", "ann")
@@ -87,6 +90,9 @@ def test_design_on_the_page_follow_it_live_and_run_it_again(lab):
         expect(page.locator("#experiment-status")).to_have_text("failed")
         expect(page.locator('[data-p="failed"]')).to_have_text("4")
         expect(page.locator('[data-f="status"]', has_text="failed")).to_have_count(4)
+        # The page's socket got the experiment's state (the topic let its owner in).
+        page.wait_for_function("window.__events.some(e => e.status === 'failed' && e.progress.failed === 4 "
+                               "&& e.runs.length === 4)")
         page.locator('tr[data-run] a').first.click()
         expect(page.locator("#run-status")).to_have_text("failed")  # its own page, with the reason
 
