@@ -215,6 +215,7 @@ def test_a_2x2x2_design_with_repetitions_made_on_the_page_plays_every_run(lab, f
     assert "16 of 16 runs finished" in detail and detail.count('<tr data-run="') == 16
     assert f'href="/instances/{NAME}/bot-runs/{runs[0].number}/"' in detail and "risky" in detail
     assert f"{base}{experiment.number}/rerun/" in detail and f"{base}{experiment.number}/stop/" not in detail
+    assert f'href="{base}{experiment.number}/results.csv"' in detail  # the analysis-ready download
 
 
 def test_a_worker_killed_mid_experiment_is_replaced_and_nothing_is_answered_twice(lab, fake, monkeypatch):
