@@ -334,3 +334,27 @@ def test_the_api_refuses_a_bad_design_with_the_field_and_creates_nothing(lab, bo
     experiment = ended(BotExperiment.objects.get(number=body["id"]), lab, timeout=90)
     assert experiment.status == "stopped", (experiment.status_reason, [
         (r.status, r.status_reason) for r in experiment.runs.all()], lab["workers"][-1].tail())
+
+
+def test_at_the_experiment_budget_no_further_run_starts(lab):
+    """The experiment's cap (budget_usd) is checked by every scheduler pass: the waiting
+    runs are stopped with the reason; the playing one ends (here: stopped, as its engine
+    would at its own check), then the experiment is stopped with the same reason."""
+    experiment = experiments.create_experiment(lab["ann"], lab["instance"], design(
+        session_config="guess", num_participants=3, num_bots=2, models=["random"], repetitions=3, max_parallel=1,
+        budget_usd=0.01))
+    first = experiment.runs.order_by("number").first()
+    wait_until(lambda: Bot.objects.filter(run=first, status="wait_page").count() == 2, 90, 0.2,
+               lambda: "both bots on the wait page\n" + lab["workers"][0].tail())
+    bot = first.bots.first()
+    ModelCall.objects.create(run=first, bot=bot, page="Guess", prompt=[], cost_usd=0.012)  # spent: $0.012
+    assert sweep()["experiments"] == [experiment.pk]
+    experiment.refresh_from_db()
+    reason = "the experiment's budget of $0.01 was reached ($0.0120 spent)"
+    assert (experiment.status, experiment.status_reason) == ("stopping", reason)
+    assert [(r.status, r.status_reason) for r in experiment.runs.order_by("number")][1:] == [("stopped", reason)] * 2
+    services.stop_run(lab["ann"], first)
+    experiment = ended(experiment, lab, timeout=90)
+    assert experiment.status == "stopped"
+    assert experiment.status_reason == f"{reason}: 0 of 3 runs finished, 3 stopped"
+    assert experiments.progress(experiment)["cost_usd"] == 0.012
