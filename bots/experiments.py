@@ -115,8 +115,8 @@ def normalise_design(instance: Instance, data: dict) -> dict:
         bad("max_parallel", f"must be a whole number from 1 to {settings.LAB_BOT_RUNS} (the runs the lab's bots "
                             "worker plays at once, LAB_BOT_RUNS)")
     for key in ("budget_usd", "run_budget_usd"):
-        if d[key] is not None and (not _number(d[key]) or d[key] <= 0 or d[key] > 1e6):
-            bad(key, "must be an amount in USD above 0 (or empty: no cap)")
+        if d[key] is not None and (not _number(d[key]) or not 0 < d[key] <= services.MAX_BUDGET):
+            bad(key, f"must be an amount in USD above 0, at most {services.MAX_BUDGET:g} (or empty: no cap)")
         elif d[key] is not None:
             d[key] = float(d[key])
     if not isinstance(d["use_cache"], bool):
@@ -238,6 +238,10 @@ def create_experiment(actor, instance: Instance, design: dict, request=None, *, 
     sources = None
     if source is not None:  # each new run repeats the source's run of the same cell (its seed too)
         sources = {tuple(r.factors.get(k) for k in CELL_KEYS): r for r in source.runs.all()}
+    if any(m["provider"] for m in design["models"]):  # the offline policy costs nothing
+        refusal = services.monthly_refusal(actor)
+        if refusal:
+            raise ValidationError({"budget_usd": [refusal]})
     providers = {}
     for m in design["models"]:
         if m["provider"]:

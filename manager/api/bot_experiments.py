@@ -62,9 +62,9 @@ class BotExperimentIn(InputSchema):
     time_limit_minutes: Whole = Field(60, description="each run stops after this many minutes",
                                       **_limits("time_limit_minutes"))
     budget_usd: float | None = Field(None, description="cap of the whole experiment in USD (none: no cap)",
-                                     **rules(exclusive_minimum=0, maximum=1e6))
+                                     **rules(exclusive_minimum=0, maximum=services.MAX_BUDGET))
     run_budget_usd: float | None = Field(None, description="cap of each run in USD (none: no cap)",
-                                         **rules(exclusive_minimum=0, maximum=1e6))
+                                         **rules(exclusive_minimum=0, maximum=services.MAX_BUDGET))
     use_cache: bool = Field(False, description="the replay cache for every run")
 
 

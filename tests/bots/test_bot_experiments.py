@@ -306,7 +306,7 @@ def test_the_api_refuses_a_bad_design_with_the_field_and_creates_nothing(lab, bo
         ({"max_parallel": 9}, "max_parallel: must be a whole number from 1 to 2"),
         ({"num_bots": 2}, "num_bots: at most the number of participants (1)."),
         ({"session_config": "nope"}, "session_config: no session config 'nope' in the live release"),
-        ({"budget_usd": -1}, "budget_usd: must be an amount in USD above 0"),
+        ({"budget_usd": -1}, "budget_usd: must be an amount in USD above 0, at most 100000"),
         ({"repetitions": 100, "temperatures": [0, 0.5, 1], "models": [{"provider": "Alpha", "model": "alpha-1"},
                                                                         {"provider": "Beta", "model": "beta-7"}]},
          "repetitions: the design makes 600 runs (2 models x 3 temperatures x 1 instruction variants x 1 memory "
@@ -318,6 +318,10 @@ def test_the_api_refuses_a_bad_design_with_the_field_and_creates_nothing(lab, bo
         assert response.json()["detail"].startswith(detail), (changes, response.json()["detail"])
     assert api.post(url, "{not json", content_type="application/json").status_code == 400
     assert post(colour="blue").status_code == 422  # an unknown field is not ignored
+    User.objects.filter(pk=lab["ann"].pk).update(bot_monthly_budget_usd=0)  # a lab manager's cap, spent
+    refused = post()
+    assert refused.status_code == 422 and refused.json()["detail"].startswith(
+        "budget_usd: ann's monthly bot budget of $0 is spent"), refused.content
     assert not BotExperiment.objects.exists() and not BotRun.objects.exists()
 
     # A good one: 201 with its progress; listed; bob (not the owner) sees nothing of it.
