@@ -233,6 +233,22 @@ def kiosk_disconnected(room_id: int, label: str, channel: str) -> None:
         push_board(room)
 
 
+# --- seats others hold ------------------------------------------------------------------------------
+
+# Apps that put someone else than a person at a seat register here (bots: bots.apps registers
+# bots.seats.bot_seats): callables room -> {label: {"run": number, "status", "page", ...}}.
+# The lobby builds on nobody: bots build on the lobby, not the other way round.
+SEAT_HOLDERS: list = []
+
+
+def held_seats(room) -> dict[str, dict]:
+    """label -> what holds the seat (a bot run's bot), for every registered holder."""
+    found: dict[str, dict] = {}
+    for holder in SEAT_HOLDERS:
+        found.update(holder(room))
+    return found
+
+
 # --- what participants do ---------------------------------------------------------------------------
 
 def mark_ready(ref: RoomRef, label: str) -> tuple[str, str | None]:
@@ -244,10 +260,7 @@ def mark_ready(ref: RoomRef, label: str) -> tuple[str, str | None]:
     never stay ready behind an open gate."""
     url = room_url(ref.instance, ref.name, label)
     room = ref.row
-    from bots.seats import room_run
-
-    held = room_run(room)
-    if held is not None and label in (held.seat_labels or []):
+    if label in held_seats(room):
         # A bot plays at this seat: in the room this label is the bot's participant. The
         # kiosk waits (the board shows the seat as the bot's); nothing is written.
         return State.READY, None
@@ -380,9 +393,7 @@ def board_room(ref: RoomRef) -> BoardRoom:
         room.seats.filter(label__in=stale, state=State.WAITING).update(state=State.OFFLINE, changed_at=timezone.now())
         for lab in stale:
             rows[lab] = State.OFFLINE
-    from bots.seats import bot_seats  # (bots build on the lobby, not the other way round)
-
-    bots = bot_seats(room)
+    bots = held_seats(room)
     seats = [BoardSeat(lab, rows.get(lab, State.OFFLINE), pages[lab], lobby_url(ref.instance.name, ref.name, lab),
                        bots.get(lab)) for lab in labels]
     counts = {s.value: 0 for s in State}
