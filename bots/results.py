@@ -28,6 +28,7 @@ answers is refused with the reason (download the runs one by one).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -39,6 +40,7 @@ from django.http import Http404
 
 from bots.models import Answer, BotExperiment, BotRun
 from instances import otree_api
+from manager import locks
 from instances.otree_api import OTreeUnavailable
 
 MAX_ROWS = 100_000  # accepted answers in one table (about 150 MB of memory while it is built)
@@ -54,8 +56,17 @@ INTEGERS = {"experiment", "run", "repetition", "seed", "bot", "round"}
 FLOATS = {"temperature", "otree_participant_payoff", "otree_player_payoff"}
 
 
-class ResultsTooLarge(Exception):
-    """More answers than MAX_ROWS; the message says what to do."""
+class ResultsRefused(Exception):
+    """No table now (HTTP 409); the message says why and what to do."""
+
+
+class ResultsTooLarge(ResultsRefused):
+    """More answers than MAX_ROWS."""
+
+
+class ResultsBusy(ResultsRefused):
+    """Another results download of the instance is being made (one at a time per instance:
+    each reads oTree's exports from the tenant's app, up to JOIN_SECONDS)."""
 
 
 @dataclass
@@ -81,12 +92,26 @@ def get_experiment(user, name: str, number: int) -> BotExperiment:
 
 
 def for_run(run: BotRun) -> Results:
-    return build([run], f"{run.instance.name}-bot-run-{run.number}")
+    with _one_at_a_time(run.instance):
+        return build([run], f"{run.instance.name}-bot-run-{run.number}")
 
 
 def for_experiment(experiment: BotExperiment) -> Results:
     runs = list(experiment.runs.select_related("instance", "experiment", "created_by").order_by("number"))
-    return build(runs, f"{experiment.instance.name}-bot-experiment-{experiment.number}")
+    with _one_at_a_time(experiment.instance):
+        return build(runs, f"{experiment.instance.name}-bot-experiment-{experiment.number}")
+
+
+@contextlib.contextmanager
+def _one_at_a_time(instance):
+    """One results table per instance at a time: a slow (or hostile) app then holds at most
+    one of the web server's threads per instance, not one per click."""
+    try:
+        with locks.lock(f"results:{instance.pk}", wait=0):
+            yield
+    except locks.Busy:
+        raise ResultsBusy(f"a results download of {instance.name} is being made (it reads oTree's data from the "
+                          "app): try again when it is done") from None
 
 
 # --- oTree's side ----------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def run_results(request, name, number, kind):
     run = services.get_run(request.user, name, number)
     try:
         return results_response(results.for_run(run), kind)
-    except results.ResultsTooLarge as exc:
+    except results.ResultsRefused as exc:
         return _too_large(exc)
 
 
@@ -40,7 +40,7 @@ def experiment_results(request, name, number, kind):
     experiment = results.get_experiment(request.user, name, number)
     try:
         return results_response(results.for_experiment(experiment), kind)
-    except results.ResultsTooLarge as exc:
+    except results.ResultsRefused as exc:
         return _too_large(exc)
 
 

@@ -20,7 +20,7 @@ router = Router(tags=["bot runs"])
 def _results(found_by, kind: str):
     try:
         return results_response(found_by(), kind)
-    except results.ResultsTooLarge as exc:
+    except results.ResultsRefused as exc:
         raise HttpError(409, str(exc)) from None
 
 

@@ -217,6 +217,16 @@ def test_without_the_app_the_bot_data_download_with_the_reason(lab, ann):
     assert note.startswith("oTree's data could not be read: ") and "results-ghost" in note
     manifests = json.loads(client.get("/instances/results-ghost/bot-runs/1/manifests.json").content)
     assert manifests["runs"][0]["otree_data"] == rows[0]["otree_note"]
+    # One results table per instance at a time (each reads oTree's data from the tenant's app):
+    # while one is being made, another is refused with the reason, on the page and the API.
+    from manager import locks
+
+    with locks.lock(f"results:{ghost.pk}", wait=0):
+        busy = client.get("/instances/results-ghost/bot-runs/1/results.csv")
+        assert busy.status_code == 409 and b"a results download of results-ghost is being made" in busy.content
+        api = api_client(ann).get("/api/v1/instances/results-ghost/bot-runs/1/results.csv")
+        assert api.status_code == 409 and "is being made" in api.json()["detail"]
+    assert client.get("/instances/results-ghost/bot-runs/1/results.csv").status_code == 200
 
 
 def test_preflight_flags_the_javascript_field_and_the_live_page(lab):
