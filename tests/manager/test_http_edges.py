@@ -19,7 +19,8 @@ import pytest
 
 from instances.git.webcap import HEADER_TIMEOUT, HEADERS_MAX_BYTES
 from tests.http_helpers import raw_exchange
-from tests.labserver_helpers import BASE_DIR, LabServer, child_env, free_port, migrate, new_data_dir, remove_data_dir
+from tests.labserver_helpers import (BASE_DIR, LabServer, child_env, free_port, migrate, new_data_dir, remove_data_dir,
+                                     remove_instances)
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +52,7 @@ def lab():
     finally:
         if server is not None:
             server.kill_everything()
+            remove_instances(data_dir, port, **extra)  # the upload test's instance: its database and Redis
         remove_data_dir(data_dir)
 
 
