@@ -80,17 +80,6 @@ class Results:
 
 # --- which runs ------------------------------------------------------------------------------
 
-def get_experiment(user, name: str, number: int) -> BotExperiment:
-    """Experiment `number` of instance `name`, if the user may see the instance (else Http404)."""
-    from instances.selectors import get_visible_instance
-
-    instance = get_visible_instance(user, name)
-    experiment = instance.bot_experiments.select_related("instance").filter(number=number).first()
-    if experiment is None:
-        raise Http404(f"{name} has no bot experiment #{number}.")
-    return experiment
-
-
 def for_run(run: BotRun) -> Results:
     with _one_at_a_time(run.instance):
         return build([run], f"{run.instance.name}-bot-run-{run.number}")

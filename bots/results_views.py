@@ -8,7 +8,7 @@ from django.http import HttpResponse
 from django.shortcuts import redirect
 from django.views.decorators.http import require_POST
 
-from bots import preflight, results, services
+from bots import experiments, preflight, results, services
 from instances.selectors import get_visible_instance
 from manager.throttle import Throttled
 
@@ -37,7 +37,7 @@ def run_results(request, name, number, kind):
 
 @login_required
 def experiment_results(request, name, number, kind):
-    experiment = results.get_experiment(request.user, name, number)
+    experiment = experiments.get_experiment(request.user, name, number)
     try:
         return results_response(results.for_experiment(experiment), kind)
     except results.ResultsRefused as exc:

@@ -9,7 +9,9 @@ at it are recreated per test (`attach`) because transactional tests empty the ta
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,35 @@ def deploy(owner, name: str = "bots-game", config_vars: dict[str, str] | None = 
     return DeployedOTree(name=name, rest_key=instance.rest_key, admin_password=instance.admin_password,
                          db_password=instance.db_password, image=release.image,
                          app_url=get_runtime().state(name).app_url)
+
+
+@contextlib.contextmanager
+def deployed_for_module(django_db_blocker, name: str, deployer: str,
+                        config_vars: dict[str, str] | None = None) -> Iterator[DeployedOTree]:
+    """A module-scoped deployment of the bots project as instance `name` (needs Docker and
+    the images; fails in CI without them): deployed by a throw-away user `deployer` whose
+    rows are gone again before the tests run (they recreate theirs with `attach`), removed
+    with its containers and images at the end."""
+    from django.conf import settings
+
+    from manager.accounts.models import User
+    from tests.conftest import need
+    from tests.docker_helpers import engine_ok, images_present
+
+    need(engine_ok() and images_present(settings.LAB_IMAGE_POSTGRES, settings.LAB_IMAGE_REDIS,
+                                        settings.LAB_IMAGE_PYTHON),
+         "a Docker engine with the images (python manage.py build_images)")
+    with django_db_blocker.unblock():
+        owner = User.objects.create_user(deployer, f"{deployer}@lab.test", "pw-deploy-123456")
+        try:
+            found = deploy(owner, name, config_vars)
+        finally:
+            Instance.objects.filter(name=name).delete()
+            owner.delete()
+    try:
+        yield found
+    finally:
+        remove(name)
 
 
 def attach(deployed: DeployedOTree, owner, public_port: int | None = None) -> Instance:

@@ -6,7 +6,7 @@ from ninja import Path, Router, Status
 from ninja.errors import HttpError
 from pydantic import Field
 
-from bots import preflight, results, services
+from bots import experiments, preflight, results, services
 from bots.models import BotRun
 from bots.results_views import results_response
 from instances.selectors import get_visible_instance
@@ -25,7 +25,7 @@ def _results(found_by, kind: str):
 
 
 def _experiment(request, name, number):
-    return results.for_experiment(results.get_experiment(request.auth, name, number))
+    return results.for_experiment(experiments.get_experiment(request.auth, name, number))
 
 
 def _run(request, name, number):

@@ -19,7 +19,6 @@ import re
 import threading
 
 import pytest
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import connection
 from django.test import Client
@@ -27,13 +26,10 @@ from django.test import Client
 from bots import budget, llm, manifest, policy
 from bots.models import Answer, Bot, BotExperiment, BotRun, CachedReply, ModelCall, Provider
 from bots.tasks import run_bots
-from instances.models import Instance
 from manager.accounts.models import User
 from manager.accounts.services import create_token
 from manager.version import full_version
 from tests import bots_otree
-from tests.conftest import need
-from tests.docker_helpers import engine_ok, images_present
 from tests.fake_llm import FakeLLM
 from tests.waits import wait_until
 
@@ -49,20 +45,8 @@ PRICES = {"input_per_million": 10.0, "output_per_million": 20.0}  # ~$0.004 a ca
 
 @pytest.fixture(scope="module")
 def deployed(redis_server, django_db_setup, django_db_blocker):
-    need(engine_ok() and images_present(settings.LAB_IMAGE_POSTGRES, settings.LAB_IMAGE_REDIS,
-                                        settings.LAB_IMAGE_PYTHON),
-         "a Docker engine with the images (python manage.py build_images)")
-    with django_db_blocker.unblock():
-        owner = User.objects.create_user("budget-deployer", "budget-deployer@lab.test", "pw-deploy-123456")
-        try:
-            value = bots_otree.deploy(owner, NAME)
-        finally:
-            Instance.objects.filter(name=NAME).delete()
-            owner.delete()
-    try:
-        yield value
-    finally:
-        bots_otree.remove(NAME)
+    with bots_otree.deployed_for_module(django_db_blocker, NAME, "budget-deployer") as found:
+        yield found
 
 
 @pytest.fixture

@@ -25,14 +25,11 @@ from django.test import Client
 from bots import experiments, llm, services
 from bots.models import Answer, Bot, BotExperiment, BotRun, ModelCall, Provider
 from bots.tasks import sweep
-from instances.models import Instance
 from manager import locks
 from manager.accounts.models import User
 from manager.accounts.services import create_token
 from tests import bots_otree
-from tests.conftest import need
 from tests.db_helpers import database_url
-from tests.docker_helpers import engine_ok, images_present
 from tests.fake_llm import FakeLLM
 from tests.waits import wait_until
 
@@ -44,20 +41,8 @@ KEY_A, KEY_B = "sk-fake-a-1111", "sk-fake-b-2222"
 
 @pytest.fixture(scope="module")
 def deployed(redis_server, django_db_setup, django_db_blocker):
-    need(engine_ok() and images_present(settings.LAB_IMAGE_POSTGRES, settings.LAB_IMAGE_REDIS,
-                                        settings.LAB_IMAGE_PYTHON),
-         "a Docker engine with the images (python manage.py build_images)")
-    with django_db_blocker.unblock():
-        owner = User.objects.create_user("exp-deployer", "exp-deployer@lab.test", "pw-deploy-123456")
-        try:
-            value = bots_otree.deploy(owner, NAME)
-        finally:
-            Instance.objects.filter(name=NAME).delete()
-            owner.delete()
-    try:
-        yield value
-    finally:
-        bots_otree.remove(NAME)
+    with bots_otree.deployed_for_module(django_db_blocker, NAME, "exp-deployer") as found:
+        yield found
 
 
 class Worker:

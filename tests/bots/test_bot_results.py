@@ -18,7 +18,6 @@ import zipfile
 import httpx2
 import pyarrow.parquet as pq
 import pytest
-from django.conf import settings
 from django.test import Client
 
 from bots import llm, results, services
@@ -26,10 +25,7 @@ from bots.models import Answer, Bot, BotExperiment, BotRun, Provider
 from bots.tasks import run_bots
 from instances.models import Instance
 from manager.accounts import services as accounts
-from manager.accounts.models import User
 from tests import bots_otree
-from tests.conftest import need
-from tests.docker_helpers import engine_ok, images_present
 from tests.fake_llm import FakeLLM
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
@@ -39,20 +35,8 @@ NAME = "bots-results"
 
 @pytest.fixture(scope="module")
 def deployed(redis_server, django_db_setup, django_db_blocker):
-    need(engine_ok() and images_present(settings.LAB_IMAGE_POSTGRES, settings.LAB_IMAGE_REDIS,
-                                        settings.LAB_IMAGE_PYTHON),
-         "a Docker engine with the images (python manage.py build_images)")
-    with django_db_blocker.unblock():
-        owner = User.objects.create_user("results-deployer", "results-deployer@lab.test", "pw-deploy-123456")
-        try:
-            found = bots_otree.deploy(owner, NAME)
-        finally:
-            Instance.objects.filter(name=NAME).delete()
-            owner.delete()
-    try:
+    with bots_otree.deployed_for_module(django_db_blocker, NAME, "results-deployer") as found:
         yield found
-    finally:
-        bots_otree.remove(NAME)
 
 
 @pytest.fixture

@@ -29,12 +29,8 @@ from django.test import Client
 from bots import engine, llm, services
 from bots.models import Answer, Bot, BotRun, ModelCall, Provider
 from bots.tasks import run_bots
-from instances.models import Instance
 from manager import locks
-from manager.accounts.models import User
 from tests import bots_otree
-from tests.conftest import need
-from tests.docker_helpers import engine_ok, images_present
 from tests.fake_llm import FakeLLM
 from tests.http_helpers import StandIn
 from tests.db_helpers import database_url
@@ -65,20 +61,10 @@ def manager_port():
 
 @pytest.fixture(scope="module")
 def deployed(redis_server, django_db_setup, django_db_blocker, manager_port):
-    need(engine_ok() and images_present(settings.LAB_IMAGE_POSTGRES, settings.LAB_IMAGE_REDIS,
-                                        settings.LAB_IMAGE_PYTHON),
-         "a Docker engine with the images (python manage.py build_images)")
-    with django_db_blocker.unblock():
-        owner = User.objects.create_user("deployer", "deployer@lab.test", "pw-deploy-123456")
-        try:  # its app redirects one participant of the "escape" config to the stand-in's page
-            yield_value = bots_otree.deploy(owner, NAME, config_vars={"ESCAPE_TO": manager_port.url})
-        finally:
-            Instance.objects.filter(name=NAME).delete()
-            owner.delete()
-    try:
-        yield yield_value
-    finally:
-        bots_otree.remove(NAME)
+    # Its app redirects one participant of the "escape" config to the stand-in's page.
+    with bots_otree.deployed_for_module(django_db_blocker, NAME, "deployer",
+                                        config_vars={"ESCAPE_TO": manager_port.url}) as found:
+        yield found
 
 
 @pytest.fixture

@@ -26,15 +26,12 @@ from django.test import Client
 
 from bots.models import Answer, Bot, BotRun
 from bots.tasks import run_bots
-from instances.models import Instance
 from lobby import services as lobby
 from lobby.models import LobbyRoom, Seat
-from manager.accounts.models import User
 from manager.audit.models import AuditEvent
 from tests import bots_otree, bots_projects
 from tests.conftest import CHROMIUM, need
 from tests.e2e.test_e2e_notifications import CHROMIUM_ARGS, TIMEOUT_MS
-from tests.docker_helpers import engine_ok, images_present
 from tests.lobby_helpers import lobby_instance
 from tests.waits import wait_until
 
@@ -48,20 +45,8 @@ FORM = {"session_config": "guess", "num_participants": 3, "model": "random", "te
 
 @pytest.fixture(scope="module")
 def deployed(redis_server, django_db_setup, django_db_blocker):
-    need(engine_ok() and images_present(settings.LAB_IMAGE_POSTGRES, settings.LAB_IMAGE_REDIS,
-                                        settings.LAB_IMAGE_PYTHON),
-         "a Docker engine with the images (python manage.py build_images)")
-    with django_db_blocker.unblock():
-        owner = User.objects.create_user("deployer", "deployer@lab.test", "pw-deploy-123456")
-        try:
-            found = bots_otree.deploy(owner, NAME)
-        finally:
-            Instance.objects.filter(name=NAME).delete()
-            owner.delete()
-    try:
+    with bots_otree.deployed_for_module(django_db_blocker, NAME, "deployer") as found:
         yield found
-    finally:
-        bots_otree.remove(NAME)
 
 
 @pytest.fixture
