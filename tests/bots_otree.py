@@ -38,8 +38,8 @@ def deploy(owner, name: str = "bots-game", config_vars: dict[str, str] | None = 
 
     instance = Instance.objects.create(name=name, owner=owner, config_vars=config_vars or {})
     bare = otree_projects.init_bare(repo_path(name))
-    checkout = otree_projects.Checkout(Path(tempfile.mkdtemp(prefix="bots-work-")), bare)
-    commit = checkout.push(bots_projects.bots_project(), "the bots test project")
+    with tempfile.TemporaryDirectory(prefix="bots-work-") as work:  # the pushed checkout: not needed after
+        commit = otree_projects.Checkout(Path(work), bare).push(bots_projects.bots_project(), "the bots test project")
     release = Release.objects.create(instance=instance, number=1, commit=commit, status=Release.Status.QUEUED)
     release = releases.deploy(release.pk)
     if release.status != Release.Status.LIVE:

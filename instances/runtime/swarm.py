@@ -1267,14 +1267,31 @@ class SwarmRuntime(DockerRuntime):
 
     @staticmethod
     def _raw_address(node: dict) -> str:
-        """A node's swarm address (a manager's may read 0.0.0.0 there: then its manager address)."""
-        addr = (node.get("Status") or {}).get("Addr") or ""
-        if addr in ("", "0.0.0.0"):
-            addr = ((node.get("ManagerStatus") or {}).get("Addr") or "").rpartition(":")[0]
+        """A node's swarm address: a manager's advertise address (what the other nodes joined
+        through, so they reach it there), else the address the swarm saw the node at. (A
+        manager's observed address may read 0.0.0.0, or — after its engine restarted — the
+        address of another of its interfaces, one the other nodes may not reach.)"""
+        for addr in (((node.get("ManagerStatus") or {}).get("Addr") or "").rpartition(":")[0],
+                     (node.get("Status") or {}).get("Addr") or ""):
+            try:
+                found = ipaddress.ip_address(addr.strip("[]"))
+            except ValueError:
+                continue
+            if not found.is_unspecified:
+                return str(found)
+        return ""
+
+    @classmethod
+    def _all_addresses(cls, node: dict) -> set[str]:
+        """Every address the swarm knows a node by (advertised and observed)."""
+        found = {cls._raw_address(node)}
         try:
-            return str(ipaddress.ip_address(addr.strip("[]")))
+            observed = ipaddress.ip_address(((node.get("Status") or {}).get("Addr") or "").strip("[]"))
+            if not observed.is_unspecified:
+                found.add(str(observed))
         except ValueError:
-            return ""
+            pass
+        return found - {""}
 
     def _guard(self):
         """The manager machine's rules (with the swarm's node addresses, which its apps may not
@@ -1282,7 +1299,7 @@ class SwarmRuntime(DockerRuntime):
         from instances import netguard
 
         raw = self._call("listing the swarm's nodes", self.api.nodes)
-        hosts = sorted({a for a in map(self._raw_address, raw) if a})
+        hosts = sorted(set().union(*map(self._all_addresses, raw))) if raw else []
         netguard.write_lab_hosts(Path(settings.DATA_DIR), hosts)
         status = super()._guard()
         if any(n["ID"] != self.local_node for n in raw):
@@ -1307,9 +1324,9 @@ class SwarmRuntime(DockerRuntime):
         from instances import netguard
 
         sname = self.guard_service_name()
-        me = next((self._raw_address(n) for n in raw if n["ID"] == self.local_node), "")
+        me = sorted(next((self._all_addresses(n) for n in raw if n["ID"] == self.local_node), set()))
         policy = json.dumps({"manager_id": self.manager_id, "overlays": self.swarm_subnets,
-                             "egress": settings.LAB_EGRESS, "lab_hosts": hosts, "proxy_from": [me] if me else []},
+                             "egress": settings.LAB_EGRESS, "lab_hosts": hosts, "proxy_from": me},
                             sort_keys=True)
         sources = {"netguard.py": Path(netguard.__file__).read_bytes(),
                    "node_guard.py": Path(netguard.__file__).with_name("node_guard.py").read_bytes()}

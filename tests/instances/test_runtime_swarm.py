@@ -106,3 +106,20 @@ def test_a_move_on_one_node_is_refused_with_the_reason(swarm, tmp_path):
         swarm.move_instance("sw-nothing", spec("sw-nothing"), here, dump=tmp_path / "d.dump")
     assert not (tmp_path / "d.dump").exists()
     assert swarm.state("sw-move").app.health.value == "running"  # nothing was stopped
+
+
+def test_a_managers_address_is_the_one_it_advertises_even_when_the_swarm_saw_another():
+    """After the manager's engine restarts, the swarm may report it at another of its
+    interfaces (here 192.0.2.2 beside the advertised 172.17.0.1): the registry the other nodes
+    pull from is named by the advertised address they joined through, and the firewall knows
+    both addresses as the lab's own."""
+    from instances.runtime.swarm import SwarmRuntime
+
+    manager = {"ID": "m", "Status": {"Addr": "192.0.2.2"}, "ManagerStatus": {"Addr": "172.17.0.1:2377"}}
+    fresh = {"ID": "m", "Status": {"Addr": "0.0.0.0"}, "ManagerStatus": {"Addr": "172.17.0.1:2377"}}
+    worker = {"ID": "w", "Status": {"Addr": "172.17.0.9"}}
+    assert SwarmRuntime._raw_address(manager) == "172.17.0.1"
+    assert SwarmRuntime._all_addresses(manager) == {"172.17.0.1", "192.0.2.2"}
+    assert SwarmRuntime._all_addresses(fresh) == {"172.17.0.1"}
+    assert SwarmRuntime._raw_address(worker) == "172.17.0.9"
+    assert SwarmRuntime._raw_address({"ID": "x", "Status": {"Addr": "not an address"}}) == ""
