@@ -22,6 +22,7 @@ class Instance(models.Model):
         DEPLOYING = "deploying", "deploying"
         RUNNING = "running", "running"
         STOPPED = "stopped", "stopped"
+        SLEEPING = "sleeping", "sleeping"
         FAILED = "failed", "failed"
         DELETING = "deleting", "deleting"
 
@@ -76,6 +77,16 @@ class Instance(models.Model):
     # Why the last read failed ('' when it succeeded): the sessions above are then stale and
     # the manager knows of no live session (an app that does not answer blocks nothing).
     sessions_problem = models.CharField(max_length=300, blank=True)
+    # Sleep (instances.sleep): an idle app is stopped and wakes on the next request.
+    # sleep_after_minutes: None = the lab's LAB_SLEEP_AFTER_MINUTES; 0 = never sleeps.
+    sleep_after_minutes = models.PositiveIntegerField(null=True, blank=True)
+    asleep = models.BooleanField(default=False)  # desired state: the app (and maybe db/redis) sleeps
+    slept_at = models.DateTimeField(null=True, blank=True)
+    sleep_reason = models.CharField(max_length=200, blank=True)  # why it fell asleep
+    woke_at = models.DateTimeField(null=True, blank=True)
+    wake_reason = models.CharField(max_length=200, blank=True)  # why it woke ("a request to its URL", ...)
+    # The last time the proxy saw a request for it (instances.proxy reads Caddy's counters).
+    last_request_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -104,7 +115,7 @@ class Instance(models.Model):
     def status_color(self):
         return {
             "provisioning": "secondary", "ready_for_code": "warning", "deploying": "info", "running": "success",
-            "stopped": "dark", "failed": "danger", "deleting": "secondary",
+            "stopped": "dark", "failed": "danger", "deleting": "secondary", "sleeping": "light",
         }[self.status]
 
     @property

@@ -59,6 +59,13 @@ def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Insta
                 runtime.stop(instance.name)
                 set_status(instance, Instance.Status.STOPPED, "", observed_generation=generation)
                 return instance
+            if instance.asleep:  # (instances.sleep) the app, and with LAB_SLEEP_DATABASES its db and redis
+                if settings.LAB_SLEEP_DATABASES:
+                    runtime.stop(instance.name)
+                else:
+                    runtime.stop_app(instance.name)
+                set_status(instance, Instance.Status.SLEEPING, instance.sleep_reason, observed_generation=generation)
+                return instance
             found = current_app(instance)
             view = instance  # what the app runs with: the instance's settings, or those it ran with before
             if found is not None:

@@ -467,6 +467,13 @@ LAB_LOCK_TTL = env_int("LAB_LOCK_TTL", 30)  # seconds a killed worker's instance
 # and how many release images per instance are kept for rollbacks.
 LAB_BUILD_TIMEOUT = env_int("LAB_BUILD_TIMEOUT", 900)
 LAB_START_TIMEOUT = env_int("LAB_START_TIMEOUT", 120)
+# Sleeping instances (instances.sleep): an app with no request for this many minutes and no
+# live oTree session is stopped (0 = never; per instance: Instance.sleep_after_minutes) and
+# woken by the next request; LAB_SLEEP_DATABASES: its PostgreSQL and Redis sleep too;
+# LAB_WAKE_HOLD_SECONDS: how long the proxy holds a request while the app wakes.
+LAB_SLEEP_AFTER_MINUTES = env_int("LAB_SLEEP_AFTER_MINUTES", 30)
+LAB_SLEEP_DATABASES = env_bool("LAB_SLEEP_DATABASES", True)
+LAB_WAKE_HOLD_SECONDS = env_int("LAB_WAKE_HOLD_SECONDS", 30)
 LAB_KEEP_RELEASES = env_int("LAB_KEEP_RELEASES", 5)
 # Live oTree sessions (instances.sessions): a session is live while a participant who has
 # not finished started or completed a page in the last LAB_SESSION_LIVE_MINUTES (decimals

@@ -387,6 +387,10 @@ class Runtime(Protocol):
     def stop(self, name: str) -> None:
         """Stop all processes of the instance, keeping its data."""
 
+    def stop_app(self, name: str) -> None:
+        """Stop only the app (a sleeping instance whose database and Redis stay up:
+        LAB_SLEEP_DATABASES=false); `ensure` starts it again."""
+
     def backup_database(self, name: str, spec: InstanceSpec, dest: Path) -> int:
         """Write a `pg_dump -Fc` of the instance's database to `dest`; return its size."""
 
