@@ -50,7 +50,7 @@ from bots.models import Answer, Bot, BotRun, ModelCall
 from bots.page import Page, parse
 from bots.realtime import run_group
 from bots.ratelimit import RateLimiter, provider_key, run_key
-from bots.services import finish, run_ended, set_run, stop_text
+from bots.services import WOKE, finish, run_ended, set_run, stop_text
 
 log = logging.getLogger(__name__)
 
@@ -674,8 +674,14 @@ def load_run(run_id: int) -> BotRun | None:
 
 def app_access(run: BotRun) -> tuple[str, str]:
     """(loopback URL of the instance's app, its REST key)."""
+    from instances import sleep
     from instances.runtime import RuntimeError_, get_runtime
 
+    if type(run.instance).objects.filter(pk=run.instance_id, asleep=True).exists():  # (its page says why it woke)
+        woken = sleep.wake_quietly(run.instance.name, f"a bot run (#{run.number})")
+        if woken is not None:
+            run.instance = woken
+        set_run(run, status_reason=WOKE)
     try:
         url = get_runtime(run.instance).state(run.instance.name).app_url
     except RuntimeError_ as exc:

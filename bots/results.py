@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from django.http import Http404
 
 from bots.models import Answer, BotExperiment, BotRun
-from instances import otree_api
+from instances import otree_api, sleep
 from manager import locks
 from instances.otree_api import OTreeUnavailable
 
@@ -151,6 +151,7 @@ class OTreeSide:
         instance = run.instance
         if instance.pk not in self.bases:
             try:
+                sleep.wake(instance.name, "a download of bot results")  # (its database sleeps too)
                 self.bases[instance.pk] = otree_api.app_url(instance)
             except OTreeUnavailable as exc:
                 self.bases[instance.pk] = exc

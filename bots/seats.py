@@ -25,7 +25,7 @@ from django.db import transaction
 
 from bots import services
 from bots.models import Bot, BotRun
-from instances import otree_api
+from instances import otree_api, sleep
 from lobby import services as lobby
 from lobby.models import Seat
 from manager.accounts.services import NotAllowed
@@ -68,6 +68,7 @@ def plan(ref: lobby.RoomRef) -> dict:
 def _otree_room(instance, room: str) -> dict:
     """The room as the running app knows it ({name, session_code, url}); ValidationError
     when the app does not run or has no such room."""
+    sleep.wake_quietly(instance.name, f"the lobby of room {room} (filled with bots)")
     try:
         rooms = otree_api.get_json(instance, "/api/rooms", total=20)
     except otree_api.OTreeUnavailable as exc:

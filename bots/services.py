@@ -326,9 +326,17 @@ def stop_text(run: BotRun) -> str:
     return f"the time limit of {run.time_limit_minutes} min was reached"
 
 
+WOKE = "the instance was asleep: woken for this run"  # (engine.app_access) kept in the run's final reason
+
+
+def _with_woke(run: BotRun, reason: str) -> str:
+    return f"{WOKE}; {reason}" if run.status_reason.startswith(WOKE) and not reason.startswith(WOKE) else reason
+
+
 def finish(run: BotRun, stopped_reason: str) -> None:
     bots = list(run.bots.all())
     now = timezone.now()
+    stopped_reason = _with_woke(run, stopped_reason) if stopped_reason else stopped_reason
     if stopped_reason:
         Bot.objects.filter(run=run).exclude(status__in=Bot.DONE).update(status=Bot.Status.STOPPED,
                                                                        reason=stopped_reason[:500])
@@ -339,7 +347,7 @@ def finish(run: BotRun, stopped_reason: str) -> None:
     reason = f"{finished} of {len(bots)} bots finished"
     if gave_up:
         reason += f"; {len(gave_up)} gave up (bot {gave_up[0].index}: {gave_up[0].reason})"
-    set_run(run, status=BotRun.Status.FINISHED, status_reason=reason[:500], finished_at=now)
+    set_run(run, status=BotRun.Status.FINISHED, status_reason=_with_woke(run, reason)[:500], finished_at=now)
 
 
 def _held(run: BotRun) -> bool:

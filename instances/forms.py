@@ -51,6 +51,18 @@ class LimitsForm(ServiceForm):
     cpus = forms.DecimalField(label="CPUs")
 
 
+class SleepForm(ServiceForm):
+    # Empty = the lab's default (LAB_SLEEP_AFTER_MINUTES); the range is the service's (instances.sleep).
+    sleep_after_minutes = forms.IntegerField(required=False)
+
+    def __init__(self, *args, **kwargs):
+        from django.conf import settings
+
+        super().__init__(*args, **kwargs)
+        self.fields["sleep_after_minutes"].label = (
+            f"Sleep after (minutes, 0 = never, empty = lab default {settings.LAB_SLEEP_AFTER_MINUTES})")
+
+
 class TransferForm(ServiceForm):
     owner = forms.ModelChoiceField(label="New owner", queryset=User.objects.filter(is_active=True).order_by("username"))
 

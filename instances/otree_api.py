@@ -37,7 +37,8 @@ class OTreeUnavailable(Exception):
     """The app could not be asked or answered something else than expected; the message
     says what, for a user. `kind`: "status" (it answered another HTTP status: `status`),
     "too_large" (the body exceeded the limit), "slow" (the total time limit passed),
-    "connection" (no answer, a broken one) or "" (not running, not JSON, ...)."""
+    "connection" (no answer, a broken one), "asleep" (a sleeping instance: instances.sleep)
+    or "" (not running, not JSON, ...)."""
 
     def __init__(self, message: str, *, kind: str = "", status: int | None = None):
         super().__init__(message)
@@ -59,7 +60,12 @@ def _excerpt(data: bytes) -> str:
 
 
 def app_url(instance) -> str:
-    """Where the instance's app answers on this machine (OTreeUnavailable when it does not run)."""
+    """Where the instance's app answers on this machine (OTreeUnavailable when it does not
+    run; kind "asleep" for a sleeping instance: a caller that needs the app wakes it first,
+    instances.sleep.wake)."""
+    if type(instance).objects.filter(pk=instance.pk, asleep=True).exists():
+        raise OTreeUnavailable(f"{instance.name} is asleep: its app is stopped until something wakes it (a request "
+                               "to its URL, or Wake now on its page)", kind="asleep")
     try:
         url = get_runtime(instance).state(instance.name).app_url
     except RuntimeError_ as exc:

@@ -165,7 +165,7 @@ def _app_status(runtime, name: str, state) -> tuple[str, str]:
         if time.monotonic() >= deadline:
             return Instance.Status.FAILED, _with_output(
                 runtime, name, f"the oTree app runs but does not answer HTTP ({problem})")
-        time.sleep(0.5)
+        time.sleep(0.1)  # (a woken instance's first request waits for this: instances.sleep)
         state = runtime.state(name)
 
 

@@ -35,7 +35,7 @@ from django.db.models import F, Value
 from django.db.models.functions import Concat
 from django.utils import timezone
 
-from instances import build, proxy, reconciler, sessions, state
+from instances import build, proxy, reconciler, sessions, sleep, state
 from instances.git.repos import repo_path
 from instances.models import Instance, Release
 from instances.selectors import next_number
@@ -297,6 +297,13 @@ def deploy(release_id: int, force: bool = False) -> Release:
 
 def _deploy(release: Release, instance: Instance, out: LogWriter, *, force: bool = False) -> None:
     runtime = get_runtime(instance)
+    if Instance.objects.filter(pk=instance.pk, asleep=True).exists():  # (we hold the build lock: it stays awake)
+        out("The instance was asleep: waking it (its database) for the deploy\n")
+        try:
+            sleep.wake(instance.name, "a deploy")
+        except reconciler.ReconcileError as exc:  # e.g. the old app did not come up: the new one may
+            out(f"It woke with a problem: {exc}\n")
+        instance.refresh_from_db()
     state.set_status(instance, Instance.Status.DEPLOYING, f"deploying #{release.number} ({release.commit[:8]})")
     if release.rollback_of_id:
         out(f"Rollback to #{release.rollback_of.number}: reusing its image {release.image}\n")

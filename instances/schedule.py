@@ -34,7 +34,7 @@ from django.db.models import Count, Max, Q
 from django.urls import reverse
 from django.utils import timezone
 
-from instances import reconciler
+from instances import reconciler, sleep
 from instances.backups import copy_backup, files_of, remove_files
 from instances.models import Backup, Instance
 from instances.selectors import visible_instances
@@ -220,6 +220,9 @@ def _is_due(instance, now: datetime) -> bool:
         return False
     if instance.last_try is not None and instance.last_try > now - timedelta(seconds=retry_after(schedule)):
         return False  # its last try (failed, or still running) was a moment ago
+    if instance.asleep and instance.last_done is not None and instance.slept_at is not None \
+            and instance.last_done >= instance.slept_at:
+        return False  # asleep since its last backup: its data cannot have changed (instances.sleep)
     return True
 
 
@@ -300,6 +303,11 @@ def back_up(instance_id: int, now: datetime | None = None) -> str:
     """The scheduled backup of one instance (the job's work): under its lock, taken without
     waiting, if it is still due; then the retention. Returns what happened (the job's
     message); a failed dump raises reconciler.ReconcileError (its Backup row says failed)."""
+    asleep = _annotated(_candidates().filter(pk=instance_id, asleep=True)).first()
+    if asleep is not None and _is_due(asleep, now or timezone.now()):
+        # Its data changed before it fell asleep: woken for the backup, it falls asleep again
+        # by the usual rule (instances.sleep). The database must run to be dumped.
+        sleep.wake(asleep.name, "a scheduled backup")
     try:
         with locks.lock(f"instance:{instance_id}", wait=0):
             instance = _annotated(_candidates().filter(pk=instance_id)).first()
@@ -369,7 +377,9 @@ def _statuses(queryset, now: datetime | None) -> list[Status]:
         since = instance.last_done or instance.created_at
         overdue = (not schedule.off and not instance.delete_requested and instance.desired_running
                    and instance.status != Instance.Status.PROVISIONING
-                   and since < now - timedelta(seconds=overdue_after(schedule)))
+                   and since < now - timedelta(seconds=overdue_after(schedule))
+                   and not (instance.asleep and instance.last_done is not None and instance.slept_at is not None
+                            and instance.last_done >= instance.slept_at))  # nothing changed since
         failed = instance.last_failed_try is not None and (
             instance.last_done is None or instance.last_failed_try > instance.last_done)
         rows.append(Status(instance=instance, schedule=schedule, last_done=instance.last_done, overdue=overdue,

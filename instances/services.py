@@ -385,6 +385,14 @@ def reset_database(actor, instance: Instance, request=None, force: bool = False)
         return _reconcile_job(actor, instance, f"Back up and reset the database of {instance.name}", "reset")
 
 
+def wake_now(actor, instance: Instance, request=None):
+    """*Wake now* (owner, lab managers): a job wakes the sleeping instance (instances.sleep;
+    seconds). NotAllowed when it is not asleep."""
+    if not Instance.objects.filter(pk=instance.pk, asleep=True).exists():
+        raise NotAllowed(f"{instance.name} is not asleep.")
+    return _reconcile_job(actor, instance, f"Wake {instance.name}", "wake")
+
+
 def backup_now(actor, instance: Instance, request=None):
     with throttle.take("backup", actor, instance), transaction.atomic():
         record(actor, "instance.backup", instance, f"backed up {instance.name}", request)

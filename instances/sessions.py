@@ -282,11 +282,12 @@ def fresh(instance: Instance) -> Instance:
 
 def refresh_running() -> dict:
     """The minute sweep: the sessions of every running instance read again (those read
-    longest ago first: a sweep cut short by its time limit goes on with the others next)."""
+    longest ago first: a sweep cut short by its time limit goes on with the others next).
+    A sleeping instance is not read (nor woken: it fell asleep with no live session)."""
     from celery.exceptions import SoftTimeLimitExceeded
 
     read_ok = failed = 0
-    for instance in (Instance.objects.filter(status=Instance.Status.RUNNING, delete_requested=False)
+    for instance in (Instance.objects.filter(status=Instance.Status.RUNNING, delete_requested=False, asleep=False)
                      .order_by(F("sessions_checked_at").asc(nulls_first=True))):
         try:
             ok = refresh(instance)

@@ -4,7 +4,7 @@ releases; services and releases enqueue them by name through `manager.jobs.servi
 from celery import shared_task
 from django.conf import settings
 
-from instances import export, proxy, reconciler, releases, schedule, sessions
+from instances import export, proxy, reconciler, releases, schedule, sessions, sleep
 from instances.models import Backup, Instance
 from instances.runtime import RuntimeError_
 from manager import locks
@@ -12,11 +12,19 @@ from manager.accounts.models import User
 from manager.jobs.services import JobFailed, job_task
 
 
+# The actions that wake a sleeping instance first, and what its page says woke it.
+WAKES = {"reset": "a database reset", "backup": "a backup", "restart": "a restart"}
+
+
 @job_task("instances.instance_action", time_limit=900)
 def instance_action(job, instance_id, action):
     actor = User.objects.filter(pk=job.user_id).first()
     name = Instance.objects.filter(pk=instance_id).values_list("name", flat=True).first() or "the instance"
     try:
+        if action == "wake":  # Wake now
+            sleep.wake(name, f"{actor.username} pressed Wake now" if actor else "Wake now was pressed", actor=actor)
+        elif action in WAKES:  # a sleeping instance's database sleeps too (LAB_SLEEP_DATABASES); its app restarts
+            sleep.wake(name, WAKES[action])
         if action == "reset":
             row = reconciler.backup_and_reset(instance_id, actor)
             data = export.data_sentence(row)
@@ -52,6 +60,7 @@ def restore(job, instance_id, backup_id, new_instance=False):
     actor = User.objects.filter(pk=job.user_id).first()
     name = Instance.objects.filter(pk=instance_id).values_list("name", flat=True).first() or "the instance"
     try:
+        sleep.wake(name, "a restore")
         row = reconciler.restore(instance_id, backup_id, actor)
     except reconciler.ReconcileError as exc:
         raise JobFailed(str(exc)) from exc
@@ -73,6 +82,19 @@ def sweep():
         return result
     stuck = releases.sweep()  # releases whose worker died
     return {**result, **reconciler.reconcile_all(), "stuck_releases_failed": stuck}
+
+
+@shared_task(name="instances.sleep_sweep", soft_time_limit=50, time_limit=58)
+def sleep_sweep():
+    """Every minute: idle running instances without a live session fall asleep (instances.sleep)."""
+    return sleep.sweep()
+
+
+@shared_task(name="instances.wake", soft_time_limit=150, time_limit=170)
+def wake(name, why):
+    """Wake a sleeping instance (instances.sleep.wake_soon: e.g. a lobby's kiosk page opened)."""
+    instance = sleep.wake_quietly(name, why)
+    return {"name": name, "status": instance.status if instance is not None else "gone"}
 
 
 @shared_task(name="instances.sessions_sweep", soft_time_limit=50, time_limit=58)
@@ -115,6 +137,7 @@ def move_instance(job, instance_id, node_id):
     actor = User.objects.filter(pk=job.user_id).first()
     name = Instance.objects.filter(pk=instance_id).values_list("name", flat=True).first() or "the instance"
     try:
+        sleep.wake(name, "a move to another node")
         backup, result = reconciler.move(instance_id, node_id, actor)
     except reconciler.ReconcileError as exc:
         raise JobFailed(f"{name}: {exc}") from exc

@@ -10,6 +10,7 @@ urlpatterns = [
     path("<slug:name>/admin-password/reveal/", views.instance_reveal_password, name="instance_reveal_password"),
     path("<slug:name>/limits/", views.instance_limits, name="instance_limits"),
     path("<slug:name>/backup-schedule/", views.instance_backup_schedule, name="instance_backup_schedule"),
+    path("<slug:name>/sleep/", views.instance_sleep, name="instance_sleep"),
     path("<slug:name>/transfer/", views.instance_transfer, name="instance_transfer"),
     path("<slug:name>/move/", views.instance_move, name="instance_move"),
     path("<slug:name>/logs/", views.instance_logs, name="instance_logs"),

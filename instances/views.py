@@ -6,9 +6,9 @@ from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 
-from instances import export, schedule, services, sessions
+from instances import export, schedule, services, sessions, sleep
 from instances.forms import (
-    AdminPasswordForm, BackupScheduleForm, BackupUploadAnyForm, BackupUploadForm, InstanceCreateForm, LimitsForm,
+    AdminPasswordForm, BackupScheduleForm, BackupUploadAnyForm, BackupUploadForm, InstanceCreateForm, LimitsForm, SleepForm,
     MoveForm, RestoreIntoForm, RestoreNewForm, SettingsForm, TransferForm,
 )
 from instances.models import Backup
@@ -57,6 +57,8 @@ def _detail_context(instance, **forms):
         }),
         "password_form": AdminPasswordForm(),
         "limits_form": LimitsForm(initial={"memory_mb": instance.memory_mb, "cpus": instance.cpus}),
+        "sleep_form": SleepForm(initial={"sleep_after_minutes": instance.sleep_after_minutes}),
+        "sleep_after": sleep.sleep_after(instance),
         "transfer_form": TransferForm(initial={"owner": instance.owner_id}),
         "move_form": MoveForm(),
         "schedule_form": BackupScheduleForm(initial={field: getattr(instance, field) for field in schedule.FIELDS}),
@@ -189,6 +191,17 @@ def instance_backup_schedule(request, name):
 
 @superuser_required
 @require_POST
+def instance_sleep(request, name):
+    instance = get_visible_instance(request.user, name)
+    return _form_post(
+        request, instance, SleepForm(request.POST), "sleep_form", _no_force(sleep.set_sleep_after),
+        lambda data: {"minutes": data["sleep_after_minutes"]},
+        "Sleep setting of {instance.name} saved (nothing restarts).",
+    )
+
+
+@superuser_required
+@require_POST
 def instance_transfer(request, name):
     instance = get_visible_instance(request.user, name)
     return _form_post(
@@ -215,6 +228,7 @@ ACTIONS = {
     # backup take `force` (the session guard)
     "restart": (services.restart, False, False, "Restarting {name}…"),
     "backup": (_no_force(services.backup_now), False, False, "Backing up {name}…"),
+    "wake": (_no_force(services.wake_now), False, False, "Waking {name}…"),
     "reset-database": (services.reset_database, True, False,
                        "Backing up {name}, then emptying its database. You will be notified when it is done."),
     "delete": (services.delete_instance, True, True, "Deleting {name}; its final backup is kept."),
@@ -265,6 +279,9 @@ def instance_data(request, name):
     """Download data: oTree's exports of the instance as one zip, made now (instances.export)."""
     instance = get_visible_instance(request.user, name)
     try:
+        if instance.asleep:  # its app (and database) must answer the export
+            sleep.wake_quietly(name, f"{request.user.username} downloaded its data", actor=request.user,
+                               request=request)
         handle, filename = export.download(request.user, instance, request=request)
     except export.ExportFailed as exc:
         messages.error(request, f"Could not export the data of {name}: {exc}.")

@@ -22,7 +22,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from instances import facts
+from instances import facts, sleep
 from instances.models import Instance
 from instances.selectors import can_see
 from lobby import texts as catalogue
@@ -251,6 +251,12 @@ def held_seats(room) -> dict[str, dict]:
 
 # --- what participants do ---------------------------------------------------------------------------
 
+def wake_for(ref: RoomRef) -> None:
+    """A kiosk page of the room opened: a sleeping instance starts waking now (in the
+    background), so its app is up when the gate opens (instances.sleep)."""
+    sleep.wake_soon(ref.instance.name, f"the lobby of room {ref.name}")
+
+
 def mark_ready(ref: RoomRef, label: str) -> tuple[str, str | None]:
     """"I am ready": with the gate open the seat enters at once (returns ("entered", room
     URL)); with the gate held it is ready and waits (("ready", None)).
@@ -292,6 +298,8 @@ def set_gate(user, ref: RoomRef, open_: bool, request=None) -> list[str]:
     """Open or hold the room's gate. Opening sends every ready seat into the room at once
     (their kiosks are told in one group message); returns the labels that entered."""
     _check(user, ref.instance)
+    if open_:  # the seats go to the app now: a sleeping instance wakes first (seconds)
+        sleep.wake_quietly(ref.instance.name, f"the lobby of room {ref.name} (its gate opened)")
     room = ref.row
     LobbyRoom.objects.filter(pk=room.pk).update(gate_open=open_, updated_at=timezone.now())
     room.gate_open = open_

@@ -77,6 +77,7 @@ def lobby_seat(request, instance, room, label):
         if "application/json" in request.headers.get("Accept", ""):
             return JsonResponse({"state": state, "url": url})
         return redirect(url or services.lobby_path(instance, ref.name, label))
+    services.wake_for(ref)
     snapshot = services.kiosk_snapshot(ref.row, label)
     context = {"instance": ref.instance, "room": ref, "label": label, "state": snapshot["seat"],
                "welcome": services.welcome_text(ref.instance, ref.language),

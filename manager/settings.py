@@ -545,6 +545,7 @@ CELERY_BEAT_SCHEDULE = {
     "jobs-sweep": {"task": "manager.jobs.tasks.sweep_jobs", "schedule": 60.0},
     "instances-sweep": {"task": "instances.sweep", "schedule": 60.0, "options": {"expires": 55}},
     "sessions-sweep": {"task": "instances.sessions_sweep", "schedule": 60.0, "options": {"expires": 55}},
+    "sleep-sweep": {"task": "instances.sleep_sweep", "schedule": 60.0, "options": {"expires": 55}},
     "bots-sweep": {"task": "bots.sweep", "schedule": 60.0, "options": {"expires": 55}},
     "backup-schedule": {"task": "instances.backup_schedule", "schedule": float(LAB_BACKUP_CHECK_SECONDS),
                         "options": {"expires": LAB_BACKUP_CHECK_SECONDS}},

@@ -1333,8 +1333,17 @@ class DockerRuntime:
 
     @_user_errors
     def stop(self, name: str) -> None:
+        self._stop(name, ("app", "redis", "db"))
+
+    @_user_errors
+    def stop_app(self, name: str) -> None:
+        """Only the app (a sleeping instance whose database and Redis stay up); `ensure`
+        starts the same container again."""
+        self._stop(name, ("app",))
+
+    def _stop(self, name: str, components: tuple[str, ...]) -> None:
         check_name(name)
-        for component in ("app", "redis", "db"):
+        for component in components:
             cname = self.container_name(name, component)
             info = self._inspect_ours(cname, name)
             if info is None:

@@ -1342,6 +1342,17 @@ class ProcessRuntime:
         self._stop_supervisor(name)
 
     @_user_errors
+    def stop_app(self, name: str) -> None:
+        """Only the app (a sleeping instance whose database and Redis stay up): its process
+        leaves the supervisor's spec (stopped when this returns); `ensure` adds it again."""
+        check_name(name)
+        current = self._spec(name)
+        processes = {role: p for role, p in (current.get("processes") or {}).items()
+                     if role not in ("app", CANDIDATE, RETIRED)}
+        if processes != (current.get("processes") or {}):
+            self._write_spec(name, {**{k: v for k, v in current.items() if k != "serial"}, "processes": processes})
+
+    @_user_errors
     def backup_database(self, name: str, spec: InstanceSpec, dest: Path) -> int:
         """A dump (PostgreSQL) or a consistent copy (SQLite), taken with the tenant's rights:
         the program runs as the instance's user and its output is written, by the manager,

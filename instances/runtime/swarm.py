@@ -874,15 +874,26 @@ class SwarmRuntime(DockerRuntime):
 
     @_user_errors
     def stop(self, name: str) -> None:
+        self._stop(name, ("app", "redis", "db"))
+
+    @_user_errors
+    def stop_app(self, name: str) -> None:
+        """Only the app's service (scaled to 0: a sleeping instance whose database and Redis
+        stay up); `ensure` scales it up again."""
+        self._stop(name, ("app",))
+
+    def _stop(self, name: str, components: tuple[str, ...]) -> None:
         check_name(name)
-        for component in ("app", "redis", "db"):
+        stopped = []
+        for component in components:
             for service in self._services(name, **{LABEL_COMPONENT: component}):
+                stopped.append(service["ID"])
                 if ((service["Spec"].get("Mode") or {}).get("Replicated") or {}).get("Replicas") != 0:
                     self._update_service(service, mode={"Replicated": {"Replicas": 0}})
         # Stopped when its tasks are (as the other backends' stop): at most the stop timeout and a bit.
         deadline = time.monotonic() + self.stop_timeout + 10
         while time.monotonic() < deadline:
-            running = [t for s in self._services(name) for t in self._tasks(s["ID"])
+            running = [t for sid in stopped for t in self._tasks(sid)
                        if (t.get("Status") or {}).get("State") in ("running", *TASK_ACTIVE)]
             if not running:
                 return

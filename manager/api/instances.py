@@ -7,7 +7,7 @@ from ninja import File, Path, Query, Router, Schema, Status, UploadedFile
 from ninja.errors import HttpError
 from pydantic import Field
 
-from instances import export, releases, schedule, services, sessions
+from instances import export, releases, schedule, services, sessions, sleep
 from instances.models import Backup, Instance, Release
 from instances.views import send_data_zip
 from manager.audit.services import record
@@ -34,7 +34,8 @@ class OTreeOut(Schema):
 class InstanceOut(Schema):
     name: str
     owner: str
-    status: str = Field(description="provisioning, ready_for_code, deploying, running, stopped, failed, deleting",
+    status: str = Field(description="provisioning, ready_for_code, deploying, running, stopped, sleeping (its app "
+                        "stopped while idle; the next request wakes it), failed, deleting",
                         **rules(enum=Instance.Status.values))
     status_reason: str
     url: str
@@ -57,6 +58,13 @@ class InstanceOut(Schema):
                                            "LAB_BACKUP_KEEP_WEEKLY")
     backup_schedule: dict = Field(description="the schedule in effect: {interval_seconds (0 = off), keep_daily, "
                                   "keep_weekly}")
+    sleep_after_minutes: int | None = Field(description="minutes without a request after which it sleeps; 0 = "
+                                            "never; null = the lab's LAB_SLEEP_AFTER_MINUTES")
+    sleep_after: int = Field(description="the minutes in effect (0 = it never sleeps)")
+    slept_at: str | None = Field(description="ISO time it last fell asleep, or null")
+    sleep_reason: str = Field(description="why it last fell asleep")
+    woke_at: str | None = Field(description="ISO time it last woke, or null")
+    wake_reason: str = Field(description='what last woke it ("a request to its URL", "a bot run (#3)", ...)')
 
 
 # services.validate_name's rules: NAME_RE (a lowercase letter first, a letter or digit
@@ -119,6 +127,10 @@ class InstancePatch(InputSchema):
     backup_keep_weekly: Whole | None = Field(
         None, description="scheduled backups kept, the newest of each of this many most recent ISO weeks; null = the "
         "lab's default; lab managers only (403 for others)", **rules(minimum=0, maximum=schedule.KEEP_MAX))
+    sleep_after_minutes: Whole | None = Field(
+        None, description="minutes without a request after which it sleeps (its app stops until the next request "
+        "wakes it); 0 = never; null = the lab's LAB_SLEEP_AFTER_MINUTES; lab managers only (403 for others); "
+        "nothing restarts", **rules(minimum=0, maximum=sleep.SLEEP_AFTER_MAX))
 
 
 _PASSWORD_LOW, _PASSWORD_HIGH = services.ADMIN_PASSWORD_LENGTH
@@ -204,6 +216,9 @@ def serialize(instance: Instance) -> dict:
         **{field: getattr(instance, field) for field in schedule.FIELDS},
         "backup_schedule": {"interval_seconds": effective.interval, "keep_daily": effective.keep_daily,
                             "keep_weekly": effective.keep_weekly},
+        "sleep_after_minutes": instance.sleep_after_minutes, "sleep_after": sleep.sleep_after(instance),
+        "slept_at": instance.slept_at.isoformat() if instance.slept_at else None, "sleep_reason": instance.sleep_reason,
+        "woke_at": instance.woke_at.isoformat() if instance.woke_at else None, "wake_reason": instance.wake_reason,
     }
 
 
@@ -237,16 +252,22 @@ def update_instance(request: HttpRequest, name: str, payload: InstancePatch, for
     not come up with them, the previous ones come back); the database is untouched. A change
     that restarts the app counts against the restart budget (429 over it). The backup
     schedule (`backup_interval_minutes`, `backup_keep_daily`, `backup_keep_weekly`; null =
-    the lab's default) is lab managers' too, and restarts nothing. 409 while an oTree session
+    the lab's default) is lab managers' too, and restarts nothing; so is `sleep_after_minutes`
+    (minutes without a request after which the instance sleeps; 0 = never; null = the lab's
+    LAB_SLEEP_AFTER_MINUTES). 409 while an oTree session
     is live (participants active in the last LAB_SESSION_LIVE_MINUTES) and the change restarts
     the app: the detail names the session(s) and how many participants are active; the same
     call with `?force=true` does it anyway."""
     instance = get_visible_instance(request.auth, name)
     values = payload.dict(exclude_unset=True)
     own_schedule = schedule.clean(request.auth, **{k: values.pop(k) for k in schedule.FIELDS if k in values})
-    if values or not own_schedule:
+    sleep_after = {"minutes": sleep.clean_sleep_after(request.auth, values.pop("sleep_after_minutes"))} \
+        if "sleep_after_minutes" in values else None
+    if values or not (own_schedule or sleep_after):
         services.update_settings(request.auth, instance, request=request, force=force, **values)
     schedule.update(request.auth, instance, request=request, **own_schedule)  # checked above: cannot fail now
+    if sleep_after is not None:
+        sleep.set_sleep_after(request.auth, instance, request=request, **sleep_after)
     return serialize(instance)
 
 
@@ -340,6 +361,9 @@ def instance_data(request: HttpRequest, name: str):
     (LAB_THROTTLE_EXPORT; every attempt counts)."""
     instance = get_visible_instance(request.auth, name)
     try:
+        if instance.asleep:  # its app (and database) must answer the export
+            sleep.wake_quietly(name, f"{request.auth.username} downloaded its data", actor=request.auth,
+                               request=request)
         handle, filename = export.download(request.auth, instance, request=request)
     except export.ExportFailed as exc:
         raise HttpError(409, f"Could not export the data of {name}: {exc}") from None
