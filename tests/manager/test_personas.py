@@ -215,6 +215,12 @@ ROUTES = [
     Route("instance_backup_schedule", "/instances/ann-study/backup-schedule/",
           {"anon": 302, "boss": 302, "ann": 403, "bob": 403}, method="post",
           data={"backup_interval_minutes": "60", "backup_keep_daily": "", "backup_keep_weekly": "2"}),
+    # when the instance sleeps: lab managers (nothing restarts)
+    Route("instance_sleep", "/instances/ann-study/sleep/", {"anon": 302, "boss": 302, "ann": 403, "bob": 403},
+          method="post", data={"sleep_after_minutes": "0"}),
+    # Wake now (owner, lab managers): ann-study is not asleep, so each is told so (redirect)
+    Route("instance_action", "/instances/ann-study/wake/", {"anon": 302, "boss": 302, "ann": 302, "bob": 404},
+          method="post"),
     Route("instance_transfer", "/instances/ann-study/transfer/", {"anon": 302, "boss": 302, "ann": 403, "bob": 403},
           method="post", data=lambda w: {"owner": w.bob.pk}),
     # moving an instance to another swarm node: lab managers; ann-study runs on docker (or
