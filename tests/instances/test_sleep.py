@@ -391,3 +391,31 @@ def test_sleep_after_is_a_lab_managers_setting(lab):
     assert response.status_code == 403 and "lab managers" in response.json()["detail"]
     assert Instance.objects.get(name=NAME).sleep_after_minutes == 5
     assert AuditEvent.objects.filter(action="instance.sleep_after").count() == 3
+
+
+def test_the_swarm_stops_only_the_app_and_ensure_brings_it_back():
+    """stop_app on the swarm (LAB_SLEEP_DATABASES off): the app's service scales to 0, its
+    database and Redis keep running; `ensure` (the wake's reconcile) scales it up again.
+    (A stand-in app: the swarm's deploys are tested in test_runtime_swarm/test_releases.)"""
+    from django.conf import settings
+
+    from instances.runtime.base import AppSpec, InstanceSpec
+
+    backends.require("swarm")
+    swarm = backends.make("swarm")
+    spec = InstanceSpec(name="sw-sleepy", db_name="otree", db_user="otree", db_password="pw-sw-sleepy-123456",
+                        memory_mb=256, cpus=0.5,
+                        app=AppSpec(image=settings.LAB_IMAGE_PYTHON, command=["python", "-m", "http.server", "8000"],
+                                    release_id="t1"))
+    try:
+        swarm.ensure(spec)
+        swarm.stop_app("sw-sleepy")
+        state = swarm.state("sw-sleepy")
+        assert (state.db.health, state.redis.health) == (Health.RUNNING, Health.RUNNING)
+        assert state.app.health != Health.RUNNING
+        assert swarm._service("sw-sleepy", "app")["Spec"]["Mode"]["Replicated"]["Replicas"] == 0
+        swarm.ensure(spec)
+        assert swarm._service("sw-sleepy", "app")["Spec"]["Mode"]["Replicated"]["Replicas"] == 1
+        assert swarm.state("sw-sleepy").app.health in (Health.RUNNING, Health.STARTING)
+    finally:
+        swarm.remove("sw-sleepy")
