@@ -460,7 +460,14 @@ def _delete(instance: Instance, runtime) -> None:
     git repository goes too, its history archived beside the final backup (a later
     instance of the same name must never serve it)."""
     if instance.name in runtime.owned_instances():
-        if runtime.state(instance.name).db.health != Health.RUNNING:
+        if instance.asleep:  # (instances.sleep) woken: its app answers the data export beside the dump
+            Instance.objects.filter(pk=instance.pk).update(asleep=False)
+            instance.asleep = False
+            found = current_app(instance)
+            state = runtime.ensure(instance_spec(instance, app_spec(instance, found)))
+            if found is not None:
+                _app_status(runtime, instance.name, state)  # until it answers (or not: the export says why)
+        elif runtime.state(instance.name).db.health != Health.RUNNING:
             runtime.ensure(instance_spec(instance))  # bring the database up for its dump
         already = instance.backups.filter(kind=Backup.Kind.FINAL, status=Backup.Status.DONE).exists()
         if not already:  # with oTree's data export, while the app still answers

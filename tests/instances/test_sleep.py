@@ -393,6 +393,19 @@ def test_sleep_after_is_a_lab_managers_setting(lab):
     assert AuditEvent.objects.filter(action="instance.sleep_after").count() == 3
 
 
+def test_deleting_a_sleeping_instance_keeps_its_data_export(lab):
+    """(Last of the tests on the shared deployment: it goes.)"""
+    from instances import reconciler
+
+    new_session(lab)
+    instance = asleep(lab)
+    Instance.objects.filter(pk=instance.pk).update(delete_requested=True)
+    assert reconciler.reconcile(instance.pk) is None
+    final = Backup.objects.get(instance_name=NAME, kind="final")
+    assert final.status == Backup.Status.DONE and final.data_filename and not final.data_problem, final.data_problem
+    assert NAME not in lab["runtime"].owned_instances()
+
+
 def test_the_swarm_stops_only_the_app_and_ensure_brings_it_back():
     """stop_app on the swarm (LAB_SLEEP_DATABASES off): the app's service scales to 0, its
     database and Redis keep running; `ensure` (the wake's reconcile) scales it up again.
