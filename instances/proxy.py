@@ -45,6 +45,20 @@ never installed into this machine's trust store), or LAB_TLS_CERT/KEY loaded as 
 Each route forwards to the live app's loopback port (websockets pass through; Caddy adds
 `X-Forwarded-For/-Proto/-Host`). An instance without a running app answers 503 with a
 sentence saying why, so its public URL explains itself.
+
+Sleeping instances (instances.sleep): every instance route starts with a subroute that
+matches only while the marker file LAB_CADDY_DIR/asleep/<name> exists (a stat per request)
+and then asks the manager first, forward_auth style: a GET to daphne's WAKE_PATH
+(instances.wake) with the instance's name and the lab's wake key set by Caddy (a client's
+copies are overwritten), no body, no cookies, no upgrade. The manager wakes the instance and
+answers 2xx once its app answers, and Caddy goes on to the app route, which reads the
+upstream file fresh; any other answer (the "starting" page, a 503) goes to the client. A
+sleeping instance keeps the route shape of a running one and the marker is one of the files
+build_config writes, so falling asleep and waking never reload Caddy's config.
+
+Activity (Instance.last_request_at, which the sleep policy reads): record_activity() reads
+Caddy's request counters (Prometheus text on the admin socket: port routing counts per
+server, subdomain routing per host) once a minute from the instances sweep.
 """
 
 from __future__ import annotations
@@ -100,6 +114,16 @@ def upstream_file(name: str) -> Path:
 
 def status_file(name: str) -> Path:
     return caddy_dir() / "status" / name
+
+
+def asleep_file(name: str) -> Path:
+    """Exists while the instance sleeps: its route asks the manager to wake it first."""
+    return caddy_dir() / "asleep" / name
+
+
+def activity_file() -> Path:
+    """The request counters record_activity() saw last."""
+    return caddy_dir() / "activity.json"
 
 
 def caddy_binary() -> str | None:
@@ -289,6 +313,56 @@ def _to_instance_host(port: int) -> dict:
             "headers": {"Location": [location], "Cache-Control": ["no-store"]}}
 
 
+# --- sleeping instances: the wake subrequest ------------------------------------------------------
+
+WAKE_PATH = "/internal/wake/"  # instances.wake; served by daphne, outside Django's URLs
+WAKE_INSTANCE_HEADER = "X-Otree-Lab-Instance"
+WAKE_KEY_HEADER = "X-Otree-Lab-Wake-Key"
+WAKE_METHOD_HEADER = "X-Otree-Lab-Method"  # the held request's method ...
+WAKE_UPGRADE_HEADER = "X-Otree-Lab-Upgrade"  # ... and Upgrade header ("websocket")
+# Never sent to the manager with the wake subrequest: the instance's cookies and credentials,
+# the body, and whatever would make it a websocket handshake.
+_WAKE_DROPPED = ["Cookie", "Authorization", "Proxy-Authorization", "Upgrade", "Connection", "Sec-Websocket-Key",
+                 "Sec-Websocket-Version", "Sec-Websocket-Extensions", "Sec-Websocket-Protocol", "Content-Type",
+                 "Content-Length", "Transfer-Encoding", "Expect", "Te", "Trailer"]
+
+
+def wake_key() -> str:
+    """What Caddy sends with every wake subrequest (and nobody else knows): derived from
+    SECRET_KEY, so it needs no storage and changes with it."""
+    import hashlib
+    import hmac
+
+    return hmac.new(settings.SECRET_KEY.encode(), b"otree-lab:caddy-wake", hashlib.sha256).hexdigest()
+
+
+def _sleeping(instance) -> bool:
+    """The instance's route asks the manager first: it sleeps, or is about to (asleep, the
+    app still running), or wakes (asleep cleared, the app not answering yet)."""
+    if instance.delete_requested:
+        return False
+    return instance.status == "sleeping" or (instance.asleep and instance.status in _MAY_HAVE_APP)
+
+
+def _wake_first(name: str) -> dict:
+    """Matches only while the marker file exists; then a GET to the manager's wake endpoint:
+    2xx goes on to the next handler (the app), any other answer goes to the client."""
+    return {"handler": "subroute", "routes": [{
+        "match": [{"file": {"root": str(asleep_file(name).parent), "try_files": [f"/{name}"]}}],
+        "handle": [{
+            "handler": "reverse_proxy",
+            "upstreams": [{"dial": _manager_dial()}],
+            "rewrite": {"method": "GET", "uri": WAKE_PATH},
+            "headers": {"request": {
+                "set": {WAKE_INSTANCE_HEADER: [name], WAKE_KEY_HEADER: [wake_key()],
+                        WAKE_METHOD_HEADER: ["{http.request.method}"],
+                        WAKE_UPGRADE_HEADER: ["{http.request.header.Upgrade}"]},
+                "delete": _WAKE_DROPPED}},
+            "handle_response": [{"match": {"status_code": [2]}, "routes": [{"handle": [{"handler": "vars"}]}]}],
+        }],
+    }]}
+
+
 def no_app_message(instance) -> str:
     # The status only, never status_reason: this page is public, the reason may name internals.
     return f"This oTree instance has no app running yet (status: {instance.get_status_display()})."
@@ -420,6 +494,15 @@ def _front_servers(bind: str) -> dict:
         "routes": [{"handle": [redirect]}], "automatic_https": {"disable": True}, **EDGE_TIMEOUTS}}
 
 
+def _instance_handlers(instance, upstreams: dict[str, str]) -> list[dict]:
+    """An instance's handlers: the wake subrequest (only while its marker file exists), then
+    its app, or the 503 saying why there is none. A sleeping instance has the app route, so
+    the config is the same asleep and awake."""
+    if instance.name in upstreams or _sleeping(instance):
+        return [_wake_first(instance.name), _app_route(instance.name)]
+    return [_wake_first(instance.name), _no_app_route(instance.name)]
+
+
 def build_config(only: str | None = None) -> tuple[dict, dict[Path, str]]:
     """Caddy's whole config, and the upstream and status files it reads, from the database
     (and the runtime: about every instance that may run an app, or about `only`)."""
@@ -433,6 +516,8 @@ def build_config(only: str | None = None) -> tuple[dict, dict[Path, str]]:
             files[upstream_file(instance.name)] = upstreams[instance.name]
         else:
             files[status_file(instance.name)] = no_app_message(instance) + "\n"
+        if _sleeping(instance):
+            files[asleep_file(instance.name)] = "asleep\n"
     errors = {"routes": [{"handle": [_text(502, NOT_ANSWERING)]}]}
     servers = {}
     tls = tls_on()
@@ -442,20 +527,20 @@ def build_config(only: str | None = None) -> tuple[dict, dict[Path, str]]:
     if settings.LAB_ROUTING == "subdomain":
         routes = [{"match": [{"host": [settings.LAB_PUBLIC_HOST]}],
                    "handle": [_proxy(_manager_dial())], "terminal": True}]
+        listen = listen_address()
+        if tls:
+            listen = _hostport(front, settings.LAB_HTTPS_PORT) if front else f":{settings.LAB_HTTPS_PORT}"
         for instance in instances:
-            dial = upstreams.get(instance.name)
             host = f"{instance.name}.{settings.LAB_DOMAIN}"
             if tls:
                 names.append(host.lower())
             routes.append({
-                "match": [{"host": [host]}],
-                "handle": [*hsts, _app_route(instance.name) if dial else _no_app_route(instance.name)],
+                # (host:port too: the request counters are per host as the client wrote it)
+                "match": [{"host": [host, f"{host}:{_port_of(listen)}"]}],
+                "handle": [*hsts, *_instance_handlers(instance, upstreams)],
                 "terminal": True,
             })
         routes.append({"handle": [_text(404, "No oTree instance at this address.\n")]})
-        listen = listen_address()
-        if tls:
-            listen = _hostport(front, settings.LAB_HTTPS_PORT) if front else f":{settings.LAB_HTTPS_PORT}"
         servers["instances"] = {
             "listen": [listen], "routes": routes, "errors": errors,
             "automatic_https": {"disable": True}, **EDGE_TIMEOUTS,
@@ -484,12 +569,11 @@ def build_config(only: str | None = None) -> tuple[dict, dict[Path, str]]:
         for instance in instances:
             if not instance.public_port:
                 continue
-            dial = upstreams.get(instance.name)
             server = servers[f"instance-{instance.name}"] = {
                 "listen": [_hostport(bind, instance.public_port) if bind else f":{instance.public_port}"],
                 "routes": [
                     {"match": [{"host": [settings.LAB_INSTANCE_HOST.strip("[]").lower()]}],
-                     "handle": [*hsts, _app_route(instance.name) if dial else _no_app_route(instance.name)],
+                     "handle": [*hsts, *_instance_handlers(instance, upstreams)],
                      "terminal": True},
                     {"handle": [_to_instance_host(instance.public_port)]},
                 ],
@@ -504,7 +588,9 @@ def build_config(only: str | None = None) -> tuple[dict, dict[Path, str]]:
         servers.update(_front_servers(front))
     config = base_config()
     if servers:
-        config["apps"] = {"http": {"grace_period": GRACE_PERIOD, "servers": servers}}
+        config["apps"] = {"http": {"grace_period": GRACE_PERIOD, "servers": servers,
+                                   # request counters for record_activity(); subdomain routing: per host
+                                   "metrics": {"per_host": settings.LAB_ROUTING == "subdomain"}}}
         if tls:
             config["apps"]["http"].update(http_port=settings.LAB_HTTP_PORT, https_port=settings.LAB_HTTPS_PORT)
             config["apps"]["tls"] = _tls_app(names)
@@ -534,7 +620,7 @@ def _write_files(files: dict[Path, str]) -> int:
 
 
 def _remove_other_files(files: dict[Path, str]) -> None:
-    for sub in ("upstreams", "status"):
+    for sub in ("upstreams", "status", "asleep"):
         folder = caddy_dir() / sub
         if folder.is_dir():
             for path in folder.iterdir():
@@ -637,6 +723,94 @@ def _sync(only: str | None = None) -> dict:
             if not servers:
                 config.pop("apps", None)
     raise CaddyError("could not load a config")
+
+
+# --- activity: Instance.last_request_at from Caddy's request counters ------------------------------
+
+_SAMPLE = re.compile(r'^(caddy_http_requests_total|caddy_http_requests_in_flight)\{([^}]*)\} (\S+)$')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+_RELOADED = "caddy_config_last_reload_success_timestamp_seconds"
+
+
+def request_counters() -> tuple[str, dict[str, tuple[float, float]]]:
+    """Caddy's counters, read from its Prometheus metrics on the admin socket: (the time its
+    config was last loaded, {instance name: (requests so far, requests in flight)}). Only
+    instances that had a request since that load appear (a load starts the counters anew).
+    A websocket held open is in flight until it closes."""
+    sock = admin_socket()
+    if not sock.exists():
+        raise CaddyUnavailable(f"no Caddy admin socket at {sock}")
+    conn = _UnixConnection(sock, ADMIN_TIMEOUT)
+    try:
+        try:
+            conn.request("GET", "/metrics")
+            resp = conn.getresponse()
+            text = resp.read().decode(errors="replace")
+        except OSError as exc:
+            raise CaddyUnavailable(f"Caddy's metrics cannot be read: {exc}") from None
+    finally:
+        conn.close()
+    if resp.status != 200:
+        raise CaddyError(f"Caddy's metrics answered {resp.status}")
+    subdomain = settings.LAB_ROUTING == "subdomain"
+    suffix = "." + settings.LAB_DOMAIN.lower()
+    loaded = ""
+    counters: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        if line.startswith(_RELOADED + " "):
+            loaded = line.split(" ", 1)[1].strip()
+            continue
+        sample = _SAMPLE.match(line)
+        if not sample:
+            continue
+        labels = dict(_LABEL.findall(sample.group(2)))
+        if subdomain:
+            host = labels.get("host", "").split(":", 1)[0]  # (name.domain:port: a port the client wrote)
+            if labels.get("server") != "instances" or not host.endswith(suffix):
+                continue
+            name = host[:-len(suffix)]
+        else:
+            server = labels.get("server", "")
+            if not server.startswith("instance-"):
+                continue
+            name = server[len("instance-"):]
+        try:
+            value = float(sample.group(3))
+        except ValueError:
+            continue
+        pair = counters.setdefault(name, [0.0, 0.0])
+        pair[0 if sample.group(1) == "caddy_http_requests_total" else 1] += value
+    return loaded, {name: (total, flight) for name, (total, flight) in counters.items()}
+
+
+def record_activity(now=None) -> dict:
+    """Once a minute (the instances sweep): every instance whose request counter moved since
+    the last call, or that has a request in flight (an open websocket), gets
+    last_request_at = now; the others are not written. Cost: one read of Caddy's metrics
+    text (about 1 KiB per instance that had requests) and one UPDATE for all that moved;
+    the counters themselves cost Caddy a few atomic increments per request. Never raises."""
+    from django.utils import timezone
+
+    from instances.models import Instance
+
+    now = now or timezone.now()
+    try:
+        with _sync_lock():
+            loaded, counters = request_counters()
+            try:
+                seen = json.loads(activity_file().read_text())
+            except (OSError, ValueError):
+                seen = {}
+            before = seen.get("totals", {}) if seen.get("loaded") == loaded else {}  # a load restarts the counters
+            active = sorted(name for name, (total, flight) in counters.items()
+                            if flight > 0 or before.get(name) != total)
+            _write_files({activity_file(): json.dumps(
+                {"loaded": loaded, "totals": {name: total for name, (total, _f) in counters.items()}})})
+    except (CaddyUnavailable, CaddyError) as exc:
+        log.info("no request counters (%s); last_request_at not updated", exc)
+        return {"active": 0, "reason": str(exc)}
+    updated = Instance.objects.filter(name__in=active).update(last_request_at=now) if active else 0
+    return {"active": updated}
 
 
 # --- starting Caddy (labserver's child) ------------------------------------------------------------

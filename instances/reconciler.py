@@ -60,6 +60,10 @@ def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Insta
                 set_status(instance, Instance.Status.STOPPED, "", observed_generation=generation)
                 return instance
             if instance.asleep:  # (instances.sleep) the app, and with LAB_SLEEP_DATABASES its db and redis
+                if instance.status != Instance.Status.SLEEPING:
+                    # the wake route first (its marker file; no config load): a request from
+                    # now on wakes it instead of meeting a stopped app
+                    proxy.sync_routes(instance.name)
                 if settings.LAB_SLEEP_DATABASES:
                     runtime.stop(instance.name)
                 else:

@@ -81,7 +81,9 @@ def sweep():
     if "skipped" in result:
         return result
     stuck = releases.sweep()  # releases whose worker died
-    return {**result, **reconciler.reconcile_all(), "stuck_releases_failed": stuck}
+    activity = proxy.record_activity()  # last_request_at of every instance that had a request (the sleep policy)
+    return {**result, **reconciler.reconcile_all(), "stuck_releases_failed": stuck,
+            "instances_with_requests": activity.get("active", 0)}
 
 
 @shared_task(name="instances.sleep_sweep", soft_time_limit=50, time_limit=58)
