@@ -474,6 +474,8 @@ LAB_START_TIMEOUT = env_int("LAB_START_TIMEOUT", 120)
 LAB_SLEEP_AFTER_MINUTES = env_int("LAB_SLEEP_AFTER_MINUTES", 30)
 LAB_SLEEP_DATABASES = env_bool("LAB_SLEEP_DATABASES", True)
 LAB_WAKE_HOLD_SECONDS = env_int("LAB_WAKE_HOLD_SECONDS", 30)
+if not 1 <= LAB_WAKE_HOLD_SECONDS <= 55:  # (daphne closes a connection silent for 60 s: instances.git.webcap)
+    raise ConfigError(f"LAB_WAKE_HOLD_SECONDS must be a number of seconds from 1 to 55, got {LAB_WAKE_HOLD_SECONDS}")
 LAB_KEEP_RELEASES = env_int("LAB_KEEP_RELEASES", 5)
 # Live oTree sessions (instances.sessions): a session is live while a participant who has
 # not finished started or completed a page in the last LAB_SESSION_LIVE_MINUTES (decimals

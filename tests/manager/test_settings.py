@@ -61,6 +61,8 @@ def test_a_well_formed_environment_passes_the_check():
     ("LAB_BACKUP_KEEP_DAILY", "-1"),
     ("LAB_BACKUP_COPY_DIR", "backups/copy"),  # not an absolute path
     ("LAB_BACKUP_CHECK_SECONDS", "0"),
+    ("LAB_WAKE_HOLD_SECONDS", "0"),
+    ("LAB_WAKE_HOLD_SECONDS", "600"),  # longer than daphne keeps a silent connection
     ("LAB_SESSION_LIVE_MINUTES", "ten"),
     ("LAB_SESSION_LIVE_MINUTES", "0"),
     ("LAB_SESSION_LIVE_MINUTES", "nan"),
