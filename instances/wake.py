@@ -75,8 +75,9 @@ def _look(name: str) -> tuple[bool, str] | None:
         connections.close_all()
 
 
-def _wake(name: str) -> str:
-    """The wake itself: returns the status it left."""
+def _wake(name: str) -> str | None:
+    """The wake itself: the status it left ("" when the instance is gone), None when it
+    raised."""
     from django.db import connections
 
     from instances import sleep
@@ -86,7 +87,7 @@ def _wake(name: str) -> str:
         return "" if instance is None else instance.status
     except Exception:  # noqa: BLE001 - the reconciler wrote the reason; held requests get "could not be started"
         log.exception("waking %s for a request failed", name)
-        return "failed"
+        return None
     finally:
         connections.close_all()
 
@@ -166,9 +167,9 @@ async def hold(name: str) -> str:
                 outcome = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(shared_wake(name))), left)
             except asyncio.TimeoutError:
                 return "starting"
-            if outcome not in ("running", ""):
+            if outcome is None:
                 return "failed"
-            continue  # look again: running, and the marker gone
+            continue  # look again (another process may be waking it: then wait for that one)
         # not asleep, still sleeping: another process wakes it
         await asyncio.sleep(min(POLL_SECONDS, max(left, 0)))
 

@@ -22,6 +22,7 @@ from instances.runtime.base import Health
 from tests import backends, otree_projects
 from tests.instances.test_proxy import INSTANCE_HOST, caddy, free_ports, read_frame  # noqa: F401 - fixture
 from tests.instances.test_releases import capture_jobs, deploy, new_instance  # noqa: F401 - fixture
+from tests.instances.test_sleep import idle
 from tests.instances.test_wake import AsgiServer
 
 pytestmark = [pytest.mark.docker, pytest.mark.django_db(transaction=True)]
@@ -66,6 +67,13 @@ def otree_websocket(port: int) -> dict:
         return json.loads(payload)
 
 
+def fall_asleep(instance: Instance) -> None:
+    """Idle for longer than the lab's sleep time (tests/instances/test_sleep.py), then asleep
+    as the sleep sweep puts it."""
+    instance = idle(instance)
+    assert sleep.put_to_sleep(instance.pk, "no request for a while") is not None, sleep.why_awake(instance)
+
+
 def test_a_sleeping_instance_wakes_for_a_request_and_a_websocket(runtime, caddy, tmp_path, boss, ann, settings):
     settings.LAB_RUNTIME = runtime.name
     instance, checkout = new_instance(ann, "sleeper", tmp_path)
@@ -83,7 +91,7 @@ def test_a_sleeping_instance_wakes_for_a_request_and_a_websocket(runtime, caddy,
         config = proxy.admin_request("GET", "/config/")
 
         # It falls asleep: the app is stopped, the route asks the manager first.
-        sleep.put_to_sleep(instance.pk, "no request for a while")
+        fall_asleep(instance)
         instance.refresh_from_db()
         assert instance.status == "sleeping" and instance.asleep
         assert runtime.state("sleeper").app.health != Health.RUNNING
@@ -100,7 +108,7 @@ def test_a_sleeping_instance_wakes_for_a_request_and_a_websocket(runtime, caddy,
         assert not proxy.asleep_file("sleeper").exists()
 
         # Asleep again; a websocket (oTree's auto-advance socket) wakes it and gets oTree's answer.
-        sleep.put_to_sleep(instance.pk, "no request for a while")
+        fall_asleep(instance)
         assert Instance.objects.get(pk=instance.pk).status == "sleeping"
         assert otree_websocket(port) == {"error": "Participant not found in database."}
         assert Instance.objects.get(pk=instance.pk).status == "running"
