@@ -427,3 +427,40 @@ def test_the_starting_page_reloads_itself_in_a_browser_until_the_app_answers(doo
         else:
             os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = old
     assert door["waker"].calls == [("sleepy", "a request to its URL")]
+
+
+def test_daphne_answers_the_wake_subrequest_before_django(owner, settings, tmp_path):
+    """The manager's real web server (daphne serving manager.asgi on this test's database):
+    the wake path is answered by instances.wake, never by Django, and only with the key."""
+    from tests.db_helpers import database_url
+    from tests.labserver_helpers import Daphne, free_port
+
+    Instance.objects.create(name="awake", owner=owner, status="running")
+    Instance.objects.create(name="dozing", owner=owner, status="sleeping", asleep=True)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAB_") and k != "DJANGO_ALLOW_ASYNC_UNSAFE"}
+    env.update(LAB_DATA_DIR=os.environ["LAB_DATA_DIR"], LAB_HOST="127.0.0.1", LAB_PORT=str(port),
+               LAB_SECRET_KEY=settings.SECRET_KEY, LAB_RUNTIME="process", DATABASE_URL=database_url(),
+               PYTHONUNBUFFERED="1")
+    manager = Daphne(port, env, tmp_path / "daphne.log")
+
+    def ask(headers, host="localhost:12345"):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        try:
+            conn.request("GET", proxy.WAKE_PATH, headers={"Host": host, **headers})
+            resp = conn.getresponse()
+            return resp.status, resp.read().decode()
+        finally:
+            conn.close()
+
+    try:
+        key = {proxy.WAKE_KEY_HEADER: proxy.wake_key()}
+        # Caddy's Host is the instance's (no host of the manager's): still answered, not Django's 400.
+        assert ask({**key, proxy.WAKE_INSTANCE_HEADER: "awake"}) == (200, "awake\n")
+        assert ask({proxy.WAKE_INSTANCE_HEADER: "awake"}) == (404, wake.NOT_FOUND_TEXT)
+        assert ask({proxy.WAKE_KEY_HEADER: "x" * 64, proxy.WAKE_INSTANCE_HEADER: "dozing"}) == (404, wake.NOT_FOUND_TEXT)
+        assert ask({**key, proxy.WAKE_INSTANCE_HEADER: "nobody"})[0] == 404
+        assert Instance.objects.get(name="dozing").asleep  # nothing woke it
+    finally:
+        manager.stop()
+    assert "Traceback" not in manager.output(), manager.output()[-3000:]
