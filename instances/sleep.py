@@ -65,19 +65,17 @@ def _job_link(instance: Instance) -> str:
     return f"/instances/{instance.name}/"  # what the instance's jobs link to (services, schedule)
 
 
-def busy_reason(instance: Instance, *, ignore_job=None) -> str:
+def busy_reason(instance: Instance) -> str:
     """What keeps the instance awake whatever its idleness ('' when nothing does): work on
-    it that wakes it, or would, were it asleep. `ignore_job`: the id of the caller's own job."""
+    it that wakes it, or would, were it asleep."""
     from manager.jobs.models import Job
 
     if Release.objects.filter(instance=instance, status__in=DEPLOYING).exists() or locks.held(f"build:{instance.pk}"):
         return "a deploy is under way"
     if Backup.objects.filter(instance=instance, status=Backup.Status.PENDING).exists():
         return "a backup is being written"
-    jobs = Job.objects.filter(link=_job_link(instance), status__in=[Job.Status.QUEUED, Job.Status.RUNNING])
-    if ignore_job is not None:
-        jobs = jobs.exclude(pk=ignore_job)
-    job = jobs.order_by("created_at").first()
+    job = (Job.objects.filter(link=_job_link(instance), status__in=[Job.Status.QUEUED, Job.Status.RUNNING])
+           .order_by("created_at").first())
     if job is not None:
         return f"{job.label} is {job.status}"
     runs = instance.bot_runs.model  # (no import of bots: instances sits below it)
@@ -86,7 +84,7 @@ def busy_reason(instance: Instance, *, ignore_job=None) -> str:
     return ""
 
 
-def why_awake(instance: Instance, now: datetime | None = None, *, ignore_job=None) -> str:
+def why_awake(instance: Instance, now: datetime | None = None) -> str:
     """Why the instance does not fall asleep now ('' when it may)."""
     now = now or timezone.now()
     if instance.asleep:
@@ -104,7 +102,7 @@ def why_awake(instance: Instance, now: datetime | None = None, *, ignore_job=Non
         return f"its oTree sessions were not read in the last {SESSIONS_FRESH} minutes"
     if instance.live_sessions:  # (none while the app does not answer: sessions_problem)
         return "an oTree session is live"
-    return busy_reason(instance, ignore_job=ignore_job)
+    return busy_reason(instance)
 
 
 def sweep(now: datetime | None = None) -> dict:
@@ -132,18 +130,17 @@ def sweep(now: datetime | None = None) -> dict:
     return {"asleep": slept, "kept_awake": kept}
 
 
-def put_to_sleep(instance_id: int, reason: str, *, ignore_job=None) -> Instance | None:
+def put_to_sleep(instance_id: int, reason: str) -> Instance | None:
     """Put the instance to sleep (with `reason`) unless something keeps it awake
     (`why_awake`, checked under its lock taken without waiting, and again once `asleep` is
-    set); the reconciler stops it. Returns the instance, or None when it stays awake.
-    `ignore_job`: the caller's own job (a scheduled backup puts back to sleep what it woke)."""
+    set); the reconciler stops it. Returns the instance, or None when it stays awake."""
     from instances import proxy
     from instances.reconciler import reconcile
 
     try:
         with locks.lock(f"instance:{instance_id}", wait=0):
             instance = Instance.objects.filter(pk=instance_id).first()
-            if instance is None or why_awake(instance, ignore_job=ignore_job):
+            if instance is None or why_awake(instance):
                 return None
             now = timezone.now()
             if not Instance.objects.filter(pk=instance_id, asleep=False).update(
@@ -151,7 +148,7 @@ def put_to_sleep(instance_id: int, reason: str, *, ignore_job=None) -> Instance 
                 return None
             # Whatever wakes an instance marks itself first, then wakes it: seen here, or it sees `asleep`.
             instance.refresh_from_db()
-            busy = busy_reason(instance, ignore_job=ignore_job)
+            busy = busy_reason(instance)
             if busy:
                 Instance.objects.filter(pk=instance_id, asleep=True, slept_at=now).update(asleep=False)
                 log.info("instance %s stays awake: %s", instance.name, busy)
