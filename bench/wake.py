@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from sleep_density import Manager, api, load, machine_facts, wait_status  # noqa: E402
+from sleep_density import Instances, Manager, api, load, machine_facts, wait_status  # noqa: E402
 from tests.otree_projects import valid_project  # noqa: E402
 
 STEPS = ["lock + rows", "db + redis up", "app started", "app answers", "status + proxy", "via Caddy",
@@ -144,11 +144,38 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def sleep_now(instance_id: int, server, token, name: str) -> None:
+def sleep_now(instance_id: int, server, token, name: str, reader: Instances) -> None:
+    """Put it to sleep; then nothing of it may run any more (else the next wake would be
+    measured against a half-stopped instance)."""
     from instances.sleep import put_to_sleep
 
     put_to_sleep(instance_id, "bench: wake")
     wait_status(server, token, [name], {"sleeping"}, 60, "sleeping")
+    t0 = time.monotonic()
+    first = running(reader, name)
+    while (left := running(reader, name)) and time.monotonic() - t0 < 30:
+        time.sleep(0.05)
+    if left:
+        raise SystemExit(f"{name} is sleeping but {left} still run 30 s later")
+    if first:
+        print(f"  (still running when it was `sleeping`: {first}; gone {time.monotonic() - t0:.2f} s later)",
+              file=sys.stderr)
+
+
+def running(reader: Instances, name: str) -> list[str]:
+    """What of the instance still runs (zombies not counted): process names, or containers."""
+    if reader.runtime_name != "process":
+        return [c["Names"][0] for c in reader.containers(name)]
+    found = []
+    for pid in reader.pids(name):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        comm, state = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2]
+        if state not in "ZX":
+            found.append(f"{comm}[{pid}]")
+    return found
 
 
 def wake_direct(name: str, url: str) -> dict[str, float]:
@@ -198,8 +225,9 @@ def main() -> int:
         url = api(f"{manager.server.url}/api/v1/instances/{name}", manager.token)["url"].rstrip("/") + "/"
         first_answer(url, 30)
         instance_id = Instance.objects.get(name=name).pk
+        reader = Instances(args.runtime, manager.manager_id)
         for run in range(args.runs + 1):
-            sleep_now(instance_id, manager.server, manager.token, name)
+            sleep_now(instance_id, manager.server, manager.token, name, reader)
             time.sleep(args.pause)
             row = wake_direct(name, url)
             loads.append(os.getloadavg()[0])
@@ -209,7 +237,7 @@ def main() -> int:
                 direct.append(row)
         if args.front_door:
             for run in range(args.runs + 1):
-                sleep_now(instance_id, manager.server, manager.token, name)
+                sleep_now(instance_id, manager.server, manager.token, name, reader)
                 time.sleep(args.pause)
                 seconds, status = first_answer(url, 60, headers={"Accept": "*/*"})
                 loads.append(os.getloadavg()[0])
