@@ -13,8 +13,9 @@ runtime's shared environment, Docker's build cache). Then:
    instance (process runtime: PSS of its supervisor and of every process of the instance's
    user — app, PostgreSQL cluster, Redis; Docker: PSS of the processes in its containers
    plus their containerd shims, and the cgroup's usage minus inactive file pages);
-2. asleep: every instance is put to sleep with `instances.sleep.put_to_sleep` (what the
-   sleep sweep calls), and the same is measured after `--idle` seconds;
+2. asleep: every instance is made idle (no request for longer than the lab's sleep time,
+   its oTree sessions read: none live) and put to sleep with `instances.sleep.put_to_sleep`
+   (what the sleep sweep calls), and the same is measured after `--idle` seconds;
 3. the machine's used memory (MemTotal − MemAvailable) before, awake and asleep, as a
    cross-check that includes what PSS cannot see (kernel, page tables, dockerd);
 4. disk per sleeping instance (its folder, or its volume; shared environments/images not
@@ -389,17 +390,43 @@ class Manager:
         shutil.rmtree(self.work, ignore_errors=True)
 
 
-def put_all_to_sleep(names: list[str]) -> list[float]:
-    from instances.models import Instance
-    from instances.sleep import put_to_sleep
+def make_idle(name: str, minutes: int = 0):
+    """As if instance `name` had had no request (nor a wake or a deploy) for longer than the
+    lab's sleep time, with its oTree sessions read now (none live): what the sleep policy
+    (`instances.sleep.why_awake`) asks before `put_to_sleep` may stop it. As the tests do
+    (tests/instances/test_sleep.py `idle`)."""
+    from datetime import timedelta
 
-    times = []
-    for name in names:
-        instance = Instance.objects.get(name=name)
-        t0 = time.perf_counter()
-        put_to_sleep(instance.pk, "bench: sleep_density")
-        times.append(time.perf_counter() - t0)
-    return times
+    from django.conf import settings
+    from django.utils import timezone
+
+    from instances import sessions
+    from instances.models import Instance, Release
+
+    past = timezone.now() - timedelta(minutes=(minutes or settings.LAB_SLEEP_AFTER_MINUTES) + 1)
+    Instance.objects.filter(name=name).update(last_request_at=past, woke_at=None, created_at=past)
+    Release.objects.filter(instance__name=name).update(finished_at=past)
+    instance = Instance.objects.get(name=name)
+    sessions.refresh(instance)
+    instance.refresh_from_db()
+    return instance
+
+
+def sleep_one(name: str, reason: str) -> float:
+    """Put instance `name` to sleep as the sleep sweep does; returns the seconds
+    `put_to_sleep` took (the app, and with LAB_SLEEP_DATABASES its db and redis, stopped)."""
+    from instances.sleep import put_to_sleep, why_awake
+
+    instance = make_idle(name)
+    t0 = time.perf_counter()
+    if put_to_sleep(instance.pk, reason) is None:
+        instance.refresh_from_db()
+        raise SystemExit(f"{name} did not fall asleep: {why_awake(instance) or instance.status}")
+    return time.perf_counter() - t0
+
+
+def put_all_to_sleep(names: list[str]) -> list[float]:
+    return [sleep_one(name, "bench: sleep_density") for name in names]
 
 
 def summary(rows: dict[str, dict], key: str) -> tuple[float, float, float]:

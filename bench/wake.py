@@ -5,8 +5,9 @@ time goes.
 Starts a real `manage.py labserver` (temporary LAB_DATA_DIR, embedded Redis, worker, git
 server, Caddy) with `LAB_RUNTIME=process` (default) or `docker`, creates one instance and
 pushes a small oTree 6 project to it. Then, `--runs` times (after one warm-up wake that is
-shown but not counted): the instance is put to sleep (`instances.sleep.put_to_sleep`, as the
-sleep sweep does; with LAB_SLEEP_DATABASES (default true) its PostgreSQL and Redis stop
+shown but not counted): the instance is made idle (no request for longer than the lab's
+sleep time, its sessions read: none live) and put to sleep (`instances.sleep.put_to_sleep`,
+as the sleep sweep does; with LAB_SLEEP_DATABASES (default true) its PostgreSQL and Redis stop
 too), left asleep `--pause` seconds, and woken:
 
 * `direct` (always): `instances.sleep.wake` is called in this process (what the proxy, the
@@ -43,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from sleep_density import Instances, Manager, api, load, machine_facts, wait_status  # noqa: E402
+from sleep_density import Instances, Manager, api, machine_facts, sleep_one, wait_status  # noqa: E402
 from tests.otree_projects import valid_project  # noqa: E402
 
 STEPS = ["lock + rows", "db + redis up", "app started", "app answers", "status + proxy", "via Caddy",
@@ -144,12 +145,10 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def sleep_now(instance_id: int, server, token, name: str, reader: Instances) -> None:
+def sleep_now(server, token, name: str, reader: Instances) -> None:
     """Put it to sleep; then nothing of it may run any more (else the next wake would be
     measured against a half-stopped instance)."""
-    from instances.sleep import put_to_sleep
-
-    put_to_sleep(instance_id, "bench: wake")
+    sleep_one(name, "bench: wake")
     wait_status(server, token, [name], {"sleeping"}, 60, "sleeping")
     t0 = time.monotonic()
     first = running(reader, name)
@@ -160,6 +159,16 @@ def sleep_now(instance_id: int, server, token, name: str, reader: Instances) -> 
     if first:
         print(f"  (still running when it was `sleeping`: {first}; gone {time.monotonic() - t0:.2f} s later)",
               file=sys.stderr)
+
+
+def woken_meanwhile(manager, name: str, reader: Instances) -> str:
+    """'' while the instance is still asleep with nothing running, else what woke it."""
+    from instances.models import Instance
+
+    instance = Instance.objects.get(name=name)
+    if instance.status == "sleeping" and instance.asleep and not running(reader, name):
+        return ""
+    return f"status {instance.status}, woken at {instance.woke_at:%H:%M:%S} by {instance.wake_reason!r}"
 
 
 def running(reader: Instances, name: str) -> list[str]:
@@ -213,21 +222,18 @@ def main() -> int:
 
     sleep_dbs = os.environ.get("LAB_SLEEP_DATABASES", "true")
     manager = Manager(args.runtime, 1, echo=args.verbose)
-    direct, front, loads = [], [], []
+    direct, front, loads, spontaneous = [], [], [], []
     try:
         manager.start()
         instrument(args.runtime)
-        from instances.models import Instance
-
         name = manager.create(["wk"], 60)[0]
         manager.push_all(valid_project("wake"), 1)
         wait_status(manager.server, manager.token, [name], {"running"}, 120, "running")
         url = api(f"{manager.server.url}/api/v1/instances/{name}", manager.token)["url"].rstrip("/") + "/"
         first_answer(url, 30)
-        instance_id = Instance.objects.get(name=name).pk
         reader = Instances(args.runtime, manager.manager_id)
         for run in range(args.runs + 1):
-            sleep_now(instance_id, manager.server, manager.token, name, reader)
+            sleep_now(manager.server, manager.token, name, reader)
             time.sleep(args.pause)
             row = wake_direct(name, url)
             loads.append(os.getloadavg()[0])
@@ -237,8 +243,16 @@ def main() -> int:
                 direct.append(row)
         if args.front_door:
             for run in range(args.runs + 1):
-                sleep_now(instance_id, manager.server, manager.token, name, reader)
-                time.sleep(args.pause)
+                for _attempt in range(3):
+                    sleep_now(manager.server, manager.token, name, reader)
+                    time.sleep(args.pause)
+                    woke = woken_meanwhile(manager, name, reader)
+                    if not woke:
+                        break
+                    spontaneous.append(woke)
+                    print(f"  (it woke by itself while asleep: {woke}; put to sleep again)", file=sys.stderr)
+                else:
+                    raise SystemExit("it woke by itself three times in a row")
                 seconds, status = first_answer(url, 60, headers={"Accept": "*/*"})
                 loads.append(os.getloadavg()[0])
                 print(f"  front-door wake {run or 'warm-up'}: {seconds:.2f} s (HTTP {status})", file=sys.stderr)
@@ -268,6 +282,9 @@ def main() -> int:
     if front:
         print(f"| front door (a request to the sleeping instance's URL) | {statistics.median(front):.2f} | "
               f"{min(front):.2f} | {max(front):.2f} | ≤ {goal:g} s |")
+    if spontaneous:
+        print(f"\nBetween the front-door wakes the instance woke by itself {len(spontaneous)} times while asleep "
+              f"(those runs were not counted): {spontaneous}")
     print()
     print("Steps: lock + rows = wake() until the runtime starts anything (instance lock, database rows); "
           "db + redis up = PostgreSQL and Redis started and answering; app started = the app's process or "
