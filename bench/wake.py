@@ -168,7 +168,8 @@ def woken_meanwhile(manager, name: str, reader: Instances) -> str:
     instance = Instance.objects.get(name=name)
     if instance.status == "sleeping" and instance.asleep and not running(reader, name):
         return ""
-    return f"status {instance.status}, woken at {instance.woke_at:%H:%M:%S} by {instance.wake_reason!r}"
+    at = f"{instance.woke_at:%H:%M:%S}" if instance.woke_at else "-"
+    return f"status {instance.status}, woken at {at} by {instance.wake_reason!r}"
 
 
 def running(reader: Instances, name: str) -> list[str]:
