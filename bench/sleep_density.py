@@ -417,12 +417,15 @@ def sleep_one(name: str, reason: str) -> float:
     `put_to_sleep` took (the app, and with LAB_SLEEP_DATABASES its db and redis, stopped)."""
     from instances.sleep import put_to_sleep, why_awake
 
-    instance = make_idle(name)
-    t0 = time.perf_counter()
-    if put_to_sleep(instance.pk, reason) is None:
-        instance.refresh_from_db()
-        raise SystemExit(f"{name} did not fall asleep: {why_awake(instance) or instance.status}")
-    return time.perf_counter() - t0
+    for _attempt in range(20):  # (None also when the instance's lock is held at that moment: the minute's sweeps)
+        instance = make_idle(name)
+        t0 = time.perf_counter()
+        if put_to_sleep(instance.pk, reason) is not None:
+            return time.perf_counter() - t0
+        time.sleep(0.5)
+    instance.refresh_from_db()
+    raise SystemExit(f"{name} did not fall asleep: {why_awake(instance) or 'its lock stayed busy'} "
+                     f"(status {instance.status})")
 
 
 def put_all_to_sleep(names: list[str]) -> list[float]:
