@@ -93,7 +93,7 @@ def instrument(runtime_name: str) -> None:
     def ensure(self, spec):
         state = original_ensure(self, spec)
         CLOCK.mark("ensure ends")
-        if state.app_url:  # when did the app really answer? (the reconciler polls every 0.5 s)
+        if state.app_url:  # when did the app really answer? (the reconciler polls)
             threading.Thread(target=probe, args=(state.app_url,), daemon=True).start()
         return state
 
@@ -292,7 +292,7 @@ def main() -> int:
           "container started; app answers = until the reconciler saw it answer HTTP; status + proxy = status "
           "row and the proxy's routes; via Caddy = one request to the public URL afterwards; app answers (own probe) = "
           "from the app's start until it first answered a request polled every 10 ms by this script (not part of "
-          "the total: the reconciler polls every 0.5 s).")
+          "the total: the reconciler polls on its own).")
     return 0
 
 
