@@ -173,11 +173,22 @@ def woken_meanwhile(manager, name: str, reader: Instances) -> str:
 
 
 def running(reader: Instances, name: str) -> list[str]:
-    """What of the instance still runs (zombies not counted): process names, or containers."""
+    """What of the instance that sleeps still runs (zombies not counted): process names, or
+    containers; only the app's with LAB_SLEEP_DATABASES=false (its db and redis stay up)."""
+    from django.conf import settings
+
+    from sleep_density import tree
+
+    everything = settings.LAB_SLEEP_DATABASES
     if reader.runtime_name != "process":
-        return [c["Names"][0] for c in reader.containers(name)]
+        return [c["Names"][0] for c in reader.containers(name)
+                if everything or c["Labels"].get("org.otree-lab.component") not in ("db", "redis")]
+    pids = reader.pids(name)
+    if not everything:
+        app = (reader.runtime._state(name).get("processes") or {}).get("app") or {}
+        pids = tree({app["pid"]}) & pids if app.get("pid") and app.get("running") else set()
     found = []
-    for pid in reader.pids(name):
+    for pid in pids:
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
