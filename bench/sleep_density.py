@@ -404,7 +404,10 @@ def make_idle(name: str, minutes: int = 0):
     from instances.models import Instance, Release
 
     past = timezone.now() - timedelta(minutes=(minutes or settings.LAB_SLEEP_AFTER_MINUTES) + 1)
-    Instance.objects.filter(name=name).update(last_request_at=past, woke_at=None, created_at=past)
+    # No scheduled backups (0 = off): with its creation in the past a first backup would be
+    # due, and a sleeping instance that is due is woken for it.
+    Instance.objects.filter(name=name).update(last_request_at=past, woke_at=None, created_at=past,
+                                              backup_interval_minutes=0)
     Release.objects.filter(instance__name=name).update(finished_at=past)
     instance = Instance.objects.get(name=name)
     sessions.refresh(instance)
@@ -475,6 +478,14 @@ def main() -> int:
             load_now = load()
             rows = reader.memory(names)
             mgr = sum(pss(p) for p in manager.pids()) / MIB
+            if label == "asleep":
+                from instances.models import Instance
+
+                woke = list(Instance.objects.filter(name__in=names).exclude(status="sleeping")
+                            .values_list("name", "status", "wake_reason"))
+                if woke:
+                    print(f"  not asleep while measured: {woke}", file=sys.stderr)
+                result["woke"] = woke
             result[label] = {"rows": rows, "manager": mgr, "used": machine_used_mib(), "load": load_now,
                              "manager_processes": len(manager.pids()), "engine": engine_mib()}
             print(f"  {label}: instances {summary(rows, 'pss')[1]:.0f} MiB PSS, manager {mgr:.0f} MiB, "
@@ -529,6 +540,8 @@ def main() -> int:
     print()
     print(f"per sleeping instance: {per_pss:.2f} MiB PSS (mean); by the machine's used memory "
           f"((used asleep − used before − manager) / {n}): {per_machine:.2f} MiB")
+    if result.get("woke"):
+        print(f"NOT asleep when the asleep figures were read (they count in them): {result['woke']}")
     disk_each, disk_shared = result["disk"]
     print(f"disk per sleeping instance: median {disk_each:.1f} MiB"
           + ("" if disk_shared != disk_shared else f" (+ {disk_shared:.0f} MiB of environments shared by all)"))
