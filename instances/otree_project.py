@@ -49,9 +49,12 @@ def requirement_names(text: str) -> list[tuple[str, str]]:
 
 # --- pip's failures ------------------------------------------------------------------------
 
-PIP_KILLED = re.compile(r"exit code: -9\b")  # a setup.py or compiler killed (by the memory limit)
+PIP_KILLED = re.compile(r"exit code: -9\b|signal: 9 \(SIGKILL\)")  # a setup.py or compiler killed (memory limit)
 PIP_NOT_FOUND = re.compile(r"No matching distribution found for ([^\s]+)")
 PIP_NO_VERSION = re.compile(r"Could not find a version that satisfies the requirement ([^\s]+) \(from versions: ([^)]*)\)")
+# uv's words for the same failures
+UV_NOT_FOUND = re.compile(r"Because ([A-Za-z0-9][A-Za-z0-9._-]*) was not found in the package registry")
+UV_NO_VERSION = re.compile(r"Because there is no version of ([^\s]+?) and")
 
 
 def explain_pip(log_text: str) -> str | None:
@@ -66,6 +69,15 @@ def explain_pip(log_text: str) -> str | None:
     m = PIP_NOT_FOUND.search(log_text)
     if m:
         return f"package {m.group(1)} not found on PyPI"
+    m = UV_NOT_FOUND.search(log_text)
+    if m:
+        return f"package {m.group(1)} not found on PyPI"
+    m = UV_NO_VERSION.search(log_text)
+    if m:
+        name = REQ_NAME.match(m.group(1)).group(1) if REQ_NAME.match(m.group(1)) else m.group(1)
+        return f"no version of {name} matches {m.group(1)}"
+    if "No solution found when resolving dependencies" in log_text:
+        return "the packages in requirements.txt have conflicting dependencies (see the log)"
     if "ResolutionImpossible" in log_text or "conflicting dependencies" in log_text:
         return "the packages in requirements.txt have conflicting dependencies (see the log)"
     return None

@@ -467,6 +467,14 @@ LAB_LOCK_TTL = env_int("LAB_LOCK_TTL", 30)  # seconds a killed worker's instance
 # and how many release images per instance are kept for rollbacks.
 LAB_BUILD_TIMEOUT = env_int("LAB_BUILD_TIMEOUT", 900)
 LAB_START_TIMEOUT = env_int("LAB_START_TIMEOUT", 120)
+# Builds install requirements with uv and the shared wheel cache (instances/wheelcache.py),
+# or with pip as before (LAB_INSTALLER=pip); LAB_UV_CACHE_MB bounds the wheel cache.
+LAB_INSTALLER = env_str("LAB_INSTALLER", "uv").strip().lower()
+if LAB_INSTALLER not in ("uv", "pip"):
+    raise ConfigError(f"LAB_INSTALLER must be uv or pip, not {LAB_INSTALLER!r}")
+LAB_UV_CACHE_MB = env_int("LAB_UV_CACHE_MB", 4096)
+if LAB_UV_CACHE_MB < 100:
+    raise ConfigError("LAB_UV_CACHE_MB must be at least 100 (megabytes of cached wheels)")
 # Sleeping instances (instances.sleep): an app with no request for this many minutes and no
 # live oTree session is stopped (0 = never; per instance: Instance.sleep_after_minutes) and
 # woken by the next request; LAB_SLEEP_DATABASES: its PostgreSQL and Redis sleep too;

@@ -68,10 +68,12 @@ from docker.errors import APIError, DockerException, NotFound
 from django.conf import settings
 from docker.types import LogConfig, Mount
 
+from instances import wheelcache
 from instances.otree_project import (
     APP_PORT, IGNORED, INTROSPECT, PIP_KILLED, BuildFailed, explain_pip, parse_introspection, start_argv,
 )
 
+from .uvcache import DOCKER_MOUNT, DockerWheelCache
 from .base import (
     CANDIDATE, COMPONENTS, PG_RESTORE_SCRIPT, POSTGRES_TUNING, RETIRED, SQL_IDENTIFIER, AppFailed, AppSpec,
     ComponentState, Health, InstanceSpec, InstanceState, RuntimeError_, TarStream, check_name, free_port, last_lines,
@@ -150,11 +152,21 @@ DEPS_ENV: dict[str, str] = {}  # nothing of the instance's, nothing secret
 DEPS_RECIPE = "2"  # changes when deps_changes() does: older dependencies images are not reused
 
 
-def deps_key(base_image_id: str, requirements: bytes) -> str:
-    """The cache key of a dependencies image: the base image, our recipe and the exact
-    requirements.txt (identical requirements share one image, across instances)."""
+# The uv build (LAB_INSTALLER=uv; instances/wheelcache.py): the same container, the wheel
+# cache's volume mounted read-only at DOCKER_MOUNT, uv's own cache private in /tmp.
+UV_DEPS_SCRIPT = (
+    f"export OTL_UV={DOCKER_MOUNT}/uv OTL_WHEELS={DOCKER_MOUNT}/wheels OTL_PYTHON=python OTL_VENV=/opt/venv "
+    "OTL_REQUIREMENTS=/app/requirements.txt OTL_TMP=/tmp OTL_BASE_PTH=1\n" + wheelcache.UV_SCRIPT)
+LABEL_REQUIREMENTS = "org.otree-lab.requirements"  # sha256 of the requirements.txt a dependencies image holds
+MAX_DEPS_LAYERS = 20  # uv builds on the instance's previous dependencies image up to this many layers
+
+
+def deps_key(base_image_id: str, requirements: bytes, script: str = DEPS_SCRIPT) -> str:
+    """The cache key of a dependencies image: the image it is built on (the base image,
+    or with uv the instance's previous dependencies image), our recipe and the exact
+    requirements.txt (identical inputs share one image, across instances)."""
     digest = hashlib.sha256()
-    for part in (DEPS_RECIPE.encode(), DEPS_SCRIPT.encode(), base_image_id.encode(), requirements):
+    for part in (DEPS_RECIPE.encode(), script.encode(), base_image_id.encode(), requirements):
         digest.update(len(part).to_bytes(8, "big") + part)
     return digest.hexdigest()
 
@@ -183,11 +195,12 @@ def deps_archive(requirements: bytes) -> bytes:
     return buf.getvalue()
 
 
-def deps_changes(runtime, key: str, base_env: list[str]) -> list[str]:
+def deps_changes(runtime, key: str, base_env: list[str], requirements: bytes = b"") -> list[str]:
     """What the committed dependencies image says besides its files: labels (no instance:
     it may serve several), and the app's environment, directory, port and command (set
     here once, not as uncached steps of every release build on it)."""
-    labels = {LABEL_MANAGER: runtime.manager_id, LABEL_INSTANCE: "", LABEL_COMPONENT: "deps", LABEL_DEPS: key}
+    labels = {LABEL_MANAGER: runtime.manager_id, LABEL_INSTANCE: "", LABEL_COMPONENT: "deps", LABEL_DEPS: key,
+              LABEL_REQUIREMENTS: hashlib.sha256(requirements).hexdigest()}
     path = next((e.split("=", 1)[1] for e in base_env if e.startswith("PATH=")), "/usr/local/bin:/usr/bin:/bin")
     env = {"PATH": f"/opt/venv/bin:{path}", "VIRTUAL_ENV": "/opt/venv", "PYTHONUNBUFFERED": "1",
            "PYTHONDONTWRITEBYTECODE": "1"}
@@ -674,6 +687,9 @@ class DockerRuntime:
         from the cache or installed now."""
         base = self._base_image()
         requirements = (ctx / "requirements.txt").read_bytes()
+        if settings.LAB_INSTALLER == "uv":
+            return self._uv_dependencies(name, base, requirements, out=out, deadline=deadline, memory_mb=memory_mb,
+                                         cpus=cpus)
         key = deps_key(base, requirements)
         ref = deps_tag(self.manager_id, key)
         if self._image_exists(ref):
@@ -682,6 +698,65 @@ class DockerRuntime:
         self._install_requirements(name, base, requirements, ref=ref, key=key, out=out, deadline=deadline,
                                    memory_mb=memory_mb, cpus=cpus)
         return ref, key
+
+    @cached_property
+    def wheel_cache(self) -> DockerWheelCache:
+        return DockerWheelCache(self)
+
+    def _uv_dependencies(self, name: str, base: str, requirements: bytes, *, out, deadline: float, memory_mb: int,
+                         cpus: float):
+        """uv: the instance's current dependencies when requirements.txt is the same; an
+        image of the same requirements on the base image (any instance's); else uv on the
+        instance's current dependencies image (only what changed is installed), or on the
+        base image."""
+        wanted = hashlib.sha256(requirements).hexdigest()
+        own = self._own_dependencies(name)
+        if own and own["labels"].get(LABEL_REQUIREMENTS) == wanted:
+            out(f"requirements.txt unchanged: reusing its installed packages ({own['key'][:12]})\n")
+            return own["ref"], own["key"]
+        key = deps_key(base, requirements, UV_DEPS_SCRIPT)
+        ref = deps_tag(self.manager_id, key)
+        if self._image_exists(ref):
+            out(f"requirements.txt: reusing the packages another build installed for it ({key[:12]})\n")
+            return ref, key
+        parent = base
+        if own and own["layers"] - self._layers(base) < MAX_DEPS_LAYERS:
+            parent = own["id"]
+            key = deps_key(parent, requirements, UV_DEPS_SCRIPT)
+            ref = deps_tag(self.manager_id, key)
+            if self._image_exists(ref):
+                out(f"requirements.txt: reusing its installed packages ({key[:12]})\n")
+                return ref, key
+            out("requirements.txt changed: uv installs what changed into a copy of the current packages\n")
+        self._install_requirements(name, base, requirements, ref=ref, key=key, out=out, deadline=deadline,
+                                   memory_mb=memory_mb, cpus=cpus, image=parent)
+        return ref, key
+
+    def _layers(self, image: str) -> int:
+        return len(self._call("inspecting an image", self.api.inspect_image, image).get("RootFS", {}).get("Layers") or [])
+
+    def _own_dependencies(self, name: str) -> dict | None:
+        """The dependencies image of the instance's newest release image (uv builds), or None."""
+        api = self.api
+        releases = self._call("listing images", api.images, filters={"label": [
+            f"{LABEL_MANAGER}={self.manager_id}", f"{LABEL_INSTANCE}={name}", f"{LABEL_COMPONENT}=release"]})
+        for image in sorted(releases, key=lambda i: i.get("Created", 0), reverse=True):
+            key = (image.get("Labels") or {}).get(LABEL_DEPS)
+            if not key or not re.fullmatch(r"[0-9a-f]{64}", key):
+                continue
+            ref = deps_tag(self.manager_id, key)
+            try:
+                info = api.inspect_image(ref)
+            except NotFound:
+                return None
+            except APIError:
+                return None
+            labels = info.get("Config", {}).get("Labels") or {}
+            if labels.get(LABEL_MANAGER) != self.manager_id or labels.get(LABEL_DEPS) != key:
+                return None
+            return {"ref": ref, "key": key, "id": info["Id"], "labels": labels,
+                    "layers": len(info.get("RootFS", {}).get("Layers") or [])}
+        return None
 
     def _base_image(self) -> str:
         image = settings.LAB_IMAGE_PYTHON
@@ -692,35 +767,43 @@ class DockerRuntime:
                               "(python manage.py build_images)") from None
 
     def _install_requirements(self, name: str, base: str, requirements: bytes, *, ref: str, key: str, out,
-                              deadline: float, memory_mb: int, cpus: float) -> None:
-        """pip in the instance's build container, committed into the image `ref`."""
+                              deadline: float, memory_mb: int, cpus: float, image: str | None = None) -> None:
+        """pip (or uv, with the wheel cache mounted read-only) in the instance's build
+        container on `image` (default: the base image), committed into the image `ref`."""
         api = self.api
+        uv = settings.LAB_INSTALLER == "uv"
         self.remove_build_leftovers(name)  # a killed build's container and network
         self._guard()
-        out(f"Installing requirements.txt: pip runs as uid 10001 without privileges, with {memory_mb} MB of memory, "
-            f"{cpus:g} CPU and at most {self.build_pids} processes, on a network of its own\n")
+        if uv:
+            self.wheel_cache.prepare(base)
+        out(f"Installing requirements.txt: {'uv' if uv else 'pip'} runs as uid 10001 without privileges, with "
+            f"{memory_mb} MB of memory, {cpus:g} CPU and at most {self.build_pids} processes, on a network of its "
+            "own\n")
         try:
-            cid = self._create_build_container(name, base, ["sh", "-c", DEPS_SCRIPT], memory_mb=memory_mb,
-                                               cpus=cpus)
+            cid = self._create_build_container(name, image or base, ["sh", "-c", UV_DEPS_SCRIPT if uv else DEPS_SCRIPT],
+                                               memory_mb=memory_mb, cpus=cpus,
+                                               binds=self.wheel_cache.binds() if uv else None)
             self._call("preparing the build container", api.put_archive, cid, "/", deps_archive(requirements))
             result = self._run_build(cid, out=out, deadline=deadline)
             self._build_outcome(result, memory_mb=memory_mb)
             self._call("saving the installed requirements", api.commit, cid, repository=ref.rsplit(":", 1)[0],
-                       tag=ref.rsplit(":", 1)[1], changes=deps_changes(self, key, result["env"]))
+                       tag=ref.rsplit(":", 1)[1], changes=deps_changes(self, key, result["env"], requirements))
         except NotFound as exc:
             raise RuntimeError_(f"the build container went away: {_short(exc)}") from None
         finally:
             self.remove_build_leftovers(name)
+        if uv:  # the trusted side: PyPI's verified wheels of what was installed join the cache
+            self.wheel_cache.promote(base, result["log"], out)
 
     def _create_build_container(self, name: str, image: str, command: list[str], *, memory_mb: int,
-                                cpus: float) -> str:
+                                cpus: float, binds: dict | None = None) -> str:
         """The instance's build container (created, not started) on its build network."""
         api = self.api
         network = self._ensure_network(name, "build")
         host_config = api.create_host_config(
             mem_limit=f"{memory_mb}m", memswap_limit=f"{memory_mb}m", nano_cpus=int(cpus * 1e9) if cpus > 0 else None,
             pids_limit=self.build_pids, cap_drop=["ALL"], security_opt=["no-new-privileges"], privileged=False,
-            network_mode=network, init=True,
+            network_mode=network, init=True, binds=binds or None,  # (the wheel cache, read-only: not committed)
             # Nothing but /opt/venv (and /app, empty) persists: /tmp is not committed.
             tmpfs={"/tmp": f"size={self.build_tmp_mb}m,mode=1777"},
             log_config=LogConfig(type="json-file", config={"max-size": "20m", "max-file": "1"}),

@@ -92,6 +92,7 @@ from urllib.parse import quote
 
 from django.conf import settings
 
+from instances import wheelcache
 from instances.otree_project import IGNORED, INTROSPECT, BuildFailed, explain_pip, parse_introspection, start_argv
 
 from .base import (
@@ -125,7 +126,7 @@ INTROSPECT_MB = 512
 KILL_ROUNDS = 40
 PASS_ENV = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_CERT", "PIP_TRUSTED_HOST", "PIP_FIND_LINKS", "HTTP_PROXY",
             "HTTPS_PROXY", "NO_PROXY", "http_proxy", "https_proxy", "no_proxy", "SSL_CERT_FILE",
-            "REQUESTS_CA_BUNDLE")
+            "REQUESTS_CA_BUNDLE", "UV_INDEX_URL", "UV_DEFAULT_INDEX", "UV_EXTRA_INDEX_URL", "UV_INDEX")
 # Run as the instance's user. A database file that is not a plain file (a link, say to the
 # manager's database) is not followed: the copy is that of an empty database, as when there
 # is no file yet (a delete's final backup must not be blocked by it).
@@ -1067,7 +1068,8 @@ class ProcessRuntime:
         text = requirements.decode(errors="replace")
         lines = sorted({line.strip() for line in text.splitlines() if line.strip()
                         and not line.strip().startswith("#")})
-        key = hashlib.sha256((VENV_SCHEME + "\n" + version + "\n" + "\n".join(lines)).encode()).hexdigest()[:16]
+        scheme = VENV_SCHEME + ("/uv" if settings.LAB_INSTALLER == "uv" else "")  # uv's have no pip of their own
+        key = hashlib.sha256((scheme + "\n" + version + "\n" + "\n".join(lines)).encode()).hexdigest()[:16]
         if all(requirement_is_plain(line) for line in text.splitlines()):
             return key
         return f"{key}-{hashlib.sha256(f'{self.manager_id}/{name}'.encode()).hexdigest()[:8]}"
@@ -1138,8 +1140,8 @@ class ProcessRuntime:
             with self._builder(out=out, deadline=deadline, amounts=amounts) as builder:
                 work = Path(tempfile.mkdtemp(prefix=".build-", dir=self.venvs_root))
                 try:
-                    self._build_env(name, venv, ctx, work, builder, private=private, out=out, deadline=deadline,
-                                    amounts=amounts)
+                    log_text = self._build_env(name, venv, ctx, work, builder, private=private, out=out,
+                                               deadline=deadline, amounts=amounts)
                     self._kill_builder(builder)  # a daemon a setup.py left holds nothing open any more
                     group = self._ids(name)[1] if private and self.own_users else os.getegid()
                     seal_tree(venv, owners={builder["uid"], os.geteuid()}, uid=os.geteuid(), gid=group,
@@ -1147,6 +1149,8 @@ class ProcessRuntime:
                     fd = os.open(venv / VENV_MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
                     with os.fdopen(fd, "w") as fh:
                         fh.write(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+                    if settings.LAB_INSTALLER == "uv":  # the trusted side: PyPI's verified wheels join the cache
+                        self.wheel_cache.promote(log_text, out)
                 except BaseException:
                     self._kill_builder(builder)
                     shutil.rmtree(venv, ignore_errors=True)
@@ -1154,9 +1158,16 @@ class ProcessRuntime:
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
 
+    @property
+    def wheel_cache(self):
+        from .uvcache import ProcessWheelCache
+
+        return ProcessWheelCache(self)
+
     def _build_env(self, name: str, venv: Path, ctx: Path, work: Path, builder: dict, *, private: bool, out,
-                   deadline: float, amounts: Amounts) -> None:
-        """python -m venv and pip, as the build user, in a fresh HOME (`work`)."""
+                   deadline: float, amounts: Amounts) -> str:
+        """python -m venv and pip (or uv with the wheel cache, read-only, and a private uv
+        cache in `work`), as the build user, in a fresh HOME (`work`); returns the output."""
         identity = builder["identity"]
         project = work / "project"
         if private:  # local paths and -r files are relative to the project: a copy the builder may write in
@@ -1181,6 +1192,17 @@ class ProcessRuntime:
                       cwd=project, umask=0o022)
         out(f"Creating the environment {venv.name} (python {self.python}) as a build user\n")
         reap = (lambda: self._kill_builder(builder)) if identity else None
+        if settings.LAB_INSTALLER == "uv":
+            _, uv_path = self.wheel_cache.prepare()
+            env.update({"OTL_UV": uv_path, "OTL_PYTHON": self.python, "OTL_VENV": str(venv),
+                        "OTL_WHEELS": str(self.wheel_cache.wheels), "OTL_REQUIREMENTS": str(project / "requirements.txt"),
+                        "OTL_TMP": str(work / "tmp")})
+            seen: list[str] = []
+            text = self._stream(self._launcher(["/bin/sh", "-c", wheelcache.UV_SCRIPT], **launch), out=out,
+                                deadline=deadline, what="uv", env=env, after_exit=reap, keep=seen)
+            if text is not None:
+                raise BuildFailed(explain_pip(text) or f"uv pip install failed: {last_lines(text, 4)}")
+            return "".join(seen)
         text = self._stream(self._launcher([self.python, "-m", "venv", str(venv)], **launch), out=out,
                             deadline=deadline, what="venv", env=env, after_exit=reap)
         if text is not None:
@@ -1191,6 +1213,7 @@ class ProcessRuntime:
                             after_exit=reap)
         if text is not None:
             raise BuildFailed(explain_pip(text) or f"pip install failed: {last_lines(text, 4)}")
+        return ""
 
     def _builder_lock_dir(self) -> Path:
         folder = Path("/run/otree-lab") if self.is_root and os.path.isdir("/run") else self.data_root / ".builders"
@@ -1215,7 +1238,8 @@ class ProcessRuntime:
             if not _locked(fh, keep=True):
                 self._killall(uid, uid)
 
-    def _stream(self, argv: list[str], *, out, deadline: float, what: str, env=None, after_exit=None) -> str | None:
+    def _stream(self, argv: list[str], *, out, deadline: float, what: str, env=None, after_exit=None,
+                keep: list | None = None) -> str | None:
         """Run `argv` (a launcher command line), its output streamed to `out`; None on
         success, else its output (BuildFailed at the deadline). `after_exit()` runs as
         soon as the program itself ends: a daemon it left still holds the output pipe
@@ -1232,6 +1256,8 @@ class ProcessRuntime:
             for raw in iter(proc.stdout.readline, b""):
                 line = raw.decode(errors="replace")
                 seen.append(line)
+                if keep is not None and len(keep) < 20000:
+                    keep.append(line)
                 out(line)
             proc.wait()
         finally:

@@ -1,0 +1,287 @@
+"""Where each runtime keeps the builds' shared wheel cache (the design: instances/wheelcache.py).
+
+Docker (and swarm, whose builds are Docker's): the volume `otree-lab-<manager id>-uvcache`
+holds `uv` (the manager's pinned binary), `wheels/` and `index.json`. Build containers
+mount it read-only at /opt/otree-lab-cache; app containers never mount it. The manager
+writes it only through a container it creates and never starts (`put_archive`), and
+prunes it with a container that runs `rm` of the files it names (no network, nothing of a
+tenant's).
+
+Process runtime: `LAB_DATA_DIR/venvs/.wheels/` (root 0755; wheels and index.json root
+0644) and `uv` copied to `instances/.tools/uv` (root 0755); the manager writes them as
+itself, build users and instances can only read them.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import tarfile
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from instances import wheelcache
+
+DOCKER_MOUNT = "/opt/otree-lab-cache"
+PROMOTE_SECONDS = 60.0  # the most a build waits for the cache to take its new wheels
+
+
+def _promote(index: dict, log_text: str, default_python, out, store, prune, folder: Path | None = None) -> None:
+    """The trusted side of a build: PyPI's verified wheels of what the build installed
+    into the cache (`store(verified, new_index)`), then the size cap (`prune(names)`)."""
+    packages = wheelcache.installed(log_text)
+    python = wheelcache.build_python(log_text, default_python)
+    cached = wheelcache.cached_releases(index)
+    report = wheelcache.cache_report(packages, cached)
+    if report:
+        out(report)
+    if not packages:
+        return
+    with tempfile.TemporaryDirectory(prefix=".lab-wheels-", dir=folder) as tmp:
+        added, answered = wheelcache.fetch_verified(
+            packages, python, have=set(index.get("wheels") or {}),
+            have_releases=cached | set(index.get("looked_up") or {}), folder=Path(tmp),
+            deadline=time.monotonic() + PROMOTE_SECONDS)
+        if not added and not answered:
+            return
+        new_index = wheelcache.merged_index(index, added, answered)
+        doomed = wheelcache.to_prune(new_index["wheels"], wheelcache.cap_bytes())
+        for name in doomed:
+            new_index["wheels"].pop(name, None)
+        store(added, new_index)
+        if doomed:
+            prune(doomed)
+            out(f"Wheel cache: removed {len(doomed)} old wheel(s) to stay under LAB_UV_CACHE_MB\n")
+        wheelcache.summary(added, out)
+
+
+def _default_python() -> tuple[int, int, str]:
+    import platform
+    import sys
+
+    return sys.version_info[0], sys.version_info[1], platform.machine()
+
+
+class DockerWheelCache:
+    def __init__(self, runtime):
+        self.rt = runtime
+
+    @property
+    def volume(self) -> str:
+        return f"otree-lab-{self.rt.manager_id}-uvcache"
+
+    def binds(self) -> dict:
+        return {self.volume: {"bind": DOCKER_MOUNT, "mode": "ro"}}
+
+    def _labels(self) -> dict:
+        from .docker import LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGER
+
+        return {LABEL_MANAGER: self.rt.manager_id, LABEL_INSTANCE: "", LABEL_COMPONENT: "uvcache"}
+
+    def _ensure_volume(self) -> None:
+        from docker.errors import NotFound
+
+        from .base import RuntimeError_
+        from .docker import LABEL_MANAGER
+
+        api = self.rt.api
+        try:
+            vol = api.inspect_volume(self.volume)
+        except NotFound:
+            vol = self.rt._call(f"creating volume {self.volume}", api.create_volume, self.volume, driver="local",
+                                labels=self._labels())
+        if (vol.get("Labels") or {}).get(LABEL_MANAGER) != self.rt.manager_id:
+            raise RuntimeError_(f"a Docker volume named {self.volume} exists that this manager did not create")
+
+    @contextmanager
+    def _writer(self, image: str):
+        """A container that is never started, with the volume mounted writable at /cache:
+        the manager's way to put files into the volume and read them back."""
+        api = self.rt.api
+        host_config = api.create_host_config(binds={self.volume: {"bind": "/cache", "mode": "rw"}},
+                                             network_mode="none")
+        cid = self.rt._call("creating the wheel cache's writer", api.create_container, image, command=["true"],
+                            labels=self._labels(), host_config=host_config, network_disabled=True)["Id"]
+        try:
+            yield cid
+        finally:
+            try:
+                api.remove_container(cid, force=True)
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _read_index(self, cid: str) -> dict:
+        from docker.errors import NotFound
+
+        try:
+            stream, _ = self.rt.api.get_archive(cid, "/cache/index.json")
+        except NotFound:
+            return {}
+        data = b"".join(stream)
+        try:
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                member = tar.extractfile("index.json")
+                index = json.loads(member.read()) if member else {}
+        except (tarfile.TarError, KeyError, ValueError):
+            return {}
+        return index if isinstance(index, dict) else {}
+
+    @staticmethod
+    def _tar(files: list[tuple[str, Path | bytes | None, int]], dest) -> None:
+        with tarfile.open(fileobj=dest, mode="w") as tar:
+            for arcname, source, mode in files:
+                info = tarfile.TarInfo(arcname)
+                info.uid = info.gid = 0
+                info.mtime = int(time.time())
+                info.mode = mode
+                if source is None:
+                    info.type = tarfile.DIRTYPE
+                    tar.addfile(info)
+                elif isinstance(source, bytes):
+                    info.size = len(source)
+                    tar.addfile(info, io.BytesIO(source))
+                else:
+                    info.size = source.stat().st_size
+                    with open(source, "rb") as fh:
+                        tar.addfile(info, fh)
+
+    def _put(self, cid: str, files) -> None:
+        with tempfile.TemporaryFile() as fh:
+            self._tar(files, fh)
+            fh.seek(0)
+            self.rt._call("writing the wheel cache", self.rt.api.put_archive, cid, "/cache", fh)
+
+    def _lock(self):
+        from manager import locks
+
+        return locks.lock(f"uvcache:{self.rt.manager_id}", wait=120)
+
+    def prepare(self, image: str) -> dict:
+        """The volume with the current `uv` and a wheels/ folder; returns its index."""
+        self._ensure_volume()
+        digest = wheelcache.uv_digest()
+        with self._writer(image) as cid:
+            index = self._read_index(cid)
+            if index.get("uv") == digest:
+                return index
+            with self._lock():
+                index = self._read_index(cid)
+                if index.get("uv") != digest:
+                    index = {**index, "uv": digest}
+                    self._put(cid, [("wheels", None, 0o755), ("uv", Path(wheelcache.uv_binary()), 0o755),
+                                    ("index.json", json.dumps(index).encode(), 0o644)])
+        return index
+
+    def promote(self, image: str, log_text: str, out) -> None:
+        try:
+            with self._lock(), self._writer(image) as cid:
+                index = self._read_index(cid)
+
+                def store(added, new_index):
+                    self._put(cid, [(f"wheels/{v.filename}", v.path, 0o644) for v in added]
+                              + [("index.json", json.dumps(new_index).encode(), 0o644)])
+
+                _promote(index, log_text, _default_python(), out, store, lambda names: self._prune(image, names))
+        except Exception as exc:  # noqa: BLE001 - the cache is an optimisation: the build stands
+            out(f"Wheel cache not updated: {' '.join(str(exc).split())[:200]}\n")
+
+    def _prune(self, image: str, names: list[str]) -> None:
+        api = self.rt.api
+        host_config = api.create_host_config(binds={self.volume: {"bind": "/cache", "mode": "rw"}},
+                                             network_mode="none", cap_drop=["ALL"], cap_add=["CHOWN"],
+                                             security_opt=["no-new-privileges"])
+        argv = ["rm", "-f", "--"] + [f"/cache/wheels/{n}" for n in names if "/" not in n and not n.startswith(".")]
+        cid = self.rt._call("pruning the wheel cache", api.create_container, image, command=argv, user="0:0",
+                            labels=self._labels(), host_config=host_config, network_disabled=True)["Id"]
+        try:
+            api.start(cid)
+            api.wait(cid, timeout=60)
+        finally:
+            api.remove_container(cid, force=True)
+
+    def remove(self) -> None:
+        from docker.errors import NotFound
+
+        try:
+            self.rt.api.remove_volume(self.volume, force=True)
+        except NotFound:
+            pass
+
+
+class ProcessWheelCache:
+    def __init__(self, runtime):
+        self.rt = runtime
+
+    @property
+    def folder(self) -> Path:
+        return self.rt.venvs_root / ".wheels"
+
+    @property
+    def wheels(self) -> Path:
+        return self.folder / "wheels"
+
+    @contextmanager
+    def _lock(self):
+        with open(self.rt.venvs_root / ".wheels.lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _read_index(self) -> dict:
+        try:
+            index = json.loads((self.folder / "index.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return index if isinstance(index, dict) else {}
+
+    def _write_index(self, index: dict) -> None:
+        tmp = self.folder / f".index.{os.getpid()}"
+        tmp.write_text(json.dumps(index))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, self.folder / "index.json")
+
+    def prepare(self) -> tuple[dict, str]:
+        """The wheelhouse (made when missing) and its index, and the path of `uv` the
+        build users may run."""
+        for path in (self.folder, self.wheels):
+            path.mkdir(mode=0o755, exist_ok=True)
+            if path.is_symlink() or path.stat().st_uid != os.geteuid():
+                raise RuntimeError(f"{path} is not the manager's")
+            os.chmod(path, 0o755)
+        return self._read_index(), self.rt._tool(wheelcache.uv_binary())
+
+    def promote(self, log_text: str, out) -> None:
+        try:
+            with self._lock():
+                index = self._read_index()
+
+                def store(added, new_index):
+                    for v in added:
+                        os.chmod(v.path, 0o644)
+                        os.replace(v.path, self.wheels / v.filename)  # same file system: moved, not copied
+                    self._write_index(new_index)
+
+                def prune(names):
+                    for n in names:
+                        if "/" not in n and not n.startswith("."):
+                            (self.wheels / n).unlink(missing_ok=True)
+
+                _promote(index, log_text, self._python(), out, store, prune, folder=self.folder)
+        except Exception as exc:  # noqa: BLE001 - the cache is an optimisation: the build stands
+            out(f"Wheel cache not updated: {' '.join(str(exc).split())[:200]}\n")
+
+    def _python(self) -> tuple[int, int, str]:
+        import platform
+        import subprocess
+
+        version = subprocess.run([self.rt.python, "-c", "import sys; print(sys.version_info[0], sys.version_info[1])"],
+                                 capture_output=True, text=True, timeout=30).stdout.split()
+        if len(version) == 2:
+            return int(version[0]), int(version[1]), platform.machine()
+        return _default_python()
