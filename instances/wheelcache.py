@@ -280,7 +280,8 @@ def summary(added: list[Verified], out: Callable[[str], None]) -> None:
 # dependencies) gets only what changed, and loses what requirements.txt no longer names.
 UV_SCRIPT = r"""set -e
 export HOME="$OTL_TMP" UV_CACHE_DIR="$OTL_TMP/uv-cache" UV_LINK_MODE=copy UV_NO_PROGRESS=1 UV_NO_CONFIG=1 \
-  UV_PYTHON_DOWNLOADS=never UV_COLOR=never
+  UV_PYTHON_DOWNLOADS=never UV_COLOR=never MALLOC_ARENA_MAX=2
+# (MALLOC_ARENA_MAX: glibc's per-thread arenas would take uv past a build's address-space limit)
 if [ -z "${SSL_CERT_FILE:-}" ] && [ -f /etc/ssl/certs/ca-certificates.crt ]; then
   export SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 fi
@@ -294,7 +295,8 @@ fi
 "$OTL_VENV/bin/python" -c 'import platform, sys; print("otree-lab-python %d.%d %s" % (sys.version_info[0], sys.version_info[1], platform.machine()))'
 echo "uv pip install -r requirements.txt (wheels in the lab's cache are used without a download)"
 run() {
-  { "$OTL_UV" pip install --exact --python "$OTL_VENV/bin/python" --find-links "$OTL_WHEELS" "$@" \
+  { "$OTL_UV" pip install --exact --python "$OTL_VENV/bin/python" --find-links "$OTL_WHEELS" \
+      --find-links "${OTL_OWN_WHEELS:-$OTL_WHEELS}" "$@" \
       -r "$OTL_REQUIREMENTS" 2>&1; echo $? > "$OTL_TMP/uv.rc"; } | tee "$OTL_TMP/uv.log"
   return "$(cat "$OTL_TMP/uv.rc")"
 }
@@ -311,17 +313,22 @@ echo "Installed packages (the whole environment):"
 """.replace("NETWORK_TROUBLE", NETWORK_TROUBLE)
 
 
-def cache_report(packages: list[tuple[str, str]], cached: set[str]) -> str:
-    """A line for the build log: which of the installed packages came from the wheel cache."""
+def cache_report(packages: list[tuple[str, str]], cached: set[str], own: set[str] = frozenset()) -> str:
+    """Lines for the build log: which of the installed packages came from the wheel cache
+    (or from the wheels this instance's earlier builds made from source)."""
     from packaging.utils import canonicalize_name
 
     if not packages:
         return ""
-    hits = [f"{n}=={v}" for n, v in packages if f"{canonicalize_name(n)}=={v}" in cached]
-    misses = [f"{n}=={v}" for n, v in packages if f"{canonicalize_name(n)}=={v}" not in cached]
+    keys = [(f"{n}=={v}", f"{canonicalize_name(n)}=={v}") for n, v in packages]
+    hits = [shown for shown, key in keys if key in cached]
+    mine = [shown for shown, key in keys if key not in cached and key in own]
+    misses = [shown for shown, key in keys if key not in cached and key not in own]
     text = ""
     if hits:
         text += f"From the lab's wheel cache (no download): {', '.join(hits)}\n"
+    if mine:
+        text += f"From this instance's earlier builds (built from source then, no rebuild): {', '.join(mine)}\n"
     if misses:
         text += f"Not in the wheel cache (downloaded or built by this build): {', '.join(misses)}\n"
     return text

@@ -1150,7 +1150,8 @@ class ProcessRuntime:
                     with os.fdopen(fd, "w") as fh:
                         fh.write(time.strftime("%Y-%m-%d %H:%M:%S\n"))
                     if settings.LAB_INSTALLER == "uv":  # the trusted side: PyPI's verified wheels join the cache
-                        self.wheel_cache.promote(log_text, out)
+                        self.wheel_cache.promote(log_text, out, name)
+                        self.wheel_cache.harvest(name, work / "tmp" / "uv-cache")
                 except BaseException:
                     self._kill_builder(builder)
                     shutil.rmtree(venv, ignore_errors=True)
@@ -1194,8 +1195,11 @@ class ProcessRuntime:
         reap = (lambda: self._kill_builder(builder)) if identity else None
         if settings.LAB_INSTALLER == "uv":
             _, uv_path = self.wheel_cache.prepare()
+            own = self.wheel_cache.own_wheels(name)
+            own.mkdir(mode=0o755, exist_ok=True)  # (root's, in the instance's root-owned folder)
             env.update({"OTL_UV": uv_path, "OTL_PYTHON": self.python, "OTL_VENV": str(venv),
                         "OTL_WHEELS": str(self.wheel_cache.wheels), "OTL_REQUIREMENTS": str(project / "requirements.txt"),
+                        "OTL_OWN_WHEELS": str(self.wheel_cache.own_wheels(name)),
                         "OTL_TMP": str(work / "tmp")})
             seen: list[str] = []
             text = self._stream(self._launcher(["/bin/sh", "-c", wheelcache.UV_SCRIPT], **launch), out=out,

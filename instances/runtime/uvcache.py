@@ -30,13 +30,14 @@ DOCKER_MOUNT = "/opt/otree-lab-cache"
 PROMOTE_SECONDS = 60.0  # the most a build waits for the cache to take its new wheels
 
 
-def _promote(index: dict, log_text: str, default_python, out, store, prune, folder: Path | None = None) -> None:
+def _promote(index: dict, log_text: str, default_python, out, store, prune, folder: Path | None = None,
+             own: set[str] = frozenset()) -> None:
     """The trusted side of a build: PyPI's verified wheels of what the build installed
     into the cache (`store(verified, new_index)`), then the size cap (`prune(names)`)."""
     packages = wheelcache.installed(log_text)
     python = wheelcache.build_python(log_text, default_python)
     cached = wheelcache.cached_releases(index)
-    report = wheelcache.cache_report(packages, cached)
+    report = wheelcache.cache_report(packages, cached, own)
     if report:
         out(report)
     if not packages:
@@ -256,7 +257,57 @@ class ProcessWheelCache:
             os.chmod(path, 0o755)
         return self._read_index(), self.rt._tool(wheelcache.uv_binary())
 
-    def promote(self, log_text: str, out) -> None:
+    def own_wheels(self, name: str) -> Path:
+        """The wheels this instance's own builds made from source (root's; only its builds use them)."""
+        return self.rt.dir(name) / "built-wheels"
+
+    def own_releases(self, name: str) -> set[str]:
+        keys = set()
+        for path in self.own_wheels(name).glob("*.whl"):
+            try:
+                keys.add(wheelcache.release_key(path.name))
+            except Exception:  # noqa: BLE001
+                pass
+        return keys
+
+    def harvest(self, name: str, uv_cache: Path) -> None:
+        """Keep the wheels a finished build made from sdists (in its private uv cache) for
+        this instance's next builds only: regular files, no link followed, bounded. Their
+        content is the instance's own build's: never shared with another instance."""
+        import shutil
+        import stat
+
+        dest = self.own_wheels(name)
+        tmp = dest.with_name(f".built-wheels.{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(mode=0o755)
+        total = count = 0
+        for top in sorted(uv_cache.glob("sdists-v*")) if uv_cache.is_dir() and not uv_cache.is_symlink() else []:
+            for dirpath, _, filenames in os.walk(top, followlinks=False):
+                for filename in filenames:
+                    if not filename.endswith(".whl") or count >= 200 or "/" in filename:
+                        continue
+                    try:
+                        wheelcache.release_key(filename)
+                        fd = os.open(os.path.join(dirpath, filename), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+                    except Exception:  # noqa: BLE001 - not a wheel's name, a link, gone
+                        continue
+                    with os.fdopen(fd, "rb") as src:
+                        info = os.fstat(src.fileno())
+                        if not stat.S_ISREG(info.st_mode) or total + info.st_size > 500 * 2**20:
+                            continue
+                        with open(tmp / filename, "wb") as dst:
+                            shutil.copyfileobj(src, dst)
+                    os.chmod(tmp / filename, 0o644)
+                    total += info.st_size
+                    count += 1
+        if dest.exists() and count == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        shutil.rmtree(dest, ignore_errors=True)
+        os.rename(tmp, dest)
+
+    def promote(self, log_text: str, out, name: str = "") -> None:
         try:
             with self._lock():
                 index = self._read_index()
@@ -272,7 +323,8 @@ class ProcessWheelCache:
                         if "/" not in n and not n.startswith("."):
                             (self.wheels / n).unlink(missing_ok=True)
 
-                _promote(index, log_text, self._python(), out, store, prune, folder=self.folder)
+                _promote(index, log_text, self._python(), out, store, prune, folder=self.folder,
+                         own=self.own_releases(name) if name else set())
         except Exception as exc:  # noqa: BLE001 - the cache is an optimisation: the build stands
             out(f"Wheel cache not updated: {' '.join(str(exc).split())[:200]}\n")
 

@@ -101,8 +101,10 @@ def test_adding_a_package_installs_only_it_and_a_second_instance_takes_it_from_t
         assert package in first.log.lower() or package in first.log, package
     assert "Wheel cache: added" in first.log  # PyPI's verified wheels of this build joined the cache
     wheels = wheels_match_index_and_pypi(runtime)
-    otree_wheel = next(w for w in wheels if w.startswith("otree-6.0.15-"))
-    assert hashlib.sha256(wheels[otree_wheel]).hexdigest() == pypi_sha256(otree_wheel, "otree", "6.0.15")
+    cached = next(w for w in wheels if w.startswith("starlette-"))  # oTree's dependency (oTree itself: sdist only)
+    version = cached.split("-")[1]
+    assert hashlib.sha256(wheels[cached]).hexdigest() == pypi_sha256(cached, "starlette", version)
+    assert not any(w.lower().startswith("otree-") for w in wheels)  # built from source here: never shared
 
     files["requirements.txt"] += SMALL + "\n"
     second, _, _ = deploy(a, checkout_a, files, "adds one small package", ann)
@@ -111,9 +113,9 @@ def test_adding_a_package_installs_only_it_and_a_second_instance_takes_it_from_t
     assert "Not in the wheel cache (downloaded or built by this build): tomli-w==1.2.0" in second.log
     if runtime.name == "docker":  # only what changed was installed, into a copy of the current packages
         assert " + otree==" not in second.log and "Installed 1 package" in second.log
-    else:  # a fresh environment: every other package came from the cache, without a download
-        assert "From the lab's wheel cache (no download): " in second.log
-        assert "otree==6.0.15" in second.log.split("From the lab's wheel cache (no download): ")[1].split("\n")[0]
+    else:  # a fresh environment: every other package came from the cache or the instance's own built wheels
+        assert f"starlette=={version}" in second.log.split("From the lab's wheel cache (no download): ")[1].split("\n")[0]
+        assert "otree==6.0.15" in second.log.split("From this instance's earlier builds")[1].split("\n")[0]
     assert "  tomli-w==1.2.0" in second.log.split("Installed packages (the whole environment):")[1]
     assert "  otree==6.0.15" in second.log.split("Installed packages (the whole environment):")[1]
     status, body = answers(runtime, "uvone")
@@ -124,12 +126,14 @@ def test_adding_a_package_installs_only_it_and_a_second_instance_takes_it_from_t
     other, _, _ = deploy(b, checkout_b, files, "same requirements", boss)
     assert other.status == "live", (other.status_reason, other.log[-3000:])
     from_cache = other.log.split("From the lab's wheel cache (no download): ")[1].split("\n")[0]
-    assert "tomli-w==1.2.0" in from_cache and "otree==6.0.15" in from_cache
-    assert "Not in the wheel cache" not in other.log
+    assert "tomli-w==1.2.0" in from_cache and f"starlette=={version}" in from_cache
+    # What the first instance built from source is not shared: oTree's sdist is built again here.
+    assert "otree==6.0.15" in other.log.split("Not in the wheel cache (downloaded or built by this build): ")[1]
+    assert "From this instance's earlier builds" not in other.log
 
     # The running app cannot write the cache.
     if runtime.name == "process":
-        target = runtime.wheel_cache.wheels / otree_wheel
+        target = runtime.wheel_cache.wheels / cached
         code, text = runtime._run_tenant("uvtwo", ["/bin/sh", "-c", f"echo evil > {target}; echo evil > "
                                                    f"{runtime.wheel_cache.wheels}/new.whl; echo done"])
         assert "Permission denied" in text
@@ -139,7 +143,7 @@ def test_adding_a_package_installs_only_it_and_a_second_instance_takes_it_from_t
         code, text = runtime._exec(runtime.container_name("uvtwo", "app"),
                                    ["sh", "-c", f"test -e {DOCKER_MOUNT} && echo present || echo absent"])
         assert "absent" in text
-    assert wheels_match_index_and_pypi(runtime)[otree_wheel] == wheels[otree_wheel]
+    assert wheels_match_index_and_pypi(runtime)[cached] == wheels[cached]
 
 
 HOSTILE_SETUP = '''\
