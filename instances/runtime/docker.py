@@ -43,6 +43,12 @@ container is committed into a dependencies image, cached by base image and requi
 build of them runs the same packages' code anyway). The release image is then a
 `docker build` whose Dockerfile only copies the project onto it (no RUN step), so a
 code-only push costs one COPY.
+
+With LAB_INSTALLER=uv (the default) the same container runs uv instead of pip, with the
+manager's wheel cache volume mounted read-only (instances/wheelcache.py has the design:
+only the manager writes the cache, with wheels whose sha256 PyPI published), and a
+requirements push builds on the instance's current dependencies image (`uv pip install
+--exact`: only what changed is installed), up to MAX_DEPS_LAYERS layers.
 """
 
 from __future__ import annotations

@@ -46,8 +46,9 @@ local paths, -r/-c files or other options gets an environment private to the ins
 (its name is in the key; root:<instance group>, closed to others). Environments are built
 by a build user (LAB_PROCESS_BUILDER_UIDS, a pool of slots, one build per slot at a time,
 host-wide locks in /run/otree-lab/), never by an instance's user: HOME, TMPDIR and pip's
-cache are a fresh folder removed afterwards (a shared cache would be a channel between
-tenants); after pip every process of the build user is killed (a setup.py may leave a
+(or uv's) cache are a fresh folder removed afterwards (a cache the builds wrote would be a
+channel between tenants; the shared wheel cache, `venvs/.wheels/`, is written by the
+manager alone with wheels PyPI published: instances/wheelcache.py); after pip every process of the build user is killed (a setup.py may leave a
 daemon holding an open file), then the environment is sealed (fd-based walk: owned by
 root, no write bits, nothing the build user does not own, no hard links, no special
 files) and only then marked complete. The settings reader runs as the instance's user.
