@@ -27,6 +27,7 @@ from pathlib import Path
 from instances import wheelcache
 
 DOCKER_MOUNT = "/opt/otree-lab-cache"
+LABEL_MANAGER = "org.otree-lab.manager"  # (docker.py's labels; not imported: docker.py imports this module)
 PROMOTE_SECONDS = 60.0  # the most a build waits for the cache to take its new wheels
 
 
@@ -79,15 +80,12 @@ class DockerWheelCache:
         return {self.volume: {"bind": DOCKER_MOUNT, "mode": "ro"}}
 
     def _labels(self) -> dict:
-        from .docker import LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGER
-
-        return {LABEL_MANAGER: self.rt.manager_id, LABEL_INSTANCE: "", LABEL_COMPONENT: "uvcache"}
+        return {LABEL_MANAGER: self.rt.manager_id, "org.otree-lab.instance": "", "org.otree-lab.component": "uvcache"}
 
     def _ensure_volume(self) -> None:
         from docker.errors import NotFound
 
         from .base import RuntimeError_
-        from .docker import LABEL_MANAGER
 
         api = self.rt.api
         try:

@@ -66,6 +66,8 @@ def test_a_well_formed_environment_passes_the_check():
     ("LAB_SESSION_LIVE_MINUTES", "ten"),
     ("LAB_SESSION_LIVE_MINUTES", "0"),
     ("LAB_SESSION_LIVE_MINUTES", "nan"),
+    ("LAB_INSTALLER", "conda"),
+    ("LAB_UV_CACHE_MB", "10"),
 ])
 def test_a_malformed_environment_value_stops_start_up_naming_the_variable(name, value):
     result = _manage_check(**{name: value})
