@@ -780,8 +780,7 @@ class DockerRuntime:
         uv = settings.LAB_INSTALLER == "uv"
         self.remove_build_leftovers(name)  # a killed build's container and network
         self._guard()
-        if uv:
-            self.wheel_cache.prepare(base)
+        known = self.wheel_cache.prepare(base) if uv else None
         out(f"Installing requirements.txt: {'uv' if uv else 'pip'} runs as uid 10001 without privileges, with "
             f"{memory_mb} MB of memory, {cpus:g} CPU and at most {self.build_pids} processes, on a network of its "
             "own\n")
@@ -799,7 +798,7 @@ class DockerRuntime:
         finally:
             self.remove_build_leftovers(name)
         if uv:  # the trusted side: PyPI's verified wheels of what was installed join the cache
-            self.wheel_cache.promote(base, result["log"], out)
+            self.wheel_cache.promote(base, result["log"], out, known)
 
     def _create_build_container(self, name: str, image: str, command: list[str], *, memory_mb: int,
                                 cpus: float, binds: dict | None = None) -> str:

@@ -61,11 +61,23 @@ def _promote(index: dict, log_text: str, default_python, out, store, prune, fold
         wheelcache.summary(added, out)
 
 
+def _news(index: dict, log_text: str) -> bool:
+    """Whether the build installed a package the index has not looked up yet."""
+    from packaging.utils import canonicalize_name
+
+    known = wheelcache.cached_releases(index) | set(index.get("looked_up") or {})
+    return any(f"{canonicalize_name(n)}=={v}" not in known for n, v in wheelcache.installed(log_text))
+
+
 def _default_python() -> tuple[int, int, str]:
     import platform
     import sys
 
     return sys.version_info[0], sys.version_info[1], platform.machine()
+
+
+MEMO_SECONDS = 300.0
+_memo: dict = {}  # volume -> ((its creation time, uv's digest), index, when read)
 
 
 class DockerWheelCache:
@@ -82,7 +94,7 @@ class DockerWheelCache:
     def _labels(self) -> dict:
         return {LABEL_MANAGER: self.rt.manager_id, "org.otree-lab.instance": "", "org.otree-lab.component": "uvcache"}
 
-    def _ensure_volume(self) -> None:
+    def _ensure_volume(self) -> str:
         from docker.errors import NotFound
 
         from .base import RuntimeError_
@@ -95,6 +107,7 @@ class DockerWheelCache:
                                 labels=self._labels())
         if (vol.get("Labels") or {}).get(LABEL_MANAGER) != self.rt.manager_id:
             raise RuntimeError_(f"a Docker volume named {self.volume} exists that this manager did not create")
+        return str(vol.get("CreatedAt") or "")
 
     @contextmanager
     def _writer(self, image: str):
@@ -160,9 +173,18 @@ class DockerWheelCache:
         return locks.lock(f"uvcache:{self.rt.manager_id}", wait=120)
 
     def prepare(self, image: str) -> dict:
-        """The volume with the current `uv` and a wheels/ folder; returns its index."""
-        self._ensure_volume()
+        """The volume with the current `uv` and a wheels/ folder; returns its index (as
+        this process last saw it, for up to MEMO_SECONDS: it only spares a look-up)."""
+        created = self._ensure_volume()
         digest = wheelcache.uv_digest()
+        memo = _memo.get(self.volume)
+        if memo and memo[0] == (created, digest) and time.monotonic() - memo[2] < MEMO_SECONDS:
+            return memo[1]
+        index = self._prepare(image, digest)
+        _memo[self.volume] = ((created, digest), index, time.monotonic())
+        return index
+
+    def _prepare(self, image: str, digest: str) -> dict:
         with self._writer(image) as cid:
             index = self._read_index(cid)
             if index.get("uv") == digest:
@@ -175,7 +197,14 @@ class DockerWheelCache:
                                     ("index.json", json.dumps(index).encode(), 0o644)])
         return index
 
-    def promote(self, image: str, log_text: str, out) -> None:
+    def promote(self, image: str, log_text: str, out, known: dict | None = None) -> None:
+        """`known`: the index as the build began (prepare()); when it has every package
+        the build installed, nothing is written (and no writer container is made)."""
+        if known is not None and not _news(known, log_text):
+            report = wheelcache.cache_report(wheelcache.installed(log_text), wheelcache.cached_releases(known))
+            if report:
+                out(report)
+            return
         try:
             with self._lock(), self._writer(image) as cid:
                 index = self._read_index(cid)
@@ -183,6 +212,9 @@ class DockerWheelCache:
                 def store(added, new_index):
                     self._put(cid, [(f"wheels/{v.filename}", v.path, 0o644) for v in added]
                               + [("index.json", json.dumps(new_index).encode(), 0o644)])
+                    memo = _memo.get(self.volume)
+                    if memo:
+                        _memo[self.volume] = (memo[0], new_index, memo[2])
 
                 _promote(index, log_text, _default_python(), out, store, lambda names: self._prune(image, names))
         except Exception as exc:  # noqa: BLE001 - the cache is an optimisation: the build stands
