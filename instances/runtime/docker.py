@@ -937,9 +937,11 @@ class DockerRuntime:
             Protection("CPU", True, "the instance's CPU limit (a share of the CPUs, enforced by the kernel)"),
             Protection("Processes", True, f"at most {self.pids_limits['app']} processes in the app's container"),
             Protection("Builds", fenced,
-                       f"pip runs in a container of its own as uid 10001 without capabilities, with the instance's "
-                       f"memory and CPU limits and at most {self.build_pids} processes, on a network of its own "
-                       "that reaches only the outside (for pip); nothing of the project runs in the image builder"
+                       f"{settings.LAB_INSTALLER} runs in a container of its own as uid 10001 without capabilities, "
+                       f"with the instance's memory and CPU limits and at most {self.build_pids} processes, on a "
+                       f"network of its own that reaches only the outside (for {settings.LAB_INSTALLER}); the lab's "
+                       "wheel cache is read-only to it and never reaches the app; nothing of the project runs in "
+                       "the image builder"
                        + ("" if fenced else f"; the firewall is not in place, so a build may reach this machine"
                                             f"{missing}")),
         ]

@@ -1678,7 +1678,9 @@ class ProcessRuntime:
                 if users else "Not limited per instance (isolation none).")))
         lines.append(Protection("Builds", users, (
             "Environments are built by a build user of their own (not the instance's), with the instance's limits; "
-            "sealed read-only before any instance uses them; shared only between identical plain requirements."
+            "sealed read-only before any instance uses them; shared only between identical plain requirements; "
+            "the lab's wheel cache is written by the manager alone (wheels PyPI published) and read-only to builds "
+            "and instances."
             if users else "Builds run as the manager's own user.")))
         return lines
 
