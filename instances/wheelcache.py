@@ -63,7 +63,7 @@ INSTALLED = re.compile(r"^ \+ ([A-Za-z0-9][A-Za-z0-9._-]{0,99})==([A-Za-z0-9][A-
 PYTHON_LINE = re.compile(r"^otree-lab-python (\d+)\.(\d+) ([a-z0-9_]{2,20})\s*$", re.M)
 # uv's words when the index cannot be reached (then the build retries --offline).
 NETWORK_TROUBLE = r"dns error|error sending request|Connection refused|connection timed out|operation timed out|" \
-                  r"Could not connect|Network is unreachable|failed to lookup address"
+                  r"Could not connect|Network is unreachable|No route to host|failed to lookup address"
 
 
 def uv_binary() -> str:

@@ -66,6 +66,7 @@ def cache_files(runtime) -> dict[str, bytes]:
         folder = runtime.wheel_cache.folder
         return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     cache = runtime.wheel_cache
+    cache._ensure_volume()
     with cache._writer(runtime._base_image()) as cid:
         stream, _ = runtime.api.get_archive(cid, "/cache/.")
         data = b"".join(stream)
@@ -264,3 +265,27 @@ def test_pip_stays_a_fallback(runtime, settings, tmp_path):
     log = build(runtime, "uvpip", 1, ctx)
     assert "Successfully installed tomli-w-1.2.0" in log or "Successfully installed tomli_w-1.2.0" in log
     assert "uv pip install" not in log
+
+
+def test_cached_versions_install_when_the_index_cannot_be_reached(runtime, tmp_path, monkeypatch):
+    """The index unreachable (a closed port stands in for PyPI): the build says so and
+    installs from the wheel cache alone (six==1.17.0 is cached by the test above)."""
+    if not any(name.startswith("wheels/six-1.17.0") for name in cache_files(runtime)):
+        warm = tmp_path / "warm"
+        warm.mkdir()
+        (warm / "requirements.txt").write_text("six==1.17.0\n# warm\n")
+        build(runtime, "uvwarm", 1, warm)
+    unreachable = "http://127.0.0.1:9/simple"
+    if runtime.name == "process":
+        monkeypatch.setenv("UV_INDEX_URL", unreachable)  # (passed to builds, as a lab's own index would be)
+    else:
+        from instances.runtime import docker as docker_rt
+        monkeypatch.setattr(docker_rt, "UV_DEPS_SCRIPT", docker_rt.UV_DEPS_SCRIPT.replace(
+            "set -e\n", f"set -e\nexport UV_INDEX_URL={unreachable}\n", 1))
+    ctx = tmp_path / "offline"
+    ctx.mkdir()
+    (ctx / "requirements.txt").write_text("six==1.17.0\nsix\n")  # (an environment of its own)
+    log = build(runtime, "uvoffline", 1, ctx)
+    assert "error sending request" in log, log
+    assert "trying again with the lab's wheel cache alone (--offline)" in log
+    assert " + six==1.17.0" in log and "  six==1.17.0" in log.split("Installed packages (the whole environment):")[1]
