@@ -48,8 +48,8 @@ by a build user (LAB_PROCESS_BUILDER_UIDS, a pool of slots, one build per slot a
 host-wide locks in /run/otree-lab/), never by an instance's user: HOME, TMPDIR and pip's
 (or uv's) cache are a fresh folder removed afterwards (a cache the builds wrote would be a
 channel between tenants; the shared wheel cache, `venvs/.wheels/`, is written by the
-manager alone with wheels PyPI published: instances/wheelcache.py); after pip every process of the build user is killed (a setup.py may leave a
-daemon holding an open file), then the environment is sealed (fd-based walk: owned by
+manager alone with wheels PyPI published: instances/wheelcache.py); after pip every
+process of the build user is killed (a setup.py may leave a daemon holding an open file), then the environment is sealed (fd-based walk: owned by
 root, no write bits, nothing the build user does not own, no hard links, no special
 files) and only then marked complete. The settings reader runs as the instance's user.
 
@@ -1152,7 +1152,10 @@ class ProcessRuntime:
                         fh.write(time.strftime("%Y-%m-%d %H:%M:%S\n"))
                     if settings.LAB_INSTALLER == "uv":  # the trusted side: PyPI's verified wheels join the cache
                         self.wheel_cache.promote(log_text, out, name)
-                        self.wheel_cache.harvest(name, work / "tmp" / "uv-cache")
+                        try:
+                            self.wheel_cache.harvest(name, work / "tmp" / "uv-cache")
+                        except OSError as exc:  # an optimisation: the environment stands
+                            out(f"This instance's source-built wheels not kept: {exc.strerror or exc}\n")
                 except BaseException:
                     self._kill_builder(builder)
                     shutil.rmtree(venv, ignore_errors=True)
