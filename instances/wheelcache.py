@@ -29,6 +29,11 @@ Design (the same on Docker and on the process runtime):
   a forged `+ django==4.2` line in the output only makes the manager fetch the genuine
   Django 4.2 from PyPI. A file's name is PyPI's and is checked to be a wheel of the
   requested project and version.
+- Wheels built from source (oTree itself is only an sdist on PyPI) are never shared. The
+  process runtime keeps those an instance's own build made (copied by the manager from the
+  finished build's private cache: regular files, no link followed) in the instance's
+  root-owned folder for its next builds only; Docker builds a requirements push on the
+  instance's current dependencies image, so what did not change is not installed again.
 - Bounded: at most `LAB_UV_CACHE_MB` (default 4096); past it the oldest wheels go first
   (after each promotion). `uv` is the `uv` package pinned in requirements.txt (from PyPI);
   `LAB_INSTALLER=pip` turns all of this off and builds with pip as before.

@@ -312,7 +312,12 @@ class ProcessWheelCache:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(mode=0o755)
         total = count = 0
-        for top in sorted(uv_cache.glob("sdists-v*")) if uv_cache.is_dir() and not uv_cache.is_symlink() else []:
+        # (The build's processes are dead by now: nothing changes this tree while it is read.
+        # No link anywhere on the way: a build could have replaced a folder with one.)
+        tops = sorted(uv_cache.glob("sdists-v*")) if uv_cache.is_dir() and uv_cache.resolve() == uv_cache else []
+        for top in tops:
+            if top.resolve() != top:
+                continue
             for dirpath, _, filenames in os.walk(top, followlinks=False):
                 for filename in filenames:
                     if not filename.endswith(".whl") or count >= 200 or "/" in filename:
