@@ -314,9 +314,11 @@ class ProcessWheelCache:
         total = count = 0
         # (The build's processes are dead by now: nothing changes this tree while it is read.
         # No link anywhere on the way: a build could have replaced a folder with one.)
-        tops = sorted(uv_cache.glob("sdists-v*")) if uv_cache.is_dir() and uv_cache.resolve() == uv_cache else []
+        # `uv_cache` is <work>/tmp/uv-cache, <work> the manager's (in root's venvs/).
+        real = uv_cache.parent.parent.resolve() / uv_cache.parent.name / uv_cache.name
+        tops = sorted(uv_cache.glob("sdists-v*")) if uv_cache.is_dir() and uv_cache.resolve() == real else []
         for top in tops:
-            if top.resolve() != top:
+            if top.resolve() != real / top.name:
                 continue
             for dirpath, _, filenames in os.walk(top, followlinks=False):
                 for filename in filenames:
