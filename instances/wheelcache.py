@@ -285,8 +285,10 @@ def summary(added: list[Verified], out: Callable[[str], None]) -> None:
 # dependencies) gets only what changed, and loses what requirements.txt no longer names.
 UV_SCRIPT = r"""set -e
 export HOME="$OTL_TMP" UV_CACHE_DIR="$OTL_TMP/uv-cache" UV_LINK_MODE=copy UV_NO_PROGRESS=1 UV_NO_CONFIG=1 \
-  UV_PYTHON_DOWNLOADS=never UV_COLOR=never MALLOC_ARENA_MAX=2
-# (MALLOC_ARENA_MAX: glibc's per-thread arenas would take uv past a build's address-space limit)
+  UV_PYTHON_DOWNLOADS=never UV_COLOR=never MALLOC_ARENA_MAX=2 UV_COMPILE_BYTECODE=1
+# (MALLOC_ARENA_MAX: glibc's per-thread arenas would take uv past a build's address-space limit;
+# UV_COMPILE_BYTECODE: .pyc files, as pip writes them: the app, which may not write them,
+# would otherwise compile oTree and Django at every start and wake)
 if [ -z "${SSL_CERT_FILE:-}" ] && [ -f /etc/ssl/certs/ca-certificates.crt ]; then
   export SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 fi
