@@ -95,11 +95,17 @@ def purge(manager_id: str, timeout: float = 60) -> None:
 
 
 def remove_images(client: docker.APIClient, manager_id: str) -> None:
-    """Release images first (they are built on the dependencies images)."""
-    images = client.images(filters=_filters(manager_id, None))
-    images.sort(key=lambda image: (image.get("Labels") or {}).get(LABEL_COMPONENT) != "release")
-    for image in images:
-        _quietly(client.remove_image, image["Id"], force=True)
+    """Release images first (they are built on the dependencies images), newest first (uv
+    builds a dependencies image on the instance's previous one); a few rounds, for what a
+    child image still held."""
+    for _ in range(4):
+        images = client.images(filters=_filters(manager_id, None))
+        if not images:
+            return
+        images.sort(key=lambda image: ((image.get("Labels") or {}).get(LABEL_COMPONENT) != "release",
+                                       -image.get("Created", 0)))
+        for image in images:
+            _quietly(client.remove_image, image["Id"], force=True)
 
 
 def _quietly(fn, *args, **kwargs) -> None:

@@ -24,6 +24,7 @@ from manager.accounts.services import Conflict
 from manager.jobs.models import Job
 from tests.job_helpers import record_jobs, run_recorded
 from tests import backends, otree_projects
+from tests import docker_helpers
 from tests.docker_helpers import http_get
 from tests.waits import wait_until
 from tests.db_helpers import database_url
@@ -38,9 +39,8 @@ def clean_engine(runtime, settings):
     yield
     for name in runtime.owned_instances():
         runtime.remove(name)  # containers or processes, data, and the instance's release images/folders
-    if runtime.name in ("docker", "swarm"):
-        for image in runtime.api.images(filters={"label": [f"org.otree-lab.manager={runtime.manager_id}"]}):
-            runtime.api.remove_image(image["Id"], force=True)
+    if runtime.name in ("docker", "swarm"):  # (children first: uv's dependencies images form chains)
+        docker_helpers.remove_images(runtime.api, runtime.manager_id)
 
 
 running_release = backends.running_release

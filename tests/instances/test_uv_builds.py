@@ -23,7 +23,7 @@ import requests
 
 from instances.models import Instance
 from instances.runtime.uvcache import DOCKER_MOUNT
-from tests import backends, otree_projects
+from tests import backends, docker_helpers, otree_projects
 from tests.instances.test_releases import answers, deploy, new_instance, queued, run_jobs  # noqa: F401
 from tests.job_helpers import record_jobs
 
@@ -40,8 +40,7 @@ def runtime(request):
     for name in rt.owned_instances():
         rt.remove(name)
     if rt.name == "docker":
-        for image in rt.api.images(filters={"label": [f"org.otree-lab.manager={rt.manager_id}"]}):
-            rt.api.remove_image(image["Id"], force=True)
+        docker_helpers.remove_images(rt.api, rt.manager_id)
         rt.wheel_cache.remove()
 
 
