@@ -723,7 +723,7 @@ class DockerRuntime:
         key = deps_key(base, requirements, UV_DEPS_SCRIPT)
         ref = deps_tag(self.manager_id, key)
         if self._image_exists(ref):
-            out(f"requirements.txt: reusing the packages another build installed for it ({key[:12]})\n")
+            out(f"requirements.txt unchanged: reusing its installed packages ({key[:12]})\n")
             return ref, key
         parent = base
         if own and own["layers"] - self._layers(base) < MAX_DEPS_LAYERS:
@@ -731,7 +731,7 @@ class DockerRuntime:
             key = deps_key(parent, requirements, UV_DEPS_SCRIPT)
             ref = deps_tag(self.manager_id, key)
             if self._image_exists(ref):
-                out(f"requirements.txt: reusing its installed packages ({key[:12]})\n")
+                out(f"requirements.txt unchanged: reusing its installed packages ({key[:12]})\n")
                 return ref, key
             out("requirements.txt changed: uv installs what changed into a copy of the current packages\n")
         self._install_requirements(name, base, requirements, ref=ref, key=key, out=out, deadline=deadline,

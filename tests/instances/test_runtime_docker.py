@@ -478,7 +478,7 @@ def test_builds_install_once_share_and_add_only_the_project(rt, api, package_hos
     watch = dh.Watch(api, rt, "fw-one")
     tag = rt.build_release("fw-one", 1, dh.project(tmp_path, requirements), out=watch, timeout=300, memory_mb=256,
                            cpus=1)
-    assert "Successfully installed fwpkg-1.0" in watch.log and watch.container is not None
+    assert " + fwpkg==1.0" in watch.log and watch.container is not None  # (uv's words)
 
     # A code-only push and another instance with the same requirements: no pip at all.
     for name, number in (("fw-one", 2), ("fw-two", 1)):
