@@ -280,7 +280,8 @@ def summary(added: list[Verified], out: Callable[[str], None]) -> None:
 
 # The install step of a uv build (ours, not the tenant's), run in the build's sandbox with
 # OTL_UV (the uv program), OTL_PYTHON (the interpreter that makes the venv), OTL_VENV,
-# OTL_WHEELS (the read-only wheelhouse), OTL_REQUIREMENTS and OTL_TMP (private) set.
+# OTL_WHEELS (the read-only wheelhouse), OTL_REQUIREMENTS and OTL_TMP (private) set;
+# OTL_MORE_LINKS: "--find-links X ..." of the lab's own (PIP_FIND_LINKS), no spaces in them.
 # `--exact`: an environment that already exists (Docker: the instance's previous
 # dependencies) gets only what changed, and loses what requirements.txt no longer names.
 UV_SCRIPT = r"""set -e
@@ -303,7 +304,7 @@ fi
 echo "uv pip install -r requirements.txt (wheels in the lab's cache are used without a download)"
 run() {
   { "$OTL_UV" pip install --exact --python "$OTL_VENV/bin/python" --find-links "$OTL_WHEELS" \
-      --find-links "${OTL_OWN_WHEELS:-$OTL_WHEELS}" "$@" \
+      --find-links "${OTL_OWN_WHEELS:-$OTL_WHEELS}" ${OTL_MORE_LINKS:-} "$@" \
       -r "$OTL_REQUIREMENTS" 2>&1; echo $? > "$OTL_TMP/uv.rc"; } | tee "$OTL_TMP/uv.log"
   return "$(cat "$OTL_TMP/uv.rc")"
 }
@@ -364,3 +365,13 @@ def merged_index(index: dict, added: list[Verified], looked_up: list[tuple[str, 
     if len(seen) > 5000:
         seen = dict(sorted(seen.items(), key=lambda item: item[1])[-5000:])
     return {**index, "wheels": wheels, "looked_up": seen}
+
+
+def lab_find_links(value: str) -> str:
+    """The lab's PIP_FIND_LINKS (space-separated, as pip reads it) as uv arguments: URLs
+    and folders that exist; pip skips a missing folder with a warning, uv would fail."""
+    args = []
+    for entry in value.split():
+        if entry.startswith(("http://", "https://", "file://")) or os.path.isdir(entry):
+            args += ["--find-links", entry]
+    return " ".join(args)

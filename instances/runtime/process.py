@@ -1204,7 +1204,11 @@ class ProcessRuntime:
             env.update({"OTL_UV": uv_path, "OTL_PYTHON": self.python, "OTL_VENV": str(venv),
                         "OTL_WHEELS": str(self.wheel_cache.wheels), "OTL_REQUIREMENTS": str(project / "requirements.txt"),
                         "OTL_OWN_WHEELS": str(self.wheel_cache.own_wheels(name)),
-                        "OTL_TMP": str(work / "tmp")})
+                        "OTL_TMP": str(work / "tmp"),
+                        "OTL_MORE_LINKS": wheelcache.lab_find_links(env.get("PIP_FIND_LINKS", ""))})
+            for pip_name, uv_name in (("PIP_INDEX_URL", "UV_INDEX_URL"), ("PIP_EXTRA_INDEX_URL", "UV_EXTRA_INDEX_URL")):
+                if env.get(pip_name) and not env.get(uv_name):  # the lab's own index, as pip had it
+                    env[uv_name] = env[pip_name]
             seen: list[str] = []
             text = self._stream(self._launcher(["/bin/sh", "-c", wheelcache.UV_SCRIPT], **launch), out=out,
                                 deadline=deadline, what="uv", env=env, after_exit=reap, keep=seen)

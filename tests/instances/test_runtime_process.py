@@ -375,7 +375,8 @@ def sdist(folder: Path, name: str, setup_py: str) -> None:
             tar.addfile(info, io.BytesIO(data))
 
 
-def test_environments_are_built_by_build_users_and_sealed_against_daemons_and_apps(rt, tmp_path, monkeypatch):
+def test_environments_are_built_by_build_users_and_sealed_against_daemons_and_apps(rt, tmp_path, monkeypatch,
+                                                                                     settings):
     """A setup.py run by pip leaves a daemon with open files in site-packages, to write a
     .pth once the environment is finished (what it writes during the build is part of
     the build, like any file the package installs): the build ran as a build user (not
@@ -386,6 +387,9 @@ def test_environments_are_built_by_build_users_and_sealed_against_daemons_and_ap
     environment of the instance's own that others cannot read."""
     backends.require("process")
     need_users(rt)
+    # pip: its setup.py runs with the target environment's site-packages (uv builds in an
+    # isolated environment of the build's private cache; the same kill and seal follow).
+    settings.LAB_INSTALLER = "pip"
     marker = uuid.uuid4().hex[:10]
     name = f"otl-daemon-{marker}"
     module = name.replace("-", "_")
