@@ -89,6 +89,10 @@ def _no_firewall_left():
             swarm_helpers.purge(settings.LAB_MANAGER_ID)  # the swarm runtime's leftovers, its registry too
         swarm_helpers.leave_if_ours()  # the single-node swarm this run made for the swarm tests
         docker_helpers.remove_images(docker_helpers.api(), settings.LAB_MANAGER_ID)
+        try:  # the run's wheel cache of uv builds (instances/runtime/uvcache.py)
+            docker_helpers.api().remove_volume(f"otree-lab-{settings.LAB_MANAGER_ID}-uvcache", force=True)
+        except Exception:  # noqa: BLE001 - none made, or in use by a build still going
+            pass
 
 
 @pytest.fixture(autouse=True)
