@@ -1182,6 +1182,16 @@ class ProcessRuntime:
             shutil.copy(ctx / "requirements.txt", project / "requirements.txt")
         for sub in ("home", "tmp"):
             (work / sub).mkdir()
+        if settings.LAB_INSTALLER == "uv":
+            # This instance's wheels built from source by its earlier builds: root-only where
+            # they are kept (the build users serve every instance), a copy for this build.
+            own = self.wheel_cache.own_wheels(name)
+            own.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(own, 0o700)
+            (work / "own-wheels").mkdir()
+            for wheel in own.glob("*.whl"):
+                if wheel.is_file() and not wheel.is_symlink():
+                    shutil.copyfile(wheel, work / "own-wheels" / wheel.name, follow_symlinks=False)
         venv.mkdir(mode=0o700)
         if identity:  # nothing of this user runs now (see _builder): no race with these
             chown_tree(work, identity["uid"], identity["gid"])
@@ -1199,11 +1209,9 @@ class ProcessRuntime:
         reap = (lambda: self._kill_builder(builder)) if identity else None
         if settings.LAB_INSTALLER == "uv":
             _, uv_path = self.wheel_cache.prepare()
-            own = self.wheel_cache.own_wheels(name)
-            own.mkdir(mode=0o755, exist_ok=True)  # (root's, in the instance's root-owned folder)
             env.update({"OTL_UV": uv_path, "OTL_PYTHON": self.python, "OTL_VENV": str(venv),
                         "OTL_WHEELS": str(self.wheel_cache.wheels), "OTL_REQUIREMENTS": str(project / "requirements.txt"),
-                        "OTL_OWN_WHEELS": str(self.wheel_cache.own_wheels(name)),
+                        "OTL_OWN_WHEELS": str(work / "own-wheels"),
                         "OTL_TMP": str(work / "tmp"),
                         "OTL_MORE_LINKS": wheelcache.lab_find_links(env.get("PIP_FIND_LINKS", ""))})
             for pip_name, uv_name in (("PIP_INDEX_URL", "UV_INDEX_URL"), ("PIP_EXTRA_INDEX_URL", "UV_EXTRA_INDEX_URL")):

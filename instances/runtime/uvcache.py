@@ -288,7 +288,8 @@ class ProcessWheelCache:
         return self._read_index(), self.rt._tool(wheelcache.uv_binary())
 
     def own_wheels(self, name: str) -> Path:
-        """The wheels this instance's own builds made from source (root's; only its builds use them)."""
+        """The wheels this instance's own builds made from source (root's, mode 700: the build
+        users serve every instance, so each of its builds gets a copy in its own work folder)."""
         return self.rt.dir(name) / "built-wheels"
 
     def own_releases(self, name: str) -> set[str]:
@@ -310,7 +311,7 @@ class ProcessWheelCache:
         dest = self.own_wheels(name)
         tmp = dest.with_name(f".built-wheels.{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(mode=0o755)
+        tmp.mkdir(mode=0o700)  # (root-only: each build gets a copy, instances.runtime.process)
         total = count = 0
         # (The build's processes are dead by now: nothing changes this tree while it is read.
         # No link anywhere on the way: a build could have replaced a folder with one.)

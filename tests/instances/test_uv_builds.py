@@ -13,6 +13,7 @@ process runtime, with real pushes of a real oTree 6 project and real PyPI packag
 """
 
 import hashlib
+import subprocess
 import io
 import json
 import tarfile
@@ -135,6 +136,14 @@ def test_adding_a_package_installs_only_it_and_a_second_instance_takes_it_from_t
 
     # The running app cannot write the cache.
     if runtime.name == "process":
+        # ... nor read what another instance's builds made from source (a student's own package).
+        own = runtime.wheel_cache.own_wheels("uvone")
+        built = next(own.glob("otree-*.whl"))
+        assert own.stat().st_mode & 0o777 == 0o700
+        peek = runtime._run_tenant("uvtwo", ["/bin/sh", "-c", f"cat {built} >/dev/null && echo read; ls {own}; echo done"],
+                                   stdout=subprocess.PIPE)
+        seen = peek.stdout.decode() if isinstance(peek.stdout, bytes) else str(peek.stdout)
+        assert seen.strip().endswith("done") and "read" not in seen.split() and built.name not in seen, seen
         target = runtime.wheel_cache.wheels / cached
         result = runtime._run_tenant("uvtwo", ["/bin/sh", "-c", f"echo evil > {target}; echo evil > "
                                               f"{runtime.wheel_cache.wheels}/new.whl; echo done"])
