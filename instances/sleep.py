@@ -121,7 +121,7 @@ def sweep(now: datetime | None = None) -> dict:
             kept += 1
             continue
         try:
-            if put_to_sleep(instance.pk, f"no request for {minutes} minutes and no live oTree session") is not None:
+            if put_to_sleep(instance.pk, f"no request for {minutes} minute{'s' if minutes != 1 else ''} and no live oTree session") is not None:
                 slept.append(instance.name)
         except SoftTimeLimitExceeded:
             raise
