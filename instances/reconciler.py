@@ -68,7 +68,11 @@ def reconcile(instance_id: int, *, restart: bool = False, runtime=None) -> Insta
                     runtime.stop(instance.name)
                 else:
                     runtime.stop_app(instance.name)
-                set_status(instance, Instance.Status.SLEEPING, instance.sleep_reason, observed_generation=generation)
+                if (instance.status, instance.status_reason, instance.observed_generation) != (
+                        Instance.Status.SLEEPING, instance.sleep_reason, generation):
+                    # (each minute's pass only checks that it still sleeps: no write, no event)
+                    set_status(instance, Instance.Status.SLEEPING, instance.sleep_reason,
+                               observed_generation=generation)
                 return instance
             found = current_app(instance)
             view = instance  # what the app runs with: the instance's settings, or those it ran with before
