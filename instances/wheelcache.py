@@ -32,8 +32,7 @@ Design (the same on Docker and on the process runtime):
 - Wheels a build made from source are never shared. But for a package the build reported
   as built from a registry sdist (uv's `Built name==version`; a path, URL or VCS package
   reads `Built name @ ...` and is left alone), the process runtime's manager makes its own
-  wheel after the build (in the build worker's background, off the push's path): it
-  downloads the sdist from PyPI itself, checks its sha256
+  wheel after the build: it downloads the sdist from PyPI itself, checks its sha256
   against PyPI's (the same JSON index), and builds it with `uv build --wheel` in a fresh
   empty folder as a build user in a fresh build slot (every process of that user killed
   before and after, the build's limits), with an empty private uv cache, no config and no
