@@ -97,7 +97,6 @@ from django.conf import settings
 from instances import wheelcache
 
 log = logging.getLogger(__name__)
-SHARING: list = []  # the background threads that build PyPI's sdists (instances/wheelcache.py)
 from instances.otree_project import IGNORED, INTROSPECT, BuildFailed, explain_pip, parse_introspection, start_argv
 
 from .base import (
@@ -1168,23 +1167,11 @@ class ProcessRuntime:
                     raise
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
-        if made and wheelcache.built_from_sdist(made[0]):
-            # (the environment is ready, its build's slot released): off the push's path, in
-            # this worker's background; bounded (wheelcache.SDIST_SECONDS), failures only logged.
-            import threading
-
-            out("The lab's wheel cache: the manager builds its own wheels of the PyPI sdists above "
-                "in the background\n")
-            thread = threading.Thread(target=self._share_sdists_quietly, args=(made[0], amounts), daemon=True,
-                                      name="otree-lab-sdists")
-            SHARING[:] = [t for t in SHARING if t.is_alive()] + [thread]
-            thread.start()
-
-    def _share_sdists_quietly(self, log_text: str, amounts: Amounts) -> None:
-        try:
-            self._share_sdists(log_text, out=lambda text: log.info("%s", text.strip()), amounts=amounts)
-        except Exception as exc:  # noqa: BLE001 - an optimisation: the environment stands
-            log.warning("wheel cache: building PyPI's sdists failed: %s", exc)
+        if made:  # (the environment is ready; its build's slot is released)
+            try:
+                self._share_sdists(made[0], out=out, amounts=amounts)
+            except Exception as exc:  # noqa: BLE001 - an optimisation: the environment stands
+                log.warning("wheel cache: building PyPI's sdists failed: %s", exc)
 
     def _share_sdists(self, log_text: str, *, out, amounts: Amounts) -> None:
         """The manager's own wheels of the PyPI sdists the build built (instances/wheelcache.py):
@@ -1211,8 +1198,6 @@ class ProcessRuntime:
         with self._builder(out=lambda _: None, deadline=deadline, amounts=amounts) as builder:
             work = Path(tempfile.mkdtemp(prefix=".sdists-", dir=self.venvs_root))
             os.chmod(work, 0o711)  # (root's; each package's folder in it is the build user's)
-            if builder["identity"]:  # what an earlier build of this user left in /tmp, /dev/shm goes too
-                self._clean_shared_tmp(builder["uid"], builder["uid"])
             try:
                 for number, (name, version) in enumerate(todo):
                     if time.monotonic() > deadline:
