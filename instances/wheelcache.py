@@ -29,20 +29,7 @@ Design (the same on Docker and on the process runtime):
   a forged `+ django==4.2` line in the output only makes the manager fetch the genuine
   Django 4.2 from PyPI. A file's name is PyPI's and is checked to be a wheel of the
   requested project and version.
-- Wheels a build made from source are never shared. But for a package the build reported
-  as built from a registry sdist (uv's `Built name==version`; a path, URL or VCS package
-  reads `Built name @ ...` and is left alone), the process runtime's manager makes its own
-  wheel after the build: it downloads the sdist from PyPI itself, checks its sha256
-  against PyPI's (the same JSON index), and builds it with `uv build --wheel` in a fresh
-  empty folder as a build user in a fresh build slot (every process of that user killed
-  before and after, the build's limits), with an empty private uv cache, no config and no
-  `--find-links` (build dependencies from the index only). The one wheel of that name and
-  version (a regular file, no link) joins the cache; its index entry records
-  `built_from_sdist` (the sdist's sha256). oTree 6 and some of its pinned dependencies are
-  sdists only, so a new instance's first push then builds nothing. Bounded: MAX_SDISTS per
-  build, SDIST_SECONDS in all, MAX_WHEEL_BYTES each; a failure is logged and not retried
-  for a day. (Docker keeps to PyPI's wheels.)
-- Otherwise wheels built from source (oTree itself is only an sdist on PyPI) are never shared. The
+- Wheels built from source (oTree itself is only an sdist on PyPI) are never shared. The
   process runtime keeps those an instance's own build made (copied by the manager from the
   finished build's private cache: regular files, no link followed) in the instance's
   root-owned folder for its next builds only; Docker builds a requirements push on the
@@ -77,13 +64,6 @@ FETCH_TIMEOUT = 60.0
 # uv's report of what it installed: " + name==version" (a package from a path or URL reads
 # " + name==version (from file:///...)" and does not match).
 INSTALLED = re.compile(r"^ \+ ([A-Za-z0-9][A-Za-z0-9._-]{0,99})==([A-Za-z0-9][A-Za-z0-9.+!_-]{0,63})\s*$", re.M)
-# uv's report of what it built from an sdist of the index: "      Built name==version"
-# (a path or URL package reads "Built name @ file:///..." and does not match).
-BUILT = re.compile(r"^\s*Built ([A-Za-z0-9][A-Za-z0-9._-]{0,99})==([A-Za-z0-9][A-Za-z0-9.+!_-]{0,63})\s*$", re.M)
-MAX_SDISTS = 12  # sdists the manager builds after one build at most
-SDIST_SECONDS = 300.0  # in all, per build
-MAX_SDIST_BYTES = 50 * 2**20
-SDIST_RETRY_SECONDS = 86400.0
 # The line our build scripts print with the build's Python: "otree-lab-python 3.11 x86_64".
 PYTHON_LINE = re.compile(r"^otree-lab-python (\d+)\.(\d+) ([a-z0-9_]{2,20})\s*$", re.M)
 # uv's words when the index cannot be reached (then the build retries --offline).
@@ -199,59 +179,7 @@ def pypi_wheels(name: str, version: str, python: tuple[int, int, str], *, have: 
     return files
 
 
-def built_from_sdist(text: str) -> list[tuple[str, str]]:
-    """(name, version) of each package uv built from an index's sdist (see BUILT)."""
-    seen, result = set(), []
-    for name, version in BUILT.findall(text):
-        if (name.lower(), version) not in seen:
-            seen.add((name.lower(), version))
-            result.append((name, version))
-    return result[:MAX_SDISTS]
-
-
-def pypi_sdist(name: str, version: str, *, session=None) -> dict | None:
-    """PyPI's sdist (.tar.gz) of release name==version: {"filename", "url", "sha256"}."""
-    import requests
-    from packaging.utils import InvalidSdistFilename, canonicalize_name, parse_sdist_filename
-    from packaging.version import InvalidVersion, Version
-
-    http = session or requests
-    resp = http.get(f"{PYPI}/simple/{canonicalize_name(name)}/", timeout=15,
-                    headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-    if resp.status_code != 200:
-        return None
-    for entry in resp.json().get("files") or []:
-        filename = str(entry.get("filename") or "")
-        url = str(entry.get("url") or "")
-        digest = str((entry.get("hashes") or {}).get("sha256") or "")
-        if not filename.endswith(".tar.gz") or "/" in filename or filename.startswith(".") or entry.get("yanked"):
-            continue
-        if not re.fullmatch(r"[0-9a-f]{64}", digest) or not url.startswith(tuple(f"https://{h}/" for h in FILES_HOSTS)):
-            continue
-        try:
-            dist, sdist_version = parse_sdist_filename(filename)
-            if canonicalize_name(dist) != canonicalize_name(name) or sdist_version != Version(version):
-                continue
-        except (InvalidSdistFilename, InvalidVersion, ValueError):
-            continue
-        return {"filename": filename, "url": url, "sha256": digest}
-    return None
-
-
-# The manager's own wheel of a PyPI sdist (the sdist checked against PyPI's sha256), run as a
-# build user in a fresh build slot and an empty folder: OTL_UV, OTL_PYTHON, OTL_SDIST, OTL_OUT,
-# OTL_TMP. No --find-links: build dependencies come from the index alone.
-SDIST_SCRIPT = r"""set -e
-export HOME="$OTL_TMP" TMPDIR="$OTL_TMP" UV_CACHE_DIR="$OTL_TMP/uv-cache" UV_NO_PROGRESS=1 UV_NO_CONFIG=1 \
-  UV_PYTHON_DOWNLOADS=never UV_COLOR=never MALLOC_ARENA_MAX=2
-if [ -z "${SSL_CERT_FILE:-}" ] && [ -f /etc/ssl/certs/ca-certificates.crt ]; then
-  export SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
-fi
-"$OTL_UV" build --wheel --no-config --python "$OTL_PYTHON" --out-dir "$OTL_OUT" "$OTL_SDIST" 2>&1
-"""
-
-
-def download_verified(entry: dict, folder: Path, *, session=None, limit: int = MAX_WHEEL_BYTES) -> Verified | None:
+def download_verified(entry: dict, folder: Path, *, session=None) -> Verified | None:
     """Download one PyPI file into `folder` (a temporary name); None unless its sha256 is
     the one PyPI published."""
     import requests
@@ -267,7 +195,7 @@ def download_verified(entry: dict, folder: Path, *, session=None, limit: int = M
             with open(tmp, "wb") as fh:
                 for block in resp.iter_content(1 << 20):
                     size += len(block)
-                    if size > limit:
+                    if size > MAX_WHEEL_BYTES:
                         raise ValueError("too large")
                     digest.update(block)
                     fh.write(block)

@@ -77,7 +77,6 @@ import fcntl
 import glob
 import hashlib
 import json
-import logging
 import os
 import pwd
 import re
@@ -95,8 +94,6 @@ from urllib.parse import quote
 from django.conf import settings
 
 from instances import wheelcache
-
-log = logging.getLogger(__name__)
 from instances.otree_project import IGNORED, INTROSPECT, BuildFailed, explain_pip, parse_introspection, start_argv
 
 from .base import (
@@ -1132,7 +1129,6 @@ class ProcessRuntime:
     def _make_venv(self, name: str, venv: Path, ctx: Path, *, private: bool, out, deadline: float,
                    amounts: Amounts) -> None:
         self._prepare_root()
-        made: list[str] = []
         with _flock(self.venvs_root / f".{venv.name}.lock") as waited:
             if waited:
                 out("Waited for another build of the same requirements\n")
@@ -1160,148 +1156,12 @@ class ProcessRuntime:
                             self.wheel_cache.harvest(name, work / "tmp" / "uv-cache")
                         except OSError as exc:  # an optimisation: the environment stands
                             out(f"This instance's source-built wheels not kept: {exc.strerror or exc}\n")
-                        made.append(log_text)
                 except BaseException:
                     self._kill_builder(builder)
                     shutil.rmtree(venv, ignore_errors=True)
                     raise
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
-        if made:  # (the environment is ready; its build's slot is released)
-            try:
-                self._share_sdists(made[0], out=out, amounts=amounts)
-            except Exception as exc:  # noqa: BLE001 - an optimisation: the environment stands
-                log.warning("wheel cache: building PyPI's sdists failed: %s", exc)
-
-    def _share_sdists(self, log_text: str, *, out, amounts: Amounts) -> None:
-        """The manager's own wheels of the PyPI sdists the build built (instances/wheelcache.py):
-        each sdist downloaded by the manager and checked against PyPI's sha256, built with
-        `uv build --wheel` as a build user in a fresh slot and an empty folder (an empty uv
-        cache, no config, no find-links), the one wheel of its name and version checked
-        (a regular file) and added to the shared cache. Bounded; failures only logged."""
-        import requests
-        from packaging.utils import canonicalize_name
-
-        cache = self.wheel_cache
-        index, uv_path = cache.prepare()
-        cached = wheelcache.cached_releases(index)
-        failed = index.get("sdist_failed") or {}
-        now = time.time()
-        todo = [(n, v) for n, v in wheelcache.built_from_sdist(log_text)
-                if f"{canonicalize_name(n)}=={v}" not in cached
-                and now - float(failed.get(f"{canonicalize_name(n)}=={v}", 0)) > wheelcache.SDIST_RETRY_SECONDS]
-        if not todo:
-            return
-        deadline = time.monotonic() + wheelcache.SDIST_SECONDS
-        added, failures = [], []
-        session = requests.Session()
-        with self._builder(out=lambda _: None, deadline=deadline, amounts=amounts) as builder:
-            work = Path(tempfile.mkdtemp(prefix=".sdists-", dir=self.venvs_root))
-            os.chmod(work, 0o711)  # (root's; each package's folder in it is the build user's)
-            try:
-                for number, (name, version) in enumerate(todo):
-                    if time.monotonic() > deadline:
-                        break
-                    key = f"{canonicalize_name(name)}=={version}"
-                    try:
-                        got = self._build_sdist(name, version, work / str(number), builder, uv_path,
-                                                session=session, amounts=amounts, deadline=deadline)
-                    except Exception as exc:  # noqa: BLE001
-                        log.warning("wheel cache: %s: %s", key, exc)
-                        got = None
-                    finally:
-                        self._kill_builder(builder)
-                    (added if got else failures).append(got or key)
-            finally:
-                session.close()
-                shutil.rmtree(work, ignore_errors=True)
-        if not added and not failures:
-            return
-        with cache._lock():
-            index = cache._read_index()
-            wheels = dict(index.get("wheels") or {})
-            for item in added:
-                os.chmod(item["path"], 0o644)
-                os.replace(item["path"], cache.wheels / item["filename"])
-                wheels[item["filename"]] = {"size": item["size"], "sha256": item["sha256"], "added": time.time(),
-                                            "built_from_sdist": item["sdist_sha256"], "sdist": item["sdist"],
-                                            "note": f"built by the manager from PyPI's sdist {item['sdist_sha256']}"}
-            failed = dict(index.get("sdist_failed") or {})
-            failed.update({key: time.time() for key in failures})
-            new_index = {**index, "wheels": wheels, "sdist_failed": dict(list(failed.items())[-2000:])}
-            doomed = wheelcache.to_prune(wheels, wheelcache.cap_bytes())
-            for doomed_name in doomed:
-                new_index["wheels"].pop(doomed_name, None)
-            cache._write_index(new_index)
-            for doomed_name in doomed:
-                if "/" not in doomed_name and not doomed_name.startswith("."):
-                    (cache.wheels / doomed_name).unlink(missing_ok=True)
-        if added:
-            out("Wheel cache: added " + ", ".join(i["filename"] for i in added)
-                + " (built by the manager from PyPI's sdists, checked against PyPI's sha256)\n")
-
-    def _build_sdist(self, name: str, version: str, folder: Path, builder: dict, uv_path: str, *, session,
-                     amounts: Amounts, deadline: float) -> dict | None:
-        """One PyPI sdist built into a wheel as the build user (see _share_sdists): the
-        wheel in a temporary file of the manager's under the cache folder, or None."""
-        from packaging.utils import canonicalize_name
-
-        entry = wheelcache.pypi_sdist(name, version, session=session)
-        if entry is None:
-            return None
-        for sub in ("sdist", "out", "tmp"):
-            (folder / sub).mkdir(parents=True)
-        got = wheelcache.download_verified(entry, folder / "sdist", session=session, limit=wheelcache.MAX_SDIST_BYTES)
-        if got is None:
-            return None
-        sdist = folder / "sdist" / entry["filename"]
-        os.rename(got.path, sdist)
-        os.chmod(sdist, 0o644)
-        identity = builder["identity"]
-        if identity:  # (nothing of this user runs now: the slot killed it)
-            chown_tree(folder, identity["uid"], identity["gid"])
-        env = {**self._base_env(None), "HOME": str(folder / "tmp"), "TMPDIR": str(folder / "tmp"),
-               "USER": "otree-lab-build", "LOGNAME": "otree-lab-build", "PATH": "/usr/local/bin:/usr/bin:/bin",
-               "OTL_UV": uv_path, "OTL_PYTHON": self.python, "OTL_SDIST": str(sdist), "OTL_OUT": str(folder / "out"),
-               "OTL_TMP": str(folder / "tmp")}
-        for pip_name, uv_name in (("PIP_INDEX_URL", "UV_INDEX_URL"), ("PIP_EXTRA_INDEX_URL", "UV_EXTRA_INDEX_URL")):
-            if env.get(pip_name) and not env.get(uv_name):  # the lab's own index, as the builds have it
-                env[uv_name] = env[pip_name]
-        fallback = not builder["cgroups"]
-        launch = dict(identity=identity, cgroups=builder["cgroups"], memory_mb=max(amounts.memory_mb, 256),
-                      nproc=BUILD_PIDS if fallback and identity else None, nice=NICE if fallback else 0,
-                      cwd=folder, umask=0o022)
-        reap = (lambda: self._kill_builder(builder)) if identity else None
-        text = self._stream(self._launcher(["/bin/sh", "-c", wheelcache.SDIST_SCRIPT], **launch), out=lambda _: None,
-                            deadline=deadline, what="uv build", env=env, after_exit=reap)
-        self._kill_builder(builder)
-        if text is not None:
-            raise RuntimeError(f"uv build failed: {last_lines(text, 3)}")
-        # The build user's processes are dead: nothing changes out/ while it is read.
-        out_dir = folder / "out"
-        if out_dir.is_symlink() or not out_dir.is_dir():
-            return None
-        want = f"{canonicalize_name(name)}=={version}"
-        for filename in sorted(os.listdir(out_dir)):
-            try:
-                if not filename.endswith(".whl") or wheelcache.release_key(filename) != want:
-                    continue
-                fd = os.open(out_dir / filename, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-            except Exception:  # noqa: BLE001 - not a wheel of this release, a link
-                continue
-            with os.fdopen(fd, "rb") as src:
-                info = os.fstat(src.fileno())
-                if not stat.S_ISREG(info.st_mode) or info.st_size > wheelcache.MAX_WHEEL_BYTES:
-                    continue
-                tmp = self.wheel_cache.folder / f".built-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-                digest = hashlib.sha256()
-                with open(tmp, "xb") as dst:
-                    for block in iter(lambda: src.read(1 << 20), b""):
-                        digest.update(block)
-                        dst.write(block)
-            return {"filename": filename, "path": tmp, "sha256": digest.hexdigest(), "size": info.st_size,
-                    "sdist": entry["filename"], "sdist_sha256": entry["sha256"]}
-        return None
 
     @property
     def wheel_cache(self):

@@ -105,15 +105,7 @@ def test_adding_a_package_installs_only_it_and_a_second_instance_takes_it_from_t
     cached = next(w for w in wheels if w.startswith("starlette-"))  # oTree's dependency (oTree itself: sdist only)
     version = cached.split("-")[1]
     assert hashlib.sha256(wheels[cached]).hexdigest() == pypi_sha256(cached, "starlette", version)
-    if runtime.name == "process":
-        # oTree is an sdist only on PyPI: the manager built its own wheel of PyPI's sdist (not
-        # the one this build made) after the build, and recorded the sdist's sha256 (PyPI's).
-        assert "(built by the manager from PyPI's sdists, checked against PyPI's sha256)" in first.log
-        otree_wheel = next(w for w in wheels if w.lower().startswith("otree-6.0.15-"))
-        entry = json.loads(cache_files(runtime)["index.json"])["wheels"][otree_wheel]
-        assert entry["built_from_sdist"] == pypi_sha256("otree-6.0.15.tar.gz", "otree", "6.0.15")
-    else:
-        assert not any(w.lower().startswith("otree-") for w in wheels)  # built from source here: never shared
+    assert not any(w.lower().startswith("otree-") for w in wheels)  # built from source here: never shared
 
     files["requirements.txt"] += SMALL + "\n"
     second, _, _ = deploy(a, checkout_a, files, "adds one small package", ann)
@@ -124,7 +116,7 @@ def test_adding_a_package_installs_only_it_and_a_second_instance_takes_it_from_t
         assert " + otree==" not in second.log and "Installed 1 package" in second.log
     else:  # a fresh environment: every other package came from the cache or the instance's own built wheels
         assert f"starlette=={version}" in second.log.split("From the lab's wheel cache (no download): ")[1].split("\n")[0]
-        assert "otree==6.0.15" in second.log.split("From the lab's wheel cache (no download): ")[1].split("\n")[0]
+        assert "otree==6.0.15" in second.log.split("From this instance's earlier builds")[1].split("\n")[0]
     assert "  tomli-w==1.2.0" in second.log.split("Installed packages (the whole environment):")[1]
     assert "  otree==6.0.15" in second.log.split("Installed packages (the whole environment):")[1]
     status, body = answers(runtime, "uvone")
@@ -138,11 +130,8 @@ def test_adding_a_package_installs_only_it_and_a_second_instance_takes_it_from_t
     assert other.status == "live", (other.status_reason, other.log[-3000:])
     from_cache = other.log.split("From the lab's wheel cache (no download): ")[1].split("\n")[0]
     assert "tomli-w==1.2.0" in from_cache and f"starlette=={version}" in from_cache
-    if runtime.name == "process":  # oTree from the manager's wheel of PyPI's sdist: nothing built here
-        assert "otree==6.0.15" in from_cache and "Built otree" not in other.log
-        assert "Built " not in other.log, other.log[-3000:]
-    else:  # What the first instance built from source is not shared: oTree's sdist is built again here.
-        assert "otree==6.0.15" in other.log.split("Not in the wheel cache (downloaded or built by this build): ")[1]
+    # What the first instance built from source is not shared: oTree's sdist is built again here.
+    assert "otree==6.0.15" in other.log.split("Not in the wheel cache (downloaded or built by this build): ")[1]
     assert "From this instance's earlier builds" not in other.log
 
     # The running app cannot write the cache.
