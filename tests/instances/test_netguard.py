@@ -534,7 +534,10 @@ def test_a_hostile_build_runs_locked_down_and_reaches_only_the_outside(rt, api, 
     assert "no-new-privileges" in host["SecurityOpt"]
     assert host["Memory"] == host["MemorySwap"] == 192 * 2**20
     assert host["NanoCpus"] == int(0.5e9) and host["PidsLimit"] == rt.build_pids
-    assert not host["Binds"] and not info["Mounts"] and "/tmp" in host["Tmpfs"]
+    # Nothing of the host but the lab's wheel cache, read-only (instances.runtime.uvcache).
+    assert (host["Binds"] or []) in ([], [f"{rt.wheel_cache.volume}:/opt/otree-lab-cache:ro"]), host["Binds"]
+    assert all(m["Name"] == rt.wheel_cache.volume and m["RW"] is False for m in info["Mounts"]), info["Mounts"]
+    assert "/tmp" in host["Tmpfs"]
     assert watch.network["Name"] == rt.network_name("fw-hostile", "build")
     assert watch.network["Options"]["com.docker.network.bridge.enable_icc"] == "false"
     (subnet,) = [c["Subnet"] for c in watch.network["IPAM"]["Config"]]

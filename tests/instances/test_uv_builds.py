@@ -13,9 +13,10 @@ process runtime, with real pushes of a real oTree 6 project and real PyPI packag
 """
 
 import hashlib
-import subprocess
 import io
 import json
+import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -37,6 +38,11 @@ SMALL = "tomli-w==1.2.0"  # one small pure-Python wheel (6.7 kB) that oTree does
 def runtime(request):
     backends.require(request.param)
     rt = backends.make(request.param)
+    # A cold wheel cache, whatever the test session's earlier builds put there.
+    if rt.name == "docker":
+        rt.wheel_cache.remove()
+    else:
+        shutil.rmtree(rt.wheel_cache.folder, ignore_errors=True)
     yield rt
     for name in rt.owned_instances():
         rt.remove(name)
@@ -93,6 +99,8 @@ def test_adding_a_package_installs_only_it_and_a_second_instance_takes_it_from_t
                                                                                           tmp_path):
     a, checkout_a = new_instance(ann, "uvone", tmp_path)
     files = otree_projects.valid_project("v1")
+    if runtime.name == "process":  # a fresh environment (an earlier test's of the same requirements goes)
+        shutil.rmtree(runtime.venvs_root / runtime.venv_key(files["requirements.txt"].encode()), ignore_errors=True)
     first, _, _ = deploy(a, checkout_a, files, "first", ann)
     assert first.status == "live", (first.status_reason, first.log[-3000:])
     assert "uv pip install" in first.log
